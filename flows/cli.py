@@ -1,0 +1,83 @@
+"""The ``ftflow`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from ftflow.config import ConfigError, load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["distill.alpha=0.3", "teacher.epochs=1"]`` -> nested mapping (values parsed as YAML)."""
+    merged: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set distill.alpha=0.3")
+        dotted, raw = pair.split("=", 1)
+        node = merged
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return merged
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.set)
+    cfg = load_config(args.config, overrides)  # fail fast, before Prefect starts
+    from flows.pipeline import pipeline
+
+    evaluation = pipeline(config_path=str(Path(args.config).resolve()), overrides=overrides,
+                          progress=not args.no_progress)
+    report = Path(evaluation["dir"]) / evaluation["files"]["report"]
+    print()
+    print((Path(evaluation["dir"]) / evaluation["files"]["leaderboard_md"]).read_text(encoding="utf-8"))
+    print(f"report: {report}")
+    print(f"artifacts: {cfg.artifacts_dir}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    for path in args.configs:
+        cfg = load_config(path)
+        print(f"{path}: ok")
+        if args.show:
+            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftflow", description="Which base model, method and precision give the "
+                                     "lowest perplexity on your test set within your memory budget.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the whole pipeline (default config: the offline demo)")
+    run.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/demo.yaml)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set distill.alpha=0.3 (repeatable)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(handler=_run)
+    validate = commands.add_parser("validate", help="check config files without running anything")
+    validate.add_argument("configs", nargs="+", help="YAML configs")
+    validate.add_argument("--show", action="store_true", help="print the resolved config")
+    validate.set_defaults(handler=_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"ftflow: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

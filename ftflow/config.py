@@ -1,0 +1,258 @@
+"""Typed pipeline configuration: one pydantic model per stage, loaded from YAML.
+
+Every field is documented; unknown keys are rejected (a typo must not be a
+silently ignored setting); every problem in a file is reported at once.
+Relative paths in a config file are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Precision = Literal["fp32", "bf16", "fp16", "nf4"]
+Architecture = Literal["granite", "llama", "qwen2"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticDataConfig(_Strict):
+    """Sentences ftflow generates itself, for the offline demo and tests."""
+
+    train_sentences: int = Field(400, ge=10, description="Training sentences to generate.")
+    test_sentences: int = Field(200, ge=2, description="Test sentences to generate.")
+    seed: int = Field(0, description="Seed of the generator.")
+
+
+class DataConfig(_Strict):
+    """Where the task's sentences come from and how validation is held out."""
+
+    train_file: Optional[Path] = Field(None, description="Training sentences: .txt (one per line), .jsonl or .csv.")
+    test_file: Optional[Path] = Field(None, description="Test sentences, same formats; only ever used for reporting.")
+    synthetic: Optional[SyntheticDataConfig] = Field(
+        None, description="Generate train/test sentences instead of reading files (offline demo)."
+    )
+    text_column: str = Field("text", description="Field (JSONL) or column (CSV) holding the sentence.")
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of train held out for selection.")
+    seed: int = Field(0, description="Seed of the validation split.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        has_files = self.train_file is not None or self.test_file is not None
+        if has_files and self.synthetic is not None:
+            raise ValueError("data: give either train_file/test_file or synthetic, not both")
+        if not has_files and self.synthetic is None:
+            raise ValueError("data: give train_file and test_file (or synthetic: {} for generated demo data)")
+        if has_files and (self.train_file is None or self.test_file is None):
+            raise ValueError("data: train_file and test_file must both be set")
+        return self
+
+
+class AugmentConfig(_Strict):
+    """Training-set augmentation through nlpaug (the test and validation splits are never touched)."""
+
+    enabled: bool = Field(True, description="Run augmentation at all.")
+    factor: float = Field(1.5, ge=1.0, description="Size of the augmented train set over the original (1.5 = +50%).")
+    methods: tuple[Literal["random_swap", "random_delete"], ...] = Field(
+        ("random_swap", "random_delete"), min_length=1, description="Methods used in turn for the new sentences."
+    )
+    word_rate: float = Field(0.1, gt=0, le=0.5, description="Share of words each method touches in a sentence.")
+    seed: int = Field(0, description="Seed of the augmentation.")
+
+
+class ZooSize(_Strict):
+    """Shape of one small checkpoint."""
+
+    hidden_size: int = Field(..., ge=8, description="Model width.")
+    num_layers: int = Field(..., ge=1, description="Decoder layers.")
+    num_heads: int = Field(..., ge=1, description="Attention heads.")
+    num_kv_heads: int = Field(..., ge=1, description="Key/value heads (grouped-query attention when fewer).")
+    intermediate_size: int = Field(..., ge=8, description="MLP width.")
+
+
+class ZooFamily(_Strict):
+    """One model family of the offline zoo: a student and a larger teacher sharing a tokenizer."""
+
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="Family name used in model names.")
+    architecture: Architecture = Field(..., description="transformers config class the family is built from.")
+    student: ZooSize
+    teacher: ZooSize
+
+
+class ZooConfig(_Strict):
+    """Small Hugging Face checkpoints built and pretrained offline."""
+
+    families: tuple[ZooFamily, ...] = Field(..., min_length=1, description="Families to build.")
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary of each family's tokenizer.")
+    corpus_file: Optional[Path] = Field(None, description="General pretraining corpus (.txt); generated when unset.")
+    corpus_sentences: int = Field(3000, ge=100, description="Sentences generated (or read, at most) for pretraining.")
+    pretrain_steps: int = Field(200, ge=1, description="Optimizer steps of pretraining per model.")
+    batch_size: int = Field(32, ge=1, description="Pretraining batch size.")
+    learning_rate: float = Field(3e-3, gt=0, description="Pretraining peak learning rate.")
+    max_length: int = Field(64, ge=8, description="Longest pretraining sequence, in tokens.")
+    seed: int = Field(0, description="Seed of tokenizer training, initialisation and pretraining.")
+
+
+class ModelSpec(_Strict):
+    """A candidate model: a hub id or a local checkpoint directory."""
+
+    name: str = Field(..., description="Short name used in run names and tables.")
+    path: str = Field(..., description="Hub id (org/name) or a local directory with config and weights.")
+    family: str = Field(..., description="Family name; selection picks a family, distillation stays inside one.")
+    precision: Precision = Field("fp32", description="Weights precision when loaded.")
+    trust_remote_code: bool = Field(False, description="Allow the repository's own code (off unless you trust it).")
+
+
+class BenchmarkConfig(_Strict):
+    """Perplexity scoring of every candidate."""
+
+    batch_size: int = Field(16, ge=1, description="Sentences per forward pass.")
+
+
+class SelectConfig(_Strict):
+    """How the family, teacher and student are chosen."""
+
+    metric: Literal["bits_per_byte", "perplexity"] = Field(
+        "bits_per_byte", description="Validation metric; bits per byte is fair across tokenizers."
+    )
+    student_max_params: int = Field(
+        2_500_000_000, ge=1, description="Largest parameter count a student may have (the ~2B analog)."
+    )
+
+
+class LoraConfig(_Strict):
+    """LoRA on the teacher."""
+
+    r: int = Field(8, ge=1, description="Rank of the update.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator (update scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | tuple[str, ...] = Field("all-linear", description="Modules that get adapters.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: int = Field(2, ge=1, description="Training epochs; the best on validation is kept.")
+    batch_size: int = Field(8, ge=1, description="Training batch size.")
+
+
+class DistillConfig(_Strict):
+    """Top-k distillation from the LoRA teacher into the student."""
+
+    top_k: int = Field(10, ge=1, description="Teacher log-probs kept per position.")
+    temperature: float = Field(1.0, gt=0, description="Softening temperature T of both distributions.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL term; 1 - alpha weighs cross-entropy.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    epochs: int = Field(2, ge=1, description="Training epochs; the best on validation is kept.")
+    batch_size: int = Field(8, ge=1, description="Training batch size.")
+
+
+class FinetuneConfig(_Strict):
+    """Full fine-tuning of the student."""
+
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    epochs: int = Field(2, ge=1, description="Training epochs; the best on validation is kept.")
+    batch_size: int = Field(8, ge=1, description="Training batch size.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+
+
+class PipelineConfig(_Strict):
+    """The whole pipeline."""
+
+    name: str = Field("ftflow", description="Run name shown in Prefect and the report.")
+    artifacts_dir: Path = Field(Path("artifacts"), description="Where every stage writes (relative: to the config).")
+    seed: int = Field(0, description="Seed of model training.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
+    max_length: int = Field(2048, ge=2, description="Longest sequence scored or trained on, start token included.")
+    memory_budget_gb: float = Field(
+        20.0, gt=0, description="GPU memory budget; on CUDA each model's measured peak is checked against it."
+    )
+    selection_split: Literal["validation", "test"] = Field(
+        "validation", description="Split every choice is made on; 'test' reproduces the study's protocol."
+    )
+    data: DataConfig
+    augment: AugmentConfig = AugmentConfig()
+    zoo: Optional[ZooConfig] = Field(None, description="Build offline checkpoints (the demo); excludes models.")
+    models: tuple[ModelSpec, ...] = Field((), description="Candidate models by hub id or directory; excludes zoo.")
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    select: SelectConfig = SelectConfig()
+    teacher: LoraConfig = LoraConfig()
+    distill: DistillConfig = DistillConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> "PipelineConfig":
+        if self.zoo is not None and self.models:
+            raise ValueError("give either zoo (offline checkpoints) or models (hub ids), not both")
+        if self.zoo is None and not self.models:
+            raise ValueError("no candidate models: add a zoo section or a list of models")
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {duplicates}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message lists every problem."""
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    """Make the config's relative paths relative to the config file's folder."""
+
+    def fix(section: dict | None, key: str) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            path = Path(section[key]).expanduser()
+            section[key] = str((path if path.is_absolute() else base / path).resolve())
+
+    fix(raw, "artifacts_dir")
+    fix(raw.get("data"), "train_file")
+    fix(raw.get("data"), "test_file")
+    fix(raw.get("zoo"), "corpus_file")
+    for model in raw.get("models") or []:
+        # A hub id looks like a relative path; only rewrite what exists on disk.
+        if isinstance(model, dict) and isinstance(model.get("path"), str):
+            candidate = Path(model["path"]).expanduser()
+            if not candidate.is_absolute() and (base / candidate).exists():
+                model["path"] = str(base / candidate)
+    return raw
+
+
+def parse_config(raw: dict, base_dir: Path, source: str = "<config>") -> PipelineConfig:
+    """Validate a config mapping; relative paths are taken from ``base_dir``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = _resolve_paths(dict(raw), base_dir)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n".join(
+            f"  - {'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source} has {exc.error_count()} problem(s):\n{problems}") from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
+    """Read, merge ``overrides`` into, and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file (see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return parse_config(raw, path.resolve().parent, source=str(path))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` merged in, nested mappings merged key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

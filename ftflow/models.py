@@ -1,0 +1,120 @@
+"""One loading path for every model: a hub id or a local checkpoint directory.
+
+The offline zoo writes ordinary Hugging Face checkpoints, so a zoo model and
+``ibm-granite/granite-3.3-8b-base`` go through exactly the same calls here.
+Access tokens for private models are read by ``huggingface_hub`` from the
+environment (``HF_TOKEN``); ftflow never logs or stores them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model that could not be loaded; the message says which and why."""
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device: cuda was asked for but no CUDA GPU is visible; use device: auto or cpu")
+    return device
+
+
+def quantization_config(precision: str):
+    """The bitsandbytes config for ``nf4``; None for the float precisions."""
+    if precision != "nf4":
+        return None
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401  (fail here, with a clear message, not deep in transformers)
+    except ImportError as exc:
+        raise ModelLoadError(f"precision nf4 needs bitsandbytes: pip install bitsandbytes ({exc})") from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer stored with a model (hub id or directory)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(_explain(path, "tokenizer", exc)) from exc
+
+
+def load_model(
+    path: str,
+    precision: str = "fp32",
+    device: str = "cpu",
+    *,
+    adapter: Optional[str] = None,
+    trust_remote_code: bool = False,
+    trainable: bool = False,
+):
+    """Load a causal LM at a precision on a device, optionally with a PEFT adapter.
+
+    Args:
+        path: hub id or local directory.
+        precision: fp32, bf16, fp16 or nf4 (4-bit through bitsandbytes).
+        device: cpu or cuda (already resolved).
+        adapter: a PEFT adapter directory to put on top of the model.
+        trust_remote_code: run the repository's own modelling code.
+        trainable: keep the adapter's weights trainable (for resuming training).
+
+    Returns:
+        The model, in eval mode unless ``trainable``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    quant = quantization_config(precision)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device}
+    else:
+        kwargs["dtype"] = DTYPES[precision]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(_explain(path, f"model ({precision})", exc)) from exc
+    if quant is None:
+        model = model.to(device)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    if not trainable:
+        model.eval()
+    return model
+
+
+def _explain(path: str, what: str, exc: Exception) -> str:
+    if Path(path).exists():
+        return f"could not load the {what} from directory {path}: {type(exc).__name__}: {exc}"
+    return (
+        f"could not load the {what} {path!r}: {type(exc).__name__}: {exc}. If it is a hub id, this machine "
+        "must reach the hub or have it in the local cache (HF_HOME); if it is a directory, check the path."
+    )
+
+
+def count_parameters(model) -> int:
+    """Parameters of the base model (an adapter's are not counted)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return int(sum(p.numel() for p in base.parameters()))

@@ -1,0 +1,98 @@
+"""What every stage task shares: the content cache policy and the output directory protocol.
+
+A stage's Prefect cache record is stored *inside* its output directory
+(``artifacts/<stage>/<key>/prefect-result.json``, the cache key doubling as the
+storage path). Deleting the directory therefore deletes the record too, and
+the next run recomputes the stage instead of returning a manifest that points
+at files that are gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+
+from ftflow.artifacts import MANIFEST, atomic_directory, read_manifest, write_json
+from ftflow.caching import stage_key
+
+RECORD = "prefect-result.json"
+# Parameters that say where or how to run, not what to compute.
+NOT_IN_KEY = frozenset({"artifacts_dir", "progress"})
+
+# Options shared by every stage task: results are the JSON manifests.
+STAGE_TASK_OPTIONS = dict(persist_result=True, result_serializer="json")
+
+
+def key_inputs(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The parameters that determine a stage's output."""
+    return {k: v for k, v in parameters.items() if k not in NOT_IN_KEY}
+
+
+@dataclass
+class ContentCache(CachePolicy):
+    """Cache key = ftflow's content key of the stage; the record lives in the stage's directory."""
+
+    stage: str = ""
+    modules: tuple[str, ...] = field(default_factory=tuple)
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
+        key = stage_key(self.stage, key_inputs(inputs), self.modules)
+        return f"{self.stage}/{key}/{RECORD}"
+
+
+def with_storage(task, artifacts_dir: str | Path):
+    """The task with its Prefect results stored under ``artifacts_dir`` (beside the outputs)."""
+    return task.with_options(result_storage=Path(artifacts_dir).resolve())
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a run, a plain logger outside one (unit use)."""
+    try:
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("ftflow.tasks")
+
+
+def run_stage(stage: str, modules: tuple[str, ...], build: Callable[[Path], dict]) -> dict:
+    """Compute a stage into ``artifacts/<stage>/<key>/`` and return its manifest.
+
+    The key is computed from the running task's parameters exactly as the
+    cache policy computes it. ``build`` receives a temporary directory, writes
+    its outputs there and returns the manifest body (paths relative to the
+    directory). If a finished directory for the key already exists (a run that
+    crashed after finishing the stage, or a concurrent run), it is reused.
+    """
+    context = TaskRunContext.get()
+    parameters = context.parameters
+    key = stage_key(stage, key_inputs(parameters), modules)
+    final = Path(parameters["artifacts_dir"]).resolve() / stage / key
+    logger = run_logger()
+    finished = read_manifest(final)
+    if finished is not None:
+        logger.info("%s: outputs for key %s already on disk, reusing %s", stage, key, final)
+        return finished
+    started = time.perf_counter()
+    with atomic_directory(final) as tmp:
+        manifest = build(tmp)
+        manifest.update(
+            stage=stage,
+            key=key,
+            fingerprint=key,
+            dir=str(final),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        write_json(tmp / MANIFEST, manifest)
+    logger.info("%s: done in %.1f s -> %s", stage, manifest["seconds"], final)
+    return manifest
+
+
+def stage_path(manifest: dict, name: str) -> Path:
+    """Absolute path of a file a stage recorded under ``files``."""
+    return Path(manifest["dir"]) / manifest["files"][name]
