@@ -1,0 +1,52 @@
+"""A micro pipeline config for flow tests: seconds per stage on a 2-core CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ftflow.synthetic import generate_sentences
+
+SIZE = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32}
+BIGGER = {"hidden_size": 24, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 48}
+
+
+def write_data(directory: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Train/test sentence files (plain text) for the micro pipeline."""
+    sentences = generate_sentences(90, seed, "reviews")
+    train, test = directory / "train.txt", directory / "test.txt"
+    train.write_text("\n".join(sentences[:60]) + "\n", encoding="utf-8")
+    test.write_text("\n".join(sentences[60:]) + "\n", encoding="utf-8")
+    return train, test
+
+
+def micro_config(directory: Path) -> Path:
+    """Write data files and a micro config into ``directory``; return the config path."""
+    write_data(directory)
+    config = {
+        "name": "micro",
+        "artifacts_dir": "artifacts",
+        "device": "cpu",
+        "max_length": 32,
+        "data": {"train_file": "train.txt", "test_file": "test.txt", "validation_fraction": 0.2},
+        "augment": {"factor": 1.2},
+        "zoo": {
+            "vocab_size": 300,
+            "corpus_sentences": 200,
+            "pretrain_steps": 5,
+            "batch_size": 8,
+            "max_length": 32,
+            "families": [
+                {"name": "granite", "architecture": "granite", "student": SIZE, "teacher": BIGGER},
+                {"name": "qwen2", "architecture": "qwen2", "student": SIZE, "teacher": BIGGER},
+            ],
+        },
+        "benchmark": {"batch_size": 16},
+        "teacher": {"epochs": 1, "batch_size": 16, "learning_rate": 0.001},
+        "distill": {"epochs": 1, "batch_size": 16, "top_k": 4},
+        "finetune": {"epochs": 1, "batch_size": 16},
+    }
+    path = directory / "micro.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path

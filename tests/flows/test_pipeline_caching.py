@@ -1,0 +1,84 @@
+"""The whole pipeline through the real Prefect engine, on micro settings: what reruns and what is Cached."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import pipeline
+from tests.flows.micro import micro_config
+
+pytestmark = pytest.mark.slow
+
+STAGES = {"prepare_data", "augment", "zoo", "benchmark", "select_family", "train_teacher", "teacher_logits",
+          "distill", "finetune_full", "evaluate"}
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def stage_states(config: Path, overrides: dict | None = None) -> dict[str, list[str]]:
+    """Run the pipeline; return {stage: [state names of its task runs]}."""
+    state = pipeline(config_path=str(config), overrides=overrides, progress=False, return_state=True)
+    assert state.is_completed(), state.message
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        stage = run.task_key.rsplit("-", 1)[0].split(".")[-1]
+        if stage in STAGES:
+            states.setdefault(stage, []).append(run.state.name)
+    assert set(states) == STAGES, f"missing stages: {STAGES - set(states)}"
+    return states
+
+
+def recomputed(states: dict[str, list[str]]) -> set[str]:
+    """Stages with at least one run that was not Cached."""
+    return {stage for stage, names in states.items() if any(name != "Cached" for name in names)}
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory, prefect_server) -> Path:
+    """A micro config whose first, cold run computed every stage."""
+    config = micro_config(tmp_path_factory.mktemp("micro"))
+    states = stage_states(config)
+    assert recomputed(states) == STAGES
+    return config
+
+
+def test_rerun_with_nothing_changed_is_all_cached(micro):
+    assert recomputed(stage_states(micro)) == set()
+
+
+def test_distillation_parameter_reruns_only_distill_and_evaluate(micro):
+    assert recomputed(stage_states(micro, {"distill": {"alpha": 0.25}})) == {"distill", "evaluate"}
+
+
+def test_deleted_output_directory_is_recomputed(micro):
+    artifacts = micro.parent / "artifacts"
+    (topk_dir,) = list((artifacts / "teacher_logits").iterdir())
+    shutil.rmtree(topk_dir)
+    # Only the deleted stage recomputes: its content key, and so what depends on it, is unchanged.
+    assert recomputed(stage_states(micro)) == {"teacher_logits"}
+    assert (topk_dir / "manifest.json").is_file()
+
+
+def test_train_file_content_change_reruns_everything_downstream_of_data(micro):
+    train = micro.parent / "train.txt"
+    original = train.read_text(encoding="utf-8")
+    try:
+        train.write_text(original.replace("\n", " indeed\n", 1), encoding="utf-8")
+        assert recomputed(stage_states(micro)) == STAGES - {"zoo"}
+    finally:
+        train.write_text(original, encoding="utf-8")
+    # Back to the original content: everything is Cached again.
+    assert recomputed(stage_states(micro)) == set()
