@@ -206,6 +206,7 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
             path = Path(section[key]).expanduser()
             section[key] = str((path if path.is_absolute() else base / path).resolve())
 
+    raw.setdefault("artifacts_dir", "artifacts")
     fix(raw, "artifacts_dir")
     fix(raw.get("data"), "train_file")
     fix(raw.get("data"), "test_file")

@@ -61,6 +61,28 @@ _SHARED: dict[str, list[tuple[str, float]]] = {
         "|writer|singer|player|mayor|scientist|baker|pilot|manager|coach|judge|artist|engineer"
     ),
     "GENRE": _alternatives("comedy|thriller|drama|horror film|love story|war film|musical|western|cartoon|mystery"),
+    # Opinion words: reviews are made of them, general text uses them now and then.
+    "PART": _alternatives(
+        "acting|plot|script|story|ending|dialogue|pacing|cinematography|soundtrack|music"
+        "|cast|direction|camera work|humor|editing|lead actor|lead actress|villain|twist|opening scene"
+    ),
+    "PART_PL": _alternatives("characters|actors|jokes|action scenes|special effects|songs|performances|fight scenes"),
+    "POS_ADJ": _alternatives(
+        "wonderful|great|brilliant|beautiful|moving|charming|clever|funny|gripping|stunning"
+        "|superb|excellent|delightful|touching|solid|fresh|smart|good|lovely|warm|strong|perfect"
+    ),
+    "NEG_ADJ": _alternatives(
+        "boring|dull|weak|predictable|silly|bland|messy|slow|awful|terrible|flat|forgettable"
+        "|tedious|clumsy|lazy|confusing|painful|bad|cheap|empty|long"
+    ),
+    "GENRE_PL": _alternatives("comedies|thrillers|dramas|horror films|love stories|war films|musicals|westerns|mysteries"),
+    "BEST": _alternatives("best|funniest|most moving|most beautiful|smartest|most original"),
+    "NEG_VP": _alternatives(
+        "drags on far too long|falls apart in the last act|never really goes anywhere"
+        "|makes no sense at all|feels like it was written in a hurry|goes on and on"
+        "|is full of holes|tries too hard to be funny|is hard to follow|loses its way in the middle"
+        "|has nothing new to say|is far too slow"
+    ),
     "NUMBER": _alternatives("two|three|four|five|six|ten|twenty|a hundred|a few|several"),
 }
 
@@ -75,6 +97,7 @@ _GENERAL: dict[str, list[tuple[str, float]]] = {
         ("<NARRATIVE> <CONJ> <NARRATIVE>", 2.0),
         ("<DAILY> <CONJ> <NARRATIVE>", 1.0),
         ("<LEISURE>", 1.5),
+        ("<CULTURE>", 3.5),
     ],
     "CONJ": _alternatives("and|but|because|so|while|after|before|when"),
     "NEWS": [
@@ -227,6 +250,23 @@ _GENERAL: dict[str, list[tuple[str, float]]] = {
         ("there is a new <SHOW> about <TOPIC> on television", 0.7),
         ("the festival <PLACE> will show <NUMBER> films <FUTURE_TIME>", 0.5),
     ],
+    # Opinions on books, shows and restaurants: the review vocabulary in another distribution.
+    "CULTURE": [
+        ("my <RELATIVE> says the new <WORK> is <DEG?> <ADJ_ANY>", 1.5),
+        ("critics called the new <WORK> <DEG?> <ADJ_ANY>", 1.0),
+        ("the <WORK> was <DEG?> <NEG_ADJ> but the <PART> was <POS_ADJ>", 1.0),
+        ("the <WORK> was <DEG?> <POS_ADJ> but the <PART> was <NEG_ADJ>", 1.0),
+        ("the new restaurant <PLACE> is <DEG?> <POS_ADJ> but the service is <NEG_ADJ>", 1.0),
+        ("we watched a <GENRE> at home <TIME> and it was <DEG?> <ADJ_ANY>", 1.0),
+        ("the <PART> of the new <SHOW> is <DEG?> <ADJ_ANY>", 1.0),
+        ("the <PART_PL> in the <WORK> were <DEG?> <ADJ_ANY>", 1.0),
+        ("many people think the <WORK> is one of the <BEST> <WORK_PL> of the year", 0.7),
+        ("the <WORK> about <TOPIC> <NEG_VP>", 0.7),
+        ("the <ADJ_GEN?> <PERSON> wrote a <ADJ_ANY> <WORK> about <TOPIC>", 0.7),
+    ],
+    "WORK": _alternatives("book|film|movie|play|show|concert|album|series|novel|exhibition|musical|comedy"),
+    "WORK_PL": _alternatives("books|films|movies|plays|shows|albums|novels|exhibitions"),
+    "ADJ_ANY": [("<POS_ADJ>", 1.0), ("<NEG_ADJ>", 1.0)],
     "SHOW": _alternatives("series|show|documentary|film"),
     "TOPIC": _alternatives("the war|the sea|old trains|cooking|the city|birds|space|a famous painter|the history of music"),
 }
@@ -241,21 +281,7 @@ _REVIEWS: dict[str, list[tuple[str, float]]] = {
         ("<NEGATIVE> and <NEG_TAIL>", 1.0),
     ],
     "FILM": _alternatives("film|movie|film|movie|picture|<GENRE>"),
-    "PART": _alternatives(
-        "acting|plot|script|story|ending|dialogue|pacing|cinematography|soundtrack|music"
-        "|cast|direction|camera work|humor|editing|lead actor|lead actress|villain|twist|opening scene"
-    ),
-    "PART_PL": _alternatives("characters|actors|jokes|action scenes|special effects|songs|performances|fight scenes"),
     "SUBJ": [("the <PART>", 4.0), ("the <FILM>", 1.0), ("this <FILM>", 1.0)],
-    "POS_ADJ": _alternatives(
-        "wonderful|great|brilliant|beautiful|moving|charming|clever|funny|gripping|stunning"
-        "|superb|excellent|delightful|touching|solid|fresh|smart|good|lovely|warm|strong|perfect"
-    ),
-    "NEG_ADJ": _alternatives(
-        "boring|dull|weak|predictable|silly|bland|messy|slow|awful|terrible|flat|forgettable"
-        "|tedious|clumsy|lazy|confusing|painful|bad|cheap|empty|long"
-    ),
-    "BEST": _alternatives("best|funniest|most moving|most beautiful|smartest|most original"),
     "WORST": _alternatives("worst|dullest|silliest|most boring|most confusing|laziest"),
     "SEEN_WHEN": _alternatives("this year|in years|in a long time|in my life|since i was a kid|in ages"),
     "LOVED": _alternatives("loved|really enjoyed|enjoyed|adored|liked|was moved by|laughed all the way through"),
@@ -263,7 +289,6 @@ _REVIEWS: dict[str, list[tuple[str, float]]] = {
     "FROM_START?": [("", 2.0)] + _alternatives("from start to finish|from the first scene|every minute of it|more than i expected"),
     "ROLE_PERSON": _alternatives("the lead actor|the lead actress|the young star|the director|the whole cast|the villain"),
     "ROLE_NOUN": _alternatives("father|mother|detective|teacher|soldier|doctor|young woman|old man|police officer|singer"),
-    "GENRE_PL": _alternatives("comedies|thrillers|dramas|horror films|love stories|war films|musicals|westerns|mysteries"),
     "POSITIVE": [
         ("<SUBJ> is <DEG?> <POS_ADJ>", 4.0),
         ("i <LOVED> this <FILM> <FROM_START?>", 3.0),
@@ -296,12 +321,6 @@ _REVIEWS: dict[str, list[tuple[str, float]]] = {
     ],
     "FILMS": _alternatives("films|movies|films|<GENRE_PL>"),
     "NEG_ADJ?": [("", 2.0), ("<NEG_ADJ>", 1.0)],
-    "NEG_VP": _alternatives(
-        "drags on far too long|falls apart in the last act|never really goes anywhere"
-        "|makes no sense at all|feels like it was written in a hurry|goes on and on"
-        "|is full of holes|tries too hard to be funny|is hard to follow|loses its way in the middle"
-        "|has nothing new to say|is far too slow"
-    ),
     "HOOKED": _alternatives("hooked|guessing|smiling|on the edge of my seat|laughing"),
     "AT_ONCE": _alternatives("now|at the cinema|with your friends|with the whole family|twice"),
     "BAD_GOOD": _alternatives("bad|terrible|great|perfect"),
@@ -350,6 +369,16 @@ def _expand(symbol: str, grammar: Rules, rng: random.Random, depth: int = 0) -> 
     return words
 
 
+def _with_articles(words: list[str]) -> list[str]:
+    """``a`` becomes ``an`` before a vowel sound (the grammar picks articles blindly)."""
+    fixed = list(words)
+    for i, word in enumerate(words[:-1]):
+        following = words[i + 1]
+        if word == "a" and following[0] in "aeiou" and not following.startswith(("one", "uni", "use", "eu")):
+            fixed[i] = "an"
+    return fixed
+
+
 def generate_sentences(n: int, seed: int, domain: Domain) -> list[str]:
     """Generate ``n`` sentences of one domain, deterministically.
 
@@ -372,7 +401,7 @@ def generate_sentences(n: int, seed: int, domain: Domain) -> list[str]:
     rng = random.Random(f"ftflow.synthetic/{domain}/{seed}")
     sentences: list[str] = []
     while len(sentences) < n:
-        words = _expand("S", grammar, rng)
+        words = _with_articles(_expand("S", grammar, rng))
         # Rejection keeps every sentence in the documented length range.
         if MIN_WORDS <= len(words) <= MAX_WORDS:
             sentences.append(" ".join(words))

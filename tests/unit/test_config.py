@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftflow.config import ConfigError, load_config, parse_config
+from flows.cli import parse_overrides
+
+SIZE = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def minimal(**extra) -> dict:
+    raw = {"data": {"synthetic": {}}, "models": [{"name": "m", "path": "org/m", "family": "f"}]}
+    raw.update(extra)
+    return raw
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.artifacts_dir.is_absolute()
+    assert (cfg.zoo is None) != (not cfg.models)
+
+
+def test_demo_is_offline_and_seed_config_is_the_study():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    assert demo.zoo is not None and {f.architecture for f in demo.zoo.families} == {"granite", "llama", "qwen2"}
+    seed = load_config(ROOT / "configs" / "seed-20gb.yaml")
+    assert seed.max_length == 2048 and seed.memory_budget_gb == 20
+    by_name = {m.name: m for m in seed.models}
+    assert by_name["granite-3.3-8b-base"].precision == "bf16"
+    assert by_name["TinyLlama-1.1B-Chat-v1.0"].precision == "fp32"
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(minimal(seed="x", teacher={"r": 0, "colour": "red"})))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "3 problem(s)" in message
+    assert "seed" in message and "teacher.r" in message and "teacher.colour" in message
+
+
+def test_relative_paths_follow_the_config_file(tmp_path):
+    raw = minimal(data={"train_file": "d/train.txt", "test_file": "/abs/test.txt"})
+    cfg = parse_config(raw, tmp_path)
+    assert cfg.data.train_file == tmp_path / "d" / "train.txt"
+    assert cfg.data.test_file == Path("/abs/test.txt")
+    assert cfg.artifacts_dir == (tmp_path / "artifacts").resolve()
+    assert cfg.models[0].path == "org/m"  # a hub id is not a path
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    (minimal(zoo={"families": [{"name": "g", "architecture": "granite", "student": SIZE, "teacher": SIZE}]}),
+     "either zoo"),
+    ({"data": {"synthetic": {}}}, "no candidate models"),
+    (minimal(data={"train_file": "a.txt"}), "must both be set"),
+    (minimal(models=[{"name": "m", "path": "a", "family": "f"}] * 2), "repeated"),
+])
+def test_inconsistent_configs_are_refused(raw, fragment, tmp_path):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_config(raw, tmp_path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_cli_overrides_merge_into_nested_sections(tmp_path):
+    overrides = parse_overrides(["distill.alpha=0.25", "teacher.epochs=3", "name=x y"])
+    assert overrides == {"distill": {"alpha": 0.25}, "teacher": {"epochs": 3}, "name": "x y"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal(distill={"top_k": 5})))
+    cfg = load_config(path, overrides)
+    assert cfg.distill.alpha == 0.25 and cfg.distill.top_k == 5 and cfg.teacher.epochs == 3
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["distill.alpha"])
