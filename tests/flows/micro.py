@@ -1,11 +1,14 @@
-"""A micro pipeline config for flow tests: seconds per stage on a 2-core CPU."""
+"""Micro pipeline configs for flow tests (seconds per stage on a 2-core CPU), and running them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+from flows.pipeline import pipeline
 from ftflow.synthetic import generate_sentences
 
 SIZE = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32}
@@ -50,3 +53,22 @@ def micro_config(directory: Path) -> Path:
     path = directory / "micro.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+STAGES = {"prepare_data", "augment", "zoo", "benchmark", "select_family", "train_teacher", "teacher_logits",
+          "distill", "finetune_full", "evaluate"}
+
+
+def run_pipeline(config: Path, overrides: dict | None = None):
+    """Run the pipeline to completion; return (flow run id, {stage: [task run state names]})."""
+    state = pipeline(config_path=str(config), overrides=overrides, progress=False, return_state=True)
+    assert state.is_completed(), state.message
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        stage = run.task_key.rsplit("-", 1)[0].split(".")[-1]
+        if stage in STAGES:
+            states.setdefault(stage, []).append(run.state.name)
+    return flow_run_id, states

@@ -6,37 +6,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import pipeline
-from tests.flows.micro import micro_config
+from tests.flows.micro import STAGES, micro_config, run_pipeline
 
 pytestmark = pytest.mark.slow
 
-STAGES = {"prepare_data", "augment", "zoo", "benchmark", "select_family", "train_teacher", "teacher_logits",
-          "distill", "finetune_full", "evaluate"}
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
 
 def stage_states(config: Path, overrides: dict | None = None) -> dict[str, list[str]]:
-    """Run the pipeline; return {stage: [state names of its task runs]}."""
-    state = pipeline(config_path=str(config), overrides=overrides, progress=False, return_state=True)
-    assert state.is_completed(), state.message
-    flow_run_id = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    states: dict[str, list[str]] = {}
-    for run in runs:
-        stage = run.task_key.rsplit("-", 1)[0].split(".")[-1]
-        if stage in STAGES:
-            states.setdefault(stage, []).append(run.state.name)
+    """Run the pipeline; return {stage: [state names of its task runs]} for every stage."""
+    _, states = run_pipeline(config, overrides)
     assert set(states) == STAGES, f"missing stages: {STAGES - set(states)}"
     return states
 
