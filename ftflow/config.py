@@ -8,10 +8,10 @@ Relative paths in a config file are resolved against the file's folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Precision = Literal["fp32", "bf16", "fp16", "nf4"]
 Architecture = Literal["granite", "llama", "qwen2"]
@@ -53,16 +53,122 @@ class DataConfig(_Strict):
         return self
 
 
+AugmentMethod = Literal["synonym", "random_insert", "random_swap", "random_delete", "random_mask", "back_translation"]
+# Canonical order of the methods: the plan does not depend on the order of keys in a YAML file.
+AUGMENT_METHODS: tuple[str, ...] = get_args(AugmentMethod)
+
+
+class WordRateConfig(_Strict):
+    """One word-level EDA operation (synonym replacement, random insertion, swap or deletion)."""
+
+    rate: float = Field(
+        0.1, gt=0, le=0.5,
+        description="Share of a sentence's words the operation touches: ceil(rate * words), at least one.",
+    )
+
+
+class MaskConfig(_Strict):
+    """Random masking: chosen words replaced by a mask token, or dropped."""
+
+    rate: float = Field(0.15, gt=0, le=0.5, description="Share of words masked: ceil(rate * words), at least one.")
+    mode: Literal["token", "drop"] = Field("token", description="token: replace each chosen word by `token`; drop: remove it.")
+    token: str = Field("[MASK]", min_length=1, description="Text that replaces a masked word (mode token).")
+
+
+class BackTranslationConfig(_Strict):
+    """Back-translation source -> pivot -> source through deep-translator or two local models."""
+
+    service: Literal["google", "mymemory", "libre", "deepl", "local"] = Field(
+        "google", description="Translation service; local = two local seq2seq model directories (offline)."
+    )
+    source_lang: str = Field("en", min_length=2, description="Language of the sentences (ISO code).")
+    pivot_lang: str = Field("de", min_length=2, description="Language translated to and back from (ISO code).")
+    url: Optional[str] = Field(
+        None, pattern=r"^https?://", description="libre only: base URL of the LibreTranslate server (default: public)."
+    )
+    api_key_env: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="NAME of the environment variable holding the API key (libre, deepl); never the key itself.",
+    )
+    use_free_api: bool = Field(True, description="libre, deepl: use the service's free endpoint.")
+    requests_per_second: float = Field(2.0, gt=0, description="Rate limit on calls to the service (both directions).")
+    retries: int = Field(4, ge=0, description="Retries of a call after a network error (429, 5xx, connection, timeout).")
+    backoff_base_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubled for each further one.")
+    backoff_max_s: float = Field(30.0, ge=0, description="Longest wait between two retries.")
+    backoff_jitter: float = Field(0.5, ge=0, le=1, description="Share of each wait drawn at random.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Timeout of one HTTP request.")
+    give_up_after_failures: int = Field(
+        20, ge=1, description="Sentences failing in a row with network errors before the stage stops (service down)."
+    )
+    local_forward_model_dir: Optional[Path] = Field(
+        None, description="local only: model directory translating source -> pivot (e.g. a MarianMT en-de)."
+    )
+    local_backward_model_dir: Optional[Path] = Field(
+        None, description="local only: model directory translating pivot -> source (e.g. a MarianMT de-en)."
+    )
+    local_batch_size: int = Field(16, ge=1, description="local only: sentences per generate call.")
+    local_max_new_tokens: int = Field(256, ge=1, description="local only: longest translation, in tokens.")
+
+    @model_validator(mode="after")
+    def _settings_match_service(self) -> "BackTranslationConfig":
+        problems = []
+        local_dirs = (self.local_forward_model_dir, self.local_backward_model_dir)
+        if self.service == "local" and None in local_dirs:
+            problems.append("service local needs local_forward_model_dir and local_backward_model_dir")
+        if self.service != "local" and any(d is not None for d in local_dirs):
+            problems.append(f"local_*_model_dir is only used with service local, not {self.service}")
+        if self.url is not None and self.service != "libre":
+            problems.append(f"url is only used with service libre, not {self.service}")
+        if self.service == "deepl" and self.api_key_env is None:
+            problems.append("service deepl needs api_key_env (the name of the variable holding the key)")
+        if self.api_key_env is not None and self.service not in ("libre", "deepl"):
+            problems.append(f"api_key_env is only used with services libre and deepl, not {self.service}")
+        if self.source_lang == self.pivot_lang:
+            problems.append("pivot_lang must differ from source_lang")
+        if problems:
+            raise ValueError("back_translation: " + "; ".join(problems))
+        return self
+
+
 class AugmentConfig(_Strict):
-    """Training-set augmentation through nlpaug (the test and validation splits are never touched)."""
+    """Training-set augmentation (EDA, back-translation, masking); validation and test are never touched."""
 
     enabled: bool = Field(True, description="Run augmentation at all.")
     factor: float = Field(1.5, ge=1.0, description="Size of the augmented train set over the original (1.5 = +50%).")
-    methods: tuple[Literal["random_swap", "random_delete"], ...] = Field(
-        ("random_swap", "random_delete"), min_length=1, description="Methods used in turn for the new sentences."
+    methods: dict[AugmentMethod, float] = Field(
+        default_factory=lambda: {m: 1.0 for m in AUGMENT_METHODS if m != "back_translation"},
+        description="Mix: each method's weight; its share of the new sentences is weight / sum of weights "
+        "(0 or absent = off). A list means equal weights.",
     )
-    word_rate: float = Field(0.1, gt=0, le=0.5, description="Share of words each method touches in a sentence.")
-    seed: int = Field(0, description="Seed of the augmentation.")
+    seed: int = Field(0, description="Seed of the augmentation (which sources, which methods, which words).")
+    synonym: WordRateConfig = Field(WordRateConfig(), description="EDA synonym replacement (WordNet).")
+    random_insert: WordRateConfig = Field(WordRateConfig(), description="EDA random insertion of synonyms (WordNet).")
+    random_swap: WordRateConfig = Field(WordRateConfig(), description="EDA random swap of two words.")
+    random_delete: WordRateConfig = Field(WordRateConfig(), description="EDA random deletion of words.")
+    random_mask: MaskConfig = Field(MaskConfig(), description="Random masking of words.")
+    back_translation: BackTranslationConfig = Field(BackTranslationConfig(), description="Back-translation settings.")
+    nltk_data_dir: Optional[Path] = Field(
+        None, description="nltk data folder holding corpora/wordnet; else NLTK_DATA, ~/nltk_data, /usr/share/wordnet."
+    )
+    max_source_chars: int = Field(1000, ge=10, description="Longer sentences are kept but not augmented (counted).")
+    check_english: bool = Field(True, description="Skip (keep, count) sentences that do not look English.")
+    max_attempts: int = Field(5, ge=1, description="Draws per new sentence before giving up on a copy or duplicate.")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _list_means_equal_weights(cls, value):
+        if isinstance(value, (list, tuple)):
+            return {name: 1.0 for name in value}
+        return value
+
+    @model_validator(mode="after")
+    def _some_method_on(self) -> "AugmentConfig":
+        negative = sorted(m for m, w in self.methods.items() if w < 0)
+        if negative:
+            raise ValueError(f"augment.methods: weights must be >= 0; negative: {negative}")
+        if self.enabled and self.factor > 1.0 and sum(self.methods.values()) <= 0:
+            raise ValueError("augment.methods: give at least one method a weight > 0 (or set enabled: false)")
+        return self
 
 
 class ZooSize(_Strict):

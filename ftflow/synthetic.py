@@ -1,16 +1,19 @@
 """English-like sentences from a small probabilistic grammar, for the offline demo.
 
-Two domains share most of their vocabulary but not their distribution:
+Two domains share their vocabulary but not their distribution:
 
 * ``"general"``: everyday and news-like text (people, towns, weather, sport,
-  prices), with films only now and then. The offline zoo is pretrained on it.
-* ``"reviews"``: movie-review-like text (acting, plot, praise and complaints),
-  the demo's task data. A model pretrained on general text has seen most of
-  these words but few of these sentences, so fine-tuning on reviews really
-  lowers its perplexity.
+  prices, opinions on books and shows), with about one sentence in ten a
+  movie review, as in web text. The offline zoo is pretrained on it.
+* ``"reviews"``: movie-review-like text only (acting, plot, praise and
+  complaints), the demo's task data. A model pretrained on general text knows
+  these words and has seen a few such sentences, so fine-tuning on reviews
+  really lowers its perplexity, and a larger model starts out better.
 
 Sentences are lower case, without punctuation, 4 to 25 words long, e.g.
-``the acting is wonderful but the plot drags on far too long``.
+``the acting is wonderful but the plot drags on far too long``. Short review
+sentences repeat now and then (as "ten out of ten" does in real reviews), so
+two samples, or a review sample and the general corpus, can share a few.
 
 Generation is a pure function of ``(n, seed, domain)``: it uses its own
 ``random.Random`` seeded with a string (hashed with SHA-512 by the standard
@@ -299,21 +302,21 @@ _REVIEWS: dict[str, list[tuple[str, float]]] = {
         ("<ROLE_PERSON> gives a <POS_ADJ> performance as the <ROLE_NOUN>", 2.0),
         ("a <POS_ADJ> <GENRE> with <POS_ADJ> <PART_PL> and a <POS_ADJ> ending", 2.0),
         ("the director does a <POS_ADJ> job with a <DEG?> <POS_ADJ> story", 1.5),
-        ("i would recommend it to anyone who likes <GENRE_PL>", 1.5),
+        ("i would recommend it to anyone who likes <GENRE_PL> <BECAUSE_POS?>", 1.0),
         ("<SUBJ> kept me <HOOKED> until the very end", 1.0),
-        ("<RATING_POS>", 1.0),
+        ("<RATING_POS>", 0.4),
         ("go and see it <AT_ONCE>", 0.5),
     ],
     "NEGATIVE": [
         ("<SUBJ> is <DEG?> <NEG_ADJ>", 4.0),
-        ("i <HATED> this <FILM>", 2.0),
+        ("i <HATED> this <FILM> <BECAUSE_NEG?>", 2.0),
         ("this is one of the <WORST> <FILMS> i have seen <SEEN_WHEN>", 2.0),
-        ("do not waste your time on this <NEG_ADJ?> <FILM>", 1.5),
+        ("do not waste your time on this <NEG_ADJ?> <FILM> <BECAUSE_NEG?>", 0.8),
         ("<SUBJ> <NEG_VP>", 3.0),
         ("even the <PART> could not save this <NEG_ADJ> <FILM>", 1.5),
         ("a <NEG_ADJ> <GENRE> with <NEG_ADJ> <PART_PL> and a <NEG_ADJ> ending", 2.0),
         ("i wanted to like this <FILM> but <SUBJ> is <DEG?> <NEG_ADJ>", 1.5),
-        ("<RATING_NEG>", 1.0),
+        ("<RATING_NEG>", 0.4),
     ],
     "MIXED": [
         ("<SUBJ> is <DEG?> <POS_ADJ> but <SUBJ> <NEG_VP>", 3.0),
@@ -322,6 +325,8 @@ _REVIEWS: dict[str, list[tuple[str, float]]] = {
         ("<SUBJ> is <NEG_ADJ> but <ROLE_PERSON> is <DEG?> <POS_ADJ>", 1.5),
         ("not a <BAD_GOOD> <FILM> but <SUBJ> could have been <COMPARATIVE_R>", 1.0),
     ],
+    "BECAUSE_NEG?": [("", 1.0), ("because <SUBJ> is <DEG?> <NEG_ADJ>", 1.5), ("from start to finish", 0.5)],
+    "BECAUSE_POS?": [("", 1.0), ("because <SUBJ> is <DEG?> <POS_ADJ>", 1.5), ("and to the whole family", 0.5)],
     "FILMS": _alternatives("films|movies|films|<GENRE_PL>"),
     "NEG_ADJ?": [("", 2.0), ("<NEG_ADJ>", 1.0)],
     "HOOKED": _alternatives("hooked|guessing|smiling|on the edge of my seat|laughing"),
@@ -421,4 +426,6 @@ def vocabulary(domain: Domain) -> frozenset[str]:
     for expansions in grammar.values():
         for text, _ in expansions:
             words.update(token for token in text.split() if not _NONTERMINAL.fullmatch(token))
+    if "a" in words:
+        words.add("an")  # written by _with_articles
     return frozenset(words)

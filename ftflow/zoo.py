@@ -64,6 +64,9 @@ _CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
 _TIE_WORD_EMBEDDINGS: dict[str, bool] = {"granite": True, "llama": False, "qwen2": True}
 
 
+DECLARED_CONTEXT = 2048
+
+
 def train_tokenizer(sentences: Sequence[str], vocab_size: int, seed: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (GPT-2 / Qwen2 style).
 
@@ -234,6 +237,8 @@ def pretrain(
     """
     if not corpus:
         raise ValueError("cannot pretrain on an empty corpus")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     encoded = [tokens.sentence_ids(tokenizer, sentence, max_length)[0] for sentence in corpus]
     pad_id = tokens.pad_token_id(tokenizer)
     order = _batch_order(len(encoded), steps * batch_size, torch.Generator().manual_seed(seed))
@@ -333,13 +338,14 @@ def build_zoo(
     families = []
     for family in cfg.families:
         tokenizer = train_tokenizer(corpus, cfg.vocab_size, seed=cfg.seed + _stable_offset(family.name))
-        # Tools that truncate to the tokenizer's limit should see the trained context.
-        tokenizer.model_max_length = cfg.max_length
+        # Declare the study's context length, not the short pretraining length: rotary
+        # position embeddings have no parameters, and scoring runs up to max_length 2048.
+        tokenizer.model_max_length = max(cfg.max_length, DECLARED_CONTEXT)
         members = []
         for role in ROLES:
             name = f"{family.name}-{role}"
             seed = cfg.seed + _stable_offset(name)
-            config = model_config(family.architecture, getattr(family, role), tokenizer, cfg.max_length)
+            config = model_config(family.architecture, getattr(family, role), tokenizer, tokenizer.model_max_length)
             started = time.perf_counter()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
