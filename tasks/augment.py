@@ -1,4 +1,4 @@
-"""Stage 2: enlarge the training split with nlpaug (validation and test untouched)."""
+"""Stage 2: enlarge the training split (EDA, back-translation, masking); validation and test untouched."""
 
 from __future__ import annotations
 
@@ -6,35 +6,58 @@ from pathlib import Path
 
 from prefect import task
 
-from ftflow.augment import augment_sentences
+from ftflow.augment import WORDNET_METHODS, augment_sentences
 from ftflow.config import AugmentConfig
 from ftflow.data import read_split, write_split
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "augment"
-MODULES = ("ftflow.augment", "ftflow.data", "tasks.augment")
+MODULES = ("ftflow.augment", "ftflow.translate", "ftflow.wordnet", "ftflow.data", "tasks.augment")
 
 
 @task(name="augment", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
 def augment(augment: AugmentConfig, data: dict, artifacts_dir: str) -> dict:
-    """Write the training split plus augmented sentences, each with its source id and method."""
+    """Write the training split plus augmented sentences, each with its source id, method and parameters."""
 
     def build(out: Path) -> dict:
         original = read_split(stage_path(data, "train"))
-        provenance = [{"source_id": i, "method": "original"} for i in range(len(original))]
+        provenance = [{"source_id": i, "method": "original", "params": {}} for i in range(len(original))]
         stats = {"original": len(original), "made": 0}
         new = []
         if augment.enabled:
-            new, stats = augment_sentences(
-                original, factor=augment.factor, methods=augment.methods,
-                word_rate=augment.word_rate, seed=augment.seed,
-            )
-            stats["original"] = len(original)
+            used = {m for m, w in augment.methods.items() if w > 0}
+            wordnet = back_translator = cache = None
+            if used & WORDNET_METHODS:
+                from ftflow.wordnet import load_wordnet
+
+                # A copy of /usr/share/wordnet, when that is the source, is built once beside the artifacts.
+                wordnet = load_wordnet(augment.nltk_data_dir, cache_dir=Path(artifacts_dir) / "wordnet-cache")
+            if "back_translation" in used:
+                from ftflow.translate import build_back_translator
+
+                # Shared by every run: a rerun (any config) never asks the service twice for one sentence.
+                back_translator, cache = build_back_translator(
+                    augment.back_translation, Path(artifacts_dir) / "translation-cache"
+                )
+            try:
+                new, stats = augment_sentences(original, augment, wordnet=wordnet, back_translator=back_translator)
+            finally:
+                if cache is not None:
+                    cache.close()
         sentences = original + [a.text for a in new]
-        provenance += [{"source_id": a.source_id, "method": a.method} for a in new]
+        provenance += [{"source_id": a.source_id, "method": a.method, "params": a.params} for a in new]
         write_split(out / "train.jsonl", sentences, provenance)
-        run_logger().info("augment: %d original + %d new training sentences (%s)",
-                          len(original), len(new), stats.get("per_method", "disabled"))
+        logger = run_logger()
+        logger.info("augment: %d original + %d new training sentences (%s)",
+                    len(original), len(new), stats.get("per_method", "disabled"))
+        skipped = {k: v for k, v in stats.get("skipped_sources", {}).items() if v}
+        failed = {k: v for k, v in stats.get("translation_failed", {}).items() if v}
+        if skipped:
+            logger.warning("augment: sources not augmented (kept as they are): %s; e.g. ids %s",
+                           skipped, stats["skipped_examples"])
+        if failed:
+            logger.warning("augment: back-translations failed and left out: %s; e.g. %s",
+                           failed, stats["translation_failed_examples"][:3])
         return {"files": {"train": "train.jsonl"}, "stats": stats, "sentences": len(sentences)}
 
     return run_stage(STAGE, MODULES, build)
