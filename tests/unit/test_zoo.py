@@ -222,7 +222,7 @@ def test_checkpoints_load_as_hub_models_would(built, corpus):
             assert type(model) is MODEL_CLASSES[family["architecture"]]
             assert sum(p.numel() for p in model.parameters()) == member["parameters"]
             assert model.config.vocab_size == len(tokenizer) == 300
-            assert tokenizer.model_max_length == 32
+            assert tokenizer.model_max_length == 2048
             logits = model(**sample_batch(tokenizer, corpus[:3])).logits
             assert torch.isfinite(logits).all()
 
