@@ -147,7 +147,7 @@ def render_report(
         f"# {title}",
         "",
         "## Data",
-        f"- train {sizes['train']} sentences (of which augmented: {data_stats.get('augmented', 0)}), "
+        f"- train {sizes['train']} sentences + {data_stats.get('augmented', 0)} augmented, "
         f"validation {sizes['validation']}, test {sizes['test']}",
         f"- blank lines dropped: train {data_stats['blank_dropped']['train']}, test {data_stats['blank_dropped']['test']}",
         f"- sentences in both train and test: {overlap}",
