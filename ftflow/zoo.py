@@ -67,7 +67,7 @@ _TIE_WORD_EMBEDDINGS: dict[str, bool] = {"granite": True, "llama": False, "qwen2
 DECLARED_CONTEXT = 2048
 
 
-def train_tokenizer(sentences: Sequence[str], vocab_size: int, seed: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(sentences: Sequence[str], vocab_size: int, seed: int, with_bos: bool = True) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (GPT-2 / Qwen2 style).
 
     BPE training itself has no randomness, so ``seed`` chooses the sample it
@@ -85,6 +85,8 @@ def train_tokenizer(sentences: Sequence[str], vocab_size: int, seed: int) -> Pre
         vocab_size: target vocabulary, special tokens and the 256 byte
             symbols included; fewer if the text runs out of pairs to merge.
         seed: seed of the training sample.
+        with_bos: declare ``<s>`` as BOS; without it (as in Qwen2's tokenizer)
+            ftflow starts every sentence with EOS instead.
 
     Returns:
         A ``PreTrainedTokenizerFast`` with ``<pad>``, ``<unk>``, ``<s>`` (BOS) and
@@ -120,7 +122,7 @@ def train_tokenizer(sentences: Sequence[str], vocab_size: int, seed: int) -> Pre
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
-        bos_token=BOS_TOKEN,
+        bos_token=BOS_TOKEN if with_bos else None,
         eos_token=EOS_TOKEN,
         # The default clean-up rewrites " ," and " 's", which would break round trips.
         clean_up_tokenization_spaces=False,
@@ -337,7 +339,9 @@ def build_zoo(
     out_dir = Path(out_dir)
     families = []
     for family in cfg.families:
-        tokenizer = train_tokenizer(corpus, cfg.vocab_size, seed=cfg.seed + _stable_offset(family.name))
+        # Like the real families: Qwen2's tokenizer has no BOS, so its sentences start with EOS.
+        tokenizer = train_tokenizer(corpus, cfg.vocab_size, seed=cfg.seed + _stable_offset(family.name),
+                                    with_bos=family.architecture != "qwen2")
         # Declare the study's context length, not the short pretraining length: rotary
         # position embeddings have no parameters, and scoring runs up to max_length 2048.
         tokenizer.model_max_length = max(cfg.max_length, DECLARED_CONTEXT)

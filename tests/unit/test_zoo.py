@@ -255,6 +255,17 @@ def test_student_and_teacher_share_their_family_tokenizer(built):
     assert len(set(tokenizer_files.values())) == 3
 
 
+def test_qwen2_family_has_no_bos_and_starts_sentences_with_eos(built):
+    _, manifest, _, _ = built
+    for family in manifest["families"]:
+        tokenizer = AutoTokenizer.from_pretrained(family["members"][0]["path"])
+        if family["architecture"] == "qwen2":
+            assert tokenizer.bos_token_id is None
+            assert tokens.start_token_id(tokenizer) == tokenizer.eos_token_id == 3
+        else:
+            assert tokens.start_token_id(tokenizer) == tokenizer.bos_token_id == 2
+
+
 def test_build_is_deterministic_and_leaves_the_global_rng_alone(built, corpus, tmp_path):
     cfg, manifest, out_dir, _ = built
     torch.manual_seed(123)
