@@ -118,8 +118,12 @@ def words_to_change(n_words: int, rate: float) -> int:
 
 
 def random_mask(words: Sequence[str], rate: float, mode: str, token: str, rng: random.Random) -> list[str]:
-    """``words`` with ``words_to_change`` of them replaced by ``token`` (mode token) or removed (mode drop)."""
-    chosen = set(rng.sample(range(len(words)), words_to_change(len(words), rate)))
+    """``words`` with ``words_to_change`` of them replaced by ``token`` (mode token) or removed (mode drop).
+
+    At least one word is always left as it was: a sentence of mask tokens only
+    teaches nothing (a one-word sentence comes back unchanged, and is dropped).
+    """
+    chosen = set(rng.sample(range(len(words)), min(words_to_change(len(words), rate), max(len(words) - 1, 0))))
     if mode == "drop":
         return [w for i, w in enumerate(words) if i not in chosen]
     return [token if i in chosen else w for i, w in enumerate(words)]
@@ -274,7 +278,8 @@ def augment_sentences(
     Returns:
         ``(new_sentences, stats)``; stats (JSON-ready) count what was made per
         method, which sources were skipped and why, what was dropped and why,
-        and which translations failed and why.
+        and which translations failed and why. ``dropped_*`` count draws;
+        ``wanted == made + gave_up + sum(translation_failed.values())``.
     """
     from ftflow.translate import TranslationFailed
 

@@ -71,7 +71,9 @@ class MaskConfig(_Strict):
     """Random masking: chosen words replaced by a mask token, or dropped."""
 
     rate: float = Field(0.15, gt=0, le=0.5, description="Share of words masked: ceil(rate * words), at least one.")
-    mode: Literal["token", "drop"] = Field("token", description="token: replace each chosen word by `token`; drop: remove it.")
+    mode: Literal["token", "drop"] = Field(
+        "token", description="token: replace each chosen word by `token`; drop: remove it."
+    )
     token: str = Field("[MASK]", min_length=1, description="Text that replaces a masked word (mode token).")
 
 
@@ -92,7 +94,9 @@ class BackTranslationConfig(_Strict):
     )
     use_free_api: bool = Field(True, description="libre, deepl: use the service's free endpoint.")
     requests_per_second: float = Field(2.0, gt=0, description="Rate limit on calls to the service (both directions).")
-    retries: int = Field(4, ge=0, description="Retries of a call after a network error (429, 5xx, connection, timeout).")
+    retries: int = Field(
+        4, ge=0, description="Retries of a call after a network error (429, 5xx, connection, timeout)."
+    )
     backoff_base_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubled for each further one.")
     backoff_max_s: float = Field(30.0, ge=0, description="Longest wait between two retries.")
     backoff_jitter: float = Field(0.5, ge=0, le=1, description="Share of each wait drawn at random.")
@@ -317,6 +321,9 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     fix(raw.get("data"), "train_file")
     fix(raw.get("data"), "test_file")
     fix(raw.get("zoo"), "corpus_file")
+    fix(raw.get("augment"), "nltk_data_dir")
+    fix((raw.get("augment") or {}).get("back_translation"), "local_forward_model_dir")
+    fix((raw.get("augment") or {}).get("back_translation"), "local_backward_model_dir")
     for model in raw.get("models") or []:
         # A hub id looks like a relative path; only rewrite what exists on disk.
         if isinstance(model, dict) and isinstance(model.get("path"), str):

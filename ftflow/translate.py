@@ -289,7 +289,8 @@ class CachedTranslator:
 
     def __init__(self, service_id: str, source: str, target: str, translate_one: Callable[[str], str],
                  cache: TranslationCache, *, retry: RetryPolicy = RetryPolicy(),
-                 limiter: Optional[RateLimiter] = None, translate_batch: Optional[Callable[[list[str]], list[str]]] = None,
+                 limiter: Optional[RateLimiter] = None,
+                 translate_batch: Optional[Callable[[list[str]], list[str]]] = None,
                  batch_size: int = 16, timeout_s: Optional[float] = None, sleep: Callable[[float], None] = time.sleep,
                  rng: Optional[random.Random] = None):
         self.service_id, self.source, self.target = service_id, source, target
@@ -297,6 +298,11 @@ class CachedTranslator:
         self.cache, self.retry, self.limiter, self.timeout_s = cache, retry, limiter, timeout_s
         self._sleep, self._rng = sleep, rng or random.Random()
         self.stats = TranslatorStats()
+
+    @property
+    def batched(self) -> bool:
+        """True when texts go to the service in batches (local models)."""
+        return self._batch is not None
 
     def _checked(self, text: str, translation) -> str:
         if translation is None or not str(translation).strip():
@@ -405,7 +411,7 @@ class BackTranslator:
     def back_translate_many(self, texts: Sequence[str]) -> dict[str, str | TranslationFailed]:
         """Each distinct text -> its round-trip translation or the :class:`TranslationFailed` of either leg."""
         texts = list(dict.fromkeys(texts))
-        if self.forward._batch is not None:  # local models: whole batches per leg
+        if self.forward.batched:  # local models: whole batches per leg, no network to track
             pivots = self.forward.translate_many(texts)
             ok = [p for p in pivots.values() if isinstance(p, str)]
             backs = self.backward.translate_many(ok)
@@ -515,7 +521,9 @@ class LocalModelTranslator:
             import torch
             from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
         except ImportError as exc:  # heavy and optional
-            raise ImportError("local back-translation needs torch and transformers: pip install torch transformers") from exc
+            raise ImportError(
+                "local back-translation needs torch and transformers: pip install torch transformers"
+            ) from exc
         self._torch = torch
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():

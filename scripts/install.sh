@@ -5,6 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# WordNet 3.0 for the synonym / random_insert augmentations (read offline; nothing is downloaded at run time).
+if [ ! -f /usr/share/wordnet/index.noun ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base
+  else
+    echo "WordNet missing: sudo apt-get install -y --no-install-recommends wordnet-base (or set augment.nltk_data_dir / NLTK_DATA)" >&2
+  fi
+fi
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install --quiet "torch==${FTFLOW_TORCH_VERSION:-2.13.0}"
 fi

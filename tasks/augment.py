@@ -53,8 +53,8 @@ def augment(augment: AugmentConfig, data: dict, artifacts_dir: str) -> dict:
         skipped = {k: v for k, v in stats.get("skipped_sources", {}).items() if v}
         failed = {k: v for k, v in stats.get("translation_failed", {}).items() if v}
         if skipped:
-            logger.warning("augment: sources not augmented (kept as they are): %s; e.g. ids %s",
-                           skipped, stats["skipped_examples"])
+            examples = {k: v for k, v in stats["skipped_examples"].items() if v}
+            logger.warning("augment: sources not augmented (kept as they are): %s; e.g. ids %s", skipped, examples)
         if failed:
             logger.warning("augment: back-translations failed and left out: %s; e.g. %s",
                            failed, stats["translation_failed_examples"][:3])

@@ -80,6 +80,7 @@ class FakeLibreTranslate:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._timer: threading.Timer | None = None
+        self._url = ""
 
     # -- control ---------------------------------------------------------
 
@@ -116,8 +117,8 @@ class FakeLibreTranslate:
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/"
+        """Base URL (kept after stop, so a test can point a client at a closed port)."""
+        return self._url
 
     def start(self) -> "FakeLibreTranslate":
         fake = self
@@ -163,6 +164,8 @@ class FakeLibreTranslate:
             do_GET = do_POST = _handle
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        host, port = self._server.server_address[:2]
+        self._url = f"http://{host}:{port}/"
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True, name="fake-libretranslate")
