@@ -94,14 +94,15 @@ def plot_leaderboard(frame: pd.DataFrame, path: Path) -> None:
 
     ok = frame.dropna(subset=["test_bits_per_byte"]).iloc[::-1]
     colours = dict(zip(KIND_ORDER, ("#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c")))
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(ok) + 1.5))
+    fig, ax = plt.subplots(figsize=(9.5, 0.45 * len(ok) + 1.5))
     bars = ax.barh(ok["name"], ok["test_bits_per_byte"], color=[colours.get(k, "#555") for k in ok["kind"]])
     for bar, ppl in zip(bars, ok["test_ppl"]):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f"  PPL {ppl:.2f}", va="center", fontsize=8)
     ax.set_xlabel("test bits per byte (lower is better)")
     ax.set_title("ftflow leaderboard")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[k]) for k in KIND_ORDER if k in set(ok["kind"])]
-    ax.legend(handles, [k for k in KIND_ORDER if k in set(ok["kind"])], loc="lower right", fontsize=8)
+    ax.legend(handles, [k for k in KIND_ORDER if k in set(ok["kind"])], fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_xlim(0, ok["test_bits_per_byte"].max() * 1.25)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -115,12 +116,15 @@ def plot_training(histories: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, run in histories.items():
         epochs = [0] + [e["epoch"] for e in run["history"]]
         ppl = [run["baseline_validation"]["corpus_ppl"]] + [e["validation"]["corpus_ppl"] for e in run["history"]]
         ax.plot(epochs, ppl, marker="o", label=f"{name} (best epoch {run['best_epoch']})")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("selection-split PPL")
     ax.set_title("Perplexity by epoch")
     ax.legend(fontsize=8)
