@@ -88,6 +88,8 @@ def load_model(
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}
+        # What stays unquantized (embeddings, norms, lm_head) in the compute dtype, not the checkpoint's.
+        kwargs["dtype"] = torch.bfloat16
     else:
         kwargs["dtype"] = DTYPES[precision]
     try:
@@ -115,6 +117,6 @@ def _explain(path: str, what: str, exc: Exception) -> str:
 
 
 def count_parameters(model) -> int:
-    """Parameters of the base model (an adapter's are not counted)."""
+    """Parameters of the base model (an adapter's are not counted; 4-bit packed weights are unpacked)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return int(sum(p.numel() for p in base.parameters()))
+    return int(base.num_parameters())

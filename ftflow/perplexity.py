@@ -267,7 +267,8 @@ def score_sentences(
                 labels = batch.pop("labels").to(device)
                 # Labels are not passed: the model's own loss would average over
                 # the batch, and we need per-sentence sums in float32.
-                outputs = model(**{name: tensor.to(device) for name, tensor in batch.items()})
+                # No KV cache: each sentence is scored in one pass, a cache would only cost memory.
+                outputs = model(**{name: tensor.to(device) for name, tensor in batch.items()}, use_cache=False)
                 nll, count = token_nll(outputs.logits, labels)
                 for row, value, n in zip(rows, nll.tolist(), count.tolist()):
                     sentence_nll[row] = value

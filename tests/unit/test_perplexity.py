@@ -60,7 +60,7 @@ class ZeroLogits(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the stub a device
         self.calls: list[dict] = []
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=None):
         self.calls.append(
             dict(
                 input_ids=input_ids.clone(),
