@@ -1,0 +1,495 @@
+"""Predicted against measured peak memory, for scoring and one training step of each method.
+
+    python bench/memory_accuracy.py [--quick] [--csv PATH] [--device cpu|cuda]
+
+Models are built here from configs (random initialisation, nothing
+downloaded): a zoo-like Granite teacher (the demo's shape), a 40M Qwen2, a
+125M Llama and, for scoring, a 333M Granite. Each case is run the way ftflow
+runs it (scoring: a forward under ``inference_mode`` and
+:func:`ftflow.perplexity.token_nll`; training: forward with labels, backward,
+gradient clipping and a fused AdamW step whose state already exists, so the
+measured step is a steady-state one; LoRA/QLoRA/prefix through PEFT, QLoRA
+through :func:`ftflow.models.load_model` and ``prepare_model_for_kbit_training``
+as :func:`ftflow.training.train_lora` does) and compared with
+:func:`ftflow.memory.predict_scoring` / :func:`ftflow.memory.predict_training`.
+Sequences are full length; one pad in the last row makes the batch a padded
+one, as real batches are.
+
+How memory is measured:
+
+* cuda: cases run one after another in this process; the peak is
+  ``torch.cuda.max_memory_allocated`` minus what was allocated before the model
+  existed, compared with the prediction's ``allocated_bytes`` (the peak without
+  the CUDA context, which the allocator does not see).
+* cpu: ``tracemalloc`` does not see torch's allocations, and torch has no CPU
+  peak counter, so each case runs in a forked child process and the peak is the
+  growth of the process's resident set: ``VmHWM`` (reset through
+  ``/proc/self/clear_refs`` after the model is built, so loading transients do
+  not count) minus ``VmRSS`` before the model was built. glibc is told to serve
+  every block over 64 KiB with ``mmap`` (``mallopt``), so freed tensors leave
+  the resident set at once instead of lingering in malloc's heap, and MKL's
+  buffer cache is off (``MKL_DISABLE_FAST_MM``): its GEMM packing buffers
+  (up to ~32 MB) then live only during the product that needs them, instead
+  of staying resident from whichever case first needed them. Before the
+  baseline is read, the child runs the same case once on a micro model of the
+  same architecture, so one-time costs (thread pool, kernel caches, lazily
+  loaded libraries) are not counted.
+  An NF4 model is loaded from a bf16 checkpoint written to a temporary folder;
+  its unquantized tensors are copied out of the memory-mapped file so the
+  file's page cache does not count as model memory. What the measurement still
+  counts that the prediction does not: malloc/page rounding, per-thread scratch
+  buffers of the CPU kernels, Python objects. Compared with the prediction's
+  ``allocated_bytes`` (the process's own baseline is subtracted).
+
+Prints one row per case: predicted and measured peak (MB), relative error, and
+the same for the weights alone; then PASS when every weights-dominated case
+(weights >= 70% of the prediction) is within 10%, else FAIL (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Before torch allocates anything: large blocks through mmap, so RSS follows live tensors,
+# and no MKL buffer cache that would outlive the GEMM that needed it (see the docstring).
+os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+except OSError:  # not glibc: measurements get noisier, nothing else changes
+    _LIBC = None
+
+import torch  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
+
+from ftflow import memory  # noqa: E402
+from ftflow.perplexity import token_nll  # noqa: E402
+
+MB = 10**6
+WEIGHTS_TARGET = 0.10
+"""Largest relative error accepted where weights dominate the peak."""
+WEIGHTS_DOMINATED = 0.70
+"""A case is weights-dominated when weights are at least this share of the predicted peak."""
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    architecture: str
+    numbers: dict
+
+
+@dataclass(frozen=True)
+class Case:
+    model: BenchModel
+    kind: str  # scoring | full | lora | qlora | prefix
+    precision: str
+    batch_size: int
+    max_length: int
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        name = "scoring" if self.kind == "scoring" else f"train-{self.kind}"
+        return name + ("+gc" if self.options.get("gradient_checkpointing") else "")
+
+
+ZOO_TEACHER = BenchModel("zoo-granite-teacher", "granite", dict(
+    hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=256, vocab_size=1024, tie_word_embeddings=True))
+QWEN_40M = BenchModel("qwen2-40M", "qwen2", dict(
+    hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+    intermediate_size=1536, vocab_size=32000, tie_word_embeddings=True))
+LLAMA_125M = BenchModel("llama-125M", "llama", dict(
+    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+    intermediate_size=2048, vocab_size=32000, tie_word_embeddings=False))
+GRANITE_333M = BenchModel("granite-333M", "granite", dict(
+    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
+    intermediate_size=2816, vocab_size=49155, tie_word_embeddings=True))
+
+
+def cases(quick: bool) -> list[Case]:
+    """Weights-dominated cases (large model, few tokens) and activation/logit-dominated ones."""
+    chosen = [
+        Case(ZOO_TEACHER, "scoring", "fp32", 32, 128),
+        Case(ZOO_TEACHER, "full", "fp32", 16, 64),
+        Case(ZOO_TEACHER, "lora", "fp32", 16, 64),
+        Case(QWEN_40M, "scoring", "fp32", 8, 256),
+        Case(QWEN_40M, "scoring", "bf16", 2, 256),
+        Case(QWEN_40M, "full", "bf16", 2, 128),
+        Case(QWEN_40M, "full", "fp32", 4, 128, {"gradient_checkpointing": True}),
+        Case(QWEN_40M, "lora", "bf16", 2, 128),
+        Case(QWEN_40M, "prefix", "fp32", 4, 128),
+        Case(LLAMA_125M, "scoring", "fp32", 1, 256),
+        Case(LLAMA_125M, "scoring", "bf16", 1, 128),
+        Case(LLAMA_125M, "scoring", "nf4", 1, 128),
+        Case(LLAMA_125M, "full", "fp32", 1, 64),
+        Case(LLAMA_125M, "lora", "fp32", 2, 64),
+        Case(LLAMA_125M, "qlora", "nf4", 1, 32),
+        Case(LLAMA_125M, "prefix", "bf16", 1, 64),
+        Case(GRANITE_333M, "scoring", "fp32", 1, 64),
+    ]
+    if quick:
+        chosen = [c for c in chosen if c.model is not GRANITE_333M and c.kind in ("scoring", "full", "lora")]
+    return chosen
+
+
+def build_config(model: BenchModel):
+    from transformers import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[model.architecture](
+        **model.numbers, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def predict(case: Case, device: str) -> memory.MemoryPrediction:
+    config = build_config(case.model)
+    if case.kind == "scoring":
+        return memory.predict_scoring(config, case.precision, case.batch_size, case.max_length, device=device)
+    return memory.predict_training(config, case.precision, case.kind, case.batch_size, case.max_length,
+                                   device=device, **case.options)
+
+
+# ----------------------------------------------------------------------------- running a case
+
+
+def _inputs(case: Case, vocab: int, device: str):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (case.batch_size, case.max_length), generator=generator)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    # One pad in the last row: a padded batch, as scoring and the Trainer see them.
+    mask[-1, -1] = 0
+    labels[-1, -1] = -100
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _build_model(case: Case, device: str, checkpoint: Path | None):
+    from transformers import AutoModelForCausalLM
+
+    if case.precision == "nf4":
+        from ftflow.models import load_model
+
+        model = load_model(str(checkpoint), "nf4", device, trainable=case.kind != "scoring")
+        if device == "cpu":
+            # Unquantized tensors may still be views of the memory-mapped checkpoint, whose
+            # page cache would then count in the resident set: give them their own memory.
+            for param in model.parameters():
+                if type(param).__name__ != "Params4bit":
+                    param.data = param.data.clone()
+        return model
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(build_config(case.model), dtype=memory_dtype(case.precision))
+
+
+def memory_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _wrap(model, case: Case):
+    """PEFT wrapping as ftflow's training does."""
+    if case.options.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    if case.kind == "full":
+        return model
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if case.kind == "prefix":
+        return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+    if case.kind == "qlora":
+        model = prepare_model_for_kbit_training(model)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
+    return get_peft_model(model, lora)
+
+
+def _score(model, ids, mask, labels) -> None:
+    model.eval()
+    with torch.inference_mode():
+        outputs = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        token_nll(outputs.logits, labels)
+
+
+def _optimizer(model):
+    """Fused AdamW (the Trainer's default) with its state already created.
+
+    A first step on zero gradients creates both moments of every trainable
+    parameter, so the one measured step is a steady-state step (the state exists
+    during its forward and backward) and a single step is enough.
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return params, optimizer
+
+
+def _train_step(model, params, optimizer, ids, mask, labels) -> None:
+    # Like the Trainer's compute_loss: only the loss survives the forward.
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class _CpuMeter:
+    """Resident-set growth of this process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        gc.collect()
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+        self.base = self.rss()
+
+    @staticmethod
+    def _status(field_name: str) -> int:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+    def rss(self) -> int:
+        return self._status("VmRSS")
+
+    def reset_peak(self) -> None:
+        gc.collect()
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+
+    def peak(self) -> int:
+        return self._status("VmHWM") - self.base
+
+    def now(self) -> int:
+        return self.rss() - self.base
+
+
+class _CudaMeter:
+    def __init__(self) -> None:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        self.base = torch.cuda.memory_allocated()
+
+    def reset_peak(self) -> None:
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self.base
+
+    def now(self) -> int:
+        return torch.cuda.memory_allocated() - self.base
+
+
+def _warm_up(case: Case, device: str) -> None:
+    """Run the case once on a micro model of the same architecture, then free everything."""
+    from transformers import AutoModelForCausalLM
+
+    numbers = {**case.model.numbers, "hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 128,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
+    micro = Case(BenchModel("micro", case.model.architecture, numbers), case.kind,
+                 "bf16" if case.precision == "nf4" else case.precision, 2, 16)
+    model = AutoModelForCausalLM.from_config(build_config(micro.model), dtype=memory_dtype(micro.precision))
+    if case.precision == "nf4":
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to(device)
+        x = torch.randn(2, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
+        layer(x).sum().backward()
+    model = _wrap(model.to(device), Case(micro.model, "lora" if case.kind == "qlora" else case.kind,
+                                          micro.precision, 2, 16, case.options))
+    ids, mask, labels = _inputs(micro, 256, device)
+    if case.kind == "scoring":
+        _score(model, ids, mask, labels)
+    else:
+        _train_step(model, *_optimizer(model), ids, mask, labels)
+
+
+def run_case(case: Case, device: str, checkpoint: Path | None) -> dict:
+    """Measure one case in this process: weights after building, peak of the step."""
+    started = time.perf_counter()
+    _warm_up(case, device)
+    meter = _CudaMeter() if device == "cuda" else _CpuMeter()
+    model = _wrap(_build_model(case, device, checkpoint), case)
+    ids, mask, labels = _inputs(case, case.model.numbers["vocab_size"], device)
+    weights = meter.now()
+    if case.kind != "scoring":
+        params, optimizer = _optimizer(model)
+    meter.reset_peak()
+    if case.kind == "scoring":
+        _score(model, ids, mask, labels)
+    else:
+        _train_step(model, params, optimizer, ids, mask, labels)
+    return {"measured_peak": meter.peak(), "measured_weights": weights, "seconds": time.perf_counter() - started}
+
+
+def _save_bf16_checkpoint(model: BenchModel, directory: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(build_config(model), dtype=torch.bfloat16).save_pretrained(directory)
+
+
+def in_child(function, *args) -> dict:
+    """Run ``function(*args)`` in a forked child and return its JSON result.
+
+    The parent never runs a torch kernel, so the child starts with no OpenMP
+    pool to inherit; each child's resident set is its own.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        try:
+            result = {"ok": True, **(function(*args) or {})}
+        except Exception as exc:  # reported in the table; the child must not fall back into the parent's code
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        with os.fdopen(write_end, "w") as handle:
+            handle.write(json.dumps(result))
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as handle:
+        payload = handle.read()
+    _, status = os.waitpid(pid, 0)
+    if not payload:
+        return {"ok": False, "error": f"child died (wait status {status}), likely out of memory"}
+    return json.loads(payload)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="scoring, full and LoRA on the three smaller models")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in each case (0: torch's default)")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Import once in the parent (fast children); nothing here runs a kernel.
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import transformers.models.granite.modeling_granite  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    import transformers.models.qwen2.modeling_qwen2  # noqa: F401
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: F401
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: F401
+
+    import ftflow.models  # noqa: F401
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.simplefilter("ignore")  # library deprecation chatter, once per child otherwise
+
+    print(HEADER, flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ftflow-membench-") as tmp:
+        checkpoints: dict[str, Path] = {}
+        for case in cases(args.quick):
+            checkpoint = None
+            if case.precision == "nf4":
+                checkpoint = checkpoints.get(case.model.name)
+                if checkpoint is None:
+                    checkpoint = Path(tmp) / case.model.name
+                    saved = in_child(_save_bf16_checkpoint, case.model, checkpoint) if args.device == "cpu" \
+                        else {"ok": True, **(_save_bf16_checkpoint(case.model, checkpoint) or {})}
+                    if not saved["ok"]:
+                        print(f"could not write the {case.model.name} checkpoint: {saved['error']}", file=sys.stderr)
+                        return 1
+                    checkpoints[case.model.name] = checkpoint
+            prediction = predict(case, args.device)
+            if args.device == "cpu":
+                result = in_child(run_case, case, "cpu", checkpoint)
+            else:
+                try:
+                    result = {"ok": True, **run_case(case, "cuda", checkpoint)}
+                except Exception as exc:
+                    result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                gc.collect()
+                torch.cuda.empty_cache()
+            row = {
+                "model": case.model.name,
+                "params": prediction.parameters,
+                "case": case.label,
+                "precision": case.precision,
+                "batch": case.batch_size,
+                "length": case.max_length,
+                "predicted_mb": prediction.allocated_bytes / MB,
+                "measured_mb": result.get("measured_peak", math.nan) / MB,
+                "weights_predicted_mb": prediction.weights_bytes / MB,
+                "weights_measured_mb": result.get("measured_weights", math.nan) / MB,
+                "weights_share": prediction.weights_bytes / max(1, prediction.allocated_bytes),
+                "seconds": result.get("seconds", math.nan),
+                "error": "" if result["ok"] else result["error"],
+            }
+            row["relative_error"] = row["predicted_mb"] / row["measured_mb"] - 1
+            row["weights_relative_error"] = row["weights_predicted_mb"] / row["weights_measured_mb"] - 1
+            rows.append(row)
+            print(_format(row), flush=True)
+
+    dominated = [r for r in rows if not r["error"] and r["weights_share"] >= WEIGHTS_DOMINATED]
+    within = [r for r in dominated if abs(r["relative_error"]) <= WEIGHTS_TARGET]
+    others = [r for r in rows if not r["error"] and r["weights_share"] < WEIGHTS_DOMINATED]
+    print(f"\nmeasured on {args.device}: predicted peak without runtime overhead vs measured peak growth")
+    print(f"weights-dominated cases (weights >= {WEIGHTS_DOMINATED:.0%} of the prediction): "
+          f"{len(within)}/{len(dominated)} within {WEIGHTS_TARGET:.0%}")
+    if others:
+        worst = max(others, key=lambda r: abs(r["relative_error"]))
+        print(f"other cases: largest error {worst['relative_error']:+.1%} ({worst['model']} {worst['case']})")
+    verdict = "PASS" if len(within) == len(dominated) else "FAIL"
+    print(verdict)
+    if args.csv:
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    failed = [r for r in rows if r["error"]]
+    for r in failed:
+        print(f"FAILED {r['model']} {r['case']} {r['precision']}: {r['error']}", file=sys.stderr)
+    return 1 if failed or verdict == "FAIL" else 0
+
+
+HEADER = (f"{'model':<20} {'params':>12} {'case':<13} {'prec':<5} {'BxL':>8} {'pred MB':>9} {'meas MB':>9} "
+          f"{'rel err':>8}  {'w pred':>8} {'w meas':>8} {'w err':>7} {'w share':>7} {'time':>7}")
+
+
+def _format(row: dict) -> str:
+    return (f"{row['model']:<20} {row['params']:>12,} {row['case']:<13} {row['precision']:<5} "
+            f"{row['batch']:>3}x{row['length']:<4} {row['predicted_mb']:>9.1f} {row['measured_mb']:>9.1f} "
+            f"{row['relative_error']:>+8.1%}  {row['weights_predicted_mb']:>8.1f} {row['weights_measured_mb']:>8.1f} "
+            f"{row['weights_relative_error']:>+7.1%} {row['weights_share']:>7.0%} {row['seconds']:>6.1f}s "
+            f"{row['error']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,960 @@
+"""Memory planning: predict a model's peak memory before loading it (ARCHITECTURE.md, "Memory planning").
+
+The planner answers the study's first question (which model fits a 20 GB GPU
+at which precision) from the model's config alone:
+
+1. :func:`model_config_for` gets a config without the hub (local directory,
+   ftflow's table of known models, or the local Hugging Face cache).
+2. :func:`count_parameters` instantiates it on the ``meta`` device: an exact
+   count, no memory used.
+3. :func:`predict_scoring` and :func:`predict_training` give a breakdown in
+   bytes of the peak of perplexity scoring and of a training step by method.
+4. :func:`choose_precision`, :func:`largest_batch_size` and :func:`plan_model`
+   turn predictions into decisions; :func:`plan_table` and :func:`plot_plan`
+   report them.
+
+What is modelled, and what is not, is stated where each number comes from.
+The short version: weights are exact; activations, logits and optimizer state
+follow what transformers 5 / PEFT / torch actually keep alive in ftflow's code
+paths (measured with saved-tensor hooks on Llama, Qwen2 and Granite decoder
+layers, see :data:`TRAINING_LAYER_BYTES`); the runtime overhead is a constant
+per device; allocator fragmentation is not modelled. ``bench/memory_accuracy.py``
+compares predictions with measured peaks.
+
+Units: every ``*_bytes`` is bytes; ``GB`` is 10**9 bytes (the config's
+``memory_budget_gb`` is read in these units; a "20 GB" MIG slice has about
+20.9e9 bytes, so the decimal reading is the conservative one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Mapping, Optional, Sequence
+
+import torch
+
+from ftflow.known_models import known_architecture
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Precision = Literal["fp32", "bf16", "fp16", "nf4"]
+Method = Literal["full", "lora", "qlora", "prefix"]
+Device = Literal["cuda", "cpu"]
+
+GB = 10**9
+"""Bytes in a (decimal) gigabyte, the unit of ``memory_budget_gb``."""
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "nf4")
+METHODS: tuple[str, ...] = ("full", "lora", "qlora", "prefix")
+
+ELEMENT_BYTES: Mapping[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "nf4": 2}
+"""Bytes of one activation / unquantized weight element; nf4 computes in bf16."""
+
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""bitsandbytes NF4 with double quantization (ftflow's ``quantization_config``):
+4-bit codes (0.5 byte), one uint8 absmax per block of 64 weights, one fp32
+second-level absmax per 256 blocks. Checked on bitsandbytes 0.50 (blocksize 64)."""
+
+RUNTIME_OVERHEAD_BYTES: Mapping[str, int] = {"cuda": 512 * 2**20, "cpu": 448 * 2**20}
+"""Memory used before any tensor exists. cuda: the CUDA context (driver state
+and the kernels loaded lazily) and library handles, about 0.5 GiB; it is not
+seen by ``torch.cuda.max_memory_allocated`` but counts against a GPU's capacity.
+cpu: resident size of a Python process with torch, transformers and peft
+imported (measured here: about 0.45 GiB). The caching allocator's reserved but
+unused memory (a few percent on CUDA) is not modelled."""
+
+SCORING_LOGITS_BYTES_PER_ELEMENT_EXTRA = 8
+"""Bytes per logit element that scoring keeps besides the model's own logits
+(``d`` bytes each): :func:`ftflow.perplexity.token_nll` copies the scored rows
+(boolean indexing, then ``.float()``: 4 bytes alive at the peak whatever ``d``)
+and ``cross_entropy`` allocates its fp32 log-softmax (4 bytes). So scoring holds
+``(d + 8) * batch * length * vocab`` bytes at its peak: 12 in fp32, 10 in bf16."""
+
+TRAINING_LOGITS_BYTES_PER_ELEMENT = 12
+"""Bytes per logit element at the start of backward in a training step: the
+fp32 log-softmax saved by the loss, the gradient nll_loss hands back, and the
+gradient log_softmax produces (4 bytes each). The model's own logits are
+released before backward in the Trainer (``compute_loss`` returns only the loss),
+and the forward's ``d + 4 + 4`` is never more than this."""
+
+
+class UnknownModelError(ValueError):
+    """A model whose config ftflow cannot get offline; the message says how to fix it."""
+
+
+# ----------------------------------------------------------------------------- configs and counts
+
+
+def model_config_for(path_or_id: str, trust_remote_code: bool = False):
+    """The transformers config of a model, without reaching the hub.
+
+    Looked up in this order: a local directory (its ``config.json``); a hub id
+    that ftflow knows (:data:`ftflow.known_models.KNOWN_MODELS`, built through
+    the transformers config class of its ``model_type``); the local Hugging Face
+    cache (``AutoConfig`` with ``local_files_only=True``).
+
+    Args:
+        path_or_id: local checkpoint directory or hub id (``org/name``).
+        trust_remote_code: allow a cached config that needs the repository's code.
+
+    Returns:
+        A ``PretrainedConfig``. For a known hub id it carries the shapes only
+        (enough to count parameters and plan memory, not to load weights).
+
+    Raises:
+        UnknownModelError: none of the three places has the model.
+    """
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    local = Path(path_or_id).expanduser()
+    if local.is_dir():
+        try:
+            return AutoConfig.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            raise UnknownModelError(
+                f"cannot read a model config from directory {local}: {type(exc).__name__}: {exc}. "
+                "A checkpoint directory needs a config.json (save_pretrained writes one)."
+            ) from exc
+    numbers = known_architecture(path_or_id)
+    if numbers is not None:
+        model_type = numbers.pop("model_type")
+        return CONFIG_MAPPING[model_type](**numbers)
+    try:
+        return AutoConfig.from_pretrained(path_or_id, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise UnknownModelError(
+            f"cannot plan memory for {path_or_id!r}: it is not a local directory, not one of the hub models "
+            "ftflow knows (ftflow/known_models.py), and its config is not in the local Hugging Face cache "
+            f"({type(exc).__name__}). Fix: give the path of a local checkpoint directory, add the model's "
+            "architecture numbers to ftflow/known_models.py, or fetch its config once with network access "
+            f"(huggingface-cli download {path_or_id} config.json)."
+        ) from None
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Exact parameter counts of a causal LM, from a ``meta``-device instance.
+
+    Attributes:
+        total: every parameter, tied embeddings counted once.
+        linear_weights: weights of the ``nn.Linear`` layers except the output
+            layer: what NF4 quantizes and what LoRA ``all-linear`` adapts.
+        linear_shapes: ``(in_features, out_features)`` of those layers.
+        embedding: input embedding parameters.
+        output_untied: output layer parameters when not tied to the embedding (else 0).
+    """
+
+    total: int
+    linear_weights: int
+    linear_shapes: tuple[tuple[int, int], ...]
+    embedding: int
+    output_untied: int
+
+    @property
+    def unquantized(self) -> int:
+        """Parameters NF4 leaves in the compute dtype: embeddings, output layer, norms, biases."""
+        return self.total - self.linear_weights
+
+    def lora(self, r: int) -> int:
+        """Trainable parameters of LoRA rank ``r`` on every linear layer but the output one."""
+        return sum(r * (fan_in + fan_out) for fan_in, fan_out in self.linear_shapes)
+
+    @property
+    def largest_linear(self) -> int:
+        """Weights of the largest adapted/quantized linear layer."""
+        return max((a * b for a, b in self.linear_shapes), default=0)
+
+
+_COUNTS_CACHE: dict[str, ParameterCounts] = {}
+
+
+def parameter_counts(config, trust_remote_code: bool = False) -> ParameterCounts:
+    """Exact counts by instantiating ``AutoModelForCausalLM.from_config`` on the ``meta`` device.
+
+    Nothing is allocated: meta tensors have shapes but no storage. Results are
+    cached per config (by its JSON form).
+    """
+    key = config.to_json_string(use_diff=False)
+    if key in _COUNTS_CACHE:
+        return _COUNTS_CACHE[key]
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    output = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    shapes = tuple(
+        (module.in_features, module.out_features)
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear) and module is not output
+    )
+    tied = output is not None and output.weight is embedding.weight
+    counts = ParameterCounts(
+        # parameters() yields a shared (tied) tensor once.
+        total=int(sum(p.numel() for p in model.parameters())),
+        linear_weights=int(sum(a * b for a, b in shapes)),
+        linear_shapes=shapes,
+        embedding=int(embedding.weight.numel()),
+        output_untied=0 if output is None or tied else int(sum(p.numel() for p in output.parameters())),
+    )
+    _COUNTS_CACHE[key] = counts
+    return counts
+
+
+def count_parameters(config, trust_remote_code: bool = False) -> int:
+    """Exact parameter count of ``config``'s causal LM (tied embeddings counted once)."""
+    return parameter_counts(config, trust_remote_code).total
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class _Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_dim: int
+    vocab: int
+
+
+def _shape(config) -> _Shape:
+    """The numbers the activation model needs, read from a (decoder-only) config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return _Shape(
+        hidden=hidden,
+        intermediate=getattr(text, "intermediate_size", None) or 4 * hidden,
+        layers=text.num_hidden_layers,
+        heads=heads,
+        kv_dim=kv_heads * head_dim,
+        vocab=text.vocab_size,
+    )
+
+
+# ----------------------------------------------------------------------------- predictions
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    """A predicted peak and its parts, in bytes.
+
+    ``peak_bytes`` is not always the plain sum of the parts: parts that are
+    never alive at the same time are combined with ``max`` (the docstring of
+    the function that made the prediction says how).
+
+    Attributes:
+        case: ``"scoring"`` or ``"train-<method>"``.
+        precision: weights precision.
+        batch_size: sequences per step.
+        max_length: tokens per sequence (every sequence assumed this long).
+        parameters: model parameters (exact).
+        trainable_parameters: parameters with gradients (0 for scoring).
+        weights_bytes: model weights (and adapter weights) in memory.
+        logits_bytes: logits and what the loss keeps of them at the peak.
+        activations_bytes: activations alive at the peak (one layer when scoring,
+            all saved for backward when training).
+        overhead_bytes: runtime overhead (:data:`RUNTIME_OVERHEAD_BYTES`).
+        gradients_bytes: gradients of the trainable parameters.
+        optimizer_bytes: AdamW state (two moments per trainable parameter).
+        peak_bytes: predicted peak, overhead included.
+    """
+
+    case: str
+    precision: str
+    batch_size: int
+    max_length: int
+    parameters: int
+    trainable_parameters: int
+    weights_bytes: int
+    logits_bytes: int
+    activations_bytes: int
+    overhead_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    peak_bytes: int
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The peak without the runtime overhead: what ``torch.cuda.max_memory_allocated`` reports."""
+        return self.peak_bytes - self.overhead_bytes
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
+
+
+def _check(precision: str, batch_size: int, max_length: int, device: str, problems: list[str]) -> None:
+    if precision not in PRECISIONS:
+        problems.append(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if batch_size < 1:
+        problems.append(f"batch_size must be >= 1, got {batch_size}")
+    if max_length < 2:
+        problems.append(f"max_length must be >= 2, got {max_length}")
+    if device not in RUNTIME_OVERHEAD_BYTES:
+        problems.append(f"device must be one of {sorted(RUNTIME_OVERHEAD_BYTES)}, got {device!r}")
+
+
+def _weights_bytes(counts: ParameterCounts, precision: str, unquantized_bytes: Optional[int] = None) -> int:
+    """Bytes of the weights: NF4 for linear layers (and the compute dtype for the rest), else all in one dtype."""
+    if precision == "nf4":
+        rest = ELEMENT_BYTES["nf4"] if unquantized_bytes is None else unquantized_bytes
+        return math.ceil(counts.linear_weights * NF4_BYTES_PER_PARAM) + counts.unquantized * rest
+    return counts.total * ELEMENT_BYTES[precision]
+
+
+def _attention_mask_bytes(batch_size: int, query_length: int, key_length: int) -> int:
+    # transformers materialises a [B, 1, Lq, Lk] boolean mask when a batch has padding.
+    return batch_size * query_length * key_length
+
+
+SCORING_LAYER_ELEMENTS = {"hidden": 2, "intermediate": 3}
+"""Elements per token alive in one decoder layer at scoring's in-layer peak (the
+MLP product): the residual stream and the normed input (2 x hidden), and the
+activated gate, the up projection and their product (3 x intermediate). Under
+``torch.inference_mode`` nothing else is kept; attention runs through SDPA,
+which never materialises the [L, L] score matrix. For every model ftflow plans
+the logits phase is larger, so this term seldom decides the peak (and the
+bench does not isolate it)."""
+
+
+def predict_scoring(
+    config,
+    precision: Precision,
+    batch_size: int,
+    max_length: int,
+    *,
+    device: Device = "cuda",
+    kv_cache: bool = False,
+    trust_remote_code: bool = False,
+) -> MemoryPrediction:
+    """Peak memory of perplexity scoring (one forward pass and the loss, no gradients).
+
+    Assumptions (ftflow's :func:`ftflow.perplexity.score_sentences`): every
+    sequence of the batch is ``max_length`` tokens long (the worst case of a
+    batch; shorter real data uses less); ``inference_mode`` (no activations kept
+    across layers); SDPA attention (no [L, L] score matrix); weights at
+    ``precision`` (nf4: :data:`NF4_BYTES_PER_PARAM` for linear layers, bf16 for
+    embeddings, output layer, norms and biases, plus one linear layer
+    dequantized to bf16 at a time).
+
+    Peak = weights + KV cache + max(one layer's activations, logits phase) +
+    overhead: the layers have finished (and their activations are gone) when
+    the logits and the loss are computed.
+
+    * activations: :data:`SCORING_LAYER_ELEMENTS` elements per token in the
+      compute dtype, plus the padding mask (1 byte per query-key pair), plus the
+      KV cache of every layer when ``kv_cache`` (transformers builds one unless
+      the forward gets ``use_cache=False``; it is returned with the logits);
+    * logits: ``(d + 8)`` bytes per element of the [batch, length, vocab] logits
+      (:data:`SCORING_LOGITS_BYTES_PER_ELEMENT_EXTRA`).
+
+    Args:
+        config: the model's transformers config (see :func:`model_config_for`).
+        precision: fp32, bf16, fp16 or nf4.
+        batch_size: sequences per forward pass.
+        max_length: tokens per sequence.
+        device: ``cuda`` or ``cpu``; sets the runtime overhead.
+        kv_cache: count the KV cache the forward builds when ``use_cache`` is on.
+        trust_remote_code: allow the model's own code when counting parameters.
+
+    Returns:
+        The breakdown; ``gradients_bytes`` and ``optimizer_bytes`` are 0.
+    """
+    problems: list[str] = []
+    _check(precision, batch_size, max_length, device, problems)
+    if problems:
+        raise ValueError("predict_scoring: " + "; ".join(problems))
+    counts = parameter_counts(config, trust_remote_code)
+    shape = _shape(config)
+    d = ELEMENT_BYTES[precision]
+    tokens = batch_size * max_length
+
+    weights = _weights_bytes(counts, precision)
+    per_token = (SCORING_LAYER_ELEMENTS["hidden"] * shape.hidden
+                 + SCORING_LAYER_ELEMENTS["intermediate"] * shape.intermediate)
+    layer = tokens * per_token * d + _attention_mask_bytes(batch_size, max_length, max_length)
+    if precision == "nf4":
+        layer += counts.largest_linear * ELEMENT_BYTES["nf4"]
+    # The cache, when kept, is returned with the logits: alive in both phases.
+    cache = 2 * shape.layers * tokens * shape.kv_dim * d if kv_cache else 0
+    logits = tokens * shape.vocab * (d + SCORING_LOGITS_BYTES_PER_ELEMENT_EXTRA)
+    overhead = RUNTIME_OVERHEAD_BYTES[device]
+    activations = layer + cache
+    peak = weights + cache + max(layer, logits) + overhead
+    return MemoryPrediction(
+        case="scoring",
+        precision=precision,
+        batch_size=batch_size,
+        max_length=max_length,
+        parameters=counts.total,
+        trainable_parameters=0,
+        weights_bytes=weights,
+        logits_bytes=logits,
+        activations_bytes=activations,
+        overhead_bytes=overhead,
+        gradients_bytes=0,
+        optimizer_bytes=0,
+        peak_bytes=peak,
+    )
+
+
+@dataclass(frozen=True)
+class LayerBytes:
+    """Bytes saved for backward per token in one decoder layer, as a linear form of its shape."""
+
+    hidden: float
+    intermediate: float
+    kv_dim: float
+    heads: float
+    constant: float
+    per_adapter_rank: float = 0.0
+
+    def per_token(self, shape: _Shape, lora_r: int = 0) -> float:
+        """Bytes per token for one layer of ``shape`` (LoRA rank ``lora_r`` where it applies)."""
+        return (
+            self.hidden * shape.hidden
+            + self.intermediate * shape.intermediate
+            + self.kv_dim * shape.kv_dim
+            + self.heads * shape.heads
+            + self.constant
+            + self.per_adapter_rank * lora_r
+        )
+
+
+TRAINING_LAYER_BYTES: Mapping[tuple[str, str], LayerBytes] = {
+    ("full", "fp32"): LayerBytes(32, 16, 8, 4, 8),
+    ("full", "half"): LayerBytes(20, 8, 4, 4, 8),
+    ("lora", "fp32"): LayerBytes(64, 20, 8, 4, 8, 28),
+    ("lora", "half"): LayerBytes(60, 14, 4, 4, 8, 28),
+    ("lora-no-dropout", "fp32"): LayerBytes(24, 16, 8, 4, 8, 28),
+    ("lora-no-dropout", "half"): LayerBytes(36, 10, 4, 4, 8, 28),
+    ("prefix", "fp32"): LayerBytes(25, 12, 0, 30, 0),
+    ("prefix", "half"): LayerBytes(16.6, 6, 0, 17, 0),
+}
+"""Bytes saved for backward per token and decoder layer, by method and weights dtype.
+
+Measured, not derived: the storages packed by ``torch.autograd.graph.saved_tensors_hooks``
+during a training forward (parameters excluded), on transformers 5.24 Llama,
+Qwen2 and Granite layers (identical) with SDPA attention, fitted over seven
+shapes. Full, LoRA rows are exact fits (e.g. full fp32 =
+``4 * (8 hidden + 4 intermediate + 2 kv_dim + heads + 2)``: the MLP keeps four
+intermediate-sized tensors, RMSNorm keeps fp32 copies, SDPA keeps q, k, v, its
+output and a per-head log-sum-exp). LoRA (``all-linear``, seven adapted layers
+per decoder layer) adds the dropout output and mask of every adapter input, in
+fp32 because PEFT casts adapter inputs to the adapters' fp32 dtype; its
+``per_adapter_rank`` term is the rank-r output of the seven ``lora_A``.
+Prefix tuning (frozen base, a longer key/value sequence) is a rounded
+least-squares fit, within 4% of the measured shapes at 8 virtual tokens and 64 tokens. "half" covers bf16 and fp16."""
+
+CHECKPOINT_BYTES_PER_HIDDEN = {"fp32": 4, "half": 2}
+"""With gradient checkpointing each decoder layer keeps only its input (hidden
+size elements per token in the stream's dtype); one layer is recomputed at a
+time during backward."""
+
+_EXTRA_HIDDEN_PER_TOKEN = 5
+"""Outside the decoder layers, training keeps the embedding output, the final
+norm's inputs and the output layer's input: about ``2 * d + 5`` bytes per token
+and hidden unit (measured 12.5 in fp32, 8.3 in bf16)."""
+
+
+def _dtype_group(element_bytes: int) -> str:
+    return "fp32" if element_bytes == 4 else "half"
+
+
+def predict_training(
+    config,
+    precision: Precision,
+    method: Method,
+    batch_size: int,
+    max_length: int,
+    lora_r: int = 8,
+    num_virtual_tokens: int = 8,
+    gradient_checkpointing: Optional[bool] = None,
+    *,
+    lora_dropout: float = 0.05,
+    device: Device = "cuda",
+    trust_remote_code: bool = False,
+) -> MemoryPrediction:
+    """Peak memory of one steady-state training step (forward, backward, AdamW step).
+
+    ftflow's training paths (:mod:`ftflow.training`) are assumed:
+
+    * ``full``: every weight trained in ``precision`` (fp32, bf16 or fp16; pure
+      half precision as when the model is loaded in bf16): weights ``d``,
+      gradients ``d``, AdamW moments ``2 d`` bytes per parameter (the Trainer's
+      default ``adamw_torch_fused`` keeps them in the parameter dtype and needs
+      no temporaries).
+    * ``lora``: frozen weights in ``precision`` plus LoRA rank ``lora_r`` on every
+      linear layer but the output one; PEFT keeps adapters in fp32, so they cost
+      4 + 4 + 8 bytes per trainable parameter (weight, gradient, moments).
+    * ``qlora``: ``precision`` must be ``nf4``. ``prepare_model_for_kbit_training``
+      casts everything that is not 4-bit (embeddings, output layer, norms) to
+      fp32, which also makes the residual stream and the logits fp32, and turns
+      gradient checkpointing on (``gradient_checkpointing=None`` follows that).
+    * ``prefix``: frozen weights plus ``num_virtual_tokens`` key/value vectors per
+      layer (fp32), keys and values ``num_virtual_tokens`` longer.
+
+    Activations are :data:`TRAINING_LAYER_BYTES` per token and layer (with
+    gradient checkpointing: :data:`CHECKPOINT_BYTES_PER_HIDDEN` per layer and
+    one full layer), plus the tokens' embedding/norm inputs outside the layers
+    and the padding mask. Logits cost :data:`TRAINING_LOGITS_BYTES_PER_ELEMENT`.
+
+    Peak: for ``full``, gradients grow while activations are released during
+    backward, so peak = weights + optimizer + max(activations + logits +
+    output-layer gradient, gradients + tied-embedding extra) + overhead, where
+    the extra is two embedding-sized tensors when input and output embeddings
+    are tied (the input side's gradient and the out-of-place sum that
+    accumulates it) and 0 otherwise. For the adapter methods the
+    gradients are tiny and peak = weights + optimizer + gradients + activations
+    + logits + overhead. Every sequence is assumed ``max_length`` tokens long.
+
+    Args:
+        config: the model's transformers config.
+        precision: weights precision (``nf4`` only with ``qlora``).
+        method: ``full``, ``lora``, ``qlora`` or ``prefix``.
+        batch_size: sequences per optimizer step (no gradient accumulation).
+        max_length: tokens per sequence.
+        lora_r: LoRA rank (lora, qlora).
+        num_virtual_tokens: prefix length (prefix).
+        gradient_checkpointing: recompute activations in backward; None = what
+            ftflow does (on for qlora, off otherwise).
+        lora_dropout: LoRA dropout; 0 removes the dropout copies.
+        device: ``cuda`` or ``cpu``; sets the runtime overhead.
+        trust_remote_code: allow the model's own code when counting parameters.
+
+    Returns:
+        The breakdown of the predicted peak.
+    """
+    problems: list[str] = []
+    _check(precision, batch_size, max_length, device, problems)
+    if method not in METHODS:
+        problems.append(f"method must be one of {METHODS}, got {method!r}")
+    elif method == "qlora" and precision != "nf4":
+        problems.append(f"qlora trains LoRA on 4-bit weights: precision must be nf4, got {precision!r}")
+    elif method != "qlora" and precision == "nf4":
+        problems.append(f"nf4 weights cannot be trained with method {method!r}; use method='qlora'")
+    if lora_r < 1:
+        problems.append(f"lora_r must be >= 1, got {lora_r}")
+    if num_virtual_tokens < 1:
+        problems.append(f"num_virtual_tokens must be >= 1, got {num_virtual_tokens}")
+    if problems:
+        raise ValueError("predict_training: " + "; ".join(problems))
+
+    counts = parameter_counts(config, trust_remote_code)
+    shape = _shape(config)
+    tokens = batch_size * max_length
+    if gradient_checkpointing is None:
+        gradient_checkpointing = method == "qlora"
+
+    if method == "full":
+        d = ELEMENT_BYTES[precision]
+        trainable = counts.total
+        weights = counts.total * d
+        gradients = trainable * d
+        optimizer = 2 * trainable * d
+    else:
+        if method == "qlora":
+            # prepare_model_for_kbit_training: everything not 4-bit becomes fp32.
+            d = 4
+            weights = _weights_bytes(counts, "nf4", unquantized_bytes=4)
+        else:
+            d = ELEMENT_BYTES[precision]
+            weights = counts.total * d
+        if method == "prefix":
+            trainable = num_virtual_tokens * shape.layers * 2 * shape.kv_dim
+        else:
+            trainable = counts.lora(lora_r)
+        weights += trainable * 4  # adapters are fp32 (PEFT's autocast_adapter_dtype)
+        gradients = trainable * 4
+        optimizer = trainable * 8
+
+    group = _dtype_group(d)
+    row = "lora" if method in ("lora", "qlora") else method
+    if row == "lora" and lora_dropout == 0:
+        row = "lora-no-dropout"
+    layer = TRAINING_LAYER_BYTES[(row, group)].per_token(shape, lora_r if row.startswith("lora") else 0)
+    if gradient_checkpointing:
+        per_token_layers = shape.layers * CHECKPOINT_BYTES_PER_HIDDEN[group] * shape.hidden + layer
+    else:
+        per_token_layers = shape.layers * layer
+    key_length = max_length + (num_virtual_tokens if method == "prefix" else 0)
+    activations = math.ceil(tokens * (per_token_layers + (2 * d + _EXTRA_HIDDEN_PER_TOKEN) * shape.hidden))
+    activations += _attention_mask_bytes(batch_size, max_length, key_length)
+    if method == "qlora":
+        activations += counts.largest_linear * ELEMENT_BYTES["nf4"]  # one weight dequantized at a time
+    logits = tokens * shape.vocab * TRAINING_LOGITS_BYTES_PER_ELEMENT
+    overhead = RUNTIME_OVERHEAD_BYTES[device]
+
+    if method == "full":
+        output_layer_grad = (counts.output_untied or counts.embedding) * d
+        # Tied embeddings get a second gradient (from the input side) at the end of backward,
+        # added out of place to the first: two more embedding-sized tensors (measured).
+        tied_extra = 2 * counts.embedding * d if counts.output_untied == 0 else 0
+        dynamic = max(activations + logits + output_layer_grad, gradients + tied_extra)
+        peak = weights + optimizer + dynamic + overhead
+    else:
+        peak = weights + optimizer + gradients + activations + logits + overhead
+    return MemoryPrediction(
+        case=f"train-{method}",
+        precision=precision,
+        batch_size=batch_size,
+        max_length=max_length,
+        parameters=counts.total,
+        trainable_parameters=trainable,
+        weights_bytes=weights,
+        logits_bytes=logits,
+        activations_bytes=activations,
+        overhead_bytes=overhead,
+        gradients_bytes=gradients,
+        optimizer_bytes=optimizer,
+        peak_bytes=peak,
+    )
+
+
+# ----------------------------------------------------------------------------- decisions
+
+
+def gb(n_bytes: float) -> float:
+    """Bytes in (decimal) GB."""
+    return n_bytes / GB
+
+
+def half_precision(bf16_supported: bool) -> str:
+    """bf16 where the device supports it, else fp16."""
+    return "bf16" if bf16_supported else "fp16"
+
+
+def bf16_available(device: str) -> bool:
+    """Whether ``device`` computes in bf16 (CPU always; CUDA from Ampere on)."""
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return True
+
+
+def choose_precision(
+    config,
+    budget_bytes: int,
+    *,
+    batch_size: int,
+    max_length: int,
+    allow_nf4: bool = True,
+    bf16_supported: bool = True,
+    device: Device = "cuda",
+    kv_cache: bool = False,
+    trust_remote_code: bool = False,
+) -> dict:
+    """The most precise precision whose predicted scoring peak fits the budget.
+
+    Tried in order: fp32, then bf16 (fp16 when ``bf16_supported`` is False),
+    then nf4 when ``allow_nf4``. The first that fits wins.
+
+    Args:
+        config: the model's transformers config.
+        budget_bytes: memory available, in bytes.
+        batch_size: sequences per forward pass the check is made at.
+        max_length: tokens per sequence.
+        allow_nf4: fall back to 4-bit weights.
+        bf16_supported: the device computes in bf16.
+        device: ``cuda`` or ``cpu`` (runtime overhead).
+        kv_cache: see :func:`predict_scoring`.
+        trust_remote_code: see :func:`count_parameters`.
+
+    Returns:
+        ``{"precision": str | None, "peak_bytes": int, "reason": str,
+        "tried": {precision: peak_bytes}}``. ``precision`` is None when nothing
+        fits; ``peak_bytes`` is then the smallest predicted peak, and the reason
+        names it and the budget.
+    """
+    order = ["fp32", half_precision(bf16_supported)] + (["nf4"] if allow_nf4 else [])
+    tried: dict[str, int] = {}
+    for precision in order:
+        peak = predict_scoring(
+            config, precision, batch_size, max_length,
+            device=device, kv_cache=kv_cache, trust_remote_code=trust_remote_code,
+        ).peak_bytes
+        tried[precision] = peak
+        if peak <= budget_bytes:
+            rejected = "; ".join(f"{p} needs {gb(v):.2f} GB" for p, v in tried.items() if p != precision)
+            reason = f"{precision}: predicted {gb(peak):.2f} GB <= budget {gb(budget_bytes):.2f} GB"
+            if rejected:
+                reason += f" ({rejected})"
+            return {"precision": precision, "peak_bytes": peak, "reason": reason, "tried": tried}
+    smallest = min(tried, key=tried.get)
+    listing = ", ".join(f"{p} {gb(v):.2f} GB" for p, v in tried.items())
+    hint = "" if allow_nf4 else "; nf4 not allowed"
+    reason = (
+        f"skipped: even the smallest predicted peak ({smallest}, {gb(tried[smallest]):.2f} GB) exceeds the budget "
+        f"of {gb(budget_bytes):.2f} GB at batch size {batch_size} and {max_length} tokens ({listing}{hint})"
+    )
+    return {"precision": None, "peak_bytes": tried[smallest], "reason": reason, "tried": tried}
+
+
+def largest_batch_size(
+    config,
+    precision: Precision,
+    budget_bytes: int,
+    max_length: int,
+    cap: int = 256,
+    *,
+    device: Device = "cuda",
+    kv_cache: bool = False,
+    trust_remote_code: bool = False,
+) -> int:
+    """The largest scoring batch size in ``[1, cap]`` whose predicted peak fits; 0 if none does.
+
+    The predicted peak grows with the batch size, so a binary search finds it.
+    """
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+
+    def fits(batch: int) -> bool:
+        return predict_scoring(
+            config, precision, batch, max_length,
+            device=device, kv_cache=kv_cache, trust_remote_code=trust_remote_code,
+        ).peak_bytes <= budget_bytes
+
+    if not fits(1):
+        return 0
+    low, high = 1, cap  # fits(low) holds
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What the planner decided for one model.
+
+    Attributes:
+        name: short name of the model.
+        path: hub id or directory.
+        parameters: exact parameter count.
+        precision: chosen precision, None when skipped.
+        decision_batch_size: the batch size the precision was chosen at.
+        batch_size: evaluation batch size (the largest that fits when chosen
+            automatically; 0 when skipped).
+        peak_bytes: predicted scoring peak at the chosen precision and
+            ``batch_size`` (when skipped: the smallest peak tried).
+        max_length: tokens per sequence planned for.
+        budget_bytes: the budget.
+        reason: why this precision and batch size (or why skipped).
+        predictions: scoring predictions at ``decision_batch_size`` for fp32,
+            the half precision and nf4, whether or not nf4 was allowed.
+    """
+
+    name: str
+    path: str
+    parameters: int
+    precision: Optional[str]
+    decision_batch_size: int
+    batch_size: int
+    peak_bytes: int
+    max_length: int
+    budget_bytes: int
+    reason: str
+    predictions: dict[str, MemoryPrediction] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        """Whether the model is loaded at all."""
+        return self.precision is not None
+
+
+def plan_model(
+    name: str,
+    path_or_id: str,
+    budget_bytes: int,
+    *,
+    max_length: int,
+    batch_size: Optional[int] = None,
+    batch_size_cap: int = 256,
+    allow_nf4: bool = True,
+    bf16_supported: bool = True,
+    device: Device = "cuda",
+    kv_cache: bool = False,
+    trust_remote_code: bool = False,
+    config=None,
+) -> ModelPlan:
+    """Choose the precision and evaluation batch size of one model, loading nothing.
+
+    Args:
+        name: short name for tables.
+        path_or_id: hub id or local directory.
+        budget_bytes: memory budget in bytes.
+        max_length: tokens per sequence to plan for: the longest sequence the
+            data will produce, at most the configured ``max_length`` (planning at
+            2048 tokens for sentences of 60 is planning for 30x the logits).
+        batch_size: a fixed evaluation batch size; None chooses the precision at
+            batch size 1 (precision before throughput, as the study did) and
+            then the largest batch size that fits, up to ``batch_size_cap``.
+        batch_size_cap: upper bound of the automatic batch size.
+        allow_nf4, bf16_supported, device, kv_cache, trust_remote_code: see
+            :func:`choose_precision`.
+        config: the model's config when already at hand (else :func:`model_config_for`).
+
+    Raises:
+        UnknownModelError: no config can be found offline.
+    """
+    if config is None:
+        config = model_config_for(path_or_id, trust_remote_code)
+    decision_batch = batch_size or 1
+    options = dict(device=device, kv_cache=kv_cache, trust_remote_code=trust_remote_code)
+    choice = choose_precision(
+        config, budget_bytes, batch_size=decision_batch, max_length=max_length, allow_nf4=allow_nf4,
+        bf16_supported=bf16_supported, **options,
+    )
+    precision = choice["precision"]
+    predictions = {
+        p: predict_scoring(config, p, decision_batch, max_length, **options)
+        for p in ("fp32", half_precision(bf16_supported), "nf4")
+    }
+    reason = choice["reason"]
+    if precision is None:
+        chosen_batch, peak = 0, choice["peak_bytes"]
+    elif batch_size is None:
+        chosen_batch = largest_batch_size(config, precision, budget_bytes, max_length, batch_size_cap, **options)
+        peak = predict_scoring(config, precision, chosen_batch, max_length, **options).peak_bytes
+        reason = (f"{reason} at batch size 1; batch size {chosen_batch} is the largest that fits "
+                  f"({gb(peak):.2f} GB, cap {batch_size_cap})")
+    else:
+        chosen_batch, peak = batch_size, choice["peak_bytes"]
+    return ModelPlan(
+        name=name,
+        path=path_or_id,
+        parameters=predictions["fp32"].parameters,
+        precision=precision,
+        decision_batch_size=decision_batch,
+        batch_size=chosen_batch,
+        peak_bytes=peak,
+        max_length=max_length,
+        budget_bytes=budget_bytes,
+        reason=reason,
+        predictions=predictions,
+    )
+
+
+# ----------------------------------------------------------------------------- reporting
+
+PLAN_COLUMNS = (
+    "model", "parameters", "precision", "batch_size", "max_length", "weights_gb", "logits_gb",
+    "activations_gb", "overhead_gb", "peak_gb", "budget_gb", "fits", "chosen", "eval_batch_size",
+    "eval_peak_gb", "reason",
+)
+
+
+def plan_table(plans: Sequence[ModelPlan]) -> "pd.DataFrame":
+    """One row per model and precision: predicted scoring peak and its parts, in GB.
+
+    Each row is the prediction at the batch size the precision was decided at
+    (``batch_size``); ``fits`` says whether it is within the budget; ``chosen``
+    marks the planner's choice, whose row also gives the evaluation batch size
+    and its predicted peak. A skipped model has no chosen row and its reason
+    on every row.
+    """
+    import pandas as pd
+
+    rows = []
+    for plan in plans:
+        for precision, prediction in plan.predictions.items():
+            chosen = precision == plan.precision
+            rows.append({
+                "model": plan.name,
+                "parameters": plan.parameters,
+                "precision": precision,
+                "batch_size": prediction.batch_size,
+                "max_length": prediction.max_length,
+                "weights_gb": gb(prediction.weights_bytes),
+                "logits_gb": gb(prediction.logits_bytes),
+                "activations_gb": gb(prediction.activations_bytes),
+                "overhead_gb": gb(prediction.overhead_bytes),
+                "peak_gb": gb(prediction.peak_bytes),
+                "budget_gb": gb(plan.budget_bytes),
+                "fits": prediction.peak_bytes <= plan.budget_bytes,
+                "chosen": chosen,
+                "eval_batch_size": plan.batch_size if chosen else None,
+                "eval_peak_gb": gb(plan.peak_bytes) if chosen else None,
+                "reason": plan.reason if (chosen or plan.precision is None) else "",
+            })
+    frame = pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
+    frame["eval_batch_size"] = frame["eval_batch_size"].astype("Int64")  # integers with gaps
+    return frame
+
+
+def plan_markdown(frame: "pd.DataFrame") -> str:
+    """A GitHub Markdown table of :func:`plan_table`'s frame."""
+    import pandas as pd
+
+    def cell(value) -> str:
+        if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if isinstance(value, bool):
+            return "yes" if value else ""
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        if isinstance(value, int) and value >= 10_000:
+            return f"{value:,}"
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    for record in frame.to_dict("records"):
+        lines.append("| " + " | ".join(cell(record[c]) for c in frame.columns) + " |")
+    return "\n".join(lines)
+
+
+def plot_plan(frame: "pd.DataFrame", budget_bytes: int, path) -> None:
+    """Grouped bars of predicted scoring peak per model and precision, with the budget as a line.
+
+    Bars are the peaks the precision was decided on (the table's ``peak_gb``);
+    chosen precisions are solid, the others hatched and faded; a model's label
+    carries its evaluation batch size (``skipped`` when nothing fits).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(frame["model"]))
+    precisions = list(dict.fromkeys(frame["precision"]))
+    colours = {"fp32": "#1f77b4", "bf16": "#ff7f0e", "fp16": "#d62728", "nf4": "#2ca02c"}
+    width = 0.8 / max(1, len(precisions))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(models) + 2), 4.8))
+    for k, precision in enumerate(precisions):
+        part = frame[frame["precision"] == precision].set_index("model")
+        xs = [i + (k - (len(precisions) - 1) / 2) * width for i in range(len(models))]
+        heights = [float(part.loc[m, "peak_gb"]) if m in part.index else 0.0 for m in models]
+        chosen = [bool(part.loc[m, "chosen"]) if m in part.index else False for m in models]
+        bars = ax.bar(xs, heights, width, label=precision, color=colours.get(precision, "#777"))
+        for bar, is_chosen in zip(bars, chosen):
+            if not is_chosen:
+                bar.set_alpha(0.45)
+                bar.set_hatch("//")
+    ax.axhline(gb(budget_bytes), color="black", linestyle="--", linewidth=1.2,
+               label=f"budget {gb(budget_bytes):.0f} GB")
+    labels = []
+    for model in models:
+        picked = frame[(frame["model"] == model) & frame["chosen"]]
+        labels.append(f"{model}\n(eval batch {int(picked['eval_batch_size'].iloc[0])})" if len(picked)
+                      else f"{model}\n(skipped)")
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("predicted scoring peak (GB)")
+    decided = ", ".join(map(str, sorted(set(frame["batch_size"]))))
+    lengths = ", ".join(map(str, sorted(set(frame["max_length"]))))
+    ax.set_title(f"Memory plan: scoring peak at batch size {decided}, {lengths} tokens (solid = chosen)",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

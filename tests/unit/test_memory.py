@@ -1,0 +1,401 @@
+"""ftflow.memory: exact counts, the study's memory findings, and the planner's decisions.
+
+Everything runs on configs (``meta`` device) or tiny models, so the file takes
+seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GraniteConfig,
+    LlamaConfig,
+    Qwen2Config,
+)
+
+from ftflow import memory
+from ftflow.known_models import ARCHITECTURE_FIELDS, KNOWN_MODELS, PUBLISHED_PARAMETERS
+from ftflow.memory import (
+    GB,
+    NF4_BYTES_PER_PARAM,
+    RUNTIME_OVERHEAD_BYTES,
+    TRAINING_LAYER_BYTES,
+    UnknownModelError,
+    choose_precision,
+    count_parameters,
+    largest_batch_size,
+    model_config_for,
+    parameter_counts,
+    predict_scoring,
+    predict_training,
+)
+
+SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "granite": GraniteConfig}
+
+# The study (shared/seed/report.md, section 1) on a 20 GB GPU. Its setting as read
+# here: every sentence scored alone (batch size 1) with inputs cut at 2048 tokens
+# (section 2.1), the worst case being a sentence that fills all 2048.
+STUDY_BUDGET = 20 * GB
+STUDY_BATCH, STUDY_LENGTH = 1, 2048
+STUDY_SMALL = (  # "models <= 2B" (Granite's "2b" has 2.53B parameters)
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+    "Qwen/Qwen2.5-0.5B",
+    "Qwen/Qwen2.5-1.5B-Instruct",
+    "meta-llama/Llama-3.2-1B-Instruct",
+    "ibm-granite/granite-3.0-2b-base",
+    "ibm-granite/granite-3.3-2b-base",
+    "ibm-granite/granite-3.3-2b-instruct",
+)
+STUDY_LARGE = (
+    "Qwen/Qwen2.5-7B-Instruct",
+    "ibm-granite/granite-3.0-8b-base",
+    "ibm-granite/granite-3.3-8b-base",
+)
+
+
+def small_config(architecture: str = "llama", **overrides):
+    return CONFIG_CLASSES[architecture](**{**SMALL, **overrides})
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "granite"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_meta_count_equals_a_real_model(architecture, tied):
+    config = small_config(architecture, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    real = AutoModelForCausalLM.from_config(config)
+    assert count_parameters(config) == sum(p.numel() for p in real.parameters())
+    counts = parameter_counts(config)
+    linears = [m for m in real.modules() if isinstance(m, torch.nn.Linear) and m is not real.lm_head]
+    assert counts.linear_weights == sum(m.weight.numel() for m in linears)
+    assert counts.output_untied == (0 if tied else 300 * 64)
+
+
+def test_tied_embeddings_are_counted_once():
+    tied = count_parameters(small_config(tie_word_embeddings=True))
+    untied = count_parameters(small_config(tie_word_embeddings=False))
+    assert untied - tied == 300 * 64
+
+
+def test_lora_and_prefix_trainable_counts_match_peft():
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    config = small_config("qwen2")
+    counts = parameter_counts(config)
+    lora = get_peft_model(AutoModelForCausalLM.from_config(config),
+                          LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
+    assert lora.get_nb_trainable_parameters()[0] == counts.lora(4)
+    prefix = get_peft_model(AutoModelForCausalLM.from_config(config),
+                            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    predicted = predict_training(config, "fp32", "prefix", 1, 16, num_virtual_tokens=5)
+    assert prefix.get_nb_trainable_parameters()[0] == predicted.trainable_parameters == 5 * 2 * 2 * 32
+
+
+def test_every_known_model_has_every_field_and_builds():
+    for model_id, numbers in KNOWN_MODELS.items():
+        assert set(ARCHITECTURE_FIELDS) <= set(numbers), model_id
+        config = model_config_for(model_id)
+        assert config.model_type == numbers["model_type"]
+        assert config.hidden_size == numbers["hidden_size"]
+
+
+@pytest.mark.parametrize("model_id", sorted(PUBLISHED_PARAMETERS))
+def test_known_models_match_their_published_counts(model_id):
+    counted = count_parameters(model_config_for(model_id))
+    assert counted == pytest.approx(PUBLISHED_PARAMETERS[model_id], rel=0.03)
+
+
+@pytest.mark.parametrize("model_id, exact", [
+    # Exact counts of the published safetensors.
+    ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", 1_100_048_384),
+    ("Qwen/Qwen2.5-0.5B", 494_032_768),
+    ("Qwen/Qwen2.5-7B", 7_615_616_512),
+    ("meta-llama/Llama-3.2-1B", 1_235_814_400),
+    ("meta-llama/Llama-3.2-3B", 3_212_749_824),
+    ("ibm-granite/granite-3.3-2b-instruct", 2_533_539_840),
+    ("ibm-granite/granite-3.3-8b-instruct", 8_170_864_640),
+])
+def test_known_models_exact_counts(model_id, exact):
+    assert count_parameters(model_config_for(model_id)) == exact
+
+
+# ----------------------------------------------------------------------------- finding configs
+
+
+def test_known_hub_id_builds_the_right_config_class_case_insensitively():
+    config = model_config_for("qwen/qwen2.5-0.5b")
+    assert isinstance(config, Qwen2Config)
+    assert (config.hidden_size, config.num_key_value_heads, config.tie_word_embeddings) == (896, 2, True)
+
+
+def test_local_directory_is_read(tmp_path):
+    small_config("granite", tie_word_embeddings=True).save_pretrained(tmp_path)
+    config = model_config_for(str(tmp_path))
+    assert isinstance(config, GraniteConfig)
+    assert config.hidden_size == 64
+
+
+def test_directory_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(UnknownModelError, match="config.json"):
+        model_config_for(str(tmp_path))
+
+
+def test_unknown_model_error_names_the_model_and_the_fixes():
+    with pytest.raises(UnknownModelError) as error:
+        model_config_for("nobody-org/no-such-model-7b")
+    message = str(error.value)
+    assert "nobody-org/no-such-model-7b" in message
+    assert "ftflow/known_models.py" in message
+    assert "local checkpoint directory" in message
+
+
+# ----------------------------------------------------------------------------- predictions, exact values
+
+
+def test_scoring_prediction_by_hand():
+    config = small_config(tie_word_embeddings=False)
+    n = count_parameters(config)
+    batch, length = 3, 20
+    fp32 = predict_scoring(config, "fp32", batch, length, device="cpu")
+    assert fp32.weights_bytes == 4 * n
+    assert fp32.logits_bytes == batch * length * 300 * (4 + 8)
+    assert fp32.activations_bytes == batch * length * (2 * 64 + 3 * 160) * 4 + batch * length * length
+    assert fp32.peak_bytes == 4 * n + max(fp32.logits_bytes, fp32.activations_bytes) + RUNTIME_OVERHEAD_BYTES["cpu"]
+    assert fp32.allocated_bytes == fp32.peak_bytes - RUNTIME_OVERHEAD_BYTES["cpu"]
+    bf16 = predict_scoring(config, "bf16", batch, length)
+    assert bf16.weights_bytes == 2 * n
+    assert bf16.logits_bytes == batch * length * 300 * (2 + 8)
+    assert bf16.overhead_bytes == RUNTIME_OVERHEAD_BYTES["cuda"]
+    cached = predict_scoring(config, "bf16", batch, length, kv_cache=True)
+    cache = 2 * 2 * batch * length * 32 * 2  # keys and values, 2 layers, kv_dim 32, bf16
+    assert cached.peak_bytes == bf16.peak_bytes + cache
+    assert cached.activations_bytes == bf16.activations_bytes + cache
+
+
+def test_nf4_weights_quantize_linear_layers_only():
+    config = small_config(tie_word_embeddings=False)
+    counts = parameter_counts(config)
+    nf4 = predict_scoring(config, "nf4", 1, 8)
+    assert nf4.weights_bytes == math.ceil(counts.linear_weights * NF4_BYTES_PER_PARAM) + 2 * counts.unquantized
+    assert counts.unquantized == 2 * 300 * 64 + (2 * 2 + 1) * 64  # embeddings, output layer, norms
+
+
+def test_nf4_bytes_per_parameter_match_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(512, 256, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=True).to("cpu")
+    state = layer.weight.quant_state
+    stored = layer.weight.numel() * layer.weight.element_size() + state.absmax.numel() * state.absmax.element_size()
+    stored += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    assert stored == pytest.approx(512 * 256 * NF4_BYTES_PER_PARAM, rel=0.01)
+
+
+def test_full_training_state_by_hand():
+    config = small_config(tie_word_embeddings=True)
+    n = count_parameters(config)
+    fp32 = predict_training(config, "fp32", "full", 2, 16)
+    assert (fp32.weights_bytes, fp32.gradients_bytes, fp32.optimizer_bytes) == (4 * n, 4 * n, 8 * n)
+    assert fp32.logits_bytes == 2 * 16 * 300 * 12
+    bf16 = predict_training(config, "bf16", "full", 2, 16)
+    assert (bf16.weights_bytes, bf16.gradients_bytes, bf16.optimizer_bytes) == (2 * n, 2 * n, 4 * n)
+    embedding = 300 * 64 * 4
+    # Start of backward: activations, logits and the output layer's gradient; end: every
+    # gradient and, the embeddings being tied, two more embedding-sized tensors.
+    dynamic = max(fp32.activations_bytes + fp32.logits_bytes + embedding, fp32.gradients_bytes + 2 * embedding)
+    assert fp32.peak_bytes == 4 * n + 8 * n + dynamic + fp32.overhead_bytes
+    untied = predict_training(small_config(tie_word_embeddings=False), "fp32", "full", 2, 16)
+    n_untied = n + 300 * 64
+    dynamic = max(untied.activations_bytes + untied.logits_bytes + embedding, 4 * n_untied)
+    assert untied.peak_bytes == 12 * n_untied + dynamic + untied.overhead_bytes
+
+
+def test_adapters_are_small_and_fp32():
+    config = small_config()
+    counts = parameter_counts(config)
+    lora = predict_training(config, "bf16", "lora", 1, 16, lora_r=8)
+    assert lora.trainable_parameters == counts.lora(8)
+    assert lora.weights_bytes == 2 * counts.total + 4 * counts.lora(8)
+    assert (lora.gradients_bytes, lora.optimizer_bytes) == (4 * counts.lora(8), 8 * counts.lora(8))
+    qlora = predict_training(config, "nf4", "qlora", 1, 16, lora_r=8)
+    # prepare_model_for_kbit_training keeps everything that is not 4-bit in fp32.
+    expected = math.ceil(counts.linear_weights * NF4_BYTES_PER_PARAM) + 4 * counts.unquantized + 4 * counts.lora(8)
+    assert qlora.weights_bytes == expected
+
+
+def test_gradient_checkpointing_saves_activations_and_is_on_for_qlora():
+    config = small_config(num_hidden_layers=6)
+    plain = predict_training(config, "fp32", "full", 4, 64)
+    checkpointed = predict_training(config, "fp32", "full", 4, 64, gradient_checkpointing=True)
+    assert checkpointed.activations_bytes < plain.activations_bytes / 2
+    assert predict_training(config, "nf4", "qlora", 4, 64).activations_bytes == predict_training(
+        config, "nf4", "qlora", 4, 64, gradient_checkpointing=True).activations_bytes
+    assert predict_training(config, "nf4", "qlora", 4, 64, gradient_checkpointing=False).activations_bytes \
+        > predict_training(config, "nf4", "qlora", 4, 64).activations_bytes
+
+
+def test_bad_arguments_are_reported_together():
+    config = small_config()
+    with pytest.raises(ValueError) as error:
+        predict_training(config, "fp32", "qlora", 0, 1)
+    message = str(error.value)
+    assert "precision must be nf4" in message and "batch_size" in message and "max_length" in message
+    with pytest.raises(ValueError, match="method='qlora'"):
+        predict_training(config, "nf4", "full", 1, 8)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        predict_scoring(config, "int8", 1, 8)
+
+
+def _saved_bytes_per_layer_token(config, dtype, method: str) -> float:
+    """Bytes saved for backward per token by one decoder layer (difference of 2 and 1 layers)."""
+    from peft import LoraConfig, get_peft_model
+
+    batch, length = 2, 16
+
+    def saved(layers: int) -> int:
+        model = AutoModelForCausalLM.from_config(small_config(**{**config, "num_hidden_layers": layers}), dtype=dtype)
+        if method == "lora":
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_dropout=0.05,
+                                                     target_modules="all-linear"))
+        model.train()
+        parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+            return tensor
+
+        ids = torch.randint(4, 300, (batch, length), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+        return sum(storages.values())
+
+    return (saved(3) - saved(2)) / (batch * length)
+
+
+@pytest.mark.parametrize("method, dtype, group", [
+    ("full", torch.float32, "fp32"), ("full", torch.bfloat16, "half"), ("lora", torch.float32, "fp32"),
+])
+def test_training_layer_bytes_match_what_autograd_saves(method, dtype, group):
+    """The activation table is exact for this transformers version (re-measure if it fails after an upgrade)."""
+    numbers = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    measured = _saved_bytes_per_layer_token(numbers, dtype, method)
+    shape = memory._shape(small_config(**numbers))
+    assert measured == TRAINING_LAYER_BYTES[(method, group)].per_token(shape, 8 if method == "lora" else 0)
+
+
+# ----------------------------------------------------------------------------- the study, section 1
+
+
+@pytest.mark.parametrize("model_id", STUDY_SMALL)
+def test_study_small_models_fit_in_fp32_within_5_to_13_gb(model_id):
+    config = model_config_for(model_id)
+    assert count_parameters(config) < 2.6e9
+    choice = choose_precision(config, STUDY_BUDGET, batch_size=STUDY_BATCH, max_length=STUDY_LENGTH)
+    assert choice["precision"] == "fp32"
+    assert 5 * GB <= choice["peak_bytes"] <= 13 * GB
+
+
+@pytest.mark.parametrize("model_id", STUDY_LARGE)
+def test_study_7b_8b_models_need_bf16_and_fit_in_17_to_19_gb(model_id):
+    config = model_config_for(model_id)
+    fp32 = predict_scoring(config, "fp32", STUDY_BATCH, STUDY_LENGTH)
+    bf16 = predict_scoring(config, "bf16", STUDY_BATCH, STUDY_LENGTH)
+    assert fp32.peak_bytes > STUDY_BUDGET
+    assert 17 * GB <= bf16.peak_bytes <= 19 * GB
+    choice = choose_precision(config, STUDY_BUDGET, batch_size=STUDY_BATCH, max_length=STUDY_LENGTH)
+    assert choice["precision"] == "bf16"
+    assert "fp32 needs" in choice["reason"]
+
+
+# ----------------------------------------------------------------------------- decisions
+
+
+def test_choose_precision_tries_fp32_then_half_then_nf4():
+    config = model_config_for("Qwen/Qwen2.5-1.5B")
+    peaks = {p: predict_scoring(config, p, 1, 512).peak_bytes for p in ("fp32", "bf16", "fp16", "nf4")}
+    assert peaks["fp32"] > peaks["bf16"] == peaks["fp16"] > peaks["nf4"]
+
+    def choose(budget, **kwargs):
+        return choose_precision(config, budget, batch_size=1, max_length=512, **kwargs)
+
+    assert choose(peaks["fp32"])["precision"] == "fp32"
+    assert choose(peaks["fp32"] - 1)["precision"] == "bf16"
+    assert choose(peaks["fp32"] - 1, bf16_supported=False)["precision"] == "fp16"
+    assert choose(peaks["bf16"] - 1)["precision"] == "nf4"
+    assert choose(peaks["bf16"] - 1)["tried"] == {p: peaks[p] for p in ("fp32", "bf16", "nf4")}
+
+
+def test_choose_precision_skips_with_the_predicted_peak_and_the_reason():
+    config = model_config_for("Qwen/Qwen2.5-1.5B")
+    nf4_peak = predict_scoring(config, "nf4", 1, 512).peak_bytes
+    bf16_peak = predict_scoring(config, "bf16", 1, 512).peak_bytes
+    no_nf4 = choose_precision(config, nf4_peak, batch_size=1, max_length=512, allow_nf4=False)
+    assert no_nf4["precision"] is None
+    assert no_nf4["peak_bytes"] == bf16_peak
+    assert "skipped" in no_nf4["reason"] and "nf4 not allowed" in no_nf4["reason"]
+    nothing = choose_precision(config, nf4_peak - 1, batch_size=1, max_length=512)
+    assert nothing["precision"] is None
+    assert nothing["peak_bytes"] == nf4_peak
+    assert f"{nf4_peak / GB:.2f} GB" in nothing["reason"] and f"{(nf4_peak - 1) / GB:.2f} GB" in nothing["reason"]
+
+
+def test_largest_batch_size_fits_and_the_next_does_not():
+    config = model_config_for("meta-llama/Llama-3.2-1B")
+    budget = 20 * GB
+    batch = largest_batch_size(config, "fp32", budget, 512)
+    assert 1 <= batch < 256
+    assert predict_scoring(config, "fp32", batch, 512).peak_bytes <= budget
+    assert predict_scoring(config, "fp32", batch + 1, 512).peak_bytes > budget
+
+
+def test_largest_batch_size_is_monotone_capped_and_zero_when_nothing_fits():
+    config = model_config_for("Qwen/Qwen2.5-0.5B")
+    sizes = [largest_batch_size(config, "bf16", budget * GB, 1024) for budget in (1, 4, 8, 16, 32, 64)]
+    assert sizes == sorted(sizes)
+    assert sizes[0] == 0 and sizes[-1] > sizes[1]
+    assert largest_batch_size(config, "bf16", 10**15, 1024, cap=7) == 7
+    with pytest.raises(ValueError):
+        largest_batch_size(config, "bf16", GB, 1024, cap=0)
+
+
+def test_plan_model_table_and_plot(tmp_path):
+    plans = [
+        memory.plan_model("qwen-7b", "Qwen/Qwen2.5-7B-Instruct", STUDY_BUDGET, max_length=2048),
+        memory.plan_model("tinyllama", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", STUDY_BUDGET, max_length=2048,
+                          batch_size=2),
+        memory.plan_model("granite-8b", "ibm-granite/granite-3.3-8b-base", 4 * GB, max_length=2048,
+                          allow_nf4=False),
+    ]
+    qwen, tiny, granite = plans
+    assert (qwen.precision, tiny.precision, granite.precision) == ("bf16", "fp32", None)
+    assert qwen.batch_size == largest_batch_size(model_config_for("Qwen/Qwen2.5-7B-Instruct"), "bf16",
+                                                 STUDY_BUDGET, 2048) >= 1
+    assert qwen.decision_batch_size == 1 and qwen.predictions["bf16"].batch_size == 1
+    assert qwen.peak_bytes == predict_scoring(model_config_for("Qwen/Qwen2.5-7B-Instruct"), "bf16",
+                                              qwen.batch_size, 2048).peak_bytes <= STUDY_BUDGET
+    assert tiny.batch_size == tiny.decision_batch_size == 2
+    assert granite.batch_size == 0 and not granite.fits
+    frame = memory.plan_table(plans)
+    assert list(frame.columns) == list(memory.PLAN_COLUMNS)
+    assert len(frame) == 9
+    chosen = frame[frame["chosen"]]
+    assert dict(zip(chosen["model"], chosen["precision"])) == {"qwen-7b": "bf16", "tinyllama": "fp32"}
+    assert dict(zip(chosen["model"], chosen["eval_batch_size"])) == {"qwen-7b": qwen.batch_size, "tinyllama": 2}
+    assert (frame[frame["model"] == "granite-8b"]["reason"].str.contains("skipped")).all()
+    assert frame.loc[(frame["model"] == "qwen-7b") & (frame["precision"] == "fp32"), "fits"].item() is False
+    markdown = memory.plan_markdown(frame)
+    assert markdown.splitlines()[0].startswith("| model | parameters | precision")
+    assert len(markdown.splitlines()) == 2 + len(frame)
+    path = tmp_path / "plan.png"
+    memory.plot_plan(frame, STUDY_BUDGET, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
