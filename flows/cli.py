@@ -53,6 +53,44 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from ftflow import memory
+
+    cfg = load_config(args.config)
+    if not cfg.models:
+        print("ftflow plan: this config builds its models (zoo:) when it runs; plan a config with a models: "
+              "list (hub ids or directories), e.g. configs/seed-20gb.yaml", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if cfg.device in ("auto", "cuda") else "cpu")
+    budget = int((args.budget_gb or cfg.memory_budget_gb) * memory.GB)
+    max_length = args.max_length or cfg.max_length
+    plans, problems = [], []
+    for spec in cfg.models:
+        try:
+            plans.append(memory.plan_model(
+                spec.name, spec.path, budget, max_length=max_length, batch_size=args.batch_size,
+                device=device, bf16_supported=memory.bf16_available(device) if device == "cpu" else True,
+                trust_remote_code=spec.trust_remote_code,
+            ))
+        except memory.UnknownModelError as exc:
+            problems.append(f"{spec.name}: {exc}")
+    frame = memory.plan_table(plans)
+    out = Path(args.out) if args.out else cfg.artifacts_dir / "plan"
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "plan.csv", index=False)
+    (out / "plan.md").write_text(memory.plan_markdown(frame) + "\n", encoding="utf-8")
+    memory.plot_plan(frame, budget, out / "plan.png")
+    print(f"memory plan for {args.config}: budget {budget / memory.GB:g} GB, {device}, sequences of "
+          f"{max_length} tokens (worst case unless --max-length)\n")
+    print(memory.plan_markdown(frame))
+    for plan in plans:
+        print(f"- {plan.name}: {plan.reason}")
+    for problem in problems:
+        print(f"- {problem}", file=sys.stderr)
+    print(f"\nwritten: {out}/plan.csv, plan.md, plan.png")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftflow", description="Which base model, method and precision give the "
                                      "lowest perplexity on your test set within your memory budget.")
@@ -63,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set distill.alpha=0.3 (repeatable)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)
+    plan = commands.add_parser("plan", help="predict each model's peak memory and choose its precision, loading nothing")
+    plan.add_argument("config", help="YAML config with a models: list")
+    plan.add_argument("--budget-gb", type=float, help="memory budget in GB (default: the config's memory_budget_gb)")
+    plan.add_argument("--max-length", type=int, help="tokens per sequence to plan for (default: the config's)")
+    plan.add_argument("--batch-size", type=int, help="fixed evaluation batch size (default: the largest that fits)")
+    plan.add_argument("--device", choices=["cuda", "cpu"], help="where the models will run (default: from config)")
+    plan.add_argument("--out", help="folder for plan.csv/md/png (default: <artifacts_dir>/plan)")
+    plan.set_defaults(handler=_plan)
     validate = commands.add_parser("validate", help="check config files without running anything")
     validate.add_argument("configs", nargs="+", help="YAML configs")
     validate.add_argument("--show", action="store_true", help="print the resolved config")

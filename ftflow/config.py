@@ -276,7 +276,8 @@ class PipelineConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
     max_length: int = Field(2048, ge=2, description="Longest sequence scored or trained on, start token included.")
     memory_budget_gb: float = Field(
-        20.0, gt=0, description="GPU memory budget; on CUDA each model's measured peak is checked against it."
+        20.0, gt=0, description="GPU memory budget in GB (10^9 bytes): `ftflow plan` predicts against it; "
+        "on CUDA each model's measured scoring peak is checked against it."
     )
     selection_split: Literal["validation", "test"] = Field(
         "validation", description="Split every choice is made on; 'test' reproduces the study's protocol."

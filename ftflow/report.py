@@ -22,7 +22,7 @@ COLUMNS = {
     "selection_ppl": "selection PPL",
     "delta_ppl_vs_base": "Δ test PPL vs base",
     "test_truncated": "truncated",
-    "peak_gib": "peak GiB (CUDA)",
+    "peak_gb": "peak GB (CUDA)",
     "error": "error",
 }
 
@@ -55,7 +55,7 @@ def leaderboard_rows(candidates: Sequence[dict]) -> pd.DataFrame:
                 test["corpus_ppl"] - base_test[c["base"]] if test and c.get("base") in base_test and c["kind"] != "baseline" else None
             ),
             "test_truncated": test["n_truncated"] if test else None,
-            "peak_gib": c["peak_memory_bytes"] / 2**30 if c.get("peak_memory_bytes") else None,
+            "peak_gb": c["peak_memory_bytes"] / 1e9 if c.get("peak_memory_bytes") else None,
             "error": c.get("error"),
         })
     frame = pd.DataFrame(rows)
@@ -77,7 +77,7 @@ def _cell(value) -> str:
 
 def markdown_table(frame: pd.DataFrame, columns: dict[str, str] = COLUMNS) -> str:
     """A GitHub Markdown table of the given columns (header from ``columns`` values)."""
-    optional = ("error", "peak_gib")  # shown only when some row has a value
+    optional = ("error", "peak_gb")  # shown only when some row has a value
     keep = [c for c in columns if c in frame.columns and (c not in optional or frame[c].notna().any())]
     lines = ["| " + " | ".join(columns[c] for c in keep) + " |", "|" + "---|" * len(keep)]
     for record in frame[keep].to_dict("records"):

@@ -75,9 +75,9 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
         data_stats = dict(data["stats"], augmented=augmented["stats"].get("made", 0))
         notes = [f"{f['name']} failed and was left out: {f['error']}" for f in failures]
         for b in benchmarks:
-            if b.get("peak_memory_bytes") and b["peak_memory_bytes"] > memory_budget_gb * 2**30:
-                notes.append(f"{b['name']} peaked at {b['peak_memory_bytes'] / 2**30:.1f} GiB while scoring, over "
-                             f"the {memory_budget_gb:g} GiB budget")
+            if b.get("peak_memory_bytes") and b["peak_memory_bytes"] > memory_budget_gb * 1e9:
+                notes.append(f"{b['name']} peaked at {b['peak_memory_bytes'] / 1e9:.1f} GB while scoring, over "
+                             f"the {memory_budget_gb:g} GB budget")
         truncated = int(frame["test_truncated"].fillna(0).sum())
         if truncated:
             notes.append(f"{truncated} test sentence(s) were truncated at {max_length} tokens across all rows")
