@@ -19,6 +19,7 @@ from tasks.benchmark import benchmark
 from tasks.distill import distill
 from tasks.evaluate import evaluate
 from tasks.finetune_full import finetune_full
+from tasks.plan_memory import plan_memory
 from tasks.prepare_data import prepare_data
 from tasks.publish import publish
 from tasks.select_family import select_family
@@ -49,12 +50,21 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     else:
         candidates = list(cfg.models)
 
-    futures = [
-        stage(benchmark).submit(spec, data, cfg.benchmark.batch_size, cfg.max_length, device, **common)
-        for spec in candidates
-    ]
-    benchmarks, failures = [], []
-    for spec, future in zip(candidates, futures):
+    # Nothing is loaded that the memory plan predicts will not fit.
+    plan = stage(plan_memory)(candidates, data, cfg.memory, cfg.memory_budget_gb, cfg.max_length,
+                              cfg.benchmark.batch_size, device, artifacts_dir=out)
+    benchmarks, failures, futures = [], [], []
+    for spec in candidates:
+        decision = plan["decisions"][spec.name]
+        if decision["precision"] is None:
+            logger.warning("%s is not benchmarked: %s", spec.name, decision["reason"])
+            failures.append({"name": spec.name, "family": spec.family, "precision": spec.precision,
+                             "error": decision["reason"]})
+            continue
+        planned = spec.model_copy(update={"precision": decision["precision"]})
+        futures.append((planned, stage(benchmark).submit(planned, data, decision["batch_size"], cfg.max_length,
+                                                          device, **common)))
+    for spec, future in futures:
         future.wait()
         if future.state.is_completed():
             benchmarks.append(future.result())
@@ -63,16 +73,18 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
             logger.error("benchmark of %s failed, continuing without it: %s", spec.name, error)
             failures.append({"name": spec.name, "family": spec.family, "precision": spec.precision, "error": error})
 
+    # Later scoring (validation per epoch, teacher logits, test) uses the most cautious planned batch size.
+    eval_batch = (cfg.benchmark.batch_size if cfg.benchmark.batch_size != "auto" else
+                  min([d["batch_size"] for d in plan["decisions"].values() if d["precision"]], default=1))
     selection = stage(select_family)(benchmarks, cfg.select, cfg.selection_split, artifacts_dir=out)
-    run = dict(seed=cfg.seed, max_length=cfg.max_length, device=device, eval_batch_size=cfg.benchmark.batch_size,
+    run = dict(seed=cfg.seed, max_length=cfg.max_length, device=device, eval_batch_size=eval_batch,
                selection_split=cfg.selection_split, **common)
     teacher = stage(train_teacher)(selection, train, data, cfg.teacher, **run)
-    topk = stage(teacher_logits)(teacher, train, cfg.distill.top_k, cfg.max_length, device,
-                                 cfg.benchmark.batch_size, **common)
+    topk = stage(teacher_logits)(teacher, train, cfg.distill.top_k, cfg.max_length, device, eval_batch, **common)
     distilled = stage(distill)(selection, topk, train, data, cfg.distill, **run)
     finetuned = stage(finetune_full)(selection, train, data, cfg.finetune, **run)
     evaluation = stage(evaluate)(data, train, benchmarks, failures, selection, teacher, distilled, finetuned,
-                                 cfg.name, cfg.benchmark.batch_size, cfg.max_length, device, cfg.selection_split,
+                                 cfg.name, eval_batch, cfg.max_length, device, cfg.selection_split,
                                  cfg.memory_budget_gb, **common)
     publish(evaluation)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])

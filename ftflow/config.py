@@ -214,14 +214,32 @@ class ModelSpec(_Strict):
     name: str = Field(..., description="Short name used in run names and tables.")
     path: str = Field(..., description="Hub id (org/name) or a local directory with config and weights.")
     family: str = Field(..., description="Family name; selection picks a family, distillation stays inside one.")
-    precision: Precision = Field("fp32", description="Weights precision when loaded.")
+    precision: Precision | Literal["auto"] = Field(
+        "auto", description="Weights precision; auto = fp32 if it fits the memory budget, else bf16/fp16, else nf4."
+    )
     trust_remote_code: bool = Field(False, description="Allow the repository's own code (off unless you trust it).")
 
 
 class BenchmarkConfig(_Strict):
     """Perplexity scoring of every candidate."""
 
-    batch_size: int = Field(16, ge=1, description="Sentences per forward pass.")
+    batch_size: int | Literal["auto"] = Field(
+        16, description="Sentences per forward pass; auto = the largest the memory plan says fits (and lowered "
+        "to that when a fixed size is predicted over the budget).")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("batch_size must be >= 1 or 'auto'")
+        return value
+
+
+class MemoryConfig(_Strict):
+    """The memory plan made before any model is loaded."""
+
+    allow_nf4: bool = Field(True, description="Let precision: auto fall back to 4-bit NF4 when 16-bit does not fit.")
+    batch_size_cap: int = Field(256, ge=1, description="Largest evaluation batch size batch_size: auto may choose.")
 
 
 class SelectConfig(_Strict):
@@ -286,6 +304,7 @@ class PipelineConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
     zoo: Optional[ZooConfig] = Field(None, description="Build offline checkpoints (the demo); excludes models.")
     models: tuple[ModelSpec, ...] = Field((), description="Candidate models by hub id or directory; excludes zoo.")
+    memory: MemoryConfig = MemoryConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     select: SelectConfig = SelectConfig()
     teacher: LoraConfig = LoraConfig()

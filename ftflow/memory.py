@@ -958,3 +958,62 @@ def plot_plan(frame: "pd.DataFrame", budget_bytes: int, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plan_candidate(
+    name: str,
+    path_or_id: str,
+    budget_bytes: int,
+    *,
+    precision: str,
+    batch_size: int | str,
+    max_length: int,
+    batch_size_cap: int = 256,
+    allow_nf4: bool = True,
+    device: Device = "cuda",
+    trust_remote_code: bool = False,
+) -> dict:
+    """The pipeline's decision for one candidate: precision and batch size, or a skip with its reason.
+
+    ``precision="auto"`` lets :func:`plan_model` choose (fp32, else the half
+    precision, else nf4 when allowed); a fixed precision is only checked against
+    the budget. ``batch_size="auto"`` takes the largest that fits.
+
+    Returns:
+        JSON-ready ``{"precision" (None when skipped), "batch_size", "parameters",
+        "peak_bytes", "reason"}``; a model whose config cannot be found offline
+        is skipped with :class:`UnknownModelError`'s message as the reason.
+    """
+    try:
+        config = model_config_for(path_or_id, trust_remote_code)
+    except UnknownModelError as exc:
+        return {"precision": None, "batch_size": 0, "parameters": None, "peak_bytes": None,
+                "reason": f"cannot plan: {exc}"}
+    fixed_batch = None if batch_size == "auto" else int(batch_size)
+    if precision == "auto":
+        plan = plan_model(name, path_or_id, budget_bytes, max_length=max_length, batch_size=fixed_batch,
+                          batch_size_cap=batch_size_cap, allow_nf4=allow_nf4,
+                          # Planning for a GPU this machine does not have: assume bf16 (Ampere or newer).
+                          bf16_supported=True if device == "cuda" and not torch.cuda.is_available()
+                          else bf16_available(device),
+                          device=device, trust_remote_code=trust_remote_code, config=config)
+        return {"precision": plan.precision, "batch_size": plan.batch_size, "parameters": plan.parameters,
+                "peak_bytes": plan.peak_bytes, "reason": plan.reason}
+    options = dict(device=device, trust_remote_code=trust_remote_code)
+    parameters = count_parameters(config, trust_remote_code)
+    at_one = predict_scoring(config, precision, 1, max_length, **options)
+    if at_one.peak_bytes > budget_bytes:
+        return {"precision": None, "batch_size": 0, "parameters": parameters, "peak_bytes": at_one.peak_bytes,
+                "reason": f"skipped: {precision} (fixed in config) needs {gb(at_one.peak_bytes):.2f} GB at batch size 1, "
+                          f"over the {gb(budget_bytes):.2f} GB budget; use precision: auto or a smaller precision"}
+    fitting = largest_batch_size(config, precision, budget_bytes, max_length, batch_size_cap, **options)
+    if fixed_batch is None:
+        chosen, how = fitting, f"batch size {fitting} is the largest that fits (cap {batch_size_cap})"
+    elif fixed_batch <= fitting:
+        chosen, how = fixed_batch, f"batch size {fixed_batch} (fixed in config)"
+    else:
+        chosen, how = fitting, f"batch size lowered from {fixed_batch} (predicted over the budget) to {fitting}"
+    peak = predict_scoring(config, precision, chosen, max_length, **options).peak_bytes
+    return {"precision": precision, "batch_size": chosen, "parameters": parameters, "peak_bytes": peak,
+            "reason": f"{precision} (fixed in config): predicted {gb(peak):.2f} GB <= budget "
+                      f"{gb(budget_bytes):.2f} GB; {how}"}

@@ -35,7 +35,7 @@ def zoo_candidates(manifest: dict) -> list[ModelSpec]:
     """The zoo's checkpoints as candidate models, loaded like any hub model."""
     return [
         ModelSpec(name=member["name"], path=str(Path(manifest["dir"]) / member["path"]),
-                  family=family["name"], precision="fp32")
+                  family=family["name"], precision="auto")
         for family in manifest["families"]
         for member in family["members"]
     ]

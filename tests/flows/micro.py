@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import yaml
@@ -55,8 +56,8 @@ def micro_config(directory: Path) -> Path:
     return path
 
 
-STAGES = {"prepare_data", "augment", "zoo", "benchmark", "select_family", "train_teacher", "teacher_logits",
-          "distill", "finetune_full", "evaluate"}
+STAGES = {"prepare_data", "augment", "zoo", "plan_memory", "benchmark", "select_family", "train_teacher",
+          "teacher_logits", "distill", "finetune_full", "evaluate"}
 
 
 def run_pipeline(config: Path, overrides: dict | None = None):
@@ -64,8 +65,17 @@ def run_pipeline(config: Path, overrides: dict | None = None):
     state = pipeline(config_path=str(config), overrides=overrides, progress=False, return_state=True)
     assert state.is_completed(), state.message
     flow_run_id = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    # Task run states reach the server as events, a moment after the flow returns:
+    # wait until the last task (publish) and every other run show a final state.
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        names = {run.task_key.rsplit("-", 1)[0].split(".")[-1]: run for run in runs}
+        settled = "publish" in names and all(run.state is not None and run.state.is_final() for run in runs)
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     states: dict[str, list[str]] = {}
     for run in runs:
         stage = run.task_key.rsplit("-", 1)[0].split(".")[-1]

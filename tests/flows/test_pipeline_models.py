@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import csv
+import shutil
+
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
@@ -25,16 +28,23 @@ def models_config(tmp_path_factory) -> Path:
     built = build_zoo(zoo, [s for s in (directory / "train.txt").read_text().splitlines()] * 4,
                       directory / "checkpoints", progress=False, log=lambda *a: None)
     members = {m["role"]: m["path"] for m in built["families"][0]["members"]}
+    # A checkpoint whose config can be read (so it is planned) but whose weights are missing (so loading fails).
+    ghost = directory / "ghost-model"
+    ghost.mkdir()
+    shutil.copy(Path(members["student"]) / "config.json", ghost / "config.json")
     config = {
         "name": "models micro",
         "device": "cpu",
         "max_length": 32,
         "data": {"train_file": "train.txt", "test_file": "test.txt", "validation_fraction": 0.2},
         "augment": {"enabled": False},
+        "memory_budget_gb": 20,
         "models": [
             {"name": "small", "path": str(members["student"]), "family": "granite"},
             {"name": "large", "path": str(members["teacher"]), "family": "granite"},
-            {"name": "ghost", "path": str(directory / "no-such-model"), "family": "ghosts"},
+            {"name": "ghost", "path": str(ghost), "family": "ghosts"},
+            {"name": "unknown", "path": "no-such-org/no-such-model", "family": "ghosts"},
+            {"name": "huge", "path": "ibm-granite/granite-3.3-8b-base", "family": "ghosts", "precision": "fp32"},
         ],
         "teacher": {"epochs": 1, "batch_size": 16},
         "distill": {"epochs": 1, "batch_size": 16, "top_k": 3},
@@ -48,16 +58,22 @@ def models_config(tmp_path_factory) -> Path:
 def test_failed_model_is_recorded_and_the_others_go_on(models_config, prefect_server):
     flow_run_id, states = run_pipeline(models_config)
     assert "zoo" not in states  # models by path or hub id: nothing to build
+    # unknown cannot be planned and huge is predicted over the budget: neither is loaded.
+    assert states["plan_memory"] == ["Completed"]
     assert sorted(states["benchmark"]) == ["Completed", "Completed", "Failed"]
     assert states["evaluate"] == ["Completed"]
 
     (evaluate_dir,) = list((models_config.parent / "artifacts" / "evaluate").iterdir())
     report = (evaluate_dir / "report.md").read_text()
-    assert "ghost failed and was left out" in report and "no-such-model" in report
+    assert "ghost failed and was left out" in report and "ghost-model" in report
+    assert "unknown failed and was left out: cannot plan" in report
+    assert "huge failed and was left out: skipped: fp32 (fixed in config) needs 33." in report
     assert "teacher **large**, student **small**" in report
-    board = (evaluate_dir / "leaderboard.csv").read_text().splitlines()
-    assert len(board) == 1 + 6  # header, 3 baselines (one failed), LoRA teacher, distilled, fine-tuned
-    assert board[-1].split(",")[1] == "ghost"  # failures rank last
+    with open(evaluate_dir / "leaderboard.csv", newline="") as handle:
+        board = list(csv.DictReader(handle))
+    assert len(board) == 8  # 5 baselines (three failed or skipped), LoRA teacher, distilled, fine-tuned
+    assert {row["name"] for row in board[-3:]} == {"ghost", "unknown", "huge"}  # failures rank last
+    assert all(row["error"] for row in board[-3:]) and not any(row["error"] for row in board[:-3])
     assert (evaluate_dir / "leaderboard.png").stat().st_size > 0
 
     with get_client(sync_client=True) as client:

@@ -399,3 +399,22 @@ def test_plan_model_table_and_plot(tmp_path):
     path = tmp_path / "plan.png"
     memory.plot_plan(frame, STUDY_BUDGET, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_candidate_is_what_the_pipeline_obeys():
+    from ftflow.memory import plan_candidate
+
+    budget = 20 * memory.GB
+    fixed = plan_candidate("g8", "ibm-granite/granite-3.3-8b-base", budget, precision="fp32", batch_size="auto",
+                           max_length=128, device="cuda")
+    assert fixed["precision"] is None and fixed["reason"].startswith("skipped: fp32 (fixed in config) needs 33.")
+    auto = plan_candidate("g8", "ibm-granite/granite-3.3-8b-base", budget, precision="auto", batch_size="auto",
+                          max_length=128, device="cuda")
+    assert auto["precision"] == "bf16" and auto["batch_size"] >= 1 and auto["peak_bytes"] <= budget
+    lowered = plan_candidate("g2", "ibm-granite/granite-3.3-2b-base", budget, precision="fp32", batch_size=64,
+                             max_length=2048, device="cuda")
+    assert lowered["precision"] == "fp32" and 1 <= lowered["batch_size"] < 64 and lowered["peak_bytes"] <= budget
+    assert "lowered from 64" in lowered["reason"]
+    unknown = plan_candidate("x", "no-such-org/no-such-model", budget, precision="auto", batch_size=8,
+                             max_length=128, device="cuda")
+    assert unknown["precision"] is None and unknown["reason"].startswith("cannot plan")
