@@ -86,7 +86,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     evaluation = stage(evaluate)(data, train, benchmarks, failures, selection, teacher, distilled, finetuned,
                                  cfg.name, eval_batch, cfg.max_length, device, cfg.selection_split,
                                  cfg.memory_budget_gb, **common)
-    publish(evaluation)
+    publish(evaluation, plan)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
     return evaluation
 

@@ -83,3 +83,4 @@ def test_failed_model_is_recorded_and_the_others_go_on(models_config, prefect_se
     assert by_key["leaderboard"].type == "table"
     assert "ghost" in str(by_key["leaderboard"].data)
     assert by_key["report"].type == "markdown"
+    assert by_key["memory-plan"].type == "table" and "huge" in str(by_key["memory-plan"].data)
