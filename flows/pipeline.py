@@ -79,10 +79,13 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     selection = stage(select_family)(benchmarks, cfg.select, cfg.selection_split, artifacts_dir=out)
     run = dict(seed=cfg.seed, max_length=cfg.max_length, device=device, eval_batch_size=eval_batch,
                selection_split=cfg.selection_split, **common)
-    teacher = stage(train_teacher)(selection, train, data, cfg.teacher, **run)
+    lengths = {name: d["max_length"] for name, d in plan["decisions"].items()}
+    teacher = stage(train_teacher)(selection, train, data, cfg.teacher, **run,
+                                   memory_budget_gb=cfg.memory_budget_gb, planned_length=lengths[selection["teacher"]])
     topk = stage(teacher_logits)(teacher, train, cfg.distill.top_k, cfg.max_length, device, eval_batch, **common)
-    distilled = stage(distill)(selection, topk, train, data, cfg.distill, **run)
-    finetuned = stage(finetune_full)(selection, train, data, cfg.finetune, **run)
+    student_memory = dict(memory_budget_gb=cfg.memory_budget_gb, planned_length=lengths[selection["student"]])
+    distilled = stage(distill)(selection, topk, train, data, cfg.distill, **run, **student_memory)
+    finetuned = stage(finetune_full)(selection, train, data, cfg.finetune, **run, **student_memory)
     evaluation = stage(evaluate)(data, train, benchmarks, failures, selection, teacher, distilled, finetuned,
                                  cfg.name, eval_batch, cfg.max_length, device, cfg.selection_split,
                                  cfg.memory_budget_gb, **common)

@@ -224,7 +224,7 @@ class BenchmarkConfig(_Strict):
     """Perplexity scoring of every candidate."""
 
     batch_size: int | Literal["auto"] = Field(
-        16, description="Sentences per forward pass; auto = the largest the memory plan says fits (and lowered "
+        "auto", description="Sentences per forward pass; auto = the largest the memory plan says fits (and lowered "
         "to that when a fixed size is predicted over the budget).")
 
     @field_validator("batch_size")

@@ -1017,3 +1017,38 @@ def plan_candidate(
     return {"precision": precision, "batch_size": chosen, "parameters": parameters, "peak_bytes": peak,
             "reason": f"{precision} (fixed in config): predicted {gb(peak):.2f} GB <= budget "
                       f"{gb(budget_bytes):.2f} GB; {how}"}
+
+
+class MemoryBudgetError(RuntimeError):
+    """A training run predicted not to fit the memory budget; raised before anything is loaded."""
+
+
+def check_training_fits(
+    path_or_id: str,
+    precision: str,
+    method: Method,
+    *,
+    batch_size: int,
+    max_length: int,
+    budget_bytes: int,
+    device: Device = "cuda",
+    lora_r: int = 8,
+    trust_remote_code: bool = False,
+) -> MemoryPrediction:
+    """The predicted peak of one training step; :class:`MemoryBudgetError` if it exceeds the budget.
+
+    ``method="lora"`` on an nf4 model is planned as QLoRA, which is what
+    :func:`ftflow.training.train_lora` runs then.
+    """
+    config = model_config_for(path_or_id, trust_remote_code)
+    if method == "lora" and precision == "nf4":
+        method = "qlora"
+    prediction = predict_training(config, precision, method, batch_size, max_length, lora_r=lora_r, device=device,
+                                  trust_remote_code=trust_remote_code)
+    if prediction.peak_bytes > budget_bytes:
+        raise MemoryBudgetError(
+            f"{method} training of {path_or_id} ({precision}, batch size {batch_size}, {max_length} tokens) is "
+            f"predicted to peak at {gb(prediction.peak_bytes):.2f} GB, over the {gb(budget_bytes):.2f} GB budget. "
+            "Lower the stage's batch_size or max_length, or train a smaller model (or with LoRA instead of in full)."
+        )
+    return prediction

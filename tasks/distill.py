@@ -12,13 +12,14 @@ from ftflow.artifacts import write_json
 from ftflow.config import DistillConfig
 from ftflow.data import read_split
 from ftflow.distill import DistillationCollator, DistillationTrainer, TeacherTopK, check_same_tokenizer
+from ftflow.memory import GB, check_training_fits
 from ftflow.models import load_tokenizer
 from ftflow.tokens import pad_token_id
 from ftflow.training import TrainSettings, encode_dataset, train_full
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_stage, stage_path
 
 STAGE = "distill"
-MODULES = ("ftflow.distill", "ftflow.training", "ftflow.models", "ftflow.perplexity", "ftflow.tokens",
+MODULES = ("ftflow.distill", "ftflow.training", "ftflow.memory", "ftflow.models", "ftflow.perplexity", "ftflow.tokens",
            "ftflow.data", "tasks.distill")
 FAULT_VARIABLE = "FTFLOW_FAIL_STAGE"  # for tests: name a stage here to make it fail on purpose
 
@@ -26,14 +27,18 @@ FAULT_VARIABLE = "FTFLOW_FAIL_STAGE"  # for tests: name a stage here to make it 
 @task(name="distill", task_run_name="distill[{selection[student]}|top{distill.top_k},T{distill.temperature:g},a{distill.alpha:g}]",
       cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
 def distill(selection: dict, teacher_topk: dict, augmented: dict, data: dict, distill: DistillConfig, seed: int,
-            max_length: int, device: str, eval_batch_size: int, selection_split: str, artifacts_dir: str,
-            progress: bool = True) -> dict:
+            max_length: int, device: str, eval_batch_size: int, selection_split: str, memory_budget_gb: float,
+            planned_length: int, artifacts_dir: str, progress: bool = True) -> dict:
     """Distill the teacher's top-k into the student; keep the best epoch as a full checkpoint."""
     student, teacher = selection["student_model"], selection["teacher_model"]
 
     def build(out: Path) -> dict:
         if os.environ.get(FAULT_VARIABLE) == STAGE:
             raise RuntimeError(f"distill: failing on purpose because {FAULT_VARIABLE}={STAGE} (a test fault)")
+        # The teacher's log-probs are on disk, so only the student is in memory (plus the top-k batch).
+        check_training_fits(student["path"], student["precision"], "full", batch_size=distill.batch_size,
+                            max_length=planned_length, budget_bytes=int(memory_budget_gb * GB), device=device,
+                            trust_remote_code=student["trust_remote_code"])
         tokenizer = load_tokenizer(student["path"], student["trust_remote_code"])
         check_same_tokenizer(load_tokenizer(teacher["path"], teacher["trust_remote_code"]), tokenizer,
                              teacher["name"], student["name"])

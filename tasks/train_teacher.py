@@ -10,24 +10,28 @@ from prefect import task
 from ftflow.artifacts import write_json
 from ftflow.config import LoraConfig
 from ftflow.data import read_split
+from ftflow.memory import GB, check_training_fits
 from ftflow.models import load_tokenizer
 from ftflow.training import TrainSettings, train_lora
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_stage, stage_path
 
 STAGE = "train_teacher"
-MODULES = ("ftflow.training", "ftflow.models", "ftflow.perplexity", "ftflow.tokens", "ftflow.data",
+MODULES = ("ftflow.training", "ftflow.memory", "ftflow.models", "ftflow.perplexity", "ftflow.tokens", "ftflow.data",
            "tasks.train_teacher")
 
 
 @task(name="train_teacher", task_run_name="lora[{selection[teacher]}|r{lora.r},a{lora.alpha:g},d{lora.dropout:g}]",
       cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
 def train_teacher(selection: dict, augmented: dict, data: dict, lora: LoraConfig, seed: int, max_length: int,
-                  device: str, eval_batch_size: int, selection_split: str, artifacts_dir: str,
-                  progress: bool = True) -> dict:
+                  device: str, eval_batch_size: int, selection_split: str, memory_budget_gb: float,
+                  planned_length: int, artifacts_dir: str, progress: bool = True) -> dict:
     """Train a LoRA adapter on the teacher; keep the epoch with the lowest selection-split perplexity."""
     teacher = selection["teacher_model"]
 
     def build(out: Path) -> dict:
+        check_training_fits(teacher["path"], teacher["precision"], "lora", batch_size=lora.batch_size,
+                            max_length=planned_length, budget_bytes=int(memory_budget_gb * GB), device=device,
+                            lora_r=lora.r, trust_remote_code=teacher["trust_remote_code"])
         tokenizer = load_tokenizer(teacher["path"], teacher["trust_remote_code"])
         settings = TrainSettings(epochs=lora.epochs, learning_rate=lora.learning_rate, batch_size=lora.batch_size,
                                  max_length=max_length, seed=seed, device=device, precision=teacher["precision"],

@@ -418,3 +418,17 @@ def test_plan_candidate_is_what_the_pipeline_obeys():
     unknown = plan_candidate("x", "no-such-org/no-such-model", budget, precision="auto", batch_size=8,
                              max_length=128, device="cuda")
     assert unknown["precision"] is None and unknown["reason"].startswith("cannot plan")
+
+
+def test_training_that_would_not_fit_is_refused_before_loading():
+    from ftflow.memory import MemoryBudgetError, check_training_fits
+
+    budget = 20 * memory.GB
+    lora = check_training_fits("ibm-granite/granite-3.3-8b-base", "bf16", "lora", batch_size=1, max_length=128,
+                               budget_bytes=budget)
+    assert lora.case == "train-lora" and lora.peak_bytes <= budget
+    assert check_training_fits("ibm-granite/granite-3.3-8b-base", "nf4", "lora", batch_size=1, max_length=128,
+                               budget_bytes=budget).case == "train-qlora"
+    with pytest.raises(MemoryBudgetError, match="full training of ibm-granite/granite-3.3-8b-base .* over the 20.00 GB"):
+        check_training_fits("ibm-granite/granite-3.3-8b-base", "bf16", "full", batch_size=1, max_length=128,
+                            budget_bytes=budget)
