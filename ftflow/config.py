@@ -285,6 +285,30 @@ class FinetuneConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
 
 
+class RunnerConfig(_Strict):
+    """Where mapped work (benchmark candidates, grid combinations) runs; the rest runs in the flow's process."""
+
+    kind: Literal["local", "dask"] = Field(
+        "local", description="local = one task at a time in the flow's process; dask = prefect-dask's DaskTaskRunner."
+    )
+    address: Optional[str] = Field(
+        None, description="dask only: scheduler address of an existing cluster (tcp://host:8786); unset = start a "
+        "LocalCluster on this machine."
+    )
+    n_workers: int = Field(2, ge=1, description="dask LocalCluster only: worker processes.")
+    threads_per_worker: int = Field(1, ge=1, description="dask LocalCluster only: threads per worker.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="dask only: resources each mapped task claims, e.g. {GPU: 1}; workers "
+        "must be started with them (dask-worker --resources GPU=1)."
+    )
+
+    @model_validator(mode="after")
+    def _dask_only_settings(self) -> "RunnerConfig":
+        if self.kind == "local" and (self.address is not None or self.resources):
+            raise ValueError("runner: address and resources are only used with kind: dask")
+        return self
+
+
 class PipelineConfig(_Strict):
     """The whole pipeline."""
 
@@ -310,6 +334,7 @@ class PipelineConfig(_Strict):
     teacher: LoraConfig = LoraConfig()
     distill: DistillConfig = DistillConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    runner: RunnerConfig = RunnerConfig()
 
     @model_validator(mode="after")
     def _one_model_source(self) -> "PipelineConfig":
