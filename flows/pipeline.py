@@ -1,4 +1,4 @@
-"""The end-to-end pipeline: data -> models -> benchmark -> select -> train -> distill -> evaluate.
+"""The end-to-end pipeline: data -> models -> benchmark -> select -> LoRA grid -> other methods -> distill -> report.
 
 Run it with ``ftflow run [CONFIG]`` or ``python -m flows.pipeline [CONFIG]``.
 """
@@ -12,19 +12,18 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ftflow.config import load_config
+from ftflow.methods import TrainJob, best_run, distill_grid, full_job, lora_grid, lora_like, prefix_grid, qlora_like
 from ftflow.models import resolve_device
 from tasks._stage import with_storage
 from tasks.augment import augment
 from tasks.benchmark import benchmark
-from tasks.distill import distill
 from tasks.evaluate import evaluate
-from tasks.finetune_full import finetune_full
 from tasks.plan_memory import plan_memory
 from tasks.prepare_data import prepare_data
 from tasks.publish import publish
 from tasks.select_family import select_family
 from tasks.teacher_logits import teacher_logits
-from tasks.train_teacher import train_teacher
+from tasks.train import train
 from tasks.zoo import zoo, zoo_candidates
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -44,7 +43,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     common = dict(artifacts_dir=out, progress=progress)
 
     data = stage(prepare_data)(cfg.data, artifacts_dir=out)
-    train = stage(augment)(cfg.augment, data, artifacts_dir=out)
+    augmented = stage(augment)(cfg.augment, data, artifacts_dir=out)
     if cfg.zoo is not None:
         candidates = zoo_candidates(stage(zoo)(cfg.zoo, device, **common))
     else:
@@ -77,21 +76,105 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     eval_batch = (cfg.benchmark.batch_size if cfg.benchmark.batch_size != "auto" else
                   min([d["batch_size"] for d in plan["decisions"].values() if d["precision"]], default=1))
     selection = stage(select_family)(benchmarks, cfg.select, cfg.selection_split, artifacts_dir=out)
-    run = dict(seed=cfg.seed, max_length=cfg.max_length, device=device, eval_batch_size=eval_batch,
-               selection_split=cfg.selection_split, **common)
     lengths = {name: d["max_length"] for name, d in plan["decisions"].items()}
-    teacher = stage(train_teacher)(selection, train, data, cfg.teacher, **run,
-                                   memory_budget_gb=cfg.memory_budget_gb, planned_length=lengths[selection["teacher"]])
-    topk = stage(teacher_logits)(teacher, train, cfg.distill.top_k, cfg.max_length, device, eval_batch, **common)
-    student_memory = dict(memory_budget_gb=cfg.memory_budget_gb, planned_length=lengths[selection["student"]])
-    distilled = stage(distill)(selection, topk, train, data, cfg.distill, **run, **student_memory)
-    finetuned = stage(finetune_full)(selection, train, data, cfg.finetune, **run, **student_memory)
-    evaluation = stage(evaluate)(data, train, benchmarks, failures, selection, teacher, distilled, finetuned,
-                                 cfg.name, eval_batch, cfg.max_length, device, cfg.selection_split,
-                                 cfg.memory_budget_gb, **common)
+    run = dict(data=data, seed=cfg.seed, max_length=cfg.max_length, device=device, eval_batch_size=eval_batch,
+               selection_split=cfg.selection_split, memory_budget_gb=cfg.memory_budget_gb,
+               checkpoint_steps=cfg.training.checkpoint_steps, **common)
+
+    def train_all(jobs: list[TrainJob], train_sets: list[dict] | None = None, topk: dict | None = None):
+        """Submit one training run per job (each cached on its own) and wait for all of them."""
+        futures = [
+            stage(train).submit(job=job, train_set=train_set, teacher_topk=topk,
+                                planned_length=lengths[job.model["name"]], **run)
+            for job, train_set in zip(jobs, train_sets or [augmented] * len(jobs))  # augmented: the main set
+        ]
+        return _settle(jobs, futures)
+
+    teacher, student = selection["teacher_model"], selection["student_model"]
+    # 1. The LoRA grid on the teacher; its best combination (on the selection split) is carried on.
+    grid = train_all(lora_grid(cfg.lora, teacher))
+    best = best_run(grid)
+    best_job = TrainJob.model_validate(best["job"])
+    logger.info("best LoRA combination: %s (selection PPL %.4f)", best["title"], best["best_validation_ppl"])
+
+    # 2. Per compared model: LoRA with that combination, QLoRA, full fine-tuning (small enough models);
+    #    the prefix-tuning grid on the teacher.
+    by_name = {b["name"]: b for b in benchmarks}
+    compared = ([b["model"] for b in benchmarks] if cfg.compare.models == "all"
+                else [by_name[selection["teacher"]]["model"], by_name[selection["student"]]["model"]])
+    jobs = []
+    for model in compared:
+        if model["name"] != teacher["name"]:
+            jobs.append(lora_like(best_job, model))
+        if cfg.qlora.enabled:
+            jobs.append(qlora_like(best_job, model, cfg.qlora))
+        if by_name[model["name"]]["parameters"] <= cfg.finetune.max_params:
+            jobs.append(full_job(cfg.finetune, model))
+        else:
+            logger.info("%s is not fine-tuned in full: %s parameters > finetune.max_params %s", model["name"],
+                        f"{by_name[model['name']]['parameters']:,}", f"{cfg.finetune.max_params:,}")
+    if cfg.prefix.enabled:
+        jobs += prefix_grid(cfg.prefix, teacher)
+    per_model = train_all(jobs)
+
+    # 3. Distillation variants from the best LoRA teacher, its log-probs stored once at the largest k.
+    topk = stage(teacher_logits)(best, augmented, max(cfg.distill.top_k), cfg.max_length, device, eval_batch,
+                                 **common)
+    distilled = train_all(distill_grid(cfg.distill, student), topk=topk)
+
+    # 4. The measured effect of augmentation: one run repeated on each training set.
+    ablation_runs, ablation = [], {}
+    if cfg.ablation.enabled:
+        mix = "all methods (configured mix)"
+        if cfg.augment.enabled:
+            variants = {"main": (augmented, mix), "original": (data, "original")}
+        else:  # the pipeline trains on the original split; the mix is made for the comparison only
+            on = cfg.augment.model_copy(update={"enabled": True})
+            variants = {"main": (data, "original"),
+                        "augmented": (stage(augment).with_options(task_run_name="augment[mix]")(on, data,
+                                                                                             artifacts_dir=out), mix)}
+        if cfg.ablation.per_method:
+            for method in sorted(m for m, w in cfg.augment.methods.items() if w > 0):
+                only = cfg.augment.model_copy(update={"enabled": True, "methods": {method: 1.0}})
+                variants[method] = (stage(augment).with_options(task_run_name=f"augment[{method}]")(
+                    only, data, artifacts_dir=out), f"{method} only")
+        base_job = lora_like(best_job, teacher) if cfg.ablation.method == "lora" else full_job(cfg.finetune, student)
+        ablation_runs = train_all([base_job.model_copy(update={"train_set": name}) for name in variants],
+                                  [train_set for train_set, _ in variants.values()])
+        ablation = {run["name"]: label for run, (_, label) in zip(ablation_runs, variants.values())}
+
+    runs = _unique(grid + per_model + distilled + ablation_runs)
+    evaluation = stage(evaluate)(data, augmented, benchmarks, failures, selection, runs, best["name"],
+                                 ablation, cfg.name, cfg.max_length, cfg.selection_split,
+                                 cfg.memory_budget_gb, artifacts_dir=out)
     publish(evaluation, plan)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
     return evaluation
+
+
+def _settle(jobs: list[TrainJob], futures: list) -> list[dict]:
+    """Wait for every run; if any failed, fail here naming each one and its cause (the others stay cached)."""
+    results, errors = [], []
+    for job, future in zip(jobs, futures):
+        future.wait()
+        if future.state.is_completed():
+            results.append(future.result())
+        else:
+            errors.append(f"{job.title}: {_error_text(future)}")
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(jobs)} training run(s) failed (finished runs are cached; fix "
+                           "the cause and run again to resume):\n  " + "\n  ".join(errors))
+    return results
+
+
+def _unique(runs: list[dict]) -> list[dict]:
+    """Runs in order, each once (the ablation repeats the main run on the configured training set)."""
+    seen, out = set(), []
+    for r in runs:
+        if r["key"] not in seen:
+            seen.add(r["key"])
+            out.append(r)
+    return out
 
 
 def _error_text(future) -> str:

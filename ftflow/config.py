@@ -8,7 +8,7 @@ Relative paths in a config file are resolved against the file's folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, get_args
+from typing import Annotated, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -253,36 +253,136 @@ class SelectConfig(_Strict):
     )
 
 
-class LoraConfig(_Strict):
-    """LoRA on the teacher."""
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Rate = Annotated[float, Field(ge=0, lt=1)]
+Weight = Annotated[float, Field(ge=0, le=1)]
 
-    r: int = Field(8, ge=1, description="Rank of the update.")
-    alpha: float = Field(16, gt=0, description="Scaling numerator (update scaled by alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+
+def _as_tuple(value):
+    """A grid field accepts one value or a list of values."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+def _unique_grid(section: str, **axes: tuple) -> None:
+    for axis, values in axes.items():
+        if not values:
+            raise ValueError(f"{section}.{axis}: give at least one value")
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"{section}.{axis}: values repeat ({repeated}); each grid value once")
+
+
+class LoraConfig(_Strict):
+    """LoRA: a grid on the teacher; its best combination is then used for LoRA and QLoRA on every compared model."""
+
+    r: tuple[PositiveInt, ...] = Field((8,), min_length=1, description="Ranks of the update (one value or a list: grid axis).")
+    alpha: tuple[PositiveFloat, ...] = Field((16.0,), min_length=1, description="Scaling numerators (update scaled by alpha / r); grid axis.")
+    dropout: tuple[Rate, ...] = Field((0.05,), min_length=1, description="Dropout on the LoRA input; grid axis.")
+    learning_rate: tuple[PositiveFloat, ...] = Field((2e-4,), min_length=1, description="Peak learning rates; grid axis.")
     target_modules: str | tuple[str, ...] = Field("all-linear", description="Modules that get adapters.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    epochs: int = Field(2, ge=1, description="Training epochs; the best on validation is kept.")
+    epochs: int = Field(2, ge=1, description="Training epochs; the best on the selection split is kept.")
     batch_size: int = Field(8, ge=1, description="Training batch size.")
+
+    @field_validator("r", "alpha", "dropout", "learning_rate", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return _as_tuple(value)
+
+    @model_validator(mode="after")
+    def _valid_grid(self) -> "LoraConfig":
+        _unique_grid("lora", r=self.r, alpha=self.alpha, dropout=self.dropout, learning_rate=self.learning_rate)
+        return self
+
+
+class QLoraConfig(_Strict):
+    """QLoRA: the best LoRA combination on a 4-bit model (bitsandbytes), on every compared model."""
+
+    enabled: bool = Field(True, description="Run QLoRA next to LoRA.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="dtype of the 4-bit matmuls.")
+
+
+class PrefixConfig(_Strict):
+    """Prefix tuning (PEFT): a grid of virtual-token counts and learning rates on the teacher."""
+
+    enabled: bool = Field(True, description="Run the prefix-tuning grid.")
+    num_virtual_tokens: tuple[PositiveInt, ...] = Field((4, 8), min_length=1, description="Prefix lengths; grid axis.")
+    learning_rate: tuple[PositiveFloat, ...] = Field((1e-4,), min_length=1, description="Peak learning rates; grid axis.")
+    epochs: int = Field(2, ge=1, description="Training epochs; the best on the selection split is kept.")
+    batch_size: int = Field(8, ge=1, description="Training batch size.")
+
+    @field_validator("num_virtual_tokens", "learning_rate", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return _as_tuple(value)
+
+    @model_validator(mode="after")
+    def _valid_grid(self) -> "PrefixConfig":
+        _unique_grid("prefix", num_virtual_tokens=self.num_virtual_tokens, learning_rate=self.learning_rate)
+        return self
 
 
 class DistillConfig(_Strict):
-    """Top-k distillation from the LoRA teacher into the student."""
+    """Top-k distillation from the best LoRA teacher into the student, over a grid of variants."""
 
-    top_k: int = Field(10, ge=1, description="Teacher log-probs kept per position.")
-    temperature: float = Field(1.0, gt=0, description="Softening temperature T of both distributions.")
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL term; 1 - alpha weighs cross-entropy.")
+    top_k: tuple[PositiveInt, ...] = Field((10,), min_length=1, description="Teacher log-probs kept per position (the study: 10, 100); "
+                                   "stored once at the largest k and sliced for the others; grid axis.")
+    temperature: tuple[PositiveFloat, ...] = Field((1.0,), min_length=1, description="Softening temperatures T; grid axis.")
+    alpha: tuple[Weight, ...] = Field((0.5,), min_length=1, description="Weights of the KL term (1 - alpha weighs "
+                                     "cross-entropy); grid axis.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
-    epochs: int = Field(2, ge=1, description="Training epochs; the best on validation is kept.")
+    epochs: int = Field(2, ge=1, description="Training epochs; the best on the selection split is kept.")
     batch_size: int = Field(8, ge=1, description="Training batch size.")
+
+    @field_validator("top_k", "temperature", "alpha", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return _as_tuple(value)
+
+    @model_validator(mode="after")
+    def _valid_grid(self) -> "DistillConfig":
+        _unique_grid("distill", top_k=self.top_k, temperature=self.temperature, alpha=self.alpha)
+        return self
 
 
 class FinetuneConfig(_Strict):
-    """Full fine-tuning of the student."""
+    """Full fine-tuning of every compared model at or under a size."""
 
+    max_params: int = Field(2_500_000_000, ge=1, description="Largest model (parameters) fine-tuned in full.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
-    epochs: int = Field(2, ge=1, description="Training epochs; the best on validation is kept.")
+    epochs: int = Field(2, ge=1, description="Training epochs; the best on the selection split is kept.")
     batch_size: int = Field(8, ge=1, description="Training batch size.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+
+
+class CompareConfig(_Strict):
+    """Which models the per-model methods (LoRA, QLoRA, full fine-tuning) are run on."""
+
+    models: Literal["family", "all"] = Field(
+        "family", description="family = teacher and student of the selected family; all = every benchmarked model."
+    )
+
+
+class AblationConfig(_Strict):
+    """The measured effect of augmentation: one model trained on each training set (issue: study section 3.4)."""
+
+    enabled: bool = Field(False, description="Train the ablation runs.")
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora = the teacher with the best LoRA combination; full = the student fine-tuned in full."
+    )
+    per_method: bool = Field(True, description="Besides none vs the configured mix, one run per augmentation method.")
+
+
+class TrainingConfig(_Strict):
+    """How every training run is carried out (not what it computes)."""
+
+    checkpoint_steps: int = Field(
+        50, ge=1, description="Trainer checkpoint every N optimizer steps (and at every epoch end); an interrupted "
+        "run resumes from the last one.")
 
 
 class RunnerConfig(_Strict):
@@ -331,9 +431,14 @@ class PipelineConfig(_Strict):
     memory: MemoryConfig = MemoryConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     select: SelectConfig = SelectConfig()
-    teacher: LoraConfig = LoraConfig()
-    distill: DistillConfig = DistillConfig()
+    lora: LoraConfig = LoraConfig()
+    qlora: QLoraConfig = QLoraConfig()
+    prefix: PrefixConfig = PrefixConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    distill: DistillConfig = DistillConfig()
+    compare: CompareConfig = CompareConfig()
+    ablation: AblationConfig = AblationConfig()
+    training: TrainingConfig = TrainingConfig()
     runner: RunnerConfig = RunnerConfig()
 
     @model_validator(mode="after")
@@ -342,6 +447,10 @@ class PipelineConfig(_Strict):
             raise ValueError("give either zoo (offline checkpoints) or models (hub ids), not both")
         if self.zoo is None and not self.models:
             raise ValueError("no candidate models: add a zoo section or a list of models")
+        if self.ablation.enabled and not (self.augment.factor > 1.0 and sum(self.augment.methods.values()) > 0):
+            raise ValueError("ablation.enabled compares training sets with and without augmentation: it needs "
+                             "augment.factor > 1 and a method with weight > 0 (augment.enabled may be false: then "
+                             "the pipeline trains on the original split and augments for the comparison only)")
         names = [m.name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -32,8 +32,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def quantization_config(precision: str):
-    """The bitsandbytes config for ``nf4``; None for the float precisions."""
+# 4-bit settings of precision nf4 unless a QLoRA run configures its own (see ftflow.config.QLoraConfig).
+DEFAULT_4BIT = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bf16"}
+
+
+def quantization_config(precision: str, options: Optional[dict] = None):
+    """The bitsandbytes config for ``nf4`` (``options``: quant_type, double_quant, compute_dtype); None otherwise."""
     if precision != "nf4":
         return None
     try:
@@ -41,11 +45,15 @@ def quantization_config(precision: str):
         import bitsandbytes  # noqa: F401  (fail here, with a clear message, not deep in transformers)
     except ImportError as exc:
         raise ModelLoadError(f"precision nf4 needs bitsandbytes: pip install bitsandbytes ({exc})") from None
+    settings = {**DEFAULT_4BIT, **(options or {})}
+    unknown = sorted(set(settings) - set(DEFAULT_4BIT))
+    if unknown:
+        raise ModelLoadError(f"unknown 4-bit option(s) {unknown}; known: {sorted(DEFAULT_4BIT)}")
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_type=settings["quant_type"],
+        bnb_4bit_use_double_quant=settings["double_quant"],
+        bnb_4bit_compute_dtype=DTYPES[settings["compute_dtype"]],
     )
 
 
@@ -67,6 +75,7 @@ def load_model(
     adapter: Optional[str] = None,
     trust_remote_code: bool = False,
     trainable: bool = False,
+    quantization: Optional[dict] = None,
 ):
     """Load a causal LM at a precision on a device, optionally with a PEFT adapter.
 
@@ -77,6 +86,7 @@ def load_model(
         adapter: a PEFT adapter directory to put on top of the model.
         trust_remote_code: run the repository's own modelling code.
         trainable: keep the adapter's weights trainable (for resuming training).
+        quantization: 4-bit options for nf4 (quant_type, double_quant, compute_dtype); see DEFAULT_4BIT.
 
     Returns:
         The model, in eval mode unless ``trainable``.
@@ -84,12 +94,12 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     kwargs = {"trust_remote_code": trust_remote_code}
-    quant = quantization_config(precision)
+    quant = quantization_config(precision, quantization)
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}
         # What stays unquantized (embeddings, norms, lm_head) in the compute dtype, not the checkpoint's.
-        kwargs["dtype"] = torch.bfloat16
+        kwargs["dtype"] = quant.bnb_4bit_compute_dtype
     else:
         kwargs["dtype"] = DTYPES[precision]
     try:

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import pandas as pd
 
-KIND_ORDER = ("baseline", "teacher+lora", "distilled", "full-finetune")
+KIND_ORDER = ("baseline", "lora", "qlora", "prefix", "full", "distill")
 COLUMNS = {
     "rank": "rank",
     "name": "model",
@@ -65,11 +65,15 @@ def leaderboard_rows(candidates: Sequence[dict]) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def _cell(value) -> str:
+# Settings, not measurements: shown as written (0.05, 2e-05), not to four decimals.
+PLAIN_COLUMNS = frozenset({"alpha", "dropout", "learning_rate", "rank", "prefix_length", "best_epoch"})
+
+
+def _cell(value, plain: bool = False) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return ""
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:g}" if plain else f"{value:.4f}"
     if isinstance(value, int) and value >= 10_000:
         return f"{value:,}"
     return str(value).replace("|", "\\|").replace("\n", " ")
@@ -77,11 +81,11 @@ def _cell(value) -> str:
 
 def markdown_table(frame: pd.DataFrame, columns: dict[str, str] = COLUMNS) -> str:
     """A GitHub Markdown table of the given columns (header from ``columns`` values)."""
-    optional = ("error", "peak_gb")  # shown only when some row has a value
+    optional = ("error", "peak_gb", "skipped")  # shown only when some row has a value
     keep = [c for c in columns if c in frame.columns and (c not in optional or frame[c].notna().any())]
     lines = ["| " + " | ".join(columns[c] for c in keep) + " |", "|" + "---|" * len(keep)]
     for record in frame[keep].to_dict("records"):
-        lines.append("| " + " | ".join(_cell(record[c]) for c in keep) + " |")
+        lines.append("| " + " | ".join(_cell(record[c], c in PLAIN_COLUMNS) for c in keep) + " |")
     return "\n".join(lines)
 
 
@@ -93,7 +97,7 @@ def plot_leaderboard(frame: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = frame.dropna(subset=["test_bits_per_byte"]).iloc[::-1]
-    colours = dict(zip(KIND_ORDER, ("#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c")))
+    colours = dict(zip(KIND_ORDER, ("#9e9e9e", "#1f77b4", "#17becf", "#9467bd", "#2ca02c", "#ff7f0e")))
     fig, ax = plt.subplots(figsize=(9.5, 0.45 * len(ok) + 1.5))
     bars = ax.barh(ok["name"], ok["test_bits_per_byte"], color=[colours.get(k, "#555") for k in ok["kind"]])
     for bar, ppl in zip(bars, ok["test_ppl"]):
@@ -109,7 +113,7 @@ def plot_leaderboard(frame: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_training(histories: dict[str, dict], path: Path) -> None:
+def plot_training(histories: dict[str, dict], path: Path, title: str = "Perplexity by epoch") -> None:
     """Selection-split perplexity after every epoch of each trained model (epoch 0 = before training)."""
     import matplotlib
 
@@ -118,7 +122,7 @@ def plot_training(histories: dict[str, dict], path: Path) -> None:
 
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, run in histories.items():
         epochs = [0] + [e["epoch"] for e in run["history"]]
         ppl = [run["baseline_validation"]["corpus_ppl"]] + [e["validation"]["corpus_ppl"] for e in run["history"]]
@@ -126,8 +130,8 @@ def plot_training(histories: dict[str, dict], path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("selection-split PPL")
-    ax.set_title("Perplexity by epoch")
-    ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -143,6 +147,8 @@ def render_report(
     protocol_note: str,
     images: Sequence[str],
     notes: Sequence[str] = (),
+    sections: Sequence[tuple[str, str]] = (),
+    best: str | None = None,
 ) -> str:
     """The Markdown report: what was run on what, the leaderboard, the plots."""
     sizes = data_stats["sentences"]
@@ -161,6 +167,7 @@ def render_report(
         f"- family **{selection['family']}** (by {selection['split']} {selection['metric']}); "
         f"teacher **{selection['teacher']}**, student **{selection['student']}**",
         "- family scores: " + ", ".join(f"{f} {s:.4f}" for f, s in sorted(selection["family_scores"].items(), key=lambda x: x[1])),
+        *([f"- best trained model on the selection split: **{best}**"] if best else []),
         "",
         "## Leaderboard (test split)",
         "",
@@ -170,6 +177,8 @@ def render_report(
         "comparable within one family (one tokenizer).",
         "",
     ]
+    for heading, body in sections:
+        lines += [f"## {heading}", "", body, ""]
     for image in images:
         lines += [f"![{Path(image).stem}]({image})", ""]
     if notes:

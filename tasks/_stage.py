@@ -10,6 +10,7 @@ at files that are gone.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from ftflow.caching import stage_key
 
 RECORD = "prefect-result.json"
 # Parameters that say where or how to run, not what to compute.
-NOT_IN_KEY = frozenset({"artifacts_dir", "progress"})
+NOT_IN_KEY = frozenset({"artifacts_dir", "progress", "checkpoint_steps"})
 
 # Options shared by every stage task: results are the JSON manifests.
 STAGE_TASK_OPTIONS = dict(persist_result=True, result_serializer="json")
@@ -60,7 +61,7 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("ftflow.tasks")
 
 
-def run_stage(stage: str, modules: tuple[str, ...], build: Callable[[Path], dict]) -> dict:
+def run_stage(stage: str, modules: tuple[str, ...], build: Callable[..., dict], *, work: bool = False) -> dict:
     """Compute a stage into ``artifacts/<stage>/<key>/`` and return its manifest.
 
     The key is computed from the running task's parameters exactly as the
@@ -68,6 +69,11 @@ def run_stage(stage: str, modules: tuple[str, ...], build: Callable[[Path], dict
     its outputs there and returns the manifest body (paths relative to the
     directory). If a finished directory for the key already exists (a run that
     crashed after finishing the stage, or a concurrent run), it is reused.
+
+    With ``work=True``, ``build(out, work_dir)`` also gets a work directory,
+    ``artifacts/<stage>/.<key>.work/``, that survives a crash (training
+    checkpoints go there, so a rerun resumes) and is removed once the stage
+    has finished.
     """
     context = TaskRunContext.get()
     parameters = context.parameters
@@ -79,8 +85,9 @@ def run_stage(stage: str, modules: tuple[str, ...], build: Callable[[Path], dict
         logger.info("%s: outputs for key %s already on disk, reusing %s", stage, key, final)
         return finished
     started = time.perf_counter()
+    work_dir = final.parent / f".{key}.work"
     with atomic_directory(final) as tmp:
-        manifest = build(tmp)
+        manifest = build(tmp, work_dir) if work else build(tmp)
         manifest.update(
             stage=stage,
             key=key,
@@ -89,6 +96,8 @@ def run_stage(stage: str, modules: tuple[str, ...], build: Callable[[Path], dict
             seconds=round(time.perf_counter() - started, 3),
         )
         write_json(tmp / MANIFEST, manifest)
+    if work:
+        shutil.rmtree(work_dir, ignore_errors=True)
     logger.info("%s: done in %.1f s -> %s", stage, manifest["seconds"], final)
     return manifest
 

@@ -1,4 +1,8 @@
-"""Stage 9: test perplexity of every candidate -> leaderboard, report and plots."""
+"""Stage: rank every baseline and trained run on test; the leaderboard, the study's tables, plots, the report.
+
+Nothing is loaded or scored here: each benchmark and each training run scored
+its own model on test when it finished (its model card carries the number).
+"""
 
 from __future__ import annotations
 
@@ -6,74 +10,83 @@ from pathlib import Path
 
 from prefect import task
 
-from ftflow.data import read_split
-from ftflow.models import load_model, load_tokenizer
-from ftflow.perplexity import score_sentences
 from ftflow.report import leaderboard_rows, markdown_table, plot_leaderboard, plot_training, render_report
-from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
+from ftflow.study import TABLE_COLUMNS, TABLE_TITLES, plot_methods, study_tables
+from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_stage
 
 STAGE = "evaluate"
-MODULES = ("ftflow.report", "ftflow.perplexity", "ftflow.models", "ftflow.tokens", "ftflow.data", "tasks.evaluate")
+MODULES = ("ftflow.report", "ftflow.study", "tasks.evaluate")
 
 
-def _trained_candidates(teacher: dict, distilled: dict, finetuned: dict) -> list[tuple[str, dict, dict]]:
-    """(kind, manifest, how to load it) for every trained model."""
-    base = teacher["base_model"]
-    return [
-        ("teacher+lora", teacher, dict(path=base["path"], precision=base["precision"],
-                                       adapter=str(stage_path(teacher, "adapter")))),
-        ("distilled", distilled, dict(path=str(stage_path(distilled, "model")),
-                                      precision=distilled["base_model"]["precision"])),
-        ("full-finetune", finetuned, dict(path=str(stage_path(finetuned, "model")),
-                                          precision=finetuned["base_model"]["precision"])),
-    ]
+def _candidates(benchmarks: list[dict], failures: list[dict], runs: list[dict]) -> list[dict]:
+    """One leaderboard candidate per baseline, failed model and training run."""
+    parameters = {b["name"]: b["parameters"] for b in benchmarks}
+    rows = [{"name": b["name"], "kind": "baseline", "family": b["family"], "base": b["name"],
+             "parameters": b["parameters"], "precision": b["precision"], "test": b["test"],
+             "selection": b["selection"], "peak_memory_bytes": b.get("peak_memory_bytes")} for b in benchmarks]
+    rows += [{"name": f["name"], "kind": "baseline", "family": f.get("family"), "precision": f.get("precision"),
+              "error": f["error"]} for f in failures]
+    for run in runs:
+        base = run["base_model"]
+        row = {"name": run["name"], "kind": run["method"], "family": base["family"], "base": base["name"],
+               "parameters": parameters.get(base["name"]), "precision": run.get("precision")}
+        if run.get("skipped"):
+            row["error"] = f"not trained: {run['skipped']}"
+        else:
+            row.update(test=run["test"], selection=run["selection"])
+        rows.append(row)
+    return rows
 
 
 @task(name="evaluate", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
 def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list[dict], selection: dict,
-             teacher: dict, distilled: dict, finetuned: dict, title: str, batch_size: int, max_length: int,
-             device: str, selection_split: str, memory_budget_gb: float, artifacts_dir: str,
-             progress: bool = True) -> dict:
-    """Score the trained models on test, rank everything, write the leaderboard and the report."""
+             runs: list[dict], chosen_lora: str, ablation: dict[str, str], title: str, max_length: int,
+             selection_split: str, memory_budget_gb: float, artifacts_dir: str) -> dict:
+    """Write the leaderboard, one table per study section (CSV + Markdown), plots and the report."""
+    benchmarks = [dict(b, selection=b[selection_split]) for b in benchmarks]
 
     def build(out: Path) -> dict:
-        logger = run_logger()
-        test = read_split(stage_path(data, "test"))
-        candidates = [
-            {"name": b["name"], "kind": "baseline", "family": b["family"], "base": b["name"],
-             "parameters": b["parameters"], "precision": b["precision"], "test": b["test"],
-             "selection": b[selection_split], "peak_memory_bytes": b.get("peak_memory_bytes")}
-            for b in benchmarks
-        ]
-        candidates += [{"name": f["name"], "kind": "baseline", "family": f.get("family"),
-                        "precision": f.get("precision"), "error": f["error"]} for f in failures]
-        histories = {}
-        for kind, manifest, how in _trained_candidates(teacher, distilled, finetuned):
-            base = manifest["base_model"]
-            tokenizer = load_tokenizer(base["path"], base["trust_remote_code"])
-            model = load_model(how["path"], how["precision"], device, adapter=how.get("adapter"),
-                               trust_remote_code=base["trust_remote_code"])
-            result = score_sentences(model, tokenizer, test, batch_size=batch_size, max_length=max_length,
-                                     progress=progress, desc=f"{manifest['name']} test")
-            logger.info("%s test: PPL %.4f, bits/byte %.4f", manifest["name"], result.corpus_ppl, result.bits_per_byte)
-            candidates.append({
-                "name": manifest["name"], "kind": kind, "family": selection["family"], "base": base["name"],
-                "parameters": next(b["parameters"] for b in benchmarks if b["name"] == base["name"]),
-                "precision": base["precision"], "test": result.to_dict(),
-                "selection": next(e["validation"] for e in manifest["history"] if e["epoch"] == manifest["best_epoch"]),
-            })
-            histories[manifest["name"]] = manifest
-        frame = leaderboard_rows(candidates)
+        frame = leaderboard_rows(_candidates(benchmarks, failures, runs))
         frame.to_csv(out / "leaderboard.csv", index=False)
         (out / "leaderboard.md").write_text(markdown_table(frame) + "\n", encoding="utf-8")
         plot_leaderboard(frame, out / "leaderboard.png")
-        plot_training(histories, out / "training.png")
-        protocol = ("selection on the validation split held out of train; test used only for this report"
+        files = {"leaderboard_csv": "leaderboard.csv", "leaderboard_md": "leaderboard.md",
+                 "report": "report.md", "plot": "leaderboard.png"}
+        images = ["leaderboard.png"]
+        tables = study_tables(benchmarks, runs, chosen_lora, ablation)
+        sections = []
+        for name, table in tables.items():
+            table.to_csv(out / f"{name}.csv", index=False)
+            text = markdown_table(table, TABLE_COLUMNS[name])
+            (out / f"{name}.md").write_text(text + "\n", encoding="utf-8")
+            files[f"{name}_csv"], files[f"{name}_md"] = f"{name}.csv", f"{name}.md"
+            sections.append((TABLE_TITLES[name], text))
+        if "methods" in tables:
+            plot_methods(tables["methods"], out / "methods.png")
+            files["methods_plot"] = "methods.png"
+            images.append("methods.png")
+        trained = {r["name"]: r for r in runs if not r.get("skipped")}
+        grid = {n: r for n, r in trained.items() if r["method"] == "lora" and r["job"]["train_set"] == "main"
+                and r["base_model"]["name"] == trained[chosen_lora]["base_model"]["name"]}
+        if grid:
+            plot_training(grid, out / "lora_grid.png", title="LoRA grid: selection-split PPL by epoch")
+            files["grid_plot"] = "lora_grid.png"
+            images.append("lora_grid.png")
+        others = {n: r for n, r in trained.items() if n not in grid and r["job"]["train_set"] == "main"}
+        if others:
+            plot_training(others, out / "training.png", title="Other runs: selection-split PPL by epoch")
+            files["training_plot"] = "training.png"
+            images.append("training.png")
+        # Bits per byte: fair across tokenizers when compare.models is all.
+        best = min(trained.values(), key=lambda r: r["selection"]["bits_per_byte"], default=None)
+        protocol = ("every choice (family, best epoch, best combination) was made on the validation split held out "
+                    "of train; test was scored once per model, for this report"
                     if selection_split == "validation" else
-                    "STUDY PROTOCOL: best epochs and the family were chosen on the TEST split, so test "
-                    "perplexities are optimistic")
-        data_stats = dict(data["stats"], augmented=augmented["stats"].get("made", 0))
+                    "STUDY PROTOCOL: the family, best epochs and best combinations were chosen on the TEST split, "
+                    "so the test perplexities here are optimistic")
+        data_stats = dict(data["stats"], augmented=augmented.get("stats", {}).get("made", 0))
         notes = [f"{f['name']} failed and was left out: {f['error']}" for f in failures]
+        notes += [f"{r['title']} was not trained: {r['skipped']}" for r in runs if r.get("skipped")]
         for b in benchmarks:
             if b.get("peak_memory_bytes") and b["peak_memory_bytes"] > memory_budget_gb * 1e9:
                 notes.append(f"{b['name']} peaked at {b['peak_memory_bytes'] / 1e9:.1f} GB while scoring, over "
@@ -81,13 +94,19 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
         truncated = int(frame["test_truncated"].fillna(0).sum())
         if truncated:
             notes.append(f"{truncated} test sentence(s) were truncated at {max_length} tokens across all rows")
+        best_text = None
+        if best is not None:
+            best_text = (f"{best['name']} (selection PPL {best['best_validation_ppl']:.4f}, bits/byte "
+                         f"{best['selection']['bits_per_byte']:.4f}; test PPL {best['test']['corpus_ppl']:.4f})")
         report = render_report(title=title, frame=frame, data_stats=data_stats, selection=selection,
-                               protocol_note=protocol, images=["leaderboard.png", "training.png"], notes=notes)
+                               protocol_note=protocol, images=images, notes=notes, sections=sections,
+                               best=best_text)
         (out / "report.md").write_text(report, encoding="utf-8")
         return {
-            "files": {"leaderboard_csv": "leaderboard.csv", "leaderboard_md": "leaderboard.md",
-                      "report": "report.md", "plot": "leaderboard.png", "training_plot": "training.png"},
+            "files": files,
             "leaderboard": frame.astype(object).where(frame.notna(), None).to_dict("records"),
+            "tables": {name: t.astype(object).where(t.notna(), None).to_dict("records") for name, t in tables.items()},
+            "best": best["name"] if best else None,
         }
 
     return run_stage(STAGE, MODULES, build)

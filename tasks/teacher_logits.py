@@ -1,4 +1,8 @@
-"""Stage 7a: the LoRA teacher's top-k log-probs over the training split, computed once."""
+"""Stage: the LoRA teacher's top-k log-probs over the training set, computed once at the largest k.
+
+Distillation variants with a smaller k slice these (the top entries of a
+top-k list are the top entries of any larger one), so the teacher runs once.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,15 @@ from prefect import task
 
 from ftflow.data import read_split
 from ftflow.distill import compute_teacher_topk
-from ftflow.models import load_model, load_tokenizer
+from ftflow.methods import load_trained
+from ftflow.models import load_tokenizer
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "teacher_logits"
-MODULES = ("ftflow.distill", "ftflow.models", "ftflow.tokens", "ftflow.data", "tasks.teacher_logits")
+MODULES = ("ftflow.distill", "ftflow.methods", "ftflow.models", "ftflow.tokens", "ftflow.data", "tasks.teacher_logits")
 
 
-@task(name="teacher_logits", task_run_name="teacher_logits[top{top_k}]",
+@task(name="teacher_logits", task_run_name="teacher_logits[{teacher[name]}|top{top_k}]",
       cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
 def teacher_logits(teacher: dict, augmented: dict, top_k: int, max_length: int, device: str, batch_size: int,
                    artifacts_dir: str, progress: bool = True) -> dict:
@@ -24,8 +29,7 @@ def teacher_logits(teacher: dict, augmented: dict, top_k: int, max_length: int, 
 
     def build(out: Path) -> dict:
         tokenizer = load_tokenizer(base["path"], base["trust_remote_code"])
-        model = load_model(base["path"], base["precision"], device, adapter=str(stage_path(teacher, "adapter")),
-                           trust_remote_code=base["trust_remote_code"])
+        model = load_trained(teacher, device)
         topk = compute_teacher_topk(model, tokenizer, read_split(stage_path(augmented, "train")), k=top_k,
                                     max_length=max_length, batch_size=batch_size, progress=progress)
         topk.save(out / "topk")

@@ -47,8 +47,10 @@ def micro_config(directory: Path) -> Path:
             ],
         },
         "benchmark": {"batch_size": 16},
-        "teacher": {"epochs": 1, "batch_size": 16, "learning_rate": 0.001},
-        "distill": {"epochs": 1, "batch_size": 16, "top_k": 4},
+        "lora": {"r": [2, 4], "epochs": 1, "batch_size": 16, "learning_rate": 0.001},
+        "qlora": {"enabled": True, "compute_dtype": "fp32"},
+        "prefix": {"num_virtual_tokens": 2, "epochs": 1, "batch_size": 16, "learning_rate": 0.01},
+        "distill": {"epochs": 1, "batch_size": 16, "top_k": [2, 4]},
         "finetune": {"epochs": 1, "batch_size": 16},
     }
     path = directory / "micro.yaml"
@@ -56,12 +58,22 @@ def micro_config(directory: Path) -> Path:
     return path
 
 
-STAGES = {"prepare_data", "augment", "zoo", "plan_memory", "benchmark", "select_family", "train_teacher",
-          "teacher_logits", "distill", "finetune_full", "evaluate"}
+STAGES = {"prepare_data", "augment", "zoo", "plan_memory", "benchmark", "select_family", "train", "teacher_logits",
+          "evaluate"}
 
 
 def run_pipeline(config: Path, overrides: dict | None = None):
     """Run the pipeline to completion; return (flow run id, {stage: [task run state names]})."""
+    flow_run_id, runs = run_pipeline_runs(config, overrides)
+    states: dict[str, list[str]] = {}
+    for name, (stage, state) in runs.items():
+        if stage in STAGES:
+            states.setdefault(stage, []).append(state)
+    return flow_run_id, states
+
+
+def run_pipeline_runs(config: Path, overrides: dict | None = None):
+    """Run the pipeline to completion; return (flow run id, {task run name: (stage, state name)})."""
     state = pipeline(config_path=str(config), overrides=overrides, progress=False, return_state=True)
     assert state.is_completed(), state.message
     flow_run_id = state.state_details.flow_run_id
@@ -71,14 +83,9 @@ def run_pipeline(config: Path, overrides: dict | None = None):
     while True:
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        names = {run.task_key.rsplit("-", 1)[0].split(".")[-1]: run for run in runs}
-        settled = "publish" in names and all(run.state is not None and run.state.is_final() for run in runs)
+        stages = {run.task_key.rsplit("-", 1)[0].split(".")[-1] for run in runs}
+        settled = "publish" in stages and all(run.state is not None and run.state.is_final() for run in runs)
         if settled or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    states: dict[str, list[str]] = {}
-    for run in runs:
-        stage = run.task_key.rsplit("-", 1)[0].split(".")[-1]
-        if stage in STAGES:
-            states.setdefault(stage, []).append(run.state.name)
-    return flow_run_id, states
+    return flow_run_id, {run.name: (run.task_key.rsplit("-", 1)[0].split(".")[-1], run.state.name) for run in runs}

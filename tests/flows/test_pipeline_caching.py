@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flows.micro import STAGES, micro_config, run_pipeline
+from tests.flows.micro import STAGES, micro_config, run_pipeline, run_pipeline_runs
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +37,21 @@ def test_rerun_with_nothing_changed_is_all_cached(micro):
     assert recomputed(stage_states(micro)) == set()
 
 
-def test_distillation_parameter_reruns_only_distill_and_evaluate(micro):
-    assert recomputed(stage_states(micro, {"distill": {"alpha": 0.25}})) == {"distill", "evaluate"}
+def test_distillation_parameter_reruns_only_distill_runs_and_evaluate(micro):
+    _, runs = run_pipeline_runs(micro, {"distill": {"alpha": 0.25}})
+    redone = {name for name, (stage, state) in runs.items() if stage in STAGES and state != "Cached"}
+    assert redone and all(name.startswith("distill[") or name.startswith("evaluate") for name in redone), redone
+    assert {name for name in redone if name.startswith("distill[")} == {
+        "distill[granite-student|top2,T1,a0.25,lr5e-05]", "distill[granite-student|top4,T1,a0.25,lr5e-05]"}
+
+
+def test_adding_one_grid_value_trains_only_the_new_combinations(micro):
+    _, runs = run_pipeline_runs(micro, {"lora": {"r": [2, 4, 8]}})
+    grid = {name: state for name, (_, state) in runs.items() if name.startswith("lora[granite-teacher|")}
+    # Each combination is its own cached run: the old ones are reused, only the new one trains.
+    assert grid == {"lora[granite-teacher|r2,a16,d0.05,lr0.001]": "Cached",
+                    "lora[granite-teacher|r4,a16,d0.05,lr0.001]": "Cached",
+                    "lora[granite-teacher|r8,a16,d0.05,lr0.001]": "Completed"}
 
 
 def test_deleted_output_directory_is_recomputed(micro):

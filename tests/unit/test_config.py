@@ -35,12 +35,29 @@ def test_demo_is_offline_and_seed_config_is_the_study():
 
 def test_all_problems_are_reported_at_once(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(minimal(seed="x", teacher={"r": 0, "colour": "red"})))
+    path.write_text(yaml.safe_dump(minimal(seed="x", lora={"r": [8, 0], "colour": "red"})))
     with pytest.raises(ConfigError) as error:
         load_config(path)
     message = str(error.value)
     assert "3 problem(s)" in message
-    assert "seed" in message and "teacher.r" in message and "teacher.colour" in message
+    assert "seed" in message and "lora.r.1" in message and "lora.colour" in message
+
+
+def test_grid_axes_take_one_value_or_a_list_and_reject_repeats(tmp_path):
+    cfg = parse_config(minimal(lora={"r": 16, "alpha": [16, 32]}, distill={"top_k": [10, 100]}), tmp_path)
+    assert cfg.lora.r == (16,) and cfg.lora.alpha == (16.0, 32.0) and cfg.distill.top_k == (10, 100)
+    with pytest.raises(ConfigError, match="lora.r: values repeat"):
+        parse_config(minimal(lora={"r": [8, 8]}), tmp_path)
+    with pytest.raises(ConfigError, match="prefix.num_virtual_tokens"):
+        parse_config(minimal(prefix={"num_virtual_tokens": []}), tmp_path)
+
+
+def test_ablation_needs_something_to_compare(tmp_path):
+    with pytest.raises(ConfigError, match="augment.factor > 1"):
+        parse_config(minimal(ablation={"enabled": True}, augment={"factor": 1.0}), tmp_path)
+    # Augmentation off for the pipeline, on for the comparison only: allowed.
+    cfg = parse_config(minimal(ablation={"enabled": True}, augment={"enabled": False}), tmp_path)
+    assert cfg.ablation.enabled and not cfg.augment.enabled
 
 
 def test_relative_paths_follow_the_config_file(tmp_path):
@@ -74,11 +91,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_cli_overrides_merge_into_nested_sections(tmp_path):
-    overrides = parse_overrides(["distill.alpha=0.25", "teacher.epochs=3", "name=x y"])
-    assert overrides == {"distill": {"alpha": 0.25}, "teacher": {"epochs": 3}, "name": "x y"}
+    overrides = parse_overrides(["distill.alpha=0.25", "lora.epochs=3", "name=x y"])
+    assert overrides == {"distill": {"alpha": 0.25}, "lora": {"epochs": 3}, "name": "x y"}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(minimal(distill={"top_k": 5})))
     cfg = load_config(path, overrides)
-    assert cfg.distill.alpha == 0.25 and cfg.distill.top_k == 5 and cfg.teacher.epochs == 3
+    assert cfg.distill.alpha == (0.25,) and cfg.distill.top_k == (5,) and cfg.lora.epochs == 3
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["distill.alpha"])

@@ -1,0 +1,101 @@
+"""Model cards: a short README.md beside every trained adapter or checkpoint.
+
+The card follows the Hugging Face convention (YAML metadata block, then
+Markdown) so hub tooling reads it, and says what a person needs to trust or
+reproduce the result: base model, method, hyperparameters, the data it was
+trained and judged on (content fingerprints), and its perplexities.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+CARD = "README.md"
+
+
+def _loading_snippet(summary: dict) -> str:
+    base = summary["base_model"]["path"]
+    if summary["method"] in ("lora", "qlora", "prefix"):
+        quant = ""
+        if summary["method"] == "qlora":
+            quant = ("\nfrom transformers import BitsAndBytesConfig\n"
+                     "# QLoRA: load the base in 4 bits as it was trained (see the hyperparameters above)\n")
+        return (
+            f"```python{quant}\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
+            "model = PeftModel.from_pretrained(base, \"<this directory>\")\n```"
+        )
+    return ("```python\nfrom transformers import AutoModelForCausalLM\n\n"
+            "model = AutoModelForCausalLM.from_pretrained(\"<this directory>\")\n```")
+
+
+def render_model_card(summary: dict, facts: dict) -> str:
+    """The card's text for a run summary (see :func:`ftflow.methods.run_job`) and extra facts."""
+    base = summary["base_model"]
+    peft = summary["method"] in ("lora", "qlora", "prefix")
+    meta = {
+        "base_model": base["path"],
+        "library_name": "peft" if peft else "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["ftflow", summary["method"]],
+    }
+    job = summary["job"]
+    hyper = {**job["hyper"], "learning_rate": job["learning_rate"], "epochs": job["epochs"],
+             "batch_size": job["batch_size"], "weight_decay": job["weight_decay"], "precision": summary["precision"]}
+    selection, test = summary["selection"], summary["test"]
+    baseline = summary["baseline_validation"]["corpus_ppl"]
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {summary['name']}",
+        "",
+        f"{summary['method']} of `{base['path']}` ({base['name']}, family {base['family']}), trained by ftflow.",
+        "",
+        "## Hyperparameters",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in hyper.items()],
+        "",
+        "## Data",
+        "",
+        f"- training set: `{summary['train_set']}`, {summary['train_sentences']} sentences",
+        *[f"- {k}: `{v}`" for k, v in facts.items()],
+        "",
+        "## Results",
+        "",
+        "| split | PPL | bits/byte | tokens |",
+        "|---|---|---|---|",
+        f"| selection ({facts.get('selection_split', 'validation')}), before training | {baseline:.4f} | "
+        f"{summary['baseline_validation']['bits_per_byte']:.4f} | {summary['baseline_validation']['scored_tokens']} |",
+        f"| selection, best epoch ({summary['best_epoch']}) | {selection['corpus_ppl']:.4f} | "
+        f"{selection['bits_per_byte']:.4f} | {selection['scored_tokens']} |",
+        f"| test | {test['corpus_ppl']:.4f} | {test['bits_per_byte']:.4f} | {test['scored_tokens']} |",
+        "",
+        "Perplexity is token-weighted over the split (exp of total NLL / scored tokens). The best epoch was chosen "
+        "on the selection split; test was scored once, afterwards.",
+        "",
+        "## Loading",
+        "",
+        _loading_snippet(summary),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(model_dir: Path, summary: dict, facts: dict) -> Path:
+    """Write ``README.md`` into ``model_dir``; returns its path."""
+    path = Path(model_dir) / CARD
+    path.write_text(render_model_card(summary, facts), encoding="utf-8")
+    return path
+
+
+def read_card_metadata(model_dir: Path) -> dict:
+    """The YAML metadata block of a card."""
+    text = (Path(model_dir) / CARD).read_text(encoding="utf-8")
+    _, block, _ = text.split("---", 2)
+    return yaml.safe_load(block)

@@ -1,0 +1,194 @@
+"""The study's tables, built from run results: one per section of ``seed/report.md``.
+
+Every table reports test perplexity (``PPL``, as the study did) next to the
+selection-split perplexity the choices were made on, so a reader can see
+both. Inputs are the benchmark manifests (``baselines``) and the training
+run manifests (``runs``, see :func:`ftflow.methods.run_job`); skipped runs
+(over the memory budget) appear with their reason instead of numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+METHOD_ORDER = ("lora", "qlora", "prefix", "full", "distill")
+METHOD_LABEL = {"lora": "LoRA", "qlora": "QLoRA", "prefix": "prefix", "full": "full FT", "distill": "distill"}
+
+
+def _ppl(result: dict | None) -> float | None:
+    return result["corpus_ppl"] if result else None
+
+
+def _main_runs(runs: Sequence[dict]) -> list[dict]:
+    """Runs on the main training set (ablation runs on other sets are reported on their own)."""
+    return [r for r in runs if r["job"]["train_set"] == "main"]
+
+
+def method_table(baselines: Sequence[dict], runs: Sequence[dict]) -> pd.DataFrame:
+    """Study 3.1, widened: per model, baseline PPL and the best run of each method (chosen on selection)."""
+    base = {b["name"]: b for b in baselines}
+    best: dict[tuple[str, str], dict] = {}
+    for run in _main_runs(runs):
+        if run.get("skipped"):
+            continue
+        key = (run["base_model"]["name"], run["method"])
+        if key not in best or run["best_validation_ppl"] < best[key]["best_validation_ppl"]:
+            best[key] = run
+    models = sorted({m for m, _ in best}, key=lambda m: (base.get(m, {}).get("family", ""), m))
+    rows = []
+    for model in models:
+        row = {"model": model, "family": base[model]["family"] if model in base else None,
+               "parameters": base[model]["parameters"] if model in base else None,
+               "baseline_ppl": _ppl(base[model]["test"]) if model in base else None}
+        for method in METHOD_ORDER:
+            run = best.get((model, method))
+            row[f"{method}_ppl"] = _ppl(run["test"]) if run else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def lora_grid_table(runs: Sequence[dict], chosen: str | None) -> pd.DataFrame:
+    """Study 3.1's grid (on the chosen run's model): PPL, rank, alpha, dropout, learning rate, best epoch."""
+    grid_model = next((r["base_model"]["name"] for r in runs if r["name"] == chosen), None)
+    rows = []
+    for run in _main_runs(runs):
+        job = run["job"]
+        if run["method"] != "lora" or run["base_model"]["name"] != grid_model:
+            continue
+        rows.append({
+            "ppl": _ppl(run.get("test")), "selection_ppl": run.get("best_validation_ppl"),
+            "rank": job["hyper"]["r"], "alpha": job["hyper"]["alpha"], "dropout": job["hyper"]["dropout"],
+            "learning_rate": job["learning_rate"], "best_epoch": run.get("best_epoch"),
+            "chosen": "✓" if run["name"] == chosen else "", "skipped": run.get("skipped"),
+        })
+    return pd.DataFrame(rows)
+
+
+def prefix_table(baselines: Sequence[dict], runs: Sequence[dict]) -> pd.DataFrame:
+    """Study 3.2: base model, prefix length, learning rate, baseline PPL, PPL."""
+    base = {b["name"]: b for b in baselines}
+    rows = []
+    for run in _main_runs(runs):
+        if run["method"] != "prefix":
+            continue
+        model = run["base_model"]["name"]
+        rows.append({
+            "base_model": model, "prefix_length": run["job"]["hyper"]["num_virtual_tokens"],
+            "learning_rate": run["job"]["learning_rate"],
+            "baseline_ppl": _ppl(base[model]["test"]) if model in base else None,
+            "ppl": _ppl(run.get("test")), "selection_ppl": run.get("best_validation_ppl"),
+            "skipped": run.get("skipped"),
+        })
+    return pd.DataFrame(rows)
+
+
+def full_and_distill_table(baselines: Sequence[dict], runs: Sequence[dict]) -> pd.DataFrame:
+    """Study 3.3: model / condition, original PPL, final PPL."""
+    base = {b["name"]: b for b in baselines}
+    rows = []
+    for run in _main_runs(runs):
+        if run["method"] not in ("full", "distill"):
+            continue
+        model = run["base_model"]["name"]
+        condition = model if run["method"] == "full" else f"{model} distill {run['settings_label']}"
+        rows.append({
+            "condition": condition, "method": run["method"],
+            "original_ppl": _ppl(base[model]["test"]) if model in base else None,
+            "final_ppl": _ppl(run.get("test")), "selection_ppl": run.get("best_validation_ppl"),
+            "skipped": run.get("skipped"),
+        })
+    return pd.DataFrame(rows)
+
+
+def ablation_table(runs: Sequence[dict], ablation: dict[str, str]) -> pd.DataFrame:
+    """Study 3.4, measured: the same run on each training set, and its difference to the original set.
+
+    ``ablation`` maps the names of the runs that form the ablation (same
+    method, model and hyperparameters; only the training set differs) to a
+    label of their training set; the run labelled ``original`` is the reference.
+    """
+    chosen = [r for r in runs if r["name"] in ablation and not r.get("skipped")]
+    reference = next((r for r in chosen if ablation[r["name"]] == "original"), None)
+    rows = []
+    for run in chosen:
+        ppl = _ppl(run["test"])
+        row = {"train_set": ablation[run["name"]], "sentences": run["train_sentences"], "run": run["title"],
+               "selection_ppl": run["best_validation_ppl"], "ppl": ppl, "delta_ppl": None, "delta_percent": None}
+        if reference is not None:
+            ref = _ppl(reference["test"])
+            row["delta_ppl"] = ppl - ref
+            row["delta_percent"] = 100.0 * (ppl - ref) / ref
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        rank = {"original": 0, "all methods (configured mix)": 1}
+        frame = frame.sort_values("train_set", key=lambda s: s.map(lambda v: (rank.get(v, 2), v)))
+    return frame.reset_index(drop=True)
+
+
+TABLE_COLUMNS = {
+    "methods": {"model": "model", "family": "family", "parameters": "params", "baseline_ppl": "baseline PPL",
+                "lora_ppl": "LoRA PPL", "qlora_ppl": "QLoRA PPL", "prefix_ppl": "prefix PPL",
+                "full_ppl": "full FT PPL", "distill_ppl": "distill PPL"},
+    "lora_grid": {"ppl": "PPL", "selection_ppl": "selection PPL", "rank": "rank", "alpha": "LoRA alpha",
+                  "dropout": "dropout", "learning_rate": "learning rate", "best_epoch": "best epoch",
+                  "chosen": "chosen", "skipped": "skipped"},
+    "prefix": {"base_model": "base model", "prefix_length": "prefix length", "learning_rate": "learning rate",
+               "baseline_ppl": "baseline PPL", "ppl": "PPL", "selection_ppl": "selection PPL", "skipped": "skipped"},
+    "full_distill": {"condition": "model / condition", "original_ppl": "original PPL", "final_ppl": "final PPL",
+                     "selection_ppl": "selection PPL", "skipped": "skipped"},
+    "augmentation": {"train_set": "training set", "sentences": "sentences", "run": "run",
+                     "selection_ppl": "selection PPL", "ppl": "PPL", "delta_ppl": "Δ PPL vs original",
+                     "delta_percent": "Δ %"},
+}
+TABLE_TITLES = {
+    "methods": "Baseline vs fine-tuning methods per model (best run of each method, chosen on selection)",
+    "lora_grid": "LoRA grid search",
+    "prefix": "Prefix tuning",
+    "full_distill": "Full fine-tuning and distillation",
+    "augmentation": "Data augmentation: the same run on each training set",
+}
+
+
+def study_tables(baselines: Sequence[dict], runs: Sequence[dict], chosen_lora: str | None,
+                 ablation: dict[str, str] | None = None) -> dict[str, pd.DataFrame]:
+    """Every study table that has rows, keyed as in ``TABLE_COLUMNS``."""
+    tables = {
+        "methods": method_table(baselines, runs),
+        "lora_grid": lora_grid_table(runs, chosen_lora),
+        "prefix": prefix_table(baselines, runs),
+        "full_distill": full_and_distill_table(baselines, runs),
+        "augmentation": ablation_table(runs, ablation or {}),
+    }
+    return {name: frame for name, frame in tables.items() if not frame.empty}
+
+
+def plot_methods(frame: pd.DataFrame, path: Path) -> None:
+    """Grouped bars: test PPL of the baseline and of each method, per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("baseline_ppl", "baseline", "#9e9e9e")] + [
+        (f"{m}_ppl", METHOD_LABEL[m], c)
+        for m, c in zip(METHOD_ORDER, ("#1f77b4", "#17becf", "#9467bd", "#2ca02c", "#ff7f0e"))
+        if f"{m}_ppl" in frame and frame[f"{m}_ppl"].notna().any()
+    ]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(frame) + 2), 4.2))
+    for i, (column, label, colour) in enumerate(series):
+        xs = [j + i * width for j in range(len(frame))]
+        ax.bar(xs, frame[column].astype(float), width, label=label, color=colour)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(frame))])
+    ax.set_xticklabels(frame["model"], rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("test PPL (lower is better)")
+    ax.set_title("Perplexity by method per model")
+    ax.legend(fontsize=8, ncol=min(3, len(series)))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,113 @@
+"""Stage: one training run (LoRA, QLoRA, prefix tuning, full fine-tuning or distillation), cached on its own.
+
+Every grid combination is one run of this task, named after what it trains
+(``lora[granite-teacher|r16,a32,d0.05,lr0.0002]``). Checkpoints live in the
+stage's work directory, so running the pipeline again after a crash resumes
+the run where it stopped. While it trains, a Prefect progress artifact shows
+the step, the training loss and the best validation perplexity so far.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from prefect import task
+
+from ftflow.artifacts import write_json
+from ftflow.data import read_split
+from ftflow.memory import GB, MemoryBudgetError, check_training_fits
+from ftflow.methods import MEMORY_METHOD, TrainJob, run_job
+from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
+
+STAGE = "train"
+MODULES = ("ftflow.methods", "ftflow.training", "ftflow.distill", "ftflow.cards", "ftflow.memory", "ftflow.models",
+           "ftflow.perplexity", "ftflow.tokens", "ftflow.data", "tasks.train")
+FAULT_VARIABLE = "FTFLOW_FAIL_STAGE"  # for tests: a method name here (e.g. distill) makes those runs fail
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact for one training run, updated at most every ``interval`` seconds."""
+
+    def __init__(self, title: str, interval: float = 2.0):
+        self.title, self.interval = title, interval
+        self.artifact_id = None
+        self.last = 0.0
+
+    def __call__(self, event: dict) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        now = time.monotonic()
+        validated = event.get("validation_ppl") is not None and float(event.get("epoch") or 0).is_integer()
+        if self.artifact_id is not None and now - self.last < self.interval and not validated:
+            return
+        self.last = now
+        percent = 100.0 * event["step"] / max(1, event["max_steps"])
+        parts = [f"{self.title}: step {event['step']}/{event['max_steps']}"]
+        if event.get("loss") is not None:
+            parts.append(f"loss {event['loss']:.4f}")
+        if event.get("validation_ppl") is not None:
+            parts.append(f"best validation PPL {event['validation_ppl']:.4f}")
+        description = ", ".join(parts)
+        try:
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(percent, description=description)
+            else:
+                update_progress_artifact(self.artifact_id, percent, description=description)
+        except Exception as exc:  # monitoring must never stop training
+            run_logger().debug("progress artifact not updated: %s", exc)
+
+
+@task(name="train", task_run_name="{job.title}", cache_policy=ContentCache(stage=STAGE, modules=MODULES),
+      **STAGE_TASK_OPTIONS)
+def train(job: TrainJob, train_set: dict, data: dict, seed: int, max_length: int, device: str,
+          eval_batch_size: int, selection_split: str, memory_budget_gb: float, planned_length: int,
+          teacher_topk: Optional[dict] = None, checkpoint_steps: int = 50, artifacts_dir: str = "artifacts",
+          progress: bool = True) -> dict:
+    """Train one job on ``train_set``; keep its best epoch on the selection split; score it on test.
+
+    A run the memory plan predicts will not fit is not started: its manifest
+    says ``skipped`` with the reason (and is cached like any result, since the
+    prediction depends only on the inputs).
+    """
+
+    def build(out: Path, work: Path) -> dict:
+        logger = run_logger()
+        if os.environ.get(FAULT_VARIABLE) == job.method:
+            raise RuntimeError(f"{job.title}: failing on purpose because {FAULT_VARIABLE}={job.method} (a test "
+                               "fault); unset the variable and run again")
+        try:
+            check_training_fits(job.model["path"], job.precision, MEMORY_METHOD[job.method],
+                                batch_size=job.batch_size, max_length=planned_length,
+                                budget_bytes=int(memory_budget_gb * GB), device=device,
+                                lora_r=job.hyper.get("r", 8), trust_remote_code=job.model["trust_remote_code"])
+        except MemoryBudgetError as exc:
+            logger.warning("%s is not trained: %s", job.title, exc)
+            return {"files": {}, "name": job.name, "title": job.title, "method": job.method,
+                    "job": job.model_dump(mode="json"), "base_model": job.model, "skipped": str(exc)}
+        facts = {"train set fingerprint": train_set["fingerprint"], "data fingerprint": data["fingerprint"],
+                 "selection_split": selection_split}
+        if teacher_topk is not None:
+            facts["teacher"] = teacher_topk["teacher"]
+            facts["teacher top-k fingerprint"] = teacher_topk["fingerprint"]
+        if (work / "trainer").exists():
+            logger.info("%s: found the work directory of an interrupted run, resuming from it", job.title)
+        summary = run_job(
+            job,
+            train_sentences=read_split(stage_path(train_set, "train")),
+            validation_sentences=read_split(stage_path(data, selection_split)),
+            test_sentences=read_split(stage_path(data, "test")),
+            seed=seed, max_length=max_length, device=device, eval_batch_size=eval_batch_size,
+            work_dir=work, out_dir=out, checkpoint_steps=checkpoint_steps,
+            teacher_topk_dir=stage_path(teacher_topk, "topk") if teacher_topk is not None else None,
+            card_facts=facts, progress=progress, on_progress=ProgressArtifact(job.title),
+        )
+        if summary["resumed_from"]:
+            logger.info("%s: resumed from %s and finished", job.title, summary["resumed_from"])
+        write_json(out / "history.json", {k: summary[k] for k in ("history", "baseline_validation", "best_epoch")})
+        return {"files": {"model": "model", "history": "history.json", "card": "model/README.md"},
+                "selection_split": selection_split, **summary}
+
+    return run_stage(STAGE, MODULES, build, work=True)
