@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from flows.pipeline import pipeline
+
 import pytest
 
 from tests.flows.micro import STAGES, micro_config, run_pipeline, run_pipeline_runs
@@ -73,3 +75,16 @@ def test_train_file_content_change_reruns_everything_downstream_of_data(micro):
         train.write_text(original, encoding="utf-8")
     # Back to the original content: everything is Cached again.
     assert recomputed(stage_states(micro)) == set()
+
+
+def test_failed_stage_fails_the_run_clearly_and_a_rerun_resumes_there(micro, monkeypatch):
+    changed = {"distill": {"temperature": 2.0}}  # new distillation runs, everything upstream unchanged
+    monkeypatch.setenv("FTFLOW_FAIL_STAGE", "distill")
+    state = pipeline(config_path=str(micro), overrides=changed, progress=False, return_state=True)
+    assert state.is_failed()
+    assert "2 of 2 training run(s) failed" in state.message and "FTFLOW_FAIL_STAGE=distill" in state.message
+
+    monkeypatch.delenv("FTFLOW_FAIL_STAGE")
+    _, runs = run_pipeline_runs(micro, changed)
+    redone = {name for name, (stage, state) in runs.items() if stage in STAGES and state != "Cached"}
+    assert {name.split("[")[0].split("-")[0] for name in redone} == {"distill", "evaluate"}, redone

@@ -83,6 +83,10 @@ def test_failed_model_is_recorded_and_the_others_go_on(models_config, prefect_se
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     by_key = {a.key: a for a in artifacts}
+    # Each training run kept a progress artifact up to date; it ends at 100% with the best validation PPL.
+    progress = [a for a in artifacts if a.type == "progress"]
+    assert len(progress) == 5 and all(a.data == 100.0 for a in progress)
+    assert all("best validation PPL" in a.description for a in progress)
     assert by_key["leaderboard"].type == "table"
     assert "ghost" in str(by_key["leaderboard"].data)
     assert by_key["report"].type == "markdown"
