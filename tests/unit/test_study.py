@@ -1,0 +1,73 @@
+"""The study's tables from run results: right rows, choices made on selection, honest differences."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from ftflow.report import markdown_table
+from ftflow.study import TABLE_COLUMNS, ablation_table, method_table, plot_methods, study_tables
+
+
+def score(ppl: float) -> dict:
+    return {"corpus_ppl": ppl, "bits_per_byte": ppl / 10, "scored_tokens": 100, "n_truncated": 0}
+
+
+def run(model: str, method: str, selection: float, test: float, train_set: str = "main", **hyper) -> dict:
+    job = {"method": method, "hyper": hyper, "learning_rate": 1e-3, "epochs": 2, "batch_size": 8,
+           "weight_decay": 0.0, "train_set": train_set}
+    label = ",".join(f"{k}{v}" for k, v in hyper.items()) + f",{train_set}"
+    return {"name": f"{model}+{method}[{label}]", "title": f"{method}[{model}|{label}]", "method": method,
+            "settings_label": label, "base_model": {"name": model, "family": "f"}, "job": job,
+            "best_validation_ppl": selection, "selection": score(selection), "test": score(test), "best_epoch": 1,
+            "train_sentences": 100}
+
+
+BASELINES = [{"name": "teacher", "family": "f", "parameters": 20, "test": score(10.0)},
+             {"name": "student", "family": "f", "parameters": 10, "test": score(12.0)}]
+
+
+def test_method_table_takes_each_methods_best_run_on_selection_not_test():
+    runs = [run("teacher", "lora", 5.0, 9.5, r=8), run("teacher", "lora", 6.0, 8.0, r=16),  # better test, worse selection
+            run("teacher", "qlora", 5.5, 9.7, r=8), run("student", "full", 7.0, 11.0)]
+    frame = method_table(BASELINES, runs).set_index("model")
+    assert frame.loc["teacher", "lora_ppl"] == 9.5  # chosen on selection (5.0), not the lower test 8.0
+    assert frame.loc["teacher", "qlora_ppl"] == 9.7 and frame.loc["teacher", "baseline_ppl"] == 10.0
+    assert frame.loc["student", "full_ppl"] == 11.0 and pd.isna(frame.loc["student", "lora_ppl"])
+
+
+def test_grid_table_lists_every_combination_and_marks_the_chosen_one():
+    runs = [run("teacher", "lora", 5.0, 9.5, r=8, alpha=16, dropout=0.05),
+            run("teacher", "lora", 6.0, 8.0, r=16, alpha=32, dropout=0.05),
+            run("student", "lora", 4.0, 7.0, r=8, alpha=16, dropout=0.05)]  # the best combination on another model
+    tables = study_tables(BASELINES, runs, chosen_lora=runs[0]["name"])
+    grid = tables["lora_grid"]
+    assert list(grid["rank"]) == [8, 16] and list(grid["chosen"]) == ["✓", ""]
+    text = markdown_table(grid, TABLE_COLUMNS["lora_grid"])
+    assert "| 9.5000 | 5.0000 | 8 | 16 | 0.05 | 0.001 | 1 | ✓ |" in text  # settings shown as written
+
+
+def test_ablation_table_measures_each_training_set_against_the_original():
+    runs = [run("student", "full", 7.0, 10.0, train_set="original"),
+            run("student", "full", 7.5, 11.0, train_set="main"),
+            run("student", "full", 7.2, 10.5, train_set="synonym")]
+    labels = {runs[0]["name"]: "original", runs[1]["name"]: "all methods (configured mix)",
+              runs[2]["name"]: "synonym only"}
+    frame = ablation_table(runs, labels)
+    assert list(frame["train_set"]) == ["original", "all methods (configured mix)", "synonym only"]
+    assert list(frame["delta_ppl"]) == pytest.approx([0.0, 1.0, 0.5])
+    assert list(frame["delta_percent"]) == pytest.approx([0.0, 10.0, 5.0])
+    # Ablation runs are not mixed into the other tables.
+    assert "augmentation" in study_tables(BASELINES, runs, None, labels)
+    assert "methods" in study_tables(BASELINES, runs, None, labels)
+    assert method_table(BASELINES, runs).loc[0, "full_ppl"] == 11.0
+
+
+def test_skipped_runs_are_listed_with_their_reason(tmp_path):
+    skipped = run("teacher", "prefix", 0, 0, num_virtual_tokens=4)
+    skipped.update(skipped="predicted 30 GB, over the 20 GB budget", test=None, best_validation_ppl=None)
+    skipped["job"]["hyper"] = {"num_virtual_tokens": 4}
+    frame = study_tables(BASELINES, [skipped, run("teacher", "lora", 5.0, 9.0, r=8)], None)["prefix"]
+    assert frame.loc[0, "skipped"].startswith("predicted 30 GB") and frame.isna().loc[0, "ppl"]
+    plot_methods(method_table(BASELINES, [run("teacher", "lora", 5.0, 9.0, r=8)]), tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 0
