@@ -147,7 +147,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     evaluation = stage(evaluate)(data, augmented, benchmarks, failures, selection, runs, best["name"],
                                  ablation, cfg.name, cfg.max_length, cfg.selection_split,
                                  cfg.memory_budget_gb, artifacts_dir=out)
-    publish(evaluation, plan)
+    publish(evaluation, plan, benchmarks)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
     return evaluation
 

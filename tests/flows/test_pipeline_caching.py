@@ -32,6 +32,8 @@ def micro(tmp_path_factory, prefect_server) -> Path:
     config = micro_config(tmp_path_factory.mktemp("micro"))
     states = stage_states(config)
     assert recomputed(states) == STAGES
+    # Two distillation variants (top-k 2 and 4), one teacher pass stored at k=4.
+    assert states["teacher_logits"] == ["Completed"]
     return config
 
 
