@@ -22,8 +22,10 @@ from prefect.logging import get_run_logger
 
 from ftflow.artifacts import MANIFEST, atomic_directory, read_manifest, write_json
 from ftflow.caching import stage_key
+from tasks._locks import LeasedFileLockManager, lease_seconds_from_env
 
 RECORD = "prefect-result.json"
+LOCKS_DIR = ".locks"  # under artifacts_dir; one lock per cache key while a run computes it
 # Parameters that say where or how to run, not what to compute.
 NOT_IN_KEY = frozenset({"artifacts_dir", "progress", "checkpoint_steps"})
 
@@ -49,8 +51,17 @@ class ContentCache(CachePolicy):
 
 
 def with_storage(task, artifacts_dir: str | Path):
-    """The task with its Prefect results stored under ``artifacts_dir`` (beside the outputs)."""
-    return task.with_options(result_storage=Path(artifacts_dir).resolve())
+    """The task with its Prefect results stored under ``artifacts_dir`` (beside the outputs).
+
+    A content-cached stage also runs SERIALIZABLE, locked in ``artifacts_dir/.locks``: of two runs
+    that reach one key at once, the second waits and reads the first one's record (see tasks/_locks.py).
+    """
+    root = Path(artifacts_dir).resolve()
+    options: dict[str, Any] = dict(result_storage=root)
+    if isinstance(task.cache_policy, ContentCache):
+        locks = LeasedFileLockManager(root / LOCKS_DIR, lease_seconds=lease_seconds_from_env())
+        options["cache_policy"] = task.cache_policy.configure(isolation_level="SERIALIZABLE", lock_manager=locks)
+    return task.with_options(**options)
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
