@@ -5,12 +5,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# WordNet 3.0 for the synonym / random_insert augmentations (read offline; nothing is downloaded at run time).
-if [ ! -f /usr/share/wordnet/index.noun ]; then
+# Debian packages: WordNet 3.0 for the synonym / random_insert augmentations (read offline; nothing is
+# downloaded at run time), and Chromium for the headless test of the Prefect UI (tests/ops/test_ui.py).
+apt_packages=()
+[ -f /usr/share/wordnet/index.noun ] || apt_packages+=(wordnet-base)
+command -v chromium >/dev/null || apt_packages+=(chromium)
+if [ "${#apt_packages[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_packages[@]}"
   else
-    echo "WordNet missing: sudo apt-get install -y --no-install-recommends wordnet-base (or set augment.nltk_data_dir / NLTK_DATA)" >&2
+    for package in "${apt_packages[@]}"; do
+      case "$package" in
+        wordnet-base) echo "WordNet missing: sudo apt-get install -y --no-install-recommends wordnet-base (or set augment.nltk_data_dir / NLTK_DATA)" >&2 ;;
+        chromium) echo "Chromium missing: sudo apt-get install -y --no-install-recommends chromium (the UI test is skipped without it)" >&2 ;;
+      esac
+    done
   fi
 fi
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
