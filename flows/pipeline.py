@@ -14,6 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from ftflow.config import load_config
 from ftflow.methods import TrainJob, best_run, distill_grid, full_job, lora_grid, lora_like, prefix_grid, qlora_like
 from ftflow.models import resolve_device
+from flows.scale import mapped_runner
 from tasks._stage import with_storage
 from tasks.augment import augment
 from tasks.benchmark import benchmark
@@ -30,6 +31,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 # One task at a time: candidate models are loaded one after another, never side by side in memory.
+# Mapped work (benchmarks, training runs) goes where `runner` says: here, or a Dask cluster (flows/scale.py).
 @flow(name="ftflow-pipeline", flow_run_name="{config_path}", validate_parameters=False,
       task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = None, progress: bool = True) -> dict:
@@ -38,7 +40,8 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     cfg = load_config(config_path, overrides)
     out = str(cfg.artifacts_dir)
     device = resolve_device(cfg.device)
-    logger.info("config %s -> artifacts in %s, device %s", config_path, out, device)
+    logger.info("config %s -> artifacts in %s, device %s, mapped work on %s", config_path, out, device,
+                cfg.runner.kind)
     stage = lambda task: with_storage(task, out)  # noqa: E731  results live beside the outputs
     common = dict(artifacts_dir=out, progress=progress)
 
@@ -48,10 +51,70 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
         candidates = zoo_candidates(stage(zoo)(cfg.zoo, device, **common))
     else:
         candidates = list(cfg.models)
-
     # Nothing is loaded that the memory plan predicts will not fit.
     plan = stage(plan_memory)(candidates, data, cfg.memory, cfg.memory_budget_gb, cfg.max_length,
                               cfg.benchmark.batch_size, device, artifacts_dir=out)
+
+    with mapped_runner(cfg.runner) as submit:
+        benchmarks, failures = _benchmark_all(submit, stage(benchmark), candidates, plan, data, cfg.max_length,
+                                              device, common)
+        # Later scoring (validation per epoch, teacher logits, test) uses the most cautious planned batch size.
+        eval_batch = (cfg.benchmark.batch_size if cfg.benchmark.batch_size != "auto" else
+                      min([d["batch_size"] for d in plan["decisions"].values() if d["precision"]], default=1))
+        selection = stage(select_family)(benchmarks, cfg.select, cfg.selection_split, artifacts_dir=out)
+        lengths = {name: d["max_length"] for name, d in plan["decisions"].items()}
+        run = dict(data=data, seed=cfg.seed, max_length=cfg.max_length, device=device, eval_batch_size=eval_batch,
+                   selection_split=cfg.selection_split, memory_budget_gb=cfg.memory_budget_gb,
+                   checkpoint_steps=cfg.training.checkpoint_steps, **common)
+
+        def train_all(jobs: list[TrainJob], train_sets: list[dict] | None = None, topk: dict | None = None):
+            """Submit one training run per job (each cached on its own) and wait for all of them."""
+            futures = [
+                submit(stage(train), job=job, train_set=train_set, teacher_topk=topk,
+                       planned_length=lengths[job.model["name"]], **run)
+                for job, train_set in zip(jobs, train_sets or [augmented] * len(jobs))  # augmented: the main set
+            ]
+            return _settle(jobs, futures)
+
+        teacher, student = selection["teacher_model"], selection["student_model"]
+        # 1. The LoRA grid on the teacher; its best combination (on the selection split) is carried on.
+        grid = train_all(lora_grid(cfg.lora, teacher))
+        best = best_run(grid)
+        best_job = TrainJob.model_validate(best["job"])
+        logger.info("best LoRA combination: %s (selection PPL %.4f)", best["title"], best["best_validation_ppl"])
+
+        # 2. Per compared model: LoRA with that combination, QLoRA, full fine-tuning (small enough models);
+        #    the prefix-tuning grid on the teacher.
+        per_model = train_all(_per_model_jobs(cfg, benchmarks, selection, best_job, logger))
+
+        # 3. Distillation variants from the best LoRA teacher, its log-probs stored once at the largest k.
+        topk = stage(teacher_logits)(best, augmented, max(cfg.distill.top_k), cfg.max_length, device, eval_batch,
+                                     **common)
+        distilled = train_all(distill_grid(cfg.distill, student), topk=topk)
+
+        # 4. The measured effect of augmentation: one run repeated on each training set.
+        ablation_runs, ablation = [], {}
+        if cfg.ablation.enabled:
+            variants = _ablation_train_sets(cfg, data, augmented, stage(augment), out)
+            base_job = (lora_like(best_job, teacher) if cfg.ablation.method == "lora"
+                        else full_job(cfg.finetune, student))
+            ablation_runs = train_all([base_job.model_copy(update={"train_set": name}) for name in variants],
+                                      [train_set for train_set, _ in variants.values()])
+            ablation = {r["name"]: label for r, (_, label) in zip(ablation_runs, variants.values())}
+
+    runs = _unique(grid + per_model + distilled + ablation_runs)
+    evaluation = stage(evaluate)(data, augmented, benchmarks, failures, selection, runs, best["name"],
+                                 ablation, cfg.name, cfg.max_length, cfg.selection_split,
+                                 cfg.memory_budget_gb, artifacts_dir=out)
+    publish(evaluation, plan, benchmarks)
+    logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
+    return evaluation
+
+
+def _benchmark_all(submit, benchmark_task, candidates, plan: dict, data: dict, max_length: int, device: str,
+                   common: dict) -> tuple[list[dict], list[dict]]:
+    """Score every candidate the plan lets in; a model that fails is recorded and the others go on."""
+    logger = get_run_logger()
     benchmarks, failures, futures = [], [], []
     for spec in candidates:
         decision = plan["decisions"][spec.name]
@@ -61,8 +124,8 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
                              "error": decision["reason"]})
             continue
         planned = spec.model_copy(update={"precision": decision["precision"]})
-        futures.append((planned, stage(benchmark).submit(planned, data, decision["batch_size"], cfg.max_length,
-                                                          device, **common)))
+        futures.append((planned, submit(benchmark_task, spec=planned, data=data, batch_size=decision["batch_size"],
+                                        max_length=max_length, device=device, **common)))
     for spec, future in futures:
         future.wait()
         if future.state.is_completed():
@@ -71,85 +134,47 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
             error = _error_text(future)
             logger.error("benchmark of %s failed, continuing without it: %s", spec.name, error)
             failures.append({"name": spec.name, "family": spec.family, "precision": spec.precision, "error": error})
+    return benchmarks, failures
 
-    # Later scoring (validation per epoch, teacher logits, test) uses the most cautious planned batch size.
-    eval_batch = (cfg.benchmark.batch_size if cfg.benchmark.batch_size != "auto" else
-                  min([d["batch_size"] for d in plan["decisions"].values() if d["precision"]], default=1))
-    selection = stage(select_family)(benchmarks, cfg.select, cfg.selection_split, artifacts_dir=out)
-    lengths = {name: d["max_length"] for name, d in plan["decisions"].items()}
-    run = dict(data=data, seed=cfg.seed, max_length=cfg.max_length, device=device, eval_batch_size=eval_batch,
-               selection_split=cfg.selection_split, memory_budget_gb=cfg.memory_budget_gb,
-               checkpoint_steps=cfg.training.checkpoint_steps, **common)
 
-    def train_all(jobs: list[TrainJob], train_sets: list[dict] | None = None, topk: dict | None = None):
-        """Submit one training run per job (each cached on its own) and wait for all of them."""
-        futures = [
-            stage(train).submit(job=job, train_set=train_set, teacher_topk=topk,
-                                planned_length=lengths[job.model["name"]], **run)
-            for job, train_set in zip(jobs, train_sets or [augmented] * len(jobs))  # augmented: the main set
-        ]
-        return _settle(jobs, futures)
-
-    teacher, student = selection["teacher_model"], selection["student_model"]
-    # 1. The LoRA grid on the teacher; its best combination (on the selection split) is carried on.
-    grid = train_all(lora_grid(cfg.lora, teacher))
-    best = best_run(grid)
-    best_job = TrainJob.model_validate(best["job"])
-    logger.info("best LoRA combination: %s (selection PPL %.4f)", best["title"], best["best_validation_ppl"])
-
-    # 2. Per compared model: LoRA with that combination, QLoRA, full fine-tuning (small enough models);
-    #    the prefix-tuning grid on the teacher.
+def _per_model_jobs(cfg, benchmarks: list[dict], selection: dict, best_job: TrainJob, logger) -> list[TrainJob]:
+    """LoRA (the best combination), QLoRA and full fine-tuning per compared model; the prefix grid on the teacher."""
     by_name = {b["name"]: b for b in benchmarks}
+    teacher = selection["teacher_model"]
     compared = ([b["model"] for b in benchmarks] if cfg.compare.models == "all"
                 else [by_name[selection["teacher"]]["model"], by_name[selection["student"]]["model"]])
     jobs = []
     for model in compared:
-        if model["name"] != teacher["name"]:
+        if model["name"] != teacher["name"]:  # the teacher's LoRA run is the grid's best
             jobs.append(lora_like(best_job, model))
         if cfg.qlora.enabled:
             jobs.append(qlora_like(best_job, model, cfg.qlora))
-        if by_name[model["name"]]["parameters"] <= cfg.finetune.max_params:
+        parameters = by_name[model["name"]]["parameters"]
+        if parameters <= cfg.finetune.max_params:
             jobs.append(full_job(cfg.finetune, model))
         else:
             logger.info("%s is not fine-tuned in full: %s parameters > finetune.max_params %s", model["name"],
-                        f"{by_name[model['name']]['parameters']:,}", f"{cfg.finetune.max_params:,}")
+                        f"{parameters:,}", f"{cfg.finetune.max_params:,}")
     if cfg.prefix.enabled:
         jobs += prefix_grid(cfg.prefix, teacher)
-    per_model = train_all(jobs)
+    return jobs
 
-    # 3. Distillation variants from the best LoRA teacher, its log-probs stored once at the largest k.
-    topk = stage(teacher_logits)(best, augmented, max(cfg.distill.top_k), cfg.max_length, device, eval_batch,
-                                 **common)
-    distilled = train_all(distill_grid(cfg.distill, student), topk=topk)
 
-    # 4. The measured effect of augmentation: one run repeated on each training set.
-    ablation_runs, ablation = [], {}
-    if cfg.ablation.enabled:
-        mix = "all methods (configured mix)"
-        if cfg.augment.enabled:
-            variants = {"main": (augmented, mix), "original": (data, "original")}
-        else:  # the pipeline trains on the original split; the mix is made for the comparison only
-            on = cfg.augment.model_copy(update={"enabled": True})
-            variants = {"main": (data, "original"),
-                        "augmented": (stage(augment).with_options(task_run_name="augment[mix]")(on, data,
-                                                                                             artifacts_dir=out), mix)}
-        if cfg.ablation.per_method:
-            for method in sorted(m for m, w in cfg.augment.methods.items() if w > 0):
-                only = cfg.augment.model_copy(update={"enabled": True, "methods": {method: 1.0}})
-                variants[method] = (stage(augment).with_options(task_run_name=f"augment[{method}]")(
-                    only, data, artifacts_dir=out), f"{method} only")
-        base_job = lora_like(best_job, teacher) if cfg.ablation.method == "lora" else full_job(cfg.finetune, student)
-        ablation_runs = train_all([base_job.model_copy(update={"train_set": name}) for name in variants],
-                                  [train_set for train_set, _ in variants.values()])
-        ablation = {run["name"]: label for run, (_, label) in zip(ablation_runs, variants.values())}
-
-    runs = _unique(grid + per_model + distilled + ablation_runs)
-    evaluation = stage(evaluate)(data, augmented, benchmarks, failures, selection, runs, best["name"],
-                                 ablation, cfg.name, cfg.max_length, cfg.selection_split,
-                                 cfg.memory_budget_gb, artifacts_dir=out)
-    publish(evaluation, plan, benchmarks)
-    logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
-    return evaluation
+def _ablation_train_sets(cfg, data: dict, augmented: dict, augment_task, out: str) -> dict[str, tuple[dict, str]]:
+    """{train_set name: (manifest with files.train, label)}: original, the configured mix, each method alone."""
+    mix = "all methods (configured mix)"
+    if cfg.augment.enabled:
+        variants = {"main": (augmented, mix), "original": (data, "original")}
+    else:  # the pipeline trains on the original split; the mix is made for the comparison only
+        on = cfg.augment.model_copy(update={"enabled": True})
+        made = augment_task.with_options(task_run_name="augment[mix]")(on, data, artifacts_dir=out)
+        variants = {"main": (data, "original"), "augmented": (made, mix)}
+    if cfg.ablation.per_method:
+        for method in sorted(m for m, w in cfg.augment.methods.items() if w > 0):
+            only = cfg.augment.model_copy(update={"enabled": True, "methods": {method: 1.0}})
+            made = augment_task.with_options(task_run_name=f"augment[{method}]")(only, data, artifacts_dir=out)
+            variants[method] = (made, f"{method} only")
+    return variants
 
 
 def _settle(jobs: list[TrainJob], futures: list) -> list[dict]:

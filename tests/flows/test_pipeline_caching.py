@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
-from flows.pipeline import pipeline
-
 import pytest
 
+from flows.pipeline import pipeline
 from tests.flows.micro import STAGES, micro_config, run_pipeline, run_pipeline_runs
 
 pytestmark = pytest.mark.slow
@@ -90,3 +90,20 @@ def test_failed_stage_fails_the_run_clearly_and_a_rerun_resumes_there(micro, mon
     _, runs = run_pipeline_runs(micro, changed)
     redone = {name for name, (stage, state) in runs.items() if stage in STAGES and state != "Cached"}
     assert {name.split("[")[0].split("-")[0] for name in redone} == {"distill", "evaluate"}, redone
+
+
+def test_augmentation_ablation_adds_only_its_own_runs_and_measures_each_set(micro):
+    _, runs = run_pipeline_runs(micro, {"ablation": {"enabled": True}})
+    redone = {name for name, (stage, state) in runs.items() if stage in STAGES and state != "Cached"}
+    # New: one augmented set per method, one run per new training set, the report. The run on the
+    # configured mix is the main run, already there.
+    assert all(n.startswith("augment[") or ",data=" in n or n.startswith("evaluate") for n in redone), redone
+    assert sum(",data=" in n for n in redone) == 6  # original + 5 methods alone
+    (evaluation,) = [d for d in (micro.parent / "artifacts" / "evaluate").iterdir()
+                     if (d / "augmentation.csv").is_file()]
+    with open(evaluation / "augmentation.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["train_set"] for r in rows][:2] == ["original", "all methods (configured mix)"]
+    assert len(rows) == 7 and float(rows[0]["delta_ppl"]) == 0.0
+    assert all(float(r["ppl"]) - float(rows[0]["ppl"]) == pytest.approx(float(r["delta_ppl"])) for r in rows)
+    assert "Data augmentation: the same run on each training set" in (evaluation / "report.md").read_text()
