@@ -107,3 +107,20 @@ def test_augmentation_ablation_adds_only_its_own_runs_and_measures_each_set(micr
     assert len(rows) == 7 and float(rows[0]["delta_ppl"]) == 0.0
     assert all(float(r["ppl"]) - float(rows[0]["ppl"]) == pytest.approx(float(r["delta_ppl"])) for r in rows)
     assert "Data augmentation: the same run on each training set" in (evaluation / "report.md").read_text()
+
+
+def test_choices_use_validation_unless_the_study_protocol_is_asked_for(micro):
+    def leaderboard(overrides=None):
+        state = pipeline(config_path=str(micro), overrides=overrides, progress=False, return_state=True)
+        evaluation = state.result()
+        return evaluation, [r for r in evaluation["leaderboard"] if r["kind"] != "baseline"]
+
+    evaluation, trained = leaderboard()
+    # Best epochs are chosen on validation: the selection PPL is a different split's number than test.
+    assert all(r["selection_ppl"] != r["test_ppl"] for r in trained)
+    assert "STUDY PROTOCOL" not in (Path(evaluation["dir"]) / "report.md").read_text()
+
+    evaluation, trained = leaderboard({"selection_split": "test"})
+    assert all(r["selection_ppl"] == pytest.approx(r["test_ppl"], rel=1e-9) for r in trained)
+    assert "STUDY PROTOCOL: the family, best epochs and best combinations were chosen on the TEST split" in (
+        Path(evaluation["dir"]) / "report.md").read_text()
