@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_API_URL
 
 from flows.pipeline import pipeline
 from tests.flows.micro import STAGES, micro_config, run_pipeline, run_pipeline_runs
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def stage_states(config: Path, overrides: dict | None = None) -> dict[str, list[str]]:
@@ -79,17 +86,44 @@ def test_train_file_content_change_reruns_everything_downstream_of_data(micro):
     assert recomputed(stage_states(micro)) == set()
 
 
-def test_failed_stage_fails_the_run_clearly_and_a_rerun_resumes_there(micro, monkeypatch):
-    changed = {"distill": {"temperature": 2.0}}  # new distillation runs, everything upstream unchanged
+def fail_distillation(micro, changed: dict, monkeypatch):
+    """Run with a fault in every distillation run; return the failed flow run's id."""
     monkeypatch.setenv("FTFLOW_FAIL_STAGE", "distill")
     state = pipeline(config_path=str(micro), overrides=changed, progress=False, return_state=True)
+    monkeypatch.delenv("FTFLOW_FAIL_STAGE")
     assert state.is_failed()
     assert "2 of 2 training run(s) failed" in state.message and "FTFLOW_FAIL_STAGE=distill" in state.message
+    return state.state_details.flow_run_id
 
-    monkeypatch.delenv("FTFLOW_FAIL_STAGE")
-    _, runs = run_pipeline_runs(micro, changed)
+
+def resumed_at_distillation(runs: dict) -> bool:
     redone = {name for name, (stage, state) in runs.items() if stage in STAGES and state != "Cached"}
-    assert {name.split("[")[0].split("-")[0] for name in redone} == {"distill", "evaluate"}, redone
+    return {name.split("[")[0].split("-")[0] for name in redone} == {"distill", "evaluate"}
+
+
+def test_failed_stage_fails_the_run_clearly_and_a_rerun_resumes_there(micro, monkeypatch):
+    changed = {"distill": {"temperature": 2.0}}  # new distillation runs, everything upstream unchanged
+    fail_distillation(micro, changed, monkeypatch)
+    _, runs = run_pipeline_runs(micro, changed)
+    assert resumed_at_distillation(runs), runs
+
+
+def test_prefect_flow_run_retry_resumes_a_failed_run(micro, monkeypatch):
+    failed = fail_distillation(micro, {"distill": {"temperature": 3.0}}, monkeypatch)
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-m", "prefect", "flow-run", "retry", str(failed),
+                    "--entrypoint", "flows/pipeline.py:pipeline"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(failed).state.is_completed()
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[failed])))
+    # The retry's task runs join the same flow run: the distillation runs completed, upstream Cached.
+    latest: dict[str, tuple[str, str]] = {}
+    for run in sorted(runs, key=lambda r: r.expected_start_time or r.created):
+        latest[run.name] = (run.task_key.rsplit("-", 1)[0].split(".")[-1], run.state.name)
+    assert all(state in ("Completed", "Cached") for _, state in latest.values())
+    assert any(name.startswith("distill[") and state == "Completed" for name, (_, state) in latest.items())
+    assert all(state == "Cached" for stage, state in latest.values() if stage in ("zoo", "benchmark"))
 
 
 def test_augmentation_ablation_adds_only_its_own_runs_and_measures_each_set(micro):
