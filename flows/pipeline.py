@@ -98,8 +98,14 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
             variants = _ablation_train_sets(cfg, data, augmented, stage(augment), out)
             base_job = (lora_like(best_job, teacher) if cfg.ablation.method == "lora"
                         else full_job(cfg.finetune, student))
-            ablation_runs = train_all([base_job.model_copy(update={"train_set": name}) for name in variants],
-                                      [train_set for train_set, _ in variants.values()])
+            jobs = [base_job.model_copy(update={"train_set": name}) for name in variants]
+            # An augmented set is `factor` times larger, so at equal epochs it also gets that many more
+            # optimizer steps: the original set trained for as many steps separates the two effects.
+            same_steps = max(1, round(base_job.epochs * cfg.augment.factor))
+            if same_steps != base_job.epochs:
+                jobs.append(base_job.model_copy(update={"train_set": "original-steps", "epochs": same_steps}))
+                variants["original-steps"] = (data, f"original, same steps ({same_steps} epochs)")
+            ablation_runs = train_all(jobs, [train_set for train_set, _ in variants.values()])
             ablation = {r["name"]: label for r, (_, label) in zip(ablation_runs, variants.values())}
 
     runs = _unique(grid + per_model + distilled + ablation_runs)

@@ -66,7 +66,8 @@ def leaderboard_rows(candidates: Sequence[dict]) -> pd.DataFrame:
 
 
 # Settings, not measurements: shown as written (0.05, 2e-05), not to four decimals.
-PLAIN_COLUMNS = frozenset({"alpha", "dropout", "learning_rate", "rank", "prefix_length", "best_epoch"})
+PLAIN_COLUMNS = frozenset({"alpha", "dropout", "learning_rate", "rank", "prefix_length", "best_epoch", "epochs"})
+PERCENT_COLUMNS = frozenset({"delta_percent", "delta_percent_same_steps"})
 
 
 def _cell(value, plain: bool = False) -> str:
@@ -79,13 +80,20 @@ def _cell(value, plain: bool = False) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _percent(value) -> str:
+    if value is None or pd.isna(value):
+        return ""
+    return f"{value:+.2f}%"
+
+
 def markdown_table(frame: pd.DataFrame, columns: dict[str, str] = COLUMNS) -> str:
     """A GitHub Markdown table of the given columns (header from ``columns`` values)."""
     optional = ("error", "peak_gb", "skipped")  # shown only when some row has a value
     keep = [c for c in columns if c in frame.columns and (c not in optional or frame[c].notna().any())]
     lines = ["| " + " | ".join(columns[c] for c in keep) + " |", "|" + "---|" * len(keep)]
     for record in frame[keep].to_dict("records"):
-        lines.append("| " + " | ".join(_cell(record[c], c in PLAIN_COLUMNS) for c in keep) + " |")
+        cells = [_percent(record[c]) if c in PERCENT_COLUMNS else _cell(record[c], c in PLAIN_COLUMNS) for c in keep]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

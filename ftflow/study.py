@@ -108,24 +108,37 @@ def ablation_table(runs: Sequence[dict], ablation: dict[str, str]) -> pd.DataFra
 
     ``ablation`` maps the names of the runs that form the ablation (same
     method, model and hyperparameters; only the training set differs) to a
-    label of their training set; the run labelled ``original`` is the reference.
+    label of their training set. The run labelled ``original`` is the
+    reference; a run labelled ``original, same steps ...`` (the original set
+    trained for as many optimizer steps as the augmented sets get) is the
+    second reference, which separates the effect of the new sentences from
+    that of the extra steps.
     """
     chosen = [r for r in runs if r["name"] in ablation and not r.get("skipped")]
     reference = next((r for r in chosen if ablation[r["name"]] == "original"), None)
+    same_steps = next((r for r in chosen if ablation[r["name"]].startswith("original, same steps")), None)
     rows = []
     for run in chosen:
         ppl = _ppl(run["test"])
         row = {"train_set": ablation[run["name"]], "sentences": run["train_sentences"], "run": run["title"],
-               "selection_ppl": run["best_validation_ppl"], "ppl": ppl, "delta_ppl": None, "delta_percent": None}
+               "epochs": run["job"]["epochs"], "selection_ppl": run["best_validation_ppl"], "ppl": ppl,
+               "delta_ppl": None, "delta_percent": None, "delta_percent_same_steps": None}
         if reference is not None:
             ref = _ppl(reference["test"])
             row["delta_ppl"] = ppl - ref
             row["delta_percent"] = 100.0 * (ppl - ref) / ref
+        if same_steps is not None and not row["train_set"].startswith("original"):
+            ref = _ppl(same_steps["test"])
+            row["delta_percent_same_steps"] = 100.0 * (ppl - ref) / ref
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        rank = {"original": 0, "all methods (configured mix)": 1}
-        frame = frame.sort_values("train_set", key=lambda s: s.map(lambda v: (rank.get(v, 2), v)))
+        def rank(label: str) -> tuple:
+            if label == "original":
+                return (0, label)
+            return (1 if label.startswith("original") else 2 if label.startswith("all methods") else 3, label)
+
+        frame = frame.sort_values("train_set", key=lambda column: column.map(rank))
     return frame.reset_index(drop=True)
 
 
@@ -140,9 +153,9 @@ TABLE_COLUMNS = {
                "baseline_ppl": "baseline PPL", "ppl": "PPL", "selection_ppl": "selection PPL", "skipped": "skipped"},
     "full_distill": {"condition": "model / condition", "original_ppl": "original PPL", "final_ppl": "final PPL",
                      "selection_ppl": "selection PPL", "skipped": "skipped"},
-    "augmentation": {"train_set": "training set", "sentences": "sentences", "run": "run",
+    "augmentation": {"train_set": "training set", "sentences": "sentences", "epochs": "epochs", "run": "run",
                      "selection_ppl": "selection PPL", "ppl": "PPL", "delta_ppl": "Δ PPL vs original",
-                     "delta_percent": "Δ %"},
+                     "delta_percent": "Δ % vs original", "delta_percent_same_steps": "Δ % vs original, same steps"},
 }
 TABLE_TITLES = {
     "methods": "Baseline vs fine-tuning methods per model (best run of each method, chosen on selection)",

@@ -91,6 +91,10 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
             if b.get("peak_memory_bytes") and b["peak_memory_bytes"] > memory_budget_gb * 1e9:
                 notes.append(f"{b['name']} peaked at {b['peak_memory_bytes'] / 1e9:.1f} GB while scoring, over "
                              f"the {memory_budget_gb:g} GB budget")
+        if "augmentation" in tables:
+            notes.append("augmentation table: an augmented set is larger, so at equal epochs it also gets more "
+                         "optimizer steps; compare it with the original set trained for the same steps (last "
+                         "column) to see the effect of the new sentences alone")
         truncated = int(frame["test_truncated"].fillna(0).sum())
         if truncated:
             notes.append(f"{truncated} test sentence(s) were truncated at {max_length} tokens across all rows")

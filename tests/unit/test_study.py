@@ -50,16 +50,21 @@ def test_grid_table_lists_every_combination_and_marks_the_chosen_one():
 def test_ablation_table_measures_each_training_set_against_the_original():
     runs = [run("student", "full", 7.0, 10.0, train_set="original"),
             run("student", "full", 7.5, 11.0, train_set="main"),
-            run("student", "full", 7.2, 10.5, train_set="synonym")]
+            run("student", "full", 7.2, 10.5, train_set="synonym"),
+            run("student", "full", 6.9, 10.0 * 1.05, train_set="original-steps")]
     labels = {runs[0]["name"]: "original", runs[1]["name"]: "all methods (configured mix)",
-              runs[2]["name"]: "synonym only"}
+              runs[2]["name"]: "synonym only", runs[3]["name"]: "original, same steps (3 epochs)"}
     frame = ablation_table(runs, labels)
-    assert list(frame["train_set"]) == ["original", "all methods (configured mix)", "synonym only"]
-    assert list(frame["delta_ppl"]) == pytest.approx([0.0, 1.0, 0.5])
-    assert list(frame["delta_percent"]) == pytest.approx([0.0, 10.0, 5.0])
+    assert list(frame["train_set"]) == ["original", "original, same steps (3 epochs)",
+                                        "all methods (configured mix)", "synonym only"]
+    assert list(frame["delta_ppl"]) == pytest.approx([0.0, 0.5, 1.0, 0.5])
+    assert list(frame["delta_percent"]) == pytest.approx([0.0, 5.0, 10.0, 5.0])
+    # Against the original set trained as many steps: the new sentences' own effect.
+    assert frame["delta_percent_same_steps"].iloc[:2].isna().all()
+    assert list(frame["delta_percent_same_steps"].iloc[2:]) == pytest.approx([100 * (11 / 10.5 - 1), 0.0])
+    assert "| +10.00% |" in markdown_table(frame, TABLE_COLUMNS["augmentation"])
     # Ablation runs are not mixed into the other tables.
     assert "augmentation" in study_tables(BASELINES, runs, None, labels)
-    assert "methods" in study_tables(BASELINES, runs, None, labels)
     assert method_table(BASELINES, runs).loc[0, "full_ppl"] == 11.0
 
 
