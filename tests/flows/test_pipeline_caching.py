@@ -158,3 +158,8 @@ def test_choices_use_validation_unless_the_study_protocol_is_asked_for(micro):
     assert all(r["selection_ppl"] == pytest.approx(r["test_ppl"], rel=1e-9) for r in trained)
     assert "STUDY PROTOCOL: the family, best epochs and best combinations were chosen on the TEST split" in (
         Path(evaluation["dir"]) / "report.md").read_text()
+
+
+def test_one_augmentation_rate_reruns_augmentation_and_what_trains_on_it_only(micro):
+    states = stage_states(micro, {"augment": {"random_swap": {"rate": 0.3}}})
+    assert recomputed(states) == {"augment", "train", "teacher_logits", "evaluate"}
