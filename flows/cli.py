@@ -32,6 +32,12 @@ def parse_overrides(pairs: list[str]) -> dict:
 def _run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     cfg = load_config(args.config, overrides)  # fail fast, before Prefect starts
+    if args.no_progress:  # also the libraries' own bars (loading and writing weights, datasets maps)
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     from flows.pipeline import pipeline
 
     evaluation = pipeline(config_path=str(Path(args.config).resolve()), overrides=overrides,

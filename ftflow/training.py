@@ -113,6 +113,9 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, save_bes
             control.should_save = True  # a checkpoint at every epoch end, after its validation is on disk
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:  # through logging (Prefect's run logger in a run), not print
+                log.info("step %d/%d (epoch %.2f): loss %.4f, learning rate %.2e", state.global_step,
+                         state.max_steps, state.epoch or 0, logs["loss"], logs.get("learning_rate", 0.0))
             if on_progress is not None and logs and "loss" in logs:
                 on_progress(dict(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
                                  loss=logs["loss"], validation_ppl=self.best if self.best < math.inf else None))
@@ -161,6 +164,7 @@ def fit(
         "resumed_from"}``.
     """
     from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -213,6 +217,7 @@ def fit(
                                         history_path, on_progress)],
         **(trainer_kwargs or {}),
     )
+    trainer.remove_callback(PrinterCallback)  # its print() of every log; the callback above logs them instead
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     best = min(history, key=lambda e: e["validation"]["corpus_ppl"])
     return {
