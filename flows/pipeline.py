@@ -104,7 +104,8 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
             same_steps = max(1, round(base_job.epochs * cfg.augment.factor))
             if same_steps != base_job.epochs:
                 jobs.append(base_job.model_copy(update={"train_set": "original-steps", "epochs": same_steps}))
-                variants["original-steps"] = (data, f"original, same steps ({same_steps} epochs)")
+                variants["original-steps"] = (data, f"original, same steps ({same_steps} epochs, the augmented "
+                                                    f"sets get {cfg.augment.factor:g} x {base_job.epochs})")
             ablation_runs = train_all(jobs, [train_set for train_set, _ in variants.values()])
             ablation = {r["name"]: label for r, (_, label) in zip(ablation_runs, variants.values())}
 
