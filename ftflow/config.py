@@ -185,6 +185,42 @@ class ZooSize(_Strict):
     intermediate_size: int = Field(..., ge=8, description="MLP width.")
 
 
+# Real models' layer widths are multiples of 64, and 4-bit kernels rely on it: on a CPU with AVX512-BF16,
+# bitsandbytes repacks 4-bit weights in blocks of 32 output features (its assertion: "N must be divisible
+# by block_n"). Zoo models keep to the same rule, so the demo and the tests exercise what hub models meet.
+LAYER_WIDTH_MULTIPLE = 64
+KV_WIDTH_MULTIPLE = 32
+
+
+def zoo_size_problems(size: ZooSize, where: str) -> list[str]:
+    """Every reason ``size`` cannot be built, each prefixed with ``where``."""
+    problems = []
+    for field in ("hidden_size", "intermediate_size"):
+        value = getattr(size, field)
+        if value % LAYER_WIDTH_MULTIPLE:
+            problems.append(
+                f"{where}: {field} {value} is not a multiple of {LAYER_WIDTH_MULTIPLE} (4-bit kernels need layer "
+                f"widths as real models have them; use {_round_up(value, LAYER_WIDTH_MULTIPLE)})")
+    if size.hidden_size % size.num_heads:
+        problems.append(f"{where}: hidden_size {size.hidden_size} is not divisible by num_heads {size.num_heads}")
+    elif (size.hidden_size // size.num_heads) % 2:
+        # Rotary embeddings rotate pairs of dimensions.
+        problems.append(f"{where}: head size {size.hidden_size // size.num_heads} must be even (rotary embeddings)")
+    elif size.num_heads % size.num_kv_heads == 0 and (
+            size.hidden_size // size.num_heads * size.num_kv_heads) % KV_WIDTH_MULTIPLE:
+        width = size.hidden_size // size.num_heads * size.num_kv_heads
+        problems.append(
+            f"{where}: the key/value projections are {width} wide (head size x num_kv_heads), not a multiple of "
+            f"{KV_WIDTH_MULTIPLE} (4-bit kernels need it); use more num_kv_heads or fewer num_heads")
+    if size.num_heads % size.num_kv_heads:
+        problems.append(f"{where}: num_heads {size.num_heads} is not divisible by num_kv_heads {size.num_kv_heads}")
+    return problems
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 class ZooFamily(_Strict):
     """One model family of the offline zoo: a student and a larger teacher sharing a tokenizer."""
 
@@ -206,6 +242,14 @@ class ZooConfig(_Strict):
     learning_rate: float = Field(3e-3, gt=0, description="Pretraining peak learning rate.")
     max_length: int = Field(64, ge=8, description="Longest pretraining sequence, in tokens.")
     seed: int = Field(0, description="Seed of tokenizer training, initialisation and pretraining.")
+
+    @model_validator(mode="after")
+    def _buildable_sizes(self) -> "ZooConfig":
+        problems = [problem for family in self.families for role in ("student", "teacher")
+                    for problem in zoo_size_problems(getattr(family, role), f"zoo.families[{family.name}].{role}")]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class ModelSpec(_Strict):

@@ -108,6 +108,8 @@ def load_model(
         raise ModelLoadError(_explain(path, f"model ({precision})", exc)) from exc
     if quant is None:
         model = model.to(device)
+    else:
+        use_reference_4bit_layout(model)
     if adapter is not None:
         from peft import PeftModel
 
@@ -115,6 +117,31 @@ def load_model(
     if not trainable:
         model.eval()
     return model
+
+
+def use_reference_4bit_layout(model) -> int:
+    """Keep every 4-bit layer of ``model`` on bitsandbytes' reference CPU layout; return how many there are.
+
+    On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit.forward`` repacks a layer's weights, the first
+    time it runs in eval mode without grad, into a blocked layout for a faster kernel. That kernel needs
+    every out_features divisible by 32 and gives numbers that differ from the reference kernel's (about
+    1e-5 relative in perplexity), so the same 4-bit weights would score differently on different CPUs, and
+    between a run's evaluation passes and its training steps. ftflow turns the switch off, and unpacks a
+    layer that was already packed, so every CPU scores with the kernel that trains. CUDA is unaffected.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        return 0
+    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+        weight = layer.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            layer.quant_state = weight.quant_state
+    return len(layers)
 
 
 def _explain(path: str, what: str, exc: Exception) -> str:

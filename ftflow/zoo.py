@@ -40,7 +40,7 @@ from transformers import (
 )
 
 from ftflow import synthetic, tokens
-from ftflow.config import Architecture, ZooConfig, ZooSize
+from ftflow.config import Architecture, ZooConfig, ZooSize, zoo_size_problems
 
 PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
@@ -129,19 +129,6 @@ def train_tokenizer(sentences: Sequence[str], vocab_size: int, seed: int, with_b
     )
 
 
-def size_problems(size: ZooSize, where: str) -> list[str]:
-    """Every reason ``size`` cannot be built, each prefixed with ``where``."""
-    problems = []
-    if size.hidden_size % size.num_heads:
-        problems.append(f"{where}: hidden_size {size.hidden_size} is not divisible by num_heads {size.num_heads}")
-    elif (size.hidden_size // size.num_heads) % 2:
-        # Rotary embeddings rotate pairs of dimensions.
-        problems.append(f"{where}: head size {size.hidden_size // size.num_heads} must be even (rotary embeddings)")
-    if size.num_heads % size.num_kv_heads:
-        problems.append(f"{where}: num_heads {size.num_heads} is not divisible by num_kv_heads {size.num_kv_heads}")
-    return problems
-
-
 def model_config(
     architecture: Architecture,
     size: ZooSize,
@@ -163,7 +150,7 @@ def model_config(
     """
     if architecture not in _CONFIG_CLASSES:
         raise ValueError(f"architecture must be one of {sorted(_CONFIG_CLASSES)}, got {architecture!r}")
-    problems = size_problems(size, architecture)
+    problems = zoo_size_problems(size, architecture)
     if problems:
         raise ValueError("; ".join(problems))
     return _CONFIG_CLASSES[architecture](
@@ -296,7 +283,7 @@ def zoo_problems(cfg: ZooConfig) -> list[str]:
         problems.append(f"zoo family names must be unique; repeated: {repeated}")
     for family in cfg.families:
         for role in ROLES:
-            problems.extend(size_problems(getattr(family, role), f"zoo.families[{family.name}].{role}"))
+            problems.extend(zoo_size_problems(getattr(family, role), f"zoo.families[{family.name}].{role}"))
     return problems
 
 

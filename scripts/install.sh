@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install ftflow and its test tools into the current Python environment.
+# Install ftflow and its test tools into the current Python environment (a virtual environment, or the
+# system Python as root).
 # torch is installed first, pinned, when absent: an unpinned range would pull a multi-GB CUDA build.
 # On a GPU machine, install the torch build for your CUDA first; this script then keeps it.
 set -euo pipefail
@@ -25,4 +26,10 @@ fi
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install --quiet "torch==${FTFLOW_TORCH_VERSION:-2.13.0}"
 fi
-"$PYTHON" -m pip install --quiet -e ".[dev]"
+# The tested set of versions (constraints.txt, torch excepted: see above); FTFLOW_LATEST=1 takes the newest
+# releases that pyproject.toml's ranges allow instead.
+constraints=()
+if [ "${FTFLOW_LATEST:-0}" != 1 ] && [ -f constraints.txt ]; then
+  constraints=(--constraint constraints.txt)
+fi
+"$PYTHON" -m pip install --quiet "${constraints[@]}" -e ".[dev]"

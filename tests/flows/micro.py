@@ -12,8 +12,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from flows.pipeline import pipeline
 from ftflow.synthetic import generate_sentences
 
-SIZE = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32}
-BIGGER = {"hidden_size": 24, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 48}
+# Widths as real models have them (multiples of 64): 4-bit kernels on some CPUs need it.
+SIZE = {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}
+BIGGER = {"hidden_size": 128, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 256}
 
 
 def write_data(directory: Path, seed: int = 0) -> tuple[Path, Path]:

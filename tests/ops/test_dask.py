@@ -13,7 +13,6 @@ import pytest
 from tests.flows.micro import micro_config
 from tests.ops.conftest import REPO, tail, wait_for_task_runs
 
-pytest.importorskip("prefect_dask", reason="prefect-dask is not installed (pip install prefect-dask)")
 pytestmark = pytest.mark.slow
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
+from tests.needs import needs
+
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -37,8 +39,7 @@ def page_text(url: str, screenshot: Path, profile: Path, expected: list[str]) ->
     return text
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium; "
-                                             "scripts/install.sh does it when run as root)")
+@needs(CHROMIUM is not None, "Debian's chromium", "apt-get install -y chromium (scripts/install.sh does it as root)")
 def test_ui_shows_the_finished_run_and_its_leaderboard(ops_server, deployed_runs, tmp_path):
     with ops_server.client() as client:
         flow_run = client.read_flow_run(deployed_runs.runs["ftflow-pipeline/nightly"])

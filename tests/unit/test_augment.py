@@ -20,14 +20,13 @@ from ftflow.config import AugmentConfig
 from ftflow.translate import TranslationFailed, build_back_translator
 from ftflow.wordnet import DEBIAN_WORDNET_DIR, INSTALL_COMMAND, load_wordnet
 from tests.fake_libretranslate import FakeLibreTranslate
+from tests.needs import needs
 
 SENTENCES = [f"the film number {i} was good and the plot was fun" for i in range(20)] + ["short"]
 OFFLINE = {"random_swap": 1, "random_delete": 1, "random_mask": 1}  # no WordNet, no network
 
-requires_wordnet = pytest.mark.skipif(
-    not (DEBIAN_WORDNET_DIR / "index.noun").is_file(),
-    reason=f"WordNet not installed under {DEBIAN_WORDNET_DIR}: {INSTALL_COMMAND}",
-)
+requires_wordnet = needs((DEBIAN_WORDNET_DIR / "index.noun").is_file(), f"WordNet under {DEBIAN_WORDNET_DIR}",
+                         INSTALL_COMMAND)
 
 
 @pytest.fixture(scope="module")

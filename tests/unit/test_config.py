@@ -6,7 +6,7 @@ import yaml
 from ftflow.config import ConfigError, load_config, parse_config
 from flows.cli import parse_overrides
 
-SIZE = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32}
+SIZE = {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -189,7 +189,8 @@ def test_nf4_weights_quantize_linear_layers_only():
 
 
 def test_nf4_bytes_per_parameter_match_bitsandbytes():
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
     layer = bnb.nn.Linear4bit(512, 256, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
                               compress_statistics=True).to("cpu")
     state = layer.weight.quant_state

@@ -48,3 +48,66 @@ def test_cuda_request_without_a_gpu_is_refused():
     assert resolve_device("auto") == "cpu"
     with pytest.raises(ModelLoadError, match="no CUDA GPU"):
         resolve_device("cuda")
+
+
+def _linear4bit_layers(model):
+    from bitsandbytes.nn import Linear4bit
+
+    return [module for module in model.modules() if isinstance(module, Linear4bit)]
+
+
+def test_nf4_scores_alike_whatever_the_cpu_reports(checkpoint, monkeypatch):
+    """A CPU with AVX512-BF16 would switch bitsandbytes to its packed layout: ftflow keeps the reference one."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    tokenizer = load_tokenizer(checkpoint)
+    plain = load_model(checkpoint, "nf4", "cpu")
+    expected = score_sentences(plain, tokenizer, SENTENCES, progress=False).total_nll
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # what such a CPU reports
+    model = load_model(checkpoint, "nf4", "cpu")
+    layers = _linear4bit_layers(model)
+    # 2 layers x (q, k, v, o, gate, up, down); the lm_head stays unquantized.
+    assert len(layers) == 14
+    assert not any(layer.support_avx512bf16_for_cpu for layer in layers)
+    assert score_sentences(model, tokenizer, SENTENCES, progress=False).total_nll == expected
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+
+
+def test_a_packed_4bit_model_is_unpacked_to_the_same_weights(checkpoint):
+    """Both CPU layouts: the packed one (as bitsandbytes' AVX512-BF16 path leaves a layer) converts back exactly."""
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu
+
+    from ftflow.models import use_reference_4bit_layout
+
+    tokenizer = load_tokenizer(checkpoint)
+    model = load_model(checkpoint, "nf4", "cpu")
+    expected = score_sentences(model, tokenizer, SENTENCES, progress=False).total_nll
+    layers = _linear4bit_layers(model)
+    before = [layer.weight.data.clone() for layer in layers]
+    for layer in layers:  # what Linear4bit.forward does on such a CPU, in eval mode without grad
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(
+            layer.weight.data, layer.weight.quant_state)
+    assert all(layer.weight.quant_state.packing_format_for_cpu for layer in layers)
+    assert any(layer.weight.data.shape != old.shape for layer, old in zip(layers, before))
+    assert use_reference_4bit_layout(model) == 14
+    assert all(torch.equal(layer.weight.data, old) for layer, old in zip(layers, before))
+    assert not any(layer.weight.quant_state.packing_format_for_cpu for layer in layers)
+    # Packing rounds the block scales (absmax) to bf16 and the way back quantizes them again, so the
+    # weights are equal but the scales only close: why ftflow stops the packing rather than undoing it.
+    assert score_sentences(model, tokenizer, SENTENCES, progress=False).total_nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_packed_4bit_model_saves_the_reference_layout(checkpoint, tmp_path):
+    """Saving a 4-bit model whose layers were packed writes the reference layout, which reloads to the same NLL."""
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu
+
+    tokenizer = load_tokenizer(checkpoint)
+    model = load_model(checkpoint, "nf4", "cpu")
+    expected = score_sentences(model, tokenizer, SENTENCES, progress=False).total_nll
+    for layer in _linear4bit_layers(model):
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(
+            layer.weight.data, layer.weight.quant_state)
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    reloaded = load_model(str(tmp_path / "saved"), "nf4", "cpu")
+    assert score_sentences(reloaded, tokenizer, SENTENCES, progress=False).total_nll == pytest.approx(expected, rel=1e-5)

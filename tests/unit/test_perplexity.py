@@ -236,7 +236,8 @@ def test_runs_in_eval_and_inference_mode_and_restores_training_flag():
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft vs transformers 5
 def test_peft_wrapped_model_scores_like_its_base():
-    peft = pytest.importorskip("peft")
+    import peft
+
     base = confident(tiny_model("llama"))
     tokenizer = tiny_tokenizer()
     expected = score_sentences(base, tokenizer, SENTENCES, batch_size=3, progress=False)

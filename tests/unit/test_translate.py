@@ -303,8 +303,8 @@ def test_settings_that_would_be_ignored_are_errors(settings, message):
 
 def tiny_marian(directory, vocab: dict[str, int], favourite: str):
     """A randomly initialised 1-layer Marian model that always says ``favourite`` (a logit bias)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
     from tokenizers.processors import TemplateProcessing
 

@@ -14,11 +14,10 @@ from ftflow.wordnet import (
     locate_wordnet,
     synonyms,
 )
+from tests.needs import needs
 
 HAVE_DEBIAN_WORDNET = (DEBIAN_WORDNET_DIR / "index.noun").is_file()
-requires_wordnet = pytest.mark.skipif(
-    not HAVE_DEBIAN_WORDNET, reason=f"WordNet not installed under {DEBIAN_WORDNET_DIR}: {INSTALL_COMMAND}"
-)
+requires_wordnet = needs(HAVE_DEBIAN_WORDNET, f"WordNet under {DEBIAN_WORDNET_DIR}", INSTALL_COMMAND)
 
 
 def fake_database(directory: Path) -> Path:

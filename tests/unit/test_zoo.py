@@ -29,7 +29,7 @@ from ftflow.config import ZooConfig, ZooSize
 ARCHITECTURES = ("granite", "llama", "qwen2")
 MODEL_CLASSES = {"granite": GraniteForCausalLM, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
 CONFIG_CLASSES = {"granite": GraniteConfig, "llama": LlamaConfig, "qwen2": Qwen2Config}
-MICRO_STUDENT = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 32}
+MICRO_STUDENT = {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}
 MICRO_TEACHER = {**MICRO_STUDENT, "num_layers": 2}
 
 
@@ -128,30 +128,38 @@ def test_model_config_per_architecture(corpus, architecture):
     assert type(config) is CONFIG_CLASSES[architecture]
     assert config.vocab_size == len(tokenizer) == 300
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (0, 2, 3)
-    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (16, 2, 32)
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (64, 2, 128)
     assert (config.num_attention_heads, config.num_key_value_heads) == (2, 1)
     assert config.max_position_embeddings == 32
     assert config.tie_word_embeddings is (architecture != "llama")
 
 
-def test_impossible_sizes_are_reported_together(corpus, tmp_path):
-    odd_heads = {**MICRO_STUDENT, "num_heads": 3}  # 16 is not divisible by 3
+def test_impossible_sizes_are_reported_together_when_the_config_loads(corpus, tmp_path):
+    odd_heads = {**MICRO_STUDENT, "num_heads": 3}  # 64 is not divisible by 3
     odd_groups = {**MICRO_STUDENT, "num_heads": 4, "num_kv_heads": 3}  # 4 heads in groups of 3
-    cfg = ZooConfig.model_validate(
-        {
-            "families": [
-                {"name": "a", "architecture": "llama", "student": odd_heads, "teacher": MICRO_TEACHER},
-                {"name": "b", "architecture": "qwen2", "student": MICRO_STUDENT, "teacher": odd_groups},
-            ],
-            "vocab_size": 300,
-        }
-    )
+    narrow = {**MICRO_STUDENT, "hidden_size": 48, "intermediate_size": 96}  # not as real models are
+    thin_kv = {**MICRO_STUDENT, "num_heads": 4}  # key/value projections 16 wide
     with pytest.raises(ValueError) as error:
-        zoo.build_zoo(cfg, corpus, tmp_path / "zoo", progress=False, log=lambda _: None)
+        ZooConfig.model_validate(
+            {
+                "families": [
+                    {"name": "a", "architecture": "llama", "student": odd_heads, "teacher": MICRO_TEACHER},
+                    {"name": "b", "architecture": "qwen2", "student": narrow, "teacher": odd_groups},
+                    {"name": "c", "architecture": "granite", "student": thin_kv, "teacher": MICRO_TEACHER},
+                ],
+                "vocab_size": 300,
+            }
+        )
     message = str(error.value)
-    assert "zoo.families[a].student: hidden_size 16 is not divisible by num_heads 3" in message
+    assert "zoo.families[a].student: hidden_size 64 is not divisible by num_heads 3" in message
     assert "zoo.families[b].teacher: num_heads 4 is not divisible by num_kv_heads 3" in message
-    assert not (tmp_path / "zoo").exists()  # checked before anything is trained or written
+    assert "zoo.families[b].student: hidden_size 48 is not a multiple of 64 (4-bit kernels need layer widths " \
+           "as real models have them; use 64)" in message
+    assert "zoo.families[b].student: intermediate_size 96 is not a multiple of 64" in message
+    assert "zoo.families[c].student: the key/value projections are 16 wide (head size x num_kv_heads), not a " \
+           "multiple of 32" in message
+    assert "zoo.families[b].student: the key/value projections are 24 wide" in message
+    assert message.count("zoo.families[") == 6
     tokenizer = zoo.train_tokenizer(corpus, 300, seed=0)
     with pytest.raises(ValueError, match="not divisible by num_heads 3"):
         zoo.model_config("llama", ZooSize(**odd_heads), tokenizer, 32)
