@@ -102,8 +102,9 @@ def kd_loss(
     if uniform, or as one token, for both would swap the student's own
     tempered tail for an assumed one.)
 
-    Memory: besides the logits, [N, V] float32 tensors are the log-softmax,
-    its tempered copy (T != 1) and the masked tail, all kept for backward.
+    Memory: besides the logits, the [N, V] float32 tensors kept for backward
+    are the log-softmax and, at T != 1, its tempered copy (no more than a
+    dense KL needs); the tail's sums run on transient copies.
 
     CE uses the raw logits (temperature 1). When no position is scored the
     three results are zeros still attached to the graph, so a batch of empty
@@ -166,16 +167,15 @@ def kd_loss(
         log_q1 = F.log_softmax(logits[:, :kl_vocab], dim=-1)
     log_qt = log_q1 if temperature == 1.0 else F.log_softmax(log_q1 / temperature, dim=-1)  # [N, V'] student at T
 
-    in_topk = torch.zeros_like(log_q1, dtype=torch.bool).scatter_(-1, teacher_ids, True)  # [N, V']
     student_top = log_qt.gather(-1, teacher_ids)  # [N, k]
     # The tail summed directly (not as 1 - top-k mass) stays exact however little mass it has.
-    student_tail = torch.logsumexp(log_qt.masked_fill(in_topk, -math.inf), dim=-1)  # [N], -inf when k = V'
+    student_tail = _TailLogSumExp.apply(log_qt, teacher_ids)  # [N], -inf when k = V'
     with torch.no_grad():
         # a = log sum_tail (q_j / m_q)^(1/T): the tail's tempered weight per unit of T = 1 mass.
         if temperature == 1.0:
             shape = torch.zeros_like(student_tail)
         else:
-            tail_lp = log_q1.masked_fill(in_topk, -math.inf)  # [N, V']
+            tail_lp = log_q1.scatter(-1, teacher_ids, -math.inf)  # [N, V'], freed below
             log_mq = torch.logsumexp(tail_lp, dim=-1, keepdim=True)  # [N, 1]
             shape = torch.logsumexp(tail_lp.sub_(log_mq).div_(temperature), dim=-1)  # [N]
             del tail_lp
@@ -193,6 +193,30 @@ def kd_loss(
 
     loss = (1.0 - alpha) * ce + alpha * temperature**2 * kl
     return {"loss": loss, "ce": ce, "kl": kl}
+
+
+class _TailLogSumExp(torch.autograd.Function):
+    """``logsumexp`` of each row of ``log_probs`` outside ``ids``: the log-mass of the tail.
+
+    Same values and gradient as ``logsumexp(log_probs.scatter(-1, ids, -inf))``,
+    but keeps for backward only ``log_probs`` (which the log-softmax that made
+    it keeps anyway) and ``ids``, instead of another [N, V] float32 copy.
+    """
+
+    @staticmethod
+    def forward(ctx, log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.logsumexp(log_probs.scatter(-1, ids, -math.inf), dim=-1)  # [N]
+        ctx.save_for_backward(log_probs, ids, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        log_probs, ids, out = ctx.saved_tensors
+        # d out / d x_j = exp(x_j - out) on the tail, 0 on the ids (and everywhere when the tail is empty).
+        finite_out = torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+        grad = torch.exp(log_probs - finite_out[:, None]).scatter_(-1, ids, 0.0)
+        grad = torch.where(torch.isfinite(out)[:, None], grad, torch.zeros_like(grad))
+        return grad.mul_(grad_out[:, None]), None
 
 
 def _check_kd_inputs(

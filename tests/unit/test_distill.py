@@ -211,20 +211,25 @@ def test_top_k_kl_is_dense_kl_against_the_completed_teacher(k, temperature):
     topk_ids, topk_lp = _teacher_topk(teacher, k)
     tail = _teacher_tail(teacher, topk_ids)
 
+    student.requires_grad_(True)
     result = kd_loss(student, labels, topk_ids, topk_lp, alpha=1.0, temperature=temperature,
                      teacher_tail_logmass=tail)
+    (grad,) = torch.autograd.grad(result["kl"], student)
 
     scored = _scored_logit_mask(labels)
-    q = F.softmax(student[scored], dim=-1)  # [N, V]
-    ids, top_p, tail_p = topk_ids[scored], topk_lp[scored].exp(), tail[scored].exp()
-    in_top = torch.zeros_like(q, dtype=torch.bool).scatter(-1, ids, True)
-    student_tail = torch.where(in_top, 0.0, q)
-    completed = student_tail / student_tail.sum(-1, keepdim=True) * tail_p[:, None]
-    completed = completed.scatter(-1, ids, top_p)
+    with torch.no_grad():  # the completed teacher is a fixed target
+        q = F.softmax(student[scored], dim=-1)  # [N, V]
+        ids, top_p, tail_p = topk_ids[scored], topk_lp[scored].exp(), tail[scored].exp()
+        in_top = torch.zeros_like(q, dtype=torch.bool).scatter(-1, ids, True)
+        student_tail = torch.where(in_top, 0.0, q)
+        completed = student_tail / student_tail.sum(-1, keepdim=True) * tail_p[:, None]
+        completed = completed.scatter(-1, ids, top_p)
     dense = F.kl_div(F.log_softmax(student[scored] / temperature, dim=-1),
                      F.log_softmax(completed.log() / temperature, dim=-1), log_target=True,
                      reduction="none").sum(-1).mean()
+    (dense_grad,) = torch.autograd.grad(dense, student)
     assert result["kl"].item() == pytest.approx(dense.item(), abs=1e-5)
+    torch.testing.assert_close(grad, dense_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_free_student_at_temperature_two_learns_the_teachers_probabilities():
