@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TrainingArguments
 
 from ftflow.distill import (
@@ -504,6 +504,21 @@ def test_check_same_tokenizer_compares_merges_and_special_ids():
     other_eos.eos_token = "<pad>"
     with pytest.raises(ValueError, match=r"eos_token_id differs \(3 vs 0\)"):
         check_same_tokenizer(_bpe_tokenizer([("a", "b")]), other_eos, "t", "s")
+
+
+def test_check_same_tokenizer_compares_how_text_is_split():
+    splits_on_spaces_only = tiny_tokenizer()
+    splits_on_spaces_only.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # "mat," is one unknown word for it, "mat" and "," for the tiny tokenizer.
+    with pytest.raises(ValueError, match=r"the same text is encoded differently \('the cat sat on the mat, and the "
+                                         r"dog ran fast.': \[4, 6, 9, 10, 4, 11, 1, 20, 4, 7, 12, 13\] vs "
+                                         r"\[4, 6, 9, 10, 4, 1, 20, 4, 7, 12, 1\]\)"):
+        check_same_tokenizer(tiny_tokenizer(), splits_on_spaces_only, "t", "s")
+
+    # Another normalizer that changes nothing these tokenizers can encode is not a difference.
+    nfc = tiny_tokenizer()
+    nfc.backend_tokenizer.normalizer = normalizers.NFC()
+    check_same_tokenizer(tiny_tokenizer(), nfc, "t", "s")
 
 
 def test_qwen_embedding_sizes_over_one_tokenizer_compare_the_shared_ids():
