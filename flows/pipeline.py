@@ -88,8 +88,8 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
         per_model = train_all(_per_model_jobs(cfg, benchmarks, selection, best_job, logger))
 
         # 3. Distillation variants from the best LoRA teacher, its log-probs stored once at the largest k.
-        topk = stage(teacher_logits)(best, augmented, max(cfg.distill.top_k), cfg.max_length, device, eval_batch,
-                                     **common)
+        topk = stage(teacher_logits)(best, student, augmented, max(cfg.distill.top_k), cfg.max_length, device,
+                                     eval_batch, **common)
         distilled = train_all(distill_grid(cfg.distill, student), topk=topk)
 
         # 4. The measured effect of augmentation: one run repeated on each training set.

@@ -3,7 +3,9 @@
 The teacher (a LoRA-tuned model) is run once over the training split and its
 top-k log-probs per position are stored on disk (:class:`TeacherTopK`). Every
 student epoch and every student config then reuses them: the student never
-needs the teacher in memory.
+needs the teacher in memory. Teacher and student must share a tokenizer; this
+is checked before the teacher pass (:func:`teacher_topk_for_student`) and
+before every distillation run (:func:`check_store_for_student`).
 
 Alignment convention (shared with :mod:`ftflow.tokens`): a sentence encoded with
 ``sentence_ids`` to ``n`` ids owns ``n`` stored rows, one per input position.
@@ -34,11 +36,9 @@ logger = logging.getLogger(__name__)
 
 TOPK_FILE = "teacher_topk.safetensors"
 META_FILE = "teacher_topk.json"
-FORMAT_VERSION = 1
-
-# Smallest probability mass whose log is taken in the tail bucket: keeps
-# log(1 - Q) finite when the student puts (nearly) all its mass on the top-k.
-_TAIL_EPS = 1e-12
+TOKENIZER_DIR = "teacher_tokenizer"
+# 2: adds the float32 tail mass, the teacher's tokenizer and the shared vocabulary size.
+FORMAT_VERSION = 2
 
 
 # --------------------------------------------------------------------------- loss
@@ -52,8 +52,10 @@ def kd_loss(
     *,
     alpha: float,
     temperature: float,
+    teacher_tail_logmass: torch.Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Cross-entropy plus top-k KL(teacher || student), mean over scored tokens.
+    """Cross-entropy plus top-k KL(teacher_T || student_T), mean over scored tokens.
 
     ``loss = (1 - alpha) * CE + alpha * T**2 * KL``.
 
@@ -64,21 +66,45 @@ def kd_loss(
     top-k) reaches the loss, because those positions are dropped before any
     arithmetic.
 
-    KL, "top-k with a tail bucket". The teacher is known only on its top-k
-    ids; let ``M = sum_k exp(topk_logprobs)`` be its mass there (<= 1).
+    KL, "top-k plus one tail bucket". The teacher is known at temperature 1 on
+    its top-k ids (log-probs ``log p_i``) and by the total mass ``m_p`` of the
+    other V - k ids (its tail). Tempering ``p^(1/T)`` needs every tail
+    probability, which is not stored, so the tail is treated like this:
 
-    * Teacher at temperature T on the top-k:
-      ``log p_T = log_softmax_over_k(topk_logprobs / T) + log M`` (the top-k
-      keep their total mass M; exact at T = 1).
-    * Student: ``log q_T = log_softmax(student_logits / T)`` over the FULL
-      vocabulary, gathered at ``topk_ids``; ``Q = sum_k q_T``.
-    * ``KL = sum_k p_T (log p_T - log q_T) + (1 - M) (log(1 - M) - log(1 - Q))``,
-      the last term comparing the "everything else" buckets. It is 0 when
-      M = 1; ``(1 - M) log(1 - M)`` is taken as 0 when 1 - M <= 0 (possible
-      after float16 storage rounds M up), and ``1 - Q`` is clamped to 1e-12.
+    * **The teacher's tail is given the student's tail shape**: each tail id j
+      gets ``m_p * q_j / m_q``, where ``q = softmax(student_logits)`` (T = 1,
+      full vocabulary) and ``m_q`` is the student's mass on those ids. This
+      completes the teacher to a full-vocabulary distribution ``p_hat``, which
+      is the teacher itself wherever it is known.
+    * Both are then tempered over the FULL vocabulary, ``softmax(log p_hat / T)``
+      and ``softmax(student_logits / T)``, and ``KL(p_hat_T || q_T)`` is taken.
+      Because ``p_hat`` and ``q`` are proportional on the tail, so are their
+      tempered versions, and this dense KL equals the KL over k + 1 buckets
+      (the k ids and the tail summed), which is what is computed:
+      teacher bucket log-weights ``log p_i / T`` and ``log m_p / T + a`` with
+      ``a = log sum_tail (q_j / m_q)^(1/T)``, renormalized; student buckets
+      ``log q_T`` at the k ids and ``log sum_tail q_T``.
 
-    Consequences: KL = 0 when the student equals the teacher at T = 1 for any
-    k; with k = V the KL is the dense KL(teacher_T || student_T).
+    Consequences, for every T and k: KL = 0 when the student equals the
+    teacher (then ``p_hat`` is the teacher); with k = V the tail is empty and
+    the KL is exactly the dense ``KL(softmax(t / T) || softmax(s / T))``; and
+    a free student's optimum is the teacher's own top-k probabilities and tail
+    mass (tempering is one-to-one), so T changes the gradient's weighting, not
+    the target. The teacher side (``a`` included) is a constant of the
+    step: gradients flow only through the student's tempered distribution, as
+    in dense distillation against a fixed target.
+
+    Why this treatment: the student side is exactly the student tempered over
+    the whole vocabulary, and the stored teacher data stay temperature-free,
+    so one teacher pass serves every T of the grid. (Storing the teacher's
+    tempered normalizer per T would be exact for the teacher but would rerun
+    the teacher pass whenever a temperature is added; tempering the tail as
+    if uniform, or as one token, for both would swap the student's own
+    tempered tail for an assumed one.)
+
+    Memory: besides the logits, the [N, V] float32 tensors kept for backward
+    are the log-softmax and, at T != 1, its tempered copy (no more than a
+    dense KL needs); the tail's sums run on transient copies.
 
     CE uses the raw logits (temperature 1). When no position is scored the
     three results are zeros still attached to the graph, so a batch of empty
@@ -87,17 +113,26 @@ def kd_loss(
     Args:
         student_logits: [B, L, V] student logits (any float dtype; computed in float32).
         labels: [B, L] long, ``IGNORE_INDEX`` at non-targets (unshifted).
-        topk_ids: [B, L, k] integer, the teacher's top-k token ids at each position.
+        topk_ids: [B, L, k] integer, the teacher's top-k token ids at each position (distinct per row).
         topk_logprobs: [B, L, k] float, the teacher's log-probs (temperature 1,
-            normalized over the full vocabulary) at those ids.
+            normalized over the vocabulary) at those ids.
         alpha: weight of the KL term in [0, 1].
         temperature: softening temperature T > 0 applied to both distributions.
+        teacher_tail_logmass: [B, L] float, ``log m_p``, the log of the
+            teacher's mass outside ``topk_ids`` (``-inf`` for none), as
+            :func:`compute_teacher_topk` stores it. None derives it as
+            ``log(1 - sum exp(topk_logprobs))``, which float16-stored
+            log-probs make imprecise when the tail is small.
+        vocab_size: the vocabulary the KL is taken over: the student's first
+            ``vocab_size`` logits, the range shared with the teacher (see
+            :func:`check_distillable`); None uses all V. CE always uses all V.
 
     Returns:
         ``{"loss", "ce", "kl"}``, float32 scalars.
     """
-    _check_kd_inputs(student_logits, labels, topk_ids, topk_logprobs, alpha, temperature)
-    vocab_size = student_logits.shape[-1]
+    _check_kd_inputs(student_logits, labels, topk_ids, topk_logprobs, alpha, temperature, teacher_tail_logmass,
+                     vocab_size)
+    kl_vocab = student_logits.shape[-1] if vocab_size is None else vocab_size
 
     # Position t predicts labels[t + 1]: drop the last position / first label,
     # then keep only scored positions so pads cannot leak into any sum.
@@ -111,34 +146,77 @@ def kd_loss(
     if targets.numel() == 0:
         zero = student_logits.sum() * 0.0
         return {"loss": zero.float(), "ce": zero.float(), "kl": zero.float()}
-    if int(teacher_ids.min()) < 0 or int(teacher_ids.max()) >= vocab_size:
+    if int(teacher_ids.min()) < 0 or int(teacher_ids.max()) >= kl_vocab:
         raise ValueError(
-            f"teacher top-k ids fall outside the student's vocabulary [0, {vocab_size}): "
+            f"teacher top-k ids fall outside the student's vocabulary [0, {kl_vocab}): "
             f"min {int(teacher_ids.min())}, max {int(teacher_ids.max())}; teacher and student must share a vocabulary"
         )
+    if teacher_tail_logmass is None:
+        # 1 - M via expm1 keeps what precision there is when M is close to 1; M >= 1 means no tail.
+        teacher_tail = -torch.expm1(torch.logsumexp(teacher_lp, dim=-1))  # [N]
+        teacher_log_tail = torch.where(teacher_tail > 0, teacher_tail.clamp(min=torch.finfo(torch.float32).tiny).log(),
+                                       torch.full_like(teacher_tail, -math.inf))
+    else:
+        teacher_log_tail = teacher_tail_logmass[:, :-1][scored].float()  # [N]
 
-    ce = F.cross_entropy(logits, targets)
+    # One log-softmax serves CE and, at T = 1 over the whole vocabulary, the KL: [N, V] float32 tensors
+    # are the largest in the step (a 150k vocabulary makes each one 0.6 MB per scored token).
+    log_q1 = F.log_softmax(logits, dim=-1)  # [N, V]
+    ce = F.nll_loss(log_q1, targets)
+    if kl_vocab != logits.shape[-1]:
+        log_q1 = F.log_softmax(logits[:, :kl_vocab], dim=-1)
+    log_qt = log_q1 if temperature == 1.0 else F.log_softmax(log_q1 / temperature, dim=-1)  # [N, V'] student at T
 
-    # Teacher on its top-k at temperature T, keeping the top-k's mass M.
-    teacher_log_mass = torch.logsumexp(teacher_lp, dim=-1, keepdim=True)  # log M, [N, 1]
-    teacher_log_p = F.log_softmax(teacher_lp / temperature, dim=-1) + teacher_log_mass  # [N, k]
-    # Student normalized over the FULL vocabulary, then read at the teacher's ids.
-    student_log_q = F.log_softmax(logits / temperature, dim=-1).gather(-1, teacher_ids)  # [N, k]
-    student_log_mass = torch.logsumexp(student_log_q, dim=-1)  # log Q, [N]
-
-    top_kl = (teacher_log_p.exp() * (teacher_log_p - student_log_q)).sum(dim=-1)  # [N]
-    # 1 - exp(x) via expm1 keeps the tail accurate when the mass is close to 1.
-    teacher_tail = (-torch.expm1(teacher_log_mass.squeeze(-1))).clamp(min=0.0)  # 1 - M
-    student_tail = (-torch.expm1(student_log_mass)).clamp(min=_TAIL_EPS)  # 1 - Q
-    tail_kl = torch.where(
-        teacher_tail > 0,
-        teacher_tail * (teacher_tail.clamp(min=_TAIL_EPS).log() - student_tail.log()),
-        torch.zeros_like(teacher_tail),
-    )
-    kl = (top_kl + tail_kl).mean()
+    student_top = log_qt.gather(-1, teacher_ids)  # [N, k]
+    # The tail summed directly (not as 1 - top-k mass) stays exact however little mass it has.
+    student_tail = _TailLogSumExp.apply(log_qt, teacher_ids)  # [N], -inf when k = V'
+    with torch.no_grad():
+        # a = log sum_tail (q_j / m_q)^(1/T): the tail's tempered weight per unit of T = 1 mass.
+        if temperature == 1.0:
+            shape = torch.zeros_like(student_tail)
+        else:
+            tail_lp = log_q1.scatter(-1, teacher_ids, -math.inf)  # [N, V'], freed below
+            log_mq = torch.logsumexp(tail_lp, dim=-1, keepdim=True)  # [N, 1]
+            shape = torch.logsumexp(tail_lp.sub_(log_mq).div_(temperature), dim=-1)  # [N]
+            del tail_lp
+        has_tail = torch.isfinite(student_tail) & torch.isfinite(teacher_log_tail)
+        teacher_tail_weight = torch.where(has_tail, teacher_log_tail / temperature + shape,
+                                          torch.full_like(shape, -math.inf))
+        teacher_buckets = F.log_softmax(torch.cat([teacher_lp / temperature, teacher_tail_weight[:, None]], dim=-1),
+                                        dim=-1)  # [N, k + 1]
+        teacher_probs = teacher_buckets.exp()
+    student_buckets = torch.cat([student_top, student_tail[:, None]], dim=-1)  # [N, k + 1]
+    # An empty bucket (p = 0) contributes 0, whatever the student puts there.
+    terms = torch.where(teacher_probs > 0, teacher_probs * (teacher_buckets - student_buckets),
+                        torch.zeros_like(teacher_probs))
+    kl = terms.sum(dim=-1).mean()
 
     loss = (1.0 - alpha) * ce + alpha * temperature**2 * kl
     return {"loss": loss, "ce": ce, "kl": kl}
+
+
+class _TailLogSumExp(torch.autograd.Function):
+    """``logsumexp`` of each row of ``log_probs`` outside ``ids``: the log-mass of the tail.
+
+    Same values and gradient as ``logsumexp(log_probs.scatter(-1, ids, -inf))``,
+    but keeps for backward only ``log_probs`` (which the log-softmax that made
+    it keeps anyway) and ``ids``, instead of another [N, V] float32 copy.
+    """
+
+    @staticmethod
+    def forward(ctx, log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.logsumexp(log_probs.scatter(-1, ids, -math.inf), dim=-1)  # [N]
+        ctx.save_for_backward(log_probs, ids, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        log_probs, ids, out = ctx.saved_tensors
+        # d out / d x_j = exp(x_j - out) on the tail, 0 on the ids (and everywhere when the tail is empty).
+        finite_out = torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+        grad = torch.exp(log_probs - finite_out[:, None]).scatter_(-1, ids, 0.0)
+        grad = torch.where(torch.isfinite(out)[:, None], grad, torch.zeros_like(grad))
+        return grad.mul_(grad_out[:, None]), None
 
 
 def _check_kd_inputs(
@@ -148,6 +226,8 @@ def _check_kd_inputs(
     topk_logprobs: torch.Tensor,
     alpha: float,
     temperature: float,
+    teacher_tail_logmass: torch.Tensor | None,
+    vocab_size: int | None,
 ) -> None:
     """Collect every shape/value problem of kd_loss's inputs and raise them at once."""
     problems = []
@@ -163,6 +243,12 @@ def _check_kd_inputs(
             problems.append(f"topk_logprobs shape {tuple(topk_logprobs.shape)} != topk_ids {tuple(topk_ids.shape)}")
         if topk_ids.dim() == 3 and topk_ids.shape[-1] < 1:
             problems.append("k must be at least 1")
+        if teacher_tail_logmass is not None and tuple(teacher_tail_logmass.shape) != batch_length:
+            problems.append(f"teacher_tail_logmass shape {tuple(teacher_tail_logmass.shape)} != logits' [B, L] "
+                            f"{batch_length}")
+        if vocab_size is not None and not 1 <= vocab_size <= student_logits.shape[-1]:
+            problems.append(f"vocab_size must be in [1, {student_logits.shape[-1]}] (the student's logits), "
+                            f"got {vocab_size}")
     if not 0.0 <= alpha <= 1.0:
         problems.append(f"alpha must be in [0, 1], got {alpha}")
     if not temperature > 0:
@@ -182,15 +268,37 @@ class TeacherTopK:
     position (see the module docstring for the alignment). Each row is sorted
     by descending log-prob, so keeping its first ``k'`` columns is the top-k'.
 
+    Besides the top-k, each row keeps the log of the teacher's exact mass
+    outside them (float32, one number per position): ``1 - sum p_topk`` from
+    float16 log-probs loses the tail when it is small, and :func:`kd_loss`
+    tempers that tail. The teacher's tokenizer travels with the store, so a
+    distillation run can check that its student shares it.
+
     Attributes:
         ids: [P, k] int32 token ids, P = total positions over all sentences.
-        logprobs: [P, k] float16 log-probs (temperature 1, full-vocabulary normalized).
+        logprobs: [P, k] float16 log-probs (temperature 1, normalized over the
+            ``vocab_size`` ids).
         offsets: [N + 1] int64 row offsets, N = number of sentences.
+        tail_logmass: [P] float32 log of the mass outside the stored top-k
+            (``-inf`` when k covers the vocabulary); None when unknown
+            (:meth:`tail_for_sentence` then derives it from the top-k).
+        tokenizer: the teacher's tokenizer (required to save and to distill).
+        teacher_name: the teacher's name, for messages and the manifest.
+        teacher_rows: rows of the teacher's embedding (its logits' width).
+        vocab_size: ids the log-probs are normalized over: the range shared
+            with the student (``<= teacher_rows``; see :func:`check_distillable`).
+        vocabulary_note: why the teacher's logits were cut to ``vocab_size``, or None.
     """
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     offsets: torch.Tensor
+    tail_logmass: torch.Tensor | None = None
+    tokenizer: Any = None
+    teacher_name: str | None = None
+    teacher_rows: int | None = None
+    vocab_size: int | None = None
+    vocabulary_note: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -201,6 +309,10 @@ class TeacherTopK:
                 f"logprobs must be float16 with the shape of ids {tuple(self.ids.shape)}, "
                 f"got {self.logprobs.dtype} {tuple(self.logprobs.shape)}"
             )
+        if self.tail_logmass is not None and (self.tail_logmass.dtype != torch.float32
+                                              or tuple(self.tail_logmass.shape) != tuple(self.ids.shape[:1])):
+            problems.append(f"tail_logmass must be float32 of shape [P] = {tuple(self.ids.shape[:1])}, got "
+                            f"{self.tail_logmass.dtype} {tuple(self.tail_logmass.shape)}")
         if self.offsets.dim() != 1 or self.offsets.dtype != torch.int64 or self.offsets.numel() < 1:
             problems.append(f"offsets must be a non-empty 1-D int64 tensor, got {self.offsets.dtype} "
                             f"{tuple(self.offsets.shape)}")
@@ -248,14 +360,38 @@ class TeacherTopK:
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.ids[start:end, :k], self.logprobs[start:end, :k]
 
+    def tail_for_sentence(self, i: int, k: int | None = None) -> torch.Tensor | None:
+        """Log of the teacher's mass outside the best ``k`` entries, at each row of sentence ``i``.
+
+        The mass outside the top-k' is the stored tail plus entries k'..k:
+        summed, never subtracted from 1, so it keeps its precision.
+
+        Returns:
+            [n_i] float32 (``-inf`` where nothing is left), or None when the
+            store has no tail (:func:`kd_loss` then derives it from the top-k).
+        """
+        self._check_index(i)
+        k = self._check_k(k)
+        if self.tail_logmass is None:
+            return None
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        tail = self.tail_logmass[start:end]
+        if k == self.k:
+            return tail
+        dropped = torch.logsumexp(self.logprobs[start:end, k:].float(), dim=-1)
+        return torch.logaddexp(tail, dropped)
+
     def save(self, directory: Path) -> None:
-        """Write ``teacher_topk.safetensors`` and ``teacher_topk.json`` into ``directory``."""
+        """Write the tensors, a JSON meta and (when known) the teacher's tokenizer into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"ids": self.ids.contiguous(), "logprobs": self.logprobs.contiguous(), "offsets": self.offsets.contiguous()},
-            str(directory / TOPK_FILE),
-        )
+        tensors = {"ids": self.ids.contiguous(), "logprobs": self.logprobs.contiguous(),
+                   "offsets": self.offsets.contiguous()}
+        if self.tail_logmass is not None:
+            tensors["tail_logmass"] = self.tail_logmass.contiguous()
+        save_file(tensors, str(directory / TOPK_FILE))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
         meta = {
             "format_version": FORMAT_VERSION,
             "k": self.k,
@@ -264,8 +400,15 @@ class TeacherTopK:
             "ids_dtype": "int32",
             "logprobs_dtype": "float16",
             "offsets_dtype": "int64",
+            "tail_logmass": ("float32, log of the teacher's mass outside the stored top-k at each row"
+                             if self.tail_logmass is not None else None),
             "alignment": "one row per input id; row t is the prediction made at position t (of token t+1); "
                          "rows sorted by descending log-prob",
+            "teacher": self.teacher_name,
+            "teacher_tokenizer": TOKENIZER_DIR if self.tokenizer is not None else None,
+            "teacher_rows": self.teacher_rows,
+            "vocab_size": self.vocab_size,
+            "vocabulary_note": self.vocabulary_note,
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -277,10 +420,18 @@ class TeacherTopK:
         if missing:
             raise FileNotFoundError(f"teacher top-k directory {directory} lacks {missing}; recompute the teacher top-k")
         meta = json.loads((directory / META_FILE).read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"teacher top-k in {directory} have format {meta.get('format_version')}, this ftflow "
+                             f"reads format {FORMAT_VERSION}; recompute the teacher top-k")
         tensors = load_file(str(directory / TOPK_FILE))
-        topk = cls(ids=tensors["ids"], logprobs=tensors["logprobs"], offsets=tensors["offsets"])
-        found = {"format_version": FORMAT_VERSION, "k": topk.k, "n_sentences": topk.n_sentences,
-                 "positions": topk.positions}
+        tokenizer = None
+        if meta.get("teacher_tokenizer"):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory / meta["teacher_tokenizer"]))
+        topk = cls(ids=tensors["ids"], logprobs=tensors["logprobs"], offsets=tensors["offsets"],
+                   tail_logmass=tensors.get("tail_logmass"), tokenizer=tokenizer, teacher_name=meta.get("teacher"),
+                   teacher_rows=meta.get("teacher_rows"), vocab_size=meta.get("vocab_size"),
+                   vocabulary_note=meta.get("vocabulary_note"))
+        found = {"k": topk.k, "n_sentences": topk.n_sentences, "positions": topk.positions}
         mismatched = {key: (meta.get(key), value) for key, value in found.items() if meta.get(key) != value}
         if mismatched:
             raise ValueError(f"teacher top-k in {directory} do not match their meta (meta, tensors): {mismatched}")
@@ -307,13 +458,20 @@ def compute_teacher_topk(
     max_length: int,
     batch_size: int = 8,
     progress: bool = True,
+    vocab_size: int | None = None,
+    teacher_name: str | None = None,
+    vocabulary_note: str | None = None,
 ) -> TeacherTopK:
     """Run the teacher once over ``sentences`` and keep its top-k log-probs per position.
 
     Sentences are encoded with ``sentence_ids`` (as the student will be
     trained), grouped into length-sorted batches so little compute goes to
     pads, and right-padded with ``pad_batch``. Log-softmax is taken in float32
-    over the full vocabulary; the top-k are sorted descending.
+    over the first ``vocab_size`` logits; the top-k are sorted descending, and
+    the exact log-mass of the other ids is kept too (float32).
+
+    This does not check a student: :func:`teacher_topk_for_student` does,
+    before it calls this.
 
     Args:
         model: the teacher causal LM (a PEFT-wrapped model works too). Put in
@@ -321,10 +479,15 @@ def compute_teacher_topk(
             restored afterwards.
         tokenizer: the tokenizer shared by teacher and student.
         sentences: the N training sentences, in dataset order.
-        k: log-probs kept per position (1 <= k <= vocabulary size).
+        k: log-probs kept per position (1 <= k <= vocab_size).
         max_length: tokens kept per sentence, start token included.
         batch_size: sentences per forward pass.
         progress: show a tqdm bar.
+        vocab_size: normalize over the first ``vocab_size`` ids only (the
+            range shared with a student whose embedding has fewer rows); None
+            uses every row of the teacher's output embedding.
+        teacher_name: recorded in the store; defaults to the tokenizer's name_or_path.
+        vocabulary_note: why ``vocab_size`` cuts the teacher's logits, recorded in the store.
 
     Returns:
         A :class:`TeacherTopK` with ``len(sentence_ids(...))`` rows per sentence.
@@ -333,6 +496,13 @@ def compute_teacher_topk(
         raise ValueError(f"k must be at least 1, got {k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    teacher_rows = output_rows(model)
+    if vocab_size is None:
+        vocab_size = teacher_rows
+    if not 1 <= vocab_size <= teacher_rows:
+        raise ValueError(f"vocab_size must be in [1, {teacher_rows}] (the teacher's output rows), got {vocab_size}")
+    if k > vocab_size:
+        raise ValueError(f"k={k} exceeds the teacher's vocabulary size {vocab_size}")
     encoded = [sentence_ids(tokenizer, text, max_length) for text in sentences]
     truncated = sum(cut for _, cut in encoded)
     if truncated:
@@ -341,7 +511,7 @@ def compute_teacher_topk(
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
 
-    per_sentence: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(all_ids)
+    per_sentence: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(all_ids)
     # Longest first: the biggest batch runs first, so an out-of-memory shows at once.
     order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]), reverse=True)
     was_training = model.training
@@ -356,17 +526,20 @@ def compute_teacher_topk(
                     attention_mask=batch["attention_mask"].to(device),
                     position_ids=batch["position_ids"].to(device),
                 ).logits
-                vocab_size = logits.shape[-1]
-                if k > vocab_size:
-                    raise ValueError(f"k={k} exceeds the teacher's vocabulary size {vocab_size}")
+                if logits.shape[-1] < vocab_size:
+                    raise ValueError(f"the teacher's logits have {logits.shape[-1]} columns, fewer than its "
+                                     f"vocab_size {vocab_size}")
                 for row, index in enumerate(batch_indices):
                     # One row at a time: a float32 copy of [B, L, V] would dwarf the model.
                     n = len(all_ids[index])
-                    log_probs = F.log_softmax(logits[row, :n].float(), dim=-1)
+                    log_probs = F.log_softmax(logits[row, :n, :vocab_size].float(), dim=-1)  # [n, V]
                     values, ids = torch.topk(log_probs, k, dim=-1, sorted=True)
+                    # Summed over the other ids, not 1 - top-k mass: exact however small the tail is.
+                    tail = torch.logsumexp(log_probs.scatter_(-1, ids, -math.inf), dim=-1)  # [n]
                     # -inf (a masked vocabulary slot) would not survive float16 arithmetic as a finite number.
                     values = values.clamp(min=torch.finfo(torch.float16).min)
-                    per_sentence[index] = (ids.to("cpu", torch.int32), values.to("cpu", torch.float16))
+                    per_sentence[index] = (ids.to("cpu", torch.int32), values.to("cpu", torch.float16),
+                                           tail.to("cpu", torch.float32))
                 bar.update(len(batch_indices))
     finally:
         model.train(was_training)
@@ -375,12 +548,22 @@ def compute_teacher_topk(
     offsets = torch.zeros(len(all_ids) + 1, dtype=torch.int64)
     offsets[1:] = lengths.cumsum(0)
     if per_sentence:
-        ids = torch.cat([pair[0] for pair in per_sentence])
-        logprobs = torch.cat([pair[1] for pair in per_sentence])
+        ids, logprobs, tails = (torch.cat([entry[j] for entry in per_sentence]) for j in range(3))
     else:
         ids = torch.zeros((0, k), dtype=torch.int32)
         logprobs = torch.zeros((0, k), dtype=torch.float16)
-    return TeacherTopK(ids=ids, logprobs=logprobs, offsets=offsets)
+        tails = torch.zeros((0,), dtype=torch.float32)
+    return TeacherTopK(ids=ids, logprobs=logprobs, offsets=offsets, tail_logmass=tails, tokenizer=tokenizer,
+                       teacher_name=teacher_name or getattr(tokenizer, "name_or_path", None),
+                       teacher_rows=teacher_rows, vocab_size=vocab_size, vocabulary_note=vocabulary_note)
+
+
+def output_rows(model) -> int:
+    """Rows of a causal LM's output embedding: the width of its logits."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
 
 
 # ---------------------------------------------------------------- Trainer glue
@@ -412,9 +595,11 @@ class DistillationCollator:
         Returns:
             ``pad_batch``'s ``input_ids``, ``attention_mask``, ``position_ids``,
             ``labels`` ([B, L] long) plus, when the items have a
-            ``sentence_index``, ``topk_ids`` [B, L, k] long and
-            ``topk_logprobs`` [B, L, k] float32. Pad rows hold id 0 and
-            log(1/k): finite, and never read because their labels are ignored.
+            ``sentence_index``, ``topk_ids`` [B, L, k] long,
+            ``topk_logprobs`` [B, L, k] float32 and, when the store has it,
+            ``teacher_tail_logmass`` [B, L] float32 (the log-mass outside
+            these k). Pad rows hold id 0, log(1/k) and log(1/2): finite, and
+            never read because their labels are ignored.
         """
         if any("input_ids" not in item for item in items):
             raise ValueError("DistillationCollator: every item needs 'input_ids'")
@@ -431,6 +616,8 @@ class DistillationCollator:
         batch_size, length = batch["input_ids"].shape
         topk_ids = torch.zeros((batch_size, length, self.k), dtype=torch.long)
         topk_logprobs = torch.full((batch_size, length, self.k), -math.log(self.k), dtype=torch.float32)
+        with_tail = self.topk.tail_logmass is not None
+        tail_logmass = torch.full((batch_size, length), -math.log(2.0), dtype=torch.float32)
         for row, (item, ids) in enumerate(zip(items, batch_ids)):
             index = int(item["sentence_index"])
             stored_rows = self.topk.rows(index)
@@ -443,8 +630,12 @@ class DistillationCollator:
             sentence_topk_ids, sentence_topk_logprobs = self.topk.for_sentence(index, self.k)
             topk_ids[row, :len(ids)] = sentence_topk_ids.long()
             topk_logprobs[row, :len(ids)] = sentence_topk_logprobs.float()
+            if with_tail:
+                tail_logmass[row, :len(ids)] = self.topk.tail_for_sentence(index, self.k)
         batch["topk_ids"] = topk_ids
         batch["topk_logprobs"] = topk_logprobs
+        if with_tail:
+            batch["teacher_tail_logmass"] = tail_logmass
         return batch
 
 
@@ -466,13 +657,15 @@ class DistillationTrainer(transformers.Trainer):
     Args:
         alpha: weight of the KL term in [0, 1].
         temperature: softening temperature T > 0.
+        vocab_size: the KL's vocabulary, the range shared with the teacher
+            (``TeacherTopK.vocab_size``); None: all of the student's logits.
         *args, **kwargs: passed to ``transformers.Trainer``.
     """
 
     # kd_loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, alpha: float, temperature: float, **kwargs) -> None:
+    def __init__(self, *args, alpha: float, temperature: float, vocab_size: int | None = None, **kwargs) -> None:
         problems = []
         if not 0.0 <= alpha <= 1.0:
             problems.append(f"alpha must be in [0, 1], got {alpha}")
@@ -483,6 +676,7 @@ class DistillationTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         self.alpha = alpha
         self.temperature = temperature
+        self.vocab_size = vocab_size
         self._kd_sums: dict[str, torch.Tensor] = {}
         self._kd_steps = 0
 
@@ -491,6 +685,7 @@ class DistillationTrainer(transformers.Trainer):
         inputs = dict(inputs)  # prediction_step keeps using its dict: do not pop from it
         topk_ids = inputs.pop("topk_ids", None)
         topk_logprobs = inputs.pop("topk_logprobs", None)
+        tail_logmass = inputs.pop("teacher_tail_logmass", None)
         labels = inputs.pop("labels")
         model_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids") if key in inputs}
         if topk_ids is None or topk_logprobs is None:
@@ -503,8 +698,8 @@ class DistillationTrainer(transformers.Trainer):
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
         outputs = model(**model_inputs)
-        losses = kd_loss(outputs.logits, labels, topk_ids, topk_logprobs,
-                         alpha=self.alpha, temperature=self.temperature)
+        losses = kd_loss(outputs.logits, labels, topk_ids, topk_logprobs, alpha=self.alpha,
+                         temperature=self.temperature, teacher_tail_logmass=tail_logmass, vocab_size=self.vocab_size)
         if model.training:
             for key in ("ce", "kl"):
                 self._kd_sums[key] = self._kd_sums.get(key, 0.0) + losses[key].detach()
@@ -520,12 +715,41 @@ class DistillationTrainer(transformers.Trainer):
         super().log(logs, start_time)
 
 
-def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name: str, student_name: str) -> None:
-    """Raise ValueError unless teacher and student share one vocabulary.
+# ---------------------------------------------------------------- teacher and student
 
-    Compares ``get_vocab()`` and the BOS/EOS/UNK ids plus ftflow's start token.
-    The pad id is not compared: pads are never targets, so two tokenizers that
-    pad differently still distill correctly.
+
+@dataclass(frozen=True)
+class SharedVocabulary:
+    """What teacher and student share: the ids their probabilities are compared over.
+
+    Attributes:
+        size: the first ``size`` ids (both embeddings have at least these rows).
+        note: why the teacher's or the student's logits are cut to ``size``; None when nothing is cut.
+    """
+
+    size: int
+    note: str | None = None
+
+
+# Text whose encoding teacher and student must agree on: words, punctuation, digits, spacing, accents,
+# other scripts, an emoji (byte fallback).
+_PROBE_TEXTS = (
+    "the cat sat on the mat, and the dog ran fast.",
+    "The quick brown fox jumps over the lazy dog: 3.14159, 1,234,567 and 2026-12-03!",
+    "  two  spaces,\ttab and\nnewline; naïve café, Ünïcödé «quotes» — 日本語 한국어 😀",
+)
+
+
+def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name: str, student_name: str) -> None:
+    """Raise ValueError unless teacher and student tokenize text identically.
+
+    Compares the vocabulary (``get_vocab()``, added tokens included), for
+    fast tokenizers the backend's model type, BPE merges and added tokens
+    (and which are special), the encoding of a few probe texts (so that
+    normalizers and pre-tokenizers agree in effect), then the BOS, EOS and
+    UNK ids and ftflow's start token. The pad id is not compared: pads
+    are never targets and each model is padded with its own tokenizer's id,
+    so two tokenizers that pad differently still distill correctly.
     """
     problems = []
     teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
@@ -538,6 +762,16 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name: str
             f"only in teacher e.g. {only_teacher[:5]}, only in student e.g. {only_student[:5]}, "
             f"different ids e.g. {moved[:5]})"
         )
+    problems += _backend_differences(teacher_tokenizer, student_tokenizer)
+    # Normalizer and pre-tokenizer settings are compared by their effect: files written by different
+    # versions of `tokenizers` can spell the same rules differently.
+    for text in _PROBE_TEXTS:
+        teacher_ids = teacher_tokenizer(text, add_special_tokens=False)["input_ids"]
+        student_ids = student_tokenizer(text, add_special_tokens=False)["input_ids"]
+        if teacher_ids != student_ids:
+            problems.append(f"the same text is encoded differently ({text!r}: {teacher_ids[:12]} vs "
+                            f"{student_ids[:12]})")
+            break
     for name in ("bos_token_id", "eos_token_id", "unk_token_id"):
         teacher_id, student_id = getattr(teacher_tokenizer, name, None), getattr(student_tokenizer, name, None)
         if teacher_id != student_id:
@@ -552,6 +786,174 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name: str
             + "; ".join(problems)
             + ". Pick a student from the teacher's family (same tokenizer)."
         )
+
+
+def check_distillable(teacher_tokenizer, student_tokenizer, teacher_rows: int, student_rows: int,
+                      teacher_name: str, student_name: str) -> SharedVocabulary:
+    """Check that a teacher can be distilled into a student; say over which ids.
+
+    The tokenizers must be the same (:func:`check_same_tokenizer`). The
+    embeddings may have different numbers of rows: Qwen2.5 0.5B and 3B have
+    151,936 and 7B 152,064 with one tokenizer of 151,665 ids, the extra rows
+    being padding no token maps to. Then both distributions are taken over
+    the first ``min(rows)`` ids, which hold every id the tokenizer makes, and
+    the returned note says so; a tokenizer with ids beyond the smaller
+    embedding is refused.
+
+    Args:
+        teacher_tokenizer: the teacher's tokenizer.
+        student_tokenizer: the student's tokenizer.
+        teacher_rows: rows of the teacher's (output) embedding, its logits' width.
+        student_rows: the same for the student.
+        teacher_name: the teacher, for messages.
+        student_name: the student, for messages.
+
+    Returns:
+        The :class:`SharedVocabulary`.
+
+    Raises:
+        ValueError: the tokenizers differ, or the tokenizer's ids do not fit
+            in the smaller embedding; the message names both models.
+    """
+    check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name, student_name)
+    ids_used = max(len(teacher_tokenizer), max(teacher_tokenizer.get_vocab().values(), default=-1) + 1)
+    shared = min(teacher_rows, student_rows)
+    if ids_used > shared:
+        smaller = teacher_name if teacher_rows <= student_rows else student_name
+        raise ValueError(
+            f"Cannot distill teacher {teacher_name!r} ({teacher_rows} embedding rows) into student "
+            f"{student_name!r} ({student_rows} rows): their tokenizer makes ids up to {ids_used - 1}, beyond the "
+            f"{shared} rows of {smaller!r}, so that model cannot score every token. Pick a student from the "
+            "teacher's family whose embedding covers the whole tokenizer."
+        )
+    if teacher_rows == student_rows:
+        return SharedVocabulary(size=shared)
+    note = (f"teacher {teacher_name!r} has {teacher_rows} embedding rows and student {student_name!r} "
+            f"{student_rows}, with one tokenizer of {ids_used} ids: the distillation compares the first {shared} "
+            f"ids and the {'teacher' if teacher_rows > shared else 'student'}'s logits for ids {shared}.."
+            f"{max(teacher_rows, student_rows) - 1} (padding rows no token maps to) are left out and the rest "
+            "renormalized")
+    logger.warning("%s", note)
+    return SharedVocabulary(size=shared, note=note)
+
+
+def embedding_rows(path: str, trust_remote_code: bool = False) -> int:
+    """Rows of a model's vocabulary embedding, read from its config (no weights loaded)."""
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def teacher_topk_for_student(
+    teacher_run: dict,
+    student: dict,
+    sentences: Sequence[str],
+    *,
+    k: int,
+    max_length: int,
+    device: str,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> TeacherTopK:
+    """The teacher's top-k for distilling into ``student``, checked before the teacher is even loaded.
+
+    The tokenizers and embedding sizes are compared first
+    (:func:`check_distillable`, from the tokenizer files and configs only);
+    then the trained teacher is loaded and :func:`compute_teacher_topk` runs
+    over the shared vocabulary.
+
+    Args:
+        teacher_run: a training run's result (``name``, ``method``, ``base_model``, ...), as
+            :func:`ftflow.methods.load_trained` takes it.
+        student: the student model (``name``, ``path``, ``trust_remote_code``).
+        sentences: the training sentences, in dataset order.
+        k, max_length, batch_size, progress: as for :func:`compute_teacher_topk`.
+        device: where the teacher runs.
+
+    Returns:
+        The :class:`TeacherTopK`, with the teacher's tokenizer and the shared vocabulary recorded.
+    """
+    from ftflow.methods import load_trained
+    from ftflow.models import load_tokenizer
+
+    base = teacher_run["base_model"]
+    teacher_tokenizer = load_tokenizer(base["path"], base["trust_remote_code"])
+    student_tokenizer = load_tokenizer(student["path"], student["trust_remote_code"])
+    shared = check_distillable(teacher_tokenizer, student_tokenizer,
+                               embedding_rows(base["path"], base["trust_remote_code"]),
+                               embedding_rows(student["path"], student["trust_remote_code"]),
+                               teacher_run["name"], student["name"])
+    model = load_trained(teacher_run, device)
+    try:
+        return compute_teacher_topk(model, teacher_tokenizer, sentences, k=k, max_length=max_length,
+                                    batch_size=batch_size, progress=progress, vocab_size=shared.size,
+                                    teacher_name=teacher_run["name"], vocabulary_note=shared.note)
+    finally:
+        del model
+
+
+def check_store_for_student(store: TeacherTopK, student_tokenizer, student_rows: int, student_name: str,
+                            directory: Path | str = "") -> SharedVocabulary:
+    """Check, before a distillation run, that stored teacher top-k fit this student.
+
+    Raises:
+        ValueError: the store does not record the teacher's tokenizer, the
+            tokenizers differ (:func:`check_distillable`), or the store was
+            computed over another vocabulary range than this pair shares.
+    """
+    teacher_name = store.teacher_name or "the teacher"
+    if store.tokenizer is None or store.teacher_rows is None or store.vocab_size is None:
+        raise ValueError(f"the teacher top-k {str(directory)!r} do not record the teacher's tokenizer and vocabulary, "
+                         f"so student {student_name!r} cannot be checked against them; recompute them "
+                         "(ftflow.distill.teacher_topk_for_student)")
+    shared = check_distillable(store.tokenizer, student_tokenizer, store.teacher_rows, student_rows,
+                               teacher_name, student_name)
+    if shared.size != store.vocab_size:
+        raise ValueError(f"the teacher top-k {str(directory)!r} are normalized over {store.vocab_size} ids, but "
+                         f"teacher {teacher_name!r} and student {student_name!r} share {shared.size}; recompute them "
+                         "for this student")
+    return shared
+
+
+def _backend_differences(teacher_tokenizer, student_tokenizer) -> list[str]:
+    """How two fast tokenizers' backends (model type, merges, added tokens) differ."""
+    teacher, student = _backend_json(teacher_tokenizer), _backend_json(student_tokenizer)
+    if teacher is None or student is None:
+        return [] if teacher is None and student is None else ["one tokenizer is fast and the other is not"]
+    problems = []
+    teacher_model, student_model = teacher.get("model") or {}, student.get("model") or {}
+    if teacher_model.get("type") != student_model.get("type"):
+        problems.append(f"tokenizer models differ ({teacher_model.get('type')} vs {student_model.get('type')})")
+    teacher_merges, student_merges = _merges(teacher_model), _merges(student_model)
+    if teacher_merges != student_merges:
+        first = next((i for i, (a, b) in enumerate(zip(teacher_merges, student_merges)) if a != b),
+                     min(len(teacher_merges), len(student_merges)))
+        problems.append(
+            f"merges differ ({len(teacher_merges)} vs {len(student_merges)} merges; first difference at merge "
+            f"#{first}: {_at(teacher_merges, first)} vs {_at(student_merges, first)})")
+    teacher_added, student_added = _added_tokens(teacher), _added_tokens(student)
+    if teacher_added != student_added:
+        differing = sorted(teacher_added.symmetric_difference(student_added))[:5]
+        problems.append(f"added tokens differ (id, token, special) e.g. {differing}")
+    return problems
+
+
+def _backend_json(tokenizer) -> dict | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return None if backend is None else json.loads(backend.to_str())
+
+
+def _merges(model: dict) -> list[tuple[str, ...]]:
+    # tokenizers writes merges as "a b" strings (older files) or ["a", "b"] pairs.
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+
+
+def _at(merges: list, i: int):
+    return merges[i] if i < len(merges) else "(none)"
+
+
+def _added_tokens(backend: dict) -> set[tuple[int, str, bool]]:
+    return {(t["id"], t["content"], bool(t.get("special"))) for t in backend.get("added_tokens") or []}
 
 
 def _start_or_none(tokenizer) -> int | None:

@@ -211,19 +211,24 @@ def run_job(
         result = train_full(base["path"], tokenizer, encode_dataset(tokenizer, train_sentences, max_length),
                             validation_sentences, model_dir=best_dir, **common)
     else:
-        from ftflow.distill import DistillationCollator, DistillationTrainer, TeacherTopK
+        from ftflow.distill import (DistillationCollator, DistillationTrainer, TeacherTopK, check_store_for_student,
+                                    embedding_rows)
         from ftflow.tokens import pad_token_id
 
         if teacher_topk_dir is None:
             raise ValueError("distillation needs the teacher's stored top-k (teacher_topk_dir)")
         store = TeacherTopK.load(teacher_topk_dir)
+        # Before any training: the student must share the teacher's tokenizer (and the stored vocabulary range).
+        shared = check_store_for_student(store, tokenizer, embedding_rows(base["path"], trust), base["name"],
+                                         teacher_topk_dir)
         if len(store.offsets) - 1 != len(train_sentences):
             raise ValueError(f"the teacher top-k covers {len(store.offsets) - 1} sentences, the training set has "
                              f"{len(train_sentences)}: they must come from the same training set")
         result = train_full(
             base["path"], tokenizer, encode_dataset(tokenizer, train_sentences, max_length), validation_sentences,
             model_dir=best_dir, collator=DistillationCollator(pad_token_id(tokenizer), store, k=h["top_k"]),
-            trainer_cls=DistillationTrainer, trainer_kwargs={"alpha": h["alpha"], "temperature": h["temperature"]},
+            trainer_cls=DistillationTrainer,
+            trainer_kwargs={"alpha": h["alpha"], "temperature": h["temperature"], "vocab_size": shared.size},
             **common,
         )
     if job.method in PEFT_METHODS:

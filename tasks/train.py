@@ -92,6 +92,8 @@ def train(job: TrainJob, train_set: dict, data: dict, seed: int, max_length: int
         if teacher_topk is not None:
             facts["teacher"] = teacher_topk["teacher"]
             facts["teacher top-k fingerprint"] = teacher_topk["fingerprint"]
+            if teacher_topk.get("vocabulary_note"):
+                facts["vocabulary note"] = teacher_topk["vocabulary_note"]
         if (work / "trainer").exists():
             logger.info("%s: found the work directory of an interrupted run, resuming from it", job.title)
         summary = run_job(

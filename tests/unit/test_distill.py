@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TrainingArguments
 
 from ftflow.distill import (
     DistillationCollator,
     DistillationTrainer,
     TeacherTopK,
+    SharedVocabulary,
+    check_distillable,
     check_same_tokenizer,
     compute_teacher_topk,
     kd_loss,
+    teacher_topk_for_student,
 )
+from ftflow import methods, training
+from ftflow.config import DistillConfig
+from ftflow.methods import distill_grid, run_job
 from ftflow.tokens import IGNORE_INDEX, pad_batch, pad_token_id, sentence_ids
 from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
 
@@ -38,6 +46,12 @@ def _teacher_topk(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     """Top-k of the teacher's full-vocabulary log-softmax: [B, L, k] ids and log-probs."""
     values, ids = torch.topk(F.log_softmax(teacher_logits.float(), dim=-1), k, dim=-1)
     return ids, values
+
+
+def _teacher_tail(teacher_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] log of the teacher's mass outside topk_ids, summed directly."""
+    log_probs = F.log_softmax(teacher_logits.float(), dim=-1)
+    return torch.logsumexp(log_probs.scatter(-1, topk_ids, -math.inf), dim=-1)
 
 
 def _scored_logit_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -64,20 +78,25 @@ def test_alpha_zero_is_exactly_cross_entropy():
     assert result["ce"].item() == expected.item()
 
 
-@pytest.mark.parametrize("k", [1, 3, 7, VOCAB])
-def test_kl_is_zero_when_student_equals_teacher(k):
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("k", [1, 3, 5, 7, VOCAB])
+@pytest.mark.parametrize("stored_tail", [True, False])
+def test_kl_is_zero_when_student_equals_teacher(k, temperature, stored_tail):
+    # Before the fix: 0.52 at T = 2 and 1.31 at T = 4 (teacher tempered on its top-k only).
     torch.manual_seed(1)
     labels = _labels([6, 4])
     logits = torch.randn(2, 6, VOCAB) * 3
     topk_ids, topk_lp = _teacher_topk(logits, k)
+    tail = _teacher_tail(logits, topk_ids) if stored_tail else None
 
-    result = kd_loss(logits, labels, topk_ids, topk_lp, alpha=1.0, temperature=1.0)
+    result = kd_loss(logits, labels, topk_ids, topk_lp, alpha=1.0, temperature=temperature,
+                     teacher_tail_logmass=tail)
 
     assert abs(result["kl"].item()) < 1e-6
-    assert abs(result["loss"].item()) < 1e-6
+    assert abs(result["loss"].item()) < 1e-6 * temperature**2
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
 def test_full_k_equals_dense_kl(temperature):
     torch.manual_seed(2)
     labels = _labels([6, 4, 5])
@@ -125,11 +144,13 @@ def test_pads_contribute_nothing():
         # tail (1 - M)(ln(1 - M) - ln(1 - Q)) = 0.25 (ln 0.25 - ln 0.5) = -0.25 ln 2; KL = 0.25 ln 2.
         # loss = 0.5 * ln 4 + 0.5 * 1 * 0.25 ln 2.
         (1.0, 0.17328679513998632, 0.7797905781299385),
-        # T = 2: teacher top-2 ~ sqrt(p) = (0.7071, 0.5), renormalized to M = 0.75 ->
-        # (0.43934, 0.31066); student stays uniform (0.25 each), Q = 0.5.
-        # KL = 0.43934 ln(0.43934/0.25) + 0.31066 ln(0.31066/0.25) + 0.25 ln(0.25/0.5).
-        # loss = 0.5 * ln 4 + 0.5 * 4 * KL.
-        (2.0, 0.1419058127156926, 0.9769588059913306),
+        # T = 2. The teacher's tail (0.25) is given the student's tail shape (uniform over ids 2, 3), which
+        # here is the teacher's own, so this is the dense tempered KL: teacher sqrt(p) / sum =
+        # (0.36940, 0.26120, 0.18470, 0.18470) against the uniform student. loss = 0.5 ln 4 + 0.5 * 4 * KL.
+        # (The old kd_loss gave 0.14191: the teacher's tail kept its T = 1 mass.)
+        (2.0, 0.043840314666364816, 0.7808278098926749),
+        # T = 4: teacher p^(1/4) / sum = (0.30721, 0.25833, 0.21723, 0.21723); loss = 0.5 ln 4 + 0.5 * 16 * KL.
+        (4.0, 0.010730715387659906, 0.7789929036612245),
     ],
 )
 def test_hand_computed_case(temperature, expected_kl, expected_loss):
@@ -145,6 +166,120 @@ def test_hand_computed_case(temperature, expected_kl, expected_loss):
     assert result["ce"].item() == pytest.approx(math.log(4), abs=1e-6)
     assert result["kl"].item() == pytest.approx(expected_kl, abs=1e-6)
     assert result["loss"].item() == pytest.approx(expected_loss, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "temperature, expected_kl",
+    [
+        # T = 1: 0.4 ln(0.4/0.2) + 0.3 ln(0.3/0.1) + 0.3 ln(0.3/0.7), the tail as one bucket.
+        (1.0, 0.35265320070825007),
+        # T = 2: the teacher's tail 0.3 takes the student's tail shape (0.4, 0.2, 0.1) / 0.7 ->
+        # p_hat = (0.4, 0.3, 0.17143, 0.08571, 0.04286); sqrt(p_hat) / sum = (0.30203, 0.26157, 0.19773,
+        # 0.13981, 0.09886) against sqrt(q) / sum.
+        (2.0, 0.09419728214186651),
+        # T = 4: p_hat^(1/4) / sum = (0.25049, 0.23311, 0.20267, 0.17043, 0.14331).
+        (4.0, 0.023708732408105164),
+    ],
+)
+def test_hand_computed_tail_takes_the_students_shape(temperature, expected_kl):
+    # V = 5, k = 2. Teacher: p = 0.4 and 0.3 on ids 0 and 1, tail mass 0.3 (its shape is not stored).
+    # Student q = (0.2, 0.1, 0.4, 0.2, 0.1): its tail (ids 2..4) is not uniform.
+    student = torch.log(torch.tensor([0.2, 0.1, 0.4, 0.2, 0.1])).expand(1, 2, 5).clone()
+    labels = torch.tensor([[IGNORE_INDEX, 2]])
+    topk_ids = torch.tensor([[[0, 1], [0, 1]]])
+    topk_lp = torch.log(torch.tensor([0.4, 0.3])).expand(1, 2, 2).clone()
+    tail = torch.full((1, 2), math.log(0.3))
+
+    stored = kd_loss(student, labels, topk_ids, topk_lp, alpha=1.0, temperature=temperature,
+                     teacher_tail_logmass=tail)
+    derived = kd_loss(student, labels, topk_ids, topk_lp, alpha=1.0, temperature=temperature)
+
+    assert stored["kl"].item() == pytest.approx(expected_kl, abs=1e-6)
+    assert derived["kl"].item() == pytest.approx(expected_kl, abs=1e-6)
+    assert stored["loss"].item() == pytest.approx(temperature**2 * expected_kl, abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("k", [1, 5])
+def test_top_k_kl_is_dense_kl_against_the_completed_teacher(k, temperature):
+    # Independently of kd_loss's bucket arithmetic: fill the teacher's unknown tail with the student's
+    # tail shape, temper both over the whole vocabulary and take the dense KL.
+    torch.manual_seed(5)
+    labels = _labels([6, 3])
+    student = torch.randn(2, 6, VOCAB) * 2
+    teacher = torch.randn(2, 6, VOCAB) * 2
+    topk_ids, topk_lp = _teacher_topk(teacher, k)
+    tail = _teacher_tail(teacher, topk_ids)
+
+    student.requires_grad_(True)
+    result = kd_loss(student, labels, topk_ids, topk_lp, alpha=1.0, temperature=temperature,
+                     teacher_tail_logmass=tail)
+    (grad,) = torch.autograd.grad(result["kl"], student)
+
+    scored = _scored_logit_mask(labels)
+    with torch.no_grad():  # the completed teacher is a fixed target
+        q = F.softmax(student[scored], dim=-1)  # [N, V]
+        ids, top_p, tail_p = topk_ids[scored], topk_lp[scored].exp(), tail[scored].exp()
+        in_top = torch.zeros_like(q, dtype=torch.bool).scatter(-1, ids, True)
+        student_tail = torch.where(in_top, 0.0, q)
+        completed = student_tail / student_tail.sum(-1, keepdim=True) * tail_p[:, None]
+        completed = completed.scatter(-1, ids, top_p)
+    dense = F.kl_div(F.log_softmax(student[scored] / temperature, dim=-1),
+                     F.log_softmax(completed.log() / temperature, dim=-1), log_target=True,
+                     reduction="none").sum(-1).mean()
+    (dense_grad,) = torch.autograd.grad(dense, student)
+    assert result["kl"].item() == pytest.approx(dense.item(), abs=1e-5)
+    torch.testing.assert_close(grad, dense_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_free_student_at_temperature_two_learns_the_teachers_probabilities():
+    # Before the fix the student's top-k mass went to 0.986 against the teacher's 0.664: T moved the optimum.
+    torch.manual_seed(6)
+    teacher = torch.randn(1, 2, VOCAB) * 2
+    topk_ids, topk_lp = _teacher_topk(teacher, 3)
+    tail = _teacher_tail(teacher, topk_ids)
+    labels = torch.tensor([[IGNORE_INDEX, 0]])
+    student = torch.zeros(1, 2, VOCAB, requires_grad=True)
+    optimizer = torch.optim.Adam([student], lr=0.05)
+    for _ in range(1500):
+        optimizer.zero_grad()
+        kd_loss(student, labels, topk_ids, topk_lp, alpha=1.0, temperature=2.0,
+                teacher_tail_logmass=tail)["loss"].backward()
+        optimizer.step()
+
+    learned = F.softmax(student.detach()[0, 0], dim=-1)[topk_ids[0, 0]]
+    torch.testing.assert_close(learned, topk_lp[0, 0].exp(), rtol=0, atol=1e-4)
+    assert learned.sum().item() == pytest.approx(topk_lp[0, 0].exp().sum().item(), abs=1e-4)
+
+
+def test_gradient_is_zero_when_student_equals_teacher_at_temperature_three():
+    torch.manual_seed(7)
+    labels = _labels([5])
+    logits = (torch.randn(1, 5, VOCAB) * 2).requires_grad_(True)
+    topk_ids, topk_lp = _teacher_topk(logits.detach(), 4)
+
+    kd_loss(logits, labels, topk_ids, topk_lp, alpha=1.0, temperature=3.0,
+            teacher_tail_logmass=_teacher_tail(logits.detach(), topk_ids))["loss"].backward()
+
+    assert logits.grad.abs().max().item() < 1e-6
+
+
+def test_kl_over_a_shared_vocabulary_ignores_the_students_extra_rows():
+    # A student with more embedding rows than the teacher (padding ids no token maps to): the KL is taken
+    # over the shared first ids, CE over all of them.
+    torch.manual_seed(8)
+    labels = _labels([6, 4])
+    teacher = torch.randn(2, 6, VOCAB)
+    student = torch.randn(2, 6, VOCAB + 4)
+    topk_ids, topk_lp = _teacher_topk(teacher, VOCAB)
+
+    result = kd_loss(student, labels, topk_ids, topk_lp, alpha=0.5, temperature=2.0, vocab_size=VOCAB)
+    narrow = kd_loss(student[..., :VOCAB], labels, topk_ids, topk_lp, alpha=0.5, temperature=2.0)
+    wide = kd_loss(student, labels, topk_ids, topk_lp, alpha=0.5, temperature=2.0)
+
+    assert result["kl"].item() == pytest.approx(narrow["kl"].item(), abs=1e-6)
+    assert result["ce"].item() == wide["ce"].item()
+    assert result["kl"].item() != pytest.approx(wide["kl"].item(), abs=1e-4)
 
 
 def test_float16_mass_above_one_and_concentrated_student_stay_finite():
@@ -211,6 +346,29 @@ def test_for_sentence_slices_rows_and_best_k():
         topk.for_sentence(4)
 
 
+def test_save_load_keeps_tail_tokenizer_and_vocabulary(tmp_path):
+    tokenizer = tiny_tokenizer()
+    topk = compute_teacher_topk(tiny_model(), tokenizer, SENTENCES[:3], k=3, max_length=8, progress=False,
+                                teacher_name="granite-teacher")
+    topk.save(tmp_path / "topk")
+
+    loaded = TeacherTopK.load(tmp_path / "topk")
+
+    assert loaded.tail_logmass.dtype == torch.float32 and torch.equal(loaded.tail_logmass, topk.tail_logmass)
+    assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert (loaded.teacher_name, loaded.teacher_rows, loaded.vocab_size, loaded.vocabulary_note) == (
+        "granite-teacher", 33, 33, None)
+
+
+def test_load_refuses_an_older_format(tmp_path):
+    _random_topk([2]).save(tmp_path)
+    meta = json.loads((tmp_path / "teacher_topk.json").read_text())
+    (tmp_path / "teacher_topk.json").write_text(json.dumps(dict(meta, format_version=1)))
+
+    with pytest.raises(ValueError, match="have format 1, this ftflow reads format 2; recompute"):
+        TeacherTopK.load(tmp_path)
+
+
 def test_load_rejects_tensors_that_disagree_with_meta(tmp_path):
     _random_topk([2, 2]).save(tmp_path)
     _random_topk([2, 2, 2]).save(tmp_path / "other")
@@ -244,6 +402,14 @@ def test_compute_teacher_topk_matches_per_sentence_forward():
         assert got_ids.shape == (len(ids), k)
         assert torch.equal(got_ids.long(), expected_ids)
         torch.testing.assert_close(got_lp.float(), expected_lp, rtol=2e-3, atol=2e-3)
+        # The log-mass outside the top-5 is kept in float32; outside the top-2 it adds the float16 entries
+        # 3..5, so it is good to their rounding (5e-4 in log = 0.05% of the mass).
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        for keep, tolerance in ((k, 1e-5), (2, 5e-4)):
+            outside = torch.logsumexp(log_probs.scatter(-1, expected_ids[:, :keep], -math.inf), dim=-1)
+            torch.testing.assert_close(topk.tail_for_sentence(i, keep), outside, rtol=0, atol=tolerance)
+    assert topk.vocab_size == topk.teacher_rows == len(tokenizer) and topk.vocabulary_note is None
+    assert topk.tokenizer is tokenizer
 
 
 # ---------------------------------------------------------------- collator
@@ -267,6 +433,21 @@ def test_collator_aligns_rows_and_pads_safely():
     expected = pad_batch([item["input_ids"] for item in items], pad_token_id(tokenizer))
     for key, value in expected.items():
         assert torch.equal(batch[key], value)
+    assert "teacher_tail_logmass" not in batch  # this store has no tail: kd_loss derives it
+
+
+def test_collator_attaches_the_tail_outside_the_used_k():
+    tokenizer = tiny_tokenizer()
+    topk = compute_teacher_topk(tiny_model(), tokenizer, SENTENCES[:3], k=4, max_length=16, progress=False)
+    items = [{"input_ids": sentence_ids(tokenizer, s, 16)[0], "sentence_index": i} for i, s in enumerate(SENTENCES[:3])]
+
+    batch = DistillationCollator(pad_token_id(tokenizer), topk, k=2)(items)
+
+    assert batch["teacher_tail_logmass"].shape == batch["input_ids"].shape
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        assert torch.equal(batch["teacher_tail_logmass"][row, :n], topk.tail_for_sentence(row, 2))
+        assert torch.isfinite(batch["teacher_tail_logmass"][row, n:]).all()
 
 
 def test_collator_rejects_top_k_of_other_data():
@@ -301,6 +482,140 @@ def test_check_same_tokenizer():
 
     with pytest.raises(ValueError, match="bos_token_id differs"):
         check_same_tokenizer(tiny_tokenizer(), tiny_tokenizer(with_bos=False), "t", "s")
+
+
+def _bpe_tokenizer(merges: list[tuple[str, str]]) -> PreTrainedTokenizerFast:
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>", "a", "b", "c", "ab", "bc"])}
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def test_check_same_tokenizer_compares_merges_and_special_ids():
+    check_same_tokenizer(_bpe_tokenizer([("a", "b")]), _bpe_tokenizer([("a", "b")]), "t", "s")
+
+    # Same vocabulary, other merges: "abc" would be "ab c" for one and "a bc" for the other.
+    with pytest.raises(ValueError, match=r"merges differ \(1 vs 1 merges; first difference at merge #0: "
+                                         r"\('a', 'b'\) vs \('b', 'c'\)\)"):
+        check_same_tokenizer(_bpe_tokenizer([("a", "b")]), _bpe_tokenizer([("b", "c")]), "t", "s")
+
+    other_eos = _bpe_tokenizer([("a", "b")])
+    other_eos.eos_token = "<pad>"
+    with pytest.raises(ValueError, match=r"eos_token_id differs \(3 vs 0\)"):
+        check_same_tokenizer(_bpe_tokenizer([("a", "b")]), other_eos, "t", "s")
+
+
+def test_check_same_tokenizer_compares_how_text_is_split():
+    splits_on_spaces_only = tiny_tokenizer()
+    splits_on_spaces_only.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # "mat," is one unknown word for it, "mat" and "," for the tiny tokenizer.
+    with pytest.raises(ValueError, match=r"the same text is encoded differently \('the cat sat on the mat, and the "
+                                         r"dog ran fast.': \[4, 6, 9, 10, 4, 11, 1, 20, 4, 7, 12, 13\] vs "
+                                         r"\[4, 6, 9, 10, 4, 1, 20, 4, 7, 12, 1\]\)"):
+        check_same_tokenizer(tiny_tokenizer(), splits_on_spaces_only, "t", "s")
+
+    # Another normalizer that changes nothing these tokenizers can encode is not a difference.
+    nfc = tiny_tokenizer()
+    nfc.backend_tokenizer.normalizer = normalizers.NFC()
+    check_same_tokenizer(tiny_tokenizer(), nfc, "t", "s")
+
+
+def test_qwen_embedding_sizes_over_one_tokenizer_compare_the_shared_ids():
+    # Qwen2.5 7B has 152,064 embedding rows, 0.5B and 3B 151,936, all with one tokenizer.
+    tokenizer = tiny_tokenizer()
+
+    shared = check_distillable(tokenizer, tiny_tokenizer(), 152064, 151936, "qwen2.5-7b", "qwen2.5-3b")
+
+    assert shared == SharedVocabulary(
+        size=151936,
+        note="teacher 'qwen2.5-7b' has 152064 embedding rows and student 'qwen2.5-3b' 151936, with one tokenizer "
+             "of 33 ids: the distillation compares the first 151936 ids and the teacher's logits for ids "
+             "151936..152063 (padding rows no token maps to) are left out and the rest renormalized")
+    assert check_distillable(tokenizer, tiny_tokenizer(), 151936, 151936, "a", "b") == SharedVocabulary(151936)
+
+
+def test_an_embedding_smaller_than_the_tokenizer_is_refused():
+    with pytest.raises(ValueError) as error:
+        check_distillable(tiny_tokenizer(), tiny_tokenizer(), 64, 32, "teacher-x", "student-y")
+    assert str(error.value) == (
+        "Cannot distill teacher 'teacher-x' (64 embedding rows) into student 'student-y' (32 rows): their "
+        "tokenizer makes ids up to 32, beyond the 32 rows of 'student-y', so that model cannot score every "
+        "token. Pick a student from the teacher's family whose embedding covers the whole tokenizer.")
+
+
+def _checkpoint(path, tokenizer, vocab_size: int, seed: int = 0) -> dict:
+    """A tiny Llama saved like a zoo model; returns its model dict."""
+    tiny_model("llama", vocab_size=vocab_size, seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return {"name": path.name, "path": str(path), "family": "tiny", "precision": "fp32", "trust_remote_code": False}
+
+
+def _full_run(model: dict) -> dict:
+    """A finished full fine-tuning run of ``model`` (its checkpoint is the model itself)."""
+    path = Path(model["path"])
+    return {"name": f"{model['name']}+full[]", "method": "full", "precision": "fp32", "base_model": model,
+            "dir": str(path.parent), "files": {"model": path.name}}
+
+
+def test_teacher_pass_refuses_another_tokenizer_before_loading_the_teacher(tmp_path, monkeypatch):
+    teacher = _checkpoint(tmp_path / "granite-8b", tiny_tokenizer(), 64)
+    student = _checkpoint(tmp_path / "qwen-1.5b", _other_vocab_tokenizer(), 64)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the tokenizers were checked")
+
+    monkeypatch.setattr(methods, "load_trained", no_teacher)
+    with pytest.raises(ValueError) as error:
+        teacher_topk_for_student(_full_run(teacher), student, SENTENCES, k=4, max_length=16, device="cpu",
+                                 progress=False)
+    for fragment in ("'granite-8b+full[]'", "'qwen-1.5b'", "vocabularies differ", "teacher's family"):
+        assert fragment in str(error.value)
+
+
+def test_teacher_pass_over_a_larger_teacher_embedding_uses_the_shared_ids(tmp_path):
+    teacher = _checkpoint(tmp_path / "teacher", tiny_tokenizer(), 128)
+    student = _checkpoint(tmp_path / "student", tiny_tokenizer(), 64, seed=1)
+
+    topk = teacher_topk_for_student(_full_run(teacher), student, SENTENCES[:2], k=4, max_length=16, device="cpu",
+                                    progress=False)
+
+    assert (topk.teacher_rows, topk.vocab_size) == (128, 64)
+    assert topk.vocabulary_note.startswith("teacher 'teacher+full[]' has 128 embedding rows and student 'student' 64")
+    ids, _ = sentence_ids(tiny_tokenizer(), SENTENCES[0], 16)
+    model = tiny_model("llama", vocab_size=128)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    expected_lp, expected_ids = torch.topk(F.log_softmax(logits[:, :64], dim=-1), 4, dim=-1)
+    got_ids, got_lp = topk.for_sentence(0)
+    assert torch.equal(got_ids.long(), expected_ids)
+    torch.testing.assert_close(got_lp.float(), expected_lp, rtol=2e-3, atol=2e-3)
+
+
+def test_distillation_run_refuses_a_student_with_another_tokenizer_before_training(tmp_path, monkeypatch):
+    teacher_tokenizer = tiny_tokenizer()
+    store = compute_teacher_topk(tiny_model(), teacher_tokenizer, SENTENCES, k=4, max_length=16, progress=False,
+                                 teacher_name="granite-8b+lora[r8]")
+    store.save(tmp_path / "topk")
+    student = _checkpoint(tmp_path / "qwen-1.5b", _other_vocab_tokenizer(), 64)
+    (job,) = distill_grid(DistillConfig(top_k=4), student)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the tokenizers were checked")
+
+    monkeypatch.setattr(training, "train_full", no_training)
+    run = dict(train_sentences=SENTENCES, validation_sentences=SENTENCES[:2], test_sentences=SENTENCES[:2], seed=0,
+               max_length=16, device="cpu", eval_batch_size=4, work_dir=tmp_path / "work", out_dir=tmp_path / "out",
+               progress=False)
+    with pytest.raises(ValueError) as error:
+        run_job(job, teacher_topk_dir=tmp_path / "topk", **run)
+    for fragment in ("'granite-8b+lora[r8]'", "'qwen-1.5b'", "vocabularies differ", "teacher's family"):
+        assert fragment in str(error.value)
+
+    # A store that does not record the teacher's tokenizer cannot be checked, so it is refused too.
+    TeacherTopK(ids=store.ids, logprobs=store.logprobs, offsets=store.offsets).save(tmp_path / "bare")
+    with pytest.raises(ValueError, match="do not record the teacher's tokenizer"):
+        run_job(job, teacher_topk_dir=tmp_path / "bare", **run)
 
 
 # ---------------------------------------------------------------- Trainer
