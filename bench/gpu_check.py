@@ -294,6 +294,11 @@ def _meter(device: str):
     return _CudaMeter() if device == "cuda" else _CpuMeter()
 
 
+def _reserved_peak_mb(device: str) -> Optional[float]:
+    """cuda: the caching allocator's reserved peak since the last reset (allocated + cached blocks), in MB."""
+    return torch.cuda.max_memory_reserved() / MB if device == "cuda" else None
+
+
 def _compare(prefix: str, predicted: int, measured: int) -> dict:
     """``<prefix>_predicted_mb``, ``_measured_mb`` and ``_error_pct`` (predicted / measured - 1)."""
     return {
@@ -421,6 +426,7 @@ def check_scoring(ctx: ModelContext, precision: str) -> dict:
     _sync(s.device)
     evaluator_s = time.perf_counter() - started
     peak = meter.peak()
+    reserved = _reserved_peak_mb(s.device)
 
     started = time.perf_counter()
     naive_nll, naive_tokens = naive_score(model, tokenizer, ctx.sentences, s.max_length_scoring)
@@ -452,6 +458,7 @@ def check_scoring(ctx: ModelContext, precision: str) -> dict:
         "nll_rtol": NLL_RTOL[precision],
         "tflops": 2.0 * matmul_parameters(ctx.config) * evaluator_tps / 1e12,
         **_compare("peak", predicted.allocated_bytes, peak),
+        "peak_reserved_mb": reserved,
     })
     problems = []
     if naive_tokens != result.scored_tokens:
@@ -537,6 +544,7 @@ def check_training(ctx: ModelContext, method: str) -> dict:
         _sync(s.device)
         run_s = time.perf_counter() - started
         peak = meter.peak()
+        reserved = _reserved_peak_mb(s.device)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     step_s = clock.seconds_per_step()
@@ -556,6 +564,7 @@ def check_training(ctx: ModelContext, method: str) -> dict:
         "validation_ppl_before": result["baseline_validation"]["corpus_ppl"],
         "validation_ppl_after": result["best_validation_ppl"],
         **_compare("peak", predicted.allocated_bytes, peak),
+        "peak_reserved_mb": reserved,
     })
     return out
 
@@ -847,15 +856,13 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, tuple[ModelSpec, 
     return settings, tuple(s for s in catalogue if s.name in wanted)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    settings, specs = settings_from(args)
+def prepare_process(settings: Settings) -> None:
+    """Process-wide settings of a check run: quiet libraries, threads, and a frozen import heap."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     warnings.simplefilter("ignore")  # library deprecation chatter; errors still surface in the records
-
     if settings.smoke:
         # Tiny matrices gain nothing from threads, and on a machine other processes keep busy
         # spare threads spin-wait on each other (seen: 27 ms per 64 x 128 matmul with 2 threads).
@@ -864,6 +871,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     # (a full collection over transformers' and peft's objects takes about a second).
     gc.collect()
     gc.freeze()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    settings, specs = settings_from(args)
+    prepare_process(settings)
     sentences, data = scoring_sentences(args.data, settings.n_sentences)
     args.outdir.mkdir(parents=True, exist_ok=True)
     report = {
