@@ -58,7 +58,7 @@ How it measures:
   after a check is recorded (``leftover_mb``), so a leak shows.
 * memory, cpu (``--smoke``): growth of the resident set (``bench/memory_accuracy.py``'s
   meter), in this process, loading included: a sanity figure at smoke sizes, not a check.
-* time: best of the timed runs after an untimed warm-up (scoring); for training,
+* time: one timed run after an untimed warm-up on two sentences (scoring); for training,
   the time between the first and the last logged step (the Trainer logs every
   step here and reads the loss with ``.item()``, which synchronizes), so the
   first step (optimizer state, kernel selection) is not counted.
@@ -79,7 +79,8 @@ model may use what is left divided by the models still to run, and a check that
 would start past its model's share is skipped and reported as skipped for time.
 
 Writes ``OUTDIR/gpu_check.json`` (every figure) and ``OUTDIR/gpu_check.md``
-(the summary, also printed). Exit status 0 when no check failed, 1 when one did
+(the summary, also printed), rewritten after every check so that a run killed
+from outside still leaves what it measured. Exit status 0 when no check failed, 1 when one did
 (a skipped check is not a failure), 2 for a bad command line.
 """
 
@@ -607,8 +608,9 @@ class CheckFailed(Exception):
 class Runner:
     """Runs checks one at a time, each isolated: records status, error, figures and seconds."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, on_record: Optional[Callable[[list[dict]], None]] = None):
         self.settings = settings
+        self.on_record = on_record
         self.records: list[dict] = []
         self.started = time.perf_counter()
         self.baseline_allocated = torch.cuda.memory_allocated() if settings.device == "cuda" else 0
@@ -646,6 +648,8 @@ class Runner:
             record["leftover_mb"] = (torch.cuda.memory_allocated() - self.baseline_allocated) / MB
         print(f"[{self.elapsed():6.1f}s] {model} {check}: {record['status']}"
               + (f" ({record['error']})" if record["error"] else ""), flush=True)
+        if self.on_record is not None:
+            self.on_record(self.records)
         return record
 
 
@@ -888,18 +892,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "student_layers": s.student_layers} for s in specs},
         "checks": [],
     }
-    runner = Runner(settings)
+
+    def write(records: list[dict]) -> str:
+        report.update(checks=records, elapsed_s=runner.elapsed())
+        clean = _clean(report)
+        (args.outdir / "gpu_check.json").write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
+        summary = markdown_summary(clean)
+        (args.outdir / "gpu_check.md").write_text(summary)
+        return summary
+
+    runner = Runner(settings, on_record=write)
     with tempfile.TemporaryDirectory(prefix="ftflow-gpucheck-") as tmp:
         for index, spec in enumerate(specs):
             # This model's share: what is left, split over the models still to run.
             share = (settings.budget_s - runner.elapsed()) / (len(specs) - index)
             run_model(runner, spec, settings, sentences, Path(tmp), time.perf_counter() + share)
-    report["checks"] = runner.records
-    report["elapsed_s"] = runner.elapsed()
-    report = _clean(report)
-    (args.outdir / "gpu_check.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    summary = markdown_summary(report)
-    (args.outdir / "gpu_check.md").write_text(summary)
+    summary = write(runner.records)
     print()
     print(summary)
     failed = [c for c in report["checks"] if c["status"] == "failed"]
