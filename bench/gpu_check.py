@@ -59,9 +59,11 @@ How it measures:
 * memory, cpu (``--smoke``): growth of the resident set (``bench/memory_accuracy.py``'s
   meter), in this process, loading included: a sanity figure at smoke sizes, not a check.
 * time: one timed run after an untimed warm-up on two sentences (scoring); for training,
-  the time between the first and the last logged step (the Trainer logs every
-  step here and reads the loss with ``.item()``, which synchronizes), so the
-  first step (optimizer state, kernel selection) is not counted.
+  the time between the first and the last logged step divided by the steps in
+  between (ftflow's ``fit`` logs every step when there are fewer than 8, and
+  the Trainer reads the loss with ``.item()`` before it logs, which
+  synchronizes), so the first step (optimizer state, kernel selection) is not
+  counted.
 * FLOP/s: ``P`` is the matmul parameters (every linear layer, the output layer
   included; the embedding lookup does no FLOPs), ``T`` the trainable ones.
   Scoring: ``2 P`` per scored token. Full fine-tuning and distillation (the
