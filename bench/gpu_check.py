@@ -1,0 +1,923 @@
+"""The CUDA path of ftflow, checked in one command: loading, scoring, training, memory and speed.
+
+On a machine with a GPU (nothing is downloaded, no hub is needed)::
+
+    python bench/gpu_check.py OUTDIR                      # every model, 480 s budget in all
+    python bench/gpu_check.py OUTDIR --models qwen2 --budget-s 200
+
+and on a CPU, the same code at tiny sizes (what ``tests/unit/test_gpu_check.py`` runs)::
+
+    python bench/gpu_check.py --smoke OUTDIR
+
+What it builds: random-weight checkpoints of real architectures at realistic
+sizes, written as ordinary Hugging Face directories (bf16 safetensors and a
+byte-level BPE tokenizer trained on the sentences; its vocabulary is smaller
+than the embedding, which keeps the real row count) so that every load goes
+through :func:`ftflow.models.load_model`, ftflow's one loading path:
+
+* ``llama``: Llama-3.2-1B's shapes (hidden 2048, 16 layers, 32/8 heads, MLP 8192,
+  vocabulary 128256, tied), 1.24B parameters;
+* ``granite``: Granite 3.0 2B's shapes cut to 14 of its 40 layers (vocabulary
+  49155, tied), 0.95B parameters (Granite 3.x has no dense 1B model);
+* ``qwen2``: Qwen2.5-0.5B's shapes (hidden 896, 24 layers, 14/2 heads, MLP 4864,
+  vocabulary 151936, tied), 0.49B parameters.
+
+Each has a distillation student of the same family and tokenizer (its shapes
+with fewer layers). The weights' values do not matter for speed and memory.
+
+What it checks, per model, each check on its own (one failure is recorded with
+its error and the rest go on):
+
+* ``score[fp32|bf16|nf4]``: load at the precision (nf4 through bitsandbytes),
+  weights in memory against :func:`ftflow.memory.predict_scoring`'s; the
+  sentences scored by :func:`ftflow.perplexity.score_sentences` and by the
+  one-sentence-at-a-time loop of ``bench/perplexity_speed.py`` (tokens/s of
+  each, their ratio, corpus NLL agreement); the scoring peak against the
+  prediction for the first (longest) batch.
+* ``train[lora|qlora|prefix|full|distill]``: a few optimizer steps through
+  ftflow's training functions (:func:`ftflow.training.train_lora`,
+  :func:`~ftflow.training.train_prefix`, :func:`~ftflow.training.train_full`;
+  distillation with :func:`ftflow.distill.compute_teacher_topk`, the stored
+  :class:`~ftflow.distill.TeacherTopK` and the
+  :class:`~ftflow.distill.DistillationTrainer`), each run first checked with
+  :func:`ftflow.memory.check_training_fits` against the device's memory (a run
+  predicted not to fit is skipped with the figure, as the pipeline does), then
+  its measured peak compared with that prediction; seconds per step, tokens/s
+  and achieved FLOP/s. The training set is ``steps x batch`` sequences of
+  exactly ``--max-length`` tokens (sentences joined, then cut), so every batch
+  has the shape the planner predicts for and one epoch is the number of steps.
+
+How it measures:
+
+* memory, cuda: ``torch.cuda.max_memory_allocated`` minus what was allocated
+  before the model was loaded (``torch.cuda.synchronize`` and
+  ``reset_peak_memory_stats`` around each measurement), compared with the
+  prediction's ``allocated_bytes`` (the peak without the CUDA context, which the
+  allocator does not see). Between checks every model is deleted, then
+  ``gc.collect()`` and ``torch.cuda.empty_cache()``; what is still allocated
+  after a check is recorded (``leftover_mb``), so a leak shows.
+* memory, cpu (``--smoke``): growth of the resident set (``bench/memory_accuracy.py``'s
+  meter), in this process, loading included: a sanity figure at smoke sizes, not a check.
+* time: one timed run after an untimed warm-up on two sentences (scoring); for training,
+  the time between the first and the last logged step divided by the steps in
+  between (ftflow's ``fit`` logs every step when there are fewer than 8, and
+  the Trainer reads the loss with ``.item()`` before it logs, which
+  synchronizes), so the first step (optimizer state, kernel selection) is not
+  counted.
+* FLOP/s: ``P`` is the matmul parameters (every linear layer, the output layer
+  included; the embedding lookup does no FLOPs), ``T`` the trainable ones.
+  Scoring: ``2 P`` per scored token. Full fine-tuning and distillation (the
+  student): ``6 P``. LoRA and prefix tuning: ``4 P + 6 T`` (the frozen weights
+  get no weight gradient), QLoRA ``6 P + 6 T`` (gradient checkpointing runs the
+  forward twice). Attention's ``L^2`` terms and padding are not counted.
+
+The Trainer's own checkpoints of the full-model runs (full, distill) are not
+written: model and AdamW state of a 1B fp32 model are ~15 GB of disk I/O per
+run, which is not what this check measures (checkpointing and resuming are
+tested on CPU). The best epoch is still saved as ftflow saves it.
+
+Time: the budget (``--budget-s``, default 480 s) is shared by the models; each
+model may use what is left divided by the models still to run, and a check that
+would start past its model's share is skipped and reported as skipped for time.
+
+Writes ``OUTDIR/gpu_check.json`` (every figure) and ``OUTDIR/gpu_check.md``
+(the summary, also printed), rewritten after every check so that a run killed
+from outside still leaves what it measured. Exit status 0 when no check failed, 1 when one did
+(a skipped check is not a failure), 2 for a bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built here; never reach for the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
+
+from bench.memory_accuracy import _CpuMeter, _CudaMeter  # noqa: E402
+from bench.perplexity_speed import DEFAULT_DATA, naive_score, read_sentences  # noqa: E402
+
+import torch  # noqa: E402
+
+from ftflow import memory, synthetic, zoo  # noqa: E402
+from ftflow.methods import MEMORY_METHOD  # noqa: E402
+from ftflow.models import load_model, load_tokenizer  # noqa: E402
+from ftflow.perplexity import score_sentences  # noqa: E402
+from ftflow.tokens import pad_token_id, sentence_ids  # noqa: E402
+
+MB = 10**6
+SCORING_PRECISIONS = ("fp32", "bf16", "nf4")
+TRAINING_METHODS = ("lora", "qlora", "prefix", "full", "distill")
+NLL_RTOL = {"fp32": 1e-4, "bf16": 1e-2, "nf4": 1e-2}
+"""Largest relative difference of corpus NLL, evaluator vs loop, that passes. In
+fp32 the two differ only by summation order; in bf16 (and nf4, which computes
+in bf16) a padded batch and a single sequence run different kernels, whose
+rounding differs by about one bf16 ulp per logit."""
+
+# Hyperparameters of the training checks: ftflow's config defaults, which are also the
+# memory planner's defaults (LoRA rank 8, dropout 0.05; 8 virtual tokens).
+LORA = dict(r=8, alpha=16.0, dropout=0.05, target_modules="all-linear")
+PREFIX_TOKENS = 8
+DISTILL = dict(top_k=10, temperature=1.0, alpha=0.5)
+LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "prefix": 1e-4, "full": 5e-5, "distill": 5e-5}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One architecture at one size, and the layers of its distillation student."""
+
+    name: str
+    like: str
+    architecture: str
+    numbers: dict
+    student_layers: int
+    with_bos: bool = True  # Qwen2's tokenizer has no BOS: ftflow then starts sentences with EOS
+
+
+GPU_MODELS = (
+    ModelSpec("llama", "Llama-3.2-1B", "llama", dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True), student_layers=4),
+    ModelSpec("granite", "granite-3.0-2b shapes, 14 of 40 layers", "granite", dict(
+        hidden_size=2048, num_hidden_layers=14, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=8192, vocab_size=49155, tie_word_embeddings=True), student_layers=4),
+    ModelSpec("qwen2", "Qwen2.5-0.5B", "qwen2", dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True), student_layers=6,
+        with_bos=False),
+)
+_SMOKE_NUMBERS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=512)
+SMOKE_MODELS = tuple(
+    ModelSpec(spec.name, f"{spec.like} (smoke: tiny)", spec.architecture,
+              {**_SMOKE_NUMBERS, "tie_word_embeddings": spec.numbers["tie_word_embeddings"]},
+              student_layers=1, with_bos=spec.with_bos)
+    for spec in GPU_MODELS
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run of the check uses besides the models (GPU defaults, or the smoke ones)."""
+
+    device: str
+    smoke: bool
+    budget_s: float
+    n_sentences: int
+    n_validation: int
+    eval_batch_size: int
+    steps: int
+    batch_size: int
+    max_length: int
+    train_precision: str
+    tokenizer_vocab: int
+    max_length_scoring: int = 2048
+
+
+GPU_DEFAULTS = dict(budget_s=480.0, n_sentences=384, n_validation=16, eval_batch_size=32, steps=6, batch_size=8,
+                    max_length=256, train_precision="fp32", tokenizer_vocab=4096)
+SMOKE_DEFAULTS = dict(budget_s=300.0, n_sentences=24, n_validation=4, eval_batch_size=8, steps=3, batch_size=2,
+                      max_length=32, train_precision="fp32", tokenizer_vocab=512)
+
+
+def model_config(spec: ModelSpec, tokenizer, layers: Optional[int] = None):
+    """The transformers config of ``spec`` (``layers`` decoder layers), special ids from ``tokenizer``."""
+    from transformers import CONFIG_MAPPING
+
+    numbers = dict(spec.numbers)
+    if layers is not None:
+        numbers["num_hidden_layers"] = layers
+    return CONFIG_MAPPING[spec.architecture](
+        **numbers, max_position_embeddings=zoo.DECLARED_CONTEXT, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def build_checkpoint(config, tokenizer, directory: Path, device: str) -> float:
+    """Random bf16 weights made on ``device``, saved with the tokenizer; returns the seconds it took."""
+    from transformers import AutoModelForCausalLM
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    zoo.save_checkpoint(model, tokenizer, directory)
+    del model
+    _free(device)
+    return time.perf_counter() - started
+
+
+def matmul_parameters(config) -> int:
+    """Weights that take part in a matmul per token: every linear layer, the output layer included."""
+    counts = memory.parameter_counts(config)
+    return counts.linear_weights + (counts.output_untied or counts.embedding)
+
+
+def training_flops_per_token(method: str, config) -> tuple[float, str]:
+    """FLOPs per trained token and the formula used (see the module docstring)."""
+    p = matmul_parameters(config)
+    if method in ("full", "distill"):
+        return 6.0 * p, "6P"
+    if method == "prefix":
+        return 4.0 * p, "4P"
+    t = memory.parameter_counts(config).lora(LORA["r"])
+    if method == "qlora":
+        return 6.0 * p + 6.0 * t, "6P+6T"
+    return 4.0 * p + 6.0 * t, "4P+6T"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def scoring_sentences(data: Optional[Path], n: int) -> tuple[list[str], str]:
+    """The first ``n`` sentences of ``data``, else of the shared SST-2 test file, else generated ones."""
+    path = data if data is not None else (DEFAULT_DATA if DEFAULT_DATA.is_file() else None)
+    if path is not None:
+        if not path.is_file():
+            raise SystemExit(f"--data {path} is not a file (expected one sentence per line)")
+        sentences = read_sentences(path, n)
+        if not sentences:
+            raise SystemExit(f"{path} has no non-blank lines")
+        return sentences, str(path)
+    return synthetic.generate_sentences(n, seed=0, domain="reviews"), f"generated ({n} review-like sentences)"
+
+
+def training_documents(tokenizer, sentences: list[str], n_documents: int, length: int) -> list[str]:
+    """``n_documents`` texts of at least ``length`` tokens each (start token included): sentences joined in turn.
+
+    ftflow's encoding then cuts each to exactly ``length`` tokens, so every batch is
+    ``[batch, length]`` with no padding: the shape the memory planner predicts for.
+    """
+    documents, index = [], 0
+    for _ in range(n_documents):
+        parts: list[str] = []
+        while len(sentence_ids(tokenizer, " ".join(parts), length + 1)[0]) <= length:
+            parts.append(sentences[index % len(sentences)])
+            index += 1
+        documents.append(" ".join(parts))
+    return documents
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _meter(device: str):
+    """Memory meter whose baseline is taken now: ``peak()`` / ``now()`` are growth since then."""
+    return _CudaMeter() if device == "cuda" else _CpuMeter()
+
+
+def _reserved_peak_mb(device: str) -> Optional[float]:
+    """cuda: the caching allocator's reserved peak since the last reset (allocated + cached blocks), in MB."""
+    return torch.cuda.max_memory_reserved() / MB if device == "cuda" else None
+
+
+def _compare(prefix: str, predicted: int, measured: int) -> dict:
+    """``<prefix>_predicted_mb``, ``_measured_mb`` and ``_error_pct`` (predicted / measured - 1)."""
+    return {
+        f"{prefix}_predicted_mb": predicted / MB,
+        f"{prefix}_measured_mb": measured / MB,
+        f"{prefix}_error_pct": 100.0 * (predicted / measured - 1.0) if measured > 0 else None,
+    }
+
+
+class StepClock:
+    """``on_progress`` callback of ftflow's training: the time of every logged optimizer step.
+
+    The Trainer logs after the step's ``loss.item()`` (a synchronization), so the
+    time between two logged steps is the time of the steps in between.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, float]] = []
+
+    def __call__(self, info: dict) -> None:
+        if info.get("validation_ppl") is None and info.get("loss") is not None:  # a step log, not a validation
+            self.steps.append((int(info["step"]), time.perf_counter()))
+
+    def seconds_per_step(self) -> float:
+        if len(self.steps) < 2:
+            raise RuntimeError(f"only {len(self.steps)} logged step(s): use --steps 3 or more to time a step")
+        (first_step, first_t), (last_step, last_t) = self.steps[0], self.steps[-1]
+        return (last_t - first_t) / (last_step - first_step)
+
+
+def _without_trainer_checkpoints(trainer_cls):
+    """``trainer_cls`` that does not write its checkpoints (model + optimizer state; see the module docstring)."""
+
+    class NoCheckpointTrainer(trainer_cls):
+        def _save_checkpoint(self, model, trial):  # noqa: D401 - Trainer hook
+            return None
+
+    NoCheckpointTrainer.__name__ = f"NoCheckpoint{trainer_cls.__name__}"
+    return NoCheckpointTrainer
+
+
+def bitsandbytes_4bit_problem(device: str) -> Optional[str]:
+    """Why 4-bit weights cannot be used on ``device`` (None when a 4-bit layer runs forward and backward)."""
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to(device)
+        x = torch.randn(2, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
+        layer(x).float().sum().backward()
+        return None
+    except Exception as exc:  # any failure means: no 4-bit here, say why
+        return f"bitsandbytes 4-bit does not run on {device}: {type(exc).__name__}: {exc}"
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+@dataclass
+class ModelContext:
+    """What the checks of one model share: its checkpoints, tokenizer and data."""
+
+    spec: ModelSpec
+    settings: Settings
+    workdir: Path
+    sentences: list[str]
+    tokenizer: object = None
+    config: object = None
+    student_config: object = None
+    path: Optional[Path] = None
+    student_path: Optional[Path] = None
+    documents: list[str] = field(default_factory=list)
+
+
+def check_build(ctx: ModelContext) -> dict:
+    """Tokenizer, teacher and student checkpoints (bf16 safetensors), training documents."""
+    s = ctx.settings
+    tokenizer = zoo.train_tokenizer(ctx.sentences, s.tokenizer_vocab, seed=0, with_bos=ctx.spec.with_bos)
+    ctx.config = model_config(ctx.spec, tokenizer)
+    ctx.student_config = model_config(ctx.spec, tokenizer, ctx.spec.student_layers)
+    ctx.path, ctx.student_path = ctx.workdir / ctx.spec.name, ctx.workdir / f"{ctx.spec.name}-student"
+    build_s = build_checkpoint(ctx.config, tokenizer, ctx.path, s.device)
+    student_s = build_checkpoint(ctx.student_config, tokenizer, ctx.student_path, s.device)
+    # Loaded back through ftflow, as every later check (and the pipeline) reads it.
+    ctx.tokenizer = load_tokenizer(str(ctx.path))
+    ctx.documents = training_documents(ctx.tokenizer, ctx.sentences, s.steps * s.batch_size, s.max_length)
+    return {
+        "parameters": memory.count_parameters(ctx.config),
+        "matmul_parameters": matmul_parameters(ctx.config),
+        "student_parameters": memory.count_parameters(ctx.student_config),
+        "vocab_size": ctx.config.vocab_size,
+        "tokenizer_vocab": len(ctx.tokenizer),
+        "layers": ctx.config.num_hidden_layers,
+        "hidden_size": ctx.config.hidden_size,
+        "build_s": build_s,
+        "student_build_s": student_s,
+        "checkpoint_mb": sum(f.stat().st_size for f in ctx.path.iterdir()) / MB,
+    }
+
+
+def check_scoring(ctx: ModelContext, precision: str) -> dict:
+    """Load at ``precision``; evaluator vs one-sentence loop: speed, NLL agreement, peak vs prediction."""
+    s, tokenizer = ctx.settings, ctx.tokenizer
+    if precision == "nf4" and s.device == "cpu":
+        problem = bitsandbytes_4bit_problem("cpu")
+        if problem:
+            raise SkipCheck(problem)
+    meter = _meter(s.device)
+    started = time.perf_counter()
+    model = load_model(str(ctx.path), precision, s.device)
+    _sync(s.device)
+    out: dict = {"load_s": time.perf_counter() - started}
+    weights = memory.predict_scoring(ctx.config, precision, 1, 2, device=s.device).weights_bytes
+    out.update(_compare("weights", weights, meter.now()))
+
+    # Untimed warm-up of both (first-call costs: allocator, kernel selection), as perplexity_speed does.
+    score_sentences(model, tokenizer, ctx.sentences[:2], batch_size=2, max_length=s.max_length_scoring,
+                    progress=False)
+    naive_score(model, tokenizer, ctx.sentences[:2], s.max_length_scoring)
+
+    meter.reset_peak()
+    _sync(s.device)
+    started = time.perf_counter()
+    result = score_sentences(model, tokenizer, ctx.sentences, batch_size=s.eval_batch_size,
+                             max_length=s.max_length_scoring, progress=False)
+    _sync(s.device)
+    evaluator_s = time.perf_counter() - started
+    peak = meter.peak()
+    reserved = _reserved_peak_mb(s.device)
+
+    started = time.perf_counter()
+    naive_nll, naive_tokens = naive_score(model, tokenizer, ctx.sentences, s.max_length_scoring)
+    _sync(s.device)
+    naive_s = time.perf_counter() - started
+    del model
+    _free(s.device)
+
+    # The first batch holds the longest sentences, all padded to the longest: the planner's worst case.
+    longest = max(len(sentence_ids(tokenizer, text, s.max_length_scoring)[0]) for text in ctx.sentences)
+    first_batch = min(s.eval_batch_size, len(ctx.sentences))
+    predicted = memory.predict_scoring(ctx.config, precision, first_batch, longest, device=s.device)
+    evaluator_tps = result.scored_tokens / evaluator_s
+    nll_rel = abs(result.total_nll - naive_nll) / abs(naive_nll)
+    out.update({
+        "sentences": result.n_sentences,
+        "scored_tokens": result.scored_tokens,
+        "batch_size": s.eval_batch_size,
+        "longest_tokens": longest,
+        "evaluator_s": evaluator_s,
+        "evaluator_tokens_per_s": evaluator_tps,
+        "loop_s": naive_s,
+        "loop_tokens": naive_tokens,
+        "loop_tokens_per_s": naive_tokens / naive_s,
+        "speedup": evaluator_tps / (naive_tokens / naive_s),
+        "corpus_ppl": result.corpus_ppl,
+        "loop_corpus_ppl": math.exp(naive_nll / naive_tokens),
+        "nll_rel_diff": nll_rel,
+        "nll_rtol": NLL_RTOL[precision],
+        "tflops": 2.0 * matmul_parameters(ctx.config) * evaluator_tps / 1e12,
+        **_compare("peak", predicted.allocated_bytes, peak),
+        "peak_reserved_mb": reserved,
+    })
+    problems = []
+    if naive_tokens != result.scored_tokens:
+        problems.append(f"scored tokens differ: evaluator {result.scored_tokens}, loop {naive_tokens}")
+    if not nll_rel <= NLL_RTOL[precision]:
+        problems.append(f"corpus NLL evaluator vs loop differs by {nll_rel:.2e} relative (> {NLL_RTOL[precision]:g})")
+    if problems:
+        raise CheckFailed("; ".join(problems), out)
+    return out
+
+
+def _train_settings(s: Settings, method: str, precision: str):
+    from ftflow.training import TrainSettings
+
+    return TrainSettings(
+        epochs=1, learning_rate=LEARNING_RATE[method], batch_size=s.batch_size, max_length=s.max_length, seed=0,
+        device=s.device, precision=precision, eval_batch_size=s.eval_batch_size, progress=False,
+        checkpoint_steps=10**9,  # no mid-run checkpoints: the run is a few steps (one epoch)
+    )
+
+
+def _budget_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_training(ctx: ModelContext, method: str) -> dict:
+    """A few optimizer steps of ``method`` through ftflow's training code; peak vs prediction, speed."""
+    from transformers import Trainer
+
+    from ftflow.training import encode_dataset, train_full, train_lora, train_prefix
+
+    s, tokenizer = ctx.settings, ctx.tokenizer
+    precision = "nf4" if method == "qlora" else s.train_precision
+    if method == "qlora":
+        problem = bitsandbytes_4bit_problem(s.device)
+        if problem:
+            raise SkipCheck(problem)
+    trained_path, trained_config = (ctx.student_path, ctx.student_config) if method == "distill" \
+        else (ctx.path, ctx.config)
+    # The planner's verdict first, as the pipeline does: a run predicted not to fit is not started.
+    try:
+        predicted = memory.check_training_fits(
+            str(trained_path), precision, MEMORY_METHOD[method], batch_size=s.batch_size, max_length=s.max_length,
+            budget_bytes=_budget_bytes(s.device), device=s.device, lora_r=LORA["r"])
+    except memory.MemoryBudgetError as exc:
+        raise SkipCheck(str(exc)) from None
+    out: dict = {"precision": precision, "batch_size": s.batch_size, "max_length": s.max_length, "steps": s.steps}
+    run_dir = ctx.workdir / f"train-{method}"
+    clock = StepClock()
+    settings = _train_settings(s, method, precision)
+    common = dict(settings=settings, work_dir=run_dir / "trainer", on_progress=clock)
+    validation = ctx.sentences[: s.n_validation]
+    try:
+        if method == "distill":
+            out.update(_teacher_topk(ctx, run_dir / "topk"))
+            from ftflow.distill import DistillationCollator, DistillationTrainer, TeacherTopK
+
+            store = TeacherTopK.load(run_dir / "topk")
+            collator = DistillationCollator(pad_token_id(tokenizer), store, k=DISTILL["top_k"])
+        meter = _meter(s.device)
+        meter.reset_peak()
+        started = time.perf_counter()
+        if method in ("lora", "qlora"):
+            result = train_lora(str(trained_path), tokenizer, ctx.documents, validation, r=LORA["r"],
+                                alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=LORA["target_modules"],
+                                adapter_dir=run_dir / "best", **common)
+        elif method == "prefix":
+            result = train_prefix(str(trained_path), tokenizer, ctx.documents, validation,
+                                  num_virtual_tokens=PREFIX_TOKENS, adapter_dir=run_dir / "best", **common)
+        elif method == "full":
+            result = train_full(str(trained_path), tokenizer, encode_dataset(tokenizer, ctx.documents, s.max_length),
+                                validation, model_dir=run_dir / "best",
+                                trainer_cls=_without_trainer_checkpoints(Trainer),
+                                **common)
+        else:
+            result = train_full(str(trained_path), tokenizer, encode_dataset(tokenizer, ctx.documents, s.max_length),
+                                validation, model_dir=run_dir / "best", collator=collator,
+                                trainer_cls=_without_trainer_checkpoints(DistillationTrainer),
+                                trainer_kwargs={"alpha": DISTILL["alpha"], "temperature": DISTILL["temperature"]},
+                                **common)
+        _sync(s.device)
+        run_s = time.perf_counter() - started
+        peak = meter.peak()
+        reserved = _reserved_peak_mb(s.device)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    step_s = clock.seconds_per_step()
+    tokens_per_s = s.batch_size * s.max_length / step_s
+    flops, formula = training_flops_per_token(method, trained_config)
+    history = result["history"]
+    out.update({
+        "trained_parameters_of": "student" if method == "distill" else "model",
+        "parameters": predicted.parameters,
+        "trainable_parameters": result.get("trainable_parameters", predicted.trainable_parameters),
+        "run_s": run_s,
+        "step_s": step_s,
+        "tokens_per_s": tokens_per_s,
+        "tflops": flops * tokens_per_s / 1e12,
+        "flops_formula": formula,
+        "train_loss": history[-1]["train_loss"],
+        "validation_ppl_before": result["baseline_validation"]["corpus_ppl"],
+        "validation_ppl_after": result["best_validation_ppl"],
+        **_compare("peak", predicted.allocated_bytes, peak),
+        "peak_reserved_mb": reserved,
+    })
+    return out
+
+
+def _teacher_topk(ctx: ModelContext, directory: Path) -> dict:
+    """The teacher (the model) once over the training documents; top-k stored, teacher freed."""
+    from ftflow.distill import check_same_tokenizer, compute_teacher_topk
+
+    s = ctx.settings
+    check_same_tokenizer(ctx.tokenizer, load_tokenizer(str(ctx.student_path)), ctx.spec.name, f"{ctx.spec.name}-student")
+    teacher = load_model(str(ctx.path), s.train_precision, s.device)
+    _sync(s.device)
+    started = time.perf_counter()
+    topk = compute_teacher_topk(teacher, ctx.tokenizer, ctx.documents, k=DISTILL["top_k"], max_length=s.max_length,
+                                batch_size=s.batch_size, progress=False)
+    _sync(s.device)
+    seconds = time.perf_counter() - started
+    topk.save(directory)
+    del teacher, topk
+    _free(s.device)
+    tokens = len(ctx.documents) * s.max_length
+    return {"teacher_topk_s": seconds, "teacher_topk_tokens_per_s": tokens / seconds}
+
+
+class SkipCheck(Exception):
+    """A check that cannot run here (the reason is reported; not a failure)."""
+
+
+class CheckFailed(Exception):
+    """A check that ran but whose result is wrong; carries the figures it measured."""
+
+    def __init__(self, message: str, metrics: dict):
+        super().__init__(message)
+        self.metrics = metrics
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class Runner:
+    """Runs checks one at a time, each isolated: records status, error, figures and seconds."""
+
+    def __init__(self, settings: Settings, on_record: Optional[Callable[[list[dict]], None]] = None):
+        self.settings = settings
+        self.on_record = on_record
+        self.records: list[dict] = []
+        self.started = time.perf_counter()
+        self.baseline_allocated = torch.cuda.memory_allocated() if settings.device == "cuda" else 0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def run(self, model: str, check: str, function: Callable[[], dict], deadline: float,
+            needs: Optional[dict] = None) -> dict:
+        record = {"model": model, "check": check, "status": "ok", "error": None, "seconds": 0.0, "metrics": {}}
+        self.records.append(record)
+        if needs is not None and needs["status"] != "ok":
+            record.update(status="skipped", error=f"needs {needs['check']}, which {needs['status']}")
+            return record
+        now = time.perf_counter()
+        if now > deadline:
+            record.update(status="skipped", error=(
+                f"time budget: this model's share ran out ({now - self.started:.0f} s used of "
+                f"{self.settings.budget_s:.0f} s); raise --budget-s or run fewer --models"))
+            return record
+        print(f"[{self.elapsed():6.1f}s] {model} {check} ...", flush=True)
+        try:
+            record["metrics"] = function()
+        except SkipCheck as exc:
+            record.update(status="skipped", error=str(exc))
+        except CheckFailed as exc:
+            record.update(status="failed", error=str(exc), metrics=exc.metrics)
+        except Exception as exc:  # recorded with its traceback; the other checks go on
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                          traceback="".join(traceback.format_exception(exc))[-4000:])
+        finally:
+            _free(self.settings.device)
+        record["seconds"] = time.perf_counter() - now
+        if self.settings.device == "cuda":
+            record["leftover_mb"] = (torch.cuda.memory_allocated() - self.baseline_allocated) / MB
+        print(f"[{self.elapsed():6.1f}s] {model} {check}: {record['status']}"
+              + (f" ({record['error']})" if record["error"] else ""), flush=True)
+        if self.on_record is not None:
+            self.on_record(self.records)
+        return record
+
+
+def run_model(runner: Runner, spec: ModelSpec, settings: Settings, sentences: list[str], workdir: Path,
+              deadline: float) -> None:
+    """Every check of one model, in order; its checkpoints deleted at the end."""
+    ctx = ModelContext(spec, settings, workdir / spec.name, sentences)
+    ctx.workdir.mkdir(parents=True)
+    try:
+        built = runner.run(spec.name, "build", lambda: check_build(ctx), deadline)
+        for precision in SCORING_PRECISIONS:
+            runner.run(spec.name, f"score[{precision}]", lambda p=precision: check_scoring(ctx, p), deadline, built)
+        for method in TRAINING_METHODS:
+            runner.run(spec.name, f"train[{method}]", lambda m=method: check_training(ctx, m), deadline, built)
+    finally:
+        shutil.rmtree(ctx.workdir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _clean(value):
+    """JSON-safe: NaN and infinities become None (the JSON stays strict)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if abs(value) >= 1e5:
+            return f"{value:,.0f}"
+        if 0 < abs(value) < 10 ** -digits:
+            return f"{value:.1e}"
+        return f"{value:.{digits}f}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return lines
+
+
+def markdown_summary(report: dict) -> str:
+    """The Markdown summary of a report (what ``gpu_check.md`` holds)."""
+    checks = report["checks"]
+    counts = {status: sum(c["status"] == status for c in checks) for status in ("ok", "failed", "skipped")}
+    env = report["environment"]
+    lines = [
+        f"# ftflow GPU check{' (smoke, CPU)' if report['settings']['smoke'] else ''}",
+        "",
+        f"{env['device_name']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+        f"bitsandbytes {env['bitsandbytes']}; {report['started']}.",
+        f"Data: {report['data']}. {report['elapsed_s']:.0f} s of a {report['settings']['budget_s']:.0f} s budget. "
+        f"Checks: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped.",
+        "",
+        "## Models",
+        "",
+    ]
+    rows = []
+    for c in checks:
+        if c["check"] == "build" and c["status"] == "ok":
+            m = c["metrics"]
+            rows.append([c["model"], report["models"][c["model"]]["like"], _fmt(m["parameters"]),
+                         _fmt(m["matmul_parameters"]), _fmt(m["student_parameters"]), _fmt(m["vocab_size"]),
+                         m["layers"], m["hidden_size"], _fmt(m["build_s"])])
+    lines += _table(["model", "like", "params", "matmul params P", "student params", "vocab", "layers", "hidden",
+                     "build s"], rows)
+    lines += ["", "## Scoring: ftflow's evaluator vs one sentence at a time", ""]
+    rows = []
+    for c in checks:
+        if c["check"].startswith("score[") and c["metrics"]:
+            m = c["metrics"]
+            rows.append([c["model"], c["check"][6:-1], c["status"], _fmt(m["load_s"]),
+                         f"{_fmt(m['weights_predicted_mb'])} / {_fmt(m['weights_measured_mb'])}",
+                         _fmt(m["weights_error_pct"]), _fmt(m["evaluator_tokens_per_s"], 0),
+                         _fmt(m["loop_tokens_per_s"], 0), _fmt(m["speedup"], 2), _fmt(m["corpus_ppl"], 2),
+                         _fmt(m["nll_rel_diff"], 6), f"{_fmt(m['peak_predicted_mb'])} / {_fmt(m['peak_measured_mb'])}",
+                         _fmt(m["peak_error_pct"]), _fmt(m["tflops"], 2)])
+    lines += _table(["model", "precision", "status", "load s", "weights MB pred / meas", "err %", "evaluator tok/s",
+                     "loop tok/s", "ratio", "PPL", "NLL rel diff", "peak MB pred / meas", "err %", "TFLOP/s"], rows)
+    lines += ["", "## Training: a few optimizer steps per method", ""]
+    rows = []
+    for c in checks:
+        if c["check"].startswith("train[") and c["metrics"] and "step_s" in c["metrics"]:
+            m = c["metrics"]
+            rows.append([c["model"] + (" (student)" if m["trained_parameters_of"] == "student" else ""),
+                         c["check"][6:-1], m["precision"], f"{m['batch_size']}x{m['max_length']}", m["steps"],
+                         _fmt(m["trainable_parameters"]), _fmt(m["step_s"], 3), _fmt(m["tokens_per_s"], 0),
+                         f"{_fmt(m['tflops'], 2)} ({m['flops_formula']})",
+                         f"{_fmt(m['peak_predicted_mb'])} / {_fmt(m['peak_measured_mb'])}",
+                         _fmt(m["peak_error_pct"]), _fmt(m["run_s"])])
+    lines += _table(["model", "method", "precision", "batch x tokens", "steps", "trainable", "s/step", "tok/s",
+                     "TFLOP/s (formula)", "peak MB pred / meas", "err %", "run s"], rows)
+    problems = [c for c in checks if c["status"] != "ok"]
+    if problems:
+        lines += ["", "## Failed and skipped", ""]
+        lines += _table(["model", "check", "status", "why"],
+                        [[c["model"], c["check"], c["status"], (c["error"] or "").splitlines()[0][:300]]
+                         for c in problems])
+    memory_note = ("peaks: `torch.cuda.max_memory_allocated` growth from before the model was loaded vs the "
+                   "prediction's `allocated_bytes` (no CUDA context)" if env["device"] == "cuda" else
+                   "peaks: resident-set growth of this process, loading included (a sanity figure on CPU, not a "
+                   "check)")
+    lines += [
+        "",
+        "Notes: err % = predicted / measured - 1; " + memory_note + ". Scoring peak predicted for the first "
+        "(longest) batch. P = matmul parameters (every linear layer incl. the output layer), T = trainable "
+        "parameters; scoring FLOPs 2P per scored token; training 6P (full, distill: the student), 4P+6T (LoRA), "
+        "4P (prefix), 6P+6T (QLoRA: gradient checkpointing); attention's L^2 terms and padding not counted. "
+        "Training time: between the first and last logged step (the first step not counted).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def environment(device: str) -> dict:
+    import peft
+    import transformers
+
+    try:
+        import bitsandbytes
+
+        bnb_version = bitsandbytes.__version__
+    except Exception as exc:  # reported, and the nf4 checks then say why they failed
+        bnb_version = f"unavailable ({type(exc).__name__})"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    info = {"device": device, "device_name": name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "bitsandbytes": bnb_version, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            # fp32 matmuls run in full fp32 unless this is on (torch's default is off), which the FLOP/s reflect.
+            "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(total_memory_gb=props.total_memory / 1e9, cuda=torch.version.cuda,
+                    capability=f"{props.major}.{props.minor}")
+    return info
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("outdir", type=Path, help="folder for gpu_check.json and gpu_check.md (created)")
+    parser.add_argument("--smoke", action="store_true", help="tiny models on CPU: the same code, in about a minute")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated subset of {','.join(s.name for s in GPU_MODELS)} (default: all)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help=f"seconds for every check of every model (default {GPU_DEFAULTS['budget_s']:g}; "
+                             f"smoke {SMOKE_DEFAULTS['budget_s']:g})")
+    parser.add_argument("--data", type=Path, default=None,
+                        help=f"sentences to score, one per line (default: {DEFAULT_DATA} when present, else generated)")
+    parser.add_argument("--sentences", type=int, default=None, help="sentences scored (default 384; smoke 24)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training check (default 6; smoke 3)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default 8; smoke 2)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per training sequence (default 256; smoke 32)")
+    parser.add_argument("--eval-batch-size", type=int, default=None, help="scoring batch size (default 32; smoke 8)")
+    parser.add_argument("--train-precision", choices=("fp32", "bf16"), default=None,
+                        help="weights precision of LoRA, prefix, full and distillation runs (default fp32, as the "
+                             "study trains models of at most 3B)")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> tuple[Settings, tuple[ModelSpec, ...]]:
+    """Settings and models from the command line; every problem reported at once (exit status 2)."""
+    defaults = SMOKE_DEFAULTS if args.smoke else GPU_DEFAULTS
+    chosen = {
+        "budget_s": args.budget_s, "n_sentences": args.sentences, "steps": args.steps,
+        "batch_size": args.batch_size, "max_length": args.max_length, "eval_batch_size": args.eval_batch_size,
+        "train_precision": args.train_precision,
+    }
+    values = {**defaults, **{k: v for k, v in chosen.items() if v is not None}}
+    problems = []
+    device = "cpu" if args.smoke else "cuda"
+    if not args.smoke and not torch.cuda.is_available():
+        problems.append("no CUDA GPU is visible; run on a GPU machine, or use --smoke for the CPU version")
+    catalogue = SMOKE_MODELS if args.smoke else GPU_MODELS
+    names = [s.name for s in catalogue]
+    wanted = names if args.models is None else [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names]
+    if unknown or not wanted:
+        problems.append(f"--models: unknown {unknown or 'empty list'}; choose from {','.join(names)}")
+    if values["budget_s"] <= 0:
+        problems.append(f"--budget-s must be > 0, got {values['budget_s']}")
+    if values["steps"] < 3:
+        problems.append(f"--steps must be >= 3 (the first step is not timed), got {values['steps']}")
+    for key in ("n_sentences", "batch_size", "eval_batch_size"):
+        if values[key] < 1:
+            problems.append(f"{key} must be >= 1, got {values[key]}")
+    if values["max_length"] < 8:
+        problems.append(f"--max-length must be >= 8, got {values['max_length']}")
+    if values["n_sentences"] < 2:
+        problems.append("--sentences must be >= 2")
+    if problems:
+        print("gpu_check: " + "; ".join(problems), file=sys.stderr)
+        raise SystemExit(2)
+    values["n_validation"] = min(defaults["n_validation"], values["n_sentences"])
+    settings = Settings(device=device, smoke=args.smoke, **values)
+    return settings, tuple(s for s in catalogue if s.name in wanted)
+
+
+def prepare_process(settings: Settings) -> None:
+    """Process-wide settings of a check run: quiet libraries, threads, and a frozen import heap."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.simplefilter("ignore")  # library deprecation chatter; errors still surface in the records
+    if settings.smoke:
+        # Tiny matrices gain nothing from threads, and on a machine other processes keep busy
+        # spare threads spin-wait on each other (seen: 27 ms per 64 x 128 matmul with 2 threads).
+        torch.set_num_threads(1)
+    # Everything imported so far lives to the end: keep it out of every gc.collect() between checks
+    # (a full collection over transformers' and peft's objects takes about a second).
+    gc.collect()
+    gc.freeze()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    settings, specs = settings_from(args)
+    prepare_process(settings)
+    sentences, data = scoring_sentences(args.data, settings.n_sentences)
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(settings.device),
+        "settings": {**settings.__dict__},
+        "data": data,
+        "models": {s.name: {"like": s.like, "architecture": s.architecture, **s.numbers,
+                            "student_layers": s.student_layers} for s in specs},
+        "checks": [],
+    }
+
+    def write(records: list[dict]) -> str:
+        report.update(checks=records, elapsed_s=runner.elapsed())
+        clean = _clean(report)
+        (args.outdir / "gpu_check.json").write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
+        summary = markdown_summary(clean)
+        (args.outdir / "gpu_check.md").write_text(summary)
+        return summary
+
+    runner = Runner(settings, on_record=write)
+    with tempfile.TemporaryDirectory(prefix="ftflow-gpucheck-") as tmp:
+        for index, spec in enumerate(specs):
+            # This model's share: what is left, split over the models still to run.
+            share = (settings.budget_s - runner.elapsed()) / (len(specs) - index)
+            run_model(runner, spec, settings, sentences, Path(tmp), time.perf_counter() + share)
+    summary = write(runner.records)
+    print()
+    print(summary)
+    failed = [c for c in report["checks"] if c["status"] == "failed"]
+    for c in failed:
+        print(f"FAILED {c['model']} {c['check']}: {c['error']}", file=sys.stderr)
+    print(f"wrote {args.outdir / 'gpu_check.json'} and {args.outdir / 'gpu_check.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
