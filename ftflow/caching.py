@@ -68,6 +68,19 @@ def module_file(name: str, search_path: Optional[Sequence[Path]] = None) -> Opti
         name: Dotted module name.
         search_path: Directories to look for its top-level package in; None: where Python imports it from.
     """
+    if search_path is None:
+        return _installed_module_file(name)
+    return _locate(name, tuple(Path(d) for d in search_path))
+
+
+@lru_cache(maxsize=4096)
+def _installed_module_file(name: str) -> Optional[Path]:
+    # Where a module's file is does not change while a process runs (its contents may: they are hashed
+    # by size and modification time), and a key is computed for every task run: look each name up once.
+    return _locate(name, None)
+
+
+def _locate(name: str, search_path: Optional[tuple[Path, ...]]) -> Optional[Path]:
     top, *rest = name.split(".")
     path = _find_top_level(top, search_path)
     for part in rest:
@@ -165,7 +178,7 @@ def code_version(roots: Iterable[str], search_path: Optional[Sequence[Path]] = N
         stat = path.stat()
         digest.update(name.encode())
         digest.update(b"\0")
-        digest.update(_sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns).encode())
+        digest.update(_sha256_cached(str(path), stat.st_size, stat.st_mtime_ns).encode())
     return digest.hexdigest()
 
 

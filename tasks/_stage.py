@@ -121,7 +121,9 @@ class ContentCache(CachePolicy):
         hash_all = hash_all_from_env()  # a bad FTFLOW_VERIFY value fails here, named
         try:
             _log_removed(self.stage, remove_dead_temporaries(final.parent, self.stage, self.lock_manager))
-            if not final.exists() or check_outputs(final, {"stage": self.stage, "key": key}, hash_all=hash_all)[1] is None:
+            if not final.exists():
+                return
+            if check_outputs(final, {"stage": self.stage, "key": key}, hash_all=hash_all)[1] is None:
                 return
             # Damaged, or still being written by a concurrent run: look again under the key's lock, which
             # a writer holds until its record is committed, before moving anything.
@@ -186,7 +188,9 @@ def run_stage(stage: str, modules: tuple[str, ...], build: Callable[..., dict], 
     cache policy computes it. ``build`` receives a temporary directory, writes
     its outputs there and returns the manifest body (paths relative to the
     directory). If a finished directory for the key already exists (a run that
-    crashed after finishing the stage, or a concurrent run), it is reused.
+    crashed after finishing the stage, or a concurrent run), it is reused when
+    it verifies, and moved aside when it does not. The manifest records every
+    output file's size and hash (:func:`ftflow.artifacts.record_outputs`).
 
     With ``work=True``, ``build(out, work_dir)`` also gets a work directory,
     ``artifacts/<stage>/.<key>.work/``, that survives a crash (training

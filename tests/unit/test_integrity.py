@@ -147,5 +147,6 @@ def test_verification_mode_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("FTFLOW_VERIFY", "full")
     assert hash_all_from_env() is True
     monkeypatch.setenv("FTFLOW_VERIFY", "everything")
-    with pytest.raises(ValueError, match="FTFLOW_VERIFY='everything' is not a verification mode; use one of small, full"):
+    with pytest.raises(ValueError, match="FTFLOW_VERIFY='everything' is not a verification mode; use one of "
+                                         "small, full"):
         hash_all_from_env()
