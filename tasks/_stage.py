@@ -15,8 +15,8 @@ and, when it does not match, moves it aside to ``.<key>.corrupt-<UTC time>/``
 finds no record and the stage is computed again.
 
 Temporary directories of runs that died (``.<key>.<uuid>.partial``, and the
-``.old`` copy a replace leaves) are removed when a stage starts, unless a live
-run holds that key's lock. A stage that fails is not recorded in the artifacts:
+``.old`` copy a replace leaves) are removed whenever the stage runs, Cached or
+not, unless a live run holds that key's lock. A stage that fails is not recorded in the artifacts:
 Prefect would persist its exception as a file named by a random id in the
 artifacts root, which nothing reads (the failed state's message and the run's
 log carry the error and its traceback).
