@@ -2,7 +2,11 @@
 
 A stage writes into a temporary sibling directory and renames it into place
 only when everything is written, so a crash never leaves a directory that
-looks finished. A finished directory holds ``manifest.json``, written last.
+looks finished. A finished directory holds ``manifest.json``, written last,
+whose ``outputs`` record every other file's size (and SHA-256 where it is
+cheap): :func:`check_outputs` tells a finished directory that has since been
+damaged (a truncated manifest or weights file, a listed file gone) from an
+intact one before it is trusted again.
 """
 
 from __future__ import annotations
@@ -11,12 +15,17 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 MANIFEST = "manifest.json"
+OUTPUTS = "outputs"  # the manifest's record of its directory's files
+# Files up to this size are hashed when written and on every check (a LoRA adapter, a tokenizer, a table);
+# larger ones (a full checkpoint's weights) are checked by size unless a full check is asked for.
+HASH_MAX_BYTES = 64 * 2**20
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -70,6 +79,101 @@ def read_manifest(directory: Path) -> dict | None:
         return read_json(path)
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def record_outputs(directory: Path, *, hash_all: bool = False, hash_max_bytes: int = HASH_MAX_BYTES,
+                   exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict]:
+    """What a finished directory holds, for :func:`check_outputs` to compare against later.
+
+    Args:
+        directory: The stage's output directory.
+        hash_all: Hash every file, whatever its size.
+        hash_max_bytes: Files up to this size are hashed; larger ones are recorded by size only.
+        exclude: Relative paths left out (the manifest, which holds the record).
+
+    Returns:
+        ``{relative posix path: {"bytes": size, "sha256": hex (when hashed)}}``, sorted by path.
+    """
+    directory = Path(directory)
+    outputs = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        relative = path.relative_to(directory).as_posix()
+        if relative in exclude:
+            continue
+        size = path.stat().st_size
+        entry: dict[str, Any] = {"bytes": size}
+        if hash_all or size <= hash_max_bytes:
+            entry["sha256"] = sha256_file(path)
+        outputs[relative] = entry
+    return outputs
+
+
+def check_outputs(directory: Path, expected: Optional[dict] = None, *, hash_all: bool = False,
+                  hash_max_bytes: int = HASH_MAX_BYTES) -> tuple[Optional[dict], Optional[str]]:
+    """Whether a finished directory still holds what its manifest recorded.
+
+    Checks, in this order: ``manifest.json`` parses and matches ``expected``; every file the
+    manifest lists under ``files`` exists; every file of its ``outputs`` record has its size,
+    and its SHA-256 where one was recorded and the file is at most ``hash_max_bytes`` (any size
+    with ``hash_all``). Files the record does not name (Prefect's result record) are not checked.
+
+    Args:
+        directory: The stage's output directory (``artifacts/<stage>/<key>``).
+        expected: Manifest entries that must match, e.g. ``{"stage": "train", "key": "..."}``.
+        hash_all: Hash every recorded file, whatever its size.
+        hash_max_bytes: Larger files are checked by size only (unless ``hash_all``).
+
+    Returns:
+        ``(manifest, None)`` when intact, else ``(None, reason)`` naming the first file that is not.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, f"{path} is missing"
+    except OSError as exc:
+        return None, f"{path} cannot be read ({exc})"
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"{path} is not valid JSON ({len(raw)} bytes: {exc})"
+    if not isinstance(manifest, dict):
+        return None, f"{path} is not a JSON object"
+    for name, value in (expected or {}).items():
+        if manifest.get(name) != value:
+            return None, f"{path} says {name}={manifest.get(name)!r}, expected {value!r}"
+    outputs = manifest.get(OUTPUTS)
+    if not isinstance(outputs, dict):
+        return None, f"{path} has no record of its output files ({OUTPUTS!r}: written by an older ftflow?)"
+    try:
+        for name, relative in sorted((manifest.get("files") or {}).items()):
+            if not (directory / relative).exists():
+                return None, f"{directory / relative} (listed as {name!r}) is missing"
+        for relative, entry in outputs.items():
+            file = directory / relative
+            try:
+                size = file.stat().st_size
+            except FileNotFoundError:
+                return None, f"{file} is missing"
+            if size != entry["bytes"]:
+                return None, f"{file} has {size} bytes, {entry['bytes']} were written"
+            if "sha256" in entry and (hash_all or size <= hash_max_bytes) and sha256_file(file) != entry["sha256"]:
+                return None, f"{file} has the right size but not the content that was written (SHA-256 differs)"
+    except (AttributeError, KeyError, TypeError) as exc:  # a manifest that parses but is not one ftflow wrote
+        return None, f"{path} has a malformed file record ({exc!r})"
+    return manifest, None
+
+
+def move_aside(directory: Path, label: str = "corrupt") -> Path:
+    """Rename a directory to ``.<name>.<label>-<UTC time>`` beside it (kept for inspection, never deleted)."""
+    directory = Path(directory)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = directory.with_name(f".{directory.name}.{label}-{stamp}")
+    if target.exists():
+        target = directory.with_name(f".{directory.name}.{label}-{stamp}-{uuid.uuid4().hex[:8]}")
+    os.replace(directory, target)
+    return target
 
 
 @contextmanager

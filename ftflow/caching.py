@@ -6,8 +6,10 @@ A stage's key is a hash of exactly what can change its output:
   stages it reads (each manifest counts by its ``fingerprint`` only, which is
   the key that produced it, so timings and paths inside don't matter);
 * the content of every data file named in those inputs (not its name);
-* the source of the ftflow modules that compute the stage (helpers included,
-  which Prefect's ``TASK_SOURCE`` policy does not see);
+* the source of every project module the stage's task module reaches through
+  its imports (:func:`reached_modules`: found by reading the import statements,
+  lazy imports inside functions included, never from a hand-kept list; helper
+  functions count too, which Prefect's ``TASK_SOURCE`` policy does not see);
 * the versions of the libraries that change numbers.
 
 Nothing here imports Prefect; ``tasks/`` plugs :func:`stage_key` into a
@@ -16,12 +18,13 @@ Prefect cache policy.
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib
 import importlib.metadata
+import importlib.util
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional, Sequence
 
 from pydantic import BaseModel
 
@@ -43,13 +46,139 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def code_version(modules: Iterable[str]) -> str:
-    """Hash of the source files of the named modules (e.g. ``ftflow.perplexity``)."""
+PROJECT_PACKAGE = "ftflow"
+
+
+def _find_top_level(name: str, search_path: Optional[Sequence[Path]]) -> Optional[Path]:
+    """The file of a top-level module or package (its ``__init__.py``), without importing it."""
+    if search_path is None:
+        spec = importlib.util.find_spec(name)  # the loaded module's spec when it is imported already
+        return Path(spec.origin) if spec is not None and spec.origin not in (None, "built-in", "frozen") else None
+    for directory in search_path:
+        for candidate in (Path(directory) / name / "__init__.py", Path(directory) / f"{name}.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def module_file(name: str, search_path: Optional[Sequence[Path]] = None) -> Optional[Path]:
+    """The source file of a module (``a.b`` -> ``a/b.py`` or ``a/b/__init__.py``), or None if there is none.
+
+    Args:
+        name: Dotted module name.
+        search_path: Directories to look for its top-level package in; None: where Python imports it from.
+    """
+    if search_path is None:
+        return _installed_module_file(name)
+    return _locate(name, tuple(Path(d) for d in search_path))
+
+
+@lru_cache(maxsize=4096)
+def _installed_module_file(name: str) -> Optional[Path]:
+    # Where a module's file is does not change while a process runs (its contents may: they are hashed
+    # by size and modification time), and a key is computed for every task run: look each name up once.
+    return _locate(name, None)
+
+
+def _locate(name: str, search_path: Optional[tuple[Path, ...]]) -> Optional[Path]:
+    top, *rest = name.split(".")
+    path = _find_top_level(top, search_path)
+    for part in rest:
+        if path is None or path.name != "__init__.py":
+            return None  # only packages have submodules
+        package = path.parent
+        path = next((c for c in (package / part / "__init__.py", package / f"{part}.py") if c.is_file()), None)
+    return path
+
+
+def _with_parents(name: str) -> list[str]:
+    # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+@lru_cache(maxsize=1024)
+def _imported_names(path: str, size: int, mtime_ns: int, module: str) -> tuple[str, ...]:
+    """Every module name an import statement of the file may load (attributes of modules included)."""
+    tree = ast.parse(Path(path).read_bytes(), filename=path)
+    is_package = Path(path).name == "__init__.py"
+    names: list[str] = []
+    for node in ast.walk(tree):  # every statement, so imports inside functions (lazy imports) count too
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                names += _with_parents(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                # "from . import x" is relative to the module's package (a package's own for __init__.py).
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                up = node.level - 1
+                if up >= len(package):
+                    raise ImportError(f"{path}: relative import beyond the top-level package")
+                base = ".".join(package[: len(package) - up] + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            names += _with_parents(base)
+            # "from a import b": b is a submodule or an attribute of a; only a submodule has a file.
+            names += [f"{base}.{alias.name}" for alias in node.names if alias.name != "*"]
+    return tuple(names)
+
+
+def reached_modules(roots: Iterable[str], packages: Optional[Iterable[str]] = None,
+                    search_path: Optional[Sequence[Path]] = None) -> tuple[str, ...]:
+    """Every project module the ``roots`` reach through their imports, the roots included (sorted).
+
+    Found statically from the source (``import a.b``, ``from a import b``, ``from a.b import c``,
+    relative imports, and imports inside functions), following imports transitively, so nothing
+    is imported or run. Only the project's packages are followed: ``ftflow`` and the top-level
+    packages of the roots (``tasks`` for a task module); third-party libraries count by version.
+
+    Args:
+        roots: Dotted names of the modules to start from, e.g. ``("tasks.train",)``.
+        packages: Top-level package names to follow; None: ``ftflow`` and those of the roots.
+        search_path: Directories holding the top-level packages; None: where Python imports them from.
+
+    Returns:
+        The sorted dotted names of every reached module (packages' ``__init__`` included).
+
+    Raises:
+        ModuleNotFoundError: A root has no source file.
+    """
+    roots = tuple(roots)
+    followed = set(packages) if packages is not None else {PROJECT_PACKAGE} | {r.split(".")[0] for r in roots}
+    files: dict[str, Path] = {}
+    pending = []
+    for root in roots:
+        for name in _with_parents(root):
+            path = module_file(name, search_path)
+            if path is None:
+                raise ModuleNotFoundError(f"no source file for module {name!r}, which a stage's code key starts "
+                                          "from; pass the task module's dotted name, e.g. 'tasks.train'")
+            if name not in files:
+                files[name] = path
+                pending.append(name)
+    while pending:
+        name = pending.pop()
+        path = files[name]
+        stat = path.stat()
+        for imported in _imported_names(str(path), stat.st_size, stat.st_mtime_ns, name):
+            if imported in files or imported.split(".")[0] not in followed:
+                continue
+            found = module_file(imported, search_path)
+            if found is not None:  # None: an attribute imported from a module, not a module
+                files[imported] = found
+                pending.append(imported)
+    return tuple(sorted(files))
+
+
+def code_version(roots: Iterable[str], search_path: Optional[Sequence[Path]] = None) -> str:
+    """Hash of the source of every project module the ``roots`` reach (see :func:`reached_modules`)."""
     digest = hashlib.sha256()
-    for name in sorted(set(modules)):
-        source = importlib.import_module(name).__file__
+    for name in reached_modules(roots, search_path=search_path):
+        path = module_file(name, search_path)
+        stat = path.stat()
         digest.update(name.encode())
-        digest.update(Path(source).read_bytes())
+        digest.update(b"\0")
+        digest.update(_sha256_cached(str(path), stat.st_size, stat.st_mtime_ns).encode())
     return digest.hexdigest()
 
 
@@ -86,7 +215,14 @@ def canonical(value: Any) -> Any:
 
 
 def stage_key(stage: str, inputs: dict[str, Any], modules: Iterable[str]) -> str:
-    """The content key of one stage run (hex, :data:`KEY_LENGTH` characters)."""
+    """The content key of one stage run (hex, :data:`KEY_LENGTH` characters).
+
+    Args:
+        stage: The stage's name.
+        inputs: The parameters that determine its output.
+        modules: Where its code starts: the task module's dotted name; the key covers every project
+            module reached from there (:func:`code_version`).
+    """
     material = {
         "stage": stage,
         "inputs": canonical(inputs),

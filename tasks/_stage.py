@@ -5,27 +5,49 @@ A stage's Prefect cache record is stored *inside* its output directory
 storage path). Deleting the directory therefore deletes the record too, and
 the next run recomputes the stage instead of returning a manifest that points
 at files that are gone.
+
+A record is only trusted while the directory is intact. Each manifest records
+the size of every output file and the SHA-256 of those up to 64 MiB (of all with
+``FTFLOW_VERIFY=full``); before Prefect looks a key up, :class:`ContentCache`
+checks the directory against that record (:func:`ftflow.artifacts.check_outputs`)
+and, when it does not match, moves it aside to ``.<key>.corrupt-<UTC time>/``
+(never deleted) with a warning saying which file failed and why, so Prefect
+finds no record and the stage is computed again.
+
+Temporary directories of runs that died (``.<key>.<uuid>.partial``, and the
+``.old`` copy a replace leaves) are removed whenever the stage runs, Cached or
+not, unless a live run holds that key's lock. A stage that fails is not recorded in the artifacts:
+Prefect would persist its exception as a file named by a random id in the
+artifacts root, which nothing reads (the failed state's message and the run's
+log carry the error and its traceback).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from ftflow.artifacts import MANIFEST, atomic_directory, read_manifest, write_json
-from ftflow.caching import stage_key
+from ftflow.artifacts import MANIFEST, OUTPUTS, atomic_directory, check_outputs, move_aside, record_outputs, write_json
+from ftflow.caching import KEY_LENGTH, stage_key
 from tasks._locks import LeasedFileLockManager, lease_seconds_from_env
 
 RECORD = "prefect-result.json"
 LOCKS_DIR = ".locks"  # under artifacts_dir; one lock per cache key while a run computes it
+VERIFY_ENV = "FTFLOW_VERIFY"
+VERIFY_MODES = ("small", "full")  # small (default): hash files up to 64 MiB, sizes for the rest; full: hash all
+# What a dead run leaves in a stage directory: atomic_directory's temporary and replaced copies.
+_TEMPORARY = re.compile(rf"^\.([0-9a-f]{{{KEY_LENGTH}}})\.[0-9a-f]{{32}}\.(partial|old)$")
 # Parameters that say where or how to run, not what to compute.
 NOT_IN_KEY = frozenset({"artifacts_dir", "progress", "checkpoint_steps"})
 
@@ -38,16 +60,85 @@ def key_inputs(parameters: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in parameters.items() if k not in NOT_IN_KEY}
 
 
+def hash_all_from_env() -> bool:
+    """Whether every output file is hashed, whatever its size (``FTFLOW_VERIFY=full``; default ``small``)."""
+    mode = os.environ.get(VERIFY_ENV, "").strip().lower() or "small"
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"{VERIFY_ENV}={mode!r} is not a verification mode; use one of {', '.join(VERIFY_MODES)} "
+                         "(small: hash files up to 64 MiB and check the rest by size; full: hash every file)")
+    return mode == "full"
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a run, a plain logger outside one (unit use)."""
+    try:
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("ftflow.tasks")
+
+
+def lock_key(stage: str, key: str) -> str:
+    """The cache key Prefect looks the stage's record up by, and locks (a path under ``artifacts_dir``)."""
+    return f"{stage}/{key}/{RECORD}"
+
+
+def verified_outputs(final: Path, stage: str, key: str) -> Optional[dict]:
+    """The manifest of ``final`` if it is intact; if it is damaged, move it aside (with a warning) and return None.
+
+    The caller must hold the key's lock (or run alone): a directory is moved only while no run can be writing it.
+    """
+    if not final.exists():
+        return None
+    manifest, problem = check_outputs(final, {"stage": stage, "key": key}, hash_all=hash_all_from_env())
+    if problem is None:
+        return manifest
+    kept = move_aside(final)
+    run_logger().warning("%s: the outputs for key %s failed verification: %s; they were moved to %s (kept, "
+                         "delete them once inspected) and the stage is computed again", stage, key, problem, kept)
+    return None
+
+
 @dataclass
 class ContentCache(CachePolicy):
-    """Cache key = ftflow's content key of the stage; the record lives in the stage's directory."""
+    """Cache key = ftflow's content key of the stage; the record lives in the stage's directory.
+
+    ``modules`` names where the stage's code starts (the task module, ``(__name__,)``): the key
+    covers every project module reached from it (:func:`ftflow.caching.reached_modules`).
+    Before the key is looked up, the stage's outputs for it are verified (see the module docstring).
+    """
 
     stage: str = ""
     modules: tuple[str, ...] = field(default_factory=tuple)
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
         key = stage_key(self.stage, key_inputs(inputs), self.modules)
-        return f"{self.stage}/{key}/{RECORD}"
+        if "artifacts_dir" in inputs:
+            self._verify(Path(inputs["artifacts_dir"]).resolve() / self.stage / key, key)
+        return lock_key(self.stage, key)
+
+    def _verify(self, final: Path, key: str) -> None:
+        """Remove dead runs' temporaries; move damaged outputs aside so that Prefect, finding no record, recomputes."""
+        hash_all = hash_all_from_env()  # a bad FTFLOW_VERIFY value fails here, named
+        try:
+            _log_removed(self.stage, remove_dead_temporaries(final.parent, self.stage, self.lock_manager))
+            if not final.exists():
+                return
+            if check_outputs(final, {"stage": self.stage, "key": key}, hash_all=hash_all)[1] is None:
+                return
+            # Damaged, or still being written by a concurrent run: look again under the key's lock, which
+            # a writer holds until its record is committed, before moving anything.
+            holder = f"ftflow-verify-{uuid.uuid4().hex}"
+            locks = self.lock_manager
+            if locks is not None:
+                locks.acquire_lock(lock_key(self.stage, key), holder)
+            try:
+                verified_outputs(final, self.stage, key)
+            finally:
+                if locks is not None:
+                    locks.release_lock(lock_key(self.stage, key), holder)
+        except Exception as exc:  # a check that cannot run must not turn caching off for the run
+            run_logger().warning("%s: could not verify the outputs in %s (%r); trusting the cache record",
+                                 self.stage, final, exc)
 
 
 def with_storage(task, artifacts_dir: str | Path):
@@ -64,12 +155,30 @@ def with_storage(task, artifacts_dir: str | Path):
     return task.with_options(**options)
 
 
-def run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a run, a plain logger outside one (unit use)."""
-    try:
-        return get_run_logger()
-    except Exception:
-        return logging.getLogger("ftflow.tasks")
+def remove_dead_temporaries(stage_dir: Path, stage: str, locks: Optional[LeasedFileLockManager],
+                            held_key: Optional[str] = None) -> list[Path]:
+    """Remove the temporary directories that runs which died left in ``stage_dir``; return them.
+
+    Only a run holding a key's lock writes ``.<key>.<uuid>.partial`` (and the ``.old`` copy a
+    replace makes), so one is dead when no live run holds its key's lock, or when its key is
+    ``held_key``, the key whose lock the caller holds. Without a lock manager a live run's
+    directory cannot be told from a dead one's: nothing is removed.
+    """
+    if locks is None or not stage_dir.is_dir():
+        return []
+    removed = []
+    for path in sorted(stage_dir.iterdir()):
+        match = _TEMPORARY.match(path.name)
+        if match is None or (match.group(1) != held_key and locks.is_locked(lock_key(stage, match.group(1)))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _log_removed(stage: str, removed: list[Path]) -> None:
+    for path in removed:
+        run_logger().info("%s: removed %s, left by a run that stopped before it finished", stage, path)
 
 
 def run_stage(stage: str, modules: tuple[str, ...], build: Callable[..., dict], *, work: bool = False) -> dict:
@@ -79,7 +188,9 @@ def run_stage(stage: str, modules: tuple[str, ...], build: Callable[..., dict], 
     cache policy computes it. ``build`` receives a temporary directory, writes
     its outputs there and returns the manifest body (paths relative to the
     directory). If a finished directory for the key already exists (a run that
-    crashed after finishing the stage, or a concurrent run), it is reused.
+    crashed after finishing the stage, or a concurrent run), it is reused when
+    it verifies, and moved aside when it does not. The manifest records every
+    output file's size and hash (:func:`ftflow.artifacts.record_outputs`).
 
     With ``work=True``, ``build(out, work_dir)`` also gets a work directory,
     ``artifacts/<stage>/.<key>.work/``, that survives a crash (training
@@ -87,11 +198,30 @@ def run_stage(stage: str, modules: tuple[str, ...], build: Callable[..., dict], 
     has finished.
     """
     context = TaskRunContext.get()
+    try:
+        return _run_stage(context, stage, modules, build, work)
+    except Exception:
+        # Prefect persists a failed run's exception (a uuid-named file in the result storage, the
+        # artifacts root) when the task persists results, which stages do for their cache records.
+        # Nothing reads it back (the failed state's message and the run's log carry the error and its
+        # traceback), so this run's failure is not persisted; a successful record is unaffected, as the
+        # transaction decided whether to write it when it began.
+        context.persist_result = False
+        raise
+
+
+def _run_stage(context: TaskRunContext, stage: str, modules: tuple[str, ...], build: Callable[..., dict],
+               work: bool) -> dict:
     parameters = context.parameters
     key = stage_key(stage, key_inputs(parameters), modules)
     final = Path(parameters["artifacts_dir"]).resolve() / stage / key
     logger = run_logger()
-    finished = read_manifest(final)
+    policy = context.task.cache_policy
+    serializable = isinstance(policy, ContentCache) and str(getattr(policy.isolation_level, "value",
+                                                                     policy.isolation_level)) == "SERIALIZABLE"
+    locks = policy.lock_manager if serializable else None  # the lock this run holds on its key, if any
+    _log_removed(stage, remove_dead_temporaries(final.parent, stage, locks, held_key=key))
+    finished = verified_outputs(final, stage, key)
     if finished is not None:
         logger.info("%s: outputs for key %s already on disk, reusing %s", stage, key, final)
         return finished
@@ -106,6 +236,8 @@ def run_stage(stage: str, modules: tuple[str, ...], build: Callable[..., dict], 
             dir=str(final),
             seconds=round(time.perf_counter() - started, 3),
         )
+        # Written last, after every other file: what a cache hit checks the directory against.
+        manifest[OUTPUTS] = record_outputs(tmp, hash_all=hash_all_from_env())
         write_json(tmp / MANIFEST, manifest)
     if work:
         shutil.rmtree(work_dir, ignore_errors=True)

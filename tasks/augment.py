@@ -12,7 +12,7 @@ from ftflow.data import read_split, write_split
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "augment"
-MODULES = ("ftflow.augment", "ftflow.translate", "ftflow.wordnet", "ftflow.data", "tasks.augment")
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
 
 
 @task(name="augment", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)

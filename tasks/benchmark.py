@@ -15,7 +15,7 @@ from ftflow.perplexity import score_sentences
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "benchmark"
-MODULES = ("ftflow.models", "ftflow.perplexity", "ftflow.tokens", "ftflow.data", "tasks.benchmark")
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
 
 
 @task(

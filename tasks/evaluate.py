@@ -15,7 +15,7 @@ from ftflow.study import TABLE_COLUMNS, TABLE_TITLES, plot_methods, study_tables
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_stage
 
 STAGE = "evaluate"
-MODULES = ("ftflow.report", "ftflow.study", "tasks.evaluate")
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
 
 
 def _candidates(benchmarks: list[dict], failures: list[dict], runs: list[dict]) -> list[dict]:

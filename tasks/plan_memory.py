@@ -15,7 +15,7 @@ from ftflow.tokens import sentence_ids
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "plan_memory"
-MODULES = ("ftflow.memory", "ftflow.known_models", "ftflow.tokens", "tasks.plan_memory")
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
 
 
 def _longest_sequence(spec: ModelSpec, sentences: list[str], max_length: int) -> tuple[int, str]:

@@ -11,7 +11,7 @@ from ftflow.data import SentenceFile, make_splits, read_sentences, write_split
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage
 
 STAGE = "prepare_data"
-MODULES = ("ftflow.data", "ftflow.synthetic", "tasks.prepare_data")
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
 
 
 def _sources(data: DataConfig, out: Path) -> tuple[SentenceFile, SentenceFile]:

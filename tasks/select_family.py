@@ -11,7 +11,7 @@ from ftflow.selection import select_family as choose
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage
 
 STAGE = "select_family"
-MODULES = ("ftflow.selection", "tasks.select_family")
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
 
 
 @task(name="select_family", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)

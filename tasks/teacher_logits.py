@@ -20,7 +20,7 @@ from ftflow.distill import teacher_topk_for_student
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "teacher_logits"
-MODULES = ("ftflow.distill", "ftflow.methods", "ftflow.models", "ftflow.tokens", "ftflow.data", "tasks.teacher_logits")
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
 
 
 @task(name="teacher_logits", task_run_name="teacher_logits[{teacher[name]}|top{top_k}]",

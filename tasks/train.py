@@ -23,8 +23,7 @@ from ftflow.methods import MEMORY_METHOD, TrainJob, run_job
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "train"
-MODULES = ("ftflow.methods", "ftflow.training", "ftflow.distill", "ftflow.cards", "ftflow.memory", "ftflow.models",
-           "ftflow.perplexity", "ftflow.tokens", "ftflow.data", "tasks.train")
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
 FAULT_VARIABLE = "FTFLOW_FAIL_STAGE"  # for tests: a method name here (e.g. distill) makes those runs fail
 
 

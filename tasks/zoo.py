@@ -11,7 +11,7 @@ from ftflow.zoo import build_zoo, load_corpus
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage
 
 STAGE = "zoo"
-MODULES = ("ftflow.zoo", "ftflow.synthetic", "ftflow.tokens", "tasks.zoo")
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
 
 
 @task(name="zoo", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)

@@ -39,3 +39,126 @@ def test_unhashable_inputs_are_refused():
     with pytest.raises(TypeError, match="cannot make a cache key"):
         canonical(object())
     assert canonical(Path("/does/not/exist")) == "/does/not/exist"
+
+
+# -- the code key: every project module a stage reaches, from the import graph ------------------------------
+
+import shutil  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+
+from ftflow.caching import code_version, module_file, reached_modules  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGE_MODULES = ("prepare_data", "augment", "zoo", "plan_memory", "benchmark", "select_family", "train",
+                 "teacher_logits", "evaluate")
+# What every stage reaches through tasks._stage (the output protocol and the key itself).
+COMMON = ("ftflow", "ftflow.artifacts", "ftflow.caching", "ftflow.config", "tasks", "tasks._locks", "tasks._stage")
+
+
+def write_package(root: Path, files: dict[str, str]) -> None:
+    for relative, source in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source), encoding="utf-8")
+
+
+SYNTHETIC = {
+    "pkg/__init__.py": "from . import base\n",
+    "pkg/base.py": "",
+    "pkg/stage.py": """
+        import json
+        import pkg.direct
+        from pkg import sibling
+        from pkg.sub.deep import THING
+        import other.mod
+
+        def later():
+            from .lazy import value  # a lazy relative import inside a function
+            return value
+    """,
+    "pkg/direct.py": "from pkg.transitive import y\n",
+    "pkg/transitive.py": "y = 1\n",
+    "pkg/sibling.py": "import pkg.stage  # a cycle back to the root\n",
+    "pkg/sub/__init__.py": "",
+    "pkg/sub/deep.py": "from .. import leaf\nTHING = 2\n",
+    "pkg/leaf.py": "",
+    "pkg/lazy.py": "def f():\n    import pkg.lazier\nvalue = 3\n",
+    "pkg/lazier.py": "",
+    "pkg/unreached.py": "",
+    "other/__init__.py": "",
+    "other/mod.py": "import pkg.unreached\n",
+}
+
+
+def test_reached_modules_follow_every_import_form_transitively_within_the_project(tmp_path):
+    write_package(tmp_path, SYNTHETIC)
+    # json (stdlib) and `other` (not a followed package) are left out, and so is what only `other` imports.
+    assert reached_modules(["pkg.stage"], search_path=[tmp_path]) == (
+        "pkg", "pkg.base", "pkg.direct", "pkg.lazier", "pkg.lazy", "pkg.leaf", "pkg.sibling", "pkg.stage",
+        "pkg.sub", "pkg.sub.deep", "pkg.transitive")
+    assert reached_modules(["pkg.stage"], packages=["pkg", "other"], search_path=[tmp_path]) == (
+        "other", "other.mod", "pkg", "pkg.base", "pkg.direct", "pkg.lazier", "pkg.lazy", "pkg.leaf", "pkg.sibling",
+        "pkg.stage", "pkg.sub", "pkg.sub.deep", "pkg.transitive", "pkg.unreached")
+    assert module_file("pkg.sub.deep", [tmp_path]) == tmp_path / "pkg" / "sub" / "deep.py"
+    assert module_file("pkg.sub.deep.THING", [tmp_path]) is None
+
+
+def test_code_version_changes_with_a_module_reached_only_indirectly_and_not_with_an_unreached_one(tmp_path):
+    write_package(tmp_path, SYNTHETIC)
+    before = code_version(["pkg.stage"], search_path=[tmp_path])
+    unreached = tmp_path / "pkg" / "unreached.py"
+    unreached.write_text("CHANGED = True\n")
+    assert code_version(["pkg.stage"], search_path=[tmp_path]) == before
+    lazier = tmp_path / "pkg" / "lazier.py"  # stage -> lazy (inside a function) -> lazier (inside a function)
+    lazier.write_text("CHANGED = True\n")
+    assert code_version(["pkg.stage"], search_path=[tmp_path]) != before
+
+
+def test_a_root_without_source_is_refused(tmp_path):
+    with pytest.raises(ModuleNotFoundError, match="no source file for module 'pkg'"):
+        reached_modules(["pkg.stage"], search_path=[tmp_path])
+
+
+def test_plan_memory_reaches_models_and_data_it_imports():
+    assert reached_modules(["tasks.plan_memory"]) == tuple(sorted(COMMON + (
+        "ftflow.data", "ftflow.known_models", "ftflow.memory", "ftflow.models", "ftflow.tokens",
+        "tasks.plan_memory")))
+
+
+def test_train_reaches_known_models_through_the_memory_check():
+    assert reached_modules(["tasks.train"]) == tuple(sorted(COMMON + (
+        "ftflow.cards", "ftflow.data", "ftflow.distill", "ftflow.known_models", "ftflow.memory", "ftflow.methods",
+        "ftflow.models", "ftflow.perplexity", "ftflow.tokens", "ftflow.training", "tasks.train")))
+
+
+def test_every_stage_keys_its_code_from_its_own_module():
+    import importlib
+
+    for name in STAGE_MODULES:
+        module = importlib.import_module(f"tasks.{name}")
+        task = getattr(module, name)
+        assert task.cache_policy.modules == (f"tasks.{name}",) == module.MODULES, name
+
+
+def changed_stages(tmp_path: Path, edit: str) -> set[str]:
+    """Stages whose code key changes when ``edit`` (a file of a copy of the project) gets a comment."""
+    for package in ("ftflow", "tasks"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {s: code_version([f"tasks.{s}"], search_path=[tmp_path]) for s in STAGE_MODULES}
+    with open(tmp_path / edit, "a", encoding="utf-8") as handle:
+        handle.write("# an edit\n")
+    return {s for s in STAGE_MODULES if code_version([f"tasks.{s}"], search_path=[tmp_path]) != before[s]}
+
+
+def test_editing_a_module_reached_only_indirectly_changes_exactly_the_stages_that_reach_it(tmp_path):
+    # ftflow/cards.py is imported by no task module: train and teacher_logits reach it through
+    # ftflow.methods. Upstream stages' keys (and so everything they computed) stay as they are;
+    # what depends on train and teacher_logits reruns because their fingerprints change.
+    assert changed_stages(tmp_path, "ftflow/cards.py") == {"train", "teacher_logits"}
+
+
+def test_editing_known_models_changes_the_memory_planning_stages_only(tmp_path):
+    # tasks.train -> ftflow.memory -> ftflow.known_models (the training memory check), as for plan_memory.
+    assert changed_stages(tmp_path, "ftflow/known_models.py") == {"plan_memory", "train"}
