@@ -54,3 +54,6 @@ def test_killed_pipeline_resumes_the_interrupted_training_run(tmp_path, prefect_
     assert (run_dir / "manifest.json").is_file() and not interrupted.exists()
     manifest = (run_dir / "manifest.json").read_text()
     assert '"resumed_from": "checkpoint-' in manifest
+    # Nothing of the killed run is left behind: no temporary output directory, no failure record.
+    assert not list(artifacts.glob("*/.*.partial"))
+    assert sorted(p.name for p in artifacts.iterdir() if p.is_file()) == []
