@@ -12,7 +12,13 @@ installed (optional, not a dependency of ftflow), its ``loglikelihood_rolling``
 scores the same model and sentences too, with its NLL agreement.
 
 Both run on the same randomly initialised Llama and the same sentences, with a
-BPE tokenizer trained on the data, so nothing is downloaded. The naive loop is
+BPE tokenizer trained on the data, so nothing is downloaded.
+
+Measured here (2-core CPU busy with other jobs, ``--threads 1 --limit 200``,
+lm-eval 0.4.13): small 4.9M model: ftflow 4160 tokens/s (41 GFLOP/s), naive
+1540 (2.7x), lm-eval 2234; compute 25.6M model: ftflow 804 tokens/s
+(41 GFLOP/s), naive 451 (1.8x), lm-eval 521; total NLL equal to lm-eval's to
+6e-9 and to the naive loop's to 6e-8. The naive loop is
 written here independently of ftflow.perplexity (only the encoding convention,
 ``sentence_ids``, is shared), so the two corpus perplexities agreeing is a check
 of the batched code as well as a speed comparison.
