@@ -1,12 +1,16 @@
 """Predicted against measured peak memory, for scoring and one training step of each method.
 
-    python bench/memory_accuracy.py [--quick] [--csv PATH] [--device cpu|cuda]
+    python bench/memory_accuracy.py [--quick] [--only TEXT] [--csv PATH] [--device cpu|cuda]
 
 Models are built here from configs (random initialisation, nothing
 downloaded): a zoo-like Granite teacher (the demo's shape), a 40M Qwen2, a
-125M Llama and, for scoring, a 333M Granite. Each case is run the way ftflow
-runs it (scoring: a forward under ``inference_mode`` and
-:func:`ftflow.perplexity.token_nll`; training: forward with labels, backward,
+125M Llama and, for scoring, a 333M Granite and a Llama with a 100k vocabulary
+(one batch of 2 x 2048 tokens, scored from full logits and chunk by chunk: the
+logits' share of the peak before and after chunked scoring). Each case is run
+the way ftflow runs it (scoring: :func:`ftflow.perplexity.batch_nll` under
+``inference_mode``, chunked unless the case says ``logits_chunk_tokens=0``;
+distillation: the student's forward and :func:`ftflow.distill.kd_loss` on
+stored top-k (k = 16), then as full training; training: forward with labels, backward,
 gradient clipping and a fused AdamW step whose state already exists, so the
 measured step is a steady-state one; LoRA/QLoRA/prefix through PEFT, QLoRA
 through :func:`ftflow.models.load_model` and ``prepare_model_for_kbit_training``
@@ -42,8 +46,10 @@ How memory is measured:
   ``allocated_bytes`` (the process's own baseline is subtracted).
 
 Prints one row per case: predicted and measured peak (MB), relative error, and
-the same for the weights alone; then PASS when every weights-dominated case
-(weights >= 70% of the prediction) is within 10%, else FAIL (exit status 1).
+the same for the weights alone; then the logits' share of one 2 x 2048-token
+batch at a 100k vocabulary, full against chunked; then PASS when every
+weights-dominated case (weights >= 70% of the prediction) is within 10% and
+chunking lowers that share at least 4x, else FAIL (exit status 1).
 """
 
 from __future__ import annotations
@@ -78,11 +84,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
 
 from ftflow import memory  # noqa: E402
-from ftflow.perplexity import token_nll  # noqa: E402
+from ftflow.distill import kd_loss  # noqa: E402
+from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, batch_nll  # noqa: E402
 
 MB = 10**6
 WEIGHTS_TARGET = 0.10
 """Largest relative error accepted where weights dominate the peak."""
+LOGITS_SHARE_TARGET = 4.0
+"""Chunked scoring must make one batch's logits phase at least this many times smaller than full logits."""
 WEIGHTS_DOMINATED = 0.70
 """A case is weights-dominated when weights are at least this share of the predicted peak."""
 
@@ -106,6 +115,8 @@ class Case:
     @property
     def label(self) -> str:
         name = "scoring" if self.kind == "scoring" else f"train-{self.kind}"
+        if self.options.get("logits_chunk_tokens") == 0:
+            name += "(full)"
         return name + ("+gc" if self.options.get("gradient_checkpointing") else "")
 
 
@@ -118,6 +129,9 @@ QWEN_40M = BenchModel("qwen2-40M", "qwen2", dict(
 LLAMA_125M = BenchModel("llama-125M", "llama", dict(
     hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
     intermediate_size=2048, vocab_size=32000, tie_word_embeddings=False))
+LLAMA_100K_VOCAB = BenchModel("llama-100k-vocab", "llama", dict(
+    hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=512, vocab_size=100352, tie_word_embeddings=False, max_position_embeddings=2048))
 GRANITE_333M = BenchModel("granite-333M", "granite", dict(
     hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
     intermediate_size=2816, vocab_size=49155, tie_word_embeddings=True))
@@ -135,6 +149,8 @@ def cases(quick: bool) -> list[Case]:
         Case(QWEN_40M, "full", "fp32", 4, 128, {"gradient_checkpointing": True}),
         Case(QWEN_40M, "lora", "bf16", 2, 128),
         Case(QWEN_40M, "prefix", "fp32", 4, 128),
+        Case(QWEN_40M, "distill", "fp32", 2, 128),
+        Case(QWEN_40M, "distill", "bf16", 2, 128),
         Case(LLAMA_125M, "scoring", "fp32", 1, 256),
         Case(LLAMA_125M, "scoring", "bf16", 1, 128),
         Case(LLAMA_125M, "scoring", "nf4", 1, 128),
@@ -143,9 +159,12 @@ def cases(quick: bool) -> list[Case]:
         Case(LLAMA_125M, "qlora", "nf4", 1, 32),
         Case(LLAMA_125M, "prefix", "bf16", 1, 64),
         Case(GRANITE_333M, "scoring", "fp32", 1, 64),
+        Case(LLAMA_100K_VOCAB, "scoring", "fp32", 2, 2048, {"logits_chunk_tokens": 0}),
+        Case(LLAMA_100K_VOCAB, "scoring", "fp32", 2, 2048),
     ]
     if quick:
-        chosen = [c for c in chosen if c.model is not GRANITE_333M and c.kind in ("scoring", "full", "lora")]
+        chosen = [c for c in chosen if c.model not in (GRANITE_333M, LLAMA_100K_VOCAB)
+                  and c.kind in ("scoring", "full", "lora")]
     return chosen
 
 
@@ -153,14 +172,15 @@ def build_config(model: BenchModel):
     from transformers import CONFIG_MAPPING
 
     return CONFIG_MAPPING[model.architecture](
-        **model.numbers, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **{"max_position_embeddings": 512, **model.numbers}, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
 
 
 def predict(case: Case, device: str) -> memory.MemoryPrediction:
     config = build_config(case.model)
     if case.kind == "scoring":
-        return memory.predict_scoring(config, case.precision, case.batch_size, case.max_length, device=device)
+        return memory.predict_scoring(config, case.precision, case.batch_size, case.max_length, device=device,
+                                      **case.options)
     return memory.predict_training(config, case.precision, case.kind, case.batch_size, case.max_length,
                                    device=device, **case.options)
 
@@ -206,7 +226,7 @@ def _wrap(model, case: Case):
     """PEFT wrapping as ftflow's training does."""
     if case.options.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable()
-    if case.kind == "full":
+    if case.kind in ("full", "distill"):
         return model
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -218,11 +238,10 @@ def _wrap(model, case: Case):
     return get_peft_model(model, lora)
 
 
-def _score(model, ids, mask, labels) -> None:
+def _score(model, ids, mask, labels, logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS) -> None:
     model.eval()
     with torch.inference_mode():
-        outputs = model(input_ids=ids, attention_mask=mask, use_cache=False)
-        token_nll(outputs.logits, labels)
+        batch_nll(model, {"input_ids": ids, "attention_mask": mask}, labels, logits_chunk_tokens=logits_chunk_tokens)
 
 
 def _optimizer(model):
@@ -242,9 +261,25 @@ def _optimizer(model):
     return params, optimizer
 
 
-def _train_step(model, params, optimizer, ids, mask, labels) -> None:
+TOP_K = 16
+
+
+def _teacher_topk(ids: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored teacher top-k as distillation reads it: ids int32 -> long, log-probs fp16 -> float (k = TOP_K)."""
+    generator = torch.Generator().manual_seed(1)
+    topk_ids = torch.randint(0, vocab, (*ids.shape, TOP_K), generator=generator).to(ids.device)
+    topk_logprobs = (torch.log_softmax(torch.randn(*ids.shape, TOP_K, generator=generator), dim=-1) - 0.1)
+    return topk_ids, topk_logprobs.to(ids.device)
+
+
+def _train_step(model, params, optimizer, ids, mask, labels, topk=None) -> None:
     # Like the Trainer's compute_loss: only the loss survives the forward.
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    if topk is not None:  # DistillationTrainer.compute_loss
+        outputs = model(input_ids=ids, attention_mask=mask)
+        loss = kd_loss(outputs.logits, labels, *topk, alpha=0.5, temperature=2.0)["loss"]
+        del outputs
+    else:
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
@@ -320,13 +355,15 @@ def _warm_up(case: Case, device: str) -> None:
         layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to(device)
         x = torch.randn(2, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
         layer(x).sum().backward()
+    options = {k: v for k, v in case.options.items() if k != "logits_chunk_tokens"}
     model = _wrap(model.to(device), Case(micro.model, "lora" if case.kind == "qlora" else case.kind,
-                                          micro.precision, 2, 16, case.options))
+                                          micro.precision, 2, 16, options))
     ids, mask, labels = _inputs(micro, 256, device)
     if case.kind == "scoring":
-        _score(model, ids, mask, labels)
+        _score(model, ids, mask, labels, case.options.get("logits_chunk_tokens", DEFAULT_LOGITS_CHUNK_TOKENS))
     else:
-        _train_step(model, *_optimizer(model), ids, mask, labels)
+        _train_step(model, *_optimizer(model), ids, mask, labels,
+                    _teacher_topk(ids, 256) if case.kind == "distill" else None)
 
 
 def run_case(case: Case, device: str, checkpoint: Path | None) -> dict:
@@ -336,14 +373,15 @@ def run_case(case: Case, device: str, checkpoint: Path | None) -> dict:
     meter = _CudaMeter() if device == "cuda" else _CpuMeter()
     model = _wrap(_build_model(case, device, checkpoint), case)
     ids, mask, labels = _inputs(case, case.model.numbers["vocab_size"], device)
+    topk = _teacher_topk(ids, case.model.numbers["vocab_size"]) if case.kind == "distill" else None
     weights = meter.now()
     if case.kind != "scoring":
         params, optimizer = _optimizer(model)
     meter.reset_peak()
     if case.kind == "scoring":
-        _score(model, ids, mask, labels)
+        _score(model, ids, mask, labels, case.options.get("logits_chunk_tokens", DEFAULT_LOGITS_CHUNK_TOKENS))
     else:
-        _train_step(model, params, optimizer, ids, mask, labels)
+        _train_step(model, params, optimizer, ids, mask, labels, topk)
     return {"measured_peak": meter.peak(), "measured_weights": weights, "seconds": time.perf_counter() - started}
 
 
@@ -389,6 +427,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="scoring, full and LoRA on the three smaller models")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each case (0: torch's default)")
+    parser.add_argument("--only", default="", help="run only the cases whose 'model case' label contains this text")
     return parser.parse_args()
 
 
@@ -415,7 +454,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ftflow-membench-") as tmp:
         checkpoints: dict[str, Path] = {}
-        for case in cases(args.quick):
+        for case in [c for c in cases(args.quick) if args.only in f"{c.model.name} {c.label}"]:
             checkpoint = None
             if case.precision == "nf4":
                 checkpoint = checkpoints.get(case.model.name)
@@ -466,6 +505,18 @@ def main() -> int:
     if others:
         worst = max(others, key=lambda r: abs(r["relative_error"]))
         print(f"other cases: largest error {worst['relative_error']:+.1%} ({worst['model']} {worst['case']})")
+    share = {r["case"]: r for r in rows if r["model"] == LLAMA_100K_VOCAB.name and not r["error"]}
+    if len(share) == 2:
+        # What one batch adds to the weights: its logits phase (activations are small at hidden 256).
+        full, chunked = share["scoring(full)"], share["scoring"]
+        grown = {name: r["measured_mb"] - r["weights_measured_mb"] for name, r in (("full", full), ("chunked", chunked))}
+        ratio = grown["full"] / grown["chunked"]
+        print(f"logits' share, one batch of {full['batch']} x {full['length']} tokens, vocabulary "
+              f"{LLAMA_100K_VOCAB.numbers['vocab_size']:,} (measured peak - weights): full logits {grown['full']:.0f} MB, "
+              f"chunked ({DEFAULT_LOGITS_CHUNK_TOKENS} tokens) {grown['chunked']:.0f} MB: {ratio:.1f}x lower "
+              f"(target >= {LOGITS_SHARE_TARGET:g}x)")
+        if ratio < LOGITS_SHARE_TARGET:
+            dominated.append({"relative_error": math.inf})  # counts as a failure below
     verdict = "PASS" if len(within) == len(dominated) else "FAIL"
     print(verdict)
     if args.csv:

@@ -46,7 +46,8 @@ def benchmark_only(config_path: str = str(DEFAULT_CONFIG), overrides: dict | Non
     else:
         candidates = list(cfg.models)
     plan = with_storage(plan_memory, out)(candidates, data, cfg.memory, cfg.memory_budget_gb, cfg.max_length,
-                                          cfg.benchmark.batch_size, device, artifacts_dir=out)
+                                          cfg.benchmark.batch_size, device, artifacts_dir=out,
+                                          logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens)
     with mapped_runner(cfg.runner) as submit:
         benchmarks, failures = benchmark_candidates(submit, candidates, plan, data, cfg, device, out, progress)
     publish_benchmark(benchmarks, failures, plan)
@@ -73,7 +74,7 @@ def benchmark_candidates(submit: Submit, candidates: list[ModelSpec], plan: dict
         planned = spec.model_copy(update={"precision": decision["precision"]})
         futures.append((planned, submit(task, spec=planned, data=data, batch_size=decision["batch_size"],
                                         max_length=cfg.max_length, device=device, artifacts_dir=artifacts_dir,
-                                        progress=progress)))
+                                        progress=progress, logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens)))
     for spec, future in futures:
         future.wait()
         if future.state.is_completed():

@@ -76,7 +76,7 @@ def _plan(args: argparse.Namespace) -> int:
             plans.append(memory.plan_model(
                 spec.name, spec.path, budget, max_length=max_length, batch_size=args.batch_size,
                 device=device, bf16_supported=memory.bf16_available(device) if device == "cpu" else True,
-                trust_remote_code=spec.trust_remote_code,
+                logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens, trust_remote_code=spec.trust_remote_code,
             ))
         except memory.UnknownModelError as exc:
             problems.append(f"{spec.name}: {exc}")

@@ -53,25 +53,26 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
         candidates = list(cfg.models)
     # Nothing is loaded that the memory plan predicts will not fit.
     plan = stage(plan_memory)(candidates, data, cfg.memory, cfg.memory_budget_gb, cfg.max_length,
-                              cfg.benchmark.batch_size, device, artifacts_dir=out)
+                              cfg.benchmark.batch_size, device, artifacts_dir=out,
+                              logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens)
 
     with mapped_runner(cfg.runner) as submit:
         benchmarks, failures = _benchmark_all(submit, stage(benchmark), candidates, plan, data, cfg.max_length,
-                                              device, common)
+                                              device, cfg.benchmark.logits_chunk_tokens, common)
         # Later scoring (validation per epoch, teacher logits, test) uses the most cautious planned batch size.
         eval_batch = (cfg.benchmark.batch_size if cfg.benchmark.batch_size != "auto" else
                       min([d["batch_size"] for d in plan["decisions"].values() if d["precision"]], default=1))
         selection = stage(select_family)(benchmarks, cfg.select, cfg.selection_split, artifacts_dir=out)
-        lengths = {name: d["max_length"] for name, d in plan["decisions"].items()}
+        # Each run plans its memory on its own training set (tasks/train.py), not on the plan's lengths.
         run = dict(data=data, seed=cfg.seed, max_length=cfg.max_length, device=device, eval_batch_size=eval_batch,
                    selection_split=cfg.selection_split, memory_budget_gb=cfg.memory_budget_gb,
+                   logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens,
                    checkpoint_steps=cfg.training.checkpoint_steps, **common)
 
         def train_all(jobs: list[TrainJob], train_sets: list[dict] | None = None, topk: dict | None = None):
             """Submit one training run per job (each cached on its own) and wait for all of them."""
             futures = [
-                submit(stage(train), job=job, train_set=train_set, teacher_topk=topk,
-                       planned_length=lengths[job.model["name"]], **run)
+                submit(stage(train), job=job, train_set=train_set, teacher_topk=topk, **run)
                 for job, train_set in zip(jobs, train_sets or [augmented] * len(jobs))  # augmented: the main set
             ]
             return _settle(jobs, futures)
@@ -119,7 +120,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
 
 
 def _benchmark_all(submit, benchmark_task, candidates, plan: dict, data: dict, max_length: int, device: str,
-                   common: dict) -> tuple[list[dict], list[dict]]:
+                   logits_chunk_tokens: int, common: dict) -> tuple[list[dict], list[dict]]:
     """Score every candidate the plan lets in; a model that fails is recorded and the others go on."""
     logger = get_run_logger()
     benchmarks, failures, futures = [], [], []
@@ -132,7 +133,8 @@ def _benchmark_all(submit, benchmark_task, candidates, plan: dict, data: dict, m
             continue
         planned = spec.model_copy(update={"precision": decision["precision"]})
         futures.append((planned, submit(benchmark_task, spec=planned, data=data, batch_size=decision["batch_size"],
-                                        max_length=max_length, device=device, **common)))
+                                        max_length=max_length, device=device,
+                                        logits_chunk_tokens=logits_chunk_tokens, **common)))
     for spec, future in futures:
         future.wait()
         if future.state.is_completed():

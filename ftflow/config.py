@@ -270,6 +270,12 @@ class BenchmarkConfig(_Strict):
     batch_size: int | Literal["auto"] = Field(
         "auto", description="Sentences per forward pass; auto = the largest the memory plan says fits (and lowered "
         "to that when a fixed size is predicted over the budget).")
+    logits_chunk_tokens: int = Field(
+        1024, ge=0, description="Scored positions whose logits exist at once in every perplexity scoring (benchmark, "
+        "validation during training, test): the LM head is applied to this many tokens at a time, so the logits' "
+        "peak is chunk x vocab x 8 bytes instead of batch x length x vocab x (dtype + 8); the memory plan charges "
+        "it. 0 = the model's full logits (for a model whose forward transforms its logits in a way ftflow does not "
+        "reproduce; scoring says so).")
 
     @field_validator("batch_size")
     @classmethod

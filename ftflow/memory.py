@@ -36,19 +36,21 @@ from typing import TYPE_CHECKING, Literal, Mapping, Optional, Sequence
 import torch
 
 from ftflow.known_models import known_architecture
+from ftflow.perplexity import CHUNK_BYTES_PER_LOGIT, DEFAULT_LOGITS_CHUNK_TOKENS
+from ftflow.tokens import sentence_ids
 
 if TYPE_CHECKING:
     import pandas as pd
 
 Precision = Literal["fp32", "bf16", "fp16", "nf4"]
-Method = Literal["full", "lora", "qlora", "prefix"]
+Method = Literal["full", "lora", "qlora", "prefix", "distill"]
 Device = Literal["cuda", "cpu"]
 
 GB = 10**9
 """Bytes in a (decimal) gigabyte, the unit of ``memory_budget_gb``."""
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "nf4")
-METHODS: tuple[str, ...] = ("full", "lora", "qlora", "prefix")
+METHODS: tuple[str, ...] = ("full", "lora", "qlora", "prefix", "distill")
 
 ELEMENT_BYTES: Mapping[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "nf4": 2}
 """Bytes of one activation / unquantized weight element; nf4 computes in bf16."""
@@ -67,11 +69,23 @@ imported (measured here: about 0.45 GiB). The caching allocator's reserved but
 unused memory (a few percent on CUDA) is not modelled."""
 
 SCORING_LOGITS_BYTES_PER_ELEMENT_EXTRA = 8
-"""Bytes per logit element that scoring keeps besides the model's own logits
-(``d`` bytes each): :func:`ftflow.perplexity.token_nll` copies the scored rows
-(boolean indexing, then ``.float()``: 4 bytes alive at the peak whatever ``d``)
-and ``cross_entropy`` allocates its fp32 log-softmax (4 bytes). So scoring holds
-``(d + 8) * batch * length * vocab`` bytes at its peak: 12 in fp32, 10 in bf16."""
+"""Full-logits scoring only (``logits_chunk_tokens=0``): bytes per logit element
+kept besides the model's own logits (``d`` bytes each):
+:func:`ftflow.perplexity.token_nll` copies the scored rows (boolean indexing,
+then ``.float()``: 4 bytes alive at the peak whatever ``d``) and
+``cross_entropy`` allocates its fp32 log-softmax (4 bytes). So full-logits
+scoring holds ``(d + 8) * batch * length * vocab`` bytes at its peak. Chunked
+scoring (the default) holds ``chunk * vocab * 8`` instead
+(:data:`ftflow.perplexity.CHUNK_BYTES_PER_LOGIT`)."""
+
+DISTILL_LOGITS_BYTES_PER_ELEMENT_EXTRA = {"fp32": 8, "half": 6}
+"""Bytes per logit element that distillation's step adds to a full fine-tuning
+step: the KD term's float32 log-softmax over the full vocabulary, saved for
+backward (4 bytes), and its gradient branch, alive beside the cross-entropy's
+until the two are summed (``d`` bytes): ``4 + d``. Measured on CPU (resident
+set of one steady-state step, :func:`ftflow.distill.kd_loss` against the
+model's own loss, Qwen2 with vocabularies of 16k and 32k): 8.07 and 8.21 in
+fp32, 6.03 and 6.23 in bf16."""
 
 TRAINING_LOGITS_BYTES_PER_ELEMENT = 12
 """Bytes per logit element at the start of backward in a training step: the
@@ -265,6 +279,12 @@ class MemoryPrediction:
         gradients_bytes: gradients of the trainable parameters.
         optimizer_bytes: AdamW state (two moments per trainable parameter).
         peak_bytes: predicted peak, overhead included.
+        step_peak_bytes: training only: the peak of one training step, overhead
+            included (``peak_bytes`` is the larger of it and ``eval_peak_bytes``).
+        eval_peak_bytes: training only: the peak of the validation pass scored
+            between epochs, with the optimizer state still resident (0 when not
+            planned).
+        eval_batch_size, eval_length: the validation pass planned (0 when none).
     """
 
     case: str
@@ -280,6 +300,10 @@ class MemoryPrediction:
     gradients_bytes: int
     optimizer_bytes: int
     peak_bytes: int
+    step_peak_bytes: int = 0
+    eval_peak_bytes: int = 0
+    eval_batch_size: int = 0
+    eval_length: int = 0
 
     @property
     def allocated_bytes(self) -> int:
@@ -325,6 +349,33 @@ the logits phase is larger, so this term seldom decides the peak (and the
 bench does not isolate it)."""
 
 
+def _scoring_phases(counts: ParameterCounts, shape: _Shape, d: int, batch_size: int, max_length: int,
+                    logits_chunk_tokens: int, nf4: bool) -> tuple[int, int]:
+    """(one layer's activations, the logits phase) of a scoring forward, in bytes, weights excluded.
+
+    The logits phase of chunked scoring (:func:`ftflow.perplexity.batch_nll`)
+    is the largest of three moments: the head's check (the decoder's last
+    hidden state [B, L, H], the forward's last-position logits and the
+    check's own, ``B * V * (2 d + 8)``), the gather of the scored hidden states
+    (two [B, L, H] copies) and one chunk (the scored hidden states and
+    ``chunk * V`` logits at :data:`CHUNK_BYTES_PER_LOGIT`). Full logits
+    (``logits_chunk_tokens=0``): ``(d + 8)`` bytes per [B, L, V] element.
+    """
+    tokens = batch_size * max_length
+    per_token = (SCORING_LAYER_ELEMENTS["hidden"] * shape.hidden
+                 + SCORING_LAYER_ELEMENTS["intermediate"] * shape.intermediate)
+    layer = tokens * per_token * d + _attention_mask_bytes(batch_size, max_length, max_length)
+    if nf4:
+        layer += counts.largest_linear * ELEMENT_BYTES["nf4"]
+    if logits_chunk_tokens == 0:
+        return layer, tokens * shape.vocab * (d + SCORING_LOGITS_BYTES_PER_ELEMENT_EXTRA)
+    hidden = tokens * shape.hidden * d
+    chunk_rows = min(logits_chunk_tokens, batch_size * (max_length - 1))
+    check = hidden + batch_size * shape.vocab * (2 * d + 8)
+    chunk = hidden + chunk_rows * shape.vocab * CHUNK_BYTES_PER_LOGIT
+    return layer, max(check, 2 * hidden, chunk)
+
+
 def predict_scoring(
     config,
     precision: Precision,
@@ -333,6 +384,7 @@ def predict_scoring(
     *,
     device: Device = "cuda",
     kv_cache: bool = False,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     trust_remote_code: bool = False,
 ) -> MemoryPrediction:
     """Peak memory of perplexity scoring (one forward pass and the loss, no gradients).
@@ -353,7 +405,10 @@ def predict_scoring(
       compute dtype, plus the padding mask (1 byte per query-key pair), plus the
       KV cache of every layer when ``kv_cache`` (transformers builds one unless
       the forward gets ``use_cache=False``; it is returned with the logits);
-    * logits: ``(d + 8)`` bytes per element of the [batch, length, vocab] logits
+    * logits: the LM head on ``logits_chunk_tokens`` scored positions at a time,
+      ``chunk * vocab * 8`` bytes plus the hidden states they come from (see
+      :func:`_scoring_phases`); with ``logits_chunk_tokens=0`` the full
+      [batch, length, vocab] logits at ``(d + 8)`` bytes per element
       (:data:`SCORING_LOGITS_BYTES_PER_ELEMENT_EXTRA`).
 
     Args:
@@ -363,6 +418,8 @@ def predict_scoring(
         max_length: tokens per sequence.
         device: ``cuda`` or ``cpu``; sets the runtime overhead.
         kv_cache: count the KV cache the forward builds when ``use_cache`` is on.
+        logits_chunk_tokens: scored positions whose logits exist at once
+            (``benchmark.logits_chunk_tokens``); 0 = full logits.
         trust_remote_code: allow the model's own code when counting parameters.
 
     Returns:
@@ -370,6 +427,8 @@ def predict_scoring(
     """
     problems: list[str] = []
     _check(precision, batch_size, max_length, device, problems)
+    if logits_chunk_tokens < 0:
+        problems.append(f"logits_chunk_tokens must be >= 0 (0: full logits), got {logits_chunk_tokens}")
     if problems:
         raise ValueError("predict_scoring: " + "; ".join(problems))
     counts = parameter_counts(config, trust_remote_code)
@@ -378,14 +437,10 @@ def predict_scoring(
     tokens = batch_size * max_length
 
     weights = _weights_bytes(counts, precision)
-    per_token = (SCORING_LAYER_ELEMENTS["hidden"] * shape.hidden
-                 + SCORING_LAYER_ELEMENTS["intermediate"] * shape.intermediate)
-    layer = tokens * per_token * d + _attention_mask_bytes(batch_size, max_length, max_length)
-    if precision == "nf4":
-        layer += counts.largest_linear * ELEMENT_BYTES["nf4"]
+    layer, logits = _scoring_phases(counts, shape, d, batch_size, max_length, logits_chunk_tokens,
+                                    nf4=precision == "nf4")
     # The cache, when kept, is returned with the logits: alive in both phases.
     cache = 2 * shape.layers * tokens * shape.kv_dim * d if kv_cache else 0
-    logits = tokens * shape.vocab * (d + SCORING_LOGITS_BYTES_PER_ELEMENT_EXTRA)
     overhead = RUNTIME_OVERHEAD_BYTES[device]
     activations = layer + cache
     peak = weights + cache + max(layer, logits) + overhead
@@ -480,10 +535,14 @@ def predict_training(
     gradient_checkpointing: Optional[bool] = None,
     *,
     lora_dropout: float = 0.05,
+    eval_batch_size: Optional[int] = None,
+    eval_length: Optional[int] = None,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     device: Device = "cuda",
     trust_remote_code: bool = False,
 ) -> MemoryPrediction:
-    """Peak memory of one steady-state training step (forward, backward, AdamW step).
+    """Peak memory of a training run: one steady-state step (forward, backward, AdamW step), or
+    the validation pass between epochs, whichever is larger.
 
     ftflow's training paths (:mod:`ftflow.training`) are assumed:
 
@@ -501,6 +560,10 @@ def predict_training(
       gradient checkpointing on (``gradient_checkpointing=None`` follows that).
     * ``prefix``: frozen weights plus ``num_virtual_tokens`` key/value vectors per
       layer (fp32), keys and values ``num_virtual_tokens`` longer.
+    * ``distill``: ``full`` training of the student plus the KD term's
+      full-vocabulary log-softmax and its gradient
+      (:data:`DISTILL_LOGITS_BYTES_PER_ELEMENT_EXTRA`, ``4 + d`` bytes per logit
+      element; the teacher's top-k, ``B * L * k * 6`` bytes, are negligible).
 
     Activations are :data:`TRAINING_LAYER_BYTES` per token and layer (with
     gradient checkpointing: :data:`CHECKPOINT_BYTES_PER_HIDDEN` per layer and
@@ -516,6 +579,15 @@ def predict_training(
     gradients are tiny and peak = weights + optimizer + gradients + activations
     + logits + overhead. Every sequence is assumed ``max_length`` tokens long.
 
+    The validation pass (``eval_batch_size`` given): ftflow scores the selection
+    split after every epoch (:func:`ftflow.training.fit`) with the weights and
+    the AdamW state resident; the gradients are not (the Trainer's
+    ``model.zero_grad()`` after each optimizer step sets them to None). Its peak
+    = weights + optimizer + the scoring forward's larger phase
+    (:func:`predict_scoring`'s, at ``eval_batch_size`` x ``eval_length`` in the
+    training compute dtype) + overhead, and the run's peak is
+    ``max(step peak, validation peak)``.
+
     Args:
         config: the model's transformers config.
         precision: weights precision (``nf4`` only with ``qlora``).
@@ -527,6 +599,10 @@ def predict_training(
         gradient_checkpointing: recompute activations in backward; None = what
             ftflow does (on for qlora, off otherwise).
         lora_dropout: LoRA dropout; 0 removes the dropout copies.
+        eval_batch_size: sentences per forward pass of the validation pass;
+            None leaves it out (one training step only).
+        eval_length: tokens per validation sequence (default ``max_length``).
+        logits_chunk_tokens: see :func:`predict_scoring`.
         device: ``cuda`` or ``cpu``; sets the runtime overhead.
         trust_remote_code: allow the model's own code when counting parameters.
 
@@ -545,6 +621,12 @@ def predict_training(
         problems.append(f"lora_r must be >= 1, got {lora_r}")
     if num_virtual_tokens < 1:
         problems.append(f"num_virtual_tokens must be >= 1, got {num_virtual_tokens}")
+    if eval_batch_size is not None and eval_batch_size < 1:
+        problems.append(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+    if eval_length is not None and eval_length < 2:
+        problems.append(f"eval_length must be >= 2, got {eval_length}")
+    if logits_chunk_tokens < 0:
+        problems.append(f"logits_chunk_tokens must be >= 0 (0: full logits), got {logits_chunk_tokens}")
     if problems:
         raise ValueError("predict_training: " + "; ".join(problems))
 
@@ -554,7 +636,7 @@ def predict_training(
     if gradient_checkpointing is None:
         gradient_checkpointing = method == "qlora"
 
-    if method == "full":
+    if method in ("full", "distill"):
         d = ELEMENT_BYTES[precision]
         trainable = counts.total
         weights = counts.total * d
@@ -577,7 +659,7 @@ def predict_training(
         optimizer = trainable * 8
 
     group = _dtype_group(d)
-    row = "lora" if method in ("lora", "qlora") else method
+    row = {"qlora": "lora", "distill": "full"}.get(method, method)
     if row == "lora" and lora_dropout == 0:
         row = "lora-no-dropout"
     layer = TRAINING_LAYER_BYTES[(row, group)].per_token(shape, lora_r if row.startswith("lora") else 0)
@@ -591,9 +673,11 @@ def predict_training(
     if method == "qlora":
         activations += counts.largest_linear * ELEMENT_BYTES["nf4"]  # one weight dequantized at a time
     logits = tokens * shape.vocab * TRAINING_LOGITS_BYTES_PER_ELEMENT
+    if method == "distill":
+        logits += tokens * shape.vocab * DISTILL_LOGITS_BYTES_PER_ELEMENT_EXTRA[group]
     overhead = RUNTIME_OVERHEAD_BYTES[device]
 
-    if method == "full":
+    if method in ("full", "distill"):
         output_layer_grad = (counts.output_untied or counts.embedding) * d
         # Tied embeddings get a second gradient (from the input side) at the end of backward,
         # added out of place to the first: two more embedding-sized tensors (measured).
@@ -602,6 +686,12 @@ def predict_training(
         peak = weights + optimizer + dynamic + overhead
     else:
         peak = weights + optimizer + gradients + activations + logits + overhead
+    step_peak, eval_peak = peak, 0
+    if eval_batch_size is not None:
+        layer, scoring_logits = _scoring_phases(counts, shape, d, eval_batch_size, eval_length or max_length,
+                                                logits_chunk_tokens, nf4=method == "qlora")
+        eval_peak = weights + optimizer + max(layer, scoring_logits) + overhead
+        peak = max(step_peak, eval_peak)
     return MemoryPrediction(
         case=f"train-{method}",
         precision=precision,
@@ -616,6 +706,10 @@ def predict_training(
         gradients_bytes=gradients,
         optimizer_bytes=optimizer,
         peak_bytes=peak,
+        step_peak_bytes=step_peak,
+        eval_peak_bytes=eval_peak,
+        eval_batch_size=eval_batch_size or 0,
+        eval_length=(eval_length or max_length) if eval_batch_size is not None else 0,
     )
 
 
@@ -649,6 +743,7 @@ def choose_precision(
     bf16_supported: bool = True,
     device: Device = "cuda",
     kv_cache: bool = False,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     trust_remote_code: bool = False,
 ) -> dict:
     """The most precise precision whose predicted scoring peak fits the budget.
@@ -664,7 +759,7 @@ def choose_precision(
         allow_nf4: fall back to 4-bit weights.
         bf16_supported: the device computes in bf16.
         device: ``cuda`` or ``cpu`` (runtime overhead).
-        kv_cache: see :func:`predict_scoring`.
+        kv_cache, logits_chunk_tokens: see :func:`predict_scoring`.
         trust_remote_code: see :func:`count_parameters`.
 
     Returns:
@@ -677,8 +772,8 @@ def choose_precision(
     tried: dict[str, int] = {}
     for precision in order:
         peak = predict_scoring(
-            config, precision, batch_size, max_length,
-            device=device, kv_cache=kv_cache, trust_remote_code=trust_remote_code,
+            config, precision, batch_size, max_length, device=device, kv_cache=kv_cache,
+            logits_chunk_tokens=logits_chunk_tokens, trust_remote_code=trust_remote_code,
         ).peak_bytes
         tried[precision] = peak
         if peak <= budget_bytes:
@@ -706,6 +801,7 @@ def largest_batch_size(
     *,
     device: Device = "cuda",
     kv_cache: bool = False,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     trust_remote_code: bool = False,
 ) -> int:
     """The largest scoring batch size in ``[1, cap]`` whose predicted peak fits; 0 if none does.
@@ -717,8 +813,8 @@ def largest_batch_size(
 
     def fits(batch: int) -> bool:
         return predict_scoring(
-            config, precision, batch, max_length,
-            device=device, kv_cache=kv_cache, trust_remote_code=trust_remote_code,
+            config, precision, batch, max_length, device=device, kv_cache=kv_cache,
+            logits_chunk_tokens=logits_chunk_tokens, trust_remote_code=trust_remote_code,
         ).peak_bytes <= budget_bytes
 
     if not fits(1):
@@ -784,6 +880,7 @@ def plan_model(
     bf16_supported: bool = True,
     device: Device = "cuda",
     kv_cache: bool = False,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     trust_remote_code: bool = False,
     config=None,
 ) -> ModelPlan:
@@ -800,8 +897,8 @@ def plan_model(
             batch size 1 (precision before throughput, as the study did) and
             then the largest batch size that fits, up to ``batch_size_cap``.
         batch_size_cap: upper bound of the automatic batch size.
-        allow_nf4, bf16_supported, device, kv_cache, trust_remote_code: see
-            :func:`choose_precision`.
+        allow_nf4, bf16_supported, device, kv_cache, logits_chunk_tokens,
+            trust_remote_code: see :func:`choose_precision`.
         config: the model's config when already at hand (else :func:`model_config_for`).
 
     Raises:
@@ -810,7 +907,8 @@ def plan_model(
     if config is None:
         config = model_config_for(path_or_id, trust_remote_code)
     decision_batch = batch_size or 1
-    options = dict(device=device, kv_cache=kv_cache, trust_remote_code=trust_remote_code)
+    options = dict(device=device, kv_cache=kv_cache, logits_chunk_tokens=logits_chunk_tokens,
+                   trust_remote_code=trust_remote_code)
     choice = choose_precision(
         config, budget_bytes, batch_size=decision_batch, max_length=max_length, allow_nf4=allow_nf4,
         bf16_supported=bf16_supported, **options,
@@ -971,6 +1069,7 @@ def plan_candidate(
     batch_size_cap: int = 256,
     allow_nf4: bool = True,
     device: Device = "cuda",
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     trust_remote_code: bool = False,
 ) -> dict:
     """The pipeline's decision for one candidate: precision and batch size, or a skip with its reason.
@@ -996,10 +1095,11 @@ def plan_candidate(
                           # Planning for a GPU this machine does not have: assume bf16 (Ampere or newer).
                           bf16_supported=True if device == "cuda" and not torch.cuda.is_available()
                           else bf16_available(device),
-                          device=device, trust_remote_code=trust_remote_code, config=config)
+                          device=device, logits_chunk_tokens=logits_chunk_tokens,
+                          trust_remote_code=trust_remote_code, config=config)
         return {"precision": plan.precision, "batch_size": plan.batch_size, "parameters": plan.parameters,
                 "peak_bytes": plan.peak_bytes, "reason": plan.reason}
-    options = dict(device=device, trust_remote_code=trust_remote_code)
+    options = dict(device=device, logits_chunk_tokens=logits_chunk_tokens, trust_remote_code=trust_remote_code)
     parameters = count_parameters(config, trust_remote_code)
     at_one = predict_scoring(config, precision, 1, max_length, **options)
     if at_one.peak_bytes > budget_bytes:
@@ -1023,6 +1123,21 @@ class MemoryBudgetError(RuntimeError):
     """A training run predicted not to fit the memory budget; raised before anything is loaded."""
 
 
+def longest_sequence(tokenizer, sentences: Sequence[str], max_length: int) -> int:
+    """Tokens of the longest of ``sentences`` as ftflow encodes them (start token included, at most ``max_length``).
+
+    What memory is planned for: the longest batch the data can make, not the
+    configured ``max_length`` (planning at 2048 tokens for sentences of 60 is
+    planning for 30x the logits).
+
+    Raises:
+        ValueError: no sentences.
+    """
+    if len(sentences) == 0:
+        raise ValueError("longest_sequence: no sentences to measure")
+    return max(len(sentence_ids(tokenizer, text, max_length)[0]) for text in sentences)
+
+
 def check_training_fits(
     path_or_id: str,
     precision: str,
@@ -1031,24 +1146,73 @@ def check_training_fits(
     batch_size: int,
     max_length: int,
     budget_bytes: int,
+    eval_batch_size: Optional[int] = None,
+    eval_length: Optional[int] = None,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     device: Device = "cuda",
     lora_r: int = 8,
     trust_remote_code: bool = False,
 ) -> MemoryPrediction:
-    """The predicted peak of one training step; :class:`MemoryBudgetError` if it exceeds the budget.
+    """The predicted peak of a training run; :class:`MemoryBudgetError` if it exceeds the budget.
 
-    ``method="lora"`` on an nf4 model is planned as QLoRA, which is what
+    ``max_length`` is the longest sequence of the set that trains (an
+    augmented set, whose random insertions lengthen sentences, not the split
+    it was made from); ``eval_batch_size`` x ``eval_length`` the validation
+    pass between epochs (see :func:`predict_training`). ``method="lora"`` on
+    an nf4 model is planned as QLoRA, which is what
     :func:`ftflow.training.train_lora` runs then.
     """
     config = model_config_for(path_or_id, trust_remote_code)
     if method == "lora" and precision == "nf4":
         method = "qlora"
     prediction = predict_training(config, precision, method, batch_size, max_length, lora_r=lora_r, device=device,
-                                  trust_remote_code=trust_remote_code)
+                                  eval_batch_size=eval_batch_size, eval_length=eval_length,
+                                  logits_chunk_tokens=logits_chunk_tokens, trust_remote_code=trust_remote_code)
     if prediction.peak_bytes > budget_bytes:
+        where = ""
+        if prediction.eval_peak_bytes > prediction.step_peak_bytes:
+            where = (f" in the validation pass between epochs (batch size {eval_batch_size}, {eval_length or max_length}"
+                     " tokens, with the optimizer state resident; lower the evaluation batch size)")
         raise MemoryBudgetError(
             f"{method} training of {path_or_id} ({precision}, batch size {batch_size}, {max_length} tokens) is "
-            f"predicted to peak at {gb(prediction.peak_bytes):.2f} GB, over the {gb(budget_bytes):.2f} GB budget. "
-            "Lower the stage's batch_size or max_length, or train a smaller model (or with LoRA instead of in full)."
+            f"predicted to peak at {gb(prediction.peak_bytes):.2f} GB{where}, over the {gb(budget_bytes):.2f} GB "
+            "budget. Lower the stage's batch_size or max_length, or train a smaller model (or with LoRA instead of "
+            "in full)."
         )
     return prediction
+
+
+def check_training_run(
+    path_or_id: str,
+    precision: str,
+    method: Method,
+    *,
+    tokenizer,
+    train_sentences: Sequence[str],
+    validation_sentences: Sequence[str],
+    batch_size: int,
+    eval_batch_size: int,
+    max_length: int,
+    budget_bytes: int,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
+    device: Device = "cuda",
+    lora_r: int = 8,
+    trust_remote_code: bool = False,
+) -> MemoryPrediction:
+    """:func:`check_training_fits` at the lengths one run will see, measured on its own data.
+
+    The step is planned on the longest sentence of ``train_sentences``, the
+    set that trains (augmented: random insertion lengthens sentences, so the
+    split it was made from understates it), and the validation pass on the
+    longest of ``validation_sentences``, the split scored between epochs; both
+    under the run's ``tokenizer`` and at most ``max_length`` tokens.
+
+    Raises:
+        MemoryBudgetError: the larger of the two peaks exceeds the budget.
+    """
+    return check_training_fits(
+        path_or_id, precision, method, batch_size=batch_size,
+        max_length=longest_sequence(tokenizer, train_sentences, max_length), budget_bytes=budget_bytes,
+        eval_batch_size=eval_batch_size, eval_length=longest_sequence(tokenizer, validation_sentences, max_length),
+        logits_chunk_tokens=logits_chunk_tokens, device=device, lora_r=lora_r, trust_remote_code=trust_remote_code,
+    )

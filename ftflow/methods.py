@@ -26,14 +26,14 @@ from pydantic import BaseModel, ConfigDict
 
 from ftflow.config import DistillConfig, FinetuneConfig, LoraConfig, PrefixConfig, QLoraConfig
 from ftflow.models import load_model, load_tokenizer
-from ftflow.perplexity import score_sentences
+from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 
 log = logging.getLogger(__name__)
 
 Method = Literal["lora", "qlora", "prefix", "full", "distill"]
 PEFT_METHODS = frozenset({"lora", "qlora", "prefix"})
 # The memory planner's name of each method's training (see ftflow.memory.predict_training).
-MEMORY_METHOD = {"lora": "lora", "qlora": "lora", "prefix": "prefix", "full": "full", "distill": "full"}
+MEMORY_METHOD = {"lora": "lora", "qlora": "lora", "prefix": "prefix", "full": "full", "distill": "distill"}
 
 
 class TrainJob(BaseModel):
@@ -169,6 +169,7 @@ def run_job(
     eval_batch_size: int,
     work_dir: Path,
     out_dir: Path,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     checkpoint_steps: int = 50,
     teacher_topk_dir: Optional[Path] = None,
     card_facts: Optional[dict] = None,
@@ -180,6 +181,7 @@ def run_job(
     ``work_dir`` must survive an interruption (checkpoints and the best epoch
     so far live there); ``out_dir`` receives ``model/`` and ``history.json``.
     ``teacher_topk_dir`` is the stored teacher top-k, for distillation only.
+    ``logits_chunk_tokens``: see :func:`ftflow.perplexity.score_sentences` (validation and test scoring).
     ``card_facts`` (data fingerprints, teacher, ...) go into the model card.
     """
     from ftflow.cards import write_model_card
@@ -192,6 +194,7 @@ def run_job(
         epochs=job.epochs, learning_rate=job.learning_rate, batch_size=job.batch_size, max_length=max_length,
         seed=seed, device=device, precision=job.precision, weight_decay=job.weight_decay,
         eval_batch_size=eval_batch_size, progress=progress, checkpoint_steps=checkpoint_steps,
+        logits_chunk_tokens=logits_chunk_tokens,
     )
     best_dir = Path(work_dir) / "best"
     trainer_dir = Path(work_dir) / "trainer"
@@ -240,7 +243,7 @@ def run_job(
            "base_model": base, "dir": str(out_dir), "files": {"model": "model"}}
     model = load_trained(run, device)
     test = score_sentences(model, tokenizer, test_sentences, batch_size=eval_batch_size, max_length=max_length,
-                           progress=progress, desc=f"{job.title} test")
+                           progress=progress, desc=f"{job.title} test", logits_chunk_tokens=logits_chunk_tokens)
     del model
     selection = next(e["validation"] for e in result["history"] if e["epoch"] == result["best_epoch"])
     log.info("%s: best epoch %d, selection PPL %.4f, test PPL %.4f", job.title, result["best_epoch"],

@@ -12,13 +12,22 @@ counted. Three numbers come out of the same sums:
 
 Batching is an implementation detail: the result does not depend on batch size
 or padding side (to float32 rounding), which the unit tests check.
+
+Memory: the [B, L, V] logits of every position are never made. The model's
+forward runs with ``logits_to_keep=1`` while a hook keeps its decoder's last
+hidden state; the LM head is then applied to the scored positions only, in
+chunks of ``logits_chunk_tokens`` rows, each chunk's log-softmax taken in
+float32 and dropped before the next. The logits' peak is bounded by the chunk
+(``chunk x V x 8`` bytes, see :data:`CHUNK_BYTES_PER_LOGIT`), not by
+``B x L x V``; the NLL is the full-logits one (to float32 rounding).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +36,19 @@ from tqdm.auto import tqdm
 from ftflow.tokens import IGNORE_INDEX, pad_batch, pad_token_id, sentence_ids
 
 _SCALAR_FIELDS = ("total_nll", "scored_tokens", "total_bytes", "n_sentences", "n_truncated")
+
+DEFAULT_LOGITS_CHUNK_TOKENS = 1024
+"""Scored positions whose logits exist at once (``benchmark.logits_chunk_tokens``).
+At 1024 tokens and Qwen2.5's 151,936-token vocabulary a chunk holds 1.2 GB
+(:data:`CHUNK_BYTES_PER_LOGIT`); larger chunks are no faster once the LM head's
+matrix product is large enough to run at full speed."""
+
+CHUNK_BYTES_PER_LOGIT = 8
+"""Bytes per logit element alive while one chunk is scored, whatever the model's
+dtype ``d``: the float32 logits (the head's ``d``-byte output is released when
+the cast returns; in float32 the cast is the tensor itself) and the float32
+log-softmax ``cross_entropy`` makes from them. The cast's own moment holds
+``d + 4`` bytes, never more than 8."""
 
 
 @dataclass(frozen=True)
@@ -143,10 +165,14 @@ class PerplexityResult:
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sum of next-token NLL, pads and start tokens masked out.
+    """Per-row sum of next-token NLL from full logits, pads and start tokens masked out.
 
-    Only the scored positions are gathered before the float32 cast, so a bf16
-    model never has a full float32 copy of its [B, L, V] logits made.
+    The full-logits path (``logits_chunk_tokens=0``, or a model without a
+    separable LM head): the scored rows are gathered, then cast to float32, so
+    besides the model's own [B, L, V] logits it holds a float32 copy of nearly
+    every row (all but the pads and the last position) and the float32
+    log-softmax of ``cross_entropy``: ``(d + 8) x B x L x V`` bytes at the peak.
+    :func:`batch_nll` avoids all three.
 
     Args:
         logits: [B, L, V] model outputs, any float dtype.
@@ -163,6 +189,167 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     # Boolean indexing drops pad positions entirely, so whatever a model puts in
     # its pad logits (even NaN with some attention kernels) cannot leak in.
     per_token = F.cross_entropy(shift_logits[scored].float(), shift_labels[scored], reduction="none")
+    rows = scored.nonzero(as_tuple=True)[0]
+    nll = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
+    nll.index_add_(0, rows, per_token.double())
+    return nll, scored.sum(dim=1)
+
+
+class LogitsMismatchError(RuntimeError):
+    """The LM head applied outside the model's forward does not give the forward's logits."""
+
+
+@dataclass(frozen=True)
+class _OutputHead:
+    """The pieces of a causal LM that chunked scoring applies by itself.
+
+    Attributes:
+        decoder: the module whose first output is the last hidden state [B, L, H]
+            the forward hands to the LM head.
+        head: the LM head (``get_output_embeddings()``; PEFT-wrapped if adapted).
+        transform: what the forward does to the head's output before returning
+            it (Granite's ``logits_scaling``, Cohere's ``logit_scale``, Gemma's
+            soft-capping), applied in place, in the model's dtype, as the forward does.
+        model_class: the transformers class, for messages.
+    """
+
+    decoder: torch.nn.Module
+    head: torch.nn.Module
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    model_class: str
+
+
+def _identity(logits: torch.Tensor) -> torch.Tensor:
+    return logits
+
+
+def _logits_transform(base: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward's own step between the LM head and the returned logits (transformers 5 forms)."""
+    config = getattr(base, "config", None)
+    scaling = getattr(config, "logits_scaling", None)  # Granite family: logits / logits_scaling
+    if scaling is not None:
+        return lambda logits: logits.div_(scaling)
+    scale = getattr(base, "logit_scale", None)  # Cohere: logits * logit_scale
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return lambda logits: logits.mul_(scale)
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(logits / cap)
+    if cap is not None:
+        return lambda logits: logits.div_(cap).tanh_().mul_(cap)
+    return _identity
+
+
+def _output_head(model: torch.nn.Module) -> Optional[_OutputHead]:
+    """The decoder and LM head of a transformers (or PEFT-wrapped) causal LM; None if it has none.
+
+    Requires a forward that takes ``logits_to_keep`` (every transformers 5
+    causal LM does), ``get_output_embeddings`` and ``get_decoder``. Anything
+    else (a custom module, remote code without them) is scored from its full logits.
+    """
+    get_base = getattr(model, "get_base_model", None)  # PEFT: the transformers model inside
+    base = get_base() if callable(get_base) else model
+    get_head, get_decoder = getattr(base, "get_output_embeddings", None), getattr(base, "get_decoder", None)
+    if not (callable(get_head) and callable(get_decoder)):
+        return None
+    try:
+        takes_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        takes_keep = False
+    head, decoder = get_head(), get_decoder()
+    if not takes_keep or head is None or decoder is None or decoder is base:
+        return None
+    return _OutputHead(decoder, head, _logits_transform(base), type(base).__name__)
+
+
+def _check_head(parts: _OutputHead, hidden: torch.Tensor, last_logits: torch.Tensor,
+                attention_mask: Optional[torch.Tensor]) -> None:
+    """The head applied here must give the forward's own logits at the last position.
+
+    A model whose forward changes its logits in a way :func:`_logits_transform`
+    does not know would otherwise be scored wrongly without a sign.
+    """
+    rows = slice(None) if attention_mask is None else attention_mask[:, -1].bool()
+    expected = last_logits[:, -1][rows].float()
+    if expected.numel() == 0:
+        return
+    got = parts.transform(parts.head(hidden[:, -1][rows])).float()
+    # Same inputs through the same modules: equal up to the matrix product's rounding.
+    tolerance = (1e-4 if last_logits.dtype == torch.float32 else 2e-2) * (1.0 + expected.abs().max().item())
+    difference = (got - expected).abs().max().item()
+    if not difference <= tolerance:
+        raise LogitsMismatchError(
+            f"{parts.model_class}: its LM head applied to the decoder's output differs from the logits its forward "
+            f"returns (max difference {difference:.3g}), so its forward transforms the logits in a way ftflow does "
+            "not reproduce. Score it from full logits: set benchmark.logits_chunk_tokens: 0 (it needs more memory, "
+            "and the memory plan charges it)."
+        )
+
+
+def batch_nll(
+    model: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass and its per-row sum of next-token NLL, without the [B, L, V] logits.
+
+    The forward runs through ``model`` itself (so PEFT adapters and prefix
+    tuning's key/values apply) with ``logits_to_keep=1``; a forward hook on the
+    decoder keeps its last hidden state. The scored positions' hidden states
+    are gathered and the LM head (plus the forward's own logit scaling) is
+    applied to ``logits_chunk_tokens`` of them at a time, each chunk's NLL taken
+    from a float32 ``cross_entropy``. Every batch checks the head against the
+    forward's own last-position logits (:class:`LogitsMismatchError` if they differ).
+
+    Args:
+        model: a causal LM (transformers, PEFT-wrapped, any dtype, 4-bit).
+        inputs: ``input_ids``, ``attention_mask`` (and ``position_ids``), [B, L],
+            on the model's device.
+        labels: [B, L] token ids, ``IGNORE_INDEX`` where nothing is predicted.
+        logits_chunk_tokens: scored positions per LM-head call; 0 scores from
+            the model's full logits (:func:`token_nll`), as does a model without
+            a separable head.
+
+    Returns:
+        ``(nll, count)``: [B] float64 sums of NLL in nats, and [B] int64 numbers
+        of scored tokens (as :func:`token_nll`).
+
+    Raises:
+        ValueError: a negative ``logits_chunk_tokens``.
+        LogitsMismatchError: see above.
+    """
+    if logits_chunk_tokens < 0:
+        raise ValueError(f"logits_chunk_tokens must be >= 0 (0: full logits), got {logits_chunk_tokens}")
+    parts = _output_head(model) if logits_chunk_tokens > 0 else None
+    if parts is None:
+        return token_nll(model(**inputs, use_cache=False).logits, labels)
+
+    captured: list[torch.Tensor] = []
+    handle = parts.decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        outputs = model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"{parts.model_class}: its decoder ran {len(captured)} times in one forward; expected once")
+    hidden = captured[0]  # [B, L, H]
+    _check_head(parts, hidden, outputs.logits, inputs.get("attention_mask"))
+    del outputs
+
+    # Position t predicts token t + 1; only scored positions reach the head, so pads
+    # (whatever their hidden states hold) cannot leak in.
+    shift_labels = labels[:, 1:]
+    scored = shift_labels != IGNORE_INDEX
+    states = hidden[:, :-1][scored]  # [N, H]
+    del hidden, captured
+    targets = shift_labels[scored]  # [N]
+    per_token = torch.empty(targets.shape[0], dtype=torch.float32, device=labels.device)
+    for start in range(0, targets.shape[0], logits_chunk_tokens):
+        end = start + logits_chunk_tokens
+        # The head's own-dtype output is a temporary: freed as soon as the float32 copy exists.
+        per_token[start:end] = F.cross_entropy(
+            parts.transform(parts.head(states[start:end])).float(), targets[start:end], reduction="none"
+        )
     rows = scored.nonzero(as_tuple=True)[0]
     nll = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
     nll.index_add_(0, rows, per_token.double())
@@ -209,6 +396,7 @@ def score_sentences(
     padding_side: Literal["right", "left"] = "right",
     progress: bool = True,
     desc: str | None = None,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
 ) -> PerplexityResult:
     """Score each sentence independently and sum its token NLL.
 
@@ -218,8 +406,8 @@ def score_sentences(
     and its training flag is restored afterwards.
 
     Args:
-        model: a causal LM (transformers, PEFT-wrapped, any dtype) whose output
-            has ``.logits`` of shape [B, L, V].
+        model: a causal LM (transformers, PEFT-wrapped, any dtype); any other
+            module whose output has ``.logits`` of shape [B, L, V] is scored from those.
         tokenizer: the model's tokenizer.
         sentences: the texts, none blank.
         batch_size: sentences per forward pass.
@@ -227,6 +415,8 @@ def score_sentences(
         padding_side: where pads go; does not change the result.
         progress: show a tqdm bar over sentences.
         desc: label of the progress bar.
+        logits_chunk_tokens: scored positions whose logits exist at once
+            (:func:`batch_nll`); 0 = the model's full [B, L, V] logits.
 
     Returns:
         The sums and per-sentence values; see :class:`PerplexityResult`.
@@ -243,6 +433,8 @@ def score_sentences(
         problems.append(f"max_length must be >= 2 (a start token and one target), got {max_length}")
     if padding_side not in ("right", "left"):
         problems.append(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if logits_chunk_tokens < 0:
+        problems.append(f"logits_chunk_tokens must be >= 0 (0: full logits), got {logits_chunk_tokens}")
     if problems:
         raise ValueError("score_sentences: " + "; ".join(problems))
 
@@ -268,8 +460,8 @@ def score_sentences(
                 # Labels are not passed: the model's own loss would average over
                 # the batch, and we need per-sentence sums in float32.
                 # No KV cache: each sentence is scored in one pass, a cache would only cost memory.
-                outputs = model(**{name: tensor.to(device) for name, tensor in batch.items()}, use_cache=False)
-                nll, count = token_nll(outputs.logits, labels)
+                inputs = {name: tensor.to(device) for name, tensor in batch.items()}
+                nll, count = batch_nll(model, inputs, labels, logits_chunk_tokens=logits_chunk_tokens)
                 for row, value, n in zip(rows, nll.tolist(), count.tolist()):
                     sentence_nll[row] = value
                     sentence_tokens[row] = n

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ftflow.artifacts import read_json, write_json
-from ftflow.perplexity import score_sentences
+from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 from ftflow.tokens import pad_batch, pad_token_id, sentence_ids
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class TrainSettings:
     precision: str = "fp32"
     weight_decay: float = 0.0
     eval_batch_size: int = 16
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS
     progress: bool = True
     checkpoint_steps: int = 50
 
@@ -80,7 +81,7 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, save_bes
             was_training = model.training
             result = score_sentences(
                 model, tokenizer, sentences, batch_size=settings.eval_batch_size,
-                max_length=settings.max_length, progress=False,
+                max_length=settings.max_length, progress=False, logits_chunk_tokens=settings.logits_chunk_tokens,
             )
             model.train(was_training)
             epoch = round(state.epoch or 0)
@@ -182,7 +183,7 @@ def fit(
         history_path.unlink(missing_ok=True)
         before = score_sentences(
             model, tokenizer, validation_sentences, batch_size=settings.eval_batch_size,
-            max_length=settings.max_length, progress=False,
+            max_length=settings.max_length, progress=False, logits_chunk_tokens=settings.logits_chunk_tokens,
         ).to_dict()
         write_json(baseline_path, before)
     log.info("before training: validation PPL %.4f", before["corpus_ppl"])

@@ -11,7 +11,7 @@ from ftflow.artifacts import write_json
 from ftflow.config import ModelSpec
 from ftflow.data import read_split
 from ftflow.models import count_parameters, load_model, load_tokenizer
-from ftflow.perplexity import score_sentences
+from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "benchmark"
@@ -25,7 +25,7 @@ MODULES = (__name__,)  # the code key: every project module this one reaches (ft
     **STAGE_TASK_OPTIONS,
 )
 def benchmark(spec: ModelSpec, data: dict, batch_size: int, max_length: int, device: str,
-              artifacts_dir: str, progress: bool = True) -> dict:
+              artifacts_dir: str, progress: bool = True, logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS) -> dict:
     """Score one model at its precision on validation and test (a load failure fails only this run)."""
 
     def build(out: Path) -> dict:
@@ -37,7 +37,8 @@ def benchmark(spec: ModelSpec, data: dict, batch_size: int, max_length: int, dev
         scores, per_sentence = {}, {}
         for split in ("validation", "test"):
             result = score_sentences(model, tokenizer, read_split(stage_path(data, split)), batch_size=batch_size,
-                                     max_length=max_length, progress=progress, desc=f"{spec.name} {split}")
+                                     max_length=max_length, progress=progress, desc=f"{spec.name} {split}",
+                                     logits_chunk_tokens=logits_chunk_tokens)
             scores[split] = result.to_dict()
             per_sentence[split] = {"nll": list(result.sentence_nll), "tokens": list(result.sentence_tokens)}
             logger.info("%s %s: PPL %.4f, bits/byte %.4f, %d tokens, %d truncated", spec.name, split,

@@ -9,9 +9,9 @@ from prefect import task
 from ftflow.artifacts import write_json
 from ftflow.config import MemoryConfig, ModelSpec
 from ftflow.data import read_split
-from ftflow.memory import GB, plan_candidate, plan_markdown, plan_model, plan_table, plot_plan
+from ftflow.memory import GB, longest_sequence, plan_candidate, plan_markdown, plan_model, plan_table, plot_plan
 from ftflow.models import ModelLoadError, load_tokenizer
-from ftflow.tokens import sentence_ids
+from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "plan_memory"
@@ -24,13 +24,14 @@ def _longest_sequence(spec: ModelSpec, sentences: list[str], max_length: int) ->
         tokenizer = load_tokenizer(spec.path, spec.trust_remote_code)
     except ModelLoadError:
         return max_length, f"tokenizer not available offline: planned for the worst case, {max_length} tokens"
-    longest = max(len(sentence_ids(tokenizer, s, max_length)[0]) for s in sentences)
+    longest = longest_sequence(tokenizer, sentences, max_length)
     return longest, f"longest sentence: {longest} tokens"
 
 
 @task(name="plan_memory", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
 def plan_memory(candidates: list[ModelSpec], data: dict, memory: MemoryConfig, budget_gb: float, max_length: int,
-                batch_size: int | str, device: str, artifacts_dir: str) -> dict:
+                batch_size: int | str, device: str, artifacts_dir: str,
+                logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS) -> dict:
     """Predict each candidate's scoring peak; choose its precision and batch size, or skip it with the reason."""
 
     def build(out: Path) -> dict:
@@ -43,6 +44,7 @@ def plan_memory(candidates: list[ModelSpec], data: dict, memory: MemoryConfig, b
             decision = plan_candidate(spec.name, spec.path, budget, precision=spec.precision, batch_size=batch_size,
                                       max_length=length, batch_size_cap=memory.batch_size_cap,
                                       allow_nf4=memory.allow_nf4, device=device,
+                                      logits_chunk_tokens=logits_chunk_tokens,
                                       trust_remote_code=spec.trust_remote_code)
             decision.update(max_length=length, note=length_note)
             decisions[spec.name] = decision
@@ -50,6 +52,7 @@ def plan_memory(candidates: list[ModelSpec], data: dict, memory: MemoryConfig, b
             if decision["parameters"] is not None:
                 plans.append(plan_model(spec.name, spec.path, budget, max_length=length, device=device,
                                         allow_nf4=memory.allow_nf4, batch_size_cap=memory.batch_size_cap,
+                                        logits_chunk_tokens=logits_chunk_tokens,
                                         trust_remote_code=spec.trust_remote_code))
         files = {"decisions": "decisions.json"}
         write_json(out / "decisions.json", decisions)

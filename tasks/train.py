@@ -18,8 +18,9 @@ from prefect import task
 
 from ftflow.artifacts import write_json
 from ftflow.data import read_split
-from ftflow.memory import GB, MemoryBudgetError, check_training_fits
+from ftflow.memory import GB, MemoryBudgetError, check_training_run
 from ftflow.methods import MEMORY_METHOD, TrainJob, run_job
+from ftflow.models import load_tokenizer
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "train"
@@ -62,14 +63,16 @@ class ProgressArtifact:
 @task(name="train", task_run_name="{job.title}", cache_policy=ContentCache(stage=STAGE, modules=MODULES),
       **STAGE_TASK_OPTIONS)
 def train(job: TrainJob, train_set: dict, data: dict, seed: int, max_length: int, device: str,
-          eval_batch_size: int, selection_split: str, memory_budget_gb: float, planned_length: int,
+          eval_batch_size: int, selection_split: str, memory_budget_gb: float, logits_chunk_tokens: int,
           teacher_topk: Optional[dict] = None, checkpoint_steps: int = 50, artifacts_dir: str = "artifacts",
           progress: bool = True) -> dict:
     """Train one job on ``train_set``; keep its best epoch on the selection split; score it on test.
 
     A run the memory plan predicts will not fit is not started: its manifest
     says ``skipped`` with the reason (and is cached like any result, since the
-    prediction depends only on the inputs).
+    prediction depends only on the inputs). The plan is made on this run's own
+    training set (an augmented one is longer than the split it came from) and
+    includes the validation pass between epochs; the manifest records it (``memory_plan``).
     """
 
     def build(out: Path, work: Path) -> dict:
@@ -77,11 +80,16 @@ def train(job: TrainJob, train_set: dict, data: dict, seed: int, max_length: int
         if os.environ.get(FAULT_VARIABLE) == job.method:
             raise RuntimeError(f"{job.title}: failing on purpose because {FAULT_VARIABLE}={job.method} (a test "
                                "fault); unset the variable and run again")
+        train_sentences = read_split(stage_path(train_set, "train"))
+        validation_sentences = read_split(stage_path(data, selection_split))
         try:
-            check_training_fits(job.model["path"], job.precision, MEMORY_METHOD[job.method],
-                                batch_size=job.batch_size, max_length=planned_length,
-                                budget_bytes=int(memory_budget_gb * GB), device=device,
-                                lora_r=job.hyper.get("r", 8), trust_remote_code=job.model["trust_remote_code"])
+            planned = check_training_run(
+                job.model["path"], job.precision, MEMORY_METHOD[job.method],
+                tokenizer=load_tokenizer(job.model["path"], job.model["trust_remote_code"]),
+                train_sentences=train_sentences, validation_sentences=validation_sentences,
+                batch_size=job.batch_size, eval_batch_size=eval_batch_size, max_length=max_length,
+                budget_bytes=int(memory_budget_gb * GB), logits_chunk_tokens=logits_chunk_tokens, device=device,
+                lora_r=job.hyper.get("r", 8), trust_remote_code=job.model["trust_remote_code"])
         except MemoryBudgetError as exc:
             logger.warning("%s is not trained: %s", job.title, exc)
             return {"files": {}, "name": job.name, "title": job.title, "method": job.method,
@@ -97,11 +105,11 @@ def train(job: TrainJob, train_set: dict, data: dict, seed: int, max_length: int
             logger.info("%s: found the work directory of an interrupted run, resuming from it", job.title)
         summary = run_job(
             job,
-            train_sentences=read_split(stage_path(train_set, "train")),
-            validation_sentences=read_split(stage_path(data, selection_split)),
+            train_sentences=train_sentences,
+            validation_sentences=validation_sentences,
             test_sentences=read_split(stage_path(data, "test")),
             seed=seed, max_length=max_length, device=device, eval_batch_size=eval_batch_size,
-            work_dir=work, out_dir=out, checkpoint_steps=checkpoint_steps,
+            work_dir=work, out_dir=out, checkpoint_steps=checkpoint_steps, logits_chunk_tokens=logits_chunk_tokens,
             teacher_topk_dir=stage_path(teacher_topk, "topk") if teacher_topk is not None else None,
             card_facts=facts, progress=progress, on_progress=ProgressArtifact(job.title),
         )
@@ -109,6 +117,6 @@ def train(job: TrainJob, train_set: dict, data: dict, seed: int, max_length: int
             logger.info("%s: resumed from %s and finished", job.title, summary["resumed_from"])
         write_json(out / "history.json", {k: summary[k] for k in ("history", "baseline_validation", "best_epoch")})
         return {"files": {"model": "model", "history": "history.json", "card": "model/README.md"},
-                "selection_split": selection_split, **summary}
+                "selection_split": selection_split, "memory_plan": planned.to_dict(), **summary}
 
     return run_stage(STAGE, MODULES, build, work=True)

@@ -161,23 +161,58 @@ def test_unknown_model_error_names_the_model_and_the_fixes():
 
 
 def test_scoring_prediction_by_hand():
+    """Full-logits scoring (logits_chunk_tokens=0): the [B, L, V] logits and what the loss copies of them."""
     config = small_config(tie_word_embeddings=False)
     n = count_parameters(config)
     batch, length = 3, 20
-    fp32 = predict_scoring(config, "fp32", batch, length, device="cpu")
+    fp32 = predict_scoring(config, "fp32", batch, length, device="cpu", logits_chunk_tokens=0)
     assert fp32.weights_bytes == 4 * n
     assert fp32.logits_bytes == batch * length * 300 * (4 + 8)
     assert fp32.activations_bytes == batch * length * (2 * 64 + 3 * 160) * 4 + batch * length * length
     assert fp32.peak_bytes == 4 * n + max(fp32.logits_bytes, fp32.activations_bytes) + RUNTIME_OVERHEAD_BYTES["cpu"]
     assert fp32.allocated_bytes == fp32.peak_bytes - RUNTIME_OVERHEAD_BYTES["cpu"]
-    bf16 = predict_scoring(config, "bf16", batch, length)
+    bf16 = predict_scoring(config, "bf16", batch, length, logits_chunk_tokens=0)
     assert bf16.weights_bytes == 2 * n
     assert bf16.logits_bytes == batch * length * 300 * (2 + 8)
     assert bf16.overhead_bytes == RUNTIME_OVERHEAD_BYTES["cuda"]
-    cached = predict_scoring(config, "bf16", batch, length, kv_cache=True)
+    cached = predict_scoring(config, "bf16", batch, length, kv_cache=True, logits_chunk_tokens=0)
     cache = 2 * 2 * batch * length * 32 * 2  # keys and values, 2 layers, kv_dim 32, bf16
     assert cached.peak_bytes == bf16.peak_bytes + cache
     assert cached.activations_bytes == bf16.activations_bytes + cache
+
+
+def test_chunked_scoring_prediction_by_hand():
+    config = small_config(tie_word_embeddings=False)  # hidden 64, vocab 300
+    batch, length = 3, 20
+    hidden = batch * length * 64 * 4  # the decoder's last hidden state, fp32
+    # A chunk of 16 scored positions: their logits and log-softmax in fp32 (8 bytes each) beside the hidden states.
+    small = predict_scoring(config, "fp32", batch, length, device="cpu", logits_chunk_tokens=16)
+    assert small.logits_bytes == max(hidden + batch * 300 * (2 * 4 + 8), 2 * hidden, hidden + 16 * 300 * 8) == 53760
+    # A chunk larger than the 3 x 19 scored positions is charged for those only.
+    large = predict_scoring(config, "fp32", batch, length, device="cpu", logits_chunk_tokens=1024)
+    assert large.logits_bytes == hidden + 57 * 300 * 8 == 152160
+    bf16 = predict_scoring(config, "bf16", batch, length, logits_chunk_tokens=16)
+    assert bf16.logits_bytes == batch * length * 64 * 2 + 16 * 300 * 8 == 46080
+    full = predict_scoring(config, "fp32", batch, length, device="cpu", logits_chunk_tokens=0)
+    assert full.logits_bytes == batch * length * 300 * 12 == 216000
+    assert small.peak_bytes == small.weights_bytes + max(small.logits_bytes, small.activations_bytes) \
+        + RUNTIME_OVERHEAD_BYTES["cpu"]
+    with pytest.raises(ValueError, match="logits_chunk_tokens must be >= 0"):
+        predict_scoring(config, "fp32", 1, 8, logits_chunk_tokens=-1)
+
+
+def test_chunked_scoring_lets_qwen_0_5b_evaluate_126_sequences_of_2048_tokens_in_20_gb():
+    """Issue 16: full logits cost 3.7 GB per 2048-token sequence of Qwen2.5-0.5B (batch 4 in 20 GB, fp32)."""
+    config = model_config_for("Qwen/Qwen2.5-0.5B")
+    full = memory.plan_model("qwen", "Qwen/Qwen2.5-0.5B", 20 * GB, max_length=2048, logits_chunk_tokens=0)
+    chunked = memory.plan_model("qwen", "Qwen/Qwen2.5-0.5B", 20 * GB, max_length=2048)
+    assert (full.precision, full.batch_size) == ("fp32", 4)
+    assert (chunked.precision, chunked.batch_size) == ("fp32", 126)
+    at_4 = predict_scoring(config, "fp32", 4, 2048)
+    at_4_full = predict_scoring(config, "fp32", 4, 2048, logits_chunk_tokens=0)
+    assert at_4_full.logits_bytes == 4 * 2048 * 151936 * 12 == 14_935_916_544
+    # 1024 positions of logits (8 bytes each) beside the hidden states: the logits' share down 12x.
+    assert at_4.logits_bytes == 4 * 2048 * 896 * 4 + 1024 * 151936 * 8 == 1_274_019_840
 
 
 def test_nf4_weights_quantize_linear_layers_only():
@@ -229,6 +264,69 @@ def test_adapters_are_small_and_fp32():
     # prepare_model_for_kbit_training keeps everything that is not 4-bit in fp32.
     expected = math.ceil(counts.linear_weights * NF4_BYTES_PER_PARAM) + 4 * counts.unquantized + 4 * counts.lora(8)
     assert qlora.weights_bytes == expected
+
+
+def test_distillation_adds_the_kd_log_softmax_and_its_gradient():
+    config = small_config(tie_word_embeddings=True)  # vocab 300
+    batch, length = 4, 64  # activations and logits, not the gradients, make the peak
+    for precision, extra in (("fp32", 8), ("bf16", 6)):  # 4 (the KD log-softmax) + d (its gradient branch)
+        full = predict_training(config, precision, "full", batch, length)
+        distill = predict_training(config, precision, "distill", batch, length)
+        assert distill.case == "train-distill"
+        assert distill.logits_bytes - full.logits_bytes == batch * length * 300 * extra
+        assert distill.peak_bytes - full.peak_bytes == batch * length * 300 * extra == {8: 614400, 6: 460800}[extra]
+        assert (distill.weights_bytes, distill.gradients_bytes, distill.optimizer_bytes) == (
+            full.weights_bytes, full.gradients_bytes, full.optimizer_bytes)
+
+
+def test_training_peak_includes_the_validation_pass_with_the_optimizer_resident():
+    config = small_config()  # hidden 64, intermediate 160, vocab 300
+    step_only = predict_training(config, "fp32", "lora", 1, 16, device="cpu")
+    run = predict_training(config, "fp32", "lora", 1, 16, device="cpu", eval_batch_size=64, eval_length=20)
+    assert step_only.peak_bytes == step_only.step_peak_bytes == run.step_peak_bytes == 470_868_480
+    assert step_only.eval_peak_bytes == 0
+    # Validation: 64 x 20 tokens; its MLP phase (2 hidden + 3 intermediate fp32 elements per token, and the
+    # padding mask) is larger than its logits phase (one chunk of 1024 positions at 8 bytes per logit).
+    layer = 64 * 20 * (2 * 64 + 3 * 160) * 4 + 64 * 20 * 20
+    chunk = 64 * 20 * 64 * 4 + 1024 * 300 * 8
+    assert (layer, chunk) == (3_138_560, 2_785_280)
+    # Weights, adapters' AdamW moments resident, gradients not (the Trainer sets them to None after each step).
+    assert run.eval_peak_bytes == run.weights_bytes + run.optimizer_bytes + layer + RUNTIME_OVERHEAD_BYTES["cpu"]
+    assert run.eval_peak_bytes == 473_614_592
+    assert run.peak_bytes == max(run.step_peak_bytes, run.eval_peak_bytes) == 473_614_592
+    assert (run.eval_batch_size, run.eval_length) == (64, 20)
+    # A small validation batch leaves the step as the peak.
+    small = predict_training(config, "fp32", "lora", 1, 16, device="cpu", eval_batch_size=1, eval_length=20)
+    assert small.peak_bytes == small.step_peak_bytes == 470_868_480 > small.eval_peak_bytes
+
+
+def test_a_run_is_planned_on_the_set_that_trains_and_refused_when_validation_overflows(tmp_path):
+    from tests.tiny import tiny_tokenizer
+
+    from ftflow.memory import MemoryBudgetError, check_training_run
+
+    small_config().save_pretrained(tmp_path)
+    tokenizer = tiny_tokenizer()
+    original = ["the cat sat on the mat", "a dog ran fast"]  # at most 6 words: 7 tokens with <s>
+    # Random insertion (augmentation) lengthened the first sentence to 11 words.
+    augmented = original + ["the big cat sat on the red mat and ran fast"]
+    validation = ["the film was very good and fun"]  # 7 words: 8 tokens
+    common = dict(tokenizer=tokenizer, validation_sentences=validation, batch_size=2, eval_batch_size=4,
+                  max_length=2048, budget_bytes=20 * GB, device="cpu")
+    on_original = check_training_run(str(tmp_path), "fp32", "full", train_sentences=original, **common)
+    on_augmented = check_training_run(str(tmp_path), "fp32", "full", train_sentences=augmented, **common)
+    assert (on_original.max_length, on_augmented.max_length) == (7, 12)
+    assert on_augmented.eval_length == 8 and on_augmented.eval_batch_size == 4
+    assert on_augmented.step_peak_bytes == predict_training(small_config(), "fp32", "full", 2, 12,
+                                                             device="cpu").peak_bytes
+    capped = check_training_run(str(tmp_path), "fp32", "full", train_sentences=augmented, **{**common, "max_length": 9})
+    assert capped.max_length == 9
+    # A budget the step fits in but the validation pass (64 sentences a batch) does not.
+    wide = predict_training(small_config(), "fp32", "full", 2, 12, device="cpu", eval_batch_size=64, eval_length=8)
+    assert wide.step_peak_bytes < wide.eval_peak_bytes
+    with pytest.raises(MemoryBudgetError, match="in the validation pass between epochs \\(batch size 64, 8 tokens"):
+        check_training_run(str(tmp_path), "fp32", "full", train_sentences=augmented,
+                           **{**common, "eval_batch_size": 64, "budget_bytes": wide.step_peak_bytes})
 
 
 def test_gradient_checkpointing_saves_activations_and_is_on_for_qlora():
@@ -301,7 +399,9 @@ def test_training_layer_bytes_match_what_autograd_saves(method, dtype, group):
 def test_study_small_models_fit_in_fp32_within_5_to_13_gb(model_id):
     config = model_config_for(model_id)
     assert count_parameters(config) < 2.6e9
-    choice = choose_precision(config, STUDY_BUDGET, batch_size=STUDY_BATCH, max_length=STUDY_LENGTH)
+    # The study's evaluator made full logits (as ftflow did before chunked scoring).
+    choice = choose_precision(config, STUDY_BUDGET, batch_size=STUDY_BATCH, max_length=STUDY_LENGTH,
+                              logits_chunk_tokens=0)
     assert choice["precision"] == "fp32"
     assert 5 * GB <= choice["peak_bytes"] <= 13 * GB
 
@@ -309,11 +409,12 @@ def test_study_small_models_fit_in_fp32_within_5_to_13_gb(model_id):
 @pytest.mark.parametrize("model_id", STUDY_LARGE)
 def test_study_7b_8b_models_need_bf16_and_fit_in_17_to_19_gb(model_id):
     config = model_config_for(model_id)
-    fp32 = predict_scoring(config, "fp32", STUDY_BATCH, STUDY_LENGTH)
-    bf16 = predict_scoring(config, "bf16", STUDY_BATCH, STUDY_LENGTH)
+    fp32 = predict_scoring(config, "fp32", STUDY_BATCH, STUDY_LENGTH, logits_chunk_tokens=0)
+    bf16 = predict_scoring(config, "bf16", STUDY_BATCH, STUDY_LENGTH, logits_chunk_tokens=0)
     assert fp32.peak_bytes > STUDY_BUDGET
     assert 17 * GB <= bf16.peak_bytes <= 19 * GB
-    choice = choose_precision(config, STUDY_BUDGET, batch_size=STUDY_BATCH, max_length=STUDY_LENGTH)
+    choice = choose_precision(config, STUDY_BUDGET, batch_size=STUDY_BATCH, max_length=STUDY_LENGTH,
+                              logits_chunk_tokens=0)
     assert choice["precision"] == "bf16"
     assert "fp32 needs" in choice["reason"]
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from ftflow.perplexity import PerplexityResult, score_sentences, token_nll
+from ftflow import perplexity
+from ftflow.perplexity import LogitsMismatchError, PerplexityResult, batch_nll, score_sentences, token_nll
 from ftflow.tokens import IGNORE_INDEX, sentence_ids
 from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
 
@@ -271,6 +272,97 @@ def test_token_nll_masks_ignore_index_and_ignores_pad_logits():
     assert count.tolist() == [2, 1]
     assert nll.dtype == torch.float64
     assert nll.tolist() == pytest.approx([2 * math.log(4), math.log(4)], rel=1e-7)
+
+
+# --- scoring without full logits ---------------------------------------------
+
+
+def _wrapped(architecture: str, wrap: str | None, dtype=torch.float32) -> nn.Module:
+    peft = pytest.importorskip("peft")
+    model = confident(tiny_model(architecture))
+    if architecture == "granite":
+        model.config.logits_scaling = 4.0  # Granite's forward divides its logits by this
+    if wrap == "lora":  # adapters that change the output (B not zero), on the LM head too
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"],
+                                                           init_lora_weights=False))
+    elif wrap == "prefix":  # PEFT's forward injects the prefix key/values: the backbone must run through it
+        model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        with torch.no_grad():
+            for param in model.prompt_encoder.parameters():
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+    return model.to(dtype).eval()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("wrap", [None, "lora", "prefix"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "granite"])
+def test_chunked_head_gives_the_full_logits_nll(architecture, wrap):
+    model = _wrapped(architecture, wrap)
+    tokenizer = tokenizer_for(architecture)
+    full = score_sentences(model, tokenizer, SENTENCES, batch_size=3, logits_chunk_tokens=0, progress=False)
+    for chunk in (1, 5, 1024):
+        for side in ("right", "left"):
+            chunked = score_sentences(model, tokenizer, SENTENCES, batch_size=3, padding_side=side,
+                                      logits_chunk_tokens=chunk, progress=False)
+            assert chunked.sentence_nll == pytest.approx(full.sentence_nll, rel=1e-6), (chunk, side)
+            assert chunked.sentence_tokens == full.sentence_tokens
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("architecture", ["llama", "granite"])
+def test_chunked_head_in_bf16_equals_the_full_logits_path(architecture):
+    model = _wrapped(architecture, None, torch.bfloat16)
+    tokenizer = tokenizer_for(architecture)
+    full = score_sentences(model, tokenizer, SENTENCES, batch_size=4, logits_chunk_tokens=0, progress=False)
+    chunked = score_sentences(model, tokenizer, SENTENCES, batch_size=4, logits_chunk_tokens=7, progress=False)
+    assert chunked.sentence_nll == pytest.approx(full.sentence_nll, rel=1e-6)
+
+
+def test_chunked_head_on_a_4bit_model(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from ftflow.models import load_model
+
+    tiny_model("llama", hidden_size=64).save_pretrained(tmp_path)
+    nf4 = load_model(str(tmp_path), "nf4", "cpu")
+    tokenizer = tiny_tokenizer()
+    full = score_sentences(nf4, tokenizer, SENTENCES, batch_size=4, logits_chunk_tokens=0, progress=False)
+    chunked = score_sentences(nf4, tokenizer, SENTENCES, batch_size=4, logits_chunk_tokens=6, progress=False)
+    assert chunked.sentence_nll == pytest.approx(full.sentence_nll, rel=1e-6)
+
+
+def test_the_head_sees_only_scored_positions_in_chunks():
+    model = confident(tiny_model("llama"))
+    tokenizer = tiny_tokenizer()
+    rows: list[int] = []
+    model.lm_head.register_forward_hook(lambda module, args, output: rows.append(args[0].reshape(-1, 32).shape[0]))
+    # Two sentences of 9 and 4 words: 13 scored positions (the pads and the last position get none).
+    score_sentences(model, tokenizer, [SENTENCES[3], SENTENCES[1]], batch_size=2, logits_chunk_tokens=5,
+                    progress=False)
+    # The forward's own head call (logits_to_keep=1: one position per row), the check of the
+    # head against it (rows whose last position is real: one), then chunks of 5, 5 and 3.
+    assert rows == [2, 1, 5, 5, 3]
+
+
+def test_full_logits_when_chunking_is_off():
+    model = confident(tiny_model("llama"))
+    rows: list[int] = []
+    model.lm_head.register_forward_hook(lambda module, args, output: rows.append(args[0].reshape(-1, 32).shape[0]))
+    score_sentences(model, tiny_tokenizer(), [SENTENCES[3], SENTENCES[1]], batch_size=2, logits_chunk_tokens=0,
+                    progress=False)
+    assert rows == [2 * 10]  # every position of the padded [2, 10] batch
+
+
+def test_an_unknown_logit_transform_is_refused(monkeypatch):
+    model = _wrapped("granite", None)
+    # As if ftflow did not know Granite's logits_scaling: the check against the forward catches it.
+    monkeypatch.setattr(perplexity, "_logits_transform", lambda base: perplexity._identity)
+    with pytest.raises(LogitsMismatchError, match=r"GraniteForCausalLM.*benchmark.logits_chunk_tokens: 0"):
+        score_sentences(model, tiny_tokenizer(), SENTENCES, batch_size=2, progress=False)
+
+
+def test_batch_nll_refuses_a_negative_chunk():
+    with pytest.raises(ValueError, match="logits_chunk_tokens must be >= 0"):
+        batch_nll(ZeroLogits(), {}, torch.zeros(1, 2, dtype=torch.long), logits_chunk_tokens=-1)
 
 
 # --- errors and progress ------------------------------------------------------
