@@ -123,7 +123,7 @@ def test_a_root_without_source_is_refused(tmp_path):
 
 def test_plan_memory_reaches_models_and_data_it_imports():
     assert reached_modules(["tasks.plan_memory"]) == tuple(sorted(COMMON + (
-        "ftflow.data", "ftflow.known_models", "ftflow.memory", "ftflow.models", "ftflow.tokens",
+        "ftflow.data", "ftflow.known_models", "ftflow.memory", "ftflow.models", "ftflow.perplexity", "ftflow.tokens",
         "tasks.plan_memory")))
 
 
