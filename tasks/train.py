@@ -78,11 +78,21 @@ def train(job: TrainJob, train_set: dict, data: dict, seed: int, max_length: int
         if os.environ.get(FAULT_VARIABLE) == job.method:
             raise RuntimeError(f"{job.title}: failing on purpose because {FAULT_VARIABLE}={job.method} (a test "
                                "fault); unset the variable and run again")
+        fits = dict(batch_size=job.batch_size, max_length=planned_length, budget_bytes=int(memory_budget_gb * GB),
+                    device=device, lora_r=job.hyper.get("r", 8), trust_remote_code=job.model["trust_remote_code"])
+        master_weights = None
         try:
-            check_training_fits(job.model["path"], job.precision, MEMORY_METHOD[job.method],
-                                batch_size=job.batch_size, max_length=planned_length,
-                                budget_bytes=int(memory_budget_gb * GB), device=device,
-                                lora_r=job.hyper.get("r", 8), trust_remote_code=job.model["trust_remote_code"])
+            if MEMORY_METHOD[job.method] == "full" and job.precision in ("bf16", "fp16"):
+                # fp32 master weights under autocast when they fit (an fp32 run's peak bounds theirs), else
+                # the weights stay bf16 with a compensated update (ftflow.training.plan_precision).
+                try:
+                    check_training_fits(job.model["path"], "fp32", "full", **fits)
+                    master_weights = "fp32"
+                except MemoryBudgetError as exc:
+                    if job.precision == "fp16":
+                        raise MemoryBudgetError(f"fp16 training needs fp32 master weights, which do not fit: {exc}")
+                    master_weights = job.precision
+            check_training_fits(job.model["path"], job.precision, MEMORY_METHOD[job.method], **fits)
         except MemoryBudgetError as exc:
             logger.warning("%s is not trained: %s", job.title, exc)
             return {"files": {}, "name": job.name, "title": job.title, "method": job.method,
@@ -102,7 +112,7 @@ def train(job: TrainJob, train_set: dict, data: dict, seed: int, max_length: int
             seed=seed, max_length=max_length, device=device, eval_batch_size=eval_batch_size,
             work_dir=work, out_dir=out, checkpoint_steps=checkpoint_steps,
             teacher_topk_dir=stage_path(teacher_topk, "topk") if teacher_topk is not None else None,
-            card_facts=facts, progress=progress, on_progress=ProgressArtifact(job.title),
+            card_facts=facts, progress=progress, on_progress=ProgressArtifact(job.title), master_weights=master_weights,
         )
         if summary["resumed_from"]:
             logger.info("%s: resumed from %s and finished", job.title, summary["resumed_from"])
