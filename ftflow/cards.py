@@ -44,8 +44,19 @@ def render_model_card(summary: dict, facts: dict) -> str:
     job = summary["job"]
     hyper = {**job["hyper"], "learning_rate": job["learning_rate"], "epochs": job["epochs"],
              "batch_size": job["batch_size"], "weight_decay": job["weight_decay"], "precision": summary["precision"]}
+    plan = summary.get("precision_plan")
+    if plan:  # how the weights were kept and updated (see ftflow.training.plan_precision)
+        hyper.update({"trained weights": plan["trained_weights"], "autocast": plan["autocast"] or "none",
+                      "loss scaling": plan["loss_scaling"], "optimizer": plan["optimizer"]})
     selection, test = summary["selection"], summary["test"]
     baseline = summary["baseline_validation"]["corpus_ppl"]
+    improved = summary.get("improved", True)
+    epoch = summary.get("best_trained_epoch", summary["best_epoch"])
+    verdict = [] if improved else [
+        f"**No epoch beat the base model on the selection split** (base model {baseline:.4f}; the best trained "
+        f"epoch, {epoch}, reached {selection['corpus_ppl']:.4f}): the base model `{base['path']}` is the better "
+        f"one; this {'adapter' if peft else 'checkpoint'} is the best trained epoch, kept to show what training "
+        "reached.", ""]
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=False).strip(),
@@ -68,11 +79,13 @@ def render_model_card(summary: dict, facts: dict) -> str:
         "",
         "## Results",
         "",
+        *verdict,
         "| split | PPL | bits/byte | tokens |",
         "|---|---|---|---|",
-        f"| selection ({facts.get('selection_split', 'validation')}), before training | {baseline:.4f} | "
-        f"{summary['baseline_validation']['bits_per_byte']:.4f} | {summary['baseline_validation']['scored_tokens']} |",
-        f"| selection, best epoch ({summary['best_epoch']}) | {selection['corpus_ppl']:.4f} | "
+        f"| selection ({facts.get('selection_split', 'validation')}), before training (the base model) | "
+        f"{baseline:.4f} | {summary['baseline_validation']['bits_per_byte']:.4f} | "
+        f"{summary['baseline_validation']['scored_tokens']} |",
+        f"| selection, best {'' if improved else 'trained '}epoch ({epoch}) | {selection['corpus_ppl']:.4f} | "
         f"{selection['bits_per_byte']:.4f} | {selection['scored_tokens']} |",
         f"| test | {test['corpus_ppl']:.4f} | {test['bits_per_byte']:.4f} | {test['scored_tokens']} |",
         "",

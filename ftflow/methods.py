@@ -175,6 +175,7 @@ def run_job(
     card_facts: Optional[dict] = None,
     progress: bool = True,
     on_progress: Optional[Callable[[dict], None]] = None,
+    master_weights: Optional[str] = None,
 ) -> dict:
     """Train one job; returns its result (history, best epoch, selection and test scores).
 
@@ -183,6 +184,9 @@ def run_job(
     ``teacher_topk_dir`` is the stored teacher top-k, for distillation only.
     ``logits_chunk_tokens``: see :func:`ftflow.perplexity.score_sentences` (validation and test scoring).
     ``card_facts`` (data fingerprints, teacher, ...) go into the model card.
+    ``master_weights`` (full fine-tuning and distillation of a bf16/fp16
+    model): ``fp32`` (default) or the model's precision when fp32 master
+    weights do not fit (see :func:`ftflow.training.plan_precision`).
     """
     from ftflow.cards import write_model_card
     from ftflow.training import TrainSettings, encode_dataset, train_full, train_lora, train_prefix
@@ -195,6 +199,7 @@ def run_job(
         seed=seed, device=device, precision=job.precision, weight_decay=job.weight_decay,
         eval_batch_size=eval_batch_size, progress=progress, checkpoint_steps=checkpoint_steps,
         logits_chunk_tokens=logits_chunk_tokens,
+        master_weights=master_weights if job.method in ("full", "distill") else None,
     )
     best_dir = Path(work_dir) / "best"
     trainer_dir = Path(work_dir) / "trainer"
@@ -245,9 +250,11 @@ def run_job(
     test = score_sentences(model, tokenizer, test_sentences, batch_size=eval_batch_size, max_length=max_length,
                            progress=progress, desc=f"{job.title} test", logits_chunk_tokens=logits_chunk_tokens)
     del model
-    selection = next(e["validation"] for e in result["history"] if e["epoch"] == result["best_epoch"])
-    log.info("%s: best epoch %d, selection PPL %.4f, test PPL %.4f", job.title, result["best_epoch"],
-             result["best_validation_ppl"], test.corpus_ppl)
+    # What training reached (the saved model), also when no epoch beat the base model (best_epoch None).
+    selection = next(e["validation"] for e in result["history"] if e["epoch"] == result["best_trained_epoch"])
+    log.info("%s: best epoch %s, selection PPL %.4f (base model %.4f), test PPL %.4f", job.title,
+             result["best_epoch"] if result["improved"] else "none (no epoch beat the base model)",
+             result["best_validation_ppl"], result["baseline_validation"]["corpus_ppl"], test.corpus_ppl)
     summary = {
         **{k: v for k, v in run.items() if k not in ("dir", "files")},
         "job": job.model_dump(mode="json"),

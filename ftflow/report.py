@@ -122,7 +122,7 @@ def plot_leaderboard(frame: pd.DataFrame, path: Path) -> None:
 
 
 def plot_training(histories: dict[str, dict], path: Path, title: str = "Perplexity by epoch") -> None:
-    """Selection-split perplexity after every epoch of each trained model (epoch 0 = before training)."""
+    """Selection-split perplexity after every epoch of each trained model (epoch 0 = the base model)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +134,9 @@ def plot_training(histories: dict[str, dict], path: Path, title: str = "Perplexi
     for name, run in histories.items():
         epochs = [0] + [e["epoch"] for e in run["history"]]
         ppl = [run["baseline_validation"]["corpus_ppl"]] + [e["validation"]["corpus_ppl"] for e in run["history"]]
-        ax.plot(epochs, ppl, marker="o", label=f"{name} (best epoch {run['best_epoch']})")
+        # best_epoch is None when no epoch beat the base model (epoch 0): then nothing trained helped.
+        best = run["best_epoch"] if run["best_epoch"] is not None else "none, base model better"
+        ax.plot(epochs, ppl, marker="o", label=f"{name} (best epoch {best})")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("selection-split PPL")

@@ -22,6 +22,13 @@ def _ppl(result: dict | None) -> float | None:
     return result["corpus_ppl"] if result else None
 
 
+def _best_epoch(run: dict) -> int | str | None:
+    """The run's best epoch; ``none`` when no trained epoch beat the base model (epoch 0)."""
+    if run.get("skipped"):
+        return None
+    return run["best_epoch"] if run.get("best_epoch") is not None else "none"
+
+
 def _main_runs(runs: Sequence[dict]) -> list[dict]:
     """Runs on the main training set (ablation runs on other sets are reported on their own)."""
     return [r for r in runs if r["job"]["train_set"] == "main"]
@@ -61,7 +68,7 @@ def lora_grid_table(runs: Sequence[dict], chosen: str | None) -> pd.DataFrame:
         rows.append({
             "ppl": _ppl(run.get("test")), "selection_ppl": run.get("best_validation_ppl"),
             "rank": job["hyper"]["r"], "alpha": job["hyper"]["alpha"], "dropout": job["hyper"]["dropout"],
-            "learning_rate": job["learning_rate"], "best_epoch": run.get("best_epoch"),
+            "learning_rate": job["learning_rate"], "best_epoch": _best_epoch(run),
             "chosen": "✓" if run["name"] == chosen else "", "skipped": run.get("skipped"),
         })
     return pd.DataFrame(rows)
@@ -80,9 +87,34 @@ def prefix_table(baselines: Sequence[dict], runs: Sequence[dict]) -> pd.DataFram
             "learning_rate": run["job"]["learning_rate"],
             "baseline_ppl": _ppl(base[model]["test"]) if model in base else None,
             "ppl": _ppl(run.get("test")), "selection_ppl": run.get("best_validation_ppl"),
-            "skipped": run.get("skipped"),
+            "best_epoch": _best_epoch(run), "skipped": run.get("skipped"),
         })
     return pd.DataFrame(rows)
+
+
+def no_gain_notes(runs: Sequence[dict]) -> list[str]:
+    """A note for each method and model whose every trained run ended worse than the base model.
+
+    Such runs have ``best_epoch`` None: no epoch beat epoch 0 (the base model)
+    on the selection split. Their rows still show what training reached (the
+    best trained epoch), so no table shows the method doing better than it did.
+    """
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in _main_runs(runs):
+        if not run.get("skipped"):
+            groups.setdefault((run["method"], run["base_model"]["name"]), []).append(run)
+    notes = []
+    for (method, model), group in groups.items():
+        if any(r.get("best_epoch") is not None for r in group):
+            continue
+        best = min(group, key=lambda r: r["best_validation_ppl"])
+        label = "prefix tuning" if method == "prefix" else METHOD_LABEL[method]
+        notes.append(
+            f"{label} did not help {model}: in none of its {len(group)} run(s) did an epoch reach a lower selection "
+            f"PPL than the base model ({best['baseline_validation']['corpus_ppl']:.4f}; best run {best['title']}: "
+            f"{best['best_validation_ppl']:.4f}), so the base model stays the better one; the {label} rows show "
+            "what training reached (best epoch: none)")
+    return notes
 
 
 def full_and_distill_table(baselines: Sequence[dict], runs: Sequence[dict]) -> pd.DataFrame:
@@ -150,7 +182,8 @@ TABLE_COLUMNS = {
                   "dropout": "dropout", "learning_rate": "learning rate", "best_epoch": "best epoch",
                   "chosen": "chosen", "skipped": "skipped"},
     "prefix": {"base_model": "base model", "prefix_length": "prefix length", "learning_rate": "learning rate",
-               "baseline_ppl": "baseline PPL", "ppl": "PPL", "selection_ppl": "selection PPL", "skipped": "skipped"},
+               "baseline_ppl": "baseline PPL", "ppl": "PPL", "selection_ppl": "selection PPL",
+               "best_epoch": "best epoch", "skipped": "skipped"},
     "full_distill": {"condition": "model / condition", "original_ppl": "original PPL", "final_ppl": "final PPL",
                      "selection_ppl": "selection PPL", "skipped": "skipped"},
     "augmentation": {"train_set": "training set", "sentences": "sentences", "epochs": "epochs", "run": "run",

@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import task
 
 from ftflow.report import leaderboard_rows, markdown_table, plot_leaderboard, plot_training, render_report
-from ftflow.study import TABLE_COLUMNS, TABLE_TITLES, plot_methods, study_tables
+from ftflow.study import TABLE_COLUMNS, TABLE_TITLES, no_gain_notes, plot_methods, study_tables
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_stage
 
 STAGE = "evaluate"
@@ -87,6 +87,7 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
         data_stats = dict(data["stats"], augmented=augmented.get("stats", {}).get("made", 0))
         notes = [f"{f['name']} failed and was left out: {f['error']}" for f in failures]
         notes += [f"{r['title']} was not trained: {r['skipped']}" for r in runs if r.get("skipped")]
+        notes += no_gain_notes(runs)
         for b in benchmarks:
             if b.get("peak_memory_bytes") and b["peak_memory_bytes"] > memory_budget_gb * 1e9:
                 notes.append(f"{b['name']} peaked at {b['peak_memory_bytes'] / 1e9:.1f} GB while scoring, over "

@@ -82,14 +82,24 @@ def train(job: TrainJob, train_set: dict, data: dict, seed: int, max_length: int
                                "fault); unset the variable and run again")
         train_sentences = read_split(stage_path(train_set, "train"))
         validation_sentences = read_split(stage_path(data, selection_split))
+        fits = dict(tokenizer=load_tokenizer(job.model["path"], job.model["trust_remote_code"]),
+                    train_sentences=train_sentences, validation_sentences=validation_sentences,
+                    batch_size=job.batch_size, eval_batch_size=eval_batch_size, max_length=max_length,
+                    budget_bytes=int(memory_budget_gb * GB), logits_chunk_tokens=logits_chunk_tokens, device=device,
+                    lora_r=job.hyper.get("r", 8), trust_remote_code=job.model["trust_remote_code"])
+        master_weights = None
         try:
-            planned = check_training_run(
-                job.model["path"], job.precision, MEMORY_METHOD[job.method],
-                tokenizer=load_tokenizer(job.model["path"], job.model["trust_remote_code"]),
-                train_sentences=train_sentences, validation_sentences=validation_sentences,
-                batch_size=job.batch_size, eval_batch_size=eval_batch_size, max_length=max_length,
-                budget_bytes=int(memory_budget_gb * GB), logits_chunk_tokens=logits_chunk_tokens, device=device,
-                lora_r=job.hyper.get("r", 8), trust_remote_code=job.model["trust_remote_code"])
+            if MEMORY_METHOD[job.method] in ("full", "distill") and job.precision in ("bf16", "fp16"):
+                # fp32 master weights under autocast when they fit (an fp32 run's peak bounds theirs), else
+                # the weights stay bf16 with a compensated update (ftflow.training.plan_precision).
+                try:
+                    check_training_run(job.model["path"], "fp32", MEMORY_METHOD[job.method], **fits)
+                    master_weights = "fp32"
+                except MemoryBudgetError as exc:
+                    if job.precision == "fp16":
+                        raise MemoryBudgetError(f"fp16 training needs fp32 master weights, which do not fit: {exc}")
+                    master_weights = job.precision
+            planned = check_training_run(job.model["path"], job.precision, MEMORY_METHOD[job.method], **fits)
         except MemoryBudgetError as exc:
             logger.warning("%s is not trained: %s", job.title, exc)
             return {"files": {}, "name": job.name, "title": job.title, "method": job.method,
@@ -111,7 +121,7 @@ def train(job: TrainJob, train_set: dict, data: dict, seed: int, max_length: int
             seed=seed, max_length=max_length, device=device, eval_batch_size=eval_batch_size,
             work_dir=work, out_dir=out, checkpoint_steps=checkpoint_steps, logits_chunk_tokens=logits_chunk_tokens,
             teacher_topk_dir=stage_path(teacher_topk, "topk") if teacher_topk is not None else None,
-            card_facts=facts, progress=progress, on_progress=ProgressArtifact(job.title),
+            card_facts=facts, progress=progress, on_progress=ProgressArtifact(job.title), master_weights=master_weights,
         )
         if summary["resumed_from"]:
             logger.info("%s: resumed from %s and finished", job.title, summary["resumed_from"])

@@ -125,3 +125,65 @@ def test_distillation_variants_slice_one_stored_top_k(base, tmp_path):
     with pytest.raises(ValueError, match="same training set"):
         run_job(jobs[0], train_sentences=TRAIN[:-1], validation_sentences=VALIDATION, test_sentences=TEST,
                 work_dir=tmp_path / "w", out_dir=tmp_path / "o", teacher_topk_dir=tmp_path / "topk", **COMMON)
+
+
+@pytest.fixture(scope="module")
+def trained_base(tmp_path_factory) -> dict:
+    """A tiny Llama that has learned the sentences (PPL 1.44 on them), as a benchmarked model dict."""
+    import torch
+
+    from ftflow.tokens import pad_batch, sentence_ids
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", hidden_size=64).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = pad_batch([sentence_ids(tokenizer, s, 32)[0] for s in SENTENCES], 0, "right")
+    for _ in range(60):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    path = tmp_path_factory.mktemp("trained")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return {"name": "tiny", "path": str(path), "family": "tiny", "precision": "fp32", "trust_remote_code": False}
+
+
+def test_untrained_prefix_starts_close_to_the_base_model(trained_base):
+    """Zero-initialised prefixes (what train_prefix uses) barely move the base model; PEFT's N(0, 1) ones do."""
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+
+    def ppl(model) -> float:
+        return score_sentences(model.eval(), tiny_tokenizer(), SENTENCES, batch_size=4, max_length=32,
+                               progress=False).corpus_ppl
+
+    def prefixed(init_weights):
+        torch.manual_seed(0)
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, init_weights=init_weights)
+        return get_peft_model(load_model(trained_base["path"]), config)
+
+    assert ppl(load_model(trained_base["path"])) == pytest.approx(1.44003, abs=1e-5)
+    assert ppl(prefixed("zero")) == pytest.approx(1.51634, abs=1e-5)  # +5%
+    assert ppl(prefixed(None)) == pytest.approx(2.17935, abs=1e-5)  # PEFT's default: +51%
+
+
+def test_prefix_epoch_zero_is_the_base_model_and_no_gain_means_best_epoch_none(trained_base, tmp_path):
+    from ftflow.study import no_gain_notes, prefix_table
+
+    base_ppl = score_sentences(load_model(trained_base["path"]), tiny_tokenizer(), VALIDATION, batch_size=4,
+                               max_length=32, progress=False).corpus_ppl
+    # A learning rate too small to learn anything: the zero prefix stays (nearly) zero, a little worse than none.
+    job = prefix_grid(PrefixConfig(num_virtual_tokens=3, learning_rate=1e-7, epochs=2, batch_size=4),
+                      trained_base)[0]
+    run = train(job, tmp_path)
+    assert run["baseline_validation"]["corpus_ppl"] == base_ppl  # the base model's score, not the prefixed one's
+    assert run["best_epoch"] is None and run["improved"] is False and run["best_trained_epoch"] in (1, 2)
+    assert run["best_validation_ppl"] > base_ppl  # what training reached is reported, not the base model's score
+    assert run["selection"]["corpus_ppl"] == run["best_validation_ppl"]
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "**No epoch beat the base model on the selection split**" in card
+    baseline = {"name": "tiny", "family": "tiny", "parameters": 1, "test": {"corpus_ppl": 1.0}}
+    assert prefix_table([baseline], [run])["best_epoch"].tolist() == ["none"]
+    [note] = no_gain_notes([run])
+    assert note.startswith(f"prefix tuning did not help tiny: in none of its 1 run(s) did an epoch reach a lower "
+                           f"selection PPL than the base model ({base_ppl:.4f}")
