@@ -51,6 +51,10 @@ def _writable(directory: Path) -> bool:
     """Whether files can be created in ``directory`` (made if missing); root ignores mode bits, so try it."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"the artifacts directory {directory} cannot be created ({exc.strerror}); set "
+                        "artifacts_dir to a writable place (in the config, or --set artifacts_dir=DIR)") from None
+    try:
         handle, probe = tempfile.mkstemp(prefix=".ftflow-write-probe-", dir=directory)
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -136,9 +140,9 @@ def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
 
 
 def failure_summary(evaluation: dict) -> list[str]:
-    """One line per model or run of the leaderboard that has no result, with its cause."""
-    return [f"{row['name']} ({row['kind']}): {row['error']}" for row in evaluation.get("leaderboard", [])
-            if row.get("error")]
+    """One line per model or run of the leaderboard that has no result, with its cause (on that line)."""
+    return [f"{row['name']} ({row['kind']}): {' '.join(str(row['error']).split())}"
+            for row in evaluation.get("leaderboard", []) if row.get("error")]
 
 
 def _run(args: argparse.Namespace) -> int:

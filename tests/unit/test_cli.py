@@ -116,8 +116,8 @@ def test_the_final_summary_lists_every_model_without_a_result():
 
     evaluation = {"leaderboard": [
         {"name": "small", "kind": "baseline", "error": None},
-        {"name": "ghost", "kind": "baseline", "error": "ModelLoadError: cannot load /x/ghost-model"},
+        {"name": "ghost", "kind": "baseline", "error": "ModelLoadError: cannot load /x/ghost-model:\n(1) no\n(2) no"},
         {"name": "full[big]", "kind": "full", "error": "not trained: predicted 30 GB > 20 GB"},
     ]}
-    assert failure_summary(evaluation) == ["ghost (baseline): ModelLoadError: cannot load /x/ghost-model",
+    assert failure_summary(evaluation) == ["ghost (baseline): ModelLoadError: cannot load /x/ghost-model: (1) no (2) no",
                                            "full[big] (full): not trained: predicted 30 GB > 20 GB"]
