@@ -131,12 +131,27 @@ def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
         os.environ["PREFECT_API_URL"] = url
         try:
             with temporary_settings(updates={PREFECT_API_URL: url}):
-                yield
+                try:
+                    yield
+                finally:
+                    _drain_prefect_workers()
         finally:
             if previous is None:
                 os.environ.pop("PREFECT_API_URL", None)
             else:
                 os.environ["PREFECT_API_URL"] = previous
+
+
+def _drain_prefect_workers(timeout_s: float = 10.0) -> None:
+    """Send the logs and events still queued to the server before it stops (as prefect_test_harness does)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout_s)
+        except Exception as exc:  # best effort: the run's result does not depend on its last log lines
+            print(f"ftflow: could not send the last {worker.__name__} items to the server: {exc}", file=sys.stderr)
 
 
 def failure_summary(evaluation: dict) -> list[str]:
