@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import errno
 import json
+import logging
+import os
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import yaml
 
-from ftflow.config import ConfigError, load_config
+from ftflow.config import ConfigError, PipelineConfig, check_paths, load_config
+from ftflow.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -25,38 +33,196 @@ def parse_overrides(pairs: list[str]) -> dict:
         *parents, leaf = dotted.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"--set {pair!r}: the value {raw!r} is not valid YAML ({problem}); quote a string "
+                              "(--set 'name=\"my study\"') and close lists ([8, 16])") from None
     return merged
+
+
+def _load_checked(path: str, overrides: dict | None = None) -> PipelineConfig:
+    """The config, validated, with every path it names checked (all problems in one ConfigError)."""
+    return check_paths(load_config(path, overrides), source=str(path))
+
+
+def _writable(directory: Path) -> bool:
+    """Whether files can be created in ``directory`` (made if missing); root ignores mode bits, so try it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"the artifacts directory {directory} cannot be created ({exc.strerror}); set "
+                        "artifacts_dir to a writable place (in the config, or --set artifacts_dir=DIR)") from None
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ftflow-write-probe-", dir=directory)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return False
+        raise
+    os.close(handle)
+    os.unlink(probe)
+    return True
+
+
+def _copy_hint(artifacts: Path, config: str) -> str:
+    copy = Path(tempfile.gettempdir()) / f"{artifacts.name}-copy"
+    return (f"copy it somewhere writable and run there: cp -r {artifacts} {copy} && "
+            f"ftflow run {config} --set artifacts_dir={copy}")
+
+
+def _is_write_refused(exc: BaseException) -> bool:
+    """Whether a failed run failed because a write was refused (in the exception chain, or in a summary's text)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    return "PermissionError" in text or "Read-only file system" in text
+
+
+def _hide_user_error_tracebacks() -> None:
+    """Prefect's console logs show a user error's message without its traceback (the UI keeps it)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in logging.root.manager.loggerDict]
+    for handler in {h for lg in loggers for h in getattr(lg, "handlers", ()) if isinstance(h, PrefectConsoleHandler)}:
+        if not isinstance(handler.formatter, _WithoutUserTracebacks):
+            handler.setFormatter(_WithoutUserTracebacks(handler.formatter or logging.Formatter()))
+
+
+class _WithoutUserTracebacks(logging.Formatter):
+    """Wraps a formatter: records carrying a :class:`UserError` are formatted without the traceback."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record = copy.copy(record)  # the same record goes on to the UI's handler, traceback and all
+            record.exc_info, record.exc_text = None, None
+        return self.inner.format(record)
+
+
+@contextmanager
+def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
+    """The configured Prefect API, or a temporary server that ends with this process (flows/server.py).
+
+    ``then`` runs while the server boots (the heavy imports), before the wait for it.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        then()
+        yield
+        return
+    from flows.server import temporary_server
+
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180)
+    with temporary_server() as server:
+        then()
+        url = server.wait_ready(max(timeout, 60.0))
+        print(f"ftflow: Prefect API of this run: {url} (a temporary server, stopped when the run ends)",
+              file=sys.stderr, flush=True)
+        previous = os.environ.get("PREFECT_API_URL")
+        # Threads and processes Prefect starts read the environment; this thread reads the settings context.
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                try:
+                    yield
+                finally:
+                    _drain_prefect_workers()
+        finally:
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
+
+
+def _drain_prefect_workers(timeout_s: float = 10.0) -> None:
+    """Send the logs and events still queued to the server before it stops (as prefect_test_harness does)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout_s)
+        except Exception as exc:  # best effort: the run's result does not depend on its last log lines
+            print(f"ftflow: could not send the last {worker.__name__} items to the server: {exc}", file=sys.stderr)
+
+
+def failure_summary(evaluation: dict) -> list[str]:
+    """One line per model or run of the leaderboard that has no result, with its cause (on that line)."""
+    return [f"{row['name']} ({row['kind']}): {' '.join(str(row['error']).split())}"
+            for row in evaluation.get("leaderboard", []) if row.get("error")]
 
 
 def _run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
-    cfg = load_config(args.config, overrides)  # fail fast, before Prefect starts
-    if args.no_progress:  # also the libraries' own bars (loading and writing weights, datasets maps)
-        import datasets
-        import transformers
+    cfg = _load_checked(args.config, overrides)  # fail fast, before Prefect starts
+    read_only = not _writable(cfg.artifacts_dir)
+    if read_only:
+        print(f"ftflow: the artifacts directory {cfg.artifacts_dir} is not writable: the run reads what is cached "
+              "there (without stage locks) and fails if a stage has to be computed", file=sys.stderr)
 
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-    from flows.pipeline import pipeline
+    def prepare() -> None:
+        if args.no_progress:  # also the libraries' own bars (loading and writing weights, datasets maps)
+            import datasets
+            import transformers
 
-    evaluation = pipeline(config_path=str(Path(args.config).resolve()), overrides=overrides,
-                          progress=not args.no_progress)
+            transformers.utils.logging.disable_progress_bar()
+            datasets.disable_progress_bars()
+        import flows.pipeline  # noqa: F401  torch, transformers, Prefect's engine: while the server boots
+
+        if not args.debug:
+            _hide_user_error_tracebacks()
+
+    with _prefect_api(then=prepare):
+        from flows.pipeline import pipeline
+
+        try:
+            evaluation = pipeline(config_path=str(Path(args.config).resolve()), overrides=overrides,
+                                  progress=not args.no_progress)
+        except Exception as exc:
+            if read_only and _is_write_refused(exc):
+                raise UserError(
+                    f"the run had to compute a stage, but the artifacts directory {cfg.artifacts_dir} is not "
+                    "writable (every stage writes its outputs, its Prefect cache record and its lock there); "
+                    f"{_copy_hint(cfg.artifacts_dir, args.config)}\n  cause: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise
     report = Path(evaluation["dir"]) / evaluation["files"]["report"]
     print()
     print((Path(evaluation["dir"]) / evaluation["files"]["leaderboard_md"]).read_text(encoding="utf-8"))
     print(f"report: {report}")
     print(f"artifacts: {cfg.artifacts_dir}")
+    failed = failure_summary(evaluation)
+    if failed:
+        print(f"\n{len(failed)} model(s) or run(s) have no result (details in the report):")
+        for line in failed:
+            print(f"  - {line}")
+        return 1
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
+    bad = 0
     for path in args.configs:
-        cfg = load_config(path)
+        try:
+            cfg = _load_checked(path)
+        except ConfigError as exc:
+            bad += 1
+            print(f"ftflow: {exc}", file=sys.stderr)
+            continue
         print(f"{path}: ok")
         if args.show:
             print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    return 0
+    if bad:
+        print(f"ftflow: {bad} of {len(args.configs)} config(s) have problems", file=sys.stderr)
+    return 2 if bad else 0
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -100,6 +266,7 @@ def _plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftflow", description="Which base model, method and precision give the "
                                      "lowest perplexity on your test set within your memory budget.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the whole pipeline (default config: the offline demo)")
     run.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/demo.yaml)")
@@ -107,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set distill.alpha=0.3 (repeatable)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of user "
+                     "errors too (also in Prefect's console logs)")
     plan = commands.add_parser("plan", help="predict each model's peak memory and choose its precision, loading nothing")
     plan.add_argument("config", help="YAML config with a models: list")
     plan.add_argument("--budget-gb", type=float, help="memory budget in GB (default: the config's memory_budget_gb)")
@@ -115,20 +284,31 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", choices=["cuda", "cpu"], help="where the models will run (default: from config)")
     plan.add_argument("--out", help="folder for plan.csv/md/png (default: <artifacts_dir>/plan)")
     plan.set_defaults(handler=_plan)
+    plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     validate = commands.add_parser("validate", help="check config files without running anything")
     validate.add_argument("configs", nargs="+", help="YAML configs")
     validate.add_argument("--show", action="store_true", help="print the resolved config")
     validate.set_defaults(handler=_validate)
+    validate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error (config, data, paths) is one ``ftflow:`` line and exit 2 (``--debug``: traceback)."""
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as exc:
+    except UserError as exc:
+        if args.debug:
+            raise
         print(f"ftflow: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("ftflow: interrupted; run the same command again to resume (finished stages are cached)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

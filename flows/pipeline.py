@@ -116,6 +116,10 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
                                  cfg.memory_budget_gb, artifacts_dir=out)
     publish(evaluation, plan, benchmarks)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
+    failed = [row for row in evaluation["leaderboard"] if row.get("error")]
+    if failed:  # the run goes on without them; the last lines of its log say which and why
+        logger.warning("%d model(s) or run(s) have no result:\n  %s", len(failed),
+                       "\n  ".join(f"{row['name']} ({row['kind']}): {row['error']}" for row in failed))
     return evaluation
 
 

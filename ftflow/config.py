@@ -13,6 +13,8 @@ from typing import Annotated, Literal, Optional, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ftflow.errors import UserError
+
 Precision = Literal["fp32", "bf16", "fp16", "nf4"]
 Architecture = Literal["granite", "llama", "qwen2"]
 
@@ -508,7 +510,7 @@ class PipelineConfig(_Strict):
         return self
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file that cannot be used; the message lists every problem."""
 
 
@@ -563,6 +565,104 @@ def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConf
     if overrides:
         raw = deep_merge(raw, overrides)
     return parse_config(raw, path.resolve().parent, source=str(path))
+
+
+def _file_problem(path: Path, what: str) -> Optional[str]:
+    """Why ``path`` cannot be read as a file, or None."""
+    if not path.exists():
+        return f"{what} {path} does not exist"
+    if not path.is_file():
+        return f"{what} {path} is not a file"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return f"{what} {path} cannot be read ({exc.strerror}); check its permissions"
+    return None
+
+
+def _model_dir_problem(path: Path, shown: str | Path | None = None) -> Optional[str]:
+    """Why ``path`` is not a Hugging Face model directory (one holding a readable config.json), or None."""
+    shown = path if shown is None else shown
+    if not path.exists():
+        return f"model directory {shown} does not exist"
+    if not path.is_dir():
+        return f"model directory {shown} is not a directory"
+    if not (path / "config.json").is_file():
+        return (f"{shown} is not a model directory: it has no config.json (a checkpoint written by "
+                "save_pretrained has one)")
+    return _file_problem(path / "config.json", "model config")
+
+
+def _looks_like_a_path(value: str) -> bool:
+    """A model path that can only mean a directory: absolute, ./ ../ ~, or deeper than org/name."""
+    return value.startswith(("/", "./", "../", "~", ".\\")) or "\\" in value or value.count("/") > 1
+
+
+def model_path_problem(value: str) -> Optional[str]:
+    """Why a ``models[].path`` is neither a model directory nor a well-formed hub id, or None.
+
+    A value naming an existing directory, or written as a path (``/...``, ``./...``,
+    ``~/...``, more than one ``/``), must be a model directory holding a config.json;
+    anything else is taken as a hub id and must be well formed (``org/name``; whether
+    the hub has it is only known when it is loaded).
+    """
+    path = Path(value).expanduser()
+    if path.exists() or _looks_like_a_path(value):
+        return _model_dir_problem(path, value)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as exc:
+        return (f"{value!r} is neither a model directory nor a well-formed hub id (org/name): "
+                f"{str(exc).splitlines()[0]}")
+    return None
+
+
+def path_problems(cfg: PipelineConfig) -> list[str]:
+    """Every path the config names that cannot be used, as ``"<field>: <problem>"`` lines (empty when all are fine).
+
+    Data and corpus files must exist and be readable, with a format ftflow reads; model
+    directories must hold a config.json; hub ids must be well formed. Nothing is loaded.
+    """
+    from ftflow.data import FORMATS
+
+    problems = []
+    for field_name in ("train_file", "test_file"):
+        path = getattr(cfg.data, field_name)
+        if path is None:
+            continue
+        problem = _file_problem(path, "data file")
+        if problem is None and path.suffix.lower() not in FORMATS:
+            problem = f"data file {path} has an unknown extension {path.suffix!r}; use one of {sorted(FORMATS)}"
+        if problem:
+            problems.append(f"data.{field_name}: {problem}")
+    if cfg.zoo is not None and cfg.zoo.corpus_file is not None:
+        problem = _file_problem(cfg.zoo.corpus_file, "corpus file")
+        if problem:
+            problems.append(f"zoo.corpus_file: {problem}")
+    if cfg.augment.nltk_data_dir is not None and not cfg.augment.nltk_data_dir.is_dir():
+        problems.append(f"augment.nltk_data_dir: {cfg.augment.nltk_data_dir} is not a directory")
+    translation = cfg.augment.back_translation
+    for field_name in ("local_forward_model_dir", "local_backward_model_dir"):
+        path = getattr(translation, field_name)
+        if path is not None and (problem := _model_dir_problem(path)):
+            problems.append(f"augment.back_translation.{field_name}: {problem}")
+    for index, spec in enumerate(cfg.models):
+        if problem := model_path_problem(spec.path):
+            problems.append(f"models.{index}.path ({spec.name}): {problem}")
+    if cfg.artifacts_dir.exists() and not cfg.artifacts_dir.is_dir():
+        problems.append(f"artifacts_dir: {cfg.artifacts_dir} exists and is not a directory")
+    return problems
+
+
+def check_paths(cfg: PipelineConfig, source: str = "<config>") -> PipelineConfig:
+    """``cfg`` if every path it names can be used (see :func:`path_problems`), else a ConfigError listing them all."""
+    problems = path_problems(cfg)
+    if problems:
+        raise ConfigError(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -17,10 +17,18 @@ the stage again. Prefect's ``FileSystemLockManager`` is used with three changes:
   expired lock cannot both take it, and lock files are replaced whole.
 - Nested keys. ftflow's cache keys are paths (``<stage>/<key>/prefect-result.json``),
   so a lock's parent directories are created on demand.
+- Read-only artifacts. When the lock directory cannot be written (a finished
+  artifacts directory shared read-only, a read-only mount), a lock is granted
+  without a lock file and a warning says so: this process cannot write a stage's
+  outputs or record either, so it can only read what is committed there, and
+  the report of a fully cached run can still be produced. A stage that has to
+  be computed fails at its first write (``ftflow run`` then says to copy the
+  directory).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -40,6 +48,14 @@ logger = logging.getLogger("ftflow.tasks")
 LEASE_ENV = "FTFLOW_LOCK_LEASE_S"
 DEFAULT_LEASE_SECONDS = 60.0
 POLL_SECONDS = 0.2
+WRITE_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+_WARNED_READ_ONLY: set[Path] = set()
+
+
+class _LockDirectoryReadOnly(Exception):
+    """The lock directory cannot be written."""
 
 
 def lease_seconds_from_env() -> float:
@@ -96,13 +112,14 @@ class LeasedFileLockManager(FileSystemLockManager):
     def _init_runtime(self) -> None:
         self._renewers: dict[str, threading.Event] = {}
         self._renew_guard = threading.Lock()
+        self._unlocked: dict[str, str] = {}  # key -> holder, granted without a file (read-only directory)
 
     # Task options are copied and pickled (Dask ships tasks to other processes): threads and
     # events are per process and start empty there.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.pop("_renewers", None)
-        state.pop("_renew_guard", None)
+        for name in ("_renewers", "_renew_guard", "_unlocked"):
+            state.pop(name, None)
         state["_locks"] = {}
         return state
 
@@ -121,8 +138,14 @@ class LeasedFileLockManager(FileSystemLockManager):
 
     @contextmanager
     def _mutex(self) -> Iterator[None]:
-        self.lock_files_directory.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_files_directory / ".mutex", "a") as handle:
+        try:
+            self.lock_files_directory.mkdir(parents=True, exist_ok=True)
+            handle = open(self.lock_files_directory / ".mutex", "a")
+        except OSError as exc:
+            if exc.errno in WRITE_REFUSED:
+                raise _LockDirectoryReadOnly(str(exc)) from exc
+            raise
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -180,11 +203,15 @@ class LeasedFileLockManager(FileSystemLockManager):
         """
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         while True:
-            with self._mutex():
-                current = self._read(key)
-                if current is None or current["holder"] == holder:
-                    self._write(key, holder, hold_timeout if hold_timeout is not None else self.lease_seconds)
-                    break
+            try:
+                with self._mutex():
+                    current = self._read(key)
+                    if current is None or current["holder"] == holder:
+                        self._write(key, holder, hold_timeout if hold_timeout is not None else self.lease_seconds)
+                        break
+            except _LockDirectoryReadOnly as exc:
+                self._grant_read_only(key, holder, exc)
+                return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(POLL_SECONDS)
@@ -200,6 +227,8 @@ class LeasedFileLockManager(FileSystemLockManager):
 
     def release_lock(self, key: str, holder: str) -> None:
         """Release the lock if ``holder`` still has it (a lease lost to expiry is only logged)."""
+        if self._unlocked.pop(key, None) is not None:
+            return
         self._stop_renewing(key)
         with self._mutex():
             current = self._read(key)
@@ -214,6 +243,8 @@ class LeasedFileLockManager(FileSystemLockManager):
         return self._read(key) is not None
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
+        if self._unlocked.get(key) == holder:
+            return True
         current = self._read(key)
         return current is not None and current["holder"] == holder
 
@@ -229,6 +260,14 @@ class LeasedFileLockManager(FileSystemLockManager):
         import anyio.to_thread
 
         return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
+
+    def _grant_read_only(self, key: str, holder: str, exc: Exception) -> None:
+        self._unlocked[key] = holder
+        if self.lock_files_directory not in _WARNED_READ_ONLY:  # once per directory, not once per stage
+            _WARNED_READ_ONLY.add(self.lock_files_directory)
+            logger.warning("the lock directory %s is not writable (%s): stages are read without locks; a stage "
+                           "that is not cached cannot be computed here (its outputs could not be written either)",
+                           self.lock_files_directory, exc)
 
     # -- renewal ------------------------------------------------------------------------
 

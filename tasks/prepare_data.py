@@ -50,6 +50,8 @@ def prepare_data(data: DataConfig, artifacts_dir: str) -> dict:
         if stats["train_test_overlap"]["count"]:
             logger.warning("%d sentence(s) appear in both train and test, e.g. %r",
                            stats["train_test_overlap"]["count"], stats["train_test_overlap"]["examples"][0])
+        for warning in stats["warnings"]:
+            logger.warning("%s", warning)
         return {"files": files, "stats": stats}
 
     return run_stage(STAGE, MODULES, build)

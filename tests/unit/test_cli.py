@@ -1,6 +1,9 @@
 import csv
 from pathlib import Path
 
+import pytest
+import yaml
+
 from flows.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,3 +29,95 @@ def test_bad_config_exits_2_with_the_problem(tmp_path, capsys):
     path.write_text("data: {synthetic: {}}\nmodels: [{name: m, path: a, family: f}]\nseed: nope\n")
     assert main(["validate", str(path)]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_a_bad_yaml_value_in_set_is_one_clear_line(capsys):
+    assert main(["run", "--set", "lora.r=[8"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("ftflow: --set 'lora.r=[8': the value '[8' is not valid YAML (expected ',' or ']', but got "
+                   "'<stream end>'); quote a string (--set 'name=\"my study\"') and close lists ([8, 16])\n")
+
+
+def test_tracebacks_of_user_errors_only_with_debug():
+    from ftflow.config import ConfigError
+
+    for argv in (["--debug", "run", "--set", "lora.r=[8"], ["run", "--set", "lora.r=[8", "--debug"]):
+        with pytest.raises(ConfigError, match="not valid YAML"):
+            main(argv)
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    from ftflow import memory
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(memory, "plan_model", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["plan", str(ROOT / "configs" / "seed-20gb.yaml")])
+
+
+def _config(directory, name, **data):
+    path = directory / name
+    path.write_text(yaml.safe_dump({"data": data or {"synthetic": {}}, "models": [
+        {"name": "m", "path": "org/m", "family": "f"}]}))
+    return path
+
+
+def test_validate_checks_the_paths_of_every_file_given(tmp_path, capsys):
+    good = _config(tmp_path, "good.yaml")
+    missing = _config(tmp_path, "missing.yaml", train_file="nope.txt", test_file="good.yaml")
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("data: {synthetic: {}}\nmodels: [{name: m, path: a, family: f}]\nseed: nope\n")
+    assert main(["validate", str(missing), str(schema), str(good)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == f"{good}: ok\n"
+    assert captured.err.startswith(f"ftflow: {missing} has 2 problem(s):\n"
+                                   f"  - data.train_file: data file {tmp_path / 'nope.txt'} does not exist\n"
+                                   f"  - data.test_file: data file {tmp_path / 'good.yaml'} has an unknown extension")
+    assert f"ftflow: {schema} has 1 problem(s):\n  - seed:" in captured.err
+    assert captured.err.endswith("ftflow: 2 of 3 config(s) have problems\n")
+    assert "Traceback" not in captured.err
+
+
+def test_run_with_a_missing_train_file_stops_before_prefect_in_one_message(tmp_path, capsys):
+    (tmp_path / "test.txt").write_text("a sentence\n")
+    config = _config(tmp_path, "c.yaml", train_file="train.txt", test_file="test.txt")
+    assert main(["run", str(config)]) == 2
+    assert capsys.readouterr().err == (f"ftflow: {config} has 1 problem(s):\n"
+                                       f"  - data.train_file: data file {tmp_path / 'train.txt'} does not exist\n")
+
+
+def test_prefect_console_logs_show_user_errors_without_traceback():
+    import logging
+    import sys
+
+    from flows.cli import _WithoutUserTracebacks
+    from ftflow.data import DataError
+
+    formatter = _WithoutUserTracebacks(logging.Formatter("%(levelname)s %(message)s"))
+    records = []
+    for error in (DataError("data file x.txt, line 3: not valid JSON"), RuntimeError("a bug")):
+        try:
+            raise error
+        except Exception:
+            records.append(logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed: %r",
+                                             (error,), sys.exc_info()))
+    user, internal = records
+    assert formatter.format(user) == "ERROR failed: DataError('data file x.txt, line 3: not valid JSON')"
+    assert user.exc_info is not None  # the UI's handler still gets the traceback
+    text = formatter.format(internal)
+    assert text.startswith("ERROR failed: RuntimeError('a bug')\nTraceback (most recent call last):")
+    assert text.endswith("RuntimeError: a bug")
+
+
+def test_the_final_summary_lists_every_model_without_a_result():
+    from flows.cli import failure_summary
+
+    evaluation = {"leaderboard": [
+        {"name": "small", "kind": "baseline", "error": None},
+        {"name": "ghost", "kind": "baseline", "error": "ModelLoadError: cannot load /x/ghost-model:\n(1) no\n(2) no"},
+        {"name": "full[big]", "kind": "full", "error": "not trained: predicted 30 GB > 20 GB"},
+    ]}
+    assert failure_summary(evaluation) == ["ghost (baseline): ModelLoadError: cannot load /x/ghost-model: (1) no (2) no",
+                                           "full[big] (full): not trained: predicted 30 GB > 20 GB"]

@@ -99,3 +99,41 @@ def test_cli_overrides_merge_into_nested_sections(tmp_path):
     assert cfg.distill.alpha == (0.25,) and cfg.distill.top_k == (5,) and cfg.lora.epochs == 3
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["distill.alpha"])
+
+
+def test_every_path_the_config_names_is_checked_at_once(tmp_path):
+    from ftflow.config import check_paths, path_problems
+
+    (tmp_path / "test.txt").write_text("a sentence\n")
+    (tmp_path / "notes.parquet").write_text("x")
+    (tmp_path / "empty-dir").mkdir()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    raw = minimal(
+        data={"train_file": "train.txt", "test_file": "test.txt"},
+        zoo=None,
+        models=[{"name": "ok-dir", "path": str(model), "family": "f"},
+                {"name": "ok-hub", "path": "ibm-granite/granite-3.3-8b-base", "family": "f"},
+                {"name": "typo", "path": str(tmp_path / "modle"), "family": "f"},
+                {"name": "no-config", "path": str(tmp_path / "empty-dir"), "family": "f"},
+                {"name": "a-file", "path": str(tmp_path / "test.txt"), "family": "f"},
+                {"name": "bad-id", "path": "org--x/name", "family": "f"}],
+    )
+    raw.pop("zoo")
+    cfg = parse_config(raw, tmp_path)
+    assert path_problems(cfg) == [
+        f"data.train_file: data file {tmp_path / 'train.txt'} does not exist",
+        f"models.2.path (typo): model directory {tmp_path / 'modle'} does not exist",
+        f"models.3.path (no-config): {tmp_path / 'empty-dir'} is not a model directory: it has no config.json "
+        "(a checkpoint written by save_pretrained has one)",
+        f"models.4.path (a-file): model directory {tmp_path / 'test.txt'} is not a directory",
+        "models.5.path (bad-id): 'org--x/name' is neither a model directory nor a well-formed hub id (org/name): "
+        "Cannot have -- or .. in repo_id: 'org--x/name'.",
+    ]
+    with pytest.raises(ConfigError, match=r"^c.yaml has 5 problem\(s\):\n  - data.train_file: "):
+        check_paths(cfg, "c.yaml")
+    unknown = parse_config(minimal(data={"train_file": "notes.parquet", "test_file": "test.txt"}), tmp_path)
+    assert path_problems(unknown) == [f"data.train_file: data file {tmp_path / 'notes.parquet'} has an unknown "
+                                      "extension '.parquet'; use one of ['.csv', '.json', '.jsonl', '.text', '.txt']"]
+    assert path_problems(parse_config(minimal(), tmp_path)) == []  # synthetic data, a hub id

@@ -1,0 +1,141 @@
+"""`ftflow run` end to end (in this process, on the session's Prefect server): a read-only artifacts directory,
+and the final summary of models that failed."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from ftflow.config import ZooConfig
+from ftflow.zoo import build_zoo
+from tests.flows.micro import BIGGER, SIZE, write_data
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    """Two working models of one family, a checkpoint that cannot load, and configs naming them."""
+    directory = tmp_path_factory.mktemp("cli-run")
+    write_data(directory)
+    zoo = ZooConfig(vocab_size=300, corpus_sentences=200, pretrain_steps=3, batch_size=8, max_length=32,
+                    families=[{"name": "granite", "architecture": "granite", "student": SIZE, "teacher": BIGGER}])
+    built = build_zoo(zoo, (directory / "train.txt").read_text().splitlines() * 4, directory / "checkpoints",
+                      progress=False, log=lambda *a: None)
+    members = {m["role"]: m["path"] for m in built["families"][0]["members"]}
+    ghost = directory / "ghost-model"  # a config (so it is planned and passes the path check), no weights
+    ghost.mkdir()
+    shutil.copy(Path(members["student"]) / "config.json", ghost / "config.json")
+    models = [{"name": "small", "path": str(members["student"]), "family": "granite"},
+              {"name": "large", "path": str(members["teacher"]), "family": "granite"}]
+    base = {
+        "name": "cli micro", "device": "cpu", "max_length": 32,
+        "data": {"train_file": "train.txt", "test_file": "test.txt", "validation_fraction": 0.2},
+        "augment": {"enabled": False},
+        "lora": {"epochs": 1, "batch_size": 16}, "qlora": {"enabled": False}, "prefix": {"enabled": False},
+        "distill": {"epochs": 1, "batch_size": 16, "top_k": 3}, "finetune": {"epochs": 1, "batch_size": 16},
+    }
+    good, broken = directory / "good.yaml", directory / "broken.yaml"
+    good.write_text(yaml.safe_dump({**base, "models": models}), encoding="utf-8")
+    mistyped = [{"name": "ghost", "path": str(ghost), "family": "granite"},
+                {"name": "typo", "path": "ibm-granite/granite-3.3-8b-bsae", "family": "granite"}]
+    broken.write_text(yaml.safe_dump({**base, "models": models + mistyped}), encoding="utf-8")
+    return {"good": good, "broken": broken, "artifacts": directory / "artifacts"}
+
+
+class ReadOnly:
+    """Every write under ``root`` is refused as a read-only mount refuses it (tests run as root, which
+    ignores permission bits); reads go through."""
+
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def __init__(self, monkeypatch, root: Path) -> None:
+        self.root = str(root.resolve()) + os.sep
+        self.refused: list[str] = []
+        real_open, real_os_open = builtins.open, os.open
+
+        def guarded_open(file, mode="r", *args, **kwargs):
+            if any(c in mode for c in "wax+"):
+                self.check(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def guarded_os_open(path, flags, *args, **kwargs):
+            if flags & self.WRITE_FLAGS:
+                self.check(path)
+            return real_os_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", guarded_open)
+        monkeypatch.setattr(io, "open", guarded_open)
+        monkeypatch.setattr(os, "open", guarded_os_open)
+        for name in ("mkdir", "rmdir", "unlink", "remove", "utime"):
+            real = getattr(os, name)
+            monkeypatch.setattr(os, name, self.first_path_checked(real))
+        for name in ("rename", "replace"):
+            real = getattr(os, name)
+            monkeypatch.setattr(os, name, self.both_paths_checked(real))
+
+    def check(self, path) -> None:
+        if isinstance(path, int):
+            return
+        full = os.path.abspath(os.fspath(path))
+        if (full + os.sep).startswith(self.root):
+            self.refused.append(full)
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), full)
+
+    def first_path_checked(self, real):
+        def guarded(path, *args, **kwargs):
+            self.check(path)
+            return real(path, *args, **kwargs)
+        return guarded
+
+    def both_paths_checked(self, real):
+        def guarded(source, target, *args, **kwargs):
+            self.check(source)
+            self.check(target)
+            return real(source, target, *args, **kwargs)
+        return guarded
+
+
+def test_cli_run_then_a_read_only_copy_still_gives_the_report(study, prefect_server, monkeypatch, capsys):
+    assert main(["run", str(study["good"]), "--no-progress"]) == 0
+    first = capsys.readouterr().out
+    assert "have no result" not in first
+
+    read_only = ReadOnly(monkeypatch, study["artifacts"])
+    # Every stage is cached: the leaderboard and report come back without one write under the directory.
+    assert main(["run", str(study["good"]), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert f"artifacts directory {study['artifacts']} is not writable" in captured.err
+    leaderboard = first[first.index("| "):first.index("report: ")]
+    assert leaderboard in captured.out and "report: " in captured.out
+    assert any(path.endswith(".mutex") or path.endswith(".locks") for path in read_only.refused)
+
+    # A stage to compute: one message naming the directory and how to go on; no traceback.
+    assert main(["run", str(study["good"]), "--no-progress", "--set", "distill.alpha=0.25"]) == 2
+    err = capsys.readouterr().err
+    message = err[err.index("ftflow: the run had to compute"):]
+    assert message.startswith(f"ftflow: the run had to compute a stage, but the artifacts directory "
+                              f"{study['artifacts']} is not writable (every stage writes its outputs, its Prefect "
+                              f"cache record and its lock there); copy it somewhere writable and run there: cp -r "
+                              f"{study['artifacts']} ")
+    assert f"&& ftflow run {study['good']} --set artifacts_dir=" in message
+    assert "Traceback" not in err
+
+
+def test_the_final_summary_lists_every_model_that_failed_and_why(study, prefect_server, capsys):
+    assert main(["run", str(study["broken"]), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    summary = out[out.index("2 model(s) or run(s) have no result"):].splitlines()
+    assert summary[0] == "2 model(s) or run(s) have no result (details in the report):"
+    assert summary[1].startswith("  - ghost (baseline): ") and "ghost-model" in summary[1]
+    assert summary[2].startswith("  - typo (baseline): cannot plan: cannot plan memory for "
+                                 "'ibm-granite/granite-3.3-8b-bsae': it is not a local directory")
+    assert len(summary) == 3
