@@ -546,11 +546,11 @@ def predict_training(
 
     ftflow's training paths (:mod:`ftflow.training`) are assumed:
 
-    * ``full``: every weight trained in ``precision`` (fp32, bf16 or fp16; pure
-      half precision as when the model is loaded in bf16): weights ``d``,
-      gradients ``d``, AdamW moments ``2 d`` bytes per parameter (the Trainer's
-      default ``adamw_torch_fused`` keeps them in the parameter dtype and needs
-      no temporaries).
+    * ``full``: every weight trained in ``precision`` (fp32, bf16 or fp16): weights
+      ``d``, gradients ``d``, AdamW moments ``2 d`` bytes per parameter (kept in the
+      parameter dtype, no temporaries), plus, in half precision, the ``d``-byte
+      Kahan compensation buffer of the bf16 update (10 bytes per parameter in
+      bf16). fp32 master weights under bf16 autocast are planned as ``fp32``.
     * ``lora``: frozen weights in ``precision`` plus LoRA rank ``lora_r`` on every
       linear layer but the output one; PEFT keeps adapters in fp32, so they cost
       4 + 4 + 8 bytes per trainable parameter (weight, gradient, moments).
@@ -642,6 +642,10 @@ def predict_training(
         weights = counts.total * d
         gradients = trainable * d
         optimizer = 2 * trainable * d
+        if precision in ("bf16", "fp16"):
+            # Half-precision weights train with optimi's Kahan-compensated AdamW (ftflow.training.plan_precision):
+            # its compensation buffer is one more tensor of the weights' size.
+            optimizer += trainable * d
     else:
         if method == "qlora":
             # prepare_model_for_kbit_training: everything not 4-bit becomes fp32.
