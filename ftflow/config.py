@@ -31,6 +31,10 @@ class SyntheticDataConfig(_Strict):
     seed: int = Field(0, description="Seed of the generator.")
 
 
+# The data file formats ftflow reads, by extension (ftflow.data reads them).
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
 class DataConfig(_Strict):
     """Where the task's sentences come from and how validation is held out."""
 
@@ -626,8 +630,6 @@ def path_problems(cfg: PipelineConfig) -> list[str]:
     Data and corpus files must exist and be readable, with a format ftflow reads; model
     directories must hold a config.json; hub ids must be well formed. Nothing is loaded.
     """
-    from ftflow.data import FORMATS
-
     problems = []
     for field_name in ("train_file", "test_file"):
         path = getattr(cfg.data, field_name)

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from ftflow.config import FORMATS
 from ftflow.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 # Below this many training sentences a run still goes ahead, with a warning: at the default validation
 # fraction (0.1) the split every choice is made on then has fewer than 10 sentences.
 MIN_TRAIN_SENTENCES = 100

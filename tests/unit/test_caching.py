@@ -54,7 +54,8 @@ ROOT = Path(__file__).resolve().parents[2]
 STAGE_MODULES = ("prepare_data", "augment", "zoo", "plan_memory", "benchmark", "select_family", "train",
                  "teacher_logits", "evaluate")
 # What every stage reaches through tasks._stage (the output protocol and the key itself).
-COMMON = ("ftflow", "ftflow.artifacts", "ftflow.caching", "ftflow.config", "tasks", "tasks._locks", "tasks._stage")
+COMMON = ("ftflow", "ftflow.artifacts", "ftflow.caching", "ftflow.config", "ftflow.errors", "tasks", "tasks._locks",
+          "tasks._stage")
 
 
 def write_package(root: Path, files: dict[str, str]) -> None:
