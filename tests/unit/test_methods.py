@@ -9,7 +9,7 @@ import pytest
 from ftflow.cards import read_card_metadata
 from ftflow.config import DistillConfig, FinetuneConfig, LoraConfig, PrefixConfig, QLoraConfig
 from ftflow.distill import compute_teacher_topk
-from ftflow.methods import (TrainJob, best_run, distill_grid, full_job, load_trained, lora_grid, lora_like,
+from ftflow.methods import (Job, best_run, distill_grid, full_job, load_trained, lora_grid, lora_like,
                             prefix_grid, qlora_like, run_job)
 from ftflow.models import load_model, load_tokenizer
 from ftflow.perplexity import score_sentences
@@ -28,7 +28,7 @@ def base(tmp_path_factory) -> dict:
     return {"name": "tiny", "path": str(path), "family": "tiny", "precision": "fp32", "trust_remote_code": False}
 
 
-def train(job: TrainJob, tmp_path, **extra) -> dict:
+def train(job: Job, tmp_path, **extra) -> dict:
     out = tmp_path / "out"
     out.mkdir(parents=True)
     result = run_job(job, train_sentences=TRAIN, validation_sentences=VALIDATION, test_sentences=TEST,
