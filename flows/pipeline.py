@@ -68,18 +68,16 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
         per_model = train_all(design.per_model_jobs(cfg, benchmarks, selection, best_job))
 
         # 3. Distillation variants from the best LoRA teacher, its log-probs stored once at the largest k.
-        topk = stage(teacher_logits)(design.distillation_teacher(best), selection["student_model"], augmented,
-                                     max(cfg.distill.top_k), cfg.max_length, device, eval_batch,
+        topk = stage(teacher_logits)(design.distillation_teacher(best), design.distillation_student(selection),
+                                     augmented, max(cfg.distill.top_k), cfg.max_length, device, eval_batch,
                                      artifacts_dir=out, progress=progress)
         distilled = train_all(design.distillation_jobs(cfg, selection), topk=topk)
 
         # 4. The measured effect of augmentation: one run repeated on each training set.
-        ablation = design.ablation_runs(cfg, selection, best_job)
-        sets = {"main": augmented, "original": data}
-        train_sets = [sets[run.train_set.source] if run.train_set.source in sets else
-                      stage(augment).with_options(task_run_name=run.train_set.run_name)(
-                          run.train_set.augment, data, artifacts_dir=out) for run in ablation]
-        ablation_results = train_all([run.job for run in ablation], train_sets) if ablation else []
+        ablation, made = design.ablation_runs(cfg, selection, best_job), {"main": augmented, "original": data}
+        train_sets = [made.get(r.train_set.source) or stage(augment).with_options(task_run_name=r.train_set.run_name)(
+            r.train_set.augment, data, artifacts_dir=out) for r in ablation]
+        ablation_results = train_all([r.job for r in ablation], train_sets) if ablation else []
 
     # The report: every baseline and run once, ranked on test.
     runs = design.unique_runs(grid + per_model + distilled + ablation_results)
@@ -88,8 +86,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
                                  cfg.memory_budget_gb, artifacts_dir=out)
     publish(evaluation, plan, benchmarks)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
-    failed = [row for row in evaluation["leaderboard"] if row.get("error")]
-    if failed:  # the run goes on without them; the last lines of its log say which and why
+    if failed := [row for row in evaluation["leaderboard"] if row.get("error")]:  # the run goes on without them; the last lines of its log say which and why
         logger.warning("%d model(s) or run(s) have no result:\n  %s", len(failed),
                        "\n  ".join(f"{row['name']} ({row['kind']}): {row['error']}" for row in failed))
     return evaluation

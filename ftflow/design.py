@@ -10,7 +10,8 @@ one function here, reading the config and typed stage results
 * the batch size of every later scoring pass: :func:`evaluation_batch_size`;
 * the LoRA grid (on the teacher) and its best combination: :func:`lora_grid_jobs`, :func:`best_lora`;
 * which models get LoRA, QLoRA and full fine-tuning, and the prefix grid: :func:`per_model_jobs`;
-* the distillation teacher and variants: :func:`distillation_teacher`, :func:`distillation_jobs`;
+* the distillation teacher, student and variants: :func:`distillation_teacher`, :func:`distillation_student`,
+  :func:`distillation_jobs`;
 * the augmentation ablation's training sets and runs (the same-steps rule): :func:`ablation_runs`;
 * each run once in the report: :func:`unique_runs`; the report's notes: :func:`report_notes`.
 """
@@ -134,6 +135,10 @@ def compared_models(cfg: PipelineConfig, benchmarks: Sequence[BenchmarkResult | 
     return [by_name[selection.teacher].model, by_name[selection.student].model]
 
 
+def _parameters(benchmarks: Sequence[BenchmarkResult | Mapping]) -> dict[str, int]:
+    return {b.name: b.parameters for b in (_typed(BenchmarkResult, b) for b in benchmarks)}
+
+
 def per_model_jobs(cfg: PipelineConfig, benchmarks: Sequence[BenchmarkResult | Mapping],
                    selection: Selection | Mapping, best: LoraJob) -> list[Job]:
     """Per compared model: LoRA with the best combination, QLoRA, full fine-tuning; then the prefix grid.
@@ -144,9 +149,8 @@ def per_model_jobs(cfg: PipelineConfig, benchmarks: Sequence[BenchmarkResult | M
       (:func:`left_out_of_full_fine_tuning` says which are not).
     * The prefix-tuning grid (``prefix.enabled``): on the teacher.
     """
-    selection = _typed(Selection, selection)
-    parameters = {b.name: b.parameters for b in map(lambda b: _typed(BenchmarkResult, b), benchmarks)}
-    teacher = selection.teacher_model
+    parameters = _parameters(benchmarks)
+    teacher = _typed(Selection, selection).teacher_model
     jobs: list[Job] = []
     for model in compared_models(cfg, benchmarks, selection):
         if model["name"] != teacher["name"]:
@@ -163,7 +167,7 @@ def per_model_jobs(cfg: PipelineConfig, benchmarks: Sequence[BenchmarkResult | M
 def left_out_of_full_fine_tuning(cfg: PipelineConfig, benchmarks: Sequence[BenchmarkResult | Mapping],
                                  selection: Selection | Mapping) -> list[str]:
     """One line per compared model over ``finetune.max_params`` (not fine-tuned in full), saying so."""
-    parameters = {b.name: b.parameters for b in map(lambda b: _typed(BenchmarkResult, b), benchmarks)}
+    parameters = _parameters(benchmarks)
     return [f"{m['name']} is not fine-tuned in full: {parameters[m['name']]:,} parameters > finetune.max_params "
             f"{cfg.finetune.max_params:,}"
             for m in compared_models(cfg, benchmarks, selection) if parameters[m["name"]] > cfg.finetune.max_params]
@@ -174,9 +178,14 @@ def distillation_teacher(best_lora_run: Mapping) -> Mapping:
     return best_lora_run
 
 
+def distillation_student(selection: Selection | Mapping) -> dict:
+    """The model distilled into: the selected family's student."""
+    return _typed(Selection, selection).student_model
+
+
 def distillation_jobs(cfg: PipelineConfig, selection: Selection | Mapping) -> list[DistillJob]:
     """The distillation variants (top-k x temperature x alpha), into the student."""
-    return distill_grid(cfg.distill, _typed(Selection, selection).student_model)
+    return distill_grid(cfg.distill, distillation_student(selection))
 
 
 class TrainSet(BaseModel):
