@@ -86,7 +86,8 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
                                  cfg.memory_budget_gb, artifacts_dir=out)
     publish(evaluation, plan, benchmarks)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
-    if failed := [row for row in evaluation["leaderboard"] if row.get("error")]:  # the run goes on without them; the last lines of its log say which and why
+    # Runs and models without a result do not stop the run; its log's last lines say which and why.
+    if failed := [row for row in evaluation["leaderboard"] if row.get("error")]:
         logger.warning("%d model(s) or run(s) have no result:\n  %s", len(failed),
                        "\n  ".join(f"{row['name']} ({row['kind']}): {row['error']}" for row in failed))
     return evaluation

@@ -44,7 +44,8 @@ def test_grids_and_per_model_methods_are_exact_jobs(tmp_path):
         for k in (10, 100)]
     # Typed jobs read back from a manifest as they were written.
     job = design.per_model_jobs(cfg, BENCHMARKS, SELECTION, BEST)[1]
-    assert design.TrainedRun.model_validate({"key": "k", "name": job.name, "job": job.model_dump(mode="json")}).job == job
+    manifest = {"key": "k", "name": job.name, "job": job.model_dump(mode="json")}
+    assert design.TrainedRun.model_validate(manifest).job == job
 
 
 def test_best_lora_is_the_grid_run_lowest_on_selection_and_it_teaches_the_student():
