@@ -117,7 +117,6 @@ from bench.perplexity_speed import DEFAULT_DATA, naive_score, read_sentences  # 
 import torch  # noqa: E402
 
 from ftflow import memory, synthetic, zoo  # noqa: E402
-from ftflow.methods import MEMORY_METHOD  # noqa: E402
 from ftflow.models import load_model, load_tokenizer  # noqa: E402
 from ftflow.perplexity import score_sentences  # noqa: E402
 from ftflow.tokens import pad_token_id, sentence_ids  # noqa: E402
@@ -388,9 +387,9 @@ def check_build(ctx: ModelContext) -> dict:
     ctx.tokenizer = load_tokenizer(str(ctx.path))
     ctx.documents = training_documents(ctx.tokenizer, ctx.sentences, s.steps * s.batch_size, s.max_length)
     return {
-        "parameters": memory.count_parameters(ctx.config),
+        "parameters": memory.count_config_parameters(ctx.config),
         "matmul_parameters": matmul_parameters(ctx.config),
-        "student_parameters": memory.count_parameters(ctx.student_config),
+        "student_parameters": memory.count_config_parameters(ctx.student_config),
         "vocab_size": ctx.config.vocab_size,
         "tokenizer_vocab": len(ctx.tokenizer),
         "layers": ctx.config.num_hidden_layers,
@@ -506,8 +505,9 @@ def check_training(ctx: ModelContext, method: str) -> dict:
     # The planner's verdict first, as the pipeline does: a run predicted not to fit is not started.
     try:
         predicted = memory.check_training_fits(
-            str(trained_path), precision, MEMORY_METHOD[method], batch_size=s.batch_size, max_length=s.max_length,
-            budget_bytes=_budget_bytes(s.device), device=s.device, lora_r=LORA["r"])
+            str(trained_path), precision, method, batch_size=s.batch_size, max_length=s.max_length,
+            budget_bytes=_budget_bytes(s.device), device=s.device, lora_r=LORA["r"], lora_dropout=LORA["dropout"],
+            num_virtual_tokens=PREFIX_TOKENS)
     except memory.MemoryBudgetError as exc:
         raise SkipCheck(str(exc)) from None
     out: dict = {"precision": precision, "batch_size": s.batch_size, "max_length": s.max_length, "steps": s.steps}

@@ -17,9 +17,8 @@ from typing import Callable, Iterator
 import yaml
 
 from ftflow.config import ConfigError, PipelineConfig, check_paths, load_config
+from flows import DEFAULT_CONFIG
 from ftflow.errors import UserError
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -246,12 +245,9 @@ def _plan(args: argparse.Namespace) -> int:
             ))
         except memory.UnknownModelError as exc:
             problems.append(f"{spec.name}: {exc}")
-    frame = memory.plan_table(plans)
     out = Path(args.out) if args.out else cfg.artifacts_dir / "plan"
     out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "plan.csv", index=False)
-    (out / "plan.md").write_text(memory.plan_markdown(frame) + "\n", encoding="utf-8")
-    memory.plot_plan(frame, budget, out / "plan.png")
+    frame = memory.write_plan(plans, budget, out)
     print(f"memory plan for {args.config}: budget {budget / memory.GB:g} GB, {device}, sequences of "
           f"{max_length} tokens (worst case unless --max-length)\n")
     print(memory.plan_markdown(frame))

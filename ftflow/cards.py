@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from ftflow.jobs import parse_job
+
 CARD = "README.md"
 
 
@@ -41,9 +43,9 @@ def render_model_card(summary: dict, facts: dict) -> str:
         "pipeline_tag": "text-generation",
         "tags": ["ftflow", summary["method"]],
     }
-    job = summary["job"]
-    hyper = {**job["hyper"], "learning_rate": job["learning_rate"], "epochs": job["epochs"],
-             "batch_size": job["batch_size"], "weight_decay": job["weight_decay"], "precision": summary["precision"]}
+    job = parse_job(summary["job"])
+    hyper = {**job.hyper, "learning_rate": job.learning_rate, "epochs": job.epochs,
+             "batch_size": job.batch_size, "weight_decay": job.weight_decay, "precision": summary["precision"]}
     plan = summary.get("precision_plan")
     if plan:  # how the weights were kept and updated (see ftflow.training.plan_precision)
         hyper.update({"trained weights": plan["trained_weights"], "autocast": plan["autocast"] or "none",

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ftflow.errors import UserError
 
 Precision = Literal["fp32", "bf16", "fp16", "nf4"]
+"""Weights precision of a model: what it is loaded (and trained) in."""
+Method = Literal["full", "lora", "qlora", "prefix", "distill"]
+"""A fine-tuning method of the study (one job class each in ftflow/jobs.py)."""
 Architecture = Literal["granite", "llama", "qwen2"]
 
 

@@ -5,7 +5,7 @@ at which precision) from the model's config alone:
 
 1. :func:`model_config_for` gets a config without the hub (local directory,
    ftflow's table of known models, or the local Hugging Face cache).
-2. :func:`count_parameters` instantiates it on the ``meta`` device: an exact
+2. :func:`count_config_parameters` instantiates it on the ``meta`` device: an exact
    count, no memory used.
 3. :func:`predict_scoring` and :func:`predict_training` give a breakdown in
    bytes of the peak of perplexity scoring and of a training step by method.
@@ -31,10 +31,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Protocol, Sequence, get_args
 
 import torch
 
+from ftflow.config import Method, Precision
 from ftflow.known_models import known_architecture
 from ftflow.perplexity import CHUNK_BYTES_PER_LOGIT, DEFAULT_LOGITS_CHUNK_TOKENS
 from ftflow.tokens import sentence_ids
@@ -42,15 +43,13 @@ from ftflow.tokens import sentence_ids
 if TYPE_CHECKING:
     import pandas as pd
 
-Precision = Literal["fp32", "bf16", "fp16", "nf4"]
-Method = Literal["full", "lora", "qlora", "prefix", "distill"]
 Device = Literal["cuda", "cpu"]
 
 GB = 10**9
 """Bytes in a (decimal) gigabyte, the unit of ``memory_budget_gb``."""
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "nf4")
-METHODS: tuple[str, ...] = ("full", "lora", "qlora", "prefix", "distill")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+METHODS: tuple[str, ...] = get_args(Method)
 
 ELEMENT_BYTES: Mapping[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "nf4": 2}
 """Bytes of one activation / unquantized weight element; nf4 computes in bf16."""
@@ -218,7 +217,7 @@ def parameter_counts(config, trust_remote_code: bool = False) -> ParameterCounts
     return counts
 
 
-def count_parameters(config, trust_remote_code: bool = False) -> int:
+def count_config_parameters(config, trust_remote_code: bool = False) -> int:
     """Exact parameter count of ``config``'s causal LM (tied embeddings counted once)."""
     return parameter_counts(config, trust_remote_code).total
 
@@ -764,7 +763,7 @@ def choose_precision(
         bf16_supported: the device computes in bf16.
         device: ``cuda`` or ``cpu`` (runtime overhead).
         kv_cache, logits_chunk_tokens: see :func:`predict_scoring`.
-        trust_remote_code: see :func:`count_parameters`.
+        trust_remote_code: see :func:`count_config_parameters`.
 
     Returns:
         ``{"precision": str | None, "peak_bytes": int, "reason": str,
@@ -1062,6 +1061,23 @@ def plot_plan(frame: "pd.DataFrame", budget_bytes: int, path) -> None:
     plt.close(fig)
 
 
+PLAN_FILES = {"csv": "plan.csv", "markdown": "plan.md", "plot": "plan.png"}
+"""The memory plan's tables, as :func:`write_plan` names them in its directory."""
+
+
+def write_plan(plans: Sequence[ModelPlan], budget_bytes: int, out: Path) -> "pd.DataFrame":
+    """Write the plan's table (``plan.csv``, ``plan.md``) and plot (``plan.png``) into ``out``; return the table.
+
+    The one writer of these files: ``ftflow plan`` and the pipeline's ``plan_memory`` stage both call it.
+    """
+    frame = plan_table(plans)
+    out = Path(out)
+    frame.to_csv(out / PLAN_FILES["csv"], index=False)
+    (out / PLAN_FILES["markdown"]).write_text(plan_markdown(frame) + "\n", encoding="utf-8")
+    plot_plan(frame, budget_bytes, out / PLAN_FILES["plot"])
+    return frame
+
+
 def plan_candidate(
     name: str,
     path_or_id: str,
@@ -1104,7 +1120,7 @@ def plan_candidate(
         return {"precision": plan.precision, "batch_size": plan.batch_size, "parameters": plan.parameters,
                 "peak_bytes": plan.peak_bytes, "reason": plan.reason}
     options = dict(device=device, logits_chunk_tokens=logits_chunk_tokens, trust_remote_code=trust_remote_code)
-    parameters = count_parameters(config, trust_remote_code)
+    parameters = count_config_parameters(config, trust_remote_code)
     at_one = predict_scoring(config, precision, 1, max_length, **options)
     if at_one.peak_bytes > budget_bytes:
         return {"precision": None, "batch_size": 0, "parameters": parameters, "peak_bytes": at_one.peak_bytes,
@@ -1155,6 +1171,8 @@ def check_training_fits(
     logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     device: Device = "cuda",
     lora_r: int = 8,
+    lora_dropout: float = 0.05,
+    num_virtual_tokens: int = 8,
     trust_remote_code: bool = False,
 ) -> MemoryPrediction:
     """The predicted peak of a training run; :class:`MemoryBudgetError` if it exceeds the budget.
@@ -1169,7 +1187,8 @@ def check_training_fits(
     config = model_config_for(path_or_id, trust_remote_code)
     if method == "lora" and precision == "nf4":
         method = "qlora"
-    prediction = predict_training(config, precision, method, batch_size, max_length, lora_r=lora_r, device=device,
+    prediction = predict_training(config, precision, method, batch_size, max_length, lora_r=lora_r,
+                                  num_virtual_tokens=num_virtual_tokens, lora_dropout=lora_dropout, device=device,
                                   eval_batch_size=eval_batch_size, eval_length=eval_length,
                                   logits_chunk_tokens=logits_chunk_tokens, trust_remote_code=trust_remote_code)
     if prediction.peak_bytes > budget_bytes:
@@ -1201,6 +1220,8 @@ def check_training_run(
     logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     device: Device = "cuda",
     lora_r: int = 8,
+    lora_dropout: float = 0.05,
+    num_virtual_tokens: int = 8,
     trust_remote_code: bool = False,
 ) -> MemoryPrediction:
     """:func:`check_training_fits` at the lengths one run will see, measured on its own data.
@@ -1218,5 +1239,60 @@ def check_training_run(
         path_or_id, precision, method, batch_size=batch_size,
         max_length=longest_sequence(tokenizer, train_sentences, max_length), budget_bytes=budget_bytes,
         eval_batch_size=eval_batch_size, eval_length=longest_sequence(tokenizer, validation_sentences, max_length),
-        logits_chunk_tokens=logits_chunk_tokens, device=device, lora_r=lora_r, trust_remote_code=trust_remote_code,
+        logits_chunk_tokens=logits_chunk_tokens, device=device, lora_r=lora_r, lora_dropout=lora_dropout,
+        num_virtual_tokens=num_virtual_tokens, trust_remote_code=trust_remote_code,
     )
+
+
+class TrainingJob(Protocol):
+    """What the memory check reads of a training job (:data:`ftflow.jobs.Job`, every method's class)."""
+
+    method: str
+    model: dict[str, Any]
+    precision: str
+    batch_size: int
+
+    def memory_options(self) -> dict[str, Any]: ...
+
+
+def check_training_job(
+    job: TrainingJob,
+    *,
+    tokenizer,
+    train_sentences: Sequence[str],
+    validation_sentences: Sequence[str],
+    eval_batch_size: int,
+    max_length: int,
+    budget_bytes: int,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
+    device: Device = "cuda",
+) -> tuple[MemoryPrediction, Optional[str]]:
+    """The memory plan of one training job, on its own data: ``(prediction, master_weights)``.
+
+    The job's method (QLoRA as itself), precision, batch size and the method's
+    own settings (LoRA rank and dropout, prefix length: ``job.memory_options()``)
+    are what is planned. ``master_weights`` is None except for full fine-tuning
+    and distillation of a bf16/fp16 model: ``fp32`` (master weights under
+    autocast) when an fp32 run of the same job fits, whose peak bounds theirs,
+    else the model's precision (bf16 weights with a compensated update, see
+    :func:`ftflow.training.plan_precision`).
+
+    Raises:
+        MemoryBudgetError: the run is predicted over the budget, or an fp16 run
+            whose fp32 master weights (which fp16 training needs) do not fit.
+    """
+    options = dict(tokenizer=tokenizer, train_sentences=train_sentences, validation_sentences=validation_sentences,
+                   batch_size=job.batch_size, eval_batch_size=eval_batch_size, max_length=max_length,
+                   budget_bytes=budget_bytes, logits_chunk_tokens=logits_chunk_tokens, device=device,
+                   trust_remote_code=job.model["trust_remote_code"], **job.memory_options())
+    path = job.model["path"]
+    master_weights = None
+    if job.method in ("full", "distill") and job.precision in ("bf16", "fp16"):
+        try:
+            check_training_run(path, "fp32", job.method, **options)
+            master_weights = "fp32"
+        except MemoryBudgetError as exc:
+            if job.precision == "fp16":
+                raise MemoryBudgetError(f"fp16 training needs fp32 master weights, which do not fit: {exc}")
+            master_weights = job.precision
+    return check_training_run(path, job.precision, job.method, **options), master_weights

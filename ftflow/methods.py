@@ -1,9 +1,8 @@
 """The study's fine-tuning methods as jobs: one method, one model, one set of hyperparameters.
 
-A :class:`TrainJob` says *what* to train; grids in the config expand into
-lists of jobs (:func:`lora_grid`, :func:`prefix_grid`, :func:`distill_grid`),
-the best LoRA combination is carried over to other models and to QLoRA
-(:func:`lora_like`, :func:`qlora_like`), and :func:`run_job` trains one job:
+A job (:data:`ftflow.jobs.Job`, one typed class per method) says *what* to
+train; :mod:`ftflow.design` decides which jobs the study runs, and
+:func:`run_job` trains one job:
 
 1. load the base model (4-bit for QLoRA) and wrap it (PEFT) if the method asks;
 2. fit with checkpoints in ``work_dir`` (an interrupted run resumes there),
@@ -16,134 +15,21 @@ the best LoRA combination is carried over to other models and to QLoRA
 
 from __future__ import annotations
 
-import itertools
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict
-
-from ftflow.config import DistillConfig, FinetuneConfig, LoraConfig, PrefixConfig, QLoraConfig
+from ftflow.jobs import (PEFT_METHODS, DistillJob, FullJob, Job, LoraJob, PrefixJob, QLoraJob, best_run, distill_grid,
+                         full_job, lora_grid, lora_like, prefix_grid, qlora_like)
 from ftflow.models import load_model, load_tokenizer
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 
 log = logging.getLogger(__name__)
 
-Method = Literal["lora", "qlora", "prefix", "full", "distill"]
-PEFT_METHODS = frozenset({"lora", "qlora", "prefix"})
-# The memory planner's name of each method's training (see ftflow.memory.predict_training).
-MEMORY_METHOD = {"lora": "lora", "qlora": "lora", "prefix": "prefix", "full": "full", "distill": "distill"}
-
-
-class TrainJob(BaseModel):
-    """One training run: a method with its hyperparameters on one model and one training set.
-
-    ``model`` is a benchmarked model (``name``, ``path``, ``family``,
-    ``precision``, ``trust_remote_code``). ``train_set`` names the training
-    sentences: ``main`` (the pipeline's training set: augmented as configured,
-    or the original split when augmentation is off) or, in the augmentation
-    ablation, ``original``, ``augmented`` or one augmentation method.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: Method
-    model: dict[str, Any]
-    hyper: dict[str, Any]
-    learning_rate: float
-    epochs: int
-    batch_size: int
-    weight_decay: float = 0.0
-    train_set: str = "main"
-
-    @property
-    def precision(self) -> str:
-        """Weights precision of the base model during training (nf4 for QLoRA)."""
-        return "nf4" if self.method == "qlora" else self.model["precision"]
-
-    @property
-    def settings_label(self) -> str:
-        """The hyperparameters, short: ``r16,a32,d0.05,lr0.0002``."""
-        h = self.hyper
-        if self.method in ("lora", "qlora"):
-            parts = [f"r{h['r']}", f"a{h['alpha']:g}", f"d{h['dropout']:g}"]
-            if self.method == "qlora":
-                parts.append(h["quant_type"])
-        elif self.method == "prefix":
-            parts = [f"p{h['num_virtual_tokens']}"]
-        elif self.method == "distill":
-            parts = [f"top{h['top_k']}", f"T{h['temperature']:g}", f"a{h['alpha']:g}"]
-        else:
-            parts = []
-        parts.append(f"lr{self.learning_rate:g}")
-        if self.train_set != "main":
-            parts.append(f"data={self.train_set}")
-        return ",".join(parts)
-
-    @property
-    def title(self) -> str:
-        """Run name: ``lora[granite-teacher|r16,a32,d0.05,lr0.0002]``."""
-        return f"{self.method}[{self.model['name']}|{self.settings_label}]"
-
-    @property
-    def name(self) -> str:
-        """Name of the trained model in tables: ``granite-teacher+lora[r16,a32,d0.05,lr0.0002]``."""
-        return f"{self.model['name']}+{self.method}[{self.settings_label}]"
-
-
-def lora_grid(config: LoraConfig, model: dict) -> list[TrainJob]:
-    """One LoRA job per combination of rank, alpha, dropout and learning rate, in a fixed order."""
-    return [
-        TrainJob(method="lora", model=model, learning_rate=lr, epochs=config.epochs, batch_size=config.batch_size,
-                 hyper={"r": r, "alpha": alpha, "dropout": dropout, "target_modules": config.target_modules})
-        for r, alpha, dropout, lr in itertools.product(config.r, config.alpha, config.dropout, config.learning_rate)
-    ]
-
-
-def lora_like(best: TrainJob, model: dict, train_set: str = "main") -> TrainJob:
-    """The best LoRA combination on another model (or another training set)."""
-    return best.model_copy(update={"model": model, "train_set": train_set})
-
-
-def qlora_like(best: TrainJob, model: dict, config: QLoraConfig) -> TrainJob:
-    """The best LoRA combination as QLoRA: the base model in 4 bits (bitsandbytes)."""
-    quant = {"quant_type": config.quant_type, "double_quant": config.double_quant,
-             "compute_dtype": config.compute_dtype}
-    return best.model_copy(update={"method": "qlora", "model": model, "hyper": {**best.hyper, **quant}})
-
-
-def prefix_grid(config: PrefixConfig, model: dict) -> list[TrainJob]:
-    """One prefix-tuning job per prefix length and learning rate."""
-    return [
-        TrainJob(method="prefix", model=model, learning_rate=lr, epochs=config.epochs, batch_size=config.batch_size,
-                 hyper={"num_virtual_tokens": n})
-        for n, lr in itertools.product(config.num_virtual_tokens, config.learning_rate)
-    ]
-
-
-def full_job(config: FinetuneConfig, model: dict, train_set: str = "main") -> TrainJob:
-    """Full fine-tuning of one model."""
-    return TrainJob(method="full", model=model, learning_rate=config.learning_rate, epochs=config.epochs,
-                    batch_size=config.batch_size, weight_decay=config.weight_decay, hyper={}, train_set=train_set)
-
-
-def distill_grid(config: DistillConfig, student: dict) -> list[TrainJob]:
-    """One distillation job per top-k, temperature and alpha."""
-    return [
-        TrainJob(method="distill", model=student, learning_rate=config.learning_rate, epochs=config.epochs,
-                 batch_size=config.batch_size, hyper={"top_k": k, "temperature": t, "alpha": a})
-        for k, t, a in itertools.product(config.top_k, config.temperature, config.alpha)
-    ]
-
-
-def best_run(runs: Sequence[dict]) -> dict:
-    """The run with the lowest selection-split perplexity (ties: the earlier one); skipped runs are ignored."""
-    trained = [r for r in runs if not r.get("skipped")]
-    if not trained:
-        raise ValueError("no run finished, so there is no best one: " +
-                         "; ".join(f"{r['name']}: {r.get('skipped')}" for r in runs))
-    return min(trained, key=lambda r: r["best_validation_ppl"])
+# The job classes and their constructors live in ftflow.jobs; they are importable from here too.
+__all__ = ["Job", "best_run", "distill_grid", "full_job", "load_trained", "lora_grid", "lora_like", "prefix_grid",
+           "qlora_like", "run_job"]
 
 
 def load_trained(run: dict, device: str, precision: Optional[str] = None):
@@ -158,7 +44,7 @@ def load_trained(run: dict, device: str, precision: Optional[str] = None):
 
 
 def run_job(
-    job: TrainJob,
+    job: Job,
     *,
     train_sentences: Sequence[str],
     validation_sentences: Sequence[str],
@@ -203,22 +89,22 @@ def run_job(
     )
     best_dir = Path(work_dir) / "best"
     trainer_dir = Path(work_dir) / "trainer"
-    h = job.hyper
     quantization = None
     common = dict(settings=settings, work_dir=trainer_dir, trust_remote_code=trust, on_progress=on_progress)
-    if job.method in ("lora", "qlora"):
-        if job.method == "qlora":
-            quantization = {k: h[k] for k in ("quant_type", "double_quant", "compute_dtype")}
-        result = train_lora(base["path"], tokenizer, train_sentences, validation_sentences, r=h["r"],
-                            alpha=h["alpha"], dropout=h["dropout"], target_modules=h["target_modules"],
+    if isinstance(job, LoraJob):  # QLoraJob too
+        if isinstance(job, QLoraJob):
+            quantization = job.quantization
+        result = train_lora(base["path"], tokenizer, train_sentences, validation_sentences, r=job.r,
+                            alpha=job.alpha, dropout=job.dropout, target_modules=job.target_modules,
                             adapter_dir=best_dir, quantization=quantization, **common)
-    elif job.method == "prefix":
+    elif isinstance(job, PrefixJob):
         result = train_prefix(base["path"], tokenizer, train_sentences, validation_sentences,
-                              num_virtual_tokens=h["num_virtual_tokens"], adapter_dir=best_dir, **common)
-    elif job.method == "full":
+                              num_virtual_tokens=job.num_virtual_tokens, adapter_dir=best_dir, **common)
+    elif isinstance(job, FullJob):
         result = train_full(base["path"], tokenizer, encode_dataset(tokenizer, train_sentences, max_length),
                             validation_sentences, model_dir=best_dir, **common)
     else:
+        assert isinstance(job, DistillJob), type(job)
         from ftflow.distill import (DistillationCollator, DistillationTrainer, TeacherTopK, check_store_for_student,
                                     embedding_rows)
         from ftflow.tokens import pad_token_id
@@ -234,9 +120,9 @@ def run_job(
                              f"{len(train_sentences)}: they must come from the same training set")
         result = train_full(
             base["path"], tokenizer, encode_dataset(tokenizer, train_sentences, max_length), validation_sentences,
-            model_dir=best_dir, collator=DistillationCollator(pad_token_id(tokenizer), store, k=h["top_k"]),
+            model_dir=best_dir, collator=DistillationCollator(pad_token_id(tokenizer), store, k=job.top_k),
             trainer_cls=DistillationTrainer,
-            trainer_kwargs={"alpha": h["alpha"], "temperature": h["temperature"], "vocab_size": shared.size},
+            trainer_kwargs={"alpha": job.alpha, "temperature": job.temperature, "vocab_size": shared.size},
             **common,
         )
     if job.method in PEFT_METHODS:

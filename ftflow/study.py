@@ -14,6 +14,9 @@ from typing import Sequence
 
 import pandas as pd
 
+from ftflow.design import lora_grid_runs
+from ftflow.jobs import parse_job
+
 METHOD_ORDER = ("lora", "qlora", "prefix", "full", "distill")
 METHOD_LABEL = {"lora": "LoRA", "qlora": "QLoRA", "prefix": "prefix", "full": "full FT", "distill": "distill"}
 
@@ -59,16 +62,13 @@ def method_table(baselines: Sequence[dict], runs: Sequence[dict]) -> pd.DataFram
 
 def lora_grid_table(runs: Sequence[dict], chosen: str | None) -> pd.DataFrame:
     """Study 3.1's grid (on the chosen run's model): PPL, rank, alpha, dropout, learning rate, best epoch."""
-    grid_model = next((r["base_model"]["name"] for r in runs if r["name"] == chosen), None)
     rows = []
-    for run in _main_runs(runs):
-        job = run["job"]
-        if run["method"] != "lora" or run["base_model"]["name"] != grid_model:
-            continue
+    for run in lora_grid_runs(runs, chosen):
+        job = parse_job(run["job"])
         rows.append({
             "ppl": _ppl(run.get("test")), "selection_ppl": run.get("best_validation_ppl"),
-            "rank": job["hyper"]["r"], "alpha": job["hyper"]["alpha"], "dropout": job["hyper"]["dropout"],
-            "learning_rate": job["learning_rate"], "best_epoch": _best_epoch(run),
+            "rank": job.r, "alpha": job.alpha, "dropout": job.dropout,
+            "learning_rate": job.learning_rate, "best_epoch": _best_epoch(run),
             "chosen": "✓" if run["name"] == chosen else "", "skipped": run.get("skipped"),
         })
     return pd.DataFrame(rows)
@@ -82,9 +82,9 @@ def prefix_table(baselines: Sequence[dict], runs: Sequence[dict]) -> pd.DataFram
         if run["method"] != "prefix":
             continue
         model = run["base_model"]["name"]
+        job = parse_job(run["job"])
         rows.append({
-            "base_model": model, "prefix_length": run["job"]["hyper"]["num_virtual_tokens"],
-            "learning_rate": run["job"]["learning_rate"],
+            "base_model": model, "prefix_length": job.num_virtual_tokens, "learning_rate": job.learning_rate,
             "baseline_ppl": _ppl(base[model]["test"]) if model in base else None,
             "ppl": _ppl(run.get("test")), "selection_ppl": run.get("best_validation_ppl"),
             "best_epoch": _best_epoch(run), "skipped": run.get("skipped"),

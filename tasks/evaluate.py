@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect import task
 
+from ftflow import design
 from ftflow.report import leaderboard_rows, markdown_table, plot_leaderboard, plot_training, render_report
 from ftflow.study import TABLE_COLUMNS, TABLE_TITLES, no_gain_notes, plot_methods, study_tables
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_stage
@@ -66,8 +67,7 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
             files["methods_plot"] = "methods.png"
             images.append("methods.png")
         trained = {r["name"]: r for r in runs if not r.get("skipped")}
-        grid = {n: r for n, r in trained.items() if r["method"] == "lora" and r["job"]["train_set"] == "main"
-                and r["base_model"]["name"] == trained[chosen_lora]["base_model"]["name"]}
+        grid = {r["name"]: r for r in design.lora_grid_runs(list(trained.values()), chosen_lora)}
         if grid:
             plot_training(grid, out / "lora_grid.png", title="LoRA grid: selection-split PPL by epoch")
             files["grid_plot"] = "lora_grid.png"
@@ -79,33 +79,18 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
             images.append("training.png")
         # Bits per byte: fair across tokenizers when compare.models is all.
         best = min(trained.values(), key=lambda r: r["selection"]["bits_per_byte"], default=None)
-        protocol = ("every choice (family, best epoch, best combination) was made on the validation split held out "
-                    "of train; test was scored once per model, for this report"
-                    if selection_split == "validation" else
-                    "STUDY PROTOCOL: the family, best epochs and best combinations were chosen on the TEST split, "
-                    "so the test perplexities here are optimistic")
         data_stats = dict(data["stats"], augmented=augmented.get("stats", {}).get("made", 0))
-        notes = [f"{f['name']} failed and was left out: {f['error']}" for f in failures]
-        notes += [f"{r['title']} was not trained: {r['skipped']}" for r in runs if r.get("skipped")]
-        notes += no_gain_notes(runs)
-        for b in benchmarks:
-            if b.get("peak_memory_bytes") and b["peak_memory_bytes"] > memory_budget_gb * 1e9:
-                notes.append(f"{b['name']} peaked at {b['peak_memory_bytes'] / 1e9:.1f} GB while scoring, over "
-                             f"the {memory_budget_gb:g} GB budget")
-        if "augmentation" in tables:
-            notes.append("augmentation table: an augmented set is larger, so at equal epochs it also gets more "
-                         "optimizer steps; compare it with the original set trained for the same steps (last "
-                         "column) to see the effect of the new sentences alone")
-        truncated = int(frame["test_truncated"].fillna(0).sum())
-        if truncated:
-            notes.append(f"{truncated} test sentence(s) were truncated at {max_length} tokens across all rows")
+        notes = design.report_notes(failures, runs, benchmarks, memory_budget_gb,
+                                    augmentation_table="augmentation" in tables,
+                                    truncated=int(frame["test_truncated"].fillna(0).sum()), max_length=max_length,
+                                    no_gain=no_gain_notes(runs))
         best_text = None
         if best is not None:
             best_text = (f"{best['name']} (selection PPL {best['best_validation_ppl']:.4f}, bits/byte "
                          f"{best['selection']['bits_per_byte']:.4f}; test PPL {best['test']['corpus_ppl']:.4f})")
         report = render_report(title=title, frame=frame, data_stats=data_stats, selection=selection,
-                               protocol_note=protocol, images=images, notes=notes, sections=sections,
-                               best=best_text)
+                               protocol_note=design.protocol_note(selection_split), images=images, notes=notes,
+                               sections=sections, best=best_text)
         (out / "report.md").write_text(report, encoding="utf-8")
         return {
             "files": files,

@@ -9,7 +9,7 @@ from prefect import task
 from ftflow.artifacts import write_json
 from ftflow.config import MemoryConfig, ModelSpec
 from ftflow.data import read_split
-from ftflow.memory import GB, longest_sequence, plan_candidate, plan_markdown, plan_model, plan_table, plot_plan
+from ftflow.memory import GB, PLAN_FILES, longest_sequence, plan_candidate, plan_model, write_plan
 from ftflow.models import ModelLoadError, load_tokenizer
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
@@ -57,11 +57,8 @@ def plan_memory(candidates: list[ModelSpec], data: dict, memory: MemoryConfig, b
         files = {"decisions": "decisions.json"}
         write_json(out / "decisions.json", decisions)
         if plans:
-            frame = plan_table(plans)
-            frame.to_csv(out / "plan.csv", index=False)
-            (out / "plan.md").write_text(plan_markdown(frame) + "\n", encoding="utf-8")
-            plot_plan(frame, budget, out / "plan.png")
-            files.update(csv="plan.csv", markdown="plan.md", plot="plan.png")
+            write_plan(plans, budget, out)
+            files.update(PLAN_FILES)
         return {"files": files, "budget_gb": budget_gb, "device": device, "decisions": decisions}
 
     return run_stage(STAGE, MODULES, build)

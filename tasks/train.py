@@ -18,8 +18,8 @@ from prefect import task
 
 from ftflow.artifacts import write_json
 from ftflow.data import read_split
-from ftflow.memory import GB, MemoryBudgetError, check_training_run
-from ftflow.methods import MEMORY_METHOD, TrainJob, run_job
+from ftflow.memory import GB, MemoryBudgetError, check_training_job
+from ftflow.methods import Job, run_job
 from ftflow.models import load_tokenizer
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
@@ -62,7 +62,7 @@ class ProgressArtifact:
 
 @task(name="train", task_run_name="{job.title}", cache_policy=ContentCache(stage=STAGE, modules=MODULES),
       **STAGE_TASK_OPTIONS)
-def train(job: TrainJob, train_set: dict, data: dict, seed: int, max_length: int, device: str,
+def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, device: str,
           eval_batch_size: int, selection_split: str, memory_budget_gb: float, logits_chunk_tokens: int,
           teacher_topk: Optional[dict] = None, checkpoint_steps: int = 50, artifacts_dir: str = "artifacts",
           progress: bool = True) -> dict:
@@ -82,24 +82,12 @@ def train(job: TrainJob, train_set: dict, data: dict, seed: int, max_length: int
                                "fault); unset the variable and run again")
         train_sentences = read_split(stage_path(train_set, "train"))
         validation_sentences = read_split(stage_path(data, selection_split))
-        fits = dict(tokenizer=load_tokenizer(job.model["path"], job.model["trust_remote_code"]),
-                    train_sentences=train_sentences, validation_sentences=validation_sentences,
-                    batch_size=job.batch_size, eval_batch_size=eval_batch_size, max_length=max_length,
-                    budget_bytes=int(memory_budget_gb * GB), logits_chunk_tokens=logits_chunk_tokens, device=device,
-                    lora_r=job.hyper.get("r", 8), trust_remote_code=job.model["trust_remote_code"])
-        master_weights = None
         try:
-            if MEMORY_METHOD[job.method] in ("full", "distill") and job.precision in ("bf16", "fp16"):
-                # fp32 master weights under autocast when they fit (an fp32 run's peak bounds theirs), else
-                # the weights stay bf16 with a compensated update (ftflow.training.plan_precision).
-                try:
-                    check_training_run(job.model["path"], "fp32", MEMORY_METHOD[job.method], **fits)
-                    master_weights = "fp32"
-                except MemoryBudgetError as exc:
-                    if job.precision == "fp16":
-                        raise MemoryBudgetError(f"fp16 training needs fp32 master weights, which do not fit: {exc}")
-                    master_weights = job.precision
-            planned = check_training_run(job.model["path"], job.precision, MEMORY_METHOD[job.method], **fits)
+            planned, master_weights = check_training_job(
+                job, tokenizer=load_tokenizer(job.model["path"], job.model["trust_remote_code"]),
+                train_sentences=train_sentences, validation_sentences=validation_sentences,
+                eval_batch_size=eval_batch_size, max_length=max_length, budget_bytes=int(memory_budget_gb * GB),
+                logits_chunk_tokens=logits_chunk_tokens, device=device)
         except MemoryBudgetError as exc:
             logger.warning("%s is not trained: %s", job.title, exc)
             return {"files": {}, "name": job.name, "title": job.title, "method": job.method,

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-
-from flows.pipeline import _per_model_jobs
 from ftflow.config import parse_config
+from ftflow.design import per_model_jobs
 from ftflow.methods import lora_grid
 
 MODELS = [{"name": n, "path": f"/m/{n}", "family": "f", "precision": "fp32", "trust_remote_code": False}
@@ -18,7 +16,7 @@ def plan(tmp_path, **sections) -> list[str]:
     cfg = parse_config({"data": {"synthetic": {}}, "models": [{"name": "x", "path": "/x", "family": "f"}],
                         **sections}, tmp_path)
     best = lora_grid(cfg.lora, MODELS[0])[0]
-    return [job.title for job in _per_model_jobs(cfg, BENCHMARKS, SELECTION, best, logging.getLogger("t"))]
+    return [job.title for job in per_model_jobs(cfg, BENCHMARKS, SELECTION, best)]
 
 
 def test_family_models_get_lora_qlora_and_full_fine_tuning_up_to_the_size_limit(tmp_path):

@@ -214,7 +214,7 @@ def test_gpu_models_have_their_real_sizes():
     from ftflow import zoo
 
     tokenizer = zoo.train_tokenizer(synthetic.generate_sentences(50, seed=0, domain="reviews"), 300, seed=0)
-    counts = {spec.name: gpu_check.memory.count_parameters(gpu_check.model_config(spec, tokenizer))
+    counts = {spec.name: gpu_check.memory.count_config_parameters(gpu_check.model_config(spec, tokenizer))
               for spec in gpu_check.GPU_MODELS}
     # Llama-3.2-1B and Qwen2.5-0.5B as published. Granite 3.0 2B's shapes with 14 layers: embedding
     # 49155 x 2048, per layer q, o 2048^2, k, v 2048 x 512, MLP 3 x 2048 x 8192, two norms; a final norm.

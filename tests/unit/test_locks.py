@@ -33,6 +33,7 @@ def test_second_holder_waits_until_the_first_releases(tmp_path):
     assert list((tmp_path / ".locks").iterdir()) == [tmp_path / ".locks" / ".mutex"]
 
 
+@pytest.mark.slow  # waits out leases (seconds)
 def test_a_held_lock_is_renewed_past_its_lease(tmp_path):
     holder = LeasedFileLockManager(tmp_path, lease_seconds=0.6)
     other = LeasedFileLockManager(tmp_path, lease_seconds=0.6)
@@ -58,6 +59,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # waits out leases (seconds)
 def test_the_lock_of_a_killed_process_on_this_machine_is_free_once_it_is_gone(tmp_path):
     lease = 1.5
     holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_SLEEP, str(tmp_path), str(lease), KEY], cwd=REPO,
@@ -77,6 +79,7 @@ def test_the_lock_of_a_killed_process_on_this_machine_is_free_once_it_is_gone(tm
         holder.wait(timeout=30)
 
 
+@pytest.mark.slow  # waits out leases (seconds)
 def test_a_lock_taken_on_another_machine_holds_until_its_lease_expires(tmp_path):
     locks = LeasedFileLockManager(tmp_path, lease_seconds=30)
     path = locks._lock_path_for_key(KEY)

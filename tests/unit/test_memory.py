@@ -26,7 +26,7 @@ from ftflow.memory import (
     TRAINING_LAYER_BYTES,
     UnknownModelError,
     choose_precision,
-    count_parameters,
+    count_config_parameters,
     largest_batch_size,
     model_config_for,
     parameter_counts,
@@ -72,7 +72,7 @@ def test_meta_count_equals_a_real_model(architecture, tied):
     config = small_config(architecture, tie_word_embeddings=tied)
     torch.manual_seed(0)
     real = AutoModelForCausalLM.from_config(config)
-    assert count_parameters(config) == sum(p.numel() for p in real.parameters())
+    assert count_config_parameters(config) == sum(p.numel() for p in real.parameters())
     counts = parameter_counts(config)
     linears = [m for m in real.modules() if isinstance(m, torch.nn.Linear) and m is not real.lm_head]
     assert counts.linear_weights == sum(m.weight.numel() for m in linears)
@@ -80,8 +80,8 @@ def test_meta_count_equals_a_real_model(architecture, tied):
 
 
 def test_tied_embeddings_are_counted_once():
-    tied = count_parameters(small_config(tie_word_embeddings=True))
-    untied = count_parameters(small_config(tie_word_embeddings=False))
+    tied = count_config_parameters(small_config(tie_word_embeddings=True))
+    untied = count_config_parameters(small_config(tie_word_embeddings=False))
     assert untied - tied == 300 * 64
 
 
@@ -109,7 +109,7 @@ def test_every_known_model_has_every_field_and_builds():
 
 @pytest.mark.parametrize("model_id", sorted(PUBLISHED_PARAMETERS))
 def test_known_models_match_their_published_counts(model_id):
-    counted = count_parameters(model_config_for(model_id))
+    counted = count_config_parameters(model_config_for(model_id))
     assert counted == pytest.approx(PUBLISHED_PARAMETERS[model_id], rel=0.03)
 
 
@@ -124,7 +124,7 @@ def test_known_models_match_their_published_counts(model_id):
     ("ibm-granite/granite-3.3-8b-instruct", 8_170_864_640),
 ])
 def test_known_models_exact_counts(model_id, exact):
-    assert count_parameters(model_config_for(model_id)) == exact
+    assert count_config_parameters(model_config_for(model_id)) == exact
 
 
 # ----------------------------------------------------------------------------- finding configs
@@ -163,7 +163,7 @@ def test_unknown_model_error_names_the_model_and_the_fixes():
 def test_scoring_prediction_by_hand():
     """Full-logits scoring (logits_chunk_tokens=0): the [B, L, V] logits and what the loss copies of them."""
     config = small_config(tie_word_embeddings=False)
-    n = count_parameters(config)
+    n = count_config_parameters(config)
     batch, length = 3, 20
     fp32 = predict_scoring(config, "fp32", batch, length, device="cpu", logits_chunk_tokens=0)
     assert fp32.weights_bytes == 4 * n
@@ -236,7 +236,7 @@ def test_nf4_bytes_per_parameter_match_bitsandbytes():
 
 def test_full_training_state_by_hand():
     config = small_config(tie_word_embeddings=True)
-    n = count_parameters(config)
+    n = count_config_parameters(config)
     fp32 = predict_training(config, "fp32", "full", 2, 16)
     assert (fp32.weights_bytes, fp32.gradients_bytes, fp32.optimizer_bytes) == (4 * n, 4 * n, 8 * n)
     assert fp32.logits_bytes == 2 * 16 * 300 * 12
@@ -399,7 +399,7 @@ def test_training_layer_bytes_match_what_autograd_saves(method, dtype, group):
 @pytest.mark.parametrize("model_id", STUDY_SMALL)
 def test_study_small_models_fit_in_fp32_within_5_to_13_gb(model_id):
     config = model_config_for(model_id)
-    assert count_parameters(config) < 2.6e9
+    assert count_config_parameters(config) < 2.6e9
     # The study's evaluator made full logits (as ftflow did before chunked scoring).
     choice = choose_precision(config, STUDY_BUDGET, batch_size=STUDY_BATCH, max_length=STUDY_LENGTH,
                               logits_chunk_tokens=0)
@@ -535,3 +535,46 @@ def test_training_that_would_not_fit_is_refused_before_loading():
     with pytest.raises(MemoryBudgetError, match="full training of ibm-granite/granite-3.3-8b-base .* over the 20.00 GB"):
         check_training_fits("ibm-granite/granite-3.3-8b-base", "bf16", "full", batch_size=1, max_length=128,
                             budget_bytes=budget)
+
+
+def test_the_training_memory_check_takes_the_job_with_its_own_settings(tmp_path):
+    """The job's method (QLoRA as itself), LoRA rank and dropout and prefix length are what is planned."""
+    from tests.tiny import tiny_tokenizer
+
+    from ftflow.config import FinetuneConfig, LoraConfig, PrefixConfig, QLoraConfig
+    from ftflow.jobs import full_job, lora_grid, prefix_grid, qlora_like
+    from ftflow.memory import MemoryBudgetError, check_training_job
+
+    small_config().save_pretrained(tmp_path)
+    model = {"name": "m", "path": str(tmp_path), "family": "f", "precision": "bf16", "trust_remote_code": False}
+    data = dict(tokenizer=tiny_tokenizer(), train_sentences=["the cat sat on the mat"],
+                validation_sentences=["a dog ran fast"], eval_batch_size=4, max_length=2048, device="cuda")
+    lengths = dict(eval_batch_size=4, eval_length=5, device="cuda")  # trains on 7 tokens (<s> + 6 words); 5 scored
+
+    def check(job, budget=20 * GB):
+        return check_training_job(job, budget_bytes=budget, **data)
+
+    p2, p64 = prefix_grid(PrefixConfig(num_virtual_tokens=[2, 64], batch_size=2), model)
+    (planned, master), _ = check(p2), check(p64)
+    assert master is None and planned == predict_training(small_config(), "bf16", "prefix", 2, 7,
+                                                          num_virtual_tokens=2, **lengths)
+    assert check(p64)[0] == predict_training(small_config(), "bf16", "prefix", 2, 7, num_virtual_tokens=64, **lengths)
+    # 62 more virtual tokens: 62 more key/value vectors per layer and longer attention (the default, 8, was planned
+    # for every prefix run before the check took the job).
+    assert planned.peak_bytes < check(p64)[0].peak_bytes
+    assert planned != predict_training(small_config(), "bf16", "prefix", 2, 7, num_virtual_tokens=8, **lengths)
+    d0, d1 = lora_grid(LoraConfig(r=16, dropout=[0.0, 0.1], batch_size=2), model)
+    assert check(d0)[0] == predict_training(small_config(), "bf16", "lora", 2, 7, lora_r=16, lora_dropout=0.0,
+                                            **lengths)
+    assert check(d1)[0] == predict_training(small_config(), "bf16", "lora", 2, 7, lora_r=16, lora_dropout=0.1,
+                                            **lengths)
+    assert check(d0)[0].peak_bytes < check(d1)[0].peak_bytes  # dropout keeps its mask and its input for backward
+    qlora = qlora_like(d1, model, QLoraConfig())
+    assert check(qlora)[0] == predict_training(small_config(), "nf4", "qlora", 2, 7, lora_r=16, lora_dropout=0.1,
+                                               **lengths)
+    # bf16 full fine-tuning: fp32 master weights when an fp32 run fits, else bf16 weights (compensated update).
+    full = full_job(FinetuneConfig(batch_size=2), model)
+    fp32_peak = predict_training(small_config(), "fp32", "full", 2, 7, **lengths).peak_bytes
+    assert check(full)[1] == "fp32" and check(full, fp32_peak - 1)[1] == "bf16"
+    with pytest.raises(MemoryBudgetError, match="fp16 training needs fp32 master weights"):
+        check(full.model_copy(update={"model": dict(model, precision="fp16")}), fp32_peak - 1)

@@ -9,7 +9,7 @@ import pytest
 from ftflow.cards import read_card_metadata
 from ftflow.config import DistillConfig, FinetuneConfig, LoraConfig, PrefixConfig, QLoraConfig
 from ftflow.distill import compute_teacher_topk
-from ftflow.methods import (TrainJob, best_run, distill_grid, full_job, load_trained, lora_grid, lora_like,
+from ftflow.methods import (Job, best_run, distill_grid, full_job, load_trained, lora_grid, lora_like,
                             prefix_grid, qlora_like, run_job)
 from ftflow.models import load_model, load_tokenizer
 from ftflow.perplexity import score_sentences
@@ -28,7 +28,7 @@ def base(tmp_path_factory) -> dict:
     return {"name": "tiny", "path": str(path), "family": "tiny", "precision": "fp32", "trust_remote_code": False}
 
 
-def train(job: TrainJob, tmp_path, **extra) -> dict:
+def train(job: Job, tmp_path, **extra) -> dict:
     out = tmp_path / "out"
     out.mkdir(parents=True)
     result = run_job(job, train_sentences=TRAIN, validation_sentences=VALIDATION, test_sentences=TEST,
@@ -76,6 +76,7 @@ def _plain_reload_ppl(run: dict, base: dict) -> float:
                            progress=False).corpus_ppl
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("method", ["lora", "prefix", "full"])
 def test_trained_result_reloads_with_plain_library_calls_to_the_same_perplexity(method, base, tmp_path):
     job = {"lora": lora_grid(LoraConfig(r=4, learning_rate=1e-2, epochs=2, batch_size=4), base)[0],
@@ -93,6 +94,7 @@ def test_trained_result_reloads_with_plain_library_calls_to_the_same_perplexity(
     assert f"{run['test']['corpus_ppl']:.4f}" in card and "data fingerprint: `abc`" in card
 
 
+@pytest.mark.slow  # trains
 def test_qlora_trains_in_4_bits_and_reloads_to_the_same_perplexity(base, tmp_path):
     best = lora_grid(LoraConfig(r=4, learning_rate=1e-2, epochs=1, batch_size=4), base)[0]
     job = qlora_like(best, base, QLoraConfig(double_quant=True, compute_dtype="fp32"))
@@ -104,6 +106,7 @@ def test_qlora_trains_in_4_bits_and_reloads_to_the_same_perplexity(base, tmp_pat
     assert math.isclose(again.corpus_ppl, run["test"]["corpus_ppl"], rel_tol=1e-6)
 
 
+@pytest.mark.slow  # trains
 def test_same_job_twice_gives_the_same_validation_perplexity(base, tmp_path):
     job = lora_grid(LoraConfig(r=4, dropout=0.1, learning_rate=1e-2, epochs=2, batch_size=4), base)[0]
     first = train(job, tmp_path / "a")
@@ -112,6 +115,7 @@ def test_same_job_twice_gives_the_same_validation_perplexity(base, tmp_path):
         assert abs(a["validation"]["corpus_ppl"] - b["validation"]["corpus_ppl"]) < 1e-6
 
 
+@pytest.mark.slow  # trains
 def test_distillation_variants_slice_one_stored_top_k(base, tmp_path):
     tokenizer = load_tokenizer(base["path"])
     teacher = load_model(base["path"], "fp32", "cpu")
@@ -148,6 +152,7 @@ def trained_base(tmp_path_factory) -> dict:
     return {"name": "tiny", "path": str(path), "family": "tiny", "precision": "fp32", "trust_remote_code": False}
 
 
+@pytest.mark.slow  # trains
 def test_untrained_prefix_starts_close_to_the_base_model(trained_base):
     """Zero-initialised prefixes (what train_prefix uses) barely move the base model; PEFT's N(0, 1) ones do."""
     import torch
@@ -167,6 +172,7 @@ def test_untrained_prefix_starts_close_to_the_base_model(trained_base):
     assert ppl(prefixed(None)) == pytest.approx(2.17935, abs=1e-5)  # PEFT's default: +51%
 
 
+@pytest.mark.slow  # trains
 def test_prefix_epoch_zero_is_the_base_model_and_no_gain_means_best_epoch_none(trained_base, tmp_path):
     from ftflow.study import no_gain_notes, prefix_table
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from ftflow.jobs import parse_job
 from ftflow.report import markdown_table
 from ftflow.study import TABLE_COLUMNS, ablation_table, method_table, plot_methods, study_tables
 
@@ -13,9 +14,17 @@ def score(ppl: float) -> dict:
     return {"corpus_ppl": ppl, "bits_per_byte": ppl / 10, "scored_tokens": 100, "n_truncated": 0}
 
 
+# A job of each method, with its own hyperparameters (those a test does not give take these values).
+DEFAULTS = {"lora": dict(r=8, alpha=16.0, dropout=0.05, target_modules="all-linear"),
+            "qlora": dict(r=8, alpha=16.0, dropout=0.05, target_modules="all-linear", quant_type="nf4",
+                          double_quant=True, compute_dtype="bf16"),
+            "prefix": dict(num_virtual_tokens=4), "full": {}, "distill": dict(top_k=10, temperature=1.0, alpha=0.5)}
+
+
 def run(model: str, method: str, selection: float, test: float, train_set: str = "main", **hyper) -> dict:
-    job = {"method": method, "hyper": hyper, "learning_rate": 1e-3, "epochs": 2, "batch_size": 8,
-           "weight_decay": 0.0, "train_set": train_set}
+    job = parse_job({"method": method, **DEFAULTS[method], **hyper, "model": {"name": model, "family": "f"},
+                     "learning_rate": 1e-3, "epochs": 2, "batch_size": 8, "train_set": train_set}
+                    ).model_dump(mode="json")
     label = ",".join(f"{k}{v}" for k, v in hyper.items()) + f",{train_set}"
     return {"name": f"{model}+{method}[{label}]", "title": f"{method}[{model}|{label}]", "method": method,
             "settings_label": label, "base_model": {"name": model, "family": "f"}, "job": job,
@@ -71,7 +80,6 @@ def test_ablation_table_measures_each_training_set_against_the_original():
 def test_skipped_runs_are_listed_with_their_reason(tmp_path):
     skipped = run("teacher", "prefix", 0, 0, num_virtual_tokens=4)
     skipped.update(skipped="predicted 30 GB, over the 20 GB budget", test=None, best_validation_ppl=None)
-    skipped["job"]["hyper"] = {"num_virtual_tokens": 4}
     frame = study_tables(BASELINES, [skipped, run("teacher", "lora", 5.0, 9.0, r=8)], None)["prefix"]
     assert frame.loc[0, "skipped"].startswith("predicted 30 GB") and frame.isna().loc[0, "ppl"]
     plot_methods(method_table(BASELINES, [run("teacher", "lora", 5.0, 9.0, r=8)]), tmp_path / "m.png")

@@ -1,0 +1,112 @@
+"""The steps both flows share: data -> candidates -> memory plan, the benchmark of every candidate, training runs.
+
+Each step submits tasks and waits for them; what to run is decided in
+:mod:`ftflow.design`, never here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+from prefect import get_run_logger
+
+from flows.scale import Submit
+from ftflow import design
+from ftflow.config import ModelSpec, PipelineConfig
+from ftflow.jobs import Job
+from tasks._stage import with_storage
+from tasks.benchmark import benchmark
+from tasks.plan_memory import plan_memory
+from tasks.prepare_data import prepare_data
+from tasks.train import train
+from tasks.zoo import zoo, zoo_candidates
+
+
+def candidates_and_plan(cfg: PipelineConfig, data: dict, device: str, artifacts_dir: str,
+                        progress: bool = True) -> tuple[list[ModelSpec], dict]:
+    """The candidate models (the zoo's, built offline, or the config's ``models``) and their memory plan."""
+    stage = lambda task: with_storage(task, artifacts_dir)  # noqa: E731
+    if cfg.zoo is not None:
+        candidates = zoo_candidates(stage(zoo)(cfg.zoo, device, artifacts_dir=artifacts_dir, progress=progress))
+    else:
+        candidates = list(cfg.models)
+    plan = stage(plan_memory)(candidates, data, cfg.memory, cfg.memory_budget_gb, cfg.max_length,
+                              cfg.benchmark.batch_size, device, artifacts_dir=artifacts_dir,
+                              logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens)
+    return candidates, plan
+
+
+def data_candidates_and_plan(cfg: PipelineConfig, device: str, artifacts_dir: str,
+                             progress: bool = True) -> tuple[dict, list[ModelSpec], dict]:
+    """The prepared splits, then :func:`candidates_and_plan`."""
+    data = with_storage(prepare_data, artifacts_dir)(cfg.data, artifacts_dir=artifacts_dir)
+    return (data, *candidates_and_plan(cfg, data, device, artifacts_dir, progress))
+
+
+def benchmark_candidates(submit: Submit, candidates: list[ModelSpec], plan: dict, data: dict, cfg: PipelineConfig,
+                         device: str, artifacts_dir: str, progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Benchmark every candidate the plan lets through (:func:`ftflow.design.benchmark_plan`); (manifests, failures).
+
+    A candidate the plan skips, or whose run fails, becomes a failure with its
+    reason; the others go on.
+    """
+    logger = get_run_logger()
+    task = with_storage(benchmark, artifacts_dir)
+    planned, failures = design.benchmark_plan(candidates, plan["decisions"])
+    for failure in failures:
+        logger.warning("%s is not benchmarked: %s", failure["name"], failure["error"])
+    futures = [(spec, submit(task, spec=spec, data=data, batch_size=batch_size, max_length=cfg.max_length,
+                             device=device, artifacts_dir=artifacts_dir, progress=progress,
+                             logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens))
+               for spec, batch_size in planned]
+    benchmarks = []
+    for spec, future in futures:
+        future.wait()
+        if future.state.is_completed():
+            benchmarks.append(future.result())
+        else:
+            error = error_text(future)
+            logger.error("benchmark of %s failed, continuing without it: %s", spec.name, error)
+            failures.append({"name": spec.name, "family": spec.family, "precision": spec.precision, "error": error})
+    return benchmarks, failures
+
+
+def trainer(submit: Submit, artifacts_dir: str, main_set: dict, **run) -> Callable[..., list[dict]]:
+    """``train_all(jobs, train_sets=None, topk=None)``: one cached ``train`` run per job, all awaited.
+
+    ``train_sets`` (one manifest per job) defaults to ``main_set``, the
+    pipeline's training set; ``run`` holds the parameters every run shares.
+    """
+    task = with_storage(train, artifacts_dir)
+
+    def train_all(jobs: Sequence[Job], train_sets: Optional[Sequence[dict]] = None,
+                  topk: Optional[dict] = None) -> list[dict]:
+        futures = [submit(task, job=job, train_set=train_set, teacher_topk=topk, artifacts_dir=artifacts_dir, **run)
+                   for job, train_set in zip(jobs, train_sets or [main_set] * len(jobs))]
+        return settle(jobs, futures)
+
+    return train_all
+
+
+def settle(jobs: Sequence[Job], futures: list) -> list[dict]:
+    """Wait for every run; if any failed, fail here naming each one and its cause (the others stay cached)."""
+    results, errors = [], []
+    for job, future in zip(jobs, futures):
+        future.wait()
+        if future.state.is_completed():
+            results.append(future.result())
+        else:
+            errors.append(f"{job.title}: {error_text(future)}")
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(jobs)} training run(s) failed (finished runs are cached; fix "
+                           "the cause and run again to resume):\n  " + "\n  ".join(errors))
+    return results
+
+
+def error_text(future) -> str:
+    """The exception a failed task raised, as ``Type: message``."""
+    try:
+        future.result()
+    except BaseException as exc:  # the task's own exception, re-raised by Prefect
+        return f"{type(exc).__name__}: {exc}"
+    return str(future.state.message)

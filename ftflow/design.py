@@ -1,0 +1,315 @@
+"""The study's design: every run it makes, decided from the config and the stages' results (pure, no I/O).
+
+The flow (``flows/pipeline.py``) only wires stages; each decision it needs is
+one function here, reading the config and typed stage results
+(:class:`Decision` of the memory plan, :class:`BenchmarkResult`,
+:class:`Selection`, :class:`TrainedRun`) and returning typed jobs
+(:data:`ftflow.jobs.Job`):
+
+* which candidates are benchmarked, at which precision and batch size: :func:`benchmark_plan`;
+* the batch size of every later scoring pass: :func:`evaluation_batch_size`;
+* the LoRA grid (on the teacher) and its best combination: :func:`lora_grid_jobs`, :func:`best_lora`;
+* which models get LoRA, QLoRA and full fine-tuning, and the prefix grid: :func:`per_model_jobs`;
+* the distillation teacher, student and variants: :func:`distillation_teacher`, :func:`distillation_student`,
+  :func:`distillation_jobs`;
+* the augmentation ablation's training sets and runs (the same-steps rule): :func:`ablation_runs`;
+* each run once in the report: :func:`unique_runs`; the report's notes: :func:`report_notes`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from ftflow.config import AugmentConfig, ModelSpec, PipelineConfig
+from ftflow.jobs import (DistillJob, Job, LoraJob, best_run, distill_grid, full_job, lora_grid, lora_like,
+                         prefix_grid, qlora_like)
+
+
+class _Result(BaseModel):
+    """A stage's manifest as the design reads it (the fields it needs; the rest stays in the manifest)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Decision(_Result):
+    """The memory plan's decision for one candidate: its precision and batch size, or None and why not."""
+
+    precision: Optional[str]
+    batch_size: Optional[int] = None
+    reason: str = ""
+
+
+class BenchmarkResult(_Result):
+    """One benchmarked candidate: the model as trained from here on, and its exact parameter count."""
+
+    name: str
+    model: dict[str, Any]
+    parameters: int
+
+
+class Selection(_Result):
+    """The chosen family's teacher and student (names and models)."""
+
+    teacher: str
+    student: str
+    teacher_model: dict[str, Any]
+    student_model: dict[str, Any]
+
+
+class TrainedRun(_Result):
+    """One training run's result: its job, and its selection-split perplexity or why it was not trained."""
+
+    key: str
+    name: str
+    job: Job
+    skipped: Optional[str] = None
+    best_validation_ppl: Optional[float] = None
+
+
+R = TypeVar("R", bound=_Result)
+
+
+def _typed(cls: type[R], value: R | Mapping) -> R:
+    return value if isinstance(value, cls) else cls.model_validate(value)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def benchmark_plan(candidates: Sequence[ModelSpec], decisions: Mapping[str, Decision | Mapping]
+                   ) -> tuple[list[tuple[ModelSpec, int]], list[dict]]:
+    """``([(candidate at its planned precision, batch size)], [failure])``: what the memory plan lets through.
+
+    A candidate the plan predicts will not fit is not loaded: it becomes a
+    failure (``name``, ``family``, ``precision``, ``error``: the plan's reason).
+    """
+    planned, failures = [], []
+    for spec in candidates:
+        decision = _typed(Decision, decisions[spec.name])
+        if decision.precision is None:
+            failures.append({"name": spec.name, "family": spec.family, "precision": spec.precision,
+                             "error": decision.reason})
+        else:
+            planned.append((spec.model_copy(update={"precision": decision.precision}), decision.batch_size))
+    return planned, failures
+
+
+def evaluation_batch_size(cfg: PipelineConfig, decisions: Mapping[str, Decision | Mapping]) -> int:
+    """Batch size of every scoring pass after the benchmark (validation per epoch, teacher logits, test).
+
+    The configured ``benchmark.batch_size``, or with ``auto`` the most cautious
+    planned one (the smallest over the benchmarked candidates; 1 if none).
+    """
+    if cfg.benchmark.batch_size != "auto":
+        return cfg.benchmark.batch_size
+    typed = [_typed(Decision, d) for d in decisions.values()]
+    return min([d.batch_size for d in typed if d.precision], default=1)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def lora_grid_jobs(cfg: PipelineConfig, selection: Selection | Mapping) -> list[LoraJob]:
+    """The LoRA grid (every combination of ``lora``'s axes), on the teacher."""
+    return lora_grid(cfg.lora, _typed(Selection, selection).teacher_model)
+
+
+def best_lora(grid: Sequence[Mapping]) -> tuple[Mapping, LoraJob]:
+    """The grid's best run on the selection split (ties: the earlier one) and its job."""
+    best = best_run(grid)
+    job = _typed(TrainedRun, best).job
+    assert isinstance(job, LoraJob), job
+    return best, job
+
+
+def compared_models(cfg: PipelineConfig, benchmarks: Sequence[BenchmarkResult | Mapping],
+                    selection: Selection | Mapping) -> list[dict]:
+    """The models the per-model methods run on: teacher and student (``compare.models: family``) or every one."""
+    benchmarks = [_typed(BenchmarkResult, b) for b in benchmarks]
+    selection = _typed(Selection, selection)
+    if cfg.compare.models == "all":
+        return [b.model for b in benchmarks]
+    by_name = {b.name: b for b in benchmarks}
+    return [by_name[selection.teacher].model, by_name[selection.student].model]
+
+
+def _parameters(benchmarks: Sequence[BenchmarkResult | Mapping]) -> dict[str, int]:
+    return {b.name: b.parameters for b in (_typed(BenchmarkResult, b) for b in benchmarks)}
+
+
+def per_model_jobs(cfg: PipelineConfig, benchmarks: Sequence[BenchmarkResult | Mapping],
+                   selection: Selection | Mapping, best: LoraJob) -> list[Job]:
+    """Per compared model: LoRA with the best combination, QLoRA, full fine-tuning; then the prefix grid.
+
+    * LoRA: every compared model but the teacher, whose LoRA run is the grid's best.
+    * QLoRA (``qlora.enabled``): every compared model, the best combination on the 4-bit base.
+    * Full fine-tuning: every compared model of at most ``finetune.max_params`` parameters
+      (:func:`left_out_of_full_fine_tuning` says which are not).
+    * The prefix-tuning grid (``prefix.enabled``): on the teacher.
+    """
+    parameters = _parameters(benchmarks)
+    teacher = _typed(Selection, selection).teacher_model
+    jobs: list[Job] = []
+    for model in compared_models(cfg, benchmarks, selection):
+        if model["name"] != teacher["name"]:
+            jobs.append(lora_like(best, model))
+        if cfg.qlora.enabled:
+            jobs.append(qlora_like(best, model, cfg.qlora))
+        if parameters[model["name"]] <= cfg.finetune.max_params:
+            jobs.append(full_job(cfg.finetune, model))
+    if cfg.prefix.enabled:
+        jobs += prefix_grid(cfg.prefix, teacher)
+    return jobs
+
+
+def left_out_of_full_fine_tuning(cfg: PipelineConfig, benchmarks: Sequence[BenchmarkResult | Mapping],
+                                 selection: Selection | Mapping) -> list[str]:
+    """One line per compared model over ``finetune.max_params`` (not fine-tuned in full), saying so."""
+    parameters = _parameters(benchmarks)
+    return [f"{m['name']} is not fine-tuned in full: {parameters[m['name']]:,} parameters > finetune.max_params "
+            f"{cfg.finetune.max_params:,}"
+            for m in compared_models(cfg, benchmarks, selection) if parameters[m["name"]] > cfg.finetune.max_params]
+
+
+def distillation_teacher(best_lora_run: Mapping) -> Mapping:
+    """The model whose top-k the student learns from: the teacher with the best LoRA combination (its run)."""
+    return best_lora_run
+
+
+def distillation_student(selection: Selection | Mapping) -> dict:
+    """The model distilled into: the selected family's student."""
+    return _typed(Selection, selection).student_model
+
+
+def distillation_jobs(cfg: PipelineConfig, selection: Selection | Mapping) -> list[DistillJob]:
+    """The distillation variants (top-k x temperature x alpha), into the student."""
+    return distill_grid(cfg.distill, distillation_student(selection))
+
+
+class TrainSet(BaseModel):
+    """A training set of the ablation: which sentences, made how, and its label in the report.
+
+    ``source``: ``main`` (the pipeline's training set), ``original`` (the
+    train split) or ``augment`` (made from the train split with ``augment``,
+    as task run ``run_name``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    source: Literal["main", "original", "augment"]
+    label: str
+    augment: Optional[AugmentConfig] = None
+    run_name: Optional[str] = None
+
+
+class AblationRun(BaseModel):
+    """One run of the augmentation ablation: the same job, on one training set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job: Job
+    train_set: TrainSet
+
+
+MIX_LABEL = "all methods (configured mix)"
+
+
+def ablation_train_sets(cfg: PipelineConfig) -> list[TrainSet]:
+    """The original split, the configured mix and (``ablation.per_method``) each augmentation method alone."""
+    augment = cfg.augment
+    if augment.enabled:
+        sets = [TrainSet(name="main", source="main", label=MIX_LABEL),
+                TrainSet(name="original", source="original", label="original")]
+    else:  # the pipeline trains on the original split; the mix is made for the comparison only
+        sets = [TrainSet(name="main", source="original", label="original"),
+                TrainSet(name="augmented", source="augment", label=MIX_LABEL, run_name="augment[mix]",
+                         augment=augment.model_copy(update={"enabled": True}))]
+    if cfg.ablation.per_method:
+        for method in sorted(m for m, w in augment.methods.items() if w > 0):
+            sets.append(TrainSet(name=method, source="augment", label=f"{method} only", run_name=f"augment[{method}]",
+                                 augment=augment.model_copy(update={"enabled": True, "methods": {method: 1.0}})))
+    return sets
+
+
+def ablation_runs(cfg: PipelineConfig, selection: Selection | Mapping, best: LoraJob) -> list[AblationRun]:
+    """The augmentation ablation (``ablation.enabled``): one run repeated on each training set.
+
+    The run is the teacher with the best LoRA combination (``ablation.method:
+    lora``) or the student fine-tuned in full. An augmented set is ``factor``
+    times larger, so at equal epochs it also gets that many more optimizer
+    steps: the original set trained for as many steps (``original-steps``)
+    separates the two effects; it is added when that step count differs.
+    """
+    if not cfg.ablation.enabled:
+        return []
+    selection = _typed(Selection, selection)
+    base = (lora_like(best, selection.teacher_model) if cfg.ablation.method == "lora"
+            else full_job(cfg.finetune, selection.student_model))
+    runs = [AblationRun(job=base.model_copy(update={"train_set": s.name}), train_set=s)
+            for s in ablation_train_sets(cfg)]
+    same_steps = max(1, round(base.epochs * cfg.augment.factor))
+    if same_steps != base.epochs:
+        label = (f"original, same steps ({same_steps} epochs, the augmented sets get {cfg.augment.factor:g} x "
+                 f"{base.epochs})")
+        runs.append(AblationRun(job=base.model_copy(update={"train_set": "original-steps", "epochs": same_steps}),
+                                train_set=TrainSet(name="original-steps", source="original", label=label)))
+    return runs
+
+
+def ablation_labels(runs: Sequence[AblationRun]) -> dict[str, str]:
+    """{trained model's name: its training set's label}: the report's augmentation table."""
+    return {run.job.name: run.train_set.label for run in runs}
+
+
+def unique_runs(runs: Sequence[Mapping]) -> list[Mapping]:
+    """Runs in order, each once (the ablation repeats the main run on the configured training set)."""
+    seen, out = set(), []
+    for run in runs:
+        key = _typed(TrainedRun, run).key
+        if key not in seen:
+            seen.add(key)
+            out.append(run)
+    return out
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def lora_grid_runs(runs: Sequence[Mapping], chosen: Optional[str]) -> list[Mapping]:
+    """The LoRA grid's runs: LoRA on the main training set, on the model of the chosen (best) run."""
+    grid_model = next((r["base_model"]["name"] for r in runs if r["name"] == chosen), None)
+    return [r for r in runs if r["method"] == "lora" and r["job"]["train_set"] == "main"
+            and r["base_model"]["name"] == grid_model]
+
+
+def protocol_note(selection_split: str) -> str:
+    """What the choices were made on, for the report's first lines."""
+    if selection_split == "validation":
+        return ("every choice (family, best epoch, best combination) was made on the validation split held out "
+                "of train; test was scored once per model, for this report")
+    return ("STUDY PROTOCOL: the family, best epochs and best combinations were chosen on the TEST split, "
+            "so the test perplexities here are optimistic")
+
+
+def report_notes(failures: Sequence[Mapping], runs: Sequence[Mapping], benchmarks: Sequence[Mapping],
+                 memory_budget_gb: float, *, augmentation_table: bool, truncated: int, max_length: int,
+                 no_gain: Sequence[str] = ()) -> list[str]:
+    """The report's notes, in order: failures, runs not trained, methods that did not help (``no_gain``),
+    scoring peaks over the budget, how to read the augmentation table, truncated test sentences."""
+    notes = [f"{f['name']} failed and was left out: {f['error']}" for f in failures]
+    notes += [f"{r['title']} was not trained: {r['skipped']}" for r in runs if r.get("skipped")]
+    notes += list(no_gain)
+    for b in benchmarks:
+        if b.get("peak_memory_bytes") and b["peak_memory_bytes"] > memory_budget_gb * 1e9:
+            notes.append(f"{b['name']} peaked at {b['peak_memory_bytes'] / 1e9:.1f} GB while scoring, over "
+                         f"the {memory_budget_gb:g} GB budget")
+    if augmentation_table:
+        notes.append("augmentation table: an augmented set is larger, so at equal epochs it also gets more "
+                     "optimizer steps; compare it with the original set trained for the same steps (last "
+                     "column) to see the effect of the new sentences alone")
+    if truncated:
+        notes.append(f"{truncated} test sentence(s) were truncated at {max_length} tokens across all rows")
+    return notes

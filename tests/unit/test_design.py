@@ -1,0 +1,107 @@
+"""The study's design: the exact jobs each decision gives for a config and the stages' results."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftflow import design
+from ftflow.config import ModelSpec, parse_config
+from ftflow.jobs import DistillJob, FullJob, LoraJob, PrefixJob, QLoraJob
+
+MODELS = [{"name": n, "path": f"/m/{n}", "family": "f", "precision": "fp32", "trust_remote_code": False}
+          for n in ("big", "small", "other")]
+BIG, SMALL, OTHER = MODELS
+BENCHMARKS = [{"name": m["name"], "model": m, "parameters": p} for m, p in zip(MODELS, (8_000, 2_000, 1_000))]
+SELECTION = {"teacher": "big", "student": "small", "teacher_model": BIG, "student_model": SMALL}
+BEST = LoraJob(model=BIG, r=16, alpha=32.0, dropout=0.05, target_modules="all-linear", learning_rate=2e-4, epochs=2,
+               batch_size=8)
+
+
+def config(tmp_path, **sections):
+    return parse_config({"data": {"synthetic": {}}, "models": [{"name": "x", "path": "/x", "family": "f"}],
+                         **sections}, tmp_path)
+
+
+def test_grids_and_per_model_methods_are_exact_jobs(tmp_path):
+    cfg = config(tmp_path, lora={"r": [8, 16], "alpha": 32, "learning_rate": 2e-4}, finetune={"max_params": 5_000},
+                 prefix={"num_virtual_tokens": [4], "learning_rate": [1e-3]},
+                 distill={"top_k": [10, 100], "temperature": 2.0})
+    assert design.lora_grid_jobs(cfg, SELECTION) == [
+        LoraJob(model=BIG, r=8, alpha=32.0, dropout=0.05, target_modules="all-linear", learning_rate=2e-4, epochs=2,
+                batch_size=8), BEST]
+    qlora = dict(r=16, alpha=32.0, dropout=0.05, target_modules="all-linear", learning_rate=2e-4, epochs=2,
+                 batch_size=8, quant_type="nf4", double_quant=True, compute_dtype="bf16")
+    assert design.per_model_jobs(cfg, BENCHMARKS, SELECTION, BEST) == [
+        QLoraJob(model=BIG, **qlora),  # QLoRA: every compared model; LoRA on the teacher is the grid's best
+        BEST.model_copy(update={"model": SMALL}), QLoraJob(model=SMALL, **qlora),
+        FullJob(model=SMALL, learning_rate=5e-5, epochs=2, batch_size=8),  # big: over finetune.max_params
+        PrefixJob(model=BIG, num_virtual_tokens=4, learning_rate=1e-3, epochs=2, batch_size=8),
+    ]
+    assert design.left_out_of_full_fine_tuning(cfg, BENCHMARKS, SELECTION) == [
+        "big is not fine-tuned in full: 8,000 parameters > finetune.max_params 5,000"]
+    assert design.distillation_jobs(cfg, SELECTION) == [
+        DistillJob(model=SMALL, top_k=k, temperature=2.0, alpha=0.5, learning_rate=5e-5, epochs=2, batch_size=8)
+        for k in (10, 100)]
+    # Typed jobs read back from a manifest as they were written.
+    job = design.per_model_jobs(cfg, BENCHMARKS, SELECTION, BEST)[1]
+    manifest = {"key": "k", "name": job.name, "job": job.model_dump(mode="json")}
+    assert design.TrainedRun.model_validate(manifest).job == job
+
+
+def test_best_lora_is_the_grid_run_lowest_on_selection_and_it_teaches_the_student():
+    runs = [{"key": str(i), "name": f"r{i}", "title": f"r{i}", "best_validation_ppl": ppl,
+             "job": BEST.model_copy(update={"r": r}).model_dump(mode="json")}
+            for i, (ppl, r) in enumerate([(5.0, 8), (4.0, 16), (4.0, 32)])]
+    best, job = design.best_lora(runs)
+    assert best is runs[1] and job == BEST  # ties: the earlier run
+    assert design.distillation_teacher(best) is runs[1]
+    assert design.unique_runs(runs + [runs[1], runs[0]]) == runs
+
+
+def test_ablation_with_augmentation_on_adds_the_original_set_each_method_and_the_same_steps_run(tmp_path):
+    cfg = config(tmp_path, ablation={"enabled": True}, augment={"factor": 2.0, "methods": {
+        "synonym": 1.0, "random_swap": 0.5, "random_delete": 0.0}})
+    runs = design.ablation_runs(cfg, SELECTION, BEST)
+    assert [(r.job.train_set, r.job.epochs, r.train_set.source, r.train_set.run_name) for r in runs] == [
+        ("main", 2, "main", None), ("original", 2, "original", None),
+        ("random_swap", 2, "augment", "augment[random_swap]"), ("synonym", 2, "augment", "augment[synonym]"),
+        ("original-steps", 4, "original", None)]  # 2 epochs x factor 2: as many optimizer steps
+    assert all(r.job == BEST.model_copy(update={"train_set": r.job.train_set, "epochs": r.job.epochs}) for r in runs)
+    assert runs[2].train_set.augment == cfg.augment.model_copy(update={"methods": {"random_swap": 1.0}})
+    assert design.ablation_labels(runs) == {
+        "big+lora[r16,a32,d0.05,lr0.0002]": "all methods (configured mix)",
+        "big+lora[r16,a32,d0.05,lr0.0002,data=original]": "original",
+        "big+lora[r16,a32,d0.05,lr0.0002,data=random_swap]": "random_swap only",
+        "big+lora[r16,a32,d0.05,lr0.0002,data=synonym]": "synonym only",
+        "big+lora[r16,a32,d0.05,lr0.0002,data=original-steps]":
+            "original, same steps (4 epochs, the augmented sets get 2 x 2)"}
+
+
+def test_ablation_with_augmentation_off_makes_the_mix_for_the_comparison_only(tmp_path):
+    cfg = config(tmp_path, ablation={"enabled": True, "method": "full", "per_method": False},
+                 augment={"enabled": False, "factor": 1.2})
+    runs = design.ablation_runs(cfg, SELECTION, BEST)
+    assert [r.job for r in runs] == [FullJob(model=SMALL, learning_rate=5e-5, epochs=2, batch_size=8, train_set=s)
+                                     for s in ("main", "augmented")]  # round(2 x 1.2) = 2 epochs: no extra run
+    assert [(r.train_set.source, r.train_set.label) for r in runs] == [
+        ("original", "original"), ("augment", "all methods (configured mix)")]
+    assert runs[1].train_set.augment == cfg.augment.model_copy(update={"enabled": True})
+    assert design.ablation_runs(config(tmp_path), SELECTION, BEST) == []  # ablation off
+
+
+def test_benchmark_plan_and_evaluation_batch_size_follow_the_memory_plan(tmp_path):
+    specs = [ModelSpec(name=n, path=f"/m/{n}", family="f", precision="auto") for n in ("a", "b", "c")]
+    decisions = {"a": {"precision": "bf16", "batch_size": 16, "reason": "fits"},
+                 "b": {"precision": None, "batch_size": None, "reason": "needs 33 GB"},
+                 "c": {"precision": "fp32", "batch_size": 4, "reason": "fits"}}
+    planned, failures = design.benchmark_plan(specs, decisions)
+    assert [(s.name, s.precision, b) for s, b in planned] == [("a", "bf16", 16), ("c", "fp32", 4)]
+    assert failures == [{"name": "b", "family": "f", "precision": "auto", "error": "needs 33 GB"}]
+    assert design.evaluation_batch_size(config(tmp_path, benchmark={"batch_size": "auto"}), decisions) == 4
+    assert design.evaluation_batch_size(config(tmp_path, benchmark={"batch_size": 32}), decisions) == 32
+    assert design.evaluation_batch_size(config(tmp_path, benchmark={"batch_size": "auto"}), {}) == 1
+
+
+def test_a_job_of_one_method_refuses_another_methods_settings():
+    with pytest.raises(ValueError, match="num_virtual_tokens"):
+        FullJob(model=SMALL, learning_rate=1e-3, epochs=1, batch_size=2, num_virtual_tokens=4)
