@@ -67,7 +67,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
         run = dict(data=data, seed=cfg.seed, max_length=cfg.max_length, device=device, eval_batch_size=eval_batch,
                    selection_split=cfg.selection_split, memory_budget_gb=cfg.memory_budget_gb,
                    logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens,
-                   checkpoint_steps=cfg.training.checkpoint_steps, **common)
+                   checkpoint_steps=cfg.training.checkpoint_steps, packing=cfg.training.packing, **common)
 
         def train_all(jobs: list[TrainJob], train_sets: list[dict] | None = None, topk: dict | None = None):
             """Submit one training run per job (each cached on its own) and wait for all of them."""
