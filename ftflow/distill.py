@@ -30,7 +30,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ftflow.tokens import IGNORE_INDEX, pad_batch, pad_token_id, sentence_ids, start_token_id
+from ftflow.tokens import (IGNORE_INDEX, pack_batch, pack_placements, pad_batch, pad_token_id, sentence_ids,
+                           start_token_id)
 
 logger = logging.getLogger(__name__)
 
@@ -579,29 +580,29 @@ class DistillationCollator:
     cross-entropy in evaluation and refuses them in training.
 
     Packed (``packed=True``, see :func:`ftflow.training.batching_for`): the
-    sentences are concatenated into one row (:class:`ftflow.training.PackCollator`)
-    and so are their teacher top-k rows, in the same order, so position t of
-    the row holds the teacher's top-k of the token at t. The row's last
-    position of each sentence (stored top-k of no target: the next label is the
-    next sentence's start token, ``IGNORE_INDEX``) is never read, as at pads.
+    sentences are packed into rows (:func:`ftflow.tokens.pack_batch`, as
+    :class:`ftflow.training.PackCollator` does) and each sentence's teacher
+    top-k rows are written at the same columns, so position t of a row holds
+    the teacher's top-k of the token at t. A sentence's last position (whose
+    next label is the next sentence's start token or a pad, ``IGNORE_INDEX``)
+    and the pad segments are never read, as at pads.
 
     Args:
         pad_id: id written into pad slots (``ftflow.tokens.pad_token_id``).
         topk: the stored teacher top-k of the training sentences.
         k: entries per position to use (<= stored k); None uses all.
         packed: pack the batch instead of right-padding it.
+        one_row: packed only: every sentence in one row (flash attention's varlen path).
     """
 
-    def __init__(self, pad_id: int, topk: TeacherTopK, k: int | None = None, packed: bool = False) -> None:
+    def __init__(self, pad_id: int, topk: TeacherTopK, k: int | None = None, packed: bool = False,
+                 one_row: bool = False) -> None:
         self.pad_id = pad_id
         self.topk = topk
         self.k = topk._check_k(k)
         self.packed = packed
+        self.one_row = one_row
         self.batching = "packed" if packed else "padded"
-        if packed:
-            from ftflow.training import PackCollator
-
-            self._pack = PackCollator()
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad (right side) or pack a batch and attach the aligned teacher top-k.
@@ -614,13 +615,21 @@ class DistillationCollator:
             ``teacher_tail_logmass`` [B, L] float32 (the log-mass outside
             these k). Pad rows hold id 0, log(1/k) and log(1/2): finite, and
             never read because their labels are ignored. Packed: the same keys
-            with B = 1 and L the batch's total tokens, no ``attention_mask`` and
-            ``use_cache`` False (see :class:`ftflow.training.PackCollator`).
+            with B the packed rows and L the longest row's tokens, no
+            ``attention_mask`` and ``use_cache`` False (:func:`ftflow.tokens.pack_batch`).
         """
         if any("input_ids" not in item for item in items):
             raise ValueError("DistillationCollator: every item needs 'input_ids'")
         batch_ids = [list(item["input_ids"]) for item in items]
-        batch = self._pack(items) if self.packed else pad_batch(batch_ids, self.pad_id, padding_side="right")
+        lengths = [len(ids) for ids in batch_ids]
+        if self.packed:
+            # Rows of at most the longest sentence, as ftflow.training.PackCollator packs them.
+            row_tokens = None if self.one_row else max(lengths)
+            batch = pack_batch(batch_ids, self.pad_id, row_tokens)
+            placements = pack_placements(lengths, row_tokens)
+        else:
+            batch = pad_batch(batch_ids, self.pad_id, padding_side="right")
+            placements = [(row, 0) for row in range(len(batch_ids))]
         with_index = sum("sentence_index" in item for item in items)
         if with_index == 0:
             return batch  # an evaluation split without teacher top-k
@@ -643,21 +652,15 @@ class DistillationCollator:
             sentence_topk_ids, sentence_topk_logprobs = self.topk.for_sentence(index, self.k)
             tail = self.topk.tail_for_sentence(index, self.k) if with_tail else None
             sentences.append((sentence_topk_ids.long(), sentence_topk_logprobs.float(), tail))
-        if self.packed:
-            batch["topk_ids"] = torch.cat([ids for ids, _, _ in sentences])[None]
-            batch["topk_logprobs"] = torch.cat([lp for _, lp, _ in sentences])[None]
-            if with_tail:
-                batch["teacher_tail_logmass"] = torch.cat([tail.float() for _, _, tail in sentences])[None]
-            return batch
         batch_size, length = batch["input_ids"].shape
         topk_ids = torch.zeros((batch_size, length, self.k), dtype=torch.long)
         topk_logprobs = torch.full((batch_size, length, self.k), -math.log(self.k), dtype=torch.float32)
         tail_logmass = torch.full((batch_size, length), -math.log(2.0), dtype=torch.float32)
-        for row, (ids, (sentence_topk_ids, sentence_topk_logprobs, tail)) in enumerate(zip(batch_ids, sentences)):
-            topk_ids[row, :len(ids)] = sentence_topk_ids
-            topk_logprobs[row, :len(ids)] = sentence_topk_logprobs
+        for (row, start), n, (sentence_topk_ids, sentence_topk_logprobs, tail) in zip(placements, lengths, sentences):
+            topk_ids[row, start:start + n] = sentence_topk_ids
+            topk_logprobs[row, start:start + n] = sentence_topk_logprobs
             if with_tail:
-                tail_logmass[row, :len(ids)] = tail
+                tail_logmass[row, start:start + n] = tail
         batch["topk_ids"] = topk_ids
         batch["topk_logprobs"] = topk_logprobs
         if with_tail:

@@ -6,16 +6,18 @@ in its library's standard format. Distillation reuses :func:`fit` with its
 own Trainer subclass and collator (see :mod:`ftflow.distill`).
 
 Batches are packed where that is exact (:func:`batching_for`): the
-sentences of a batch are concatenated into one row without pads, position
-ids restart at every sentence and no token attends across a sentence
-boundary, so each token's loss is the one it gets alone and the batch loss
-(a mean over its target tokens) is the padded batch's, at fewer tokens.
+sentences of a batch are packed into rows without pads between them,
+position ids restart at every sentence and no token attends across a
+sentence boundary, so each token's loss is the one it gets alone and the
+batch loss (a mean over its target tokens) is the padded batch's, at fewer
+tokens.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Callable, Literal, Optional, Sequence
 
 from ftflow.artifacts import read_json, write_json
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
-from ftflow.tokens import IGNORE_INDEX, pad_batch, pad_token_id, sentence_ids
+from ftflow.tokens import pack_batch, pad_batch, pad_token_id, sentence_ids
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +62,21 @@ class TrainSettings:
 def batching_for(packing: Packing, method: str, *, trust_remote_code: bool = False) -> Batching:
     """How a run's training batches are formed (recorded in its manifest as ``batching``).
 
-    * ``packed``: the batch's sentences concatenated into one row of shape
-      [1, total tokens] (transformers' ``DataCollatorWithFlattening``), position
-      ids restarting at 0 at every sentence, no attention mask. transformers'
-      masking utilities then build a block-diagonal causal mask from the
-      position ids (sdpa, eager) or run flash attention's varlen kernel
-      (flash_attention_2), so no token attends across sentences and each
-      token's loss is exactly its loss alone. The start token of every
-      sentence is not a target, so the boundary never asks sentence A's last
-      token to predict sentence B. The loss stays the mean over the batch's
-      target tokens (the same tokens as padded), with as many sentences per
-      step, so learning rate and step counts do not change.
+    * ``packed``: the batch's sentences packed into rows no longer than its
+      longest sentence (:func:`ftflow.tokens.pack_batch`: first-fit
+      decreasing; a row shorter than the longest ends with a pad segment of
+      its own), or into one row of [1, total tokens] under flash attention
+      (as transformers' ``DataCollatorWithFlattening``). Position ids restart
+      at 0 at every sentence and there is no attention mask: transformers'
+      masking utilities build a block-diagonal causal mask from the position
+      ids (sdpa, eager) or run flash attention's varlen kernel, so no token
+      attends across sentences and each token's loss is exactly its loss
+      alone. The start token of every sentence is not a target, so a
+      boundary never asks sentence A's last token to predict sentence B. The
+      loss stays the mean over the batch's target tokens (the padded batch's
+      tokens), with as many sentences per step, so learning rate and step
+      counts do not change. Rows no longer than the padded batch's keep the
+      attention cost at or below the padded batch's.
     * ``length-grouped``: padded batches of sentences of similar length
       (the Trainer's ``LengthGroupedSampler``, seeded): prefix tuning, whose
       virtual tokens PEFT prepends to each row, cannot be packed.
@@ -245,37 +251,36 @@ class PadCollator:
 
 
 class PackCollator:
-    """Packs a list of dataset rows into one row without pads (see :func:`batching_for`).
+    """Packs a list of dataset rows into rows without pads between sentences (see :func:`batching_for`).
 
-    transformers' ``DataCollatorWithFlattening``: ``input_ids``, ``position_ids``
-    and ``labels``, each a LongTensor of shape [1, total tokens]; position ids
-    restart at 0 at every sentence and the label there (ftflow's start token,
-    never a target) is ``IGNORE_INDEX``: the same targets as the padded batch.
-    No ``attention_mask``: with one, transformers would not look for packed
-    sequences in the position ids and would let sentences attend to each other.
-    ``use_cache`` is False: transformers only looks for packed sequences when
-    there is no key/value cache, and a causal LM builds one from
-    ``config.use_cache`` (True in most checkpoints), in train mode too. The
-    Trainer sets that to False (``TrainingArguments.use_cache``); the batch
-    says it itself so that it is right wherever it is used.
+    :func:`ftflow.tokens.pack_batch`: rows of at most the batch's longest
+    sentence (so attention costs no more than in the padded batch), or one
+    row (``one_row``, what flash attention's varlen kernel needs; the same
+    batch as transformers' ``DataCollatorWithFlattening``).
     """
 
     batching: Batching = "packed"
 
-    def __init__(self):
-        from transformers import DataCollatorWithFlattening
-
-        self._flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    def __init__(self, pad_id: int, one_row: bool = False):
+        self.pad_id = pad_id
+        self.one_row = one_row
 
     def __call__(self, rows: list[dict]) -> dict:
-        batch = self._flatten([{"input_ids": list(row["input_ids"])} for row in rows])
-        batch["use_cache"] = False
-        return batch
+        batch_ids = [list(row["input_ids"]) for row in rows]
+        row_tokens = None if self.one_row else max(len(ids) for ids in batch_ids)
+        return pack_batch(batch_ids, self.pad_id, row_tokens)
 
 
-def collator_for(batching: Batching, tokenizer):
-    """The plain (non-distillation) collator of a batching: packed, or right-padded."""
-    return PackCollator() if batching == "packed" else PadCollator(pad_token_id(tokenizer), batching)
+def collator_for(batching: Batching, tokenizer, one_row: bool = False):
+    """The plain (non-distillation) collator of a batching: packed (``one_row``: into a single row), or padded."""
+    if batching == "packed":
+        return PackCollator(pad_token_id(tokenizer), one_row=one_row)
+    return PadCollator(pad_token_id(tokenizer), batching)
+
+
+def _flash_attention(model) -> bool:
+    """Whether the model runs flash attention, whose varlen path takes packed sentences in one row only."""
+    return "flash" in str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
 
 
 def latest_checkpoint(directory: Path) -> Optional[Path]:
@@ -293,8 +298,10 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
         """Scores validation after every epoch, saves the best epoch, keeps the history on disk."""
 
         best = min((e["validation"]["corpus_ppl"] for e in history), default=math.inf)
+        validation_seconds = 0.0  # spent in here (scoring, saving the best): not training
 
         def _validate(self, model, state) -> None:
+            started = time.perf_counter()
             was_training = model.training
             result = _score(model, tokenizer, sentences, settings, plan)
             model.train(was_training)
@@ -312,6 +319,7 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
                 save_best(model)
             history.append(entry)  # after the save: a kill in between re-runs this epoch's check
             write_json(history_path, history)
+            self.validation_seconds += time.perf_counter() - started
             if on_progress is not None:
                 on_progress(dict(step=state.global_step, max_steps=state.max_steps, epoch=epoch,
                                  loss=entry["train_loss"], validation_ppl=result.corpus_ppl))
@@ -426,17 +434,21 @@ def fit(
         batching: ``packed``, ``length-grouped`` or ``padded`` (:func:`batching_for`).
 
     Returns:
-        ``{"history": [...per epoch...], "baseline_validation", "resumed_from", "precision_plan", "batching"}``
-        and the keys of :func:`best_epoch`.
+        ``{"history": [...per epoch...], "baseline_validation", "resumed_from", "precision_plan", "batching",
+        "train_seconds"}`` and the keys of :func:`best_epoch`.
     """
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     plan = plan or plan_precision("full", "fp32", settings.device)
-    collator = collator or collator_for(batching, tokenizer)
+    one_row = _flash_attention(model)
+    collator = collator or collator_for(batching, tokenizer, one_row=one_row)
     if getattr(collator, "batching", batching) != batching:
         raise ValueError(f"fit: the collator forms {collator.batching} batches but the run's batching is "
                          f"{batching}; build the collator for the same batching")
+    if batching == "packed" and one_row and not getattr(collator, "one_row", False):
+        raise ValueError("fit: the model runs flash attention, which takes packed sentences in one row only; "
+                         "build the collator with one_row=True (or set training.packing to off)")
     if batching == "length-grouped" and "length" not in getattr(train_dataset, "column_names", ()):
         raise ValueError("fit: length-grouped batches need a 'length' column (tokens per sentence) in the training "
                          "dataset; build it with encode_dataset")
@@ -487,17 +499,18 @@ def fit(
         length_column_name="length",
     )
     trainer_cls = trainer_cls or Trainer
+    validation = _validation_callback(tokenizer, validation_sentences, settings, plan, save_best, history,
+                                      history_path, on_progress)
     trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_dataset,
         data_collator=collator,
-        callbacks=[_validation_callback(tokenizer, validation_sentences, settings, plan, save_best, history,
-                                        history_path, on_progress)],
+        callbacks=[validation],
         **kwargs,
     )
     trainer.remove_callback(PrinterCallback)  # its print() of every log; the callback above logs them instead
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     best = best_epoch(history, before["corpus_ppl"])
     if not best["improved"]:
         log.info("no epoch beat the base model (validation PPL %.4f; best epoch %d reached %.4f): the base model "
@@ -509,6 +522,8 @@ def fit(
         "resumed_from": checkpoint.name if checkpoint is not None else None,
         "precision_plan": plan.to_dict(),
         "batching": batching,
+        # The Trainer's run time (this session's, when resumed) less the validations between epochs.
+        "train_seconds": round(output.metrics["train_runtime"] - validation.validation_seconds, 3),
     }
 
 
