@@ -21,11 +21,26 @@ the last epoch; then the speed ratio and the PPL agreement. Targets: packed
 >= 1.6x the padded real tokens/s at batch 16, validation PPLs within 1%.
 Prints PASS or FAIL and exits 1 on FAIL.
 
-Measured here (2026-12-03, 2-core CPU shared with other jobs, ``--threads 1``):
+Measured here (2026-12-03, 2-core CPU shared with other jobs, load average
+3-5, ``--threads 1``, 24.7M parameters, max_length 128, batch 16, 480
+sentences, 1 epoch, 30 steps; about 5 minutes each):
 
     python bench/train_speed.py --quick
 
-    (figures: see the report; filled in from the run below)
+    batching  steps  real tok  computed   pads  train s real tok/s  GFLOP/s   val PPL
+    padded       30     18981     37264  49.1%     98.8      192.1     28.4  257.6546
+    packed       30     18981     21070   9.9%     63.0      301.4     44.6  257.6546
+
+    packed / padded real tokens/s: 1.57x (target >= 1.6x at batch 16); validation PPL differs by 2.31e-08
+    relative (target <= 1%)
+
+The same command earlier, under a load spike during the padded run, printed
+2.97x (padded 108.6 real tokens/s, packed 322.3); the token counts and PPLs
+were identical. The ratio of computed tokens, 37264 / 21070 = 1.77x, is
+what packing saves when the per-token cost is the same; on this loaded CPU
+the measured ratio was 1.57x (not the target's 1.6x) in the quieter run. With
+``--max-length 64`` (sentences truncated, 39.8% pads) it was 1.31x. The
+pads left (9.9%) are the ends of rows shorter than the longest one.
 
 Why the ratio is what it is: on sst2 at batch 16 about half of a padded
 batch's tokens are pads, and the linear layers (most of the arithmetic at
@@ -86,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (0: 2; --quick: 1)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--max-length", type=int, default=64, help="tokens kept per sentence, start token included")
+    parser.add_argument("--max-length", type=int, default=128,
+                        help="tokens kept per sentence, start token included (the demo's 128)")
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--layers", type=int, default=9)
     parser.add_argument("--intermediate-size", type=int, default=1024)
