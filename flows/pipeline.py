@@ -55,7 +55,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
                             device=device, eval_batch_size=eval_batch, selection_split=cfg.selection_split,
                             memory_budget_gb=cfg.memory_budget_gb, progress=progress,
                             logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens,
-                            checkpoint_steps=cfg.training.checkpoint_steps)
+                            checkpoint_steps=cfg.training.checkpoint_steps, packing=cfg.training.packing)
 
         # 1. The LoRA grid on the teacher; its best combination (on the selection split) is carried on.
         grid = train_all(design.lora_grid_jobs(cfg, selection))

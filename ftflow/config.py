@@ -442,6 +442,12 @@ class TrainingConfig(_Strict):
     checkpoint_steps: int = Field(
         50, ge=1, description="Trainer checkpoint every N optimizer steps (and at every epoch end); an interrupted "
         "run resumes from the last one.")
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="How training batches are formed. auto = packed where exact (lora, qlora, full, "
+        "distill: a batch's sentences in one row without pads, positions restarting and no attention across "
+        "sentences; models with remote code stay padded) and length-grouped padded batches for prefix tuning, "
+        "which cannot be packed; on = packed for every model (prefix tuning refused); off = random padded "
+        "batches. Each run's manifest records its batching (packed, length-grouped or padded).")
 
 
 class RunnerConfig(_Strict):
@@ -510,6 +516,10 @@ class PipelineConfig(_Strict):
             raise ValueError("ablation.enabled compares training sets with and without augmentation: it needs "
                              "augment.factor > 1 and a method with weight > 0 (augment.enabled may be false: then "
                              "the pipeline trains on the original split and augments for the comparison only)")
+        if self.training.packing == "on" and self.prefix.enabled:
+            raise ValueError("training.packing: on cannot apply to prefix tuning (PEFT prepends its virtual tokens "
+                             "to every row): set training.packing to auto (prefix tuning then trains on "
+                             "length-grouped batches) or prefix.enabled to false")
         names = [m.name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -30,7 +30,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ftflow.tokens import IGNORE_INDEX, pad_batch, pad_token_id, sentence_ids, start_token_id
+from ftflow.tokens import (IGNORE_INDEX, pack_batch, pack_placements, pad_batch, pad_token_id, sentence_ids,
+                           start_token_id)
 
 logger = logging.getLogger(__name__)
 
@@ -575,36 +576,60 @@ class DistillationCollator:
     The Trainer must keep the ``sentence_index`` column: use
     ``remove_unused_columns=False``. Items with no ``sentence_index`` at all
     (e.g. a validation split, which has no teacher top-k) give a plain
-    ``pad_batch`` batch; :class:`DistillationTrainer` scores those with plain
+    batch; :class:`DistillationTrainer` scores those with plain
     cross-entropy in evaluation and refuses them in training.
+
+    Packed (``packed=True``, see :func:`ftflow.training.batching_for`): the
+    sentences are packed into rows (:func:`ftflow.tokens.pack_batch`, as
+    :class:`ftflow.training.PackCollator` does) and each sentence's teacher
+    top-k rows are written at the same columns, so position t of a row holds
+    the teacher's top-k of the token at t. A sentence's last position (whose
+    next label is the next sentence's start token or a pad, ``IGNORE_INDEX``)
+    and the pad segments are never read, as at pads.
 
     Args:
         pad_id: id written into pad slots (``ftflow.tokens.pad_token_id``).
         topk: the stored teacher top-k of the training sentences.
         k: entries per position to use (<= stored k); None uses all.
+        packed: pack the batch instead of right-padding it.
+        one_row: packed only: every sentence in one row (flash attention's varlen path).
     """
 
-    def __init__(self, pad_id: int, topk: TeacherTopK, k: int | None = None) -> None:
+    def __init__(self, pad_id: int, topk: TeacherTopK, k: int | None = None, packed: bool = False,
+                 one_row: bool = False) -> None:
         self.pad_id = pad_id
         self.topk = topk
         self.k = topk._check_k(k)
+        self.packed = packed
+        self.one_row = one_row
+        self.batching = "packed" if packed else "padded"
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Pad a batch (right side) and attach the aligned teacher top-k.
+        """Pad (right side) or pack a batch and attach the aligned teacher top-k.
 
         Returns:
-            ``pad_batch``'s ``input_ids``, ``attention_mask``, ``position_ids``,
-            ``labels`` ([B, L] long) plus, when the items have a
-            ``sentence_index``, ``topk_ids`` [B, L, k] long,
+            Padded: ``pad_batch``'s ``input_ids``, ``attention_mask``,
+            ``position_ids``, ``labels`` ([B, L] long) plus, when the items
+            have a ``sentence_index``, ``topk_ids`` [B, L, k] long,
             ``topk_logprobs`` [B, L, k] float32 and, when the store has it,
             ``teacher_tail_logmass`` [B, L] float32 (the log-mass outside
             these k). Pad rows hold id 0, log(1/k) and log(1/2): finite, and
-            never read because their labels are ignored.
+            never read because their labels are ignored. Packed: the same keys
+            with B the packed rows and L the longest row's tokens, no
+            ``attention_mask`` and ``use_cache`` False (:func:`ftflow.tokens.pack_batch`).
         """
         if any("input_ids" not in item for item in items):
             raise ValueError("DistillationCollator: every item needs 'input_ids'")
         batch_ids = [list(item["input_ids"]) for item in items]
-        batch = pad_batch(batch_ids, self.pad_id, padding_side="right")
+        lengths = [len(ids) for ids in batch_ids]
+        if self.packed:
+            # Rows of at most the longest sentence, as ftflow.training.PackCollator packs them.
+            row_tokens = None if self.one_row else max(lengths)
+            batch = pack_batch(batch_ids, self.pad_id, row_tokens)
+            placements = pack_placements(lengths, row_tokens)
+        else:
+            batch = pad_batch(batch_ids, self.pad_id, padding_side="right")
+            placements = [(row, 0) for row in range(len(batch_ids))]
         with_index = sum("sentence_index" in item for item in items)
         if with_index == 0:
             return batch  # an evaluation split without teacher top-k
@@ -613,12 +638,9 @@ class DistillationCollator:
                 f"DistillationCollator: {len(items) - with_index} of {len(items)} items lack 'sentence_index' "
                 "(with the transformers Trainer, set remove_unused_columns=False)"
             )
-        batch_size, length = batch["input_ids"].shape
-        topk_ids = torch.zeros((batch_size, length, self.k), dtype=torch.long)
-        topk_logprobs = torch.full((batch_size, length, self.k), -math.log(self.k), dtype=torch.float32)
         with_tail = self.topk.tail_logmass is not None
-        tail_logmass = torch.full((batch_size, length), -math.log(2.0), dtype=torch.float32)
-        for row, (item, ids) in enumerate(zip(items, batch_ids)):
+        sentences = []  # per item: (topk ids [n, k], topk logprobs [n, k], tail [n] or None)
+        for item, ids in zip(items, batch_ids):
             index = int(item["sentence_index"])
             stored_rows = self.topk.rows(index)
             if stored_rows != len(ids):
@@ -628,10 +650,17 @@ class DistillationCollator:
                     "Recompute them with the student's training sentences, tokenizer and max_length."
                 )
             sentence_topk_ids, sentence_topk_logprobs = self.topk.for_sentence(index, self.k)
-            topk_ids[row, :len(ids)] = sentence_topk_ids.long()
-            topk_logprobs[row, :len(ids)] = sentence_topk_logprobs.float()
+            tail = self.topk.tail_for_sentence(index, self.k) if with_tail else None
+            sentences.append((sentence_topk_ids.long(), sentence_topk_logprobs.float(), tail))
+        batch_size, length = batch["input_ids"].shape
+        topk_ids = torch.zeros((batch_size, length, self.k), dtype=torch.long)
+        topk_logprobs = torch.full((batch_size, length, self.k), -math.log(self.k), dtype=torch.float32)
+        tail_logmass = torch.full((batch_size, length), -math.log(2.0), dtype=torch.float32)
+        for (row, start), n, (sentence_topk_ids, sentence_topk_logprobs, tail) in zip(placements, lengths, sentences):
+            topk_ids[row, start:start + n] = sentence_topk_ids
+            topk_logprobs[row, start:start + n] = sentence_topk_logprobs
             if with_tail:
-                tail_logmass[row, :len(ids)] = self.topk.tail_for_sentence(index, self.k)
+                tail_logmass[row, start:start + n] = tail
         batch["topk_ids"] = topk_ids
         batch["topk_logprobs"] = topk_logprobs
         if with_tail:
@@ -687,7 +716,8 @@ class DistillationTrainer(transformers.Trainer):
         topk_logprobs = inputs.pop("topk_logprobs", None)
         tail_logmass = inputs.pop("teacher_tail_logmass", None)
         labels = inputs.pop("labels")
-        model_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids") if key in inputs}
+        model_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids", "use_cache")
+                        if key in inputs}
         if topk_ids is None or topk_logprobs is None:
             if model.training:
                 raise ValueError(

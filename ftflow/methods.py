@@ -62,6 +62,7 @@ def run_job(
     progress: bool = True,
     on_progress: Optional[Callable[[dict], None]] = None,
     master_weights: Optional[str] = None,
+    packing: str = "auto",
 ) -> dict:
     """Train one job; returns its result (history, best epoch, selection and test scores).
 
@@ -73,9 +74,10 @@ def run_job(
     ``master_weights`` (full fine-tuning and distillation of a bf16/fp16
     model): ``fp32`` (default) or the model's precision when fp32 master
     weights do not fit (see :func:`ftflow.training.plan_precision`).
+    ``packing`` (``auto``, ``on``, ``off``): how training batches are formed (:func:`ftflow.training.batching_for`).
     """
     from ftflow.cards import write_model_card
-    from ftflow.training import TrainSettings, encode_dataset, train_full, train_lora, train_prefix
+    from ftflow.training import TrainSettings, batching_for, encode_dataset, train_full, train_lora, train_prefix
 
     base = job.model
     trust = base["trust_remote_code"]
@@ -85,7 +87,7 @@ def run_job(
         seed=seed, device=device, precision=job.precision, weight_decay=job.weight_decay,
         eval_batch_size=eval_batch_size, progress=progress, checkpoint_steps=checkpoint_steps,
         logits_chunk_tokens=logits_chunk_tokens,
-        master_weights=master_weights if job.method in ("full", "distill") else None,
+        master_weights=master_weights if job.method in ("full", "distill") else None, packing=packing,
     )
     best_dir = Path(work_dir) / "best"
     trainer_dir = Path(work_dir) / "trainer"
@@ -118,9 +120,11 @@ def run_job(
         if len(store.offsets) - 1 != len(train_sentences):
             raise ValueError(f"the teacher top-k covers {len(store.offsets) - 1} sentences, the training set has "
                              f"{len(train_sentences)}: they must come from the same training set")
+        batching = batching_for(packing, "distill", trust_remote_code=trust)
         result = train_full(
             base["path"], tokenizer, encode_dataset(tokenizer, train_sentences, max_length), validation_sentences,
-            model_dir=best_dir, collator=DistillationCollator(pad_token_id(tokenizer), store, k=job.top_k),
+            model_dir=best_dir, batching=batching,
+            collator=DistillationCollator(pad_token_id(tokenizer), store, k=job.top_k, packed=batching == "packed"),
             trainer_cls=DistillationTrainer,
             trainer_kwargs={"alpha": job.alpha, "temperature": job.temperature, "vocab_size": shared.size},
             **common,

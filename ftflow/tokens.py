@@ -111,3 +111,87 @@ def pad_batch(
         "position_ids": position_ids,
         "labels": labels,
     }
+
+
+def pack_placements(lengths: Sequence[int], row_tokens: int | None = None) -> list[tuple[int, int]]:
+    """Where each sentence of a packed batch goes: ``(row, first column)``.
+
+    ``row_tokens`` None: one row, the sentences in their order (what flash
+    attention's varlen kernel takes). Otherwise first-fit decreasing into rows
+    of at most ``row_tokens`` tokens (at least the longest sentence): rows no
+    longer than the padded batch's keep the attention cost (rows x length^2 on
+    sdpa/eager, whose packed mask is dense) at or below the padded batch's.
+    Ties keep the batch order, so the layout is a pure function of the lengths.
+
+    Args:
+        lengths: tokens of each sentence (start token included), in batch order.
+        row_tokens: the most tokens of one row, or None for a single row.
+
+    Returns:
+        One ``(row, start)`` per sentence, in batch order.
+    """
+    if row_tokens is None:
+        starts = [0]
+        for length in lengths[:-1]:
+            starts.append(starts[-1] + length)
+        return [(0, start) for start in starts]
+    capacity = max(row_tokens, max(lengths))
+    used: list[int] = []  # tokens already in each row
+    placements: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = next((r for r, taken in enumerate(used) if taken + lengths[i] <= capacity), len(used))
+        if row == len(used):
+            used.append(0)
+        placements[i] = (row, used[row])
+        used[row] += lengths[i]
+    return placements
+
+
+def pack_batch(
+    batch_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    row_tokens: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pack encoded sentences into rows without attention across sentences.
+
+    Each sentence is placed by :func:`pack_placements`; position ids restart
+    at 0 at every sentence. A row shorter than the longest one ends with pads
+    that form a segment of their own (positions restarting at 0 too), so
+    nothing attends to them. There is no attention mask: transformers then
+    finds the segments in the position ids and builds a block-diagonal causal
+    mask (sdpa, eager; flash attention's varlen path needs a single row). The
+    labels are the padded batch's targets: ``IGNORE_INDEX`` at every start
+    token and pad, so no sentence's last token is asked to predict the next.
+
+    Args:
+        batch_ids: B lists of token ids, each starting with the start token.
+        pad_id: id written into the pad segments.
+        row_tokens: the most tokens of one row; None packs everything into one row.
+
+    Returns:
+        ``input_ids``, ``position_ids``, ``labels`` (LongTensors [R, L], R rows
+        of the longest row's L tokens) and ``use_cache`` False: transformers only
+        looks for packed segments when there is no key/value cache, and a causal
+        LM builds one from ``config.use_cache``, in train mode too.
+    """
+    lengths = [len(ids) for ids in batch_ids]
+    placements = pack_placements(lengths, row_tokens)
+    rows = 1 + max(row for row, _ in placements)
+    used = [0] * rows
+    for (row, start), length in zip(placements, lengths):
+        used[row] = max(used[row], start + length)
+    width = max(used)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+    # Every column a pad until a sentence is written over it; pad segments count from 0 where they start.
+    position_ids = torch.zeros((rows, width), dtype=torch.long)
+    for row in range(rows):
+        position_ids[row, used[row]:] = torch.arange(width - used[row])
+    for ids, (row, start) in zip(batch_ids, placements):
+        ids_tensor = torch.as_tensor(list(ids), dtype=torch.long)
+        span = slice(start, start + len(ids))
+        input_ids[row, span] = ids_tensor
+        labels[row, span] = ids_tensor
+        labels[row, start] = IGNORE_INDEX  # the start token is context, not a target
+        position_ids[row, span] = torch.arange(len(ids))
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "use_cache": False}

@@ -4,12 +4,20 @@ Every training run follows one life cycle: seed, load, (wrap), fit with the
 validation perplexity measured after every epoch, keep the best epoch on disk
 in its library's standard format. Distillation reuses :func:`fit` with its
 own Trainer subclass and collator (see :mod:`ftflow.distill`).
+
+Batches are packed where that is exact (:func:`batching_for`): the
+sentences of a batch are packed into rows without pads between them,
+position ids restart at every sentence and no token attends across a
+sentence boundary, so each token's loss is the one it gets alone and the
+batch loss (a mean over its target tokens) is the padded batch's, at fewer
+tokens.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,9 +25,14 @@ from typing import Callable, Literal, Optional, Sequence
 
 from ftflow.artifacts import read_json, write_json
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
-from ftflow.tokens import pad_batch, pad_token_id, sentence_ids
+from ftflow.tokens import pack_batch, pad_batch, pad_token_id, sentence_ids
 
 log = logging.getLogger(__name__)
+
+Packing = Literal["auto", "on", "off"]
+Batching = Literal["packed", "length-grouped", "padded"]
+PACKABLE_METHODS = ("lora", "qlora", "full", "distill")
+"""Methods whose batches can be packed: every row the model sees is the sentences themselves."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,60 @@ class TrainSettings:
     """Full fine-tuning of a bf16/fp16 model: ``fp32`` keeps fp32 master weights and trains under autocast
     (the default); the half-precision name itself (``bf16``) keeps the weights in bf16 with a compensated
     update, for when fp32 master weights do not fit. See :func:`plan_precision`."""
+    packing: Packing = "auto"
+    """How training batches are formed: see :func:`batching_for`."""
+
+
+def batching_for(packing: Packing, method: str, *, trust_remote_code: bool = False) -> Batching:
+    """How a run's training batches are formed (recorded in its manifest as ``batching``).
+
+    * ``packed``: the batch's sentences packed into rows no longer than its
+      longest sentence (:func:`ftflow.tokens.pack_batch`: first-fit
+      decreasing; a row shorter than the longest ends with a pad segment of
+      its own), or into one row of [1, total tokens] under flash attention
+      (as transformers' ``DataCollatorWithFlattening``). Position ids restart
+      at 0 at every sentence and there is no attention mask: transformers'
+      masking utilities build a block-diagonal causal mask from the position
+      ids (sdpa, eager) or run flash attention's varlen kernel, so no token
+      attends across sentences and each token's loss is exactly its loss
+      alone. The start token of every sentence is not a target, so a
+      boundary never asks sentence A's last token to predict sentence B. The
+      loss stays the mean over the batch's target tokens (the padded batch's
+      tokens), with as many sentences per step, so learning rate and step
+      counts do not change. Rows no longer than the padded batch's keep the
+      attention cost at or below the padded batch's.
+    * ``length-grouped``: padded batches of sentences of similar length
+      (the Trainer's ``LengthGroupedSampler``, seeded): prefix tuning, whose
+      virtual tokens PEFT prepends to each row, cannot be packed.
+    * ``padded``: random batches right-padded to their longest sentence (the
+      behaviour before packing).
+
+    Args:
+        packing: ``auto`` packs the methods in :data:`PACKABLE_METHODS` on
+            transformers' own model code (remote code may not honour packed
+            position ids: padded) and length-groups prefix tuning; ``on`` packs
+            them on any model and refuses prefix tuning; ``off`` pads.
+        method: the run's method (lora, qlora, prefix, full, distill).
+        trust_remote_code: whether the model's code comes with its checkpoint.
+
+    Returns:
+        ``packed``, ``length-grouped`` or ``padded``.
+    """
+    if packing not in ("auto", "on", "off"):
+        raise ValueError(f"packing must be auto, on or off, got {packing!r}")
+    if method not in (*PACKABLE_METHODS, "prefix"):
+        raise ValueError(f"batching_for: unknown method {method!r}; one of {', '.join((*PACKABLE_METHODS, 'prefix'))}")
+    if packing == "off":
+        return "padded"
+    if method == "prefix":
+        if packing == "on":
+            raise ValueError("training.packing is on, but prefix tuning cannot be packed (PEFT prepends its virtual "
+                             "tokens to every row): set training.packing to auto (prefix tuning then trains on "
+                             "length-grouped batches) or disable prefix tuning")
+        return "length-grouped"
+    if packing == "auto" and trust_remote_code:
+        return "padded"
+    return "packed"
 
 
 @dataclass(frozen=True)
@@ -164,21 +231,56 @@ HISTORY = "history.json"
 
 
 def encode_dataset(tokenizer, sentences: Sequence[str], max_length: int):
-    """A ``datasets.Dataset`` of ``input_ids`` (ftflow's encoding) and ``sentence_index``."""
+    """A ``datasets.Dataset`` of ``input_ids`` (ftflow's encoding), ``sentence_index`` and ``length`` (tokens)."""
     import datasets
 
     ids = [sentence_ids(tokenizer, text, max_length)[0] for text in sentences]
-    return datasets.Dataset.from_dict({"input_ids": ids, "sentence_index": list(range(len(ids)))})
+    return datasets.Dataset.from_dict({"input_ids": ids, "sentence_index": list(range(len(ids))),
+                                       "length": [len(row) for row in ids]})
 
 
 class PadCollator:
     """Right-pads a list of dataset rows into a training batch (see :func:`ftflow.tokens.pad_batch`)."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, batching: Batching = "padded"):
         self.pad_id = pad_id
+        self.batching = batching
 
     def __call__(self, rows: list[dict]) -> dict:
         return pad_batch([row["input_ids"] for row in rows], self.pad_id, "right")
+
+
+class PackCollator:
+    """Packs a list of dataset rows into rows without pads between sentences (see :func:`batching_for`).
+
+    :func:`ftflow.tokens.pack_batch`: rows of at most the batch's longest
+    sentence (so attention costs no more than in the padded batch), or one
+    row (``one_row``, what flash attention's varlen kernel needs; the same
+    batch as transformers' ``DataCollatorWithFlattening``).
+    """
+
+    batching: Batching = "packed"
+
+    def __init__(self, pad_id: int, one_row: bool = False):
+        self.pad_id = pad_id
+        self.one_row = one_row
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch_ids = [list(row["input_ids"]) for row in rows]
+        row_tokens = None if self.one_row else max(len(ids) for ids in batch_ids)
+        return pack_batch(batch_ids, self.pad_id, row_tokens)
+
+
+def collator_for(batching: Batching, tokenizer, one_row: bool = False):
+    """The plain (non-distillation) collator of a batching: packed (``one_row``: into a single row), or padded."""
+    if batching == "packed":
+        return PackCollator(pad_token_id(tokenizer), one_row=one_row)
+    return PadCollator(pad_token_id(tokenizer), batching)
+
+
+def _flash_attention(model) -> bool:
+    """Whether the model runs flash attention, whose varlen path takes packed sentences in one row only."""
+    return "flash" in str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
 
 
 def latest_checkpoint(directory: Path) -> Optional[Path]:
@@ -196,8 +298,10 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
         """Scores validation after every epoch, saves the best epoch, keeps the history on disk."""
 
         best = min((e["validation"]["corpus_ppl"] for e in history), default=math.inf)
+        validation_seconds = 0.0  # spent in here (scoring, saving the best): not training
 
         def _validate(self, model, state) -> None:
+            started = time.perf_counter()
             was_training = model.training
             result = _score(model, tokenizer, sentences, settings, plan)
             model.train(was_training)
@@ -215,6 +319,7 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
                 save_best(model)
             history.append(entry)  # after the save: a kill in between re-runs this epoch's check
             write_json(history_path, history)
+            self.validation_seconds += time.perf_counter() - started
             if on_progress is not None:
                 on_progress(dict(step=state.global_step, max_steps=state.max_steps, epoch=epoch,
                                  loss=entry["train_loss"], validation_ppl=result.corpus_ppl))
@@ -299,6 +404,7 @@ def fit(
     trainer_cls=None,
     trainer_kwargs: Optional[dict] = None,
     on_progress: Optional[Progress] = None,
+    batching: Batching = "padded",
 ) -> dict:
     """Train for ``settings.epochs`` epochs, scoring validation after each and keeping the best.
 
@@ -320,19 +426,32 @@ def fit(
         plan: autocast, loss scaling and optimizer (:func:`plan_precision`); fp32 when not given.
         baseline: the base model's selection score (:func:`baseline_validation`), when ``model`` is no
             longer the base model (a fresh adapter); scored here from ``model`` otherwise.
-        collator: defaults to right padding with :class:`PadCollator`.
+        collator: defaults to :func:`collator_for` ``batching``; a given one must form the same batching (its
+            ``batching`` attribute).
         trainer_cls: a ``transformers.Trainer`` subclass (distillation brings its own).
         trainer_kwargs: extra keyword arguments for ``trainer_cls``.
         on_progress: called with ``{step, max_steps, epoch, loss, validation_ppl}`` on every log and validation.
+        batching: ``packed``, ``length-grouped`` or ``padded`` (:func:`batching_for`).
 
     Returns:
-        ``{"history": [...per epoch...], "baseline_validation", "resumed_from", "precision_plan"}`` and
-        the keys of :func:`best_epoch`.
+        ``{"history": [...per epoch...], "baseline_validation", "resumed_from", "precision_plan", "batching",
+        "train_seconds"}`` and the keys of :func:`best_epoch`.
     """
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     plan = plan or plan_precision("full", "fp32", settings.device)
+    one_row = _flash_attention(model)
+    collator = collator or collator_for(batching, tokenizer, one_row=one_row)
+    if getattr(collator, "batching", batching) != batching:
+        raise ValueError(f"fit: the collator forms {collator.batching} batches but the run's batching is "
+                         f"{batching}; build the collator for the same batching")
+    if batching == "packed" and one_row and not getattr(collator, "one_row", False):
+        raise ValueError("fit: the model runs flash attention, which takes packed sentences in one row only; "
+                         "build the collator with one_row=True (or set training.packing to off)")
+    if batching == "length-grouped" and "length" not in getattr(train_dataset, "column_names", ()):
+        raise ValueError("fit: length-grouped batches need a 'length' column (tokens per sentence) in the training "
+                         "dataset; build it with encode_dataset")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     history_path = work_dir / HISTORY
@@ -348,7 +467,7 @@ def fit(
     else:
         history_path.unlink(missing_ok=True)
     log.info("before training (the base model): validation PPL %.4f", before["corpus_ppl"])
-    log.info("precision: %s", plan.to_dict())
+    log.info("precision: %s; batches: %s", plan.to_dict(), batching)
     on_cuda = settings.device == "cuda"
     kwargs = dict(trainer_kwargs or {})
     if plan.optimizer == "adamw-kahan":
@@ -375,19 +494,23 @@ def fit(
         fp16=plan.autocast == "fp16",
         remove_unused_columns=False,
         disable_tqdm=not settings.progress,
+        # Seeded like the random sampler (the Trainer seeds torch before it draws the megabatches).
+        train_sampling_strategy="group_by_length" if batching == "length-grouped" else "random",
+        length_column_name="length",
     )
     trainer_cls = trainer_cls or Trainer
+    validation = _validation_callback(tokenizer, validation_sentences, settings, plan, save_best, history,
+                                      history_path, on_progress)
     trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_dataset,
-        data_collator=collator or PadCollator(pad_token_id(tokenizer)),
-        callbacks=[_validation_callback(tokenizer, validation_sentences, settings, plan, save_best, history,
-                                        history_path, on_progress)],
+        data_collator=collator,
+        callbacks=[validation],
         **kwargs,
     )
     trainer.remove_callback(PrinterCallback)  # its print() of every log; the callback above logs them instead
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     best = best_epoch(history, before["corpus_ppl"])
     if not best["improved"]:
         log.info("no epoch beat the base model (validation PPL %.4f; best epoch %d reached %.4f): the base model "
@@ -398,6 +521,9 @@ def fit(
         "baseline_validation": before,
         "resumed_from": checkpoint.name if checkpoint is not None else None,
         "precision_plan": plan.to_dict(),
+        "batching": batching,
+        # The Trainer's run time (this session's, when resumed) less the validations between epochs.
+        "train_seconds": round(output.metrics["train_runtime"] - validation.validation_seconds, 3),
     }
 
 
@@ -414,6 +540,7 @@ def train_peft(
     quantization: Optional[dict] = None,
     trust_remote_code: bool = False,
     on_progress: Optional[Progress] = None,
+    batching: Batching = "padded",
 ) -> dict:
     """A PEFT method (LoRA, prefix tuning, ...) on a base model; the best epoch's adapter saved to ``adapter_dir``.
 
@@ -422,6 +549,7 @@ def train_peft(
     ready with PEFT's ``prepare_model_for_kbit_training``: QLoRA. Its
     ``compute_dtype`` is the Trainer's autocast too (:func:`plan_precision`).
     Epoch 0 is the base model's score, taken before the model is wrapped.
+    ``batching``: see :func:`batching_for` (the callers resolve it for their method).
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
@@ -442,7 +570,7 @@ def train_peft(
     result = fit(
         model, tokenizer, encode_dataset(tokenizer, train_sentences, settings.max_length),
         validation_sentences, settings, work_dir, save_best=lambda m: m.save_pretrained(adapter_dir),
-        plan=plan, baseline=baseline, on_progress=on_progress,
+        plan=plan, baseline=baseline, on_progress=on_progress, batching=batching,
     )
     result["trainable_parameters"] = int(trainable)
     return result
@@ -470,9 +598,11 @@ def train_lora(
 
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     lora = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    method = "qlora" if settings.precision == "nf4" else "lora"
     return train_peft(base_path, tokenizer, train_sentences, validation_sentences, lora, settings=settings,
                       work_dir=work_dir, adapter_dir=adapter_dir, quantization=quantization,
-                      trust_remote_code=trust_remote_code, on_progress=on_progress)
+                      trust_remote_code=trust_remote_code, on_progress=on_progress,
+                      batching=batching_for(settings.packing, method, trust_remote_code=trust_remote_code))
 
 
 def train_prefix(
@@ -504,7 +634,8 @@ def train_prefix(
     prefix = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, init_weights="zero")
     return train_peft(base_path, tokenizer, train_sentences, validation_sentences, prefix, settings=settings,
                       work_dir=work_dir, adapter_dir=adapter_dir, trust_remote_code=trust_remote_code,
-                      on_progress=on_progress)
+                      on_progress=on_progress,
+                      batching=batching_for(settings.packing, "prefix", trust_remote_code=trust_remote_code))
 
 
 def train_full(
@@ -521,13 +652,16 @@ def train_full(
     trainer_kwargs: Optional[dict] = None,
     trust_remote_code: bool = False,
     on_progress: Optional[Progress] = None,
+    batching: Optional[Batching] = None,
 ) -> dict:
     """Every weight of a model trained; the best epoch saved as a full checkpoint (with tokenizer).
 
     A bf16/fp16 model is scored before training as loaded, then (by default)
     trained as fp32 master weights under autocast and saved in fp32; with
     ``settings.master_weights == "bf16"`` the weights stay bf16 and the update
-    is Kahan-compensated (:func:`plan_precision`).
+    is Kahan-compensated (:func:`plan_precision`). ``batching`` defaults to
+    :func:`batching_for` ``settings.packing`` for full fine-tuning; a caller
+    with its own ``collator`` (distillation) passes the batching it was built for.
     """
     import torch
     from transformers import set_seed
@@ -547,6 +681,8 @@ def train_full(
         m.save_pretrained(model_dir, safe_serialization=True)
         tokenizer.save_pretrained(model_dir)
 
+    if batching is None:
+        batching = batching_for(settings.packing, "full", trust_remote_code=trust_remote_code)
     return fit(model, tokenizer, train_dataset, validation_sentences, settings, work_dir, save, plan=plan,
                baseline=baseline, collator=collator, trainer_cls=trainer_cls, trainer_kwargs=trainer_kwargs,
-               on_progress=on_progress)
+               on_progress=on_progress, batching=batching)
