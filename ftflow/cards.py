@@ -50,6 +50,8 @@ def render_model_card(summary: dict, facts: dict) -> str:
     if plan:  # how the weights were kept and updated (see ftflow.training.plan_precision)
         hyper.update({"trained weights": plan["trained_weights"], "autocast": plan["autocast"] or "none",
                       "loss scaling": plan["loss_scaling"], "optimizer": plan["optimizer"]})
+    if summary.get("batching"):  # packed, length-grouped or padded (see ftflow.training.batching_for)
+        hyper["batching"] = summary["batching"]
     selection, test = summary["selection"], summary["test"]
     baseline = summary["baseline_validation"]["corpus_ppl"]
     improved = summary.get("improved", True)

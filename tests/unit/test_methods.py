@@ -92,6 +92,8 @@ def test_trained_result_reloads_with_plain_library_calls_to_the_same_perplexity(
     assert meta["base_model"] == base["path"] and meta["library_name"] == ("transformers" if method == "full" else "peft")
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert f"{run['test']['corpus_ppl']:.4f}" in card and "data fingerprint: `abc`" in card
+    batching = {"lora": "packed", "prefix": "length-grouped", "full": "packed"}[method]
+    assert run["batching"] == batching and f"| batching | {batching} |" in card
 
 
 @pytest.mark.slow  # trains
