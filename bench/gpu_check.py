@@ -492,7 +492,7 @@ def check_training(ctx: ModelContext, method: str) -> dict:
     """A few optimizer steps of ``method`` through ftflow's training code; peak vs prediction, speed."""
     from transformers import Trainer
 
-    from ftflow.training import encode_dataset, train_full, train_lora, train_prefix
+    from ftflow.training import batching_for, encode_dataset, train_full, train_lora, train_prefix
 
     s, tokenizer = ctx.settings, ctx.tokenizer
     precision = "nf4" if method == "qlora" else s.train_precision
@@ -522,7 +522,10 @@ def check_training(ctx: ModelContext, method: str) -> dict:
             from ftflow.distill import DistillationCollator, DistillationTrainer, TeacherTopK
 
             store = TeacherTopK.load(run_dir / "topk")
-            collator = DistillationCollator(pad_token_id(tokenizer), store, k=DISTILL["top_k"])
+            # The pipeline's batching for distillation (packed by default), its teacher rows following the tokens.
+            batching = batching_for(settings.packing, "distill")
+            collator = DistillationCollator(pad_token_id(tokenizer), store, k=DISTILL["top_k"],
+                                            packed=batching == "packed")
         meter = _meter(s.device)
         meter.reset_peak()
         started = time.perf_counter()
@@ -540,7 +543,7 @@ def check_training(ctx: ModelContext, method: str) -> dict:
                                 **common)
         else:
             result = train_full(str(trained_path), tokenizer, encode_dataset(tokenizer, ctx.documents, s.max_length),
-                                validation, model_dir=run_dir / "best", collator=collator,
+                                validation, model_dir=run_dir / "best", collator=collator, batching=batching,
                                 trainer_cls=_without_trainer_checkpoints(DistillationTrainer),
                                 trainer_kwargs={"alpha": DISTILL["alpha"], "temperature": DISTILL["temperature"]},
                                 **common)
