@@ -9,6 +9,7 @@ from flows.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_plan_of_the_study_config_chooses_precisions_offline(tmp_path, capsys):
     assert main(["plan", str(ROOT / "configs" / "seed-20gb.yaml"), "--max-length", "128", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "plan.csv") as handle:

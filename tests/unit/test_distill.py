@@ -232,6 +232,7 @@ def test_top_k_kl_is_dense_kl_against_the_completed_teacher(k, temperature):
     torch.testing.assert_close(grad, dense_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_free_student_at_temperature_two_learns_the_teachers_probabilities():
     # Before the fix the student's top-k mass went to 0.986 against the teacher's 0.664: T moved the optimum.
     torch.manual_seed(6)
@@ -648,6 +649,7 @@ def _trainer(tmp_path, alpha: float, temperature: float = 2.0, steps: int = 3):
     return trainer, collator, dataset
 
 
+@pytest.mark.slow
 def test_trainer_distills_and_evaluates(tmp_path):
     trainer, collator, dataset = _trainer(tmp_path, alpha=0.5)
     before = [p.detach().clone() for p in trainer.model.parameters()]
@@ -676,6 +678,7 @@ def test_trainer_distills_and_evaluates(tmp_path):
     assert plain["eval_loss"] == pytest.approx(expected["ce"].item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_trainer_alpha_zero_first_step_is_plain_cross_entropy(tmp_path):
     trainer, collator, dataset = _trainer(tmp_path, alpha=0.0, steps=1)
     batch = collator(dataset)
@@ -689,6 +692,7 @@ def test_trainer_alpha_zero_first_step_is_plain_cross_entropy(tmp_path):
     assert first["loss"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_trainer_refuses_training_batches_without_top_k(tmp_path):
     trainer, _, dataset = _trainer(tmp_path, alpha=0.5, steps=1)
     trainer.train_dataset = [{"input_ids": item["input_ids"]} for item in dataset]

@@ -133,6 +133,7 @@ def _settings(budget_s: float = 100.0) -> gpu_check.Settings:
                               tokenizer_vocab=300)
 
 
+@pytest.mark.slow
 def test_a_failing_check_is_recorded_and_the_next_ones_still_run():
     runner = gpu_check.Runner(_settings())
     far = time.perf_counter() + 100
@@ -147,6 +148,7 @@ def test_a_failing_check_is_recorded_and_the_next_ones_still_run():
     assert (ok["status"], ok["error"], ok["metrics"]) == ("ok", None, {"x": 1.5})
 
 
+@pytest.mark.slow
 def test_skips_say_why_a_check_did_not_run():
     runner = gpu_check.Runner(_settings(budget_s=60))
     far = time.perf_counter() + 100
@@ -169,6 +171,7 @@ def test_skips_say_why_a_check_did_not_run():
     assert late["error"].endswith("of 60 s); raise --budget-s or run fewer --models")
 
 
+@pytest.mark.slow
 def test_failed_checks_make_the_exit_status_1_and_are_listed(tmp_path, monkeypatch, capsys):
     def no_build(ctx):
         raise RuntimeError("disk full")

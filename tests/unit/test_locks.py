@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 KEY = "benchmark/0123456789abcdef0123/prefect-result.json"
 
 
+@pytest.mark.slow
 def test_second_holder_waits_until_the_first_releases(tmp_path):
     locks = LeasedFileLockManager(tmp_path / ".locks", lease_seconds=30)
     assert locks.acquire_lock(KEY, "run-a")
@@ -97,6 +98,7 @@ def test_a_lock_taken_on_another_machine_holds_until_its_lease_expires(tmp_path)
     {"holder": "gone", "expiration": str(datetime.now(timezone.utc) - timedelta(hours=1))},  # Prefect's format
     None,  # torn or foreign file: counts as taken when written, expires a lease later
 ])
+@pytest.mark.slow
 def test_stale_lock_files_are_taken_over(tmp_path, body):
     locks = LeasedFileLockManager(tmp_path, lease_seconds=0.5)
     path = locks._lock_path_for_key(KEY)
@@ -118,6 +120,7 @@ def test_pickled_copy_shares_the_lock_files_but_not_the_renewers(tmp_path):
     assert not copy.is_locked(KEY)
 
 
+@pytest.mark.slow
 def test_release_after_losing_the_lease_does_not_remove_the_new_holders_lock(tmp_path):
     slow = LeasedFileLockManager(tmp_path, lease_seconds=0.3)
     assert slow.acquire_lock(KEY, "run-a", hold_timeout=0.3)  # a fixed hold, not renewed

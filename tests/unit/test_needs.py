@@ -32,6 +32,7 @@ def test_missing_module_is_reported_by_name(monkeypatch):
     assert needs.needs_module("json", "stdlib").dumps([1]) == "[1]"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ci, outcome", [("false", "1 passed, 1 skipped"), ("true", "1 passed, 1 error")])
 def test_the_marker_skips_or_fails_at_setup(tmp_path, ci, outcome):
     (tmp_path / "test_marked.py").write_text(

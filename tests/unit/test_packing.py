@@ -195,6 +195,7 @@ def base(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_packed_full_finetuning_trains_like_the_padded_one_and_says_so(base, tmp_path):
     tokenizer = tiny_tokenizer()
     train = SENTENCES * 2  # 16 sentences, batch 4: 4 steps per epoch
@@ -211,6 +212,7 @@ def test_packed_full_finetuning_trains_like_the_padded_one_and_says_so(base, tmp
     assert padded == pytest.approx([23.910574, 21.672910], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_prefix_tuning_trains_on_length_grouped_batches(base, tmp_path):
     tokenizer = tiny_tokenizer()
     result = train_prefix(str(base), tokenizer, SENTENCES * 2, SENTENCES[:4], num_virtual_tokens=2,

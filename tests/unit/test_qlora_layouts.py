@@ -22,6 +22,7 @@ def base(tmp_path_factory) -> dict:
     return {"name": "tiny", "path": str(path), "family": "tiny", "precision": "fp32", "trust_remote_code": False}
 
 
+@pytest.mark.slow
 def test_qlora_perplexity_does_not_depend_on_the_cpus_4bit_path(base, tmp_path, monkeypatch):
     import bitsandbytes.nn.modules as bnb_modules
 

@@ -93,6 +93,7 @@ def _changed_fraction(bf16_checkpoint, tmp_path, plan=None, **settings) -> tuple
     return changed / sum(v.numel() for v in before.values()), result, after
 
 
+@pytest.mark.slow
 def test_bf16_full_finetuning_keeps_fp32_master_weights_and_changes_every_trained_weight(bf16_checkpoint, tmp_path):
     fraction, result, after = _changed_fraction(bf16_checkpoint, tmp_path)
     assert result["history"][-1]["step"] == 10
@@ -105,6 +106,7 @@ def test_bf16_full_finetuning_keeps_fp32_master_weights_and_changes_every_traine
     assert fraction == pytest.approx(0.991811, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_weights_without_fp32_masters_train_with_a_kahan_compensated_update(bf16_checkpoint, tmp_path):
     plain, _, _ = _changed_fraction(bf16_checkpoint, tmp_path / "plain",
                                     plan=PrecisionPlan("bf16", "bf16", None, False, "adamw"))
@@ -125,6 +127,7 @@ def fp32_base(tmp_path_factory) -> dict:
     return {"name": "tiny", "path": str(path), "family": "tiny", "precision": "fp32", "trust_remote_code": False}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compute_dtype, expected", [("fp32", None), ("bf16", torch.bfloat16)])
 def test_qlora_trains_in_its_configured_compute_dtype(compute_dtype, expected, fp32_base, tmp_path, monkeypatch):
     """While training, the autocast around the 4-bit layers is qlora.compute_dtype's (none for fp32)."""

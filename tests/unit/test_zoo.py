@@ -179,6 +179,7 @@ def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
     assert zoo._lr_factor(0, 1) == 1.0
 
 
+@pytest.mark.slow
 def test_pretraining_lowers_the_loss(corpus):
     tokenizer = zoo.train_tokenizer(corpus, 300, seed=0)
     config = zoo.model_config("llama", ZooSize(**MICRO_STUDENT), tokenizer, 32)
@@ -196,6 +197,7 @@ def test_pretraining_lowers_the_loss(corpus):
 # --- build_zoo --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_build_zoo_writes_the_documented_manifest_and_layout(built):
     cfg, manifest, out_dir, lines = built
     assert manifest["corpus_sentences"] == 200
@@ -274,6 +276,7 @@ def test_qwen2_family_has_no_bos_and_starts_sentences_with_eos(built):
             assert tokens.start_token_id(tokenizer) == tokenizer.bos_token_id == 2
 
 
+@pytest.mark.slow
 def test_build_is_deterministic_and_leaves_the_global_rng_alone(built, corpus, tmp_path):
     cfg, manifest, out_dir, _ = built
     torch.manual_seed(123)
@@ -292,6 +295,7 @@ def test_build_is_deterministic_and_leaves_the_global_rng_alone(built, corpus, t
             assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
+@pytest.mark.slow
 def test_seed_and_family_order_set_the_weights(built, corpus, tmp_path):
     cfg, manifest, _, _ = built
     original = Path(manifest["families"][1]["members"][0]["path"])  # llama-fam-student
