@@ -183,12 +183,14 @@ def packed_row_tokens(lengths: Sequence[int]) -> int:
     attention then never exceed the padded batch's, so a memory plan made
     for padded batches of ``max_length`` holds, though a row may be longer
     than ``max_length`` (positions restart at every sentence, so no position
-    exceeds the longest sentence's). Ties keep the smaller budget: the
-    longest sentence, when nothing is gained.
+    exceeds the longest sentence's). Among as many tokens the cheaper
+    attention wins, then the smaller budget, so rows of the longest sentence
+    stay when nothing is gained.
 
     Only budgets where a first-fit comparison changes its outcome give a new
-    layout, so the search jumps from one to the next; it stops where even a
-    layout without pads (total x width) would exceed the attention bound.
+    layout, so the search jumps from one to the next; it stops where no new
+    layout can have fewer tokens within the attention bound, or after
+    :data:`MAX_PACKING_LAYOUTS` layouts.
 
     Args:
         lengths: tokens of each sentence (start token included), in batch order.
@@ -204,7 +206,7 @@ def packed_row_tokens(lengths: Sequence[int]) -> int:
     capacity: float = longest
     # A new layout from here on is at least `capacity` wide (a narrower one was met at its own width).
     for _ in range(MAX_PACKING_LAYOUTS):
-        if capacity * total > attention_bound or (best_key is not None and capacity * fewest_rows >= best_key[0]):
+        if capacity * total > attention_bound or (best_key is not None and capacity * fewest_rows > best_key[0]):
             break
         _, used, next_capacity = _first_fit_decreasing(lengths, int(capacity))
         rows, width = len(used), max(used)
