@@ -46,7 +46,9 @@ sentences, 1 epoch, 30 steps; about 12 minutes under that load):
 
 The same command again, under a heavier load (load average 10-11; 232.6 s
 padded, 131.8 s packed, 135.1 s packed-longest, the same token counts and
-PPLs): 1.77x packed, 1.72x packed into rows of the longest sentence.
+PPLs): 1.77x packed, 1.72x packed into rows of the longest sentence. And
+``--quick`` alone (padded and packed, load average 7-10): 202.4 s padded,
+111.0 s packed, 1.82x, the same token counts and PPLs.
 
 Why the ratio is what it is: the time goes where the computed tokens are.
 In a torch.profiler trace of these steps (padded and packed alike) matrix
