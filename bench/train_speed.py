@@ -80,6 +80,7 @@ import math
 import multiprocessing
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -101,7 +102,7 @@ PPL_RTOL = 0.01
 
 
 class Counting:
-    """Wraps a collator; counts the real and the computed (pads included) tokens of every batch it makes, and its time."""
+    """Wraps a collator; counts the real and computed (pads included) tokens of the batches it makes, and its time."""
 
     def __init__(self, collator):
         self.collator = collator
@@ -119,7 +120,7 @@ class Counting:
         return batch
 
 
-def turn_taking_trainer(ready, mine, following, wait_s: float = 3600.0):
+def turn_taking_trainer(ready, mine, following, failed):
     """A Trainer class whose optimizer steps take turns with the other runs', timed.
 
     The runs go step for step, round robin, in processes of their own: a run
@@ -131,13 +132,15 @@ def turn_taking_trainer(ready, mine, following, wait_s: float = 3600.0):
     forward, backward, gradient clipping and optimizer update
     (``on_step_begin`` to ``on_step_end``): the training itself, without the
     other runs' turns, the validations or the Trainer's checkpoint at the end.
+    A run that fails sets ``failed`` (and breaks the ``ready`` barrier), so
+    the others stop instead of waiting for their turn forever.
     """
     from transformers import Trainer, TrainerCallback
 
     def take_turn():
-        if not mine.wait(timeout=wait_s):
-            raise RuntimeError(f"train_speed: the other run did not hand over its turn within {wait_s:.0f}s "
-                               "(did it fail? see its error above)")
+        while not mine.wait(timeout=5):
+            if failed.is_set():
+                raise RuntimeError("train_speed: another run failed (its error is reported first)")
         mine.clear()
 
     class Turns(TrainerCallback):
@@ -239,9 +242,15 @@ def run(base: Path, train: list[str], validation: list[str], args: argparse.Name
     collator = Counting({"padded": PadCollator, "packed": PackCollator,
                          "packed-longest": LongestRowsCollator}[name](pad_id))
     trainer_cls, timer = turn_taking_trainer(*turns)
-    result = train_full(str(base), tokenizer, encode_dataset(tokenizer, train, args.max_length), validation,
-                        settings=settings, work_dir=work / name / "trainer", model_dir=work / name / "model",
-                        collator=collator, batching=collator.batching, trainer_cls=trainer_cls)
+    try:
+        result = train_full(str(base), tokenizer, encode_dataset(tokenizer, train, args.max_length), validation,
+                            settings=settings, work_dir=work / name / "trainer", model_dir=work / name / "model",
+                            collator=collator, batching=collator.batching, trainer_cls=trainer_cls)
+    except BaseException:
+        ready, _, _, failed = turns
+        failed.set()
+        ready.abort()
+        raise
     seconds = timer.step_seconds + collator.seconds
     return {"name": name, "seconds": seconds, "collate_seconds": collator.seconds, "real_tokens": collator.real_tokens,
             "computed_tokens": collator.computed_tokens,
@@ -282,11 +291,18 @@ def main(argv: list[str] | None = None) -> int:
         names = ["padded", "packed"] + (["packed-longest"] if args.longest_rows else [])
         context = multiprocessing.get_context("spawn")
         with context.Manager() as manager, ProcessPoolExecutor(len(names), mp_context=context) as pool:
-            ready, turns = manager.Barrier(len(names)), [manager.Event() for _ in names]
+            ready, failed, turns = manager.Barrier(len(names)), manager.Event(), [manager.Event() for _ in names]
             turns[0].set()
             futures = {name: pool.submit(run, base, train, validation, args, name, work,
-                                         (ready, turns[i], turns[(i + 1) % len(names)]))
+                                         (ready, turns[i], turns[(i + 1) % len(names)], failed))
                        for i, name in enumerate(names)}
+            errors = {name: future.exception() for name, future in futures.items()}
+            # The failure itself first, not the others' stopping for it.
+            first = next((e for e in errors.values() if e is not None
+                          and not isinstance(e, threading.BrokenBarrierError) and "another run failed" not in str(e)),
+                         next((e for e in errors.values() if e is not None), None))
+            if first is not None:
+                raise first
             results = {name: future.result() for name, future in futures.items()}
     print(f"\n{'batching':<14} {'steps':>5} {'real tok':>9} {'computed':>9} {'pads':>6} {'train s':>8} "
           f"{'collate s':>9} {'real tok/s':>10} {'GFLOP/s':>8} {'val PPL':>9}")
