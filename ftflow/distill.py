@@ -30,8 +30,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ftflow.tokens import (IGNORE_INDEX, pack_batch, pack_placements, pad_batch, pad_token_id, sentence_ids,
-                           start_token_id)
+from ftflow.tokens import (IGNORE_INDEX, pack_batch, pack_placements, packed_row_tokens, pad_batch, pad_token_id,
+                           sentence_ids, start_token_id)
 
 logger = logging.getLogger(__name__)
 
@@ -623,8 +623,8 @@ class DistillationCollator:
         batch_ids = [list(item["input_ids"]) for item in items]
         lengths = [len(ids) for ids in batch_ids]
         if self.packed:
-            # Rows of at most the longest sentence, as ftflow.training.PackCollator packs them.
-            row_tokens = None if self.one_row else max(lengths)
+            # The row budget ftflow.training.PackCollator packs with.
+            row_tokens = None if self.one_row else packed_row_tokens(lengths)
             batch = pack_batch(batch_ids, self.pad_id, row_tokens)
             placements = pack_placements(lengths, row_tokens)
         else:

@@ -25,7 +25,7 @@ from typing import Callable, Literal, Optional, Sequence
 
 from ftflow.artifacts import read_json, write_json
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
-from ftflow.tokens import pack_batch, pad_batch, pad_token_id, sentence_ids
+from ftflow.tokens import pack_batch, packed_row_tokens, pad_batch, pad_token_id, sentence_ids
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,12 @@ class TrainSettings:
 def batching_for(packing: Packing, method: str, *, trust_remote_code: bool = False) -> Batching:
     """How a run's training batches are formed (recorded in its manifest as ``batching``).
 
-    * ``packed``: the batch's sentences packed into rows no longer than its
-      longest sentence (:func:`ftflow.tokens.pack_batch`: first-fit
-      decreasing; a row shorter than the longest ends with a pad segment of
-      its own), or into one row of [1, total tokens] under flash attention
+    * ``packed``: the batch's sentences packed into rows
+      (:func:`ftflow.tokens.pack_batch`: first-fit decreasing into the row
+      budget of :func:`ftflow.tokens.packed_row_tokens`, the fewest computed
+      tokens with attention no dearer than the padded batch's; a row shorter
+      than the widest ends with a pad segment of its own), or into one row
+      of [1, total tokens] under flash attention
       (as transformers' ``DataCollatorWithFlattening``). Position ids restart
       at 0 at every sentence and there is no attention mask: transformers'
       masking utilities build a block-diagonal causal mask from the position
@@ -75,8 +77,8 @@ def batching_for(packing: Packing, method: str, *, trust_remote_code: bool = Fal
       boundary never asks sentence A's last token to predict sentence B. The
       loss stays the mean over the batch's target tokens (the padded batch's
       tokens), with as many sentences per step, so learning rate and step
-      counts do not change. Rows no longer than the padded batch's keep the
-      attention cost at or below the padded batch's.
+      counts do not change. Computed tokens (rows x width) and attention
+      (rows x width^2) stay at or below the padded batch's.
     * ``length-grouped``: padded batches of sentences of similar length
       (the Trainer's ``LengthGroupedSampler``, seeded): prefix tuning, whose
       virtual tokens PEFT prepends to each row, cannot be packed.
@@ -253,8 +255,9 @@ class PadCollator:
 class PackCollator:
     """Packs a list of dataset rows into rows without pads between sentences (see :func:`batching_for`).
 
-    :func:`ftflow.tokens.pack_batch`: rows of at most the batch's longest
-    sentence (so attention costs no more than in the padded batch), or one
+    :func:`ftflow.tokens.pack_batch`: rows of the budget
+    :func:`ftflow.tokens.packed_row_tokens` chooses (the fewest computed
+    tokens whose attention costs no more than the padded batch's), or one
     row (``one_row``, what flash attention's varlen kernel needs; the same
     batch as transformers' ``DataCollatorWithFlattening``).
     """
@@ -267,7 +270,7 @@ class PackCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         batch_ids = [list(row["input_ids"]) for row in rows]
-        row_tokens = None if self.one_row else max(len(ids) for ids in batch_ids)
+        row_tokens = None if self.one_row else packed_row_tokens([len(ids) for ids in batch_ids])
         return pack_batch(batch_ids, self.pad_id, row_tokens)
 
 

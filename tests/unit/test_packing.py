@@ -8,7 +8,8 @@ from transformers import DataCollatorWithFlattening
 
 from ftflow.config import ConfigError, parse_config
 from ftflow.distill import DistillationCollator, compute_teacher_topk, kd_loss
-from ftflow.tokens import IGNORE_INDEX, pack_batch, pack_placements, pad_batch, pad_token_id, sentence_ids
+from ftflow.tokens import (IGNORE_INDEX, pack_batch, pack_placements, packed_row_tokens, pad_batch, pad_token_id,
+                           sentence_ids)
 from ftflow.training import (PackCollator, PadCollator, TrainSettings, batching_for, collator_for, encode_dataset,
                              fit, train_full, train_prefix)
 from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
@@ -59,6 +60,39 @@ def test_pack_placements_fill_rows_first_fit_decreasing():
     assert pack_placements(lengths, 12) == [(2, 0), (2, 7), (3, 0), (1, 0), (4, 0), (4, 5), (3, 6), (0, 0)]
     assert pack_placements(lengths, None) == [(0, 0), (0, 7), (0, 12), (0, 18), (0, 28), (0, 33), (0, 38), (0, 44)]
     assert pack_placements([3, 9], 4) == [(1, 0), (0, 0)]  # a row holds at least the longest sentence
+
+
+def _layout(lengths, row_tokens) -> tuple[int, int]:
+    """(rows, widest row) of a packed batch."""
+    used = {}
+    for (row, start), length in zip(pack_placements(lengths, row_tokens), lengths):
+        used[row] = max(used.get(row, 0), start + length)
+    return len(used), max(used.values())
+
+
+def test_packed_row_tokens_fewest_computed_tokens_within_the_padded_attention():
+    # Rows of the longest (10): [10] [6] [6] [5 5], 4 x 10 = 40 tokens. Rows of 11: [10] [6 5] [6 5], 3 x 11 = 33.
+    # Rows of 16 would hold it in 2 x 16 = 32, but their attention (2 x 16^2 = 512) exceeds the padded 5 x 10^2.
+    assert packed_row_tokens([10, 6, 6, 5, 5]) == 11
+    assert _layout([10, 6, 6, 5, 5], 10) == (4, 10) and _layout([10, 6, 6, 5, 5], 11) == (3, 11)
+    assert pack_placements([10, 6, 6, 5, 5], 11) == [(0, 0), (1, 0), (2, 0), (1, 6), (2, 6)]
+    assert packed_row_tokens([3, 9]) == 12  # one row of 12 (attention 144 <= 2 x 81) instead of 2 x 9
+    assert packed_row_tokens([4, 4, 4, 4]) == 4  # 2 x 8 is no fewer tokens and dearer attention
+    assert packed_row_tokens([7, 5, 6, 10, 5, 5, 6, 12]) == 12  # nothing beats rows of the longest: kept
+    assert packed_row_tokens([7]) == 7
+    # Never more tokens or attention than the padded batch, never more tokens than rows of the longest.
+    generator = torch.Generator().manual_seed(0)
+    fewer = 0
+    for _ in range(200):
+        batch = int(torch.randint(2, 33, (1,), generator=generator))
+        lengths = torch.randint(2, 129, (batch,), generator=generator).tolist()
+        longest = max(lengths)
+        rows, width = _layout(lengths, packed_row_tokens(lengths))
+        longest_rows, longest_width = _layout(lengths, longest)
+        assert rows * width <= longest_rows * longest_width <= batch * longest
+        assert rows * width * width <= batch * longest * longest
+        fewer += rows * width < longest_rows * longest_width
+    assert fewer > 100  # the wider budget usually saves tokens
 
 
 def test_pack_batch_restarts_positions_and_keeps_the_padded_targets():
@@ -117,6 +151,28 @@ def test_packed_batch_gives_each_token_its_loss_alone(architecture, with_bos, on
     # The loss stays the mean over the batch's target tokens, the padded batch's loss.
     assert packed_loss.item() == pytest.approx(padded_loss.item(), abs=1e-5)
     assert packed_loss.item() == pytest.approx(alone.mean().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_rows_wider_than_the_longest_sentence_keep_each_token_its_loss_alone(architecture):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(architecture, hidden_size=64)
+    ids = _ids(tokenizer, [SENTENCES[i] for i in (3, 2, 6, 1, 4)])
+    lengths = [len(row) for row in ids]
+    assert lengths == [10, 6, 6, 5, 5] and packed_row_tokens(lengths) == 11
+    packed = PackCollator(pad_token_id(tokenizer))([{"input_ids": row} for row in ids])
+    assert packed["input_ids"].shape == (3, 11)  # [10 +pad] [6 5] [6 5]: 33 tokens, not 4 rows of 10
+    assert packed["position_ids"].tolist() == [list(range(10)) + [0], list(range(6)) + list(range(5)),
+                                               list(range(6)) + list(range(5))]
+    with torch.no_grad():
+        together = _sentence_losses(model(**packed).logits, ids, pack_placements(lengths, 11))
+        alone = torch.cat([_token_losses(model(input_ids=torch.tensor([row])).logits, torch.tensor([row]))
+                           for row in ids])
+        padded_loss = model(**pad_batch(ids, pad_token_id(tokenizer))).loss
+        packed_loss = model(**packed).loss
+    assert together.shape == (32 - 5,)
+    assert torch.allclose(together, alone, atol=1e-5, rtol=0)
+    assert packed_loss.item() == pytest.approx(padded_loss.item(), abs=1e-5)
 
 
 def test_packed_loss_value_on_tiny_llama():
@@ -180,6 +236,21 @@ def test_packed_distillation_loss_equals_the_padded_one(with_tail):
     for packed in ("rows", "one-row"):
         for key in ("loss", "ce", "kl"):
             assert losses[packed][key].item() == pytest.approx(losses["padded"][key].item(), abs=1e-5)
+
+
+def test_packed_distillation_rows_follow_a_budget_wider_than_the_longest_sentence():
+    tokenizer = tiny_tokenizer()
+    sentences = [SENTENCES[i] for i in (3, 2, 6, 1, 4)]
+    topk = compute_teacher_topk(tiny_model("llama", seed=0, hidden_size=64), tokenizer, sentences, k=4,
+                                max_length=16, progress=False)
+    items = [{"input_ids": sentence_ids(tokenizer, s, 16)[0], "sentence_index": i} for i, s in enumerate(sentences)]
+    batch = DistillationCollator(pad_token_id(tokenizer), topk, k=3, packed=True)(items)
+    plain = PackCollator(pad_token_id(tokenizer))(items)
+    assert all(torch.equal(batch[key], plain[key]) for key in ("input_ids", "position_ids", "labels"))
+    # Rows of 11: [sentence 0] [1, 3] [2, 4]; sentence 3 (5 tokens) sits in row 1 from column 6.
+    assert batch["topk_ids"].shape == (3, 11, 3)
+    assert torch.equal(batch["topk_ids"][1, 6:11], topk.for_sentence(3, 3)[0].long())
+    assert torch.equal(batch["topk_logprobs"][2, 6:11], topk.for_sentence(4, 3)[1].float())
 
 
 def _settings(epochs: int = 2, **extra) -> TrainSettings:
