@@ -14,12 +14,13 @@ from flows.scale import Submit
 from ftflow import design, stages
 from ftflow.config import ModelSpec, PipelineConfig
 from ftflow.jobs import Job
+from ftflow.stages import zoo_candidates
 from tasks._stage import with_storage
 from tasks.benchmark import benchmark
 from tasks.plan_memory import plan_memory
 from tasks.prepare_data import prepare_data
 from tasks.train import train
-from tasks.zoo import zoo, zoo_candidates
+from tasks.zoo import zoo
 
 
 def candidates_and_plan(cfg: PipelineConfig, data: dict, device: str, artifacts_dir: str,

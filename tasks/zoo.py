@@ -7,7 +7,6 @@ from pathlib import Path
 from prefect import task
 
 from ftflow.config import ZooConfig
-from ftflow.stages import zoo_candidates  # noqa: F401  (the flows' name for it; ftflow.status uses it too)
 from ftflow.zoo import build_zoo, load_corpus
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage
 
