@@ -42,6 +42,7 @@ def zoo_candidates(manifest: dict) -> list[ModelSpec]:
 
 
 def prepare_data_call(cfg: PipelineConfig, artifacts_dir: str) -> dict:
+    """prepare_data: the data section (files by content, or the synthetic draw)."""
     return {"data": cfg.data, "artifacts_dir": artifacts_dir}
 
 
@@ -51,11 +52,13 @@ def augment_call(augment: AugmentConfig, data: dict, artifacts_dir: str) -> dict
 
 
 def zoo_call(cfg: PipelineConfig, device: str, artifacts_dir: str, progress: bool) -> dict:
+    """zoo (offline configs): the zoo section and the device it pretrains on."""
     return {"zoo": cfg.zoo, "device": device, "artifacts_dir": artifacts_dir, "progress": progress}
 
 
 def plan_memory_call(cfg: PipelineConfig, candidates: list[ModelSpec], data: dict, device: str,
                      artifacts_dir: str) -> dict:
+    """plan_memory: every candidate's predicted peak against the budget, on the prepared splits."""
     return {"candidates": candidates, "data": data, "memory": cfg.memory, "budget_gb": cfg.memory_budget_gb,
             "max_length": cfg.max_length, "batch_size": cfg.benchmark.batch_size, "device": device,
             "artifacts_dir": artifacts_dir, "logits_chunk_tokens": cfg.benchmark.logits_chunk_tokens}
@@ -63,12 +66,14 @@ def plan_memory_call(cfg: PipelineConfig, candidates: list[ModelSpec], data: dic
 
 def benchmark_call(cfg: PipelineConfig, spec: ModelSpec, batch_size: int, data: dict, device: str,
                    artifacts_dir: str, progress: bool) -> dict:
+    """benchmark: one candidate at its planned precision and batch size."""
     return {"spec": spec, "data": data, "batch_size": batch_size, "max_length": cfg.max_length, "device": device,
             "artifacts_dir": artifacts_dir, "progress": progress,
             "logits_chunk_tokens": cfg.benchmark.logits_chunk_tokens}
 
 
 def select_family_call(cfg: PipelineConfig, benchmarks: list[dict], artifacts_dir: str) -> dict:
+    """select_family: every benchmarked candidate and the selection rule."""
     return {"benchmarks": benchmarks, "select": cfg.select, "selection_split": cfg.selection_split,
             "artifacts_dir": artifacts_dir}
 
@@ -90,6 +95,7 @@ def train_call(common: dict, job: Job, train_set: dict, teacher_topk: Optional[d
 
 def teacher_logits_call(cfg: PipelineConfig, teacher: dict, student: dict, augmented: dict, device: str,
                         batch_size: int, artifacts_dir: str, progress: bool) -> dict:
+    """teacher_logits: the best LoRA teacher run's top-k over ``augmented``, at the largest configured k."""
     return {"teacher": teacher, "student": student, "augmented": augmented, "top_k": max(cfg.distill.top_k),
             "max_length": cfg.max_length, "device": device, "batch_size": batch_size,
             "artifacts_dir": artifacts_dir, "progress": progress}
@@ -98,6 +104,7 @@ def teacher_logits_call(cfg: PipelineConfig, teacher: dict, student: dict, augme
 def evaluate_call(cfg: PipelineConfig, data: dict, augmented: dict, benchmarks: list[dict], failures: list[dict],
                   selection: dict, runs: list[dict], chosen_lora: str, ablation: dict[str, str],
                   artifacts_dir: str) -> dict:
+    """evaluate: every baseline, failure and (unique) training run, for the report."""
     return {"data": data, "augmented": augmented, "benchmarks": benchmarks, "failures": failures,
             "selection": selection, "runs": runs, "chosen_lora": chosen_lora, "ablation": ablation,
             "title": cfg.name, "max_length": cfg.max_length, "selection_split": cfg.selection_split,
