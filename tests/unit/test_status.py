@@ -128,3 +128,63 @@ def test_pending_labels_finds_placeholders_in_calls_and_lists():
     assert pending_labels(call) == ["prepare_data", "benchmark[x]"]
     assert pending_labels({"data": {"stage": "prepare_data", "fingerprint": "k"}}) == []
     assert key_inputs({"artifacts_dir": "a", "progress": True, "seed": 1}) == {"seed": 1}
+
+
+def _finished(directory, stage: str, key: str, parts: dict) -> None:
+    """A stage directory as run_stage leaves it (one output file, the manifest with its record), no Prefect record."""
+    from ftflow.artifacts import MANIFEST, OUTPUTS, record_outputs, write_json
+
+    directory.mkdir(parents=True)
+    (directory / "train.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
+    manifest = {"files": {"train": "train.jsonl"}, "stats": {}, "stage": stage, "key": key, "fingerprint": key,
+                "dir": str(directory), "key_parts": parts}
+    manifest[OUTPUTS] = record_outputs(directory)
+    write_json(directory / MANIFEST, manifest)
+
+
+def test_status_of_a_stage_missing_unrecorded_cached_and_damaged(tmp_path):
+    from ftflow.caching import PREFECT_RECORD
+    from ftflow.status import pipeline_status
+
+    cfg = load_config("configs/demo.yaml", {"artifacts_dir": str(tmp_path / "artifacts"), "device": "cpu"})
+    artifacts = (tmp_path / "artifacts").resolve()
+    status = pipeline_status(cfg)
+    assert [(s.label, s.state, s.after) for s in status.stages] == [
+        ("prepare_data", "run", []), ("augment", "after", ["prepare_data"]), ("zoo", "run", []),
+        ("plan_memory", "after", ["zoo"]),
+        ("benchmark (every candidate the memory plan lets through)", "after", ["plan_memory"]),
+        ("select_family", "after", ["plan_memory"]),
+        ("training runs (LoRA grid, per-model runs, distillation, ablation)", "after", ["plan_memory"]),
+        ("teacher_logits", "after", ["plan_memory"]), ("evaluate", "after", ["plan_memory"])]
+    assert status.stages[0].reasons == [
+        "not on disk (never computed for these inputs, or its directory was deleted); no other run of "
+        f"prepare_data in {artifacts / 'prepare_data'} to compare with"]
+    assert not status.nothing_to_run and status.evaluation is None
+
+    # Finished but without Prefect's record (a run killed between the two): the run reuses the outputs,
+    # so what reads them has a key already.
+    key, parts = stages.key_of("prepare_data", stages.prepare_data_call(cfg, str(cfg.artifacts_dir)))
+    final = artifacts / "prepare_data" / key
+    _finished(final, "prepare_data", key, parts)
+    first, second = pipeline_status(cfg).stages[:2]
+    assert (first.state, first.reasons) == ("run", [f"its outputs are in {final} without Prefect's cache record: "
+                                                    "the run reuses them"])
+    assert (second.label, second.state, second.after) == ("augment", "run", [])
+
+    (final / PREFECT_RECORD).write_text("{}", encoding="utf-8")
+    first = pipeline_status(cfg).stages[0]
+    assert (first.state, first.directory, first.reasons) == ("cached", final, [])
+
+    (final / "train.jsonl").write_text('{"text": "b"}\n', encoding="utf-8")  # same size, other content
+    first, second = pipeline_status(cfg).stages[:2]
+    assert first.state == "run" and first.reasons == [
+        f"its outputs in {final} failed verification ({final / 'train.jsonl'} has the right size but not the "
+        "content that was written (SHA-256 differs)): the run moves them aside and computes it again"]
+    assert (second.state, second.after) == ("after", ["prepare_data"])
+
+    # Another synthetic seed: compared with the run on disk, the one field that changed is named.
+    reseeded = load_config("configs/demo.yaml", {"artifacts_dir": str(tmp_path / "artifacts"), "device": "cpu",
+                                                 "data": {"synthetic": {"seed": 7}}})
+    first = pipeline_status(reseeded).stages[0]
+    assert first.reasons == ["data.synthetic.seed changed (config field or parameter)",
+                             f"(against the closest earlier run: prepare_data, {final})"]
