@@ -159,9 +159,27 @@ def failure_summary(evaluation: dict) -> list[str]:
             for row in evaluation.get("leaderboard", []) if row.get("error")]
 
 
+def _nothing_to_run(cfg: PipelineConfig) -> dict | None:
+    """The evaluation manifest if every stage is cached for ``cfg`` (:func:`ftflow.status.pipeline_status`), else None."""
+    from ftflow.status import pipeline_status
+
+    try:
+        status = pipeline_status(cfg)
+    except Exception as exc:  # the check is a shortcut only: whatever stops it, the real run decides
+        print(f"ftflow: could not check the cache beforehand ({type(exc).__name__}: {exc}); starting the run",
+              file=sys.stderr)
+        return None
+    return status.evaluation if status.nothing_to_run else None
+
+
 def _run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     cfg = _load_checked(args.config, overrides)  # fail fast, before Prefect starts
+    # Every stage cached: the results are on disk already, and a Prefect run would only record that (--record).
+    if not args.record and (evaluation := _nothing_to_run(cfg)) is not None:
+        print("ftflow: nothing to run, every stage is cached (`ftflow status` lists them); the results below are "
+              "read from disk and no Prefect run is recorded (--record for one)", file=sys.stderr)
+        return _print_results(evaluation, cfg)
     read_only = not _writable(cfg.artifacts_dir)
     if read_only:
         print(f"ftflow: the artifacts directory {cfg.artifacts_dir} is not writable: the run reads what is cached "
@@ -193,6 +211,11 @@ def _run(args: argparse.Namespace) -> int:
                     f"{_copy_hint(cfg.artifacts_dir, args.config)}\n  cause: {type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
             raise
+    return _print_results(evaluation, cfg)
+
+
+def _print_results(evaluation: dict, cfg: PipelineConfig) -> int:
+    """The leaderboard, where the report is, and the models or runs without a result (exit 1 if any)."""
     report = Path(evaluation["dir"]) / evaluation["files"]["report"]
     print()
     print((Path(evaluation["dir"]) / evaluation["files"]["leaderboard_md"]).read_text(encoding="utf-8"))
@@ -204,6 +227,14 @@ def _run(args: argparse.Namespace) -> int:
         for line in failed:
             print(f"  - {line}")
         return 1
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ftflow.status import pipeline_status, status_text
+
+    cfg = _load_checked(args.config, parse_overrides(args.set))
+    print(status_text(args.config, pipeline_status(cfg)), end="")
     return 0
 
 
@@ -269,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set distill.alpha=0.3 (repeatable)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--record", action="store_true", help="start a Prefect run even when every stage is cached "
+                     "(its task runs show Cached, the UI gets the report); without it such a run prints the "
+                     "results from disk")
     run.set_defaults(handler=_run)
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of user "
                      "errors too (also in Prefect's console logs)")
@@ -281,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", help="folder for plan.csv/md/png (default: <artifacts_dir>/plan)")
     plan.set_defaults(handler=_plan)
     plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    status = commands.add_parser("status", help="what a run would do: each stage cached, or to run and why")
+    status.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config (default: "
+                        "configs/demo.yaml)")
+    status.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, as for run (repeatable)")
+    status.set_defaults(handler=_status)
+    status.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     validate = commands.add_parser("validate", help="check config files without running anything")
     validate.add_argument("configs", nargs="+", help="YAML configs")
     validate.add_argument("--show", action="store_true", help="print the resolved config")

@@ -16,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import DEFAULT_CONFIG
 from flows.scale import mapped_runner
 from flows.steps import benchmark_candidates, candidates_and_plan, trainer
-from ftflow import design
+from ftflow import design, stages
 from ftflow.config import load_config
 from ftflow.models import resolve_device
 from tasks._stage import with_storage
@@ -42,20 +42,17 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     stage = lambda task: with_storage(task, out)  # noqa: E731  results live beside the outputs
 
     # Data, candidate models, and the memory plan: nothing is loaded that it predicts will not fit.
-    data = stage(prepare_data)(cfg.data, artifacts_dir=out)
-    augmented = stage(augment)(cfg.augment, data, artifacts_dir=out)
+    # Each stage's parameters come from ftflow/stages.py, where `ftflow status` reads them too.
+    data = stage(prepare_data)(**stages.prepare_data_call(cfg, out))
+    augmented = stage(augment)(**stages.augment_call(cfg.augment, data, out))
     candidates, plan = candidates_and_plan(cfg, data, device, out, progress)
     eval_batch = design.evaluation_batch_size(cfg, plan["decisions"])
 
     with mapped_runner(cfg.runner) as submit:
         # Baselines, and the family (teacher, student) chosen on the selection split.
         benchmarks, failures = benchmark_candidates(submit, candidates, plan, data, cfg, device, out, progress)
-        selection = stage(select_family)(benchmarks, cfg.select, cfg.selection_split, artifacts_dir=out)
-        train_all = trainer(submit, out, augmented, data=data, seed=cfg.seed, max_length=cfg.max_length,
-                            device=device, eval_batch_size=eval_batch, selection_split=cfg.selection_split,
-                            memory_budget_gb=cfg.memory_budget_gb, progress=progress,
-                            logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens,
-                            checkpoint_steps=cfg.training.checkpoint_steps, packing=cfg.training.packing)
+        selection = stage(select_family)(**stages.select_family_call(cfg, benchmarks, out))
+        train_all = trainer(submit, augmented, stages.train_common(cfg, data, device, eval_batch, out, progress))
 
         # 1. The LoRA grid on the teacher; its best combination (on the selection split) is carried on.
         grid = train_all(design.lora_grid_jobs(cfg, selection))
@@ -68,22 +65,21 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
         per_model = train_all(design.per_model_jobs(cfg, benchmarks, selection, best_job))
 
         # 3. Distillation variants from the best LoRA teacher, its log-probs stored once at the largest k.
-        topk = stage(teacher_logits)(design.distillation_teacher(best), design.distillation_student(selection),
-                                     augmented, max(cfg.distill.top_k), cfg.max_length, device, eval_batch,
-                                     artifacts_dir=out, progress=progress)
+        topk = stage(teacher_logits)(**stages.teacher_logits_call(
+            cfg, design.distillation_teacher(best), design.distillation_student(selection), augmented, device,
+            eval_batch, out, progress))
         distilled = train_all(design.distillation_jobs(cfg, selection), topk=topk)
 
         # 4. The measured effect of augmentation: one run repeated on each training set.
         ablation, made = design.ablation_runs(cfg, selection, best_job), {"main": augmented, "original": data}
         train_sets = [made.get(r.train_set.source) or stage(augment).with_options(task_run_name=r.train_set.run_name)(
-            r.train_set.augment, data, artifacts_dir=out) for r in ablation]
+            **stages.augment_call(r.train_set.augment, data, out)) for r in ablation]
         ablation_results = train_all([r.job for r in ablation], train_sets) if ablation else []
 
     # The report: every baseline and run once, ranked on test.
     runs = design.unique_runs(grid + per_model + distilled + ablation_results)
-    evaluation = stage(evaluate)(data, augmented, benchmarks, failures, selection, runs, best["name"],
-                                 design.ablation_labels(ablation), cfg.name, cfg.max_length, cfg.selection_split,
-                                 cfg.memory_budget_gb, artifacts_dir=out)
+    evaluation = stage(evaluate)(**stages.evaluate_call(cfg, data, augmented, benchmarks, failures, selection, runs,
+                                                        best["name"], design.ablation_labels(ablation), out))
     publish(evaluation, plan, benchmarks)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
     # Runs and models without a result do not stop the run; its log's last lines say which and why.

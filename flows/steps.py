@@ -11,15 +11,16 @@ from typing import Callable, Optional, Sequence
 from prefect import get_run_logger
 
 from flows.scale import Submit
-from ftflow import design
+from ftflow import design, stages
 from ftflow.config import ModelSpec, PipelineConfig
 from ftflow.jobs import Job
+from ftflow.stages import zoo_candidates
 from tasks._stage import with_storage
 from tasks.benchmark import benchmark
 from tasks.plan_memory import plan_memory
 from tasks.prepare_data import prepare_data
 from tasks.train import train
-from tasks.zoo import zoo, zoo_candidates
+from tasks.zoo import zoo
 
 
 def candidates_and_plan(cfg: PipelineConfig, data: dict, device: str, artifacts_dir: str,
@@ -27,19 +28,17 @@ def candidates_and_plan(cfg: PipelineConfig, data: dict, device: str, artifacts_
     """The candidate models (the zoo's, built offline, or the config's ``models``) and their memory plan."""
     stage = lambda task: with_storage(task, artifacts_dir)  # noqa: E731
     if cfg.zoo is not None:
-        candidates = zoo_candidates(stage(zoo)(cfg.zoo, device, artifacts_dir=artifacts_dir, progress=progress))
+        candidates = zoo_candidates(stage(zoo)(**stages.zoo_call(cfg, device, artifacts_dir, progress)))
     else:
         candidates = list(cfg.models)
-    plan = stage(plan_memory)(candidates, data, cfg.memory, cfg.memory_budget_gb, cfg.max_length,
-                              cfg.benchmark.batch_size, device, artifacts_dir=artifacts_dir,
-                              logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens)
+    plan = stage(plan_memory)(**stages.plan_memory_call(cfg, candidates, data, device, artifacts_dir))
     return candidates, plan
 
 
 def data_candidates_and_plan(cfg: PipelineConfig, device: str, artifacts_dir: str,
                              progress: bool = True) -> tuple[dict, list[ModelSpec], dict]:
     """The prepared splits, then :func:`candidates_and_plan`."""
-    data = with_storage(prepare_data, artifacts_dir)(cfg.data, artifacts_dir=artifacts_dir)
+    data = with_storage(prepare_data, artifacts_dir)(**stages.prepare_data_call(cfg, artifacts_dir))
     return (data, *candidates_and_plan(cfg, data, device, artifacts_dir, progress))
 
 
@@ -55,9 +54,8 @@ def benchmark_candidates(submit: Submit, candidates: list[ModelSpec], plan: dict
     planned, failures = design.benchmark_plan(candidates, plan["decisions"])
     for failure in failures:
         logger.warning("%s is not benchmarked: %s", failure["name"], failure["error"])
-    futures = [(spec, submit(task, spec=spec, data=data, batch_size=batch_size, max_length=cfg.max_length,
-                             device=device, artifacts_dir=artifacts_dir, progress=progress,
-                             logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens))
+    futures = [(spec, submit(task, **stages.benchmark_call(cfg, spec, batch_size, data, device, artifacts_dir,
+                                                           progress)))
                for spec, batch_size in planned]
     benchmarks = []
     for spec, future in futures:
@@ -71,17 +69,18 @@ def benchmark_candidates(submit: Submit, candidates: list[ModelSpec], plan: dict
     return benchmarks, failures
 
 
-def trainer(submit: Submit, artifacts_dir: str, main_set: dict, **run) -> Callable[..., list[dict]]:
+def trainer(submit: Submit, main_set: dict, common: dict) -> Callable[..., list[dict]]:
     """``train_all(jobs, train_sets=None, topk=None)``: one cached ``train`` run per job, all awaited.
 
     ``train_sets`` (one manifest per job) defaults to ``main_set``, the
-    pipeline's training set; ``run`` holds the parameters every run shares.
+    pipeline's training set; ``common`` holds the parameters every run shares
+    (:func:`ftflow.stages.train_common`).
     """
-    task = with_storage(train, artifacts_dir)
+    task = with_storage(train, common["artifacts_dir"])
 
     def train_all(jobs: Sequence[Job], train_sets: Optional[Sequence[dict]] = None,
                   topk: Optional[dict] = None) -> list[dict]:
-        futures = [submit(task, job=job, train_set=train_set, teacher_topk=topk, artifacts_dir=artifacts_dir, **run)
+        futures = [submit(task, **stages.train_call(common, job, train_set, topk))
                    for job, train_set in zip(jobs, train_sets or [main_set] * len(jobs))]
         return settle(jobs, futures)
 

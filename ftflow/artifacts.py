@@ -108,6 +108,19 @@ def record_outputs(directory: Path, *, hash_all: bool = False, hash_max_bytes: i
     return outputs
 
 
+VERIFY_ENV = "FTFLOW_VERIFY"
+VERIFY_MODES = ("small", "full")  # small (default): hash files up to 64 MiB, sizes for the rest; full: hash all
+
+
+def hash_all_from_env() -> bool:
+    """Whether every output file is hashed, whatever its size (``FTFLOW_VERIFY=full``; default ``small``)."""
+    mode = os.environ.get(VERIFY_ENV, "").strip().lower() or "small"
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"{VERIFY_ENV}={mode!r} is not a verification mode; use one of {', '.join(VERIFY_MODES)} "
+                         "(small: hash files up to 64 MiB and check the rest by size; full: hash every file)")
+    return mode == "full"
+
+
 def check_outputs(directory: Path, expected: Optional[dict] = None, *, hash_all: bool = False,
                   hash_max_bytes: int = HASH_MAX_BYTES) -> tuple[Optional[dict], Optional[str]]:
     """Whether a finished directory still holds what its manifest recorded.

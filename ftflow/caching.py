@@ -32,6 +32,18 @@ from ftflow.artifacts import sha256_file, sha256_json
 
 NUMERIC_LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "bitsandbytes", "nlpaug", "datasets")
 KEY_LENGTH = 20
+# A task's parameters that say where or how to run, not what to compute: never in a key. report_to (where
+# training curves go) changes which files a run writes beside its results, never a number in them.
+NOT_IN_KEY = frozenset({"artifacts_dir", "progress", "checkpoint_steps", "report_to"})
+# Prefect's cache record of a stage, inside its output directory (tasks/_stage.py): with it a run finds the
+# stage Cached.
+PREFECT_RECORD = "prefect-result.json"
+PART_HASH_LENGTH = 16  # of each recorded part of a key (field values are recorded by hash only)
+
+
+def key_inputs(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of a stage's task that determine its output (all but :data:`NOT_IN_KEY`)."""
+    return {k: v for k, v in parameters.items() if k not in NOT_IN_KEY}
 
 
 @lru_cache(maxsize=None)
@@ -170,15 +182,23 @@ def reached_modules(roots: Iterable[str], packages: Optional[Iterable[str]] = No
     return tuple(sorted(files))
 
 
-def code_version(roots: Iterable[str], search_path: Optional[Sequence[Path]] = None) -> str:
-    """Hash of the source of every project module the ``roots`` reach (see :func:`reached_modules`)."""
-    digest = hashlib.sha256()
+def module_hashes(roots: Iterable[str], search_path: Optional[Sequence[Path]] = None) -> dict[str, str]:
+    """{module: SHA-256 of its source} for every project module the ``roots`` reach (:func:`reached_modules`)."""
+    hashes = {}
     for name in reached_modules(roots, search_path=search_path):
         path = module_file(name, search_path)
         stat = path.stat()
+        hashes[name] = _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+    return hashes
+
+
+def code_version(roots: Iterable[str], search_path: Optional[Sequence[Path]] = None) -> str:
+    """Hash of the source of every project module the ``roots`` reach (see :func:`reached_modules`)."""
+    digest = hashlib.sha256()
+    for name, source_hash in module_hashes(roots, search_path).items():
         digest.update(name.encode())
         digest.update(b"\0")
-        digest.update(_sha256_cached(str(path), stat.st_size, stat.st_mtime_ns).encode())
+        digest.update(source_hash.encode())
     return digest.hexdigest()
 
 
@@ -223,10 +243,52 @@ def stage_key(stage: str, inputs: dict[str, Any], modules: Iterable[str]) -> str
         modules: Where its code starts: the task module's dotted name; the key covers every project
             module reached from there (:func:`code_version`).
     """
+    return key_and_parts(stage, inputs, modules)[0]
+
+
+def key_and_parts(stage: str, inputs: dict[str, Any], modules: Iterable[str]) -> tuple[str, dict]:
+    """The stage's key (:func:`stage_key`) and what went into it, part by part (:func:`key_parts`)."""
     material = {
         "stage": stage,
         "inputs": canonical(inputs),
         "code": code_version(modules),
         "libraries": library_versions(),
     }
-    return sha256_json(material)[:KEY_LENGTH]
+    return sha256_json(material)[:KEY_LENGTH], key_parts(material["inputs"], modules)
+
+
+def _leaves(value: Any, path: str) -> Iterable[tuple[str, Any]]:
+    """(dotted path, value) of every leaf of a canonical input; an upstream manifest or a file is one leaf."""
+    if isinstance(value, dict) and value and not ("manifest" in value or set(value) == {"sha256"}):
+        for name, item in value.items():
+            yield from _leaves(item, f"{path}.{name}" if path else name)
+    elif isinstance(value, list) and value:
+        for index, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{index}]")
+    else:
+        yield path, value
+
+
+def key_parts(canonical_inputs: dict, modules: Iterable[str]) -> dict:
+    """What a stage key is made of, part by part, to say later which part changed (no value is recorded).
+
+    Args:
+        canonical_inputs: the stage's inputs after :func:`canonical`.
+        modules: where the stage's code starts (its task module).
+
+    Returns:
+        ``{"inputs": {dotted field: part}, "code": {module: source hash}, "libraries": {name: version}}``
+        where a part is ``{"kind": "value", "hash": ...}`` (a config field or parameter, by the hash of its
+        value, so a secret never lands in a manifest), ``{"kind": "file", "hash": ...}`` (a file, by
+        content) or ``{"kind": "upstream", "stage": ..., "fingerprint": ...}`` (another stage's manifest).
+    """
+    inputs = {}
+    for path, value in _leaves(canonical_inputs, ""):
+        if isinstance(value, dict) and "manifest" in value:
+            inputs[path] = {"kind": "upstream", "stage": value["manifest"], "fingerprint": value["fingerprint"]}
+        elif isinstance(value, dict) and set(value) == {"sha256"}:
+            inputs[path] = {"kind": "file", "hash": value["sha256"][:PART_HASH_LENGTH]}
+        else:
+            inputs[path] = {"kind": "value", "hash": sha256_json(value)[:PART_HASH_LENGTH]}
+    code = {name: digest[:PART_HASH_LENGTH] for name, digest in module_hashes(modules).items()}
+    return {"inputs": inputs, "code": code, "libraries": dict(library_versions())}

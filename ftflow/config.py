@@ -448,6 +448,12 @@ class TrainingConfig(_Strict):
         "sentences; models with remote code stay padded) and length-grouped padded batches for prefix tuning, "
         "which cannot be packed; on = packed for every model (prefix tuning refused); off = random padded "
         "batches. Each run's manifest records its batching (packed, length-grouped or padded).")
+    report_to: list[Literal["tensorboard"]] = Field(
+        default_factory=list, description="Where the Trainer also logs each run's curves (training loss, learning "
+        "rate, selection-split PPL per epoch, by step): [] = nowhere; [tensorboard] = TensorBoard event files, "
+        "offline, in the run's work directory while it trains and then in artifacts/train/<key>/tensorboard/ "
+        "(view with: tensorboard --logdir artifacts/train). Not part of a run's cache key: it changes which "
+        "files a run writes, never its numbers, so a run cached without curves keeps none until it reruns.")
 
 
 class RunnerConfig(_Strict):

@@ -63,6 +63,7 @@ def run_job(
     on_progress: Optional[Callable[[dict], None]] = None,
     master_weights: Optional[str] = None,
     packing: str = "auto",
+    report_to: Sequence[str] = (),
 ) -> dict:
     """Train one job; returns its result (history, best epoch, selection and test scores).
 
@@ -75,9 +76,12 @@ def run_job(
     model): ``fp32`` (default) or the model's precision when fp32 master
     weights do not fit (see :func:`ftflow.training.plan_precision`).
     ``packing`` (``auto``, ``on``, ``off``): how training batches are formed (:func:`ftflow.training.batching_for`).
+    ``report_to`` (``tensorboard``): the Trainer's logging integrations; their files (TensorBoard event files)
+    are written under ``work_dir`` while the run trains and copied into ``out_dir/tensorboard`` at the end.
     """
     from ftflow.cards import write_model_card
-    from ftflow.training import TrainSettings, batching_for, encode_dataset, train_full, train_lora, train_prefix
+    from ftflow.training import (TENSORBOARD_DIR, TRAINER_LOGS_DIR, TrainSettings, batching_for, encode_dataset,
+                                 train_full, train_lora, train_prefix)
 
     base = job.model
     trust = base["trust_remote_code"]
@@ -88,6 +92,7 @@ def run_job(
         eval_batch_size=eval_batch_size, progress=progress, checkpoint_steps=checkpoint_steps,
         logits_chunk_tokens=logits_chunk_tokens,
         master_weights=master_weights if job.method in ("full", "distill") else None, packing=packing,
+        report_to=tuple(report_to),
     )
     best_dir = Path(work_dir) / "best"
     trainer_dir = Path(work_dir) / "trainer"
@@ -134,6 +139,9 @@ def run_job(
 
     model_dir = Path(out_dir) / "model"
     shutil.copytree(best_dir, model_dir)
+    curves = trainer_dir / TRAINER_LOGS_DIR
+    if curves.is_dir():  # every session's event files, a resumed run's included: the work directory goes
+        shutil.copytree(curves, Path(out_dir) / TENSORBOARD_DIR)
     run = {"method": job.method, "precision": job.precision, "quantization": quantization,
            "base_model": base, "dir": str(out_dir), "files": {"model": "model"}}
     model = load_trained(run, device)

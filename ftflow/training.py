@@ -35,6 +35,10 @@ PACKABLE_METHODS = ("lora", "qlora", "full", "distill")
 """Methods whose batches can be packed: every row the model sees is the sentences themselves."""
 
 
+TRAINER_LOGS_DIR = "runs"  # where the Trainer's TensorBoard callback writes, under its output (work) directory
+TENSORBOARD_DIR = "tensorboard"  # a finished run's copy of them, in its output directory
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """What every training run needs besides the model and the data."""
@@ -57,6 +61,9 @@ class TrainSettings:
     update, for when fp32 master weights do not fit. See :func:`plan_precision`."""
     packing: Packing = "auto"
     """How training batches are formed: see :func:`batching_for`."""
+    report_to: tuple[str, ...] = ()
+    """Where the Trainer also logs the run's curves (``("tensorboard",)``: event files in ``work_dir/runs/``,
+    offline); what it logs is the training loss and learning rate by step and the selection-split PPL per epoch."""
 
 
 def batching_for(packing: Packing, method: str, *, trust_remote_code: bool = False) -> Batching:
@@ -302,6 +309,7 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
 
         best = min((e["validation"]["corpus_ppl"] for e in history), default=math.inf)
         validation_seconds = 0.0  # spent in here (scoring, saving the best): not training
+        trainer = None  # set once the Trainer exists (fit)
 
         def _validate(self, model, state) -> None:
             started = time.perf_counter()
@@ -323,6 +331,10 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
             history.append(entry)  # after the save: a kill in between re-runs this epoch's check
             write_json(history_path, history)
             self.validation_seconds += time.perf_counter() - started
+            if self.trainer is not None and self.trainer.args.report_to:
+                # eval_* keys: TensorBoard shows them as eval/<name>, by step, beside train/loss.
+                self.trainer.log({"eval_selection_ppl": result.corpus_ppl,
+                                  "eval_selection_bits_per_byte": result.bits_per_byte})
             if on_progress is not None:
                 on_progress(dict(step=state.global_step, max_steps=state.max_steps, epoch=epoch,
                                  loss=entry["train_loss"], validation_ppl=result.corpus_ppl))
@@ -487,7 +499,8 @@ def fit(
         save_strategy="steps",
         save_steps=settings.checkpoint_steps,
         save_total_limit=1,
-        report_to=[],
+        # The Trainer's own integrations, offline; the selection-split PPL joins them (the callback logs it).
+        report_to=list(settings.report_to),  # TensorBoard: event files in work_dir/runs/<time>_<host>/
         seed=settings.seed,
         data_seed=settings.seed,
         use_cpu=not on_cuda,
@@ -513,6 +526,7 @@ def fit(
         **kwargs,
     )
     trainer.remove_callback(PrinterCallback)  # its print() of every log; the callback above logs them instead
+    validation.trainer = trainer  # so its selection-split PPL goes through Trainer.log, to every integration
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     best = best_epoch(history, before["corpus_ppl"])
     if not best["improved"]:

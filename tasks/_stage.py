@@ -38,35 +38,18 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from ftflow.artifacts import MANIFEST, OUTPUTS, atomic_directory, check_outputs, move_aside, record_outputs, write_json
-from ftflow.caching import KEY_LENGTH, stage_key
+from ftflow.artifacts import (MANIFEST, OUTPUTS, VERIFY_ENV, VERIFY_MODES, atomic_directory, check_outputs,  # noqa: F401
+                              hash_all_from_env, move_aside, record_outputs, write_json)
+from ftflow.caching import KEY_LENGTH, NOT_IN_KEY, PREFECT_RECORD, key_and_parts, key_inputs, stage_key  # noqa: F401
 from tasks._locks import LeasedFileLockManager, lease_seconds_from_env
 
-RECORD = "prefect-result.json"
+RECORD = PREFECT_RECORD
 LOCKS_DIR = ".locks"  # under artifacts_dir; one lock per cache key while a run computes it
-VERIFY_ENV = "FTFLOW_VERIFY"
-VERIFY_MODES = ("small", "full")  # small (default): hash files up to 64 MiB, sizes for the rest; full: hash all
 # What a dead run leaves in a stage directory: atomic_directory's temporary and replaced copies.
 _TEMPORARY = re.compile(rf"^\.([0-9a-f]{{{KEY_LENGTH}}})\.[0-9a-f]{{32}}\.(partial|old)$")
-# Parameters that say where or how to run, not what to compute.
-NOT_IN_KEY = frozenset({"artifacts_dir", "progress", "checkpoint_steps"})
 
 # Options shared by every stage task: results are the JSON manifests.
 STAGE_TASK_OPTIONS = dict(persist_result=True, result_serializer="json")
-
-
-def key_inputs(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The parameters that determine a stage's output."""
-    return {k: v for k, v in parameters.items() if k not in NOT_IN_KEY}
-
-
-def hash_all_from_env() -> bool:
-    """Whether every output file is hashed, whatever its size (``FTFLOW_VERIFY=full``; default ``small``)."""
-    mode = os.environ.get(VERIFY_ENV, "").strip().lower() or "small"
-    if mode not in VERIFY_MODES:
-        raise ValueError(f"{VERIFY_ENV}={mode!r} is not a verification mode; use one of {', '.join(VERIFY_MODES)} "
-                         "(small: hash files up to 64 MiB and check the rest by size; full: hash every file)")
-    return mode == "full"
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -213,7 +196,8 @@ def run_stage(stage: str, modules: tuple[str, ...], build: Callable[..., dict], 
 def _run_stage(context: TaskRunContext, stage: str, modules: tuple[str, ...], build: Callable[..., dict],
                work: bool) -> dict:
     parameters = context.parameters
-    key = stage_key(stage, key_inputs(parameters), modules)
+    # The parts are recorded so that `ftflow status` can say which one changed when the key does.
+    key, parts = key_and_parts(stage, key_inputs(parameters), modules)
     final = Path(parameters["artifacts_dir"]).resolve() / stage / key
     logger = run_logger()
     policy = context.task.cache_policy
@@ -235,6 +219,7 @@ def _run_stage(context: TaskRunContext, stage: str, modules: tuple[str, ...], bu
             fingerprint=key,
             dir=str(final),
             seconds=round(time.perf_counter() - started, 3),
+            key_parts=parts,
         )
         # Written last, after every other file: what a cache hit checks the directory against.
         manifest[OUTPUTS] = record_outputs(tmp, hash_all=hash_all_from_env())

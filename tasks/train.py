@@ -65,7 +65,7 @@ class ProgressArtifact:
 def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, device: str,
           eval_batch_size: int, selection_split: str, memory_budget_gb: float, logits_chunk_tokens: int,
           teacher_topk: Optional[dict] = None, checkpoint_steps: int = 50, artifacts_dir: str = "artifacts",
-          progress: bool = True, packing: str = "auto") -> dict:
+          progress: bool = True, packing: str = "auto", report_to: Optional[list[str]] = None) -> dict:
     """Train one job on ``train_set``; keep its best epoch on the selection split; score it on test.
 
     A run the memory plan predicts will not fit is not started: its manifest
@@ -110,7 +110,7 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
             work_dir=work, out_dir=out, checkpoint_steps=checkpoint_steps, logits_chunk_tokens=logits_chunk_tokens,
             teacher_topk_dir=stage_path(teacher_topk, "topk") if teacher_topk is not None else None,
             card_facts=facts, progress=progress, on_progress=ProgressArtifact(job.title), master_weights=master_weights,
-            packing=packing,
+            packing=packing, report_to=report_to or (),
         )
         if summary["resumed_from"]:
             logger.info("%s: resumed from %s and finished", job.title, summary["resumed_from"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import task
 
-from ftflow.config import ModelSpec, ZooConfig
+from ftflow.config import ZooConfig
 from ftflow.zoo import build_zoo, load_corpus
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage
 
@@ -30,12 +30,3 @@ def zoo(zoo: ZooConfig, device: str, artifacts_dir: str, progress: bool = True) 
 
     return run_stage(STAGE, MODULES, build)
 
-
-def zoo_candidates(manifest: dict) -> list[ModelSpec]:
-    """The zoo's checkpoints as candidate models, loaded like any hub model."""
-    return [
-        ModelSpec(name=member["name"], path=str(Path(manifest["dir"]) / member["path"]),
-                  family=family["name"], precision="auto")
-        for family in manifest["families"]
-        for member in family["members"]
-    ]

@@ -110,11 +110,17 @@ def test_cli_run_then_a_read_only_copy_still_gives_the_report(study, prefect_ser
     assert "have no result" not in first
 
     read_only = ReadOnly(monkeypatch, study["artifacts"])
-    # Every stage is cached: the leaderboard and report come back without one write under the directory.
+    # Every stage is cached: the leaderboard and report come back without one write under the directory,
+    # read from disk (no Prefect run: not even a write is tried), or through a recorded Prefect run.
+    leaderboard = first[first.index("| "):first.index("report: ")]
     assert main(["run", str(study["good"]), "--no-progress"]) == 0
     captured = capsys.readouterr()
+    assert "ftflow: nothing to run, every stage is cached" in captured.err
+    assert leaderboard in captured.out and "report: " in captured.out
+    assert read_only.refused == []
+    assert main(["run", str(study["good"]), "--no-progress", "--record"]) == 0
+    captured = capsys.readouterr()
     assert f"artifacts directory {study['artifacts']} is not writable" in captured.err
-    leaderboard = first[first.index("| "):first.index("report: ")]
     assert leaderboard in captured.out and "report: " in captured.out
     assert any(path.endswith(".mutex") or path.endswith(".locks") for path in read_only.refused)
 

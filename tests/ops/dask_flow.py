@@ -13,10 +13,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.benchmark_only import benchmark_candidates
 from flows.scale import mapped_runner
 from ftflow.config import RunnerConfig, load_config
+from ftflow.stages import zoo_candidates
 from tasks._stage import with_storage
 from tasks.plan_memory import plan_memory
 from tasks.prepare_data import prepare_data
-from tasks.zoo import zoo, zoo_candidates
+from tasks.zoo import zoo
 
 # Every benchmark claims one "GPU"; the LocalCluster gives each worker one, so each runs one at a time.
 DASK = RunnerConfig(kind="dask", n_workers=2, threads_per_worker=1, resources={"GPU": 1})
