@@ -53,9 +53,10 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
         selection = stage(select_family)(benchmarks, cfg.select, cfg.selection_split, artifacts_dir=out)
         train_all = trainer(submit, out, augmented, data=data, seed=cfg.seed, max_length=cfg.max_length,
                             device=device, eval_batch_size=eval_batch, selection_split=cfg.selection_split,
-                            memory_budget_gb=cfg.memory_budget_gb, progress=progress,
+                            memory_budget_gb=cfg.training_budget_gb, progress=progress,
                             logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens,
-                            checkpoint_steps=cfg.training.checkpoint_steps, packing=cfg.training.packing)
+                            checkpoint_steps=cfg.training.checkpoint_steps, packing=cfg.training.packing,
+                            fit_order=cfg.training.fit_order)
 
         # 1. The LoRA grid on the teacher; its best combination (on the selection split) is carried on.
         grid = train_all(design.lora_grid_jobs(cfg, selection))

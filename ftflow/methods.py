@@ -63,6 +63,7 @@ def run_job(
     on_progress: Optional[Callable[[dict], None]] = None,
     master_weights: Optional[str] = None,
     packing: str = "auto",
+    fit_plan: Optional[dict] = None,
 ) -> dict:
     """Train one job; returns its result (history, best epoch, selection and test scores).
 
@@ -75,6 +76,8 @@ def run_job(
     model): ``fp32`` (default) or the model's precision when fp32 master
     weights do not fit (see :func:`ftflow.training.plan_precision`).
     ``packing`` (``auto``, ``on``, ``off``): how training batches are formed (:func:`ftflow.training.batching_for`).
+    ``fit_plan`` (:class:`ftflow.fit.FitPlan` as a dict): micro-batch, gradient checkpointing, optimizer state
+    and trained-weights precision that make the run fit; its ``master_weights`` replaces ``master_weights``.
     """
     from ftflow.cards import write_model_card
     from ftflow.training import TrainSettings, batching_for, encode_dataset, train_full, train_lora, train_prefix
@@ -82,12 +85,21 @@ def run_job(
     base = job.model
     trust = base["trust_remote_code"]
     tokenizer = load_tokenizer(base["path"], trust)
+    fitted = {}
+    if fit_plan is not None:
+        master_weights = fit_plan["master_weights"]
+        if job.method in ("full", "distill") and fit_plan["train_precision"] != job.precision:
+            master_weights = fit_plan["train_precision"]  # an fp32 model trained as bf16 weights
+        fitted = dict(micro_batch_size=fit_plan["micro_batch_size"], optimizer=fit_plan["optimizer"],
+                      # QLoRA checkpoints through prepare_model_for_kbit_training already.
+                      gradient_checkpointing=fit_plan["gradient_checkpointing"] and job.method != "qlora")
     settings = TrainSettings(
         epochs=job.epochs, learning_rate=job.learning_rate, batch_size=job.batch_size, max_length=max_length,
-        seed=seed, device=device, precision=job.precision, weight_decay=job.weight_decay,
-        eval_batch_size=eval_batch_size, progress=progress, checkpoint_steps=checkpoint_steps,
-        logits_chunk_tokens=logits_chunk_tokens,
-        master_weights=master_weights if job.method in ("full", "distill") else None, packing=packing,
+        seed=seed, device=device,
+        precision=fit_plan["train_precision"] if fit_plan is not None else job.precision,
+        weight_decay=job.weight_decay, eval_batch_size=eval_batch_size, progress=progress,
+        checkpoint_steps=checkpoint_steps, logits_chunk_tokens=logits_chunk_tokens,
+        master_weights=master_weights if job.method in ("full", "distill") else None, packing=packing, **fitted,
     )
     best_dir = Path(work_dir) / "best"
     trainer_dir = Path(work_dir) / "trainer"
