@@ -516,9 +516,9 @@ def fit(
         # all their target tokens (the Trainer's num_items_in_batch), so lr and steps stay what they were.
         per_device_train_batch_size=settings.batch_size // accumulation,
         gradient_accumulation_steps=accumulation,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing=settings.gradient_checkpointing,
         # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings under PEFT).
-        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
         learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay,
         lr_scheduler_type="linear",
