@@ -201,3 +201,36 @@ def test_micro_batches_with_accumulation_train_like_the_full_batch(base, tmp_pat
             full["history"][-1]["validation"]["corpus_ppl"], rel=1e-5)
     with pytest.raises(ValueError, match="micro_batch_size 3 must divide batch_size 4"):
         _train(base, tmp_path, "bad", batching, micro_batch_size=3)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_distillation_micro_batches_give_the_full_batch_loss_per_token(tmp_path, packed):
+    """DistillationTrainer: 4 sentences of different lengths as 1 x 4 micro-batches give the 4-sentence step."""
+    from transformers import TrainingArguments
+
+    from ftflow.distill import DistillationCollator, DistillationTrainer, compute_teacher_topk
+    from ftflow.tokens import pad_token_id, sentence_ids
+
+    tokenizer = tiny_tokenizer()
+    sentences = SENTENCES[:4]
+    assert len({len(s.split()) for s in sentences}) > 1  # lengths differ: a mean of micro-batch means would not do
+    topk = compute_teacher_topk(tiny_model("llama", seed=0, hidden_size=48), tokenizer, sentences, k=4,
+                                max_length=16, progress=False)
+    dataset = [{"input_ids": sentence_ids(tokenizer, s, 16)[0], "sentence_index": i} for i, s in enumerate(sentences)]
+
+    def train(micro: int):
+        args = TrainingArguments(output_dir=str(tmp_path / f"out{micro}"), per_device_train_batch_size=micro,
+                                 gradient_accumulation_steps=4 // micro, max_steps=3, learning_rate=1e-2,
+                                 lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
+                                 remove_unused_columns=False, save_strategy="no", seed=0)
+        trainer = DistillationTrainer(model=tiny_model("llama", seed=1), args=args, train_dataset=dataset,
+                                      data_collator=DistillationCollator(pad_token_id(tokenizer), topk, packed=packed),
+                                      alpha=0.5, temperature=2.0)
+        trainer.train()
+        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        return losses, [p.detach().clone() for p in trainer.model.parameters()]
+
+    full_losses, full_weights = train(4)
+    losses, weights = train(1)
+    assert losses == pytest.approx(full_losses, abs=1e-4)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(weights, full_weights))
