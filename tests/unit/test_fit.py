@@ -234,3 +234,43 @@ def test_distillation_micro_batches_give_the_full_batch_loss_per_token(tmp_path,
     losses, weights = train(1)
     assert losses == pytest.approx(full_losses, abs=1e-4)
     assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(weights, full_weights))
+
+
+def test_study_runs_compute_in_flops_and_hours_from_parameters_and_tokens(tmp_path):
+    """A planned run's FLOPs: (4 N + 2 N_trainable) per training token, + 2 N checkpointed; 2 N per scored token."""
+    from ftflow.fit import GPU_PEAK_TFLOPS, TokenStats, plan_study_runs, token_stats, training_flops_per_token
+
+    assert training_flops_per_token(10, 10, False) == 60 and training_flops_per_token(10, 1, True) == 62
+    assert token_stats(None, ["a b c", "one two three four five six seven eight nine"], 2048) == TokenStats(
+        2, 6 + 15, 15, False)  # 1 + ceil(1.5 * words)
+    tokenizer = tiny_tokenizer()
+    assert token_stats(tokenizer, ["the cat sat on the mat"], 2048) == TokenStats(1, 7, 7, True)
+
+    cfg = parse_config({"data": {"synthetic": {}}, "models": [
+        {"name": "big", "path": "ibm-granite/granite-3.3-8b-base", "family": "granite", "precision": "bf16"},
+        {"name": "small", "path": "ibm-granite/granite-3.3-2b-base", "family": "granite", "precision": "fp32"}],
+        "lora": {"r": 8, "batch_size": 4}, "qlora": {"enabled": False}, "prefix": {"enabled": False},
+        "finetune": {"max_params": 2_600_000_000, "batch_size": 4, "epochs": 2},
+        "distill": {"top_k": [10], "batch_size": 4}, "select": {"student_max_params": 2_600_000_000},
+        "augment": {"enabled": False}}, tmp_path)
+    models = [{"name": m.name, "path": m.path, "family": m.family, "precision": m.precision,
+               "trust_remote_code": False} for m in cfg.models]
+    parameters = {"big": 8_170_864_640, "small": 2_533_539_840}
+    split = {"train": TokenStats(900, 90_000, 72, False), "validation": TokenStats(100, 10_000, 72, False),
+             "test": TokenStats(100, 10_000, 72, False)}
+    runs, notes = plan_study_runs(cfg, models, parameters, {"big": split, "small": split}, eval_batch_size=8)
+    assert [r.title for r in runs] == ["lora[big|r8,a16,d0.05,lr0.0002]", "lora[small|r8,a16,d0.05,lr0.0002]",
+                                       "full[small|lr5e-05]", "distill[small|top10,T1,a0.5,lr5e-05]"]
+    assert notes[0].startswith("family granite as if selected: teacher big, student small")
+    full = runs[2]
+    assert (full.section, full.compute_dtype, full.fit.train_precision) == ("3.3 full", "bf16", "bf16")
+    n = 2_533_539_840
+    assert full.train_flops == 6 * n * 90_000 * 2  # every weight trained, two epochs
+    assert full.eval_flops == 2 * n * (10_000 * 3 + 10_000)  # base model + 2 epochs on validation, test once
+    assert full.hours("a100", 0.5) == pytest.approx(full.flops / (312e12 * 0.5) / 3600)
+    lora = runs[0]
+    trainable = lora.fit.prediction["trainable_parameters"]
+    assert lora.train_flops == (4 * 8_170_864_640 + 2 * trainable) * 90_000 * 2 and lora.compute_dtype == "bf16"
+    assert runs[1].compute_dtype == "fp32"  # LoRA on the fp32 model computes in fp32: the fp32 peak
+    assert runs[1].hours("a100", 0.5) == pytest.approx(runs[1].flops / (GPU_PEAK_TFLOPS["a100"][1] * 1e12 * 0.5)
+                                                       / 3600)
