@@ -47,6 +47,7 @@ from typing import Any, Optional, Sequence, get_args
 from pydantic import BaseModel, ConfigDict
 
 from ftflow.config import DEFAULT_FIT_ORDER, FitTechnique
+from ftflow.errors import UserError
 from ftflow.memory import (GB, MemoryPrediction, TrainingJob, longest_sequence, model_config_for, predict_training)
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS
 
@@ -531,3 +532,21 @@ def study_plan_table(runs: Sequence[PlannedRun], gpu: str, utilization: float) -
             "hours": round(run.hours(gpu, utilization), 2) if fit.fits else None,
         })
     return pd.DataFrame(rows, columns=list(PLAN_RUN_COLUMNS))
+
+
+class GridDoesNotFitError(UserError):
+    """Not one combination of the teacher's LoRA grid fits the training budget: nothing after it can run."""
+
+
+def check_grid_fits(plans: Sequence[FitPlan], titles: Sequence[str]) -> list[FitPlan]:
+    """``plans`` if at least one grid combination fits; else one :class:`GridDoesNotFitError` saying why.
+
+    The pipeline calls this before the first training run: every later stage needs the grid's best
+    combination, so a grid that cannot fit is said once, with the figure, instead of after 24 skipped runs.
+    """
+    if any(plan.fits for plan in plans):
+        return list(plans)
+    smallest = min(zip(plans, titles), key=lambda pt: pt[0].peak_bytes)
+    raise GridDoesNotFitError(
+        f"no combination of the teacher's LoRA grid ({len(plans)} runs) fits the training budget: the smallest, "
+        f"{smallest[1]}, {smallest[0].reason}. Nothing was trained.")

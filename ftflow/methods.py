@@ -169,5 +169,9 @@ def run_job(
         "test": test.to_dict(),
         **result,
     }
+    if fit_plan is not None:  # how the run was made to fit its memory budget (ftflow/fit.py)
+        from ftflow.fit import FitPlan
+
+        summary.update(fit_plan=fit_plan, fit_summary=FitPlan.model_validate(fit_plan).summary)
     write_model_card(model_dir, summary, card_facts or {})
     return summary

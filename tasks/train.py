@@ -100,7 +100,7 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
                     "fit_plan": fit.model_dump(mode="json")}
         logger.info("%s: %s", job.title, fit.summary)
         facts = {"train set fingerprint": train_set["fingerprint"], "data fingerprint": data["fingerprint"],
-                 "selection_split": selection_split, "memory fit": fit.summary}
+                 "selection_split": selection_split}
         if teacher_topk is not None:
             facts["teacher"] = teacher_topk["teacher"]
             facts["teacher top-k fingerprint"] = teacher_topk["fingerprint"]

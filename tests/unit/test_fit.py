@@ -274,3 +274,30 @@ def test_study_runs_compute_in_flops_and_hours_from_parameters_and_tokens(tmp_pa
     assert runs[1].compute_dtype == "fp32"  # LoRA on the fp32 model computes in fp32: the fp32 peak
     assert runs[1].hours("a100", 0.5) == pytest.approx(runs[1].flops / (GPU_PEAK_TFLOPS["a100"][1] * 1e12 * 0.5)
                                                        / 3600)
+
+
+def test_a_lora_grid_that_cannot_fit_is_said_once_before_training():
+    from ftflow.errors import UserError
+    from ftflow.fit import GridDoesNotFitError, check_grid_fits
+
+    plans = [_fit("ibm-granite/granite-3.3-8b-base", "bf16", "lora", lora_r=r, budget_bytes=15 * GB) for r in (8, 16)]
+    assert not any(p.fits for p in plans)
+    with pytest.raises(GridDoesNotFitError, match=r"no combination of the teacher's LoRA grid \(2 runs\) fits the "
+                       r"training budget: the smallest, lora\[a\], nothing in fit_order .* over the training budget "
+                       r"of 15.00 GB .* Nothing was trained.") as caught:
+        check_grid_fits(plans, ["lora[a]", "lora[b]"])
+    assert isinstance(caught.value, UserError)  # ftflow run: one "ftflow:" line, exit 2
+    fitting = _fit("ibm-granite/granite-3.3-8b-base", "bf16", "lora", lora_r=8)
+    assert check_grid_fits([plans[0], fitting], ["lora[a]", "lora[b]"]) == [plans[0], fitting]
+
+
+def test_the_report_says_how_runs_were_made_to_fit():
+    from ftflow.design import report_notes
+
+    plan = _fit("ibm-granite/granite-3.3-8b-base", "bf16", "lora", lora_r=16)
+    run = {"title": "lora[t|r16]", "fit_plan": plan.model_dump(mode="json"), "fit_summary": plan.summary}
+    plain = {"title": "lora[s|r16]", "fit_plan": _fit("Qwen/Qwen2.5-0.5B", "fp32", "lora").model_dump(mode="json"),
+             "fit_summary": "not shown: nothing was needed"}
+    notes = report_notes([], [run, plain], [], 20.0, augmentation_table=False, truncated=0, max_length=2048)
+    assert notes == ["memory fit: granite-3.3-8b-base lora: micro-batch 1 x 4 accumulation, checkpointing off, fp32 "
+                     "AdamW, predicted 19.0 GB (budget 20 GB) (lora[t|r16])"]
