@@ -735,7 +735,8 @@ class DistillationTrainer(transformers.Trainer):
                 self._kd_sums[key] = self._kd_sums.get(key, 0.0) + losses[key].detach()
             self._kd_steps += 1
         loss = losses["loss"]
-        if num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.args.gradient_accumulation_steps > 1:
+        accumulating = self.args.gradient_accumulation_steps > 1
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs and accumulating:
             # The step's mean over its target tokens (the Trainer then does not divide by the accumulation steps;
             # with one micro-batch per step this is the batch mean itself, left as kd_loss computed it).
             scored = labels[..., 1:].ne(IGNORE_INDEX).sum()

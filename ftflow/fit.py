@@ -454,7 +454,6 @@ def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], sta
     from ftflow import design
     from ftflow.jobs import LoraJob
 
-    by_name = {m["name"]: m for m in models}
     family = family or max(models, key=lambda m: parameters[m["name"]])["family"]
     members = [m for m in models if m["family"] == family]
     if not members:
@@ -479,7 +478,8 @@ def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], sta
     insert = cfg.augment.random_insert.rate if cfg.augment.methods.get("random_insert", 0) > 0 else 0.0
     notes = [f"family {family} as if selected: teacher {teacher['name']}, student {student['name']} (the family is "
              "chosen by benchmarking; --family NAME plans another)",
-             f"per-model and ablation runs planned with the grid's largest LoRA rank and dropout ({best.settings_label})"]
+             "per-model and ablation runs planned with the grid's largest LoRA rank and dropout "
+             f"({best.settings_label})"]
     runs, seen = [], set()
     for job, in_grid in jobs:
         if job.title in seen:

@@ -11,7 +11,9 @@ at which precision) from the model's config alone:
    bytes of the peak of perplexity scoring and of a training step by method.
 4. :func:`choose_precision`, :func:`largest_batch_size` and :func:`plan_model`
    turn predictions into decisions; :func:`plan_table` and :func:`plot_plan`
-   report them.
+   report them. How a training run is made to fit (micro-batches, gradient
+   checkpointing, 8-bit optimizer state, bf16 weights) is chosen from
+   :func:`predict_training` in :mod:`ftflow.fit`.
 
 What is modelled, and what is not, is stated where each number comes from.
 The short version: weights are exact; activations, logits and optimizer state
@@ -538,7 +540,7 @@ BNB_QMAP_BYTES = 2 * 256 * 4
 
 
 def adamw_8bit_state_bytes(tensor_sizes: Sequence[int]) -> int:
-    """Bytes of bitsandbytes' 8-bit AdamW state for trainable tensors of these sizes (checked against bitsandbytes 0.50).
+    """Bytes of bitsandbytes' 8-bit AdamW state for trainable tensors of these sizes (checked on bitsandbytes 0.50).
 
     Per tensor of ``n >= 4096`` elements: two uint8 moments (``2 n``) and one fp32 absmax per block of 256 for each
     (``8 ceil(n / 256)``); a smaller tensor keeps two fp32 moments (``8 n``). The two quantization maps are shared.
@@ -613,8 +615,9 @@ def predict_training(
       bf16). fp32 master weights under bf16 autocast are planned as ``fp32``.
       With ``optimizer`` 8-bit the moments are bitsandbytes' 8-bit state
       (:func:`adamw_8bit_state_bytes`, about 2 bytes per parameter) and bf16
-      weights are updated with stochastic rounding (no compensation buffer:
-      :class:`ftflow.optimizers.AdamW8bit`).
+      weights are updated with stochastic rounding (no compensation buffer,
+      :mod:`ftflow.optimizers`; its step holds fp32 copies of one tensor and
+      its gradient, 8 bytes per element of the largest, beside all gradients).
     * ``lora``: frozen weights in ``precision`` plus LoRA rank ``lora_r`` on every
       linear layer but the output one; PEFT keeps adapters in fp32, so they cost
       4 + 4 + 8 bytes per trainable parameter (weight, gradient, moments).
@@ -768,6 +771,10 @@ def predict_training(
         else:
             dynamic = max(activations + logits + output_layer_grad, gradients + tied_extra)
         peak = weights + optimizer_state + dynamic + overhead
+        if optimizer != "adamw" and precision in ("bf16", "fp16"):
+            # The 8-bit step on half-precision weights (ftflow.optimizers.AdamW8bit) updates one tensor at a time
+            # through fp32 copies of it and of its gradient, while every gradient is still alive.
+            peak = max(peak, weights + optimizer_state + gradients + 8 * max(sizes) + overhead)
     else:
         peak = weights + optimizer_state + gradients + activations + logits + overhead
     step_peak, eval_peak = peak, 0

@@ -1,4 +1,4 @@
-"""How training runs are made to fit: the chooser on the study's models, 8-bit state, micro-batches through the Trainer."""
+"""How training runs are made to fit: the chooser on the study's models, 8-bit state, micro-batches (Trainer)."""
 
 from __future__ import annotations
 
@@ -175,6 +175,7 @@ def _train(base, tmp_path, name, batching, **settings):
                  tmp_path / name, lambda m: None, batching=batching,
                  on_progress=lambda e: losses.append(e["loss"]) if e.get("validation_ppl") is None or
                  isinstance(e["epoch"], float) else None)
+    result["checkpointing"] = model.is_gradient_checkpointing
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, result
 
 
@@ -194,6 +195,7 @@ def test_micro_batches_with_accumulation_train_like_the_full_batch(base, tmp_pat
         losses, weights, result = _train(base, tmp_path, f"micro{micro}", batching, micro_batch_size=micro,
                                          gradient_checkpointing=checkpointing)
         # The logged loss of every step (rounded to 4 decimals by the Trainer) and the weights after it.
+        assert result["checkpointing"] is checkpointing and full["checkpointing"] is False
         assert losses == pytest.approx(full_losses, abs=1e-4)
         for key, value in full_weights.items():
             assert torch.allclose(weights[key], value, rtol=0, atol=1e-5), key
