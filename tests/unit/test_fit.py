@@ -175,7 +175,7 @@ def _train(base, tmp_path, name, batching, **settings):
                  tmp_path / name, lambda m: None, batching=batching,
                  on_progress=lambda e: losses.append(e["loss"]) if e.get("validation_ppl") is None or
                  isinstance(e["epoch"], float) else None)
-    result["checkpointing"] = model.is_gradient_checkpointing
+    result["checkpointing"] = model.is_activation_checkpointing
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, result
 
 
@@ -303,3 +303,32 @@ def test_the_report_says_how_runs_were_made_to_fit():
     notes = report_notes([], [run, plain], [], 20.0, augmentation_table=False, truncated=0, max_length=2048)
     assert notes == ["memory fit: granite-3.3-8b-base lora: micro-batch 1 x 4 accumulation, checkpointing off, fp32 "
                      "AdamW, predicted 19.0 GB (budget 20 GB) (lora[t|r16])"]
+
+
+def test_fitted_runs_train_through_ftflows_own_paths(base, tmp_path):
+    """LoRA with checkpointing and micro-batches, and bf16 full fine-tuning with 8-bit AdamW, on CPU."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from ftflow.training import train_full, train_lora
+
+    tokenizer = tiny_tokenizer()
+    settings = dict(epochs=1, learning_rate=1e-3, batch_size=4, max_length=32, seed=0, device="cpu",
+                    eval_batch_size=4, progress=False, checkpoint_steps=100)
+    lora = train_lora(str(base), tokenizer, SENTENCES * 2, SENTENCES[:4], r=4, alpha=8, dropout=0.0,
+                      target_modules="all-linear", work_dir=tmp_path / "lora", adapter_dir=tmp_path / "adapter",
+                      settings=TrainSettings(**settings, micro_batch_size=2, gradient_checkpointing=True,
+                                             optimizer="adamw-8bit"))
+    assert lora["precision_plan"]["optimizer"] == "adamw-8bit" and lora["history"][-1]["step"] == 4
+    assert lora["best_validation_ppl"] < lora["baseline_validation"]["corpus_ppl"]
+    # An fp32 model trained as bf16 weights (half_weights) with 8-bit state: stochastic rounding, every tensor moves.
+    full = train_full(str(base), tokenizer, encode_dataset(tokenizer, SENTENCES * 2, 32), SENTENCES[:4],
+                      work_dir=tmp_path / "full", model_dir=tmp_path / "model",
+                      settings=TrainSettings(**{**settings, "learning_rate": 1e-4}, precision="bf16",
+                                             master_weights="bf16", optimizer="adamw-8bit"))
+    assert full["precision_plan"] == {"load": "bf16", "trained_weights": "bf16", "autocast": None,
+                                      "loss_scaling": False, "optimizer": "adamw-8bit-stochastic-rounding"}
+    before = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=None).state_dict()
+    assert all(after[k].dtype == torch.bfloat16 for k in after)
+    assert all(not torch.equal(after[k], before[k]) for k in before)
