@@ -537,6 +537,10 @@ BNB_BLOCK = 256
 """Elements per quantization block of bitsandbytes' 8-bit optimizer state (one fp32 absmax per block and moment)."""
 BNB_QMAP_BYTES = 2 * 256 * 4
 """The two 256-entry fp32 quantization maps, shared by every tensor of one optimizer."""
+BNB_CPU_STEP_BYTES_PER_ELEMENT = 20
+"""bitsandbytes 0.50's CPU 8-bit AdamW (a reference implementation, not CUDA's fused kernel) holds, per element
+of the tensor it updates, both moments dequantized to fp32, the scaled fp32 gradient and two fp32 temporaries of
+the denominator: 20 bytes (measured: 495 MB over the prediction without it for a 24.6M-element embedding)."""
 
 
 def adamw_8bit_state_bytes(tensor_sizes: Sequence[int]) -> int:
@@ -714,6 +718,7 @@ def predict_training(
         gradient_checkpointing = method == "qlora"
 
     sizes = _trainable_tensor_sizes(counts, shape, method, lora_r, num_virtual_tokens)
+    full_half = method in ("full", "distill") and precision in ("bf16", "fp16")
     if method in ("full", "distill"):
         d = ELEMENT_BYTES[precision]
         trainable = counts.total
@@ -771,12 +776,15 @@ def predict_training(
         else:
             dynamic = max(activations + logits + output_layer_grad, gradients + tied_extra)
         peak = weights + optimizer_state + dynamic + overhead
-        if optimizer != "adamw" and precision in ("bf16", "fp16"):
-            # The 8-bit step on half-precision weights (ftflow.optimizers.AdamW8bit) updates one tensor at a time
-            # through fp32 copies of it and of its gradient, while every gradient is still alive.
-            peak = max(peak, weights + optimizer_state + gradients + 8 * max(sizes) + overhead)
     else:
         peak = weights + optimizer_state + gradients + activations + logits + overhead
+    if optimizer != "adamw":
+        # The 8-bit step updates one tensor at a time while every gradient is alive: on half-precision weights
+        # through fp32 copies of the tensor and its gradient (ftflow.optimizers.AdamW8bit), and on a CPU
+        # bitsandbytes' reference kernel dequantizes both moments and computes in fp32 temporaries
+        # (BNB_CPU_STEP_BYTES_PER_ELEMENT); CUDA's fused kernel keeps none.
+        per_element = (8 if full_half else 0) + (BNB_CPU_STEP_BYTES_PER_ELEMENT if device == "cpu" else 0)
+        peak = max(peak, weights + optimizer_state + gradients + per_element * max(sizes) + overhead)
     step_peak, eval_peak = peak, 0
     if eval_batch_size is not None:
         layer, scoring_logits = _scoring_phases(counts, shape, d, eval_batch_size, eval_length or max_length,

@@ -49,7 +49,8 @@ def test_the_study_runs_fit_20_gb_with_exactly_what_they_need():
                 full.update, full.techniques) == (True, 4, False, "adamw-8bit", "bf16",
                                                   "adamw-8bit-stochastic-rounding", ("optimizer_8bit", "half_weights"))
     assert round(full.tried[0]["peak_bytes"] / GB, 1) == 41.9
-    assert round(full.peak_bytes / GB, 2) == 16.22
+    # weights, gradients (bf16), 8-bit state and, in the step, fp32 copies of the embedding (100.7M) and its gradient.
+    assert round(full.peak_bytes / GB, 2) == 16.62
     # TinyLlama in full fits as configured: nothing special.
     tiny = _fit("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "fp32", "full")
     assert (tiny.micro_batch_size, tiny.gradient_checkpointing, tiny.optimizer, tiny.train_precision,
