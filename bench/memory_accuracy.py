@@ -124,8 +124,8 @@ class Case:
     @property
     def fit_case(self) -> bool:
         """A technique of ftflow/fit.py is on: checkpointing, micro-batches with accumulation, 8-bit state."""
-        return any(self.options.get(k) not in (None, False, 1, "adamw")
-                   for k in ("gradient_checkpointing", "accumulation_steps", "optimizer"))
+        return (bool(self.options.get("gradient_checkpointing")) or self.options.get("accumulation_steps", 1) > 1
+                or self.options.get("optimizer", "adamw") != "adamw")
 
 
 ZOO_TEACHER = BenchModel("zoo-granite-teacher", "granite", dict(
