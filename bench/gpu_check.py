@@ -89,6 +89,7 @@ from outside still leaves what it measured. Exit status 0 when no check failed, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -123,7 +124,9 @@ from ftflow.tokens import pad_token_id, sentence_ids  # noqa: E402
 
 MB = 10**6
 SCORING_PRECISIONS = ("fp32", "bf16", "nf4")
-TRAINING_METHODS = ("lora", "qlora", "prefix", "full", "distill")
+TRAINING_METHODS = ("lora", "qlora", "prefix", "full", "distill", "full-fit")
+"""``full-fit``: full fine-tuning as ftflow/fit.py makes a too-large run fit: bf16 weights, bitsandbytes 8-bit
+AdamW with stochastic rounding, micro-batches of half the batch with 2 accumulation steps, gradient checkpointing."""
 NLL_RTOL = {"fp32": 1e-4, "bf16": 1e-2, "nf4": 1e-2}
 """Largest relative difference of corpus NLL, evaluator vs loop, that passes. In
 fp32 the two differ only by summation order; in bf16 (and nf4, which computes
@@ -135,7 +138,7 @@ rounding differs by about one bf16 ulp per logit."""
 LORA = dict(r=8, alpha=16.0, dropout=0.05, target_modules="all-linear")
 PREFIX_TOKENS = 8
 DISTILL = dict(top_k=10, temperature=1.0, alpha=0.5)
-LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "prefix": 1e-4, "full": 5e-5, "distill": 5e-5}
+LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "prefix": 1e-4, "full": 5e-5, "distill": 5e-5, "full-fit": 5e-5}
 
 
 # ----------------------------------------------------------------------------- models
@@ -237,6 +240,8 @@ def training_flops_per_token(method: str, config) -> tuple[float, str]:
     p = matmul_parameters(config)
     if method in ("full", "distill"):
         return 6.0 * p, "6P"
+    if method == "full-fit":  # checkpointing recomputes the forward
+        return 8.0 * p, "8P"
     if method == "prefix":
         return 4.0 * p, "4P"
     t = memory.parameter_counts(config).lora(LORA["r"])
@@ -496,6 +501,12 @@ def check_training(ctx: ModelContext, method: str) -> dict:
 
     s, tokenizer = ctx.settings, ctx.tokenizer
     precision = "nf4" if method == "qlora" else s.train_precision
+    fit_options: dict = {}
+    if method == "full-fit":
+        micro = max(1, s.batch_size // 2)
+        precision = "bf16"
+        fit_options = dict(micro_batch_size=micro, gradient_checkpointing=True, optimizer="adamw-8bit",
+                           master_weights="bf16")
     if method == "qlora":
         problem = bitsandbytes_4bit_problem(s.device)
         if problem:
@@ -503,17 +514,25 @@ def check_training(ctx: ModelContext, method: str) -> dict:
     trained_path, trained_config = (ctx.student_path, ctx.student_config) if method == "distill" \
         else (ctx.path, ctx.config)
     # The planner's verdict first, as the pipeline does: a run predicted not to fit is not started.
-    try:
-        predicted = memory.check_training_fits(
-            str(trained_path), precision, method, batch_size=s.batch_size, max_length=s.max_length,
-            budget_bytes=_budget_bytes(s.device), device=s.device, lora_r=LORA["r"], lora_dropout=LORA["dropout"],
-            num_virtual_tokens=PREFIX_TOKENS)
-    except memory.MemoryBudgetError as exc:
-        raise SkipCheck(str(exc)) from None
+    if method == "full-fit":
+        predicted = memory.predict_training(
+            memory.model_config_for(str(trained_path)), "bf16", "full", micro, s.max_length,
+            gradient_checkpointing=True, optimizer="adamw-8bit", accumulation_steps=s.batch_size // micro,
+            device=s.device)
+        if predicted.peak_bytes > _budget_bytes(s.device):
+            raise SkipCheck(f"full-fit predicted at {predicted.peak_bytes / 1e9:.1f} GB, over the device's memory")
+    else:
+        try:
+            predicted = memory.check_training_fits(
+                str(trained_path), precision, method, batch_size=s.batch_size, max_length=s.max_length,
+                budget_bytes=_budget_bytes(s.device), device=s.device, lora_r=LORA["r"],
+                lora_dropout=LORA["dropout"], num_virtual_tokens=PREFIX_TOKENS)
+        except memory.MemoryBudgetError as exc:
+            raise SkipCheck(str(exc)) from None
     out: dict = {"precision": precision, "batch_size": s.batch_size, "max_length": s.max_length, "steps": s.steps}
     run_dir = ctx.workdir / f"train-{method}"
     clock = StepClock()
-    settings = _train_settings(s, method, precision)
+    settings = dataclasses.replace(_train_settings(s, method, precision), **fit_options)
     common = dict(settings=settings, work_dir=run_dir / "trainer", on_progress=clock)
     validation = ctx.sentences[: s.n_validation]
     try:
@@ -536,7 +555,7 @@ def check_training(ctx: ModelContext, method: str) -> dict:
         elif method == "prefix":
             result = train_prefix(str(trained_path), tokenizer, ctx.documents, validation,
                                   num_virtual_tokens=PREFIX_TOKENS, adapter_dir=run_dir / "best", **common)
-        elif method == "full":
+        elif method in ("full", "full-fit"):
             result = train_full(str(trained_path), tokenizer, encode_dataset(tokenizer, ctx.documents, s.max_length),
                                 validation, model_dir=run_dir / "best",
                                 trainer_cls=_without_trainer_checkpoints(Trainer),

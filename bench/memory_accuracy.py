@@ -48,8 +48,18 @@ How memory is measured:
 Prints one row per case: predicted and measured peak (MB), relative error, and
 the same for the weights alone; then the logits' share of one 2 x 2048-token
 batch at a 100k vocabulary, full against chunked; then PASS when every
-weights-dominated case (weights >= 70% of the prediction) is within 10% and
-chunking lowers that share at least 4x, else FAIL (exit status 1).
+weights-dominated case (weights >= 70% of the prediction) is within 10%, every
+case of a technique ftflow/fit.py chooses (gradient checkpointing ``+gc``,
+micro-batches with accumulation ``+accN``, 8-bit AdamW ``+8bit``) is within 10%,
+and chunking lowers that share at least 4x, else FAIL (exit status 1).
+
+Last measured here (``--only +``, 2-core CPU, loaded machine): the 8 fit cases
+within 10%: full + gc -0.3%, full 2 x 2 accumulation +6.1%, LoRA 1 x 4
+accumulation -2.5%, LoRA + gc bf16 +0.1% and fp32 +0.2%, full + gc + 2
+accumulation +0.5%, full with 8-bit AdamW fp32 -0.2% and bf16 (stochastic
+rounding) -0.3%. On a CPU bitsandbytes runs its reference 8-bit kernel, whose
+fp32 temporaries (:data:`ftflow.memory.BNB_CPU_STEP_BYTES_PER_ELEMENT`) CUDA's
+fused kernel does not have.
 """
 
 from __future__ import annotations
@@ -117,7 +127,15 @@ class Case:
         name = "scoring" if self.kind == "scoring" else f"train-{self.kind}"
         if self.options.get("logits_chunk_tokens") == 0:
             name += "(full)"
-        return name + ("+gc" if self.options.get("gradient_checkpointing") else "")
+        name += "+gc" if self.options.get("gradient_checkpointing") else ""
+        name += f"+acc{self.options['accumulation_steps']}" if self.options.get("accumulation_steps", 1) > 1 else ""
+        return name + ("+8bit" if self.options.get("optimizer", "adamw") != "adamw" else "")
+
+    @property
+    def fit_case(self) -> bool:
+        """A technique of ftflow/fit.py is on: checkpointing, micro-batches with accumulation, 8-bit state."""
+        return (bool(self.options.get("gradient_checkpointing")) or self.options.get("accumulation_steps", 1) > 1
+                or self.options.get("optimizer", "adamw") != "adamw")
 
 
 ZOO_TEACHER = BenchModel("zoo-granite-teacher", "granite", dict(
@@ -161,6 +179,15 @@ def cases(quick: bool) -> list[Case]:
         Case(GRANITE_333M, "scoring", "fp32", 1, 64),
         Case(LLAMA_100K_VOCAB, "scoring", "fp32", 2, 2048, {"logits_chunk_tokens": 0}),
         Case(LLAMA_100K_VOCAB, "scoring", "fp32", 2, 2048),
+        # What ftflow/fit.py turns on: micro-batches with accumulation (the batch is the micro-batch here),
+        # gradient checkpointing, 8-bit AdamW state (bf16 weights: stochastic rounding).
+        Case(QWEN_40M, "full", "fp32", 2, 128, {"accumulation_steps": 2}),
+        Case(QWEN_40M, "lora", "fp32", 1, 256, {"accumulation_steps": 4}),
+        Case(QWEN_40M, "lora", "bf16", 4, 256, {"gradient_checkpointing": True}),
+        Case(LLAMA_125M, "lora", "fp32", 4, 128, {"gradient_checkpointing": True}),
+        Case(LLAMA_125M, "full", "fp32", 1, 64, {"accumulation_steps": 2, "gradient_checkpointing": True}),
+        Case(LLAMA_125M, "full", "fp32", 2, 64, {"optimizer": "adamw-8bit"}),
+        Case(LLAMA_125M, "full", "bf16", 2, 64, {"optimizer": "adamw-8bit"}),
     ]
     if quick:
         chosen = [c for c in chosen if c.model not in (GRANITE_333M, LLAMA_100K_VOCAB)
@@ -244,8 +271,8 @@ def _score(model, ids, mask, labels, logits_chunk_tokens: int = DEFAULT_LOGITS_C
         batch_nll(model, {"input_ids": ids, "attention_mask": mask}, labels, logits_chunk_tokens=logits_chunk_tokens)
 
 
-def _optimizer(model):
-    """Fused AdamW (the Trainer's default) with its state already created.
+def _optimizer(model, kind: str = "adamw"):
+    """Fused AdamW (the Trainer's default), or ftflow's 8-bit AdamW, with its state already created.
 
     A first step on zero gradients creates both moments of every trainable
     parameter, so the one measured step is a steady-state step (the state exists
@@ -253,7 +280,13 @@ def _optimizer(model):
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    if kind == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    else:
+        from ftflow.optimizers import adamw_8bit
+
+        cls, kwargs = adamw_8bit(1e-5)
+        optimizer = cls(params, **kwargs)
     for param in params:
         param.grad = torch.zeros_like(param)
     optimizer.step()
@@ -272,15 +305,18 @@ def _teacher_topk(ids: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Te
     return topk_ids, topk_logprobs.to(ids.device)
 
 
-def _train_step(model, params, optimizer, ids, mask, labels, topk=None) -> None:
-    # Like the Trainer's compute_loss: only the loss survives the forward.
-    if topk is not None:  # DistillationTrainer.compute_loss
-        outputs = model(input_ids=ids, attention_mask=mask)
-        loss = kd_loss(outputs.logits, labels, *topk, alpha=0.5, temperature=2.0)["loss"]
-        del outputs
-    else:
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
+def _train_step(model, params, optimizer, ids, mask, labels, topk=None, accumulation_steps: int = 1) -> None:
+    # Like the Trainer's compute_loss: only the loss survives the forward. With accumulation, the same
+    # micro-batch again (the gradients of the earlier ones stay alive through the later ones).
+    for _ in range(accumulation_steps):
+        if topk is not None:  # DistillationTrainer.compute_loss
+            outputs = model(input_ids=ids, attention_mask=mask)
+            loss = kd_loss(outputs.logits, labels, *topk, alpha=0.5, temperature=2.0)["loss"]
+            del outputs
+        else:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        (loss / accumulation_steps).backward()
+        del loss
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -355,15 +391,16 @@ def _warm_up(case: Case, device: str) -> None:
         layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to(device)
         x = torch.randn(2, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
         layer(x).sum().backward()
-    options = {k: v for k, v in case.options.items() if k != "logits_chunk_tokens"}
+    options = {k: v for k, v in case.options.items() if k == "gradient_checkpointing"}
     model = _wrap(model.to(device), Case(micro.model, "lora" if case.kind == "qlora" else case.kind,
                                           micro.precision, 2, 16, options))
     ids, mask, labels = _inputs(micro, 256, device)
     if case.kind == "scoring":
         _score(model, ids, mask, labels, case.options.get("logits_chunk_tokens", DEFAULT_LOGITS_CHUNK_TOKENS))
     else:
-        _train_step(model, *_optimizer(model), ids, mask, labels,
-                    _teacher_topk(ids, 256) if case.kind == "distill" else None)
+        _train_step(model, *_optimizer(model, case.options.get("optimizer", "adamw")), ids, mask, labels,
+                    _teacher_topk(ids, 256) if case.kind == "distill" else None,
+                    case.options.get("accumulation_steps", 1))
 
 
 def run_case(case: Case, device: str, checkpoint: Path | None) -> dict:
@@ -376,12 +413,12 @@ def run_case(case: Case, device: str, checkpoint: Path | None) -> dict:
     topk = _teacher_topk(ids, case.model.numbers["vocab_size"]) if case.kind == "distill" else None
     weights = meter.now()
     if case.kind != "scoring":
-        params, optimizer = _optimizer(model)
+        params, optimizer = _optimizer(model, case.options.get("optimizer", "adamw"))
     meter.reset_peak()
     if case.kind == "scoring":
         _score(model, ids, mask, labels, case.options.get("logits_chunk_tokens", DEFAULT_LOGITS_CHUNK_TOKENS))
     else:
-        _train_step(model, params, optimizer, ids, mask, labels, topk)
+        _train_step(model, params, optimizer, ids, mask, labels, topk, case.options.get("accumulation_steps", 1))
     return {"measured_peak": meter.peak(), "measured_weights": weights, "seconds": time.perf_counter() - started}
 
 
@@ -490,12 +527,15 @@ def main() -> int:
                 "weights_share": prediction.weights_bytes / max(1, prediction.allocated_bytes),
                 "seconds": result.get("seconds", math.nan),
                 "error": "" if result["ok"] else result["error"],
+                "fit_case": case.fit_case,
             }
             row["relative_error"] = row["predicted_mb"] / row["measured_mb"] - 1
             row["weights_relative_error"] = row["weights_predicted_mb"] / row["weights_measured_mb"] - 1
             rows.append(row)
             print(_format(row), flush=True)
 
+    fit_rows = [r for r in rows if not r["error"] and r["fit_case"]]
+    fit_within = [r for r in fit_rows if abs(r["relative_error"]) <= WEIGHTS_TARGET]
     dominated = [r for r in rows if not r["error"] and r["weights_share"] >= WEIGHTS_DOMINATED]
     within = [r for r in dominated if abs(r["relative_error"]) <= WEIGHTS_TARGET]
     others = [r for r in rows if not r["error"] and r["weights_share"] < WEIGHTS_DOMINATED]
@@ -517,7 +557,10 @@ def main() -> int:
               f"(target >= {LOGITS_SHARE_TARGET:g}x)")
         if ratio < LOGITS_SHARE_TARGET:
             dominated.append({"relative_error": math.inf})  # counts as a failure below
-    verdict = "PASS" if len(within) == len(dominated) else "FAIL"
+    if fit_rows:
+        print(f"cases with checkpointing, micro-batches or 8-bit state (ftflow/fit.py): {len(fit_within)}/"
+              f"{len(fit_rows)} within {WEIGHTS_TARGET:.0%}")
+    verdict = "PASS" if len(within) == len(dominated) and len(fit_within) == len(fit_rows) else "FAIL"
     print(verdict)
     if args.csv:
         import pandas as pd

@@ -287,7 +287,103 @@ def _plan(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"- {problem}", file=sys.stderr)
     print(f"\nwritten: {out}/plan.csv, plan.md, plan.png")
+    problems += _plan_training(cfg, args, device, out)
     return 1 if problems else 0
+
+
+def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, out: Path) -> list[str]:
+    """Every training run the config implies: its fit to the training budget, predicted peak, compute and hours."""
+    from ftflow import design, fit, memory
+    from ftflow.data import hold_out_validation, read_sentences
+
+    notes, problems = [], []
+    splits: dict[str, list[str]] = {}
+    missing = [str(p) for p in (cfg.data.train_file, cfg.data.test_file) if p is None or not Path(p).is_file()]
+    if missing:
+        notes.append(f"data file(s) absent: {', '.join(missing)}; every run is planned at max_length "
+                     f"({cfg.max_length} tokens, the worst case) and the compute uses that length for every sentence "
+                     "(2000 sentences assumed): put the data there for the real figures")
+    else:
+        train = read_sentences(cfg.data.train_file, cfg.data.text_column).sentences
+        splits["train"], splits["validation"] = map(list, hold_out_validation(
+            train, cfg.data.validation_fraction, cfg.data.seed))
+        splits["test"] = list(read_sentences(cfg.data.test_file, cfg.data.text_column).sentences)
+    budget = int(cfg.memory_budget_gb * memory.GB)
+    models, parameters, stats, decisions, estimated = [], {}, {}, {}, []
+    for spec in cfg.models:
+        try:
+            config = memory.model_config_for(spec.path, spec.trust_remote_code)
+        except memory.UnknownModelError as exc:
+            problems.append(f"{spec.name}: {exc}")
+            continue
+        parameters[spec.name] = memory.count_config_parameters(config, spec.trust_remote_code)
+        if splits:
+            tokenizer = _offline_tokenizer(spec.path, spec.trust_remote_code)
+            if tokenizer is None:
+                estimated.append(spec.name)
+            stats[spec.name] = {k: fit.token_stats(tokenizer, v, cfg.max_length) for k, v in splits.items()}
+        else:
+            worst = fit.TokenStats(2000, 2000 * cfg.max_length, cfg.max_length, False)
+            stats[spec.name] = {"train": worst, "validation": worst.scaled(0.1), "test": worst}
+        decision = memory.plan_candidate(
+            spec.name, spec.path, budget, precision=spec.precision, batch_size=cfg.benchmark.batch_size,
+            max_length=max(s.longest for s in stats[spec.name].values()), batch_size_cap=cfg.memory.batch_size_cap,
+            allow_nf4=cfg.memory.allow_nf4, device=device, logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens,
+            trust_remote_code=spec.trust_remote_code)
+        decisions[spec.name] = decision
+        if decision["precision"] is None:
+            notes.append(f"{spec.name} is not benchmarked (so not trained): {decision['reason']}")
+            continue
+        models.append({"name": spec.name, "path": spec.path, "family": spec.family,
+                       "precision": decision["precision"], "trust_remote_code": spec.trust_remote_code})
+    if estimated:
+        notes.append(f"tokenizers not available offline for {', '.join(estimated)}: token counts estimated at "
+                     f"{fit.ESTIMATED_TOKENS_PER_WORD:g} per word (the run counts them with the real tokenizer)")
+    if not models:
+        return problems + ["no model can be trained: none is planned for benchmarking"]
+    try:
+        runs, assumed = fit.plan_study_runs(
+            cfg, models, parameters, stats, eval_batch_size=design.evaluation_batch_size(cfg, decisions),
+            family=args.family, device=device,
+            bf16_supported=memory.bf16_available(device) if device == "cpu" else True)
+    except ValueError as exc:
+        return problems + [f"training runs: {exc}"]
+    frame = fit.study_plan_table(runs, args.gpu, args.utilization)
+    frame.to_csv(out / "training_plan.csv", index=False)
+    table = memory.plan_markdown(frame)
+    (out / "training_plan.md").write_text(table + "\n", encoding="utf-8")
+    fitting = [r for r in runs if r.fit.fits]
+    hours = sum(r.hours(args.gpu, args.utilization) for r in fitting)
+    print(f"\ntraining runs: budget {cfg.training_budget_gb:g} GB (scoring: {cfg.memory_budget_gb:g} GB), "
+          f"fit_order {list(cfg.training.fit_order)}\n")
+    print(table)
+    for line in assumed + notes:
+        print(f"- {line}")
+    needed: dict[str, list[str]] = {}
+    for run in runs:
+        if run.fit.techniques or not run.fit.fits:
+            needed.setdefault(run.fit.summary, []).append(run.title)
+    for summary, titles in needed.items():
+        print(f"- {summary}" + (f" ({len(titles)} runs)" if len(titles) > 1 else ""))
+    print(f"\n{len(fitting)} of {len(runs)} training runs fit {cfg.training_budget_gb:g} GB; "
+          f"{sum(r.flops for r in fitting) / 1e18:.2f} EFLOP in all: about {hours:.1f} hours on one {args.gpu} "
+          f"(bf16 {fit.GPU_PEAK_TFLOPS[args.gpu][0]:.0f} / fp32 {fit.GPU_PEAK_TFLOPS[args.gpu][1]:.1f} TFLOP/s peak) "
+          f"at {args.utilization:.0%} utilisation. FLOPs per training token: (4 N + 2 N_trainable), "
+          "+ 2 N with checkpointing; scoring 2 N per token")
+    if len(fitting) < len(runs):
+        print(f"{len(runs) - len(fitting)} run(s) would be skipped (listed above with the figure)")
+    print(f"written: {out}/training_plan.csv, training_plan.md")
+    return problems
+
+
+def _offline_tokenizer(path: str, trust_remote_code: bool):
+    """The model's tokenizer from a local directory or the Hugging Face cache, or None (never the network)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception:  # not on this machine: the plan estimates token counts instead, and says so
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch-size", type=int, help="fixed evaluation batch size (default: the largest that fits)")
     plan.add_argument("--device", choices=["cuda", "cpu"], help="where the models will run (default: from config)")
     plan.add_argument("--out", help="folder for plan.csv/md/png (default: <artifacts_dir>/plan)")
+    from ftflow.fit import DEFAULT_GPU, DEFAULT_UTILIZATION, GPU_PEAK_TFLOPS
+
+    plan.add_argument("--gpu", choices=sorted(GPU_PEAK_TFLOPS), default=DEFAULT_GPU,
+                      help=f"GPU whose peak the training time is estimated on (default: {DEFAULT_GPU})")
+    plan.add_argument("--utilization", type=float, default=DEFAULT_UTILIZATION,
+                      help=f"share of the GPU's peak the runs reach (default: {DEFAULT_UTILIZATION})")
+    plan.add_argument("--family", help="plan the training runs as if this family were selected (default: the "
+                      "family of the largest model)")
     plan.set_defaults(handler=_plan)
     plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     status = commands.add_parser("status", help="what a run would do: each stage cached, or to run and why")

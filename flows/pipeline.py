@@ -15,7 +15,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import DEFAULT_CONFIG
 from flows.scale import mapped_runner
-from flows.steps import benchmark_candidates, candidates_and_plan, trainer
+from flows.steps import benchmark_candidates, candidates_and_plan, check_grid_fits, trainer
 from ftflow import design, stages
 from ftflow.config import load_config
 from ftflow.models import resolve_device
@@ -55,7 +55,9 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
         train_all = trainer(submit, augmented, stages.train_common(cfg, data, device, eval_batch, out, progress))
 
         # 1. The LoRA grid on the teacher; its best combination (on the selection split) is carried on.
-        grid = train_all(design.lora_grid_jobs(cfg, selection))
+        grid_jobs = design.lora_grid_jobs(cfg, selection)
+        check_grid_fits(cfg, grid_jobs, augmented, data, device, eval_batch)  # said once, before any training
+        grid = train_all(grid_jobs)
         best, best_job = design.best_lora(grid)
         logger.info("best LoRA combination: %s (selection PPL %.4f)", best["title"], best["best_validation_ppl"])
 

@@ -87,6 +87,29 @@ def trainer(submit: Submit, main_set: dict, common: dict) -> Callable[..., list[
     return train_all
 
 
+def check_grid_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_set: dict, data: dict, device: str,
+                    eval_batch_size: int) -> None:
+    """Before any training: fail once, with the figure, if no LoRA grid combination fits the training budget."""
+    from ftflow.data import read_split
+    from ftflow.fit import check_grid_fits as check
+    from ftflow.fit import plan_training_job
+    from ftflow.memory import GB, bf16_available
+    from ftflow.models import load_tokenizer
+    from tasks._stage import stage_path
+
+    if not jobs:
+        return
+    teacher = jobs[0].model
+    options = dict(tokenizer=load_tokenizer(teacher["path"], teacher["trust_remote_code"]),
+                   train_sentences=read_split(stage_path(train_set, "train")),
+                   validation_sentences=read_split(stage_path(data, cfg.selection_split)),
+                   eval_batch_size=eval_batch_size, max_length=cfg.max_length,
+                   budget_bytes=int(cfg.training_budget_gb * GB), fit_order=cfg.training.fit_order,
+                   logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens, device=device,
+                   bf16_supported=bf16_available(device))
+    check([plan_training_job(job, **options) for job in jobs], [job.title for job in jobs])
+
+
 def settle(jobs: Sequence[Job], futures: list) -> list[dict]:
     """Wait for every run; if any failed, fail here naming each one and its cause (the others stay cached)."""
     results, errors = [], []

@@ -52,6 +52,11 @@ def render_model_card(summary: dict, facts: dict) -> str:
                       "loss scaling": plan["loss_scaling"], "optimizer": plan["optimizer"]})
     if summary.get("batching"):  # packed, length-grouped or padded (see ftflow.training.batching_for)
         hyper["batching"] = summary["batching"]
+    fit = summary.get("fit_plan")
+    if fit:  # micro-batches, checkpointing, optimizer state chosen to fit the memory budget (ftflow/fit.py)
+        hyper.update({"micro-batch x accumulation": f"{fit['micro_batch_size']} x {fit['accumulation_steps']}",
+                      "gradient checkpointing": fit["gradient_checkpointing"],
+                      "memory fit": summary.get("fit_summary", "")})
     selection, test = summary["selection"], summary["test"]
     baseline = summary["baseline_validation"]["corpus_ppl"]
     improved = summary.get("improved", True)

@@ -436,6 +436,12 @@ class AblationConfig(_Strict):
     per_method: bool = Field(True, description="Besides none vs the configured mix, one run per augmentation method.")
 
 
+FitTechnique = Literal["micro_batch", "checkpointing", "optimizer_8bit", "half_weights", "paged_optimizer"]
+"""A way to make a training run fit its memory budget (ftflow/fit.py says what each does)."""
+DEFAULT_FIT_ORDER: tuple[str, ...] = ("micro_batch", "checkpointing", "optimizer_8bit", "half_weights",
+                                      "paged_optimizer")
+
+
 class TrainingConfig(_Strict):
     """How every training run is carried out (not what it computes)."""
 
@@ -454,6 +460,26 @@ class TrainingConfig(_Strict):
         "offline, in the run's work directory while it trains and then in artifacts/train/<key>/tensorboard/ "
         "(view with: tensorboard --logdir artifacts/train). Not part of a run's cache key: it changes which "
         "files a run writes, never its numbers, so a run cached without curves keeps none until it reruns.")
+    memory_budget_gb: Optional[float] = Field(
+        None, gt=0, description="Memory budget of every training run in GB (10^9 bytes); unset = memory_budget_gb "
+        "(the scoring budget). Each run is planned against it before anything is loaded (ftflow/fit.py).")
+    fit_order: tuple[FitTechnique, ...] = Field(
+        DEFAULT_FIT_ORDER, description="Techniques tried, in this order, while a run is predicted over the training "
+        "budget: micro_batch (the batch_size becomes the effective batch: the largest micro-batch that fits, "
+        "gradient accumulation making up the rest), checkpointing (gradient checkpointing), optimizer_8bit "
+        "(bitsandbytes 8-bit AdamW state), half_weights (full fine-tuning: bf16 trained weights instead of fp32, "
+        "updated so small steps are kept), paged_optimizer (8-bit state in CUDA unified memory). Each is kept only "
+        "when the run does not fit without it; a run that does not fit with all of them is skipped with the "
+        "figure. [] only checks.")
+
+    @field_validator("fit_order", mode="before")
+    @classmethod
+    def _fit_order_once(cls, value):
+        if isinstance(value, (list, tuple)):
+            repeated = sorted({v for v in value if list(value).count(v) > 1})
+            if repeated:
+                raise ValueError(f"fit_order: each technique at most once; repeated: {repeated}")
+        return value
 
 
 class RunnerConfig(_Strict):
@@ -511,6 +537,11 @@ class PipelineConfig(_Strict):
     ablation: AblationConfig = AblationConfig()
     training: TrainingConfig = TrainingConfig()
     runner: RunnerConfig = RunnerConfig()
+
+    @property
+    def training_budget_gb(self) -> float:
+        """The training runs' memory budget: ``training.memory_budget_gb``, else ``memory_budget_gb``."""
+        return self.training.memory_budget_gb or self.memory_budget_gb
 
     @model_validator(mode="after")
     def _one_model_source(self) -> "PipelineConfig":

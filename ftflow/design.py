@@ -297,10 +297,17 @@ def protocol_note(selection_split: str) -> str:
 def report_notes(failures: Sequence[Mapping], runs: Sequence[Mapping], benchmarks: Sequence[Mapping],
                  memory_budget_gb: float, *, augmentation_table: bool, truncated: int, max_length: int,
                  no_gain: Sequence[str] = ()) -> list[str]:
-    """The report's notes, in order: failures, runs not trained, methods that did not help (``no_gain``),
+    """The report's notes, in order: failures, runs not trained, how runs were made to fit their memory budget,
+    methods that did not help (``no_gain``),
     scoring peaks over the budget, how to read the augmentation table, truncated test sentences."""
     notes = [f"{f['name']} failed and was left out: {f['error']}" for f in failures]
     notes += [f"{r['title']} was not trained: {r['skipped']}" for r in runs if r.get("skipped")]
+    fitted: dict[str, list[str]] = {}  # runs that needed micro-batches, checkpointing, ... to fit (ftflow/fit.py)
+    for r in runs:
+        if r.get("fit_summary") and (r.get("fit_plan") or {}).get("techniques"):
+            fitted.setdefault(r["fit_summary"], []).append(r["title"])
+    notes += [f"memory fit: {summary} ({titles[0] if len(titles) == 1 else f'{len(titles)} runs'})"
+              for summary, titles in fitted.items()]
     notes += list(no_gain)
     for b in benchmarks:
         if b.get("peak_memory_bytes") and b["peak_memory_bytes"] > memory_budget_gb * 1e9:

@@ -678,10 +678,13 @@ class DistillationTrainer(transformers.Trainer):
     without ``sentence_index``, such as a validation split with no teacher
     top-k, which is what best-epoch selection should use).
 
-    The loss is a mean over the scored tokens of each micro-batch; with
-    gradient accumulation the Trainer averages micro-batches
-    (``loss_is_scaled_for_ga = False``). The running means of ``ce`` and
-    ``kl`` are added to each training log.
+    The loss is a mean over the scored tokens of the whole optimizer step:
+    with gradient accumulation the Trainer counts the step's target tokens
+    (``num_items_in_batch``) and each micro-batch's mean is weighted by its
+    share of them, as the model's own loss does, so micro-batches give the
+    full batch's loss and gradient (without that count, e.g. a model whose
+    forward takes no loss kwargs, the Trainer averages micro-batches). The
+    running means of ``ce`` and ``kl`` are added to each training log.
 
     Args:
         alpha: weight of the KL term in [0, 1].
@@ -690,9 +693,6 @@ class DistillationTrainer(transformers.Trainer):
             (``TeacherTopK.vocab_size``); None: all of the student's logits.
         *args, **kwargs: passed to ``transformers.Trainer``.
     """
-
-    # kd_loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps.
-    loss_is_scaled_for_ga = False
 
     def __init__(self, *args, alpha: float, temperature: float, vocab_size: int | None = None, **kwargs) -> None:
         problems = []
@@ -734,7 +734,14 @@ class DistillationTrainer(transformers.Trainer):
             for key in ("ce", "kl"):
                 self._kd_sums[key] = self._kd_sums.get(key, 0.0) + losses[key].detach()
             self._kd_steps += 1
-        return (losses["loss"], outputs) if return_outputs else losses["loss"]
+        loss = losses["loss"]
+        accumulating = self.args.gradient_accumulation_steps > 1
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs and accumulating:
+            # The step's mean over its target tokens (the Trainer then does not divide by the accumulation steps;
+            # with one micro-batch per step this is the batch mean itself, left as kd_loss computed it).
+            scored = labels[..., 1:].ne(IGNORE_INDEX).sum()
+            loss = loss * scored / num_items_in_batch
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the running means of ce and kl to training logs."""

@@ -11,7 +11,9 @@ at which precision) from the model's config alone:
    bytes of the peak of perplexity scoring and of a training step by method.
 4. :func:`choose_precision`, :func:`largest_batch_size` and :func:`plan_model`
    turn predictions into decisions; :func:`plan_table` and :func:`plot_plan`
-   report them.
+   report them. How a training run is made to fit (micro-batches, gradient
+   checkpointing, 8-bit optimizer state, bf16 weights) is chosen from
+   :func:`predict_training` in :mod:`ftflow.fit`.
 
 What is modelled, and what is not, is stated where each number comes from.
 The short version: weights are exact; activations, logits and optimizer state
@@ -158,6 +160,8 @@ class ParameterCounts:
         linear_shapes: ``(in_features, out_features)`` of those layers.
         embedding: input embedding parameters.
         output_untied: output layer parameters when not tied to the embedding (else 0).
+        tensor_sizes: elements of every parameter tensor (a tied one once), in the model's order: what
+            the optimizer keeps one state per (8-bit states are per tensor, see :func:`adamw_8bit_state_bytes`).
     """
 
     total: int
@@ -165,6 +169,7 @@ class ParameterCounts:
     linear_shapes: tuple[tuple[int, int], ...]
     embedding: int
     output_untied: int
+    tensor_sizes: tuple[int, ...] = ()
 
     @property
     def unquantized(self) -> int:
@@ -212,6 +217,7 @@ def parameter_counts(config, trust_remote_code: bool = False) -> ParameterCounts
         linear_shapes=shapes,
         embedding=int(embedding.weight.numel()),
         output_untied=0 if output is None or tied else int(sum(p.numel() for p in output.parameters())),
+        tensor_sizes=tuple(int(p.numel()) for p in model.parameters()),
     )
     _COUNTS_CACHE[key] = counts
     return counts
@@ -519,6 +525,65 @@ norm's inputs and the output layer's input: about ``2 * d + 5`` bytes per token
 and hidden unit (measured 12.5 in fp32, 8.3 in bf16)."""
 
 
+Optimizer = Literal["adamw", "adamw-8bit", "paged-adamw-8bit"]
+"""The optimizer state a training run keeps: the Trainer's torch AdamW (two fp32 moments per trainable weight,
+or the weights' dtype for half-precision weights, see :func:`predict_training`), or bitsandbytes' blockwise 8-bit
+AdamW (``paged-``: its state in CUDA unified memory, which the driver pages out to host memory under pressure)."""
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+
+BNB_MIN_8BIT_SIZE = 4096
+"""bitsandbytes keeps fp32 moments for a tensor of fewer elements (``min_8bit_size``, its default)."""
+BNB_BLOCK = 256
+"""Elements per quantization block of bitsandbytes' 8-bit optimizer state (one fp32 absmax per block and moment)."""
+BNB_QMAP_BYTES = 2 * 256 * 4
+"""The two 256-entry fp32 quantization maps, shared by every tensor of one optimizer."""
+BNB_CPU_STEP_BYTES_PER_ELEMENT = 20
+"""bitsandbytes 0.50's CPU 8-bit AdamW (a reference implementation, not CUDA's fused kernel) holds, per element
+of the tensor it updates, both moments dequantized to fp32, the scaled fp32 gradient and two fp32 temporaries of
+the denominator: 20 bytes (measured: 495 MB over the prediction without it for a 24.6M-element embedding)."""
+
+
+def adamw_8bit_state_bytes(tensor_sizes: Sequence[int]) -> int:
+    """Bytes of bitsandbytes' 8-bit AdamW state for trainable tensors of these sizes (checked on bitsandbytes 0.50).
+
+    Per tensor of ``n >= 4096`` elements: two uint8 moments (``2 n``) and one fp32 absmax per block of 256 for each
+    (``8 ceil(n / 256)``); a smaller tensor keeps two fp32 moments (``8 n``). The two quantization maps are shared.
+    """
+    total, quantized = 0, False
+    for n in tensor_sizes:
+        if n < BNB_MIN_8BIT_SIZE:
+            total += 8 * n
+        else:
+            total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK)
+            quantized = True
+    return total + (BNB_QMAP_BYTES if quantized else 0)
+
+
+def _trainable_tensor_sizes(counts: ParameterCounts, shape: "_Shape", method: str, lora_r: int,
+                            num_virtual_tokens: int) -> tuple[int, ...]:
+    """Elements of each trainable tensor: every parameter (full), LoRA's A and B per adapted layer, the prefix table."""
+    if method in ("full", "distill"):
+        return counts.tensor_sizes or (counts.total,)
+    if method == "prefix":
+        # PEFT's prefix encoder: one embedding of num_virtual_tokens x (layers * 2 * kv_dim).
+        return (num_virtual_tokens * shape.layers * 2 * shape.kv_dim,)
+    return tuple(size for fan_in, fan_out in counts.linear_shapes for size in (lora_r * fan_in, fan_out * lora_r))
+
+
+def _optimizer_bytes(optimizer: str, sizes: Sequence[int], moment_bytes: int) -> int:
+    """Resident bytes of the optimizer state: AdamW's two moments (``moment_bytes`` each), or bitsandbytes' 8-bit state.
+
+    Paged 8-bit state lives in CUDA unified memory; under memory pressure the driver moves it to host memory and
+    back one tensor at a time as the step reaches it, so only the largest tensor's state is counted as resident
+    (a model, not a measurement: paging needs CUDA, and nothing here has measured it).
+    """
+    if optimizer == "adamw":
+        return 2 * moment_bytes * sum(sizes)
+    if optimizer == "paged-adamw-8bit":
+        return adamw_8bit_state_bytes([max(sizes)]) if sizes else 0
+    return adamw_8bit_state_bytes(sizes)
+
+
 def _dtype_group(element_bytes: int) -> str:
     return "fp32" if element_bytes == 4 else "half"
 
@@ -539,6 +604,8 @@ def predict_training(
     logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     device: Device = "cuda",
     trust_remote_code: bool = False,
+    optimizer: Optimizer = "adamw",
+    accumulation_steps: int = 1,
 ) -> MemoryPrediction:
     """Peak memory of a training run: one steady-state step (forward, backward, AdamW step), or
     the validation pass between epochs, whichever is larger.
@@ -550,6 +617,11 @@ def predict_training(
       parameter dtype, no temporaries), plus, in half precision, the ``d``-byte
       Kahan compensation buffer of the bf16 update (10 bytes per parameter in
       bf16). fp32 master weights under bf16 autocast are planned as ``fp32``.
+      With ``optimizer`` 8-bit the moments are bitsandbytes' 8-bit state
+      (:func:`adamw_8bit_state_bytes`, about 2 bytes per parameter) and bf16
+      weights are updated with stochastic rounding (no compensation buffer,
+      :mod:`ftflow.optimizers`; its step holds fp32 copies of one tensor and
+      its gradient, 8 bytes per element of the largest, beside all gradients).
     * ``lora``: frozen weights in ``precision`` plus LoRA rank ``lora_r`` on every
       linear layer but the output one; PEFT keeps adapters in fp32, so they cost
       4 + 4 + 8 bytes per trainable parameter (weight, gradient, moments).
@@ -565,9 +637,11 @@ def predict_training(
       element; the teacher's top-k, ``B * L * k * 6`` bytes, are negligible).
 
     Activations are :data:`TRAINING_LAYER_BYTES` per token and layer (with
-    gradient checkpointing: :data:`CHECKPOINT_BYTES_PER_HIDDEN` per layer and
-    one full layer), plus the tokens' embedding/norm inputs outside the layers
-    and the padding mask. Logits cost :data:`TRAINING_LOGITS_BYTES_PER_ELEMENT`.
+    gradient checkpointing: :data:`CHECKPOINT_BYTES_PER_HIDDEN` per layer, and
+    one full layer while it is recomputed in backward, which is never alive
+    with the logits' loss buffers: the larger of the two counts), plus the
+    tokens' embedding/norm inputs outside the layers and the padding mask.
+    Logits cost :data:`TRAINING_LOGITS_BYTES_PER_ELEMENT`.
 
     Peak: for ``full``, gradients grow while activations are released during
     backward, so peak = weights + optimizer + max(activations + logits +
@@ -591,7 +665,7 @@ def predict_training(
         config: the model's transformers config.
         precision: weights precision (``nf4`` only with ``qlora``).
         method: ``full``, ``lora``, ``qlora`` or ``prefix``.
-        batch_size: sequences per optimizer step (no gradient accumulation).
+        batch_size: sequences per forward pass (the micro-batch when ``accumulation_steps`` > 1).
         max_length: tokens per sequence.
         lora_r: LoRA rank (lora, qlora).
         num_virtual_tokens: prefix length (prefix).
@@ -604,12 +678,22 @@ def predict_training(
         logits_chunk_tokens: see :func:`predict_scoring`.
         device: ``cuda`` or ``cpu``; sets the runtime overhead.
         trust_remote_code: allow the model's own code when counting parameters.
+        optimizer: ``adamw`` (torch), ``adamw-8bit`` or ``paged-adamw-8bit`` (bitsandbytes; see
+            :func:`_optimizer_bytes` for what paging is assumed to keep resident).
+        accumulation_steps: micro-batches of ``batch_size`` per optimizer step. From the second one on, the
+            gradients of the earlier ones are alive during forward and backward: in full fine-tuning the
+            peak is then weights + optimizer + gradients + activations + logits (no longer the larger of
+            the last two groups).
 
     Returns:
         The breakdown of the predicted peak.
     """
     problems: list[str] = []
     _check(precision, batch_size, max_length, device, problems)
+    if optimizer not in OPTIMIZERS:
+        problems.append(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if accumulation_steps < 1:
+        problems.append(f"accumulation_steps must be >= 1, got {accumulation_steps}")
     if method not in METHODS:
         problems.append(f"method must be one of {METHODS}, got {method!r}")
     elif method == "qlora" and precision != "nf4":
@@ -635,16 +719,19 @@ def predict_training(
     if gradient_checkpointing is None:
         gradient_checkpointing = method == "qlora"
 
+    sizes = _trainable_tensor_sizes(counts, shape, method, lora_r, num_virtual_tokens)
+    full_half = method in ("full", "distill") and precision in ("bf16", "fp16")
     if method in ("full", "distill"):
         d = ELEMENT_BYTES[precision]
         trainable = counts.total
         weights = counts.total * d
         gradients = trainable * d
-        optimizer = 2 * trainable * d
-        if precision in ("bf16", "fp16"):
+        optimizer_state = _optimizer_bytes(optimizer, sizes, d)
+        if precision in ("bf16", "fp16") and optimizer == "adamw":
             # Half-precision weights train with optimi's Kahan-compensated AdamW (ftflow.training.plan_precision):
-            # its compensation buffer is one more tensor of the weights' size.
-            optimizer += trainable * d
+            # its compensation buffer is one more tensor of the weights' size. The 8-bit optimizer rounds
+            # stochastically instead and keeps no buffer.
+            optimizer_state += trainable * d
     else:
         if method == "qlora":
             # prepare_model_for_kbit_training: everything not 4-bit becomes fp32.
@@ -659,15 +746,18 @@ def predict_training(
             trainable = counts.lora(lora_r)
         weights += trainable * 4  # adapters are fp32 (PEFT's autocast_adapter_dtype)
         gradients = trainable * 4
-        optimizer = trainable * 8
+        optimizer_state = _optimizer_bytes(optimizer, sizes, 4)
 
     group = _dtype_group(d)
     row = {"qlora": "lora", "distill": "full"}.get(method, method)
     if row == "lora" and lora_dropout == 0:
         row = "lora-no-dropout"
     layer = TRAINING_LAYER_BYTES[(row, group)].per_token(shape, lora_r if row.startswith("lora") else 0)
+    recompute = 0
     if gradient_checkpointing:
-        per_token_layers = shape.layers * CHECKPOINT_BYTES_PER_HIDDEN[group] * shape.hidden + layer
+        per_token_layers = shape.layers * CHECKPOINT_BYTES_PER_HIDDEN[group] * shape.hidden
+        # One layer's activations, rebuilt in backward: after the logits' buffers are gone (see below).
+        recompute = math.ceil(tokens * layer)
     else:
         per_token_layers = shape.layers * layer
     key_length = max_length + (num_virtual_tokens if method == "prefix" else 0)
@@ -679,21 +769,36 @@ def predict_training(
     if method == "distill":
         logits += tokens * shape.vocab * DISTILL_LOGITS_BYTES_PER_ELEMENT_EXTRA[group]
     overhead = RUNTIME_OVERHEAD_BYTES[device]
+    # With checkpointing the recomputed layer and the logits' loss buffers are never alive together: the
+    # logits' gradient has reached the last hidden state before the last layer is rebuilt (measured: summing
+    # them over-predicted LoRA + checkpointing by one layer, 6.6% fp32 and 11.1% bf16).
+    head = max(logits, recompute)
 
     if method in ("full", "distill"):
         output_layer_grad = (counts.output_untied or counts.embedding) * d
         # Tied embeddings get a second gradient (from the input side) at the end of backward,
         # added out of place to the first: two more embedding-sized tensors (measured).
         tied_extra = 2 * counts.embedding * d if counts.output_untied == 0 else 0
-        dynamic = max(activations + logits + output_layer_grad, gradients + tied_extra)
-        peak = weights + optimizer + dynamic + overhead
+        if accumulation_steps > 1:
+            # The earlier micro-batches' gradients are alive through this one's forward and backward.
+            dynamic = gradients + max(activations + head + output_layer_grad, tied_extra)
+        else:
+            dynamic = max(activations + head + output_layer_grad, gradients + tied_extra)
+        peak = weights + optimizer_state + dynamic + overhead
     else:
-        peak = weights + optimizer + gradients + activations + logits + overhead
+        peak = weights + optimizer_state + gradients + activations + head + overhead
+    if optimizer != "adamw":
+        # The 8-bit step updates one tensor at a time while every gradient is alive: on half-precision weights
+        # through fp32 copies of the tensor and its gradient (ftflow.optimizers.AdamW8bit), and on a CPU
+        # bitsandbytes' reference kernel dequantizes both moments and computes in fp32 temporaries
+        # (BNB_CPU_STEP_BYTES_PER_ELEMENT); CUDA's fused kernel keeps none.
+        per_element = (8 if full_half else 0) + (BNB_CPU_STEP_BYTES_PER_ELEMENT if device == "cpu" else 0)
+        peak = max(peak, weights + optimizer_state + gradients + per_element * max(sizes) + overhead)
     step_peak, eval_peak = peak, 0
     if eval_batch_size is not None:
         layer, scoring_logits = _scoring_phases(counts, shape, d, eval_batch_size, eval_length or max_length,
                                                 logits_chunk_tokens, nf4=method == "qlora")
-        eval_peak = weights + optimizer + max(layer, scoring_logits) + overhead
+        eval_peak = weights + optimizer_state + max(layer, scoring_logits) + overhead
         peak = max(step_peak, eval_peak)
     return MemoryPrediction(
         case=f"train-{method}",
@@ -704,10 +809,10 @@ def predict_training(
         trainable_parameters=trainable,
         weights_bytes=weights,
         logits_bytes=logits,
-        activations_bytes=activations,
+        activations_bytes=activations + recompute,
         overhead_bytes=overhead,
         gradients_bytes=gradients,
-        optimizer_bytes=optimizer,
+        optimizer_bytes=optimizer_state,
         peak_bytes=peak,
         step_peak_bytes=step_peak,
         eval_peak_bytes=eval_peak,

@@ -64,6 +64,7 @@ def run_job(
     master_weights: Optional[str] = None,
     packing: str = "auto",
     report_to: Sequence[str] = (),
+    fit_plan: Optional[dict] = None,
 ) -> dict:
     """Train one job; returns its result (history, best epoch, selection and test scores).
 
@@ -78,6 +79,8 @@ def run_job(
     ``packing`` (``auto``, ``on``, ``off``): how training batches are formed (:func:`ftflow.training.batching_for`).
     ``report_to`` (``tensorboard``): the Trainer's logging integrations; their files (TensorBoard event files)
     are written under ``work_dir`` while the run trains and copied into ``out_dir/tensorboard`` at the end.
+    ``fit_plan`` (:class:`ftflow.fit.FitPlan` as a dict): micro-batch, gradient checkpointing, optimizer state
+    and trained-weights precision that make the run fit; its ``master_weights`` replaces ``master_weights``.
     """
     from ftflow.cards import write_model_card
     from ftflow.training import (TENSORBOARD_DIR, TRAINER_LOGS_DIR, TrainSettings, batching_for, encode_dataset,
@@ -86,13 +89,22 @@ def run_job(
     base = job.model
     trust = base["trust_remote_code"]
     tokenizer = load_tokenizer(base["path"], trust)
+    fitted = {}
+    if fit_plan is not None:
+        master_weights = fit_plan["master_weights"]
+        if job.method in ("full", "distill") and fit_plan["train_precision"] != job.precision:
+            master_weights = fit_plan["train_precision"]  # an fp32 model trained as bf16 weights
+        fitted = dict(micro_batch_size=fit_plan["micro_batch_size"], optimizer=fit_plan["optimizer"],
+                      # QLoRA checkpoints through prepare_model_for_kbit_training already.
+                      gradient_checkpointing=fit_plan["gradient_checkpointing"] and job.method != "qlora")
     settings = TrainSettings(
         epochs=job.epochs, learning_rate=job.learning_rate, batch_size=job.batch_size, max_length=max_length,
-        seed=seed, device=device, precision=job.precision, weight_decay=job.weight_decay,
-        eval_batch_size=eval_batch_size, progress=progress, checkpoint_steps=checkpoint_steps,
-        logits_chunk_tokens=logits_chunk_tokens,
+        seed=seed, device=device,
+        precision=fit_plan["train_precision"] if fit_plan is not None else job.precision,
+        weight_decay=job.weight_decay, eval_batch_size=eval_batch_size, progress=progress,
+        checkpoint_steps=checkpoint_steps, logits_chunk_tokens=logits_chunk_tokens,
         master_weights=master_weights if job.method in ("full", "distill") else None, packing=packing,
-        report_to=tuple(report_to),
+        report_to=tuple(report_to), **fitted,
     )
     best_dir = Path(work_dir) / "best"
     trainer_dir = Path(work_dir) / "trainer"
@@ -165,5 +177,9 @@ def run_job(
         "test": test.to_dict(),
         **result,
     }
+    if fit_plan is not None:  # how the run was made to fit its memory budget (ftflow/fit.py)
+        from ftflow.fit import FitPlan
+
+        summary.update(fit_plan=fit_plan, fit_summary=FitPlan.model_validate(fit_plan).summary)
     write_model_card(model_dir, summary, card_facts or {})
     return summary

@@ -83,9 +83,10 @@ def train_common(cfg: PipelineConfig, data: dict, device: str, eval_batch_size: 
     """The parameters every training run of the pipeline shares."""
     return {"data": data, "seed": cfg.seed, "max_length": cfg.max_length, "device": device,
             "eval_batch_size": eval_batch_size, "selection_split": cfg.selection_split,
-            "memory_budget_gb": cfg.memory_budget_gb, "logits_chunk_tokens": cfg.benchmark.logits_chunk_tokens,
+            "memory_budget_gb": cfg.training_budget_gb, "logits_chunk_tokens": cfg.benchmark.logits_chunk_tokens,
             "checkpoint_steps": cfg.training.checkpoint_steps, "artifacts_dir": artifacts_dir, "progress": progress,
-            "packing": cfg.training.packing, "report_to": list(cfg.training.report_to)}
+            "packing": cfg.training.packing, "report_to": list(cfg.training.report_to),
+            "fit_order": list(cfg.training.fit_order)}
 
 
 def train_call(common: dict, job: Job, train_set: dict, teacher_topk: Optional[dict] = None) -> dict:

@@ -64,6 +64,22 @@ class TrainSettings:
     report_to: tuple[str, ...] = ()
     """Where the Trainer also logs the run's curves (``("tensorboard",)``: event files in ``work_dir/runs/``,
     offline); what it logs is the training loss and learning rate by step and the selection-split PPL per epoch."""
+    micro_batch_size: Optional[int] = None
+    """Sentences per forward pass; ``batch_size`` stays the sentences per optimizer step, gradient accumulation
+    makes up the rest (must divide ``batch_size``; None = ``batch_size``). Chosen by :mod:`ftflow.fit`."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward (chosen by :mod:`ftflow.fit` when needed)."""
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit"] = "adamw"
+    """Optimizer state: torch AdamW, or bitsandbytes' (paged) 8-bit AdamW (:mod:`ftflow.optimizers`)."""
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+        micro = self.micro_batch_size or self.batch_size
+        if micro < 1 or self.batch_size % micro:
+            raise ValueError(f"micro_batch_size {micro} must divide batch_size {self.batch_size} (the effective "
+                             "batch), so every optimizer step sees batch_size sentences")
+        return self.batch_size // micro
 
 
 def batching_for(packing: Packing, method: str, *, trust_remote_code: bool = False) -> Batching:
@@ -132,14 +148,17 @@ class PrecisionPlan:
             weights' own dtype.
         loss_scaling: fp16 gradients are scaled (the Trainer's GradScaler) so small ones do not flush to 0.
         optimizer: ``adamw`` (the Trainer's torch AdamW) or ``adamw-kahan`` (optimi's AdamW with Kahan-
-            compensated bf16 updates, which keeps the part of each update that bf16 rounding drops).
+            compensated bf16 updates, which keeps the part of each update that bf16 rounding drops);
+            ``[paged-]adamw-8bit`` (bitsandbytes' 8-bit state), ``-stochastic-rounding`` when its weights are
+            bf16 (:mod:`ftflow.optimizers`: unbiased rounding instead of the compensation buffer).
     """
 
     load: str
     trained_weights: str
     autocast: Optional[str]
     loss_scaling: bool
-    optimizer: Literal["adamw", "adamw-kahan"]
+    optimizer: Literal["adamw", "adamw-kahan", "adamw-8bit", "adamw-8bit-stochastic-rounding", "paged-adamw-8bit",
+                       "paged-adamw-8bit-stochastic-rounding"]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,7 +168,8 @@ HALF = ("bf16", "fp16")
 
 
 def plan_precision(method: Literal["full", "peft"], precision: str, device: str, *,
-                   master_weights: Optional[str] = None, compute_dtype: Optional[str] = None) -> PrecisionPlan:
+                   master_weights: Optional[str] = None, compute_dtype: Optional[str] = None,
+                   optimizer: str = "adamw") -> PrecisionPlan:
     """Which weights a run trains in which dtype, under which autocast, with which optimizer step.
 
     AdamW on bf16 weights loses every update smaller than half a bf16 step of
@@ -178,6 +198,8 @@ def plan_precision(method: Literal["full", "peft"], precision: str, device: str,
         device: ``cpu`` or ``cuda``.
         master_weights: ``full`` on bf16/fp16 only: ``fp32`` (default) or the precision itself.
         compute_dtype: QLoRA's 4-bit compute dtype (``bf16`` when not given, bitsandbytes' default here).
+        optimizer: ``adamw`` or bitsandbytes' ``adamw-8bit`` / ``paged-adamw-8bit`` state (chosen by
+            :mod:`ftflow.fit`); on bf16 weights the 8-bit update rounds stochastically.
 
     Returns:
         The plan.
@@ -209,6 +231,11 @@ def plan_precision(method: Literal["full", "peft"], precision: str, device: str,
         plan = PrecisionPlan(precision, "fp32", precision, precision == "fp16", "adamw")
     else:
         plan = PrecisionPlan(precision, "bf16", None, False, "adamw-kahan")
+    if optimizer not in ("adamw", "adamw-8bit", "paged-adamw-8bit"):
+        raise ValueError(f"plan_precision: optimizer must be adamw, adamw-8bit or paged-adamw-8bit, got {optimizer!r}")
+    if optimizer != "adamw":
+        rounding = "-stochastic-rounding" if plan.trained_weights == "bf16" else ""
+        plan = PrecisionPlan(plan.load, plan.trained_weights, plan.autocast, plan.loss_scaling, optimizer + rounding)
     if plan.loss_scaling and device != "cuda":
         raise ValueError(f"fp16 training needs loss scaling, which the Trainer only does on CUDA; on {device} train "
                          "in bf16 or fp32 instead (precision, or qlora.compute_dtype)")
@@ -487,10 +514,26 @@ def fit(
     kwargs = dict(trainer_kwargs or {})
     if plan.optimizer == "adamw-kahan":
         kwargs["optimizer_cls_and_kwargs"] = kahan_adamw(settings)
+    elif plan.optimizer != "adamw":
+        from ftflow.optimizers import adamw_8bit
+
+        kwargs["optimizer_cls_and_kwargs"] = adamw_8bit(settings.learning_rate, weight_decay=settings.weight_decay,
+                                                        paged=plan.optimizer.startswith("paged"))
+    accumulation = settings.accumulation_steps
+    if accumulation > 1 or settings.gradient_checkpointing:
+        log.info("memory fit: micro-batch %d x %d accumulation (effective batch %d), gradient checkpointing %s",
+                 settings.batch_size // accumulation, accumulation, settings.batch_size,
+                 "on" if settings.gradient_checkpointing else "off")
     args = TrainingArguments(
         output_dir=str(work_dir),
         num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size,
+        # The configured batch is the effective one: micro-batches of its sentences, the loss normalised over
+        # all their target tokens (the Trainer's num_items_in_batch), so lr and steps stay what they were.
+        per_device_train_batch_size=settings.batch_size // accumulation,
+        gradient_accumulation_steps=accumulation,
+        activation_checkpointing=settings.gradient_checkpointing,
+        # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings under PEFT).
+        activation_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
         learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay,
         lr_scheduler_type="linear",
@@ -574,7 +617,8 @@ def train_peft(
     from ftflow.models import DEFAULT_4BIT, load_model
 
     compute_dtype = {**DEFAULT_4BIT, **(quantization or {})}["compute_dtype"] if settings.precision == "nf4" else None
-    plan = plan_precision("peft", settings.precision, settings.device, compute_dtype=compute_dtype)
+    plan = plan_precision("peft", settings.precision, settings.device, compute_dtype=compute_dtype,
+                          optimizer=settings.optimizer)
     set_seed(settings.seed)
     model = load_model(base_path, settings.precision, settings.device, trainable=True,
                        trust_remote_code=trust_remote_code, quantization=quantization)
@@ -685,7 +729,8 @@ def train_full(
 
     from ftflow.models import load_model
 
-    plan = plan_precision("full", settings.precision, settings.device, master_weights=settings.master_weights)
+    plan = plan_precision("full", settings.precision, settings.device, master_weights=settings.master_weights,
+                          optimizer=settings.optimizer)
     set_seed(settings.seed)
     model = load_model(base_path, settings.precision, settings.device, trainable=True,
                        trust_remote_code=trust_remote_code)

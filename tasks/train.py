@@ -18,7 +18,9 @@ from prefect import task
 
 from ftflow.artifacts import write_json
 from ftflow.data import read_split
-from ftflow.memory import GB, MemoryBudgetError, check_training_job
+from ftflow.config import DEFAULT_FIT_ORDER
+from ftflow.fit import plan_training_job
+from ftflow.memory import GB, bf16_available
 from ftflow.methods import Job, run_job
 from ftflow.models import load_tokenizer
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
@@ -65,14 +67,17 @@ class ProgressArtifact:
 def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, device: str,
           eval_batch_size: int, selection_split: str, memory_budget_gb: float, logits_chunk_tokens: int,
           teacher_topk: Optional[dict] = None, checkpoint_steps: int = 50, artifacts_dir: str = "artifacts",
-          progress: bool = True, packing: str = "auto", report_to: Optional[list[str]] = None) -> dict:
+          progress: bool = True, packing: str = "auto", report_to: Optional[list[str]] = None,
+          fit_order: tuple[str, ...] = DEFAULT_FIT_ORDER) -> dict:
     """Train one job on ``train_set``; keep its best epoch on the selection split; score it on test.
 
-    A run the memory plan predicts will not fit is not started: its manifest
-    says ``skipped`` with the reason (and is cached like any result, since the
-    prediction depends only on the inputs). The plan is made on this run's own
-    training set (an augmented one is longer than the split it came from) and
-    includes the validation pass between epochs; the manifest records it (``memory_plan``).
+    Before anything is loaded, :func:`ftflow.fit.plan_training_job` chooses how the run fits
+    ``memory_budget_gb`` (the training budget): micro-batch and accumulation, gradient checkpointing, 8-bit
+    optimizer state, bf16 trained weights, tried in ``fit_order``. A run that fits with none of them is not
+    started: its manifest says ``skipped`` with the reason (and is cached like any result, since the
+    prediction depends only on the inputs). The plan is made on this run's own training set (an augmented
+    one is longer than the split it came from) and includes the validation pass between epochs; the
+    manifest records it (``fit_plan``, and its prediction as ``memory_plan``), and so does the model card.
     """
 
     def build(out: Path, work: Path) -> dict:
@@ -82,16 +87,19 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
                                "fault); unset the variable and run again")
         train_sentences = read_split(stage_path(train_set, "train"))
         validation_sentences = read_split(stage_path(data, selection_split))
-        try:
-            planned, master_weights = check_training_job(
-                job, tokenizer=load_tokenizer(job.model["path"], job.model["trust_remote_code"]),
-                train_sentences=train_sentences, validation_sentences=validation_sentences,
-                eval_batch_size=eval_batch_size, max_length=max_length, budget_bytes=int(memory_budget_gb * GB),
-                logits_chunk_tokens=logits_chunk_tokens, device=device)
-        except MemoryBudgetError as exc:
-            logger.warning("%s is not trained: %s", job.title, exc)
+        fit = plan_training_job(
+            job, tokenizer=load_tokenizer(job.model["path"], job.model["trust_remote_code"]),
+            train_sentences=train_sentences, validation_sentences=validation_sentences,
+            eval_batch_size=eval_batch_size, max_length=max_length, budget_bytes=int(memory_budget_gb * GB),
+            fit_order=fit_order, logits_chunk_tokens=logits_chunk_tokens, device=device,
+            bf16_supported=bf16_available(device))
+        if not fit.fits:
+            skipped = f"{job.title}: {fit.reason}"
+            logger.warning("%s is not trained: %s", job.title, fit.reason)
             return {"files": {}, "name": job.name, "title": job.title, "method": job.method,
-                    "job": job.model_dump(mode="json"), "base_model": job.model, "skipped": str(exc)}
+                    "job": job.model_dump(mode="json"), "base_model": job.model, "skipped": skipped,
+                    "fit_plan": fit.model_dump(mode="json")}
+        logger.info("%s: %s", job.title, fit.summary)
         facts = {"train set fingerprint": train_set["fingerprint"], "data fingerprint": data["fingerprint"],
                  "selection_split": selection_split}
         if teacher_topk is not None:
@@ -109,13 +117,14 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
             seed=seed, max_length=max_length, device=device, eval_batch_size=eval_batch_size,
             work_dir=work, out_dir=out, checkpoint_steps=checkpoint_steps, logits_chunk_tokens=logits_chunk_tokens,
             teacher_topk_dir=stage_path(teacher_topk, "topk") if teacher_topk is not None else None,
-            card_facts=facts, progress=progress, on_progress=ProgressArtifact(job.title), master_weights=master_weights,
-            packing=packing, report_to=report_to or (),
+            card_facts=facts, progress=progress, on_progress=ProgressArtifact(job.title),
+            packing=packing, report_to=report_to or (), fit_plan=fit.model_dump(mode="json"),
         )
         if summary["resumed_from"]:
             logger.info("%s: resumed from %s and finished", job.title, summary["resumed_from"])
         write_json(out / "history.json", {k: summary[k] for k in ("history", "baseline_validation", "best_epoch")})
         return {"files": {"model": "model", "history": "history.json", "card": "model/README.md"},
-                "selection_split": selection_split, "memory_plan": planned.to_dict(), **summary}
+                "selection_split": selection_split, "memory_plan": fit.prediction,
+                "fit_plan": fit.model_dump(mode="json"), **summary}
 
     return run_stage(STAGE, MODULES, build, work=True)

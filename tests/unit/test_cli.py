@@ -122,3 +122,44 @@ def test_the_final_summary_lists_every_model_without_a_result():
     ]}
     assert failure_summary(evaluation) == ["ghost (baseline): ModelLoadError: cannot load /x/ghost-model: (1) no (2) no",
                                            "full[big] (full): not trained: predicted 30 GB > 20 GB"]
+
+
+def _study_config(tmp_path, with_data: bool = True) -> Path:
+    """configs/seed-20gb.yaml with its data in tmp_path: 180 training sentences of 9 words and 20 of 47 (sst2's
+    longest: some in each split), 20 test sentences; without the files when ``with_data`` is False."""
+    raw = yaml.safe_load((ROOT / "configs" / "seed-20gb.yaml").read_text())
+    raw["data"] = {"train_file": "train.txt", "test_file": "test.txt", "validation_fraction": 0.1}
+    raw["artifacts_dir"] = str(tmp_path / "artifacts")
+    if with_data:
+        nine = "the film is so bleak that it is hardly watchable"
+        (tmp_path / "train.txt").write_text("\n".join([nine] * 180 + [" ".join(["word"] * 47)] * 20) + "\n")
+        (tmp_path / "test.txt").write_text("\n".join([nine] * 20) + "\n")
+    path = tmp_path / "seed.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_plan_shows_every_training_run_of_the_study_fitting_20_gb_with_its_hours(tmp_path, capsys):
+    config = _study_config(tmp_path)
+    assert main(["plan", str(config), "--out", str(tmp_path / "plan"), "--gpu", "a100"]) == 0
+    out = capsys.readouterr().out
+    with open(tmp_path / "plan" / "training_plan.csv") as handle:
+        rows = {row["run"]: row for row in csv.DictReader(handle)}
+    # The LoRA grid (24), per-model LoRA/QLoRA/full (32), prefix grid (8), distillation (2), ablation (5 more).
+    assert len(rows) == 71 and all(row["fits"] == "True" for row in rows.values())
+    assert "71 of 71 training runs fit 20 GB;" in out and "hours on one a100 (bf16 312 / fp32 19.5 TFLOP/s" in out
+    lora = rows["lora[granite-3.3-8b-base|r16,a32,d0.05,lr0.0002]"]
+    assert (lora["micro x accumulation"], lora["checkpointing"], lora["optimizer"]) == ("1 x 4", "False", "adamw")
+    full = rows["full[granite-3.3-2b-base|lr2e-05]"]
+    assert (full["micro x accumulation"], full["optimizer"], full["weights"]) == (
+        "4 x 1", "adamw-8bit", "bf16 (adamw-8bit-stochastic-rounding)")
+    assert "granite-3.3-8b-base lora: micro-batch 1 x 4 accumulation, checkpointing off, fp32 AdamW" in out
+    assert "token counts estimated at 1.5 per word" in out
+
+
+def test_plan_without_the_data_says_so_and_plans_the_worst_case(tmp_path, capsys):
+    assert main(["plan", str(_study_config(tmp_path, with_data=False)), "--out", str(tmp_path / "plan")]) == 0
+    out = capsys.readouterr().out
+    assert f"data file(s) absent: {tmp_path / 'train.txt'}, {tmp_path / 'test.txt'}; every run is planned at " \
+           "max_length (2048 tokens, the worst case)" in out
+    assert "training runs fit 20 GB" in out

@@ -25,7 +25,7 @@ from ftflow import synthetic  # noqa: E402
 
 MODELS = ("llama", "granite", "qwen2")
 CHECKS = ("build", "score[fp32]", "score[bf16]", "score[nf4]", "train[lora]", "train[qlora]", "train[prefix]",
-          "train[full]", "train[distill]")
+          "train[full]", "train[distill]", "train[full-fit]")
 # Smoke shapes: hidden 64, MLP 128, 2 layers, 4 query / 2 key-value heads (kv dim 32), vocabulary 512, tied.
 # Per layer: q 4096 + k 2048 + v 2048 + o 4096 + MLP 3 * 8192 + two norms 128 = 36,992; embedding 32,768;
 # final norm 64. Qwen2 adds q/k/v biases (64 + 32 + 32 per layer). The students have one layer.
@@ -107,6 +107,11 @@ def test_smoke_run_passes_every_check_with_numbers(smoke):
         assert distill["flops_formula"] == "6P"
         assert found[(model, "train[lora]")]["metrics"]["flops_formula"] == "4P+6T"
         assert found[(model, "train[qlora]")]["metrics"]["flops_formula"] == "6P+6T"
+        # Full fine-tuning as ftflow/fit.py makes it fit: bf16 weights, 8-bit AdamW, 1 x 2 micro-batches, checkpointing.
+        fitted = found[(model, "train[full-fit]")]["metrics"]
+        assert (fitted["precision"], fitted["trainable_parameters"], fitted["flops_formula"]) == (
+            "bf16", PARAMETERS[model], "8P")
+        assert _finite(fitted["peak_predicted_mb"]) and fitted["validation_ppl_after"] > 0
 
 
 @pytest.mark.slow
@@ -114,7 +119,7 @@ def test_smoke_run_writes_the_markdown_summary_it_prints(smoke):
     assert smoke["proc"].returncode == 0, smoke["proc"].stderr[-3000:]
     summary = (smoke["out"] / "gpu_check.md").read_text()
     assert summary.startswith("# ftflow GPU check (smoke, CPU)\n")
-    assert "Checks: 27 ok, 0 failed, 0 skipped." in summary
+    assert "Checks: 30 ok, 0 failed, 0 skipped." in summary
     assert summary in smoke["proc"].stdout
     for model in MODELS:
         for precision in ("fp32", "bf16", "nf4"):
@@ -187,7 +192,7 @@ def test_failed_checks_make_the_exit_status_1_and_are_listed(tmp_path, monkeypat
     assert [(c["check"], c["status"]) for c in report["checks"]] == [("build", "failed")] + [
         (c, "skipped") for c in CHECKS[1:]]
     summary = (tmp_path / "out/gpu_check.md").read_text()
-    assert "Checks: 0 ok, 1 failed, 8 skipped." in summary
+    assert "Checks: 0 ok, 1 failed, 9 skipped." in summary
     assert "| qwen2 | build | failed | RuntimeError: disk full |" in summary
     assert "| qwen2 | score[fp32] | skipped | needs build, which failed |" in summary
     assert "FAILED qwen2 build: RuntimeError: disk full" in capsys.readouterr().err
