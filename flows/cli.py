@@ -293,7 +293,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, out: Path) -> list[str]:
     """Every training run the config implies: its fit to the training budget, predicted peak, compute and hours."""
-    from ftflow import design, fit, memory
+    from ftflow import design, memory, study_plan
     from ftflow.data import hold_out_validation, read_sentences
 
     notes, problems = [], []
@@ -321,9 +321,9 @@ def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, o
             tokenizer = _offline_tokenizer(spec.path, spec.trust_remote_code)
             if tokenizer is None:
                 estimated.append(spec.name)
-            stats[spec.name] = {k: fit.token_stats(tokenizer, v, cfg.max_length) for k, v in splits.items()}
+            stats[spec.name] = {k: study_plan.token_stats(tokenizer, v, cfg.max_length) for k, v in splits.items()}
         else:
-            worst = fit.TokenStats(2000, 2000 * cfg.max_length, cfg.max_length, False)
+            worst = study_plan.TokenStats(2000, 2000 * cfg.max_length, cfg.max_length, False)
             stats[spec.name] = {"train": worst, "validation": worst.scaled(0.1), "test": worst}
         decision = memory.plan_candidate(
             spec.name, spec.path, budget, precision=spec.precision, batch_size=cfg.benchmark.batch_size,
@@ -338,17 +338,17 @@ def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, o
                        "precision": decision["precision"], "trust_remote_code": spec.trust_remote_code})
     if estimated:
         notes.append(f"tokenizers not available offline for {', '.join(estimated)}: token counts estimated at "
-                     f"{fit.ESTIMATED_TOKENS_PER_WORD:g} per word (the run counts them with the real tokenizer)")
+                     f"{study_plan.ESTIMATED_TOKENS_PER_WORD:g} per word (the run counts them with the real tokenizer)")
     if not models:
         return problems + ["no model can be trained: none is planned for benchmarking"]
     try:
-        runs, assumed = fit.plan_study_runs(
+        runs, assumed = study_plan.plan_study_runs(
             cfg, models, parameters, stats, eval_batch_size=design.evaluation_batch_size(cfg, decisions),
             family=args.family, device=device,
             bf16_supported=memory.bf16_available(device) if device == "cpu" else True)
     except ValueError as exc:
         return problems + [f"training runs: {exc}"]
-    frame = fit.study_plan_table(runs, args.gpu, args.utilization)
+    frame = study_plan.study_plan_table(runs, args.gpu, args.utilization)
     frame.to_csv(out / "training_plan.csv", index=False)
     table = memory.plan_markdown(frame)
     (out / "training_plan.md").write_text(table + "\n", encoding="utf-8")
@@ -367,7 +367,7 @@ def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, o
         print(f"- {summary}" + (f" ({len(titles)} runs)" if len(titles) > 1 else ""))
     print(f"\n{len(fitting)} of {len(runs)} training runs fit {cfg.training_budget_gb:g} GB; "
           f"{sum(r.flops for r in fitting) / 1e18:.2f} EFLOP in all: about {hours:.1f} hours on one {args.gpu} "
-          f"(bf16 {fit.GPU_PEAK_TFLOPS[args.gpu][0]:.0f} / fp32 {fit.GPU_PEAK_TFLOPS[args.gpu][1]:.1f} TFLOP/s peak) "
+          f"(bf16 {study_plan.GPU_PEAK_TFLOPS[args.gpu][0]:.0f} / fp32 {study_plan.GPU_PEAK_TFLOPS[args.gpu][1]:.1f} TFLOP/s peak) "
           f"at {args.utilization:.0%} utilisation. FLOPs per training token: (4 N + 2 N_trainable), "
           "+ 2 N with checkpointing; scoring 2 N per token")
     if len(fitting) < len(runs):
@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch-size", type=int, help="fixed evaluation batch size (default: the largest that fits)")
     plan.add_argument("--device", choices=["cuda", "cpu"], help="where the models will run (default: from config)")
     plan.add_argument("--out", help="folder for plan.csv/md/png (default: <artifacts_dir>/plan)")
-    from ftflow.fit import DEFAULT_GPU, DEFAULT_UTILIZATION, GPU_PEAK_TFLOPS
+    from ftflow.study_plan import DEFAULT_GPU, DEFAULT_UTILIZATION, GPU_PEAK_TFLOPS
 
     plan.add_argument("--gpu", choices=sorted(GPU_PEAK_TFLOPS), default=DEFAULT_GPU,
                       help=f"GPU whose peak the training time is estimated on (default: {DEFAULT_GPU})")

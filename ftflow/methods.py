@@ -79,8 +79,10 @@ def run_job(
     ``packing`` (``auto``, ``on``, ``off``): how training batches are formed (:func:`ftflow.training.batching_for`).
     ``report_to`` (``tensorboard``): the Trainer's logging integrations; their files (TensorBoard event files)
     are written under ``work_dir`` while the run trains and copied into ``out_dir/tensorboard`` at the end.
-    ``fit_plan`` (:class:`ftflow.fit.FitPlan` as a dict): micro-batch, gradient checkpointing, optimizer state
-    and trained-weights precision that make the run fit; its ``master_weights`` replaces ``master_weights``.
+    ``fit_plan`` (:class:`ftflow.fit.FitPlan` as a dict, with its one-line ``summary``): micro-batch, gradient
+    checkpointing, optimizer state and trained-weights precision that make the run fit; its ``master_weights``
+    replaces ``master_weights``. (A dict, not the class, so that loading a trained run for the teacher pass
+    does not reach the memory planner's code.)
     """
     from ftflow.cards import write_model_card
     from ftflow.training import (TENSORBOARD_DIR, TRAINER_LOGS_DIR, TrainSettings, batching_for, encode_dataset,
@@ -178,8 +180,7 @@ def run_job(
         **result,
     }
     if fit_plan is not None:  # how the run was made to fit its memory budget (ftflow/fit.py)
-        from ftflow.fit import FitPlan
-
-        summary.update(fit_plan=fit_plan, fit_summary=FitPlan.model_validate(fit_plan).summary)
+        summary.update(fit_plan={k: v for k, v in fit_plan.items() if k != "summary"},
+                       fit_summary=fit_plan["summary"])
     write_model_card(model_dir, summary, card_facts or {})
     return summary

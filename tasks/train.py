@@ -118,7 +118,7 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
             work_dir=work, out_dir=out, checkpoint_steps=checkpoint_steps, logits_chunk_tokens=logits_chunk_tokens,
             teacher_topk_dir=stage_path(teacher_topk, "topk") if teacher_topk is not None else None,
             card_facts=facts, progress=progress, on_progress=ProgressArtifact(job.title),
-            packing=packing, report_to=report_to or (), fit_plan=fit.model_dump(mode="json"),
+            packing=packing, report_to=report_to or (), fit_plan={**fit.model_dump(mode="json"), "summary": fit.summary},
         )
         if summary["resumed_from"]:
             logger.info("%s: resumed from %s and finished", job.title, summary["resumed_from"])

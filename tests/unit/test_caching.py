@@ -130,8 +130,9 @@ def test_plan_memory_reaches_models_and_data_it_imports():
 
 def test_train_reaches_known_models_through_the_memory_check():
     assert reached_modules(["tasks.train"]) == tuple(sorted(COMMON + (
-        "ftflow.cards", "ftflow.data", "ftflow.distill", "ftflow.jobs", "ftflow.known_models", "ftflow.memory",
-        "ftflow.methods", "ftflow.models", "ftflow.perplexity", "ftflow.tokens", "ftflow.training", "tasks.train")))
+        "ftflow.cards", "ftflow.data", "ftflow.distill", "ftflow.fit", "ftflow.jobs", "ftflow.known_models",
+        "ftflow.memory", "ftflow.methods", "ftflow.models", "ftflow.optimizers", "ftflow.perplexity", "ftflow.tokens",
+        "ftflow.training", "tasks.train")))
 
 
 def test_every_stage_keys_its_code_from_its_own_module():

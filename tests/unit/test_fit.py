@@ -241,7 +241,7 @@ def test_distillation_micro_batches_give_the_full_batch_loss_per_token(tmp_path,
 
 def test_study_runs_compute_in_flops_and_hours_from_parameters_and_tokens(tmp_path):
     """A planned run's FLOPs: (4 N + 2 N_trainable) per training token, + 2 N checkpointed; 2 N per scored token."""
-    from ftflow.fit import GPU_PEAK_TFLOPS, TokenStats, plan_study_runs, token_stats, training_flops_per_token
+    from ftflow.study_plan import GPU_PEAK_TFLOPS, TokenStats, plan_study_runs, token_stats, training_flops_per_token
 
     assert training_flops_per_token(10, 10, False) == 60 and training_flops_per_token(10, 1, True) == 62
     assert token_stats(None, ["a b c", "one two three four five six seven eight nine"], 2048) == TokenStats(

@@ -1,0 +1,226 @@
+"""Every training run a config implies, each with its fit and its compute, before anything runs (``ftflow plan``).
+
+Pure: the runs come from :mod:`ftflow.design` (the same functions the pipeline calls), each one's fit from
+:func:`ftflow.fit.choose_fit`, its FLOPs from parameters, trainable parameters and the data's token counts.
+Kept apart from :mod:`ftflow.fit` so that a training run's code key (which reaches ``fit``) does not depend on
+the study's enumeration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from ftflow.fit import FitPlan, choose_fit
+from ftflow.memory import GB, model_config_for
+
+
+ESTIMATED_TOKENS_PER_WORD = 1.5
+"""Tokens per whitespace word assumed when a model's tokenizer is not available offline: BPE vocabularies of
+30k-150k entries give 1.1-1.4 on lower-cased English sentences; 1.5 errs on the long side."""
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Token counts of one set of sentences under one model's tokenizer (start token included)."""
+
+    sentences: int
+    total: int
+    longest: int
+    exact: bool
+    """Counted with the model's tokenizer; False: estimated at :data:`ESTIMATED_TOKENS_PER_WORD`."""
+
+    def scaled(self, factor: float, longest_factor: float = 1.0) -> "TokenStats":
+        """The statistics of a set ``factor`` times larger whose sentences are up to ``longest_factor`` longer."""
+        return TokenStats(round(self.sentences * factor), round(self.total * factor * longest_factor),
+                          math.ceil(self.longest * longest_factor), False)
+
+
+def token_stats(tokenizer, sentences: Sequence[str], max_length: int) -> TokenStats:
+    """Token counts of ``sentences`` as ftflow encodes them, or estimated from words when ``tokenizer`` is None."""
+    if tokenizer is not None:
+        from ftflow.tokens import sentence_ids
+
+        lengths = [len(sentence_ids(tokenizer, s, max_length)[0]) for s in sentences]
+        exact = True
+    else:
+        lengths = [min(max_length, 1 + math.ceil(ESTIMATED_TOKENS_PER_WORD * len(s.split()))) for s in sentences]
+        exact = False
+    return TokenStats(len(lengths), sum(lengths), max(lengths), exact)
+
+
+def training_flops_per_token(parameters: int, trainable: int, gradient_checkpointing: bool) -> int:
+    """FLOPs of one training token: forward ``2 N``, backward ``2 N`` (activation gradients, through every
+    weight) + ``2 N_trainable`` (weight gradients, trained weights only), plus ``2 N`` when checkpointing
+    recomputes the forward. Full fine-tuning: ``6 N``; LoRA: about ``4 N``. Attention's own FLOPs
+    (``O(L^2)``, small at sentence lengths) are left out."""
+    return 2 * parameters + 2 * parameters + 2 * trainable + (2 * parameters if gradient_checkpointing else 0)
+
+
+GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    # name: (bf16 dense tensor-core peak, fp32 peak without TF32), TFLOP/s, from the vendors' data sheets.
+    "a100-mig-3g.20gb": (312.0 * 42 / 108, 19.5 * 42 / 108),  # 42 of the A100's 108 SMs: the study's 20 GB slice
+    "a100": (312.0, 19.5),
+    "h100-sxm": (989.0, 67.0),
+    "h100-pcie": (756.0, 51.0),
+    "h200": (989.0, 67.0),
+    "l40s": (362.0, 91.6),
+    "l4": (121.0, 30.3),
+    "a10": (125.0, 31.2),
+}
+"""Peaks the plan's time estimate divides by. fp32 matmuls run without TF32 (PyTorch's default), so fp32 models
+train at the fp32 peak; bf16 weights, autocast and QLoRA's bf16 compute at the bf16 one."""
+DEFAULT_GPU = "a100-mig-3g.20gb"
+DEFAULT_UTILIZATION = 0.3
+"""Share of the peak a fine-tuning run reaches (model FLOP utilisation): small batches of short sentences keep it
+well under large-batch pretraining's 0.4-0.5."""
+
+
+class PlannedRun(BaseModel):
+    """One training run the config implies, with its fit and its compute (a row of ``ftflow plan``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    section: str
+    title: str
+    fit: FitPlan
+    epochs: int
+    train_tokens: int
+    tokens_exact: bool
+    compute_dtype: str
+    train_flops: float
+    eval_flops: float
+
+    @property
+    def flops(self) -> float:
+        return self.train_flops + self.eval_flops
+
+    def hours(self, gpu: str, utilization: float) -> float:
+        """Wall-clock hours on ``gpu`` at ``utilization`` of its peak in the run's compute dtype."""
+        bf16, fp32 = GPU_PEAK_TFLOPS[gpu]
+        peak = (bf16 if self.compute_dtype == "bf16" else fp32) * 1e12
+        return self.flops / (peak * utilization) / 3600
+
+
+def _compute_dtype(fit: FitPlan) -> str:
+    if fit.method == "qlora" or fit.train_precision in ("bf16", "fp16") or fit.master_weights == "fp32":
+        return "bf16"  # bf16 weights, autocast over fp32 masters, QLoRA's compute dtype
+    return "fp32"
+
+
+def _section(method: str, train_set: str, in_grid: bool) -> str:
+    if train_set != "main":
+        return "3.4 augmentation"
+    return {"lora": "3.1 LoRA grid" if in_grid else "3.1 per model", "qlora": "3.1 per model",
+            "prefix": "3.2 prefix", "full": "3.3 full", "distill": "3.3 distillation"}[method]
+
+
+def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], stats: dict[str, dict[str, TokenStats]],
+                    *, eval_batch_size: int, family: Optional[str] = None, device: str = "cuda",
+                    bf16_supported: bool = True) -> tuple[list[PlannedRun], list[str]]:
+    """Every training run ``cfg`` implies, each with its :class:`FitPlan` and compute, before anything runs.
+
+    The family (teacher, student) is chosen by benchmarking; here it is ``family`` (default: the family of the
+    largest model), its teacher the largest model and its student the largest within ``select.student_max_params``,
+    as :func:`ftflow.selection.select_family` picks them. The per-model runs and the ablation use the best LoRA
+    combination, known only after the grid: they are planned with the grid's largest rank and dropout (the most
+    memory). Augmented ablation sets: ``augment.factor`` times the sentences, each up to ``random_insert`` longer.
+
+    Args:
+        cfg: the :class:`ftflow.config.PipelineConfig`.
+        models: the benchmarked models as the runs see them (``name``, ``path``, ``family``, ``precision``,
+            ``trust_remote_code``).
+        parameters: exact parameter counts by model name.
+        stats: by model name, :class:`TokenStats` of ``train``, ``validation`` and ``test``.
+        eval_batch_size: the validation pass's batch size.
+        family, device, bf16_supported: see above and :func:`choose_fit`.
+
+    Returns:
+        ``(runs, notes)``: the runs in the order the pipeline trains them (each once), and what was assumed.
+    """
+    from ftflow import design
+    from ftflow.jobs import LoraJob
+
+    family = family or max(models, key=lambda m: parameters[m["name"]])["family"]
+    members = [m for m in models if m["family"] == family]
+    if not members:
+        raise ValueError(f"plan_study_runs: no model of family {family!r}; families: "
+                         f"{sorted({m['family'] for m in models})}")
+    teacher = max(members, key=lambda m: parameters[m["name"]])
+    students = [m for m in members if m is not teacher and parameters[m["name"]] <= cfg.select.student_max_params]
+    if not students:
+        raise ValueError(f"family {family!r} has no student within select.student_max_params")
+    student = max(students, key=lambda m: parameters[m["name"]])
+    selection = design.Selection(teacher=teacher["name"], student=student["name"], teacher_model=teacher,
+                                 student_model=student)
+    benchmarks = [design.BenchmarkResult(name=m["name"], model=m, parameters=parameters[m["name"]]) for m in models]
+    grid = design.lora_grid_jobs(cfg, selection)
+    best = max(grid, key=lambda j: (j.r, j.dropout))
+    jobs: list[tuple[Any, bool]] = [(j, True) for j in grid]
+    jobs += [(j, False) for j in design.per_model_jobs(cfg, benchmarks, selection, best)]
+    jobs += [(j, False) for j in design.distillation_jobs(cfg, selection)]
+    ablation = design.ablation_runs(cfg, selection, best)
+    jobs += [(r.job, False) for r in ablation]
+    sources = {r.job.train_set: r.train_set.source for r in ablation}
+    insert = cfg.augment.random_insert.rate if cfg.augment.methods.get("random_insert", 0) > 0 else 0.0
+    notes = [f"family {family} as if selected: teacher {teacher['name']}, student {student['name']} (the family is "
+             "chosen by benchmarking; --family NAME plans another)",
+             "per-model and ablation runs planned with the grid's largest LoRA rank and dropout "
+             f"({best.settings_label})"]
+    runs, seen = [], set()
+    for job, in_grid in jobs:
+        if job.title in seen:
+            continue
+        seen.add(job.title)
+        name = job.model["name"]
+        train = stats[name]["train"]
+        source = sources.get(job.train_set, "main")
+        if source == "augment" or (source == "main" and cfg.augment.enabled):
+            train = train.scaled(cfg.augment.factor, 1.0 + insert)
+        fit = choose_fit(model_config_for(job.model["path"], job.model["trust_remote_code"]), job.precision,
+                         job.method, batch_size=job.batch_size, max_length=train.longest,
+                         budget_bytes=int(cfg.training_budget_gb * GB), fit_order=cfg.training.fit_order,
+                         eval_batch_size=eval_batch_size, eval_length=stats[name]["validation"].longest,
+                         logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens, device=device,
+                         bf16_supported=bf16_supported, trust_remote_code=job.model["trust_remote_code"], name=name,
+                         **job.memory_options())
+        n = parameters[name]
+        trainable = fit.prediction["trainable_parameters"]
+        per_token = training_flops_per_token(n, trainable, fit.gradient_checkpointing)
+        scored = stats[name]["validation"].total * (job.epochs + 1) + stats[name]["test"].total
+        runs.append(PlannedRun(
+            section=_section(job.method, job.train_set, in_grid and isinstance(job, LoraJob)), title=job.title,
+            fit=fit, epochs=job.epochs, train_tokens=train.total, tokens_exact=train.exact,
+            compute_dtype=_compute_dtype(fit), train_flops=float(per_token) * train.total * job.epochs,
+            # Scoring: the base model and every epoch on validation, the best epoch on test (forward only).
+            eval_flops=2.0 * n * scored if fit.fits else 0.0))
+    return runs, notes
+
+
+PLAN_RUN_COLUMNS = ("section", "run", "fits", "micro x accumulation", "checkpointing", "optimizer", "weights",
+                    "peak_gb", "budget_gb", "epochs", "train tokens/epoch", "PFLOP", "hours")
+
+
+def study_plan_table(runs: Sequence[PlannedRun], gpu: str, utilization: float) -> "Any":
+    """One row per run: its fit, predicted peak, compute and hours (a pandas frame with :data:`PLAN_RUN_COLUMNS`)."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        fit = run.fit
+        rows.append({
+            "section": run.section, "run": run.title, "fits": fit.fits,
+            "micro x accumulation": f"{fit.micro_batch_size} x {fit.accumulation_steps}",
+            "checkpointing": fit.gradient_checkpointing, "optimizer": fit.optimizer,
+            "weights": ("fp32 master" if fit.master_weights == "fp32" else fit.train_precision)
+            + (f" ({fit.update})" if fit.update not in ("adamw", "adamw-8bit") else ""),
+            "peak_gb": round(fit.peak_bytes / GB, 2), "budget_gb": fit.budget_bytes / GB, "epochs": run.epochs,
+            "train tokens/epoch": run.train_tokens, "PFLOP": round(run.flops / 1e15, 1),
+            "hours": round(run.hours(gpu, utilization), 2) if fit.fits else None,
+        })
+    return pd.DataFrame(rows, columns=list(PLAN_RUN_COLUMNS))
+
+
