@@ -48,14 +48,65 @@ def test_grids_and_per_model_methods_are_exact_jobs(tmp_path):
     assert design.TrainedRun.model_validate(manifest).job == job
 
 
-def test_best_lora_is_the_grid_run_lowest_on_selection_and_it_teaches_the_student():
+def test_best_lora_is_the_grid_run_lowest_on_selection():
     runs = [{"key": str(i), "name": f"r{i}", "title": f"r{i}", "best_validation_ppl": ppl,
              "job": BEST.model_copy(update={"r": r}).model_dump(mode="json")}
             for i, (ppl, r) in enumerate([(5.0, 8), (4.0, 16), (4.0, 32)])]
     best, job = design.best_lora(runs)
     assert best is runs[1] and job == BEST  # ties: the earlier run
-    assert design.distillation_teacher(best) is runs[1]
     assert design.unique_runs(runs + [runs[1], runs[0]]) == runs
+
+
+def _run(job, ppl, skipped=None):
+    return {"key": job.title, "name": job.name, "title": job.title, "method": job.method, "base_model": job.model,
+            "job": job.model_dump(mode="json"), "best_validation_ppl": ppl, "skipped": skipped}
+
+
+SCORED = [dict(b, validation={"corpus_ppl": ppl}) for b, ppl in zip(BENCHMARKS, (9.0, 8.0, 7.0))]
+
+
+def test_the_teacher_is_its_best_run_of_any_method_when_it_beats_the_students_best(tmp_path):
+    cfg = config(tmp_path)
+    full_teacher, lora_teacher = FullJob(model=BIG, learning_rate=1e-3, epochs=2, batch_size=8), BEST
+    runs = [_run(lora_teacher, 4.44), _run(full_teacher, 3.20), _run(FullJob(model=SMALL, learning_rate=1e-3,
+            epochs=2, batch_size=8), 4.19), _run(PrefixJob(model=BIG, num_virtual_tokens=4, learning_rate=1e-2,
+            epochs=2, batch_size=8), 2.0, skipped="over the budget"),
+            _run(full_teacher.model_copy(update={"train_set": "original"}), 1.0)]  # the ablation's: not main
+    choice = design.distillation_teacher(cfg, SELECTION, runs, SCORED)
+    assert choice.distil and choice.teacher is not None and choice.teacher["name"] == "big+full[lr0.001]"
+    assert (choice.teacher_ppl, choice.student_best, choice.student_ppl) == (3.20, "small+full[lr0.001]", 4.19)
+    assert choice.reason == ("distilling from the best teacher run: teacher big+full[lr0.001] (validation PPL "
+                             "3.2000) vs the student's own best small+full[lr0.001] (4.1900)")
+
+
+def test_distillation_is_skipped_with_both_figures_when_the_teacher_does_not_beat_the_student(tmp_path):
+    runs = [_run(BEST, 4.44), _run(FullJob(model=SMALL, learning_rate=1e-3, epochs=2, batch_size=8), 4.19)]
+    choice = design.distillation_teacher(config(tmp_path), SELECTION, runs, SCORED)
+    assert not choice.distil and choice.teacher is None
+    assert choice.reason == (
+        "distillation was skipped: the best teacher run does not beat the student on the validation split, so it "
+        "has nothing to teach (teacher big+lora[r16,a32,d0.05,lr0.0002] (validation PPL 4.4400) vs the student's "
+        "own best small+full[lr0.001] (4.1900))")
+    # The student's baseline counts as its own best too: no student run here, its benchmark is 8.0.
+    assert not design.distillation_teacher(config(tmp_path), SELECTION, [_run(BEST, 8.0)], SCORED).distil
+    assert design.distillation_teacher(config(tmp_path), SELECTION, [_run(BEST, 7.9)], SCORED).student_best == (
+        "small (baseline)")
+    # Asked for anyway: distilled, and the reason says the teacher is worse.
+    forced = design.distillation_teacher(config(tmp_path, distill={"require_better_teacher": False}), SELECTION,
+                                         runs, SCORED)
+    assert forced.distil and forced.teacher["name"] == "big+lora[r16,a32,d0.05,lr0.0002]"
+    assert forced.reason.startswith("distilling from a teacher that does not beat the student")
+
+
+def test_distillation_variants_and_their_equal_budget_reference(tmp_path):
+    cfg = config(tmp_path, distill={"loss": ["topk", "sampled"], "top_k": [5, 20], "learning_rate": 1e-3,
+                                    "epochs": 3, "batch_size": 4})
+    assert design.distillation_variants(cfg) == ("topk", "sampled")
+    assert [j.settings_label for j in design.distillation_jobs(cfg, SELECTION)] == [
+        "top5,T1,a0.5,lr0.001", "top20,T1,a0.5,lr0.001", "sample5,T1,a0.5,lr0.001", "sample20,T1,a0.5,lr0.001"]
+    assert [j.loss for j in design.distillation_jobs(cfg, SELECTION, "sampled")] == ["sampled", "sampled"]
+    assert design.distillation_reference(cfg, SELECTION) == FullJob(model=SMALL, learning_rate=1e-3, epochs=3,
+                                                                    batch_size=4)
 
 
 def test_ablation_with_augmentation_on_adds_the_original_set_each_method_and_the_same_steps_run(tmp_path):
