@@ -53,6 +53,10 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     with mapped_runner(cfg.runner) as submit:
         # Baselines, and the family (teacher, student) chosen on the selection split.
         benchmarks, failures = benchmark_candidates(submit, candidates, plan, data, cfg, device, out, progress)
+        # Does each family's teacher beat its student on the task before fine-tuning? Logged and reported.
+        family_checks = design.family_teacher_check(benchmarks, "validation")
+        for beats, line in family_checks:
+            (logger.info if beats else logger.warning)(line)
         selection = stage(select_family)(benchmarks, cfg.select, cfg.selection_split, artifacts_dir=out)
         train_all = trainer(submit, out, augmented, data=data, seed=cfg.seed, max_length=cfg.max_length,
                             device=device, eval_batch_size=eval_batch, selection_split=cfg.selection_split,
@@ -93,7 +97,8 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     runs = design.unique_runs(grid + per_model + distilled + ablation_results)
     evaluation = stage(evaluate)(data, augmented, benchmarks, failures, selection, runs, best["name"],
                                  design.ablation_labels(ablation), cfg.name, cfg.max_length, cfg.selection_split,
-                                 cfg.memory_budget_gb, artifacts_dir=out, teacher=choice.model_dump(mode="json"))
+                                 cfg.memory_budget_gb, artifacts_dir=out, teacher=choice.model_dump(mode="json"),
+                                 checks=[line for _, line in family_checks])
     publish(evaluation, plan, benchmarks)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
     # Runs and models without a result do not stop the run; its log's last lines say which and why.

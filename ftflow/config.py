@@ -247,6 +247,9 @@ class ZooConfig(_Strict):
     corpus_file: Optional[Path] = Field(None, description="General pretraining corpus (.txt); generated when unset.")
     corpus_sentences: int = Field(3000, ge=100, description="Sentences generated (or read, at most) for pretraining.")
     pretrain_steps: int = Field(200, ge=1, description="Optimizer steps of pretraining per model.")
+    teacher_pretrain_steps: Optional[int] = Field(
+        None, ge=1, description="Optimizer steps of each teacher's pretraining (unset: pretrain_steps); a larger "
+        "model needs more to beat its student, which the pipeline checks on the task's validation split.")
     batch_size: int = Field(32, ge=1, description="Pretraining batch size.")
     learning_rate: float = Field(3e-3, gt=0, description="Pretraining peak learning rate.")
     max_length: int = Field(64, ge=8, description="Longest pretraining sequence, in tokens.")

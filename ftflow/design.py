@@ -239,6 +239,36 @@ def distillation_teacher(cfg: PipelineConfig, selection: Selection | Mapping, ru
                                 f"{split} split, so it has nothing to teach ({figures})")
 
 
+def family_teacher_check(benchmarks: Sequence[Mapping], split: str = "validation") -> list[tuple[bool, str]]:
+    """Per family of two or more benchmarked models: does its largest beat its smallest on ``split``, at baseline?
+
+    A teacher that does not beat its student before fine-tuning rarely has
+    anything to teach it after. Returns ``(beats, line)`` per family, in
+    family order; the line gives both figures (and, when it fails, what to change).
+    """
+    families: dict[str, list[Mapping]] = {}
+    for b in benchmarks:
+        families.setdefault(b.get("family") or "", []).append(b)
+    checks = []
+    for family, members in sorted(families.items()):
+        if len(members) < 2:
+            continue
+        student = min(members, key=lambda b: b["parameters"])
+        teacher = max(members, key=lambda b: b["parameters"])
+        teacher_ppl, student_ppl = teacher[split]["corpus_ppl"], student[split]["corpus_ppl"]
+        beats = teacher_ppl < student_ppl
+        line = (f"family {family}: teacher {teacher['name']} ({teacher['parameters']:,} parameters) {split} PPL "
+                f"{teacher_ppl:.4f} vs student {student['name']} ({student['parameters']:,}) {student_ppl:.4f} "
+                "before fine-tuning: ")
+        if beats:
+            line += "the teacher beats its student"
+        else:
+            line += ("the teacher does NOT beat its student, so it can hardly teach it (zoo: pretrain the teacher "
+                     "longer, zoo.teacher_pretrain_steps, or on text closer to the task, zoo.corpus_file)")
+        checks.append((beats, line))
+    return checks
+
+
 def distillation_student(selection: Selection | Mapping) -> dict:
     """The model distilled into: the selected family's student."""
     return _typed(Selection, selection).student_model
@@ -376,8 +406,8 @@ def protocol_note(selection_split: str) -> str:
 def report_notes(failures: Sequence[Mapping], runs: Sequence[Mapping], benchmarks: Sequence[Mapping],
                  memory_budget_gb: float, *, augmentation_table: bool, truncated: int, max_length: int,
                  no_gain: Sequence[str] = (), distillation: Sequence[str] = ()) -> list[str]:
-    """The report's notes, in order: failures, runs not trained, the distillation's teacher and outcome
-    (``distillation``), methods that did not help (``no_gain``), scoring peaks over the budget, how to read
+    """The report's notes, in order: failures, runs not trained, the teacher checks and the distillation's
+    teacher and outcome (``distillation``), methods that did not help (``no_gain``), scoring peaks over the budget, how to read
     the augmentation table, truncated test sentences."""
     notes = [f"{f['name']} failed and was left out: {f['error']}" for f in failures]
     notes += [f"{r['title']} was not trained: {r['skipped']}" for r in runs if r.get("skipped")]

@@ -42,7 +42,8 @@ def _candidates(benchmarks: list[dict], failures: list[dict], runs: list[dict]) 
 @task(name="evaluate", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
 def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list[dict], selection: dict,
              runs: list[dict], chosen_lora: str, ablation: dict[str, str], title: str, max_length: int,
-             selection_split: str, memory_budget_gb: float, artifacts_dir: str, teacher: dict | None = None) -> dict:
+             selection_split: str, memory_budget_gb: float, artifacts_dir: str, teacher: dict | None = None,
+             checks: list[str] | None = None) -> dict:
     """Write the leaderboard, one table per study section (CSV + Markdown), plots and the report."""
     benchmarks = [dict(b, selection=b[selection_split]) for b in benchmarks]
 
@@ -84,7 +85,8 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
                                     augmentation_table="augmentation" in tables,
                                     truncated=int(frame["test_truncated"].fillna(0).sum()), max_length=max_length,
                                     no_gain=no_gain_notes(runs),
-                                    distillation=distillation_notes(tables.get("distillation"), teacher))
+                                    distillation=[*(checks or []),
+                                                  *distillation_notes(tables.get("distillation"), teacher)])
         best_text = None
         if best is not None:
             best_text = (f"{best['name']} (selection PPL {best['best_validation_ppl']:.4f}, bits/byte "

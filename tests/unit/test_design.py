@@ -156,3 +156,18 @@ def test_benchmark_plan_and_evaluation_batch_size_follow_the_memory_plan(tmp_pat
 def test_a_job_of_one_method_refuses_another_methods_settings():
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         FullJob(model=SMALL, learning_rate=1e-3, epochs=1, batch_size=2, num_virtual_tokens=4)
+
+
+def test_each_familys_teacher_is_checked_against_its_student_before_fine_tuning():
+    benchmarks = [{"name": n, "family": f, "parameters": p, "validation": {"corpus_ppl": ppl}}
+                  for n, f, p, ppl in [("g-student", "granite", 1_000, 178.0), ("g-teacher", "granite", 4_000, 216.0),
+                                       ("q-student", "qwen2", 1_000, 9.5), ("q-teacher", "qwen2", 3_000, 7.25),
+                                       ("alone", "llama", 2_000, 5.0)]]
+    assert design.family_teacher_check(benchmarks) == [
+        (False, "family granite: teacher g-teacher (4,000 parameters) validation PPL 216.0000 vs student g-student "
+                "(1,000) 178.0000 before fine-tuning: the teacher does NOT beat its student, so it can hardly teach "
+                "it (zoo: pretrain the teacher longer, zoo.teacher_pretrain_steps, or on text closer to the task, "
+                "zoo.corpus_file)"),
+        (True, "family qwen2: teacher q-teacher (3,000 parameters) validation PPL 7.2500 vs student q-student "
+               "(1,000) 9.5000 before fine-tuning: the teacher beats its student"),
+    ]  # llama has one model: nothing to compare
