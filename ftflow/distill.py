@@ -716,14 +716,24 @@ def _draw(log_probs: torch.Tensor, k: int, seed: int, sentence_index: int) -> to
 
     Inverse CDF: the uniforms come from a CPU generator (seed, sentence index),
     so a sentence's draws are the same whatever the batch or the device; the
-    cumulative sum runs in float64, so a 150k vocabulary's last ids keep their mass.
+    cumulative sum runs in float64, so a 150k vocabulary's last ids keep their
+    mass, over chunks of rows of at most :data:`_DRAW_CHUNK_ELEMENTS` (256 MB),
+    so a 2048-token sentence at a 150k vocabulary never holds a 2.5 GB float64 copy.
     """
+    rows, vocab = log_probs.shape
     generator = torch.Generator().manual_seed(seed * 1_000_003 + sentence_index)
-    uniforms = torch.rand((log_probs.shape[0], k), generator=generator, dtype=torch.float64)
-    cdf = log_probs.double().exp().cumsum(-1)  # [n, V]
-    cdf = cdf / cdf[:, -1:]
-    ids = torch.searchsorted(cdf, uniforms.to(cdf.device), right=True)
-    return ids.clamp_(max=log_probs.shape[-1] - 1)
+    uniforms = torch.rand((rows, k), generator=generator, dtype=torch.float64).to(log_probs.device)
+    ids = torch.empty((rows, k), dtype=torch.long, device=log_probs.device)
+    step = max(1, _DRAW_CHUNK_ELEMENTS // vocab)
+    for start in range(0, rows, step):
+        cdf = log_probs[start:start + step].double().exp_().cumsum_(-1)  # [chunk, V]
+        cdf.div_(cdf[:, -1:].clone())
+        ids[start:start + step] = torch.searchsorted(cdf, uniforms[start:start + step], right=True)
+        del cdf
+    return ids.clamp_(max=vocab - 1)
+
+
+_DRAW_CHUNK_ELEMENTS = 1 << 25
 
 
 def output_rows(model) -> int:

@@ -152,3 +152,12 @@ def test_trainer_with_the_sampled_variant_lowers_its_loss(tmp_path):
     assert logs[0]["loss"] == pytest.approx(0.5 * logs[0]["ce"] + 0.5 * logs[0]["kl"], rel=1e-5)
     with pytest.raises(ValueError, match="variant must be one of"):
         DistillationTrainer(model=tiny_model("llama", seed=1), args=args, alpha=0.5, temperature=1.0, variant="x")
+
+
+def test_draws_do_not_depend_on_the_row_chunking(monkeypatch):
+    from ftflow import distill
+
+    log_probs = F.log_softmax(torch.randn(7, 50, generator=torch.Generator().manual_seed(0)), dim=-1)
+    whole = distill._draw(log_probs, 12, seed=1, sentence_index=2)
+    monkeypatch.setattr(distill, "_DRAW_CHUNK_ELEMENTS", 100)  # two rows a chunk
+    assert torch.equal(distill._draw(log_probs, 12, seed=1, sentence_index=2), whole)
