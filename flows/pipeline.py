@@ -1,5 +1,8 @@
 """The end-to-end pipeline: data -> models -> benchmark -> select -> LoRA grid -> other methods -> distill -> report.
 
+Distillation comes after every other method: its teacher is the teacher model's best run of any method (LoRA,
+QLoRA, prefix, full), compared with the student's own best (its full fine-tune included) before any teacher pass.
+
 Every decision (which runs, on which models and training sets) is made in
 ``ftflow/design.py``; this flow only passes each stage's results to the next.
 Run it with ``ftflow run [CONFIG]`` or ``python -m flows.pipeline [CONFIG]``.
@@ -51,6 +54,10 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     with mapped_runner(cfg.runner) as submit:
         # Baselines, and the family (teacher, student) chosen on the selection split.
         benchmarks, failures = benchmark_candidates(submit, candidates, plan, data, cfg, device, out, progress)
+        # Does each family's teacher beat its student on the task before fine-tuning? Logged and reported.
+        family_checks = design.family_teacher_check(benchmarks, "validation")
+        for beats, line in family_checks:
+            (logger.info if beats else logger.warning)(line)
         selection = stage(select_family)(**stages.select_family_call(cfg, benchmarks, out))
         train_all = trainer(submit, augmented, stages.train_common(cfg, data, device, eval_batch, out, progress))
 
@@ -66,11 +73,18 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
             logger.info(line)
         per_model = train_all(design.per_model_jobs(cfg, benchmarks, selection, best_job))
 
-        # 3. Distillation variants from the best LoRA teacher, its log-probs stored once at the largest k.
-        topk = stage(teacher_logits)(**stages.teacher_logits_call(
-            cfg, design.distillation_teacher(best), design.distillation_student(selection), augmented, device,
-            eval_batch, out, progress))
-        distilled = train_all(design.distillation_jobs(cfg, selection), topk=topk)
+        # 3. Distillation from the teacher's best run (any method), only if it beats the student's own best;
+        #    its targets stored once per variant at the largest k; the full fine-tune at equal steps beside it.
+        choice = design.distillation_teacher(cfg, selection, grid + per_model, benchmarks)
+        (logger.info if choice.distil else logger.warning)(choice.reason)
+        distilled = []
+        if choice.distil:
+            distilled = train_all([design.distillation_reference(cfg, selection)])
+            for variant in design.distillation_variants(cfg):
+                targets = stage(teacher_logits)(**stages.teacher_logits_call(
+                    cfg, choice.teacher, design.distillation_student(selection), augmented, device, eval_batch, out,
+                    progress, variant))
+                distilled += train_all(design.distillation_jobs(cfg, selection, variant), topk=targets)
 
         # 4. The measured effect of augmentation: one run repeated on each training set.
         ablation, made = design.ablation_runs(cfg, selection, best_job), {"main": augmented, "original": data}
@@ -80,8 +94,9 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
 
     # The report: every baseline and run once, ranked on test.
     runs = design.unique_runs(grid + per_model + distilled + ablation_results)
-    evaluation = stage(evaluate)(**stages.evaluate_call(cfg, data, augmented, benchmarks, failures, selection, runs,
-                                                        best["name"], design.ablation_labels(ablation), out))
+    evaluation = stage(evaluate)(**stages.evaluate_call(
+        cfg, data, augmented, benchmarks, failures, selection, runs, best["name"], design.ablation_labels(ablation),
+        out, teacher=choice.model_dump(mode="json"), checks=[line for _, line in family_checks]))
     publish(evaluation, plan, benchmarks)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
     # Runs and models without a result do not stop the run; its log's last lines say which and why.

@@ -247,6 +247,9 @@ class ZooConfig(_Strict):
     corpus_file: Optional[Path] = Field(None, description="General pretraining corpus (.txt); generated when unset.")
     corpus_sentences: int = Field(3000, ge=100, description="Sentences generated (or read, at most) for pretraining.")
     pretrain_steps: int = Field(200, ge=1, description="Optimizer steps of pretraining per model.")
+    teacher_pretrain_steps: Optional[int] = Field(
+        None, ge=1, description="Optimizer steps of each teacher's pretraining (unset: pretrain_steps); a larger "
+        "model needs more to beat its student, which the pipeline checks on the task's validation split.")
     batch_size: int = Field(32, ge=1, description="Pretraining batch size.")
     learning_rate: float = Field(3e-3, gt=0, description="Pretraining peak learning rate.")
     max_length: int = Field(64, ge=8, description="Longest pretraining sequence, in tokens.")
@@ -386,9 +389,19 @@ class PrefixConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    """Top-k distillation from the best LoRA teacher into the student, over a grid of variants."""
+    """Distillation from the best teacher run (any method) into the student, over a grid of variants.
 
-    top_k: tuple[PositiveInt, ...] = Field((10,), min_length=1, description="Teacher log-probs kept per position (the study: 10, 100); "
+    The teacher is the teacher model's run with the lowest selection-split
+    perplexity, whatever its method; it is used only when it beats the
+    student's own best (its baseline or any of its runs), else distillation
+    is skipped and the report says why, with both figures.
+    """
+
+    loss: tuple[Literal["topk", "sampled"], ...] = Field(
+        ("topk",), min_length=1, description="What the teacher's targets are: `topk` (its top-k ids and the mass "
+        "of the rest as one bucket) or `sampled` (k ids drawn from it, random-sampling distillation, Anshumann et "
+        "al. 2025); each stored once per teacher and training set, with top_k ids per position; grid axis.")
+    top_k: tuple[PositiveInt, ...] = Field((10,), min_length=1, description="Teacher ids kept per position (the study: 10, 100); "
                                    "stored once at the largest k and sliced for the others; grid axis.")
     temperature: tuple[PositiveFloat, ...] = Field((1.0,), min_length=1, description="Softening temperatures T; grid axis.")
     alpha: tuple[Weight, ...] = Field((0.5,), min_length=1, description="Weights of the KL term (1 - alpha weighs "
@@ -397,14 +410,18 @@ class DistillConfig(_Strict):
     epochs: int = Field(2, ge=1, description="Training epochs; the best on the selection split is kept.")
     batch_size: int = Field(8, ge=1, description="Training batch size.")
 
-    @field_validator("top_k", "temperature", "alpha", mode="before")
+    require_better_teacher: bool = Field(True, description="Distil only from a teacher that beats the student's "
+                                         "own best on the selection split (false: always, e.g. to measure a worse "
+                                         "teacher).")
+
+    @field_validator("loss", "top_k", "temperature", "alpha", mode="before")
     @classmethod
     def _one_or_many(cls, value):
         return _as_tuple(value)
 
     @model_validator(mode="after")
     def _valid_grid(self) -> "DistillConfig":
-        _unique_grid("distill", top_k=self.top_k, temperature=self.temperature, alpha=self.alpha)
+        _unique_grid("distill", loss=self.loss, top_k=self.top_k, temperature=self.temperature, alpha=self.alpha)
         return self
 
 

@@ -10,8 +10,9 @@ one function here, reading the config and typed stage results
 * the batch size of every later scoring pass: :func:`evaluation_batch_size`;
 * the LoRA grid (on the teacher) and its best combination: :func:`lora_grid_jobs`, :func:`best_lora`;
 * which models get LoRA, QLoRA and full fine-tuning, and the prefix grid: :func:`per_model_jobs`;
-* the distillation teacher, student and variants: :func:`distillation_teacher`, :func:`distillation_student`,
-  :func:`distillation_jobs`;
+* the distillation teacher (the teacher's best run of any method, if it beats the student), student, variants
+  and equal-budget reference: :func:`distillation_teacher`, :func:`distillation_student`,
+  :func:`distillation_jobs`, :func:`distillation_reference`;
 * the augmentation ablation's training sets and runs (the same-steps rule): :func:`ablation_runs`;
 * each run once in the report: :func:`unique_runs`; the report's notes: :func:`report_notes`.
 """
@@ -23,7 +24,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from ftflow.config import AugmentConfig, ModelSpec, PipelineConfig
-from ftflow.jobs import (DistillJob, Job, LoraJob, best_run, distill_grid, full_job, lora_grid, lora_like,
+from ftflow.jobs import (DistillJob, FullJob, Job, LoraJob, best_run, distill_grid, full_job, lora_grid, lora_like,
                          prefix_grid, qlora_like)
 
 
@@ -173,9 +174,99 @@ def left_out_of_full_fine_tuning(cfg: PipelineConfig, benchmarks: Sequence[Bench
             for m in compared_models(cfg, benchmarks, selection) if parameters[m["name"]] > cfg.finetune.max_params]
 
 
-def distillation_teacher(best_lora_run: Mapping) -> Mapping:
-    """The model whose top-k the student learns from: the teacher with the best LoRA combination (its run)."""
-    return best_lora_run
+class TeacherChoice(BaseModel):
+    """Which run the student learns from, or why distillation is skipped, with the figures compared.
+
+    ``teacher``: the teacher model's best run on the selection split (any
+    method, on the main training set); ``student_best``: the student's own
+    best there, its baseline or any of its (non-distillation) runs.
+    ``distil`` is False when no teacher run finished, or when the teacher
+    does not beat the student (and ``distill.require_better_teacher``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    distil: bool
+    teacher: Optional[dict[str, Any]] = None
+    teacher_name: Optional[str] = None
+    teacher_ppl: Optional[float] = None
+    student_best: Optional[str] = None
+    student_ppl: Optional[float] = None
+    reason: str
+
+
+def distillation_teacher(cfg: PipelineConfig, selection: Selection | Mapping, runs: Sequence[Mapping],
+                         benchmarks: Sequence[Mapping]) -> TeacherChoice:
+    """The run the student learns from: the teacher's best run on the selection split, if it beats the student.
+
+    Args:
+        cfg: the config (``distill.require_better_teacher``, ``selection_split``).
+        selection: the chosen family's teacher and student.
+        runs: every finished training run so far (the LoRA grid, the per-model methods).
+        benchmarks: the benchmark manifests (the student's baseline on the selection split).
+
+    Returns:
+        The :class:`TeacherChoice`; its ``reason`` is one line for the log and the report.
+    """
+    selection = _typed(Selection, selection)
+    main = [r for r in runs if not r.get("skipped") and r["job"]["train_set"] == "main" and r["method"] != "distill"]
+    teacher_runs = [r for r in main if r["base_model"]["name"] == selection.teacher]
+    student = [(r["name"], r["best_validation_ppl"]) for r in main if r["base_model"]["name"] == selection.student]
+    student += [(f"{b['name']} (baseline)", b[cfg.selection_split]["corpus_ppl"]) for b in benchmarks
+                if b["name"] == selection.student]
+    student_best = min(student, key=lambda pair: pair[1], default=(None, None))
+    split = cfg.selection_split
+    if not teacher_runs:
+        return TeacherChoice(distil=False, student_best=student_best[0], student_ppl=student_best[1],
+                             reason=f"distillation was skipped: no run of teacher {selection.teacher} finished")
+    teacher = best_run(teacher_runs)
+    ppl = teacher["best_validation_ppl"]
+    figures = (f"teacher {teacher['name']} ({split} PPL {ppl:.4f}) vs the student's own best "
+               + (f"{student_best[0]} ({student_best[1]:.4f})" if student_best[0] else "(none)"))
+    beats = student_best[1] is None or ppl < student_best[1]
+    if beats:
+        return TeacherChoice(distil=True, teacher=dict(teacher), teacher_name=teacher["name"], teacher_ppl=ppl,
+                             student_best=student_best[0], student_ppl=student_best[1],
+                             reason=f"distilling from the best teacher run: {figures}")
+    if not cfg.distill.require_better_teacher:
+        return TeacherChoice(distil=True, teacher=dict(teacher), teacher_name=teacher["name"], teacher_ppl=ppl,
+                             student_best=student_best[0], student_ppl=student_best[1],
+                             reason=f"distilling from a teacher that does not beat the student "
+                                    f"(distill.require_better_teacher is off): {figures}")
+    return TeacherChoice(distil=False, teacher_name=teacher["name"], teacher_ppl=ppl, student_best=student_best[0],
+                         student_ppl=student_best[1],
+                         reason=f"distillation was skipped: the best teacher run does not beat the student on the "
+                                f"{split} split, so it has nothing to teach ({figures})")
+
+
+def family_teacher_check(benchmarks: Sequence[Mapping], split: str = "validation") -> list[tuple[bool, str]]:
+    """Per family of two or more benchmarked models: does its largest beat its smallest on ``split``, at baseline?
+
+    A teacher that does not beat its student before fine-tuning rarely has
+    anything to teach it after. Returns ``(beats, line)`` per family, in
+    family order; the line gives both figures (and, when it fails, what to change).
+    """
+    families: dict[str, list[Mapping]] = {}
+    for b in benchmarks:
+        families.setdefault(b.get("family") or "", []).append(b)
+    checks = []
+    for family, members in sorted(families.items()):
+        if len(members) < 2:
+            continue
+        student = min(members, key=lambda b: b["parameters"])
+        teacher = max(members, key=lambda b: b["parameters"])
+        teacher_ppl, student_ppl = teacher[split]["corpus_ppl"], student[split]["corpus_ppl"]
+        beats = teacher_ppl < student_ppl
+        line = (f"family {family}: teacher {teacher['name']} ({teacher['parameters']:,} parameters) {split} PPL "
+                f"{teacher_ppl:.4f} vs student {student['name']} ({student['parameters']:,}) {student_ppl:.4f} "
+                "before fine-tuning: ")
+        if beats:
+            line += "the teacher beats its student"
+        else:
+            line += ("the teacher does NOT beat its student, so it can hardly teach it (zoo: pretrain the teacher "
+                     "longer, zoo.teacher_pretrain_steps, or on text closer to the task, zoo.corpus_file)")
+        checks.append((beats, line))
+    return checks
 
 
 def distillation_student(selection: Selection | Mapping) -> dict:
@@ -183,9 +274,27 @@ def distillation_student(selection: Selection | Mapping) -> dict:
     return _typed(Selection, selection).student_model
 
 
-def distillation_jobs(cfg: PipelineConfig, selection: Selection | Mapping) -> list[DistillJob]:
-    """The distillation variants (top-k x temperature x alpha), into the student."""
-    return distill_grid(cfg.distill, distillation_student(selection))
+def distillation_variants(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The teacher stores to make: one per ``distill.loss`` (each at the largest ``top_k``)."""
+    return cfg.distill.loss
+
+
+def distillation_jobs(cfg: PipelineConfig, selection: Selection | Mapping, loss: Optional[str] = None
+                      ) -> list[DistillJob]:
+    """The distillation variants (loss x top-k x temperature x alpha), into the student; ``loss``: one loss only."""
+    return distill_grid(cfg.distill, distillation_student(selection), loss)
+
+
+def distillation_reference(cfg: PipelineConfig, selection: Selection | Mapping) -> FullJob:
+    """The student fine-tuned in full with the distillation's epochs, batch size and learning rate.
+
+    Same optimizer steps on the same training set: the equal-budget
+    reference every distillation variant is compared with. When it is the
+    configured full fine-tune already, it is that run (same job, same cache).
+    """
+    return FullJob(model=distillation_student(selection), learning_rate=cfg.distill.learning_rate,
+                   epochs=cfg.distill.epochs, batch_size=cfg.distill.batch_size,
+                   weight_decay=cfg.finetune.weight_decay)
 
 
 class TrainSet(BaseModel):
@@ -296,10 +405,10 @@ def protocol_note(selection_split: str) -> str:
 
 def report_notes(failures: Sequence[Mapping], runs: Sequence[Mapping], benchmarks: Sequence[Mapping],
                  memory_budget_gb: float, *, augmentation_table: bool, truncated: int, max_length: int,
-                 no_gain: Sequence[str] = ()) -> list[str]:
+                 no_gain: Sequence[str] = (), distillation: Sequence[str] = ()) -> list[str]:
     """The report's notes, in order: failures, runs not trained, how runs were made to fit their memory budget,
-    methods that did not help (``no_gain``),
-    scoring peaks over the budget, how to read the augmentation table, truncated test sentences."""
+    the teacher checks and the distillation's teacher and outcome (``distillation``), methods that did not help
+    (``no_gain``), scoring peaks over the budget, how to read the augmentation table, truncated test sentences."""
     notes = [f"{f['name']} failed and was left out: {f['error']}" for f in failures]
     notes += [f"{r['title']} was not trained: {r['skipped']}" for r in runs if r.get("skipped")]
     fitted: dict[str, list[str]] = {}  # runs that needed micro-batches, checkpointing, ... to fit (ftflow/fit.py)
@@ -308,6 +417,7 @@ def report_notes(failures: Sequence[Mapping], runs: Sequence[Mapping], benchmark
             fitted.setdefault(r["fit_summary"], []).append(r["title"])
     notes += [f"memory fit: {summary} ({titles[0] if len(titles) == 1 else f'{len(titles)} runs'})"
               for summary, titles in fitted.items()]
+    notes += list(distillation)
     notes += list(no_gain)
     for b in benchmarks:
         if b.get("peak_memory_bytes") and b["peak_memory_bytes"] > memory_budget_gb * 1e9:

@@ -1,7 +1,19 @@
-"""Top-k knowledge distillation: the loss, the stored teacher top-k, and Trainer glue.
+"""Sparse knowledge distillation: the losses, the stored teacher targets, and Trainer glue.
 
-The teacher (a LoRA-tuned model) is run once over the training split and its
-top-k log-probs per position are stored on disk (:class:`TeacherTopK`). Every
+The teacher (its best fine-tuned run, of any method) is run once over the
+training split and a sparse view of its next-token distribution is stored on
+disk per position (:class:`TeacherTopK`), in one of two variants with the same
+number of ids per position, so they cost the same storage:
+
+* ``topk``: its k most likely ids, their log-probs and the exact mass of the
+  rest (one tail bucket); loss :func:`kd_loss`. Biased: the student is never
+  told how the tail is shaped.
+* ``sampled``: k ids drawn from the teacher's distribution (with replacement)
+  and their log-probs, as in random-sampling distillation (Anshumann et al.,
+  ACL 2025, "Sparse Logit Sampling"); loss :func:`sampled_kd_loss`. At T = 1
+  the gradient is an unbiased estimate of the full-distribution KL's.
+
+Every
 student epoch and every student config then reuses them: the student never
 needs the teacher in memory. Teacher and student must share a tokenizer; this
 is checked before the teacher pass (:func:`teacher_topk_for_student`) and
@@ -39,7 +51,10 @@ TOPK_FILE = "teacher_topk.safetensors"
 META_FILE = "teacher_topk.json"
 TOKENIZER_DIR = "teacher_tokenizer"
 # 2: adds the float32 tail mass, the teacher's tokenizer and the shared vocabulary size.
-FORMAT_VERSION = 2
+# 3: adds the variant (topk or sampled) and the sampling seed.
+FORMAT_VERSION = 3
+VARIANTS = ("topk", "sampled")
+"""What a teacher store holds per position: its top-k ids, or k ids sampled from it."""
 
 
 # --------------------------------------------------------------------------- loss
@@ -196,6 +211,112 @@ def kd_loss(
     return {"loss": loss, "ce": ce, "kl": kl}
 
 
+def sampled_kd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_logprobs: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    vocab_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Cross-entropy plus random-sampling KD (Anshumann et al., ACL 2025), mean over scored tokens.
+
+    ``loss = (1 - alpha) * CE + alpha * T**2 * KL(pi || student_T)``.
+
+    At each position the store holds ``k`` ids drawn with replacement from
+    the teacher's distribution ``p`` (temperature 1) and their log-probs
+    ``log p(x_i)``. They define a sparse target ``pi`` over the drawn ids:
+    draw i weighs ``w_i`` (repeated draws add up), with
+
+    * T = 1: ``w_i = 1 / k``, so ``pi`` is the empirical distribution of the
+      draws and ``E[pi] = p`` exactly. The loss's gradient with respect to
+      the student's logits is ``softmax(s) - pi``, whose expectation is
+      ``softmax(s) - p``: the gradient of the full-vocabulary KL(p || q). This
+      is the method's point: an unbiased estimate of full distillation from
+      ``k`` stored ids, where the top-k's tail bucket is biased.
+    * T != 1: self-normalized importance weights for the tempered teacher
+      ``p_T ∝ p^(1/T)`` with proposal ``p``: ``w_i ∝ p(x_i)^(1/T - 1)``,
+      normalized over the k draws. Consistent (the bias vanishes as k grows),
+      not exactly unbiased; the stored data stay temperature-free, so one
+      teacher pass serves every T of the grid.
+
+    The student side is the student tempered over the full (shared)
+    vocabulary, ``log_softmax(s / T)``, read at the drawn ids: probability
+    the student puts on ids never drawn is penalized through the
+    normalization, as in dense distillation. ``KL(pi || q_T) =
+    sum_u pi_u (log pi_u - log q_T(u))`` over the distinct drawn ids ``u``;
+    it is 0 only when the student equals ``pi``, so (unlike the top-k loss)
+    it is not 0 for a student equal to the teacher: the stored sample is a
+    noisy target whose gradient is right on average.
+
+    Positions follow :func:`kd_loss`: the logits and the draws at position
+    ``t`` predict ``labels[t + 1]``; only scored positions reach any sum.
+
+    Args:
+        student_logits: [B, L, V] student logits (computed in float32).
+        labels: [B, L] long, ``IGNORE_INDEX`` at non-targets (unshifted).
+        sample_ids: [B, L, k] integer, ids drawn from the teacher at each position (repeats allowed).
+        sample_logprobs: [B, L, k] float, the teacher's log-probs (T = 1) at those ids.
+        alpha: weight of the KL term in [0, 1].
+        temperature: softening temperature T > 0.
+        vocab_size: the KL's vocabulary (the student's first ``vocab_size``
+            logits, shared with the teacher); None uses all V. CE uses all V.
+
+    Returns:
+        ``{"loss", "ce", "kl"}``, float32 scalars.
+    """
+    _check_kd_inputs(student_logits, labels, sample_ids, sample_logprobs, alpha, temperature, None, vocab_size)
+    kl_vocab = student_logits.shape[-1] if vocab_size is None else vocab_size
+    shifted_labels = labels[:, 1:]
+    scored = shifted_labels != IGNORE_INDEX
+    logits = student_logits[:, :-1][scored].float()  # [N, V]
+    targets = shifted_labels[scored]  # [N]
+    drawn = sample_ids[:, :-1][scored].long()  # [N, k]
+    drawn_lp = sample_logprobs[:, :-1][scored].float()  # [N, k]
+    if targets.numel() == 0:
+        zero = student_logits.sum() * 0.0
+        return {"loss": zero.float(), "ce": zero.float(), "kl": zero.float()}
+    if int(drawn.min()) < 0 or int(drawn.max()) >= kl_vocab:
+        raise ValueError(
+            f"sampled teacher ids fall outside the student's vocabulary [0, {kl_vocab}): min {int(drawn.min())}, "
+            f"max {int(drawn.max())}; teacher and student must share a vocabulary"
+        )
+    log_q1 = F.log_softmax(logits, dim=-1)  # [N, V]
+    ce = F.nll_loss(log_q1, targets)
+    if kl_vocab != logits.shape[-1]:
+        log_q1 = F.log_softmax(logits[:, :kl_vocab], dim=-1)
+    log_qt = log_q1 if temperature == 1.0 else F.log_softmax(log_q1 / temperature, dim=-1)  # [N, V']
+    student_at_draws = log_qt.gather(-1, drawn)  # [N, k]
+    with torch.no_grad():
+        if temperature == 1.0:
+            weights = torch.full_like(drawn_lp, 1.0 / drawn_lp.shape[-1])
+        else:
+            weights = torch.softmax(drawn_lp * (1.0 / temperature - 1.0), dim=-1)  # [N, k]
+        # pi at each draw's id: the weights of every draw of that id ([N, k, k] is small: k ids a position).
+        same = drawn[:, :, None] == drawn[:, None, :]
+        target_at_draws = (same * weights[:, None, :]).sum(-1)  # [N, k]
+        entropy_part = (weights * target_at_draws.log()).sum(-1)  # [N]: sum_u pi_u log pi_u
+    kl = (entropy_part - (weights * student_at_draws).sum(-1)).mean()
+    loss = (1.0 - alpha) * ce + alpha * temperature**2 * kl
+    return {"loss": loss, "ce": ce, "kl": kl}
+
+
+def distillation_loss(variant: str, student_logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
+                      logprobs: torch.Tensor, *, alpha: float, temperature: float,
+                      teacher_tail_logmass: torch.Tensor | None = None,
+                      vocab_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The loss of a store's ``variant``: :func:`kd_loss` (``topk``) or :func:`sampled_kd_loss` (``sampled``)."""
+    if variant == "topk":
+        return kd_loss(student_logits, labels, ids, logprobs, alpha=alpha, temperature=temperature,
+                       teacher_tail_logmass=teacher_tail_logmass, vocab_size=vocab_size)
+    if variant == "sampled":
+        return sampled_kd_loss(student_logits, labels, ids, logprobs, alpha=alpha, temperature=temperature,
+                               vocab_size=vocab_size)
+    raise ValueError(f"distillation variant must be one of {VARIANTS}, got {variant!r}")
+
+
 class _TailLogSumExp(torch.autograd.Function):
     """``logsumexp`` of each row of ``log_probs`` outside ``ids``: the log-mass of the tail.
 
@@ -263,11 +384,14 @@ def _check_kd_inputs(
 
 @dataclass
 class TeacherTopK:
-    """The teacher's top-k log-probs for a list of sentences, ragged and stored flat.
+    """The teacher's sparse targets for a list of sentences, ragged and stored flat.
 
     Sentence ``i`` owns rows ``offsets[i]:offsets[i + 1]``, one per input
-    position (see the module docstring for the alignment). Each row is sorted
-    by descending log-prob, so keeping its first ``k'`` columns is the top-k'.
+    position (see the module docstring for the alignment). ``variant``
+    ``topk``: each row holds the top-k sorted by descending log-prob, so
+    keeping its first ``k'`` columns is the top-k'. ``sampled``: each row
+    holds k independent draws from the teacher, in draw order, so its first
+    ``k'`` columns are a sample of k' draws; no tail is stored.
 
     Besides the top-k, each row keeps the log of the teacher's exact mass
     outside them (float32, one number per position): ``1 - sum p_topk`` from
@@ -289,6 +413,8 @@ class TeacherTopK:
         vocab_size: ids the log-probs are normalized over: the range shared
             with the student (``<= teacher_rows``; see :func:`check_distillable`).
         vocabulary_note: why the teacher's logits were cut to ``vocab_size``, or None.
+        variant: ``topk`` or ``sampled`` (:data:`VARIANTS`).
+        sample_seed: the seed of the draws (``sampled`` only).
     """
 
     ids: torch.Tensor
@@ -300,9 +426,15 @@ class TeacherTopK:
     teacher_rows: int | None = None
     vocab_size: int | None = None
     vocabulary_note: str | None = None
+    variant: str = "topk"
+    sample_seed: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        if self.variant not in VARIANTS:
+            problems.append(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        elif self.variant == "sampled" and self.tail_logmass is not None:
+            problems.append("a sampled store has no tail mass (tail_logmass must be None)")
         if self.ids.dim() != 2 or self.ids.dtype != torch.int32:
             problems.append(f"ids must be a 2-D int32 tensor, got {self.ids.dtype} {tuple(self.ids.shape)}")
         if self.logprobs.dtype != torch.float16 or tuple(self.logprobs.shape) != tuple(self.ids.shape):
@@ -404,7 +536,10 @@ class TeacherTopK:
             "tail_logmass": ("float32, log of the teacher's mass outside the stored top-k at each row"
                              if self.tail_logmass is not None else None),
             "alignment": "one row per input id; row t is the prediction made at position t (of token t+1); "
-                         "rows sorted by descending log-prob",
+                         + ("rows sorted by descending log-prob" if self.variant == "topk"
+                            else "rows hold independent draws from the teacher, in draw order"),
+            "variant": self.variant,
+            "sample_seed": self.sample_seed,
             "teacher": self.teacher_name,
             "teacher_tokenizer": TOKENIZER_DIR if self.tokenizer is not None else None,
             "teacher_rows": self.teacher_rows,
@@ -431,7 +566,8 @@ class TeacherTopK:
         topk = cls(ids=tensors["ids"], logprobs=tensors["logprobs"], offsets=tensors["offsets"],
                    tail_logmass=tensors.get("tail_logmass"), tokenizer=tokenizer, teacher_name=meta.get("teacher"),
                    teacher_rows=meta.get("teacher_rows"), vocab_size=meta.get("vocab_size"),
-                   vocabulary_note=meta.get("vocabulary_note"))
+                   vocabulary_note=meta.get("vocabulary_note"), variant=meta["variant"],
+                   sample_seed=meta.get("sample_seed"))
         found = {"k": topk.k, "n_sentences": topk.n_sentences, "positions": topk.positions}
         mismatched = {key: (meta.get(key), value) for key, value in found.items() if meta.get(key) != value}
         if mismatched:
@@ -462,14 +598,20 @@ def compute_teacher_topk(
     vocab_size: int | None = None,
     teacher_name: str | None = None,
     vocabulary_note: str | None = None,
+    variant: str = "topk",
+    seed: int = 0,
 ) -> TeacherTopK:
-    """Run the teacher once over ``sentences`` and keep its top-k log-probs per position.
+    """Run the teacher once over ``sentences`` and keep k ids and log-probs per position.
 
     Sentences are encoded with ``sentence_ids`` (as the student will be
     trained), grouped into length-sorted batches so little compute goes to
     pads, and right-padded with ``pad_batch``. Log-softmax is taken in float32
-    over the first ``vocab_size`` logits; the top-k are sorted descending, and
-    the exact log-mass of the other ids is kept too (float32).
+    over the first ``vocab_size`` logits. ``topk``: the top-k, sorted
+    descending, and the exact log-mass of the other ids (float32).
+    ``sampled``: k ids drawn with replacement from the teacher's distribution
+    (inverse CDF on float64 cumulative probabilities, with uniforms from a CPU
+    generator seeded by ``seed`` and the sentence's index, so the draws do not
+    depend on the batching or the device), and their log-probs.
 
     This does not check a student: :func:`teacher_topk_for_student` does,
     before it calls this.
@@ -489,12 +631,16 @@ def compute_teacher_topk(
             uses every row of the teacher's output embedding.
         teacher_name: recorded in the store; defaults to the tokenizer's name_or_path.
         vocabulary_note: why ``vocab_size`` cuts the teacher's logits, recorded in the store.
+        variant: ``topk`` or ``sampled`` (:data:`VARIANTS`).
+        seed: seed of the draws (``sampled``).
 
     Returns:
         A :class:`TeacherTopK` with ``len(sentence_ids(...))`` rows per sentence.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     teacher_rows = output_rows(model)
@@ -502,7 +648,7 @@ def compute_teacher_topk(
         vocab_size = teacher_rows
     if not 1 <= vocab_size <= teacher_rows:
         raise ValueError(f"vocab_size must be in [1, {teacher_rows}] (the teacher's output rows), got {vocab_size}")
-    if k > vocab_size:
+    if k > vocab_size and variant == "topk":
         raise ValueError(f"k={k} exceeds the teacher's vocabulary size {vocab_size}")
     encoded = [sentence_ids(tokenizer, text, max_length) for text in sentences]
     truncated = sum(cut for _, cut in encoded)
@@ -534,9 +680,13 @@ def compute_teacher_topk(
                     # One row at a time: a float32 copy of [B, L, V] would dwarf the model.
                     n = len(all_ids[index])
                     log_probs = F.log_softmax(logits[row, :n, :vocab_size].float(), dim=-1)  # [n, V]
-                    values, ids = torch.topk(log_probs, k, dim=-1, sorted=True)
-                    # Summed over the other ids, not 1 - top-k mass: exact however small the tail is.
-                    tail = torch.logsumexp(log_probs.scatter_(-1, ids, -math.inf), dim=-1)  # [n]
+                    if variant == "sampled":
+                        ids = _draw(log_probs, k, seed, index)
+                        values, tail = log_probs.gather(-1, ids), torch.zeros(0)
+                    else:
+                        values, ids = torch.topk(log_probs, k, dim=-1, sorted=True)
+                        # Summed over the other ids, not 1 - top-k mass: exact however small the tail is.
+                        tail = torch.logsumexp(log_probs.scatter_(-1, ids, -math.inf), dim=-1)  # [n]
                     # -inf (a masked vocabulary slot) would not survive float16 arithmetic as a finite number.
                     values = values.clamp(min=torch.finfo(torch.float16).min)
                     per_sentence[index] = (ids.to("cpu", torch.int32), values.to("cpu", torch.float16),
@@ -554,9 +704,36 @@ def compute_teacher_topk(
         ids = torch.zeros((0, k), dtype=torch.int32)
         logprobs = torch.zeros((0, k), dtype=torch.float16)
         tails = torch.zeros((0,), dtype=torch.float32)
-    return TeacherTopK(ids=ids, logprobs=logprobs, offsets=offsets, tail_logmass=tails, tokenizer=tokenizer,
+    return TeacherTopK(ids=ids, logprobs=logprobs, offsets=offsets,
+                       tail_logmass=tails if variant == "topk" else None, tokenizer=tokenizer,
                        teacher_name=teacher_name or getattr(tokenizer, "name_or_path", None),
-                       teacher_rows=teacher_rows, vocab_size=vocab_size, vocabulary_note=vocabulary_note)
+                       teacher_rows=teacher_rows, vocab_size=vocab_size, vocabulary_note=vocabulary_note,
+                       variant=variant, sample_seed=seed if variant == "sampled" else None)
+
+
+def _draw(log_probs: torch.Tensor, k: int, seed: int, sentence_index: int) -> torch.Tensor:
+    """[n, k] long: k ids per row drawn with replacement from ``softmax`` rows of ``log_probs`` [n, V].
+
+    Inverse CDF: the uniforms come from a CPU generator (seed, sentence index),
+    so a sentence's draws are the same whatever the batch or the device; the
+    cumulative sum runs in float64, so a 150k vocabulary's last ids keep their
+    mass, over chunks of rows of at most :data:`_DRAW_CHUNK_ELEMENTS` (256 MB),
+    so a 2048-token sentence at a 150k vocabulary never holds a 2.5 GB float64 copy.
+    """
+    rows, vocab = log_probs.shape
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + sentence_index)
+    uniforms = torch.rand((rows, k), generator=generator, dtype=torch.float64).to(log_probs.device)
+    ids = torch.empty((rows, k), dtype=torch.long, device=log_probs.device)
+    step = max(1, _DRAW_CHUNK_ELEMENTS // vocab)
+    for start in range(0, rows, step):
+        cdf = log_probs[start:start + step].double().exp_().cumsum_(-1)  # [chunk, V]
+        cdf.div_(cdf[:, -1:].clone())
+        ids[start:start + step] = torch.searchsorted(cdf, uniforms[start:start + step], right=True)
+        del cdf
+    return ids.clamp_(max=vocab - 1)
+
+
+_DRAW_CHUNK_ELEMENTS = 1 << 25
 
 
 def output_rows(model) -> int:
@@ -669,7 +846,7 @@ class DistillationCollator:
 
 
 class DistillationTrainer(transformers.Trainer):
-    """A transformers Trainer whose loss is :func:`kd_loss` against stored teacher top-k.
+    """A transformers Trainer whose loss is :func:`kd_loss` (or :func:`sampled_kd_loss`) against a teacher store.
 
     Batches come from :class:`DistillationCollator`. Training batches must
     carry ``topk_ids``/``topk_logprobs``. Evaluation batches may carry them
@@ -691,11 +868,15 @@ class DistillationTrainer(transformers.Trainer):
         temperature: softening temperature T > 0.
         vocab_size: the KL's vocabulary, the range shared with the teacher
             (``TeacherTopK.vocab_size``); None: all of the student's logits.
+        variant: the store's variant (``topk`` or ``sampled``), which picks the loss.
         *args, **kwargs: passed to ``transformers.Trainer``.
     """
 
-    def __init__(self, *args, alpha: float, temperature: float, vocab_size: int | None = None, **kwargs) -> None:
+    def __init__(self, *args, alpha: float, temperature: float, vocab_size: int | None = None,
+                 variant: str = "topk", **kwargs) -> None:
         problems = []
+        if variant not in VARIANTS:
+            problems.append(f"variant must be one of {VARIANTS}, got {variant!r}")
         if not 0.0 <= alpha <= 1.0:
             problems.append(f"alpha must be in [0, 1], got {alpha}")
         if not temperature > 0:
@@ -706,6 +887,7 @@ class DistillationTrainer(transformers.Trainer):
         self.alpha = alpha
         self.temperature = temperature
         self.vocab_size = vocab_size
+        self.variant = variant
         self._kd_sums: dict[str, torch.Tensor] = {}
         self._kd_steps = 0
 
@@ -728,8 +910,9 @@ class DistillationTrainer(transformers.Trainer):
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
         outputs = model(**model_inputs)
-        losses = kd_loss(outputs.logits, labels, topk_ids, topk_logprobs, alpha=self.alpha,
-                         temperature=self.temperature, teacher_tail_logmass=tail_logmass, vocab_size=self.vocab_size)
+        losses = distillation_loss(self.variant, outputs.logits, labels, topk_ids, topk_logprobs, alpha=self.alpha,
+                                   temperature=self.temperature, teacher_tail_logmass=tail_logmass,
+                                   vocab_size=self.vocab_size)
         if model.training:
             for key in ("ce", "kl"):
                 self._kd_sums[key] = self._kd_sums.get(key, 0.0) + losses[key].detach()
@@ -891,8 +1074,10 @@ def teacher_topk_for_student(
     device: str,
     batch_size: int = 8,
     progress: bool = True,
+    variant: str = "topk",
+    seed: int = 0,
 ) -> TeacherTopK:
-    """The teacher's top-k for distilling into ``student``, checked before the teacher is even loaded.
+    """The teacher's targets for distilling into ``student``, checked before the teacher is even loaded.
 
     The tokenizers and embedding sizes are compared first
     (:func:`check_distillable`, from the tokenizer files and configs only);
@@ -904,7 +1089,7 @@ def teacher_topk_for_student(
             :func:`ftflow.methods.load_trained` takes it.
         student: the student model (``name``, ``path``, ``trust_remote_code``).
         sentences: the training sentences, in dataset order.
-        k, max_length, batch_size, progress: as for :func:`compute_teacher_topk`.
+        k, max_length, batch_size, progress, variant, seed: as for :func:`compute_teacher_topk`.
         device: where the teacher runs.
 
     Returns:
@@ -924,7 +1109,8 @@ def teacher_topk_for_student(
     try:
         return compute_teacher_topk(model, teacher_tokenizer, sentences, k=k, max_length=max_length,
                                     batch_size=batch_size, progress=progress, vocab_size=shared.size,
-                                    teacher_name=teacher_run["name"], vocabulary_note=shared.note)
+                                    teacher_name=teacher_run["name"], vocabulary_note=shared.note,
+                                    variant=variant, seed=seed)
     finally:
         del model
 

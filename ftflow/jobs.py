@@ -133,15 +133,21 @@ class FullJob(_Job):
 
 
 class DistillJob(_Job):
-    """Top-k distillation into the student: ``(1 - alpha) CE + alpha T^2 KL`` over the teacher's ``top_k``."""
+    """Distillation into the student: ``(1 - alpha) CE + alpha T^2 KL`` against ``top_k`` teacher ids a position.
+
+    ``loss``: ``topk`` (the teacher's top-k and a tail bucket) or ``sampled``
+    (``top_k`` ids drawn from the teacher; see :mod:`ftflow.distill`).
+    """
 
     method: Literal["distill"] = "distill"
+    loss: Literal["topk", "sampled"] = "topk"
     top_k: int
     temperature: float
     alpha: float
 
     def _label_parts(self) -> list[str]:
-        return [f"top{self.top_k}", f"T{self.temperature:g}", f"a{self.alpha:g}"]
+        ids = f"top{self.top_k}" if self.loss == "topk" else f"sample{self.top_k}"
+        return [ids, f"T{self.temperature:g}", f"a{self.alpha:g}"]
 
 
 Job = Annotated[Union[LoraJob, QLoraJob, PrefixJob, FullJob, DistillJob], Field(discriminator="method")]
@@ -194,12 +200,13 @@ def full_job(config: FinetuneConfig, model: dict, train_set: str = "main") -> Fu
                    batch_size=config.batch_size, weight_decay=config.weight_decay, train_set=train_set)
 
 
-def distill_grid(config: DistillConfig, student: dict) -> list[DistillJob]:
-    """One distillation job per top-k, temperature and alpha."""
+def distill_grid(config: DistillConfig, student: dict, loss: str | None = None) -> list[DistillJob]:
+    """One distillation job per loss, top-k, temperature and alpha (``loss`` given: that loss's jobs only)."""
+    losses = config.loss if loss is None else (loss,)
     return [
         DistillJob(model=student, learning_rate=config.learning_rate, epochs=config.epochs,
-                   batch_size=config.batch_size, top_k=k, temperature=t, alpha=a)
-        for k, t, a in itertools.product(config.top_k, config.temperature, config.alpha)
+                   batch_size=config.batch_size, loss=variant, top_k=k, temperature=t, alpha=a)
+        for variant, k, t, a in itertools.product(losses, config.top_k, config.temperature, config.alpha)
     ]
 
 

@@ -136,6 +136,9 @@ def run_job(
         # Before any training: the student must share the teacher's tokenizer (and the stored vocabulary range).
         shared = check_store_for_student(store, tokenizer, embedding_rows(base["path"], trust), base["name"],
                                          teacher_topk_dir)
+        if store.variant != job.loss:
+            raise ValueError(f"{job.title} distils with the {job.loss!r} loss but the teacher data in "
+                             f"{teacher_topk_dir} are {store.variant!r}: give it the store of its own variant")
         if len(store.offsets) - 1 != len(train_sentences):
             raise ValueError(f"the teacher top-k covers {len(store.offsets) - 1} sentences, the training set has "
                              f"{len(train_sentences)}: they must come from the same training set")
@@ -145,7 +148,8 @@ def run_job(
             model_dir=best_dir, batching=batching,
             collator=DistillationCollator(pad_token_id(tokenizer), store, k=job.top_k, packed=batching == "packed"),
             trainer_cls=DistillationTrainer,
-            trainer_kwargs={"alpha": job.alpha, "temperature": job.temperature, "vocab_size": shared.size},
+            trainer_kwargs={"alpha": job.alpha, "temperature": job.temperature, "vocab_size": shared.size,
+                            "variant": job.loss},
             **common,
         )
     if job.method in PEFT_METHODS:

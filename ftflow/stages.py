@@ -14,7 +14,7 @@ Pure: no Prefect, nothing loaded; manifests in, parameter mappings out.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ftflow.caching import key_and_parts, key_inputs
 from ftflow.config import AugmentConfig, ModelSpec, PipelineConfig
@@ -95,18 +95,22 @@ def train_call(common: dict, job: Job, train_set: dict, teacher_topk: Optional[d
 
 
 def teacher_logits_call(cfg: PipelineConfig, teacher: dict, student: dict, augmented: dict, device: str,
-                        batch_size: int, artifacts_dir: str, progress: bool) -> dict:
-    """teacher_logits: the best LoRA teacher run's top-k over ``augmented``, at the largest configured k."""
+                        batch_size: int, artifacts_dir: str, progress: bool, variant: str) -> dict:
+    """teacher_logits: the chosen teacher run's targets of one variant (top-k or k sampled ids) over
+    ``augmented``, at the largest configured k."""
     return {"teacher": teacher, "student": student, "augmented": augmented, "top_k": max(cfg.distill.top_k),
             "max_length": cfg.max_length, "device": device, "batch_size": batch_size,
-            "artifacts_dir": artifacts_dir, "progress": progress}
+            "artifacts_dir": artifacts_dir, "progress": progress, "variant": variant, "seed": cfg.seed}
 
 
 def evaluate_call(cfg: PipelineConfig, data: dict, augmented: dict, benchmarks: list[dict], failures: list[dict],
                   selection: dict, runs: list[dict], chosen_lora: str, ablation: dict[str, str],
-                  artifacts_dir: str) -> dict:
-    """evaluate: every baseline, failure and (unique) training run, for the report."""
+                  artifacts_dir: str, teacher: Optional[dict] = None, checks: Sequence[str] = ()) -> dict:
+    """evaluate: every baseline, failure and (unique) training run, for the report; ``teacher``: the
+    distillation's teacher choice (:class:`ftflow.design.TeacherChoice` as a dict), ``checks``: the families'
+    teacher-against-student lines."""
     return {"data": data, "augmented": augmented, "benchmarks": benchmarks, "failures": failures,
             "selection": selection, "runs": runs, "chosen_lora": chosen_lora, "ablation": ablation,
             "title": cfg.name, "max_length": cfg.max_length, "selection_split": cfg.selection_split,
-            "memory_budget_gb": cfg.memory_budget_gb, "artifacts_dir": artifacts_dir}
+            "memory_budget_gb": cfg.memory_budget_gb, "artifacts_dir": artifacts_dir, "teacher": teacher,
+            "checks": list(checks)}

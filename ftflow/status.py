@@ -304,19 +304,31 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
     grid = [train(job) for job in design.lora_grid_jobs(cfg, selection)]
     if after := pending_labels(grid):  # the best combination decides the next runs and the teacher
         w.later("train", "per-model runs (LoRA with the best combination, QLoRA, full, prefix grid)", after)
-        topk = w.later("teacher_logits", "teacher_logits (of the best LoRA run)", after)
-        distilled = [train(job, augmented, topk) for job in design.distillation_jobs(cfg, selection)]
+        w.later("teacher_logits", "teacher_logits (of the teacher's best run, if it beats the student)", after)
+        distilled = [w.later("train", "distillation runs and the student's full fine-tune at equal steps", after)]
         if cfg.ablation.enabled:
             w.later("train", "augmentation ablation runs", after)
         w.later("evaluate", "evaluate", pending_labels(grid, distilled))
         return PipelineStatus(w.root, w.entries)
     best, best_job = design.best_lora(grid)
     per_model = [train(job) for job in design.per_model_jobs(cfg, benchmarks, selection, best_job)]
-    teacher = design.distillation_teacher(best)
-    topk = w.stage("teacher_logits", f"teacher_logits[{teacher['name']}|top{max(cfg.distill.top_k)}]",
-                   stages.teacher_logits_call(cfg, teacher, design.distillation_student(selection), augmented,
-                                              device, common["eval_batch_size"], out, progress))
-    distilled = [train(job, augmented, topk) for job in design.distillation_jobs(cfg, selection)]
+    family_checks = design.family_teacher_check(benchmarks, "validation")
+    choice, distilled = None, []
+    if after := pending_labels(per_model):  # the teacher is the best of the teacher's runs, against the student's
+        w.later("teacher_logits", "teacher_logits (of the teacher's best run, if it beats the student)", after)
+        distilled = [w.later("train", "distillation runs and the student's full fine-tune at equal steps", after)]
+    else:
+        choice = design.distillation_teacher(cfg, selection, grid + per_model, benchmarks)
+        if choice.distil:
+            distilled = [train(design.distillation_reference(cfg, selection))]
+            for variant in design.distillation_variants(cfg):
+                targets = w.stage("teacher_logits",
+                                  f"teacher_logits[{choice.teacher['name']}|{variant}{max(cfg.distill.top_k)}]",
+                                  stages.teacher_logits_call(cfg, choice.teacher, design.distillation_student(selection),
+                                                             augmented, device, common["eval_batch_size"], out,
+                                                             progress, variant))
+                distilled += [train(job, augmented, targets)
+                              for job in design.distillation_jobs(cfg, selection, variant)]
     ablation, made = design.ablation_runs(cfg, selection, best_job), {"main": augmented, "original": data}
     train_sets = [made.get(r.train_set.source) or w.stage("augment", r.train_set.run_name,
                                                           stages.augment_call(r.train_set.augment, data, out))
@@ -328,7 +340,8 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
         return PipelineStatus(w.root, w.entries)
     evaluation = w.stage("evaluate", "evaluate", stages.evaluate_call(
         cfg, data, augmented, benchmarks, failures, selection, design.unique_runs(everything), best["name"],
-        design.ablation_labels(ablation), out))
+        design.ablation_labels(ablation), out, teacher=choice.model_dump(mode="json"),
+        checks=[line for _, line in family_checks]))
     return PipelineStatus(w.root, w.entries, None if is_pending(evaluation) else evaluation)
 
 

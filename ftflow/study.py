@@ -135,6 +135,70 @@ def full_and_distill_table(baselines: Sequence[dict], runs: Sequence[dict]) -> p
     return pd.DataFrame(rows)
 
 
+def _steps(run: dict) -> int | None:
+    """Optimizer steps the run took (its last epoch's step)."""
+    history = run.get("history") or []
+    return history[-1]["step"] if history else None
+
+
+def distillation_table(runs: Sequence[dict], teacher: dict | None = None) -> pd.DataFrame:
+    """Every distillation variant against the student's full fine-tune at the same steps on the same set.
+
+    ``teacher`` is the :class:`ftflow.design.TeacherChoice` (as a dict) the
+    variants learnt from. The reference of a variant is the full fine-tune
+    of the same model on the same training set with the same number of
+    optimizer steps (:func:`ftflow.design.distillation_reference`); without
+    one, its columns stay empty.
+    """
+    trained = [r for r in runs if not r.get("skipped")]
+    full = [r for r in trained if r["method"] == "full"]
+    rows = []
+    for run in trained:
+        if run["method"] != "distill":
+            continue
+        job = parse_job(run["job"])
+        steps = _steps(run)
+        reference = next((r for r in full if r["base_model"]["name"] == run["base_model"]["name"]
+                          and r["job"]["train_set"] == run["job"]["train_set"] and _steps(r) == steps), None)
+        ppl, ref_ppl = _ppl(run["test"]), _ppl(reference["test"]) if reference else None
+        rows.append({
+            "variant": job.loss, "top_k": job.top_k, "temperature": job.temperature, "alpha": job.alpha,
+            "teacher": (f"{teacher['teacher_name']} ({teacher['teacher_ppl']:.4f})"
+                        if teacher and teacher.get("teacher_name") else None),
+            "train_set": run["job"]["train_set"], "steps": steps, "selection_ppl": run["best_validation_ppl"],
+            "ppl": ppl, "full_ft": reference["title"] if reference else None,
+            "full_ft_selection_ppl": reference["best_validation_ppl"] if reference else None,
+            "full_ft_ppl": ref_ppl,
+            "delta_percent": 100.0 * (ppl - ref_ppl) / ref_ppl if ref_ppl else None,
+        })
+    return pd.DataFrame(rows)
+
+
+def distillation_notes(table: pd.DataFrame | None, teacher: dict | None) -> list[str]:
+    """The distillation's outcome in one or two lines: its teacher (or why it was skipped), and whether the
+    best distilled student beat the full fine-tune at equal steps, with the figures."""
+    if not teacher:
+        return []
+    notes = [teacher["reason"]]
+    if table is None or table.empty:
+        return notes
+    compared = table.dropna(subset=["full_ft_ppl"])
+    if compared.empty:
+        return notes
+    best = compared.loc[compared["ppl"].idxmin()]
+    label = f"{best['variant']} k={best['top_k']}, T={best['temperature']:g}, alpha={best['alpha']:g}"
+    if best["ppl"] < best["full_ft_ppl"]:
+        notes.append(f"distillation beat full fine-tuning at equal steps ({best['steps']}): best variant {label}, "
+                     f"test PPL {best['ppl']:.4f} vs {best['full_ft_ppl']:.4f} ({best['delta_percent']:+.2f}%)")
+    else:
+        notes.append(
+            f"distillation did not beat full fine-tuning at equal steps ({best['steps']}): best variant {label}, "
+            f"test PPL {best['ppl']:.4f} vs {best['full_ft_ppl']:.4f} ({best['delta_percent']:+.2f}%); the teacher "
+            f"({teacher['teacher_name']}, selection PPL {teacher['teacher_ppl']:.4f}) was better than the student's "
+            f"own best ({teacher['student_ppl']:.4f}), but not by enough for its targets to beat the data alone")
+    return notes
+
+
 def ablation_table(runs: Sequence[dict], ablation: dict[str, str]) -> pd.DataFrame:
     """Study 3.4, measured: the same run on each training set, and its difference to the original set.
 
@@ -186,6 +250,10 @@ TABLE_COLUMNS = {
                "best_epoch": "best epoch", "skipped": "skipped"},
     "full_distill": {"condition": "model / condition", "original_ppl": "original PPL", "final_ppl": "final PPL",
                      "selection_ppl": "selection PPL", "skipped": "skipped"},
+    "distillation": {"variant": "loss", "top_k": "ids/position", "temperature": "T", "alpha": "alpha",
+                     "teacher": "teacher (selection PPL)", "train_set": "training set", "steps": "steps",
+                     "selection_ppl": "selection PPL", "ppl": "PPL", "full_ft_selection_ppl": "full FT selection PPL",
+                     "full_ft_ppl": "full FT PPL, same steps", "delta_percent": "Δ % vs full FT"},
     "augmentation": {"train_set": "training set", "sentences": "sentences", "epochs": "epochs", "run": "run",
                      "selection_ppl": "selection PPL", "ppl": "PPL", "delta_ppl": "Δ PPL vs original",
                      "delta_percent": "Δ % vs original", "delta_percent_same_steps": "Δ % vs original, same steps"},
@@ -195,18 +263,20 @@ TABLE_TITLES = {
     "lora_grid": "LoRA grid search",
     "prefix": "Prefix tuning",
     "full_distill": "Full fine-tuning and distillation",
+    "distillation": "Distillation against full fine-tuning of the student, same optimizer steps and training set",
     "augmentation": "Data augmentation: the same run on each training set",
 }
 
 
 def study_tables(baselines: Sequence[dict], runs: Sequence[dict], chosen_lora: str | None,
-                 ablation: dict[str, str] | None = None) -> dict[str, pd.DataFrame]:
-    """Every study table that has rows, keyed as in ``TABLE_COLUMNS``."""
+                 ablation: dict[str, str] | None = None, teacher: dict | None = None) -> dict[str, pd.DataFrame]:
+    """Every study table that has rows, keyed as in ``TABLE_COLUMNS`` (``teacher``: the distillation's)."""
     tables = {
         "methods": method_table(baselines, runs),
         "lora_grid": lora_grid_table(runs, chosen_lora),
         "prefix": prefix_table(baselines, runs),
         "full_distill": full_and_distill_table(baselines, runs),
+        "distillation": distillation_table(runs, teacher),
         "augmentation": ablation_table(runs, ablation or {}),
     }
     return {name: frame for name, frame in tables.items() if not frame.empty}

@@ -300,7 +300,11 @@ def build_zoo(
 
     For each family: one tokenizer (seeded by ``cfg.seed`` and the family's
     name, so families get different tokenizers), then a student and a teacher
-    initialised and pretrained with seeds derived the same way. Results depend
+    initialised and pretrained with seeds derived the same way (the teacher
+    for ``cfg.teacher_pretrain_steps`` when set). Whether each teacher beats
+    its student on the task is checked after the benchmark
+    (:func:`ftflow.design.family_teacher_check`): the zoo does not read the
+    task's data, so it is not rebuilt when the data change. Results depend
     only on ``cfg`` and ``corpus`` (and on the device's arithmetic), not on the
     order of the families; the caller's global torch RNG is left as it was.
 
@@ -337,6 +341,7 @@ def build_zoo(
             name = f"{family.name}-{role}"
             seed = cfg.seed + _stable_offset(name)
             config = model_config(family.architecture, getattr(family, role), tokenizer, tokenizer.model_max_length)
+            steps = cfg.pretrain_steps if role == "student" else cfg.teacher_pretrain_steps or cfg.pretrain_steps
             started = time.perf_counter()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -345,7 +350,7 @@ def build_zoo(
                     model,
                     tokenizer,
                     corpus,
-                    steps=cfg.pretrain_steps,
+                    steps=steps,
                     batch_size=cfg.batch_size,
                     learning_rate=cfg.learning_rate,
                     max_length=cfg.max_length,
@@ -361,7 +366,7 @@ def build_zoo(
             final_loss = sum(losses[-10:]) / len(losses[-10:])
             log(
                 f"zoo: {name} ({family.architecture}, {parameters:,} parameters, vocab {len(tokenizer)}): "
-                f"pretrain loss {losses[0]:.3f} -> {final_loss:.3f} in {cfg.pretrain_steps} steps, {seconds:.1f}s"
+                f"pretrain loss {losses[0]:.3f} -> {final_loss:.3f} in {steps} steps, {seconds:.1f}s"
             )
             members.append(
                 {

@@ -12,7 +12,7 @@ from prefect import task
 
 from ftflow import design
 from ftflow.report import leaderboard_rows, markdown_table, plot_leaderboard, plot_training, render_report
-from ftflow.study import TABLE_COLUMNS, TABLE_TITLES, no_gain_notes, plot_methods, study_tables
+from ftflow.study import TABLE_COLUMNS, TABLE_TITLES, distillation_notes, no_gain_notes, plot_methods, study_tables
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_stage
 
 STAGE = "evaluate"
@@ -42,7 +42,8 @@ def _candidates(benchmarks: list[dict], failures: list[dict], runs: list[dict]) 
 @task(name="evaluate", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
 def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list[dict], selection: dict,
              runs: list[dict], chosen_lora: str, ablation: dict[str, str], title: str, max_length: int,
-             selection_split: str, memory_budget_gb: float, artifacts_dir: str) -> dict:
+             selection_split: str, memory_budget_gb: float, artifacts_dir: str, teacher: dict | None = None,
+             checks: list[str] | None = None) -> dict:
     """Write the leaderboard, one table per study section (CSV + Markdown), plots and the report."""
     benchmarks = [dict(b, selection=b[selection_split]) for b in benchmarks]
 
@@ -54,7 +55,7 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
         files = {"leaderboard_csv": "leaderboard.csv", "leaderboard_md": "leaderboard.md",
                  "report": "report.md", "plot": "leaderboard.png"}
         images = ["leaderboard.png"]
-        tables = study_tables(benchmarks, runs, chosen_lora, ablation)
+        tables = study_tables(benchmarks, runs, chosen_lora, ablation, teacher)
         sections = []
         for name, table in tables.items():
             table.to_csv(out / f"{name}.csv", index=False)
@@ -83,7 +84,9 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
         notes = design.report_notes(failures, runs, benchmarks, memory_budget_gb,
                                     augmentation_table="augmentation" in tables,
                                     truncated=int(frame["test_truncated"].fillna(0).sum()), max_length=max_length,
-                                    no_gain=no_gain_notes(runs))
+                                    no_gain=no_gain_notes(runs),
+                                    distillation=[*(checks or []),
+                                                  *distillation_notes(tables.get("distillation"), teacher)])
         best_text = None
         if best is not None:
             best_text = (f"{best['name']} (selection PPL {best['best_validation_ppl']:.4f}, bits/byte "

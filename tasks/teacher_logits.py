@@ -1,7 +1,11 @@
-"""Stage: the LoRA teacher's top-k log-probs over the training set, computed once at the largest k.
+"""Stage: the teacher's targets over the training set, once per variant (top-k or sampled) at the largest k.
 
-Distillation variants with a smaller k slice these (the top entries of a
-top-k list are the top entries of any larger one), so the teacher runs once.
+The teacher is whichever run :func:`ftflow.design.distillation_teacher` chose
+(a PEFT adapter, a prefix adapter or a full checkpoint, loaded by
+:func:`ftflow.methods.load_trained`). Distillation variants with a smaller k
+slice these (the top entries of a top-k list are the top entries of any
+larger one; the first draws of a sample are a smaller sample), so the teacher
+runs once per variant.
 Before the teacher is loaded, its tokenizer and embedding size are checked
 against the student's (:func:`ftflow.distill.check_distillable`): a student
 with another tokenizer is refused, and embeddings of different sizes over
@@ -23,21 +27,22 @@ STAGE = "teacher_logits"
 MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
 
 
-@task(name="teacher_logits", task_run_name="teacher_logits[{teacher[name]}|top{top_k}]",
+@task(name="teacher_logits", task_run_name="teacher_logits[{teacher[name]}|{variant}{top_k}]",
       cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
 def teacher_logits(teacher: dict, student: dict, augmented: dict, top_k: int, max_length: int, device: str,
-                   batch_size: int, artifacts_dir: str, progress: bool = True) -> dict:
-    """Store the teacher's top-k token ids (int32), log-probs (fp16) and tail mass (fp32) at every training position."""
+                   batch_size: int, artifacts_dir: str, progress: bool = True, variant: str = "topk",
+                   seed: int = 0) -> dict:
+    """Store the teacher's top-k (or k sampled) ids (int32) and log-probs (fp16) at every training position."""
 
     def build(out: Path) -> dict:
         topk = teacher_topk_for_student(teacher, student, read_split(stage_path(augmented, "train")), k=top_k,
                                         max_length=max_length, device=device, batch_size=batch_size,
-                                        progress=progress)
+                                        progress=progress, variant=variant, seed=seed)
         topk.save(out / "topk")
         positions = int(topk.offsets[-1])
-        run_logger().info("teacher top-%d log-probs: %d sentences, %d positions", top_k, len(topk.offsets) - 1,
-                          positions)
-        return {"files": {"topk": "topk"}, "top_k": top_k, "positions": positions, "teacher": teacher["name"],
+        run_logger().info("teacher %s-%d log-probs (%s): %d sentences, %d positions", variant, top_k,
+                          teacher["name"], len(topk.offsets) - 1, positions)
+        return {"files": {"topk": "topk"}, "top_k": top_k, "variant": variant, "positions": positions, "teacher": teacher["name"],
                 "student": student["name"], "vocab_size": topk.vocab_size, "teacher_rows": topk.teacher_rows,
                 "vocabulary_note": topk.vocabulary_note}
 

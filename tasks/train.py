@@ -104,6 +104,7 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
                  "selection_split": selection_split}
         if teacher_topk is not None:
             facts["teacher"] = teacher_topk["teacher"]
+            facts["teacher targets"] = f"{teacher_topk.get('variant', 'topk')}, {teacher_topk['top_k']} ids a position"
             facts["teacher top-k fingerprint"] = teacher_topk["fingerprint"]
             if teacher_topk.get("vocabulary_note"):
                 facts["vocabulary note"] = teacher_topk["vocabulary_note"]

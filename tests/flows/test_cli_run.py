@@ -41,7 +41,7 @@ def study(tmp_path_factory) -> dict:
         "data": {"train_file": "train.txt", "test_file": "test.txt", "validation_fraction": 0.2},
         "augment": {"enabled": False},
         "lora": {"epochs": 1, "batch_size": 16}, "qlora": {"enabled": False}, "prefix": {"enabled": False},
-        "distill": {"epochs": 1, "batch_size": 16, "top_k": 3}, "finetune": {"epochs": 1, "batch_size": 16},
+        "distill": {"epochs": 1, "batch_size": 16, "top_k": 3, "require_better_teacher": False}, "finetune": {"epochs": 1, "batch_size": 16},
     }
     good, broken = directory / "good.yaml", directory / "broken.yaml"
     good.write_text(yaml.safe_dump({**base, "models": models}), encoding="utf-8")

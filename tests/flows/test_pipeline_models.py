@@ -49,7 +49,7 @@ def models_config(tmp_path_factory) -> Path:
         "lora": {"epochs": 1, "batch_size": 16},
         "qlora": {"enabled": False},
         "prefix": {"enabled": False},
-        "distill": {"epochs": 1, "batch_size": 16, "top_k": 3},
+        "distill": {"epochs": 1, "batch_size": 16, "top_k": 3, "require_better_teacher": False},
         "finetune": {"epochs": 1, "batch_size": 16},
     }
     path = directory / "models.yaml"

@@ -48,14 +48,65 @@ def test_grids_and_per_model_methods_are_exact_jobs(tmp_path):
     assert design.TrainedRun.model_validate(manifest).job == job
 
 
-def test_best_lora_is_the_grid_run_lowest_on_selection_and_it_teaches_the_student():
+def test_best_lora_is_the_grid_run_lowest_on_selection():
     runs = [{"key": str(i), "name": f"r{i}", "title": f"r{i}", "best_validation_ppl": ppl,
              "job": BEST.model_copy(update={"r": r}).model_dump(mode="json")}
             for i, (ppl, r) in enumerate([(5.0, 8), (4.0, 16), (4.0, 32)])]
     best, job = design.best_lora(runs)
     assert best is runs[1] and job == BEST  # ties: the earlier run
-    assert design.distillation_teacher(best) is runs[1]
     assert design.unique_runs(runs + [runs[1], runs[0]]) == runs
+
+
+def _run(job, ppl, skipped=None):
+    return {"key": job.title, "name": job.name, "title": job.title, "method": job.method, "base_model": job.model,
+            "job": job.model_dump(mode="json"), "best_validation_ppl": ppl, "skipped": skipped}
+
+
+SCORED = [dict(b, validation={"corpus_ppl": ppl}) for b, ppl in zip(BENCHMARKS, (9.0, 8.0, 7.0))]
+
+
+def test_the_teacher_is_its_best_run_of_any_method_when_it_beats_the_students_best(tmp_path):
+    cfg = config(tmp_path)
+    full_teacher, lora_teacher = FullJob(model=BIG, learning_rate=1e-3, epochs=2, batch_size=8), BEST
+    runs = [_run(lora_teacher, 4.44), _run(full_teacher, 3.20), _run(FullJob(model=SMALL, learning_rate=1e-3,
+            epochs=2, batch_size=8), 4.19), _run(PrefixJob(model=BIG, num_virtual_tokens=4, learning_rate=1e-2,
+            epochs=2, batch_size=8), 2.0, skipped="over the budget"),
+            _run(full_teacher.model_copy(update={"train_set": "original"}), 1.0)]  # the ablation's: not main
+    choice = design.distillation_teacher(cfg, SELECTION, runs, SCORED)
+    assert choice.distil and choice.teacher is not None and choice.teacher["name"] == "big+full[lr0.001]"
+    assert (choice.teacher_ppl, choice.student_best, choice.student_ppl) == (3.20, "small+full[lr0.001]", 4.19)
+    assert choice.reason == ("distilling from the best teacher run: teacher big+full[lr0.001] (validation PPL "
+                             "3.2000) vs the student's own best small+full[lr0.001] (4.1900)")
+
+
+def test_distillation_is_skipped_with_both_figures_when_the_teacher_does_not_beat_the_student(tmp_path):
+    runs = [_run(BEST, 4.44), _run(FullJob(model=SMALL, learning_rate=1e-3, epochs=2, batch_size=8), 4.19)]
+    choice = design.distillation_teacher(config(tmp_path), SELECTION, runs, SCORED)
+    assert not choice.distil and choice.teacher is None
+    assert choice.reason == (
+        "distillation was skipped: the best teacher run does not beat the student on the validation split, so it "
+        "has nothing to teach (teacher big+lora[r16,a32,d0.05,lr0.0002] (validation PPL 4.4400) vs the student's "
+        "own best small+full[lr0.001] (4.1900))")
+    # The student's baseline counts as its own best too: no student run here, its benchmark is 8.0.
+    assert not design.distillation_teacher(config(tmp_path), SELECTION, [_run(BEST, 8.0)], SCORED).distil
+    assert design.distillation_teacher(config(tmp_path), SELECTION, [_run(BEST, 7.9)], SCORED).student_best == (
+        "small (baseline)")
+    # Asked for anyway: distilled, and the reason says the teacher is worse.
+    forced = design.distillation_teacher(config(tmp_path, distill={"require_better_teacher": False}), SELECTION,
+                                         runs, SCORED)
+    assert forced.distil and forced.teacher["name"] == "big+lora[r16,a32,d0.05,lr0.0002]"
+    assert forced.reason.startswith("distilling from a teacher that does not beat the student")
+
+
+def test_distillation_variants_and_their_equal_budget_reference(tmp_path):
+    cfg = config(tmp_path, distill={"loss": ["topk", "sampled"], "top_k": [5, 20], "learning_rate": 1e-3,
+                                    "epochs": 3, "batch_size": 4})
+    assert design.distillation_variants(cfg) == ("topk", "sampled")
+    assert [j.settings_label for j in design.distillation_jobs(cfg, SELECTION)] == [
+        "top5,T1,a0.5,lr0.001", "top20,T1,a0.5,lr0.001", "sample5,T1,a0.5,lr0.001", "sample20,T1,a0.5,lr0.001"]
+    assert [j.loss for j in design.distillation_jobs(cfg, SELECTION, "sampled")] == ["sampled", "sampled"]
+    assert design.distillation_reference(cfg, SELECTION) == FullJob(model=SMALL, learning_rate=1e-3, epochs=3,
+                                                                    batch_size=4)
 
 
 def test_ablation_with_augmentation_on_adds_the_original_set_each_method_and_the_same_steps_run(tmp_path):
@@ -105,3 +156,18 @@ def test_benchmark_plan_and_evaluation_batch_size_follow_the_memory_plan(tmp_pat
 def test_a_job_of_one_method_refuses_another_methods_settings():
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         FullJob(model=SMALL, learning_rate=1e-3, epochs=1, batch_size=2, num_virtual_tokens=4)
+
+
+def test_each_familys_teacher_is_checked_against_its_student_before_fine_tuning():
+    benchmarks = [{"name": n, "family": f, "parameters": p, "validation": {"corpus_ppl": ppl}}
+                  for n, f, p, ppl in [("g-student", "granite", 1_000, 178.0), ("g-teacher", "granite", 4_000, 216.0),
+                                       ("q-student", "qwen2", 1_000, 9.5), ("q-teacher", "qwen2", 3_000, 7.25),
+                                       ("alone", "llama", 2_000, 5.0)]]
+    assert design.family_teacher_check(benchmarks) == [
+        (False, "family granite: teacher g-teacher (4,000 parameters) validation PPL 216.0000 vs student g-student "
+                "(1,000) 178.0000 before fine-tuning: the teacher does NOT beat its student, so it can hardly teach "
+                "it (zoo: pretrain the teacher longer, zoo.teacher_pretrain_steps, or on text closer to the task, "
+                "zoo.corpus_file)"),
+        (True, "family qwen2: teacher q-teacher (3,000 parameters) validation PPL 7.2500 vs student q-student "
+               "(1,000) 9.5000 before fine-tuning: the teacher beats its student"),
+    ]  # llama has one model: nothing to compare

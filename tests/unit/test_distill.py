@@ -366,7 +366,7 @@ def test_load_refuses_an_older_format(tmp_path):
     meta = json.loads((tmp_path / "teacher_topk.json").read_text())
     (tmp_path / "teacher_topk.json").write_text(json.dumps(dict(meta, format_version=1)))
 
-    with pytest.raises(ValueError, match="have format 1, this ftflow reads format 2; recompute"):
+    with pytest.raises(ValueError, match="have format 1, this ftflow reads format 3; recompute"):
         TeacherTopK.load(tmp_path)
 
 

@@ -84,3 +84,36 @@ def test_skipped_runs_are_listed_with_their_reason(tmp_path):
     assert frame.loc[0, "skipped"].startswith("predicted 30 GB") and frame.isna().loc[0, "ppl"]
     plot_methods(method_table(BASELINES, [run("teacher", "lora", 5.0, 9.0, r=8)]), tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_distillation_table_compares_each_variant_with_full_fine_tuning_at_the_same_steps():
+    from ftflow.study import distillation_notes, distillation_table
+
+    def steps(r: dict, n: int) -> dict:
+        return dict(r, history=[{"epoch": 1, "step": n // 2}, {"epoch": 2, "step": n}])
+
+    runs = [steps(run("student", "full", 4.3, 4.20), 96), steps(run("student", "full", 4.1, 4.00), 192),  # 2x steps
+            steps(run("student", "full", 4.0, 3.90, train_set="original"), 96),  # another training set
+            steps(run("student", "distill", 4.2, 4.10, top_k=5, loss="topk"), 96),
+            steps(run("student", "distill", 4.25, 4.15, top_k=5, loss="sampled"), 96)]
+    teacher = {"distil": True, "teacher_name": "teacher+full[lr0.001]", "teacher_ppl": 3.2,
+               "student_best": "student+full", "student_ppl": 4.1, "reason": "distilling from the best teacher run"}
+    table = distillation_table(runs, teacher)
+    assert list(table["variant"]) == ["topk", "sampled"]
+    assert list(table["teacher"]) == ["teacher+full[lr0.001] (3.2000)"] * 2
+    assert list(table["steps"]) == [96, 96] and list(table["full_ft_ppl"]) == [4.20, 4.20]
+    assert list(table["delta_percent"]) == pytest.approx([100 * (4.10 - 4.20) / 4.20, 100 * (4.15 - 4.20) / 4.20])
+    assert distillation_notes(table, teacher) == [
+        "distilling from the best teacher run",
+        "distillation beat full fine-tuning at equal steps (96): best variant topk k=5, T=1, alpha=0.5, test PPL "
+        "4.1000 vs 4.2000 (-2.38%)"]
+    worse = distillation_table([runs[0], steps(run("student", "distill", 4.4, 4.30, top_k=5), 96)], teacher)
+    assert distillation_notes(worse, teacher)[1] == (
+        "distillation did not beat full fine-tuning at equal steps (96): best variant topk k=5, T=1, alpha=0.5, "
+        "test PPL 4.3000 vs 4.2000 (+2.38%); the teacher (teacher+full[lr0.001], selection PPL 3.2000) was better "
+        "than the student's own best (4.1000), but not by enough for its targets to beat the data alone")
+    skipped = {"distil": False, "reason": "distillation was skipped: ..."}
+    assert distillation_notes(None, skipped) == ["distillation was skipped: ..."]
+    # Without a full fine-tune at the same steps, the reference columns stay empty.
+    alone = distillation_table([runs[1], runs[3]], teacher)
+    assert alone["full_ft_ppl"].isna().all()

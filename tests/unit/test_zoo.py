@@ -313,6 +313,13 @@ def test_seed_and_family_order_set_the_weights(built, corpus, tmp_path):
     )
 
 
+def test_teachers_can_pretrain_longer_than_their_students(corpus, tmp_path):
+    lines = []
+    zoo.build_zoo(micro_config(("llama",), teacher_pretrain_steps=7), corpus, tmp_path, progress=False,
+                  log=lines.append)
+    assert [line.split(" in ")[-1].split(",")[0] for line in lines] == ["5 steps", "7 steps"]
+
+
 def test_build_zoo_refuses_an_empty_corpus(tmp_path):
     with pytest.raises(ValueError, match="empty corpus"):
         zoo.build_zoo(micro_config(), [], tmp_path, progress=False, log=lambda _: None)
