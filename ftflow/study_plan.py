@@ -161,6 +161,8 @@ def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], sta
     best = max(grid, key=lambda j: (j.r, j.dropout))
     jobs: list[tuple[Any, bool]] = [(j, True) for j in grid]
     jobs += [(j, False) for j in design.per_model_jobs(cfg, benchmarks, selection, best)]
+    # The student's full fine-tune at the distillation's steps (the same run as the per-model one when equal).
+    jobs += [(design.distillation_reference(cfg, selection), False)]
     jobs += [(j, False) for j in design.distillation_jobs(cfg, selection)]
     ablation = design.ablation_runs(cfg, selection, best)
     jobs += [(r.job, False) for r in ablation]
