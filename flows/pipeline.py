@@ -1,8 +1,6 @@
 """The end-to-end pipeline: data -> models -> benchmark -> select -> LoRA grid -> other methods -> distill -> report.
 
-Distillation comes after every other method: its teacher is the teacher model's best run of any method (LoRA,
-QLoRA, prefix, full), compared with the student's own best (its full fine-tune included) before any teacher pass.
-
+Distillation comes last: its teacher is the teacher model's best run of any method, if it beats the student's.
 Every decision (which runs, on which models and training sets) is made in
 ``ftflow/design.py``; this flow only passes each stage's results to the next.
 Run it with ``ftflow run [CONFIG]`` or ``python -m flows.pipeline [CONFIG]``.
@@ -18,7 +16,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import DEFAULT_CONFIG
 from flows.scale import mapped_runner
-from flows.steps import benchmark_candidates, candidates_and_plan, check_grid_fits, trainer
+from flows.steps import (benchmark_candidates, candidates_and_plan, check_grid_fits, distil, log_family_checks,
+                         trainer)
 from ftflow import design, stages
 from ftflow.config import load_config
 from ftflow.models import resolve_device
@@ -28,7 +27,6 @@ from tasks.evaluate import evaluate
 from tasks.prepare_data import prepare_data
 from tasks.publish import publish
 from tasks.select_family import select_family
-from tasks.teacher_logits import teacher_logits
 
 
 # One task at a time: candidate models are loaded one after another, never side by side in memory.
@@ -54,10 +52,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     with mapped_runner(cfg.runner) as submit:
         # Baselines, and the family (teacher, student) chosen on the selection split.
         benchmarks, failures = benchmark_candidates(submit, candidates, plan, data, cfg, device, out, progress)
-        # Does each family's teacher beat its student on the task before fine-tuning? Logged and reported.
-        family_checks = design.family_teacher_check(benchmarks, "validation")
-        for beats, line in family_checks:
-            (logger.info if beats else logger.warning)(line)
+        family_checks = log_family_checks(benchmarks)  # each teacher against its student, before fine-tuning
         selection = stage(select_family)(**stages.select_family_call(cfg, benchmarks, out))
         train_all = trainer(submit, augmented, stages.train_common(cfg, data, device, eval_batch, out, progress))
 
@@ -75,16 +70,8 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
 
         # 3. Distillation from the teacher's best run (any method), only if it beats the student's own best;
         #    its targets stored once per variant at the largest k; the full fine-tune at equal steps beside it.
-        choice = design.distillation_teacher(cfg, selection, grid + per_model, benchmarks)
-        (logger.info if choice.distil else logger.warning)(choice.reason)
-        distilled = []
-        if choice.distil:
-            distilled = train_all([design.distillation_reference(cfg, selection)])
-            for variant in design.distillation_variants(cfg):
-                targets = stage(teacher_logits)(**stages.teacher_logits_call(
-                    cfg, choice.teacher, design.distillation_student(selection), augmented, device, eval_batch, out,
-                    progress, variant))
-                distilled += train_all(design.distillation_jobs(cfg, selection, variant), topk=targets)
+        choice, distilled = distil(cfg, train_all, selection, grid + per_model, benchmarks, augmented, device,
+                                   eval_batch, out, progress)
 
         # 4. The measured effect of augmentation: one run repeated on each training set.
         ablation, made = design.ablation_runs(cfg, selection, best_job), {"main": augmented, "original": data}
@@ -96,7 +83,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     runs = design.unique_runs(grid + per_model + distilled + ablation_results)
     evaluation = stage(evaluate)(**stages.evaluate_call(
         cfg, data, augmented, benchmarks, failures, selection, runs, best["name"], design.ablation_labels(ablation),
-        out, teacher=choice.model_dump(mode="json"), checks=[line for _, line in family_checks]))
+        out, teacher=choice.model_dump(mode="json"), checks=family_checks))
     publish(evaluation, plan, benchmarks)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
     # Runs and models without a result do not stop the run; its log's last lines say which and why.

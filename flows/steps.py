@@ -19,6 +19,7 @@ from tasks._stage import with_storage
 from tasks.benchmark import benchmark
 from tasks.plan_memory import plan_memory
 from tasks.prepare_data import prepare_data
+from tasks.teacher_logits import teacher_logits
 from tasks.train import train
 from tasks.zoo import zoo
 
@@ -108,6 +109,37 @@ def check_grid_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_set: dict, d
                    logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens, device=device,
                    bf16_supported=bf16_available(device))
     check([plan_training_job(job, **options) for job in jobs], [job.title for job in jobs])
+
+
+def distil(cfg: PipelineConfig, train_all: Callable[..., list[dict]], selection: dict, runs: list[dict],
+           benchmarks: list[dict], augmented: dict, device: str, eval_batch_size: int, artifacts_dir: str,
+           progress: bool) -> tuple[design.TeacherChoice, list[dict]]:
+    """Distillation from the teacher's best run of any method, only if it beats the student's own best.
+
+    Returns the teacher choice (:func:`ftflow.design.distillation_teacher`) and the runs: the student's full
+    fine-tune at the distillation's steps (the equal-budget reference), then every variant, each loss's teacher
+    targets stored once (``teacher_logits``) at the largest k.
+    """
+    choice = design.distillation_teacher(cfg, selection, runs, benchmarks)
+    (get_run_logger().info if choice.distil else get_run_logger().warning)(choice.reason)
+    if not choice.distil:
+        return choice, []
+    distilled = train_all([design.distillation_reference(cfg, selection)])
+    task = with_storage(teacher_logits, artifacts_dir)
+    for variant in design.distillation_variants(cfg):
+        targets = task(**stages.teacher_logits_call(cfg, choice.teacher, design.distillation_student(selection),
+                                                    augmented, device, eval_batch_size, artifacts_dir, progress,
+                                                    variant))
+        distilled += train_all(design.distillation_jobs(cfg, selection, variant), topk=targets)
+    return choice, distilled
+
+
+def log_family_checks(benchmarks: list[dict]) -> list[str]:
+    """Does each family's teacher beat its student on validation before fine-tuning? Logged; the lines returned."""
+    checks = design.family_teacher_check(benchmarks, "validation")
+    for beats, line in checks:
+        (get_run_logger().info if beats else get_run_logger().warning)(line)
+    return [line for _, line in checks]
 
 
 def settle(jobs: Sequence[Job], futures: list) -> list[dict]:
