@@ -248,8 +248,16 @@ class ZooConfig(_Strict):
     corpus_sentences: int = Field(3000, ge=100, description="Sentences generated (or read, at most) for pretraining.")
     pretrain_steps: int = Field(200, ge=1, description="Optimizer steps of pretraining per model.")
     teacher_pretrain_steps: Optional[int] = Field(
-        None, ge=1, description="Optimizer steps of each teacher's pretraining (unset: pretrain_steps); a larger "
-        "model needs more to beat its student, which the pipeline checks on the task's validation split.")
+        None, ge=1, description="Optimizer steps of each teacher's first pretraining round (unset: pretrain_steps); "
+        "a larger model needs more to beat its student, which the zoo checks on the task's selection split.")
+    teacher_extra_rounds: int = Field(
+        2, ge=0, description="When a teacher does not beat its student on the task's selection split after "
+        "pretraining, the zoo pretrains it at most this many more rounds of teacher_pretrain_steps, checking after "
+        "each (0: check and report only).")
+    task_text: bool = Field(
+        True, description="Add the task's training split (never its validation or test sentences) to the "
+        "pretraining corpus. The zoo stands in for hub models, which were pretrained on text like the task's; the "
+        "generated corpus is not real language, so without this the zoo's models barely read a real task.")
     batch_size: int = Field(32, ge=1, description="Pretraining batch size.")
     learning_rate: float = Field(3e-3, gt=0, description="Pretraining peak learning rate.")
     max_length: int = Field(64, ge=8, description="Longest pretraining sequence, in tokens.")

@@ -2,8 +2,12 @@
 
 Each family mirrors one of the study's families (Granite, Llama, Qwen2): one
 byte-level BPE tokenizer trained with ``tokenizers``, a student and a larger
-teacher that share it, both pretrained briefly on a general corpus so that
-their baselines differ for real reasons (size, architecture, tokenizer).
+teacher that share it, both pretrained briefly on a general corpus (plus the
+task's training sentences, ``zoo.task_text``) so that their baselines differ
+for real reasons (size, architecture, tokenizer). Like a real family's larger
+model, each teacher must beat its student on the task before fine-tuning: the
+zoo scores both on the selection split and pretrains a teacher that loses for
+more rounds (:func:`build_zoo`).
 
 Every checkpoint is an ordinary Hugging Face directory (``config.json``,
 ``model.safetensors``, ``tokenizer.json``...), so downstream code loads it with
@@ -23,8 +27,9 @@ import os
 import shutil
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -39,7 +44,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from ftflow import synthetic, tokens
+from ftflow import perplexity, synthetic, tokens
 from ftflow.config import Architecture, ZooConfig, ZooSize, zoo_size_problems
 
 PAD_TOKEN = "<pad>"
@@ -53,6 +58,9 @@ TOKENIZER_SAMPLE_FRACTION = 0.8
 """Share of the corpus, drawn with the tokenizer's seed, that its BPE merges are learnt from."""
 
 ROLES = ("student", "teacher")
+
+CHECK_BATCH_SIZE = 32
+"""Sentences per forward pass when the zoo scores its models on the check split (the result does not depend on it)."""
 
 _CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
     "granite": GraniteConfig,
@@ -287,46 +295,106 @@ def zoo_problems(cfg: ZooConfig) -> list[str]:
     return problems
 
 
+@dataclass(frozen=True)
+class TeacherCheck:
+    """Sentences of the task on which each family's teacher must beat its student before fine-tuning.
+
+    Attributes:
+        sentences: the task's selection split (validation by default).
+        split: its name, for logs and the manifest.
+        max_length: tokens kept per sentence, as the benchmark scores them.
+    """
+
+    sentences: Sequence[str]
+    split: str = "validation"
+    max_length: int = 2048
+
+
+def _check_ppl(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, check: TeacherCheck) -> float:
+    return perplexity.score_sentences(model, tokenizer, list(check.sentences), batch_size=CHECK_BATCH_SIZE,
+                                      max_length=check.max_length, progress=False).corpus_ppl
+
+
+def _pretrained(cfg: ZooConfig, config: PretrainedConfig, tokenizer: PreTrainedTokenizerFast, corpus: Sequence[str],
+                name: str, steps: int, device, progress: bool) -> tuple[PreTrainedModel, list[float]]:
+    """A model initialised with the seed derived from ``name`` and pretrained ``steps`` steps."""
+    seed = cfg.seed + _stable_offset(name)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    losses = pretrain(model, tokenizer, corpus, steps=steps, batch_size=cfg.batch_size,
+                      learning_rate=cfg.learning_rate, max_length=cfg.max_length, seed=seed, device=device,
+                      progress=progress, description=name)
+    return model, losses
+
+
+def _teacher_check_line(family: str, record: dict) -> str:
+    """One line on a family's check: both figures, the pretraining it took, and what to change if it failed."""
+    rounds = record["teacher_ppl_by_round"]
+    pretraining = f"teacher pretrained {record['teacher_steps']} steps"
+    if len(rounds) > 1:
+        pretraining += f" in {len(rounds)} rounds, PPL " + " -> ".join(f"{ppl:.2f}" for ppl in rounds)
+    head = (f"zoo check, family {family}: teacher {record['split']} PPL {record['teacher_ppl']:.4f} vs student "
+            f"{record['student_ppl']:.4f} before fine-tuning ({pretraining}; student {record['student_steps']}): ")
+    if record["beats"]:
+        return head + "the teacher beats its student"
+    return head + ("the teacher does NOT beat its student, so distillation will have little to learn from it: "
+                   "give the zoo real text of the task's domain (zoo.corpus_file, zoo.task_text: true), or more "
+                   "teacher pretraining (zoo.teacher_pretrain_steps, zoo.teacher_extra_rounds)")
+
+
 def build_zoo(
     cfg: ZooConfig,
     corpus: Sequence[str],
     out_dir: Path,
     *,
+    check: Optional[TeacherCheck] = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    warn: Optional[Callable[[str], None]] = None,
 ) -> dict:
-    """Build, pretrain and save every family of the zoo.
+    """Build, pretrain and save every family of the zoo, each teacher checked against its student.
 
     For each family: one tokenizer (seeded by ``cfg.seed`` and the family's
     name, so families get different tokenizers), then a student and a teacher
     initialised and pretrained with seeds derived the same way (the teacher
-    for ``cfg.teacher_pretrain_steps`` when set). Whether each teacher beats
-    its student on the task is checked after the benchmark
-    (:func:`ftflow.design.family_teacher_check`): the zoo does not read the
-    task's data, so it is not rebuilt when the data change. Results depend
-    only on ``cfg`` and ``corpus`` (and on the device's arithmetic), not on the
-    order of the families; the caller's global torch RNG is left as it was.
+    for ``cfg.teacher_pretrain_steps`` when set). With ``check``, both are
+    scored on the task's sentences (corpus PPL); while the teacher does not
+    beat its student it is pretrained one more round of the same steps (a
+    warm restart of the schedule, on a new batch order), at most
+    ``cfg.teacher_extra_rounds`` times. A teacher that still loses is saved
+    all the same, and the failure is logged (``warn``) and recorded. Results
+    depend only on ``cfg``, ``corpus`` and ``check`` (and on the device's
+    arithmetic), not on the order of the families; the caller's global torch
+    RNG is left as it was.
 
     Args:
         cfg: the zoo section of the pipeline config.
-        corpus: general pretraining sentences (see :func:`load_corpus`).
+        corpus: pretraining sentences (see :func:`load_corpus`).
         out_dir: where ``<family>-student/`` and ``<family>-teacher/`` are written.
+        check: the task's selection split; None: no check (and no extra rounds).
         device: where to pretrain.
         progress: show a progress bar per model.
-        log: receives one line per model.
+        log: receives one line per model and per check.
+        warn: receives the line of a check that failed (default: ``log``).
 
     Returns:
         A JSON-ready manifest: ``{"families": [{"name", "architecture",
-        "members": [{"name", "role", "path", "parameters",
-        "final_pretrain_loss"}, ...]}], "corpus_sentences": int}``, where
-        ``final_pretrain_loss`` is the mean loss of the last 10 steps (or fewer).
+        "members": [{"name", "role", "path", "parameters", "pretrain_steps",
+        "final_pretrain_loss"}, ...], "teacher_check": {...} or None}],
+        "corpus_sentences": int}``, where ``final_pretrain_loss`` is the mean
+        loss of the last 10 steps (or fewer) and ``teacher_check`` holds
+        ``split``, ``student_ppl``, ``teacher_ppl``, ``teacher_ppl_by_round``,
+        ``student_steps``, ``teacher_steps``, ``beats`` and ``line``.
     """
     problems = zoo_problems(cfg)
     if problems:
         raise ValueError("cannot build the zoo:\n" + "\n".join(f"  - {p}" for p in problems))
     if not corpus:
         raise ValueError("cannot build the zoo from an empty corpus")
+    if check is not None and not check.sentences:
+        raise ValueError("the zoo's teacher check needs sentences of the task; got none")
+    warn = warn or log
     out_dir = Path(out_dir)
     families = []
     for family in cfg.families:
@@ -336,29 +404,30 @@ def build_zoo(
         # Declare the study's context length, not the short pretraining length: rotary
         # position embeddings have no parameters, and scoring runs up to max_length 2048.
         tokenizer.model_max_length = max(cfg.max_length, DECLARED_CONTEXT)
-        members = []
+        members, check_ppl = [], {}
         for role in ROLES:
             name = f"{family.name}-{role}"
-            seed = cfg.seed + _stable_offset(name)
             config = model_config(family.architecture, getattr(family, role), tokenizer, tokenizer.model_max_length)
             steps = cfg.pretrain_steps if role == "student" else cfg.teacher_pretrain_steps or cfg.pretrain_steps
             started = time.perf_counter()
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = AutoModelForCausalLM.from_config(config)
-                losses = pretrain(
-                    model,
-                    tokenizer,
-                    corpus,
-                    steps=steps,
-                    batch_size=cfg.batch_size,
-                    learning_rate=cfg.learning_rate,
-                    max_length=cfg.max_length,
-                    seed=seed,
-                    device=device,
-                    progress=progress,
-                    description=name,
-                )
+                model, losses = _pretrained(cfg, config, tokenizer, corpus, name, steps, device, progress)
+                total_steps, by_round = steps, []
+                if check is not None:
+                    by_round.append(_check_ppl(model, tokenizer, check))
+                    # The teacher must beat its student; more rounds while it does not.
+                    while (role == "teacher" and by_round[-1] >= check_ppl["student"]
+                           and len(by_round) <= cfg.teacher_extra_rounds):
+                        log(f"zoo: {name} {check.split} PPL {by_round[-1]:.4f} does not beat its student's "
+                            f"{check_ppl['student']:.4f} after {total_steps} steps; pretraining {steps} more "
+                            f"(round {len(by_round) + 1} of at most {cfg.teacher_extra_rounds + 1})")
+                        losses = pretrain(model, tokenizer, corpus, steps=steps, batch_size=cfg.batch_size,
+                                          learning_rate=cfg.learning_rate, max_length=cfg.max_length,
+                                          seed=cfg.seed + _stable_offset(name) + len(by_round), device=device,
+                                          progress=progress, description=f"{name} round {len(by_round) + 1}")
+                        total_steps += steps
+                        by_round.append(_check_ppl(model, tokenizer, check))
+                    check_ppl[role], check_ppl[f"{role}_rounds"] = by_round[-1], by_round
             seconds = time.perf_counter() - started
             path = out_dir / name
             save_checkpoint(model, tokenizer, path)
@@ -366,7 +435,8 @@ def build_zoo(
             final_loss = sum(losses[-10:]) / len(losses[-10:])
             log(
                 f"zoo: {name} ({family.architecture}, {parameters:,} parameters, vocab {len(tokenizer)}): "
-                f"pretrain loss {losses[0]:.3f} -> {final_loss:.3f} in {steps} steps, {seconds:.1f}s"
+                f"pretrain loss {losses[0]:.3f} -> {final_loss:.3f} in {total_steps} steps, {seconds:.1f}s"
+                + (f"; {check.split} PPL {by_round[-1]:.4f}" if check is not None else "")
             )
             members.append(
                 {
@@ -374,11 +444,21 @@ def build_zoo(
                     "role": role,
                     "path": str(path),
                     "parameters": parameters,
+                    "pretrain_steps": total_steps,
                     "final_pretrain_loss": final_loss,
                 }
             )
             del model
-        families.append({"name": family.name, "architecture": family.architecture, "members": members})
+        record = None
+        if check is not None:
+            record = {"split": check.split, "student_ppl": check_ppl["student"], "teacher_ppl": check_ppl["teacher"],
+                      "teacher_ppl_by_round": check_ppl["teacher_rounds"],
+                      "student_steps": members[0]["pretrain_steps"], "teacher_steps": members[1]["pretrain_steps"],
+                      "beats": check_ppl["teacher"] < check_ppl["student"]}
+            record["line"] = _teacher_check_line(family.name, record)
+            (log if record["beats"] else warn)(record["line"])
+        families.append({"name": family.name, "architecture": family.architecture, "members": members,
+                         "teacher_check": record})
     return {"families": families, "corpus_sentences": len(corpus)}
 
 
@@ -416,17 +496,20 @@ def read_corpus_file(path: Path, max_sentences: int) -> list[str]:
     return sentences
 
 
-def load_corpus(cfg: ZooConfig) -> list[str]:
-    """The zoo's pretraining sentences: ``cfg.corpus_file`` or generated general text.
+def load_corpus(cfg: ZooConfig, task_sentences: Sequence[str] = ()) -> list[str]:
+    """The zoo's pretraining sentences: ``cfg.corpus_file`` or generated general text, then the task's.
 
     Args:
         cfg: the zoo config; ``corpus_sentences`` caps the lines read, or sets
             how many sentences are generated (seeded by ``cfg.seed``).
+        task_sentences: the task's training split, appended when
+            ``cfg.task_text`` is on (the caller passes nothing else of the task).
 
     Returns:
         Sentences, one per item, blank lines dropped.
     """
     if cfg.corpus_file is None:
-        return synthetic.generate_sentences(cfg.corpus_sentences, cfg.seed, "general")
-    return read_corpus_file(cfg.corpus_file, cfg.corpus_sentences)
-
+        general = synthetic.generate_sentences(cfg.corpus_sentences, cfg.seed, "general")
+    else:
+        general = read_corpus_file(cfg.corpus_file, cfg.corpus_sentences)
+    return general + list(task_sentences) if cfg.task_text else general

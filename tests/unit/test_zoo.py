@@ -23,7 +23,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ftflow import synthetic, tokens, zoo
+from ftflow import design, synthetic, tokens, zoo
 from ftflow.config import ZooConfig, ZooSize
 
 ARCHITECTURES = ("granite", "llama", "qwen2")
@@ -209,7 +209,8 @@ def test_build_zoo_writes_the_documented_manifest_and_layout(built):
         assert student["name"] == f"{family['name']}-student" and teacher["name"] == f"{family['name']}-teacher"
         assert teacher["parameters"] > student["parameters"]
         for member in family["members"]:
-            assert set(member) == {"name", "role", "path", "parameters", "final_pretrain_loss"}
+            assert set(member) == {"name", "role", "path", "parameters", "pretrain_steps", "final_pretrain_loss"}
+            assert member["pretrain_steps"] == 5
             assert Path(member["path"]) == out_dir / member["name"]
             assert isinstance(member["final_pretrain_loss"], float)
             assert 0 < member["final_pretrain_loss"] < 10
@@ -217,6 +218,7 @@ def test_build_zoo_writes_the_documented_manifest_and_layout(built):
         m["name"] for f in manifest["families"] for m in f["members"]
     )  # no staging directories left behind
     assert len(lines) == 6 and all(line.startswith("zoo: ") for line in lines)
+    assert all(family["teacher_check"] is None for family in manifest["families"])  # built without a check
 
 
 def test_checkpoints_load_as_hub_models_would(built, corpus):
@@ -320,6 +322,64 @@ def test_teachers_can_pretrain_longer_than_their_students(corpus, tmp_path):
     assert [line.split(" in ")[-1].split(",")[0] for line in lines] == ["5 steps", "7 steps"]
 
 
+def rescored(path: Path, check: zoo.TeacherCheck) -> float:
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    return zoo._check_ppl(model, tokenizer, check)
+
+
+@pytest.mark.slow
+def test_a_teacher_that_loses_is_pretrained_more_rounds_until_it_beats_its_student(corpus, tmp_path):
+    # A student pretrained 30 steps against a teacher given 6 a round: the first round cannot win.
+    cfg = micro_config(("llama",), pretrain_steps=30, teacher_pretrain_steps=6, teacher_extra_rounds=8)
+    check = zoo.TeacherCheck(synthetic.generate_sentences(40, 7, "general"), "validation", 32)
+    lines, warnings = [], []
+    manifest = zoo.build_zoo(cfg, corpus, tmp_path, check=check, progress=False, log=lines.append,
+                             warn=warnings.append)
+    (family,) = manifest["families"]
+    record, (student, teacher) = family["teacher_check"], family["members"]
+    rounds = record["teacher_ppl_by_round"]
+    assert record["beats"] and not warnings
+    assert rounds[0] >= record["student_ppl"] and rounds[-1] == record["teacher_ppl"] < record["student_ppl"]
+    assert all(ppl >= record["student_ppl"] for ppl in rounds[:-1])  # it stopped at the first round that won
+    assert 2 <= len(rounds) <= 9
+    assert (record["student_steps"], record["teacher_steps"]) == (30, 6 * len(rounds))
+    assert (student["pretrain_steps"], teacher["pretrain_steps"]) == (30, 6 * len(rounds))
+    # The recorded figures are the saved checkpoints' own.
+    assert rescored(Path(student["path"]), check) == pytest.approx(record["student_ppl"], rel=1e-9)
+    assert rescored(Path(teacher["path"]), check) == pytest.approx(record["teacher_ppl"], rel=1e-9)
+    assert sum("pretraining 6 more" in line for line in lines) == len(rounds) - 1
+    assert lines[-1] == record["line"] and record["line"].endswith("the teacher beats its student")
+    history = " -> ".join(f"{ppl:.2f}" for ppl in rounds)
+    assert record["line"] == (
+        f"zoo check, family llama-fam: teacher validation PPL {record['teacher_ppl']:.4f} vs student "
+        f"{record['student_ppl']:.4f} before fine-tuning (teacher pretrained {6 * len(rounds)} steps in "
+        f"{len(rounds)} rounds, PPL {history}; student 30): the teacher beats its student")
+    assert design.zoo_teacher_checks(manifest) == [record["line"]]
+
+
+@pytest.mark.slow
+def test_a_teacher_that_still_loses_is_saved_and_reported_with_what_to_change(corpus, tmp_path):
+    cfg = micro_config(("qwen2",), pretrain_steps=30, teacher_pretrain_steps=1, teacher_extra_rounds=1)
+    check = zoo.TeacherCheck(synthetic.generate_sentences(40, 7, "general"), "validation", 32)
+    lines, warnings = [], []
+    manifest = zoo.build_zoo(cfg, corpus, tmp_path, check=check, progress=False, log=lines.append,
+                             warn=warnings.append)
+    (family,) = manifest["families"]
+    record = family["teacher_check"]
+    assert not record["beats"] and record["teacher_steps"] == 2 and len(record["teacher_ppl_by_round"]) == 2
+    assert warnings == [record["line"]]
+    assert "the teacher does NOT beat its student" in record["line"]
+    for setting in ("zoo.corpus_file", "zoo.task_text", "zoo.teacher_pretrain_steps", "zoo.teacher_extra_rounds"):
+        assert setting in record["line"]
+    assert {p.name for p in tmp_path.iterdir()} == {"qwen2-fam-student", "qwen2-fam-teacher"}  # both saved
+
+
+def test_the_teacher_check_needs_sentences(corpus, tmp_path):
+    with pytest.raises(ValueError, match="teacher check needs sentences"):
+        zoo.build_zoo(micro_config(), corpus, tmp_path, check=zoo.TeacherCheck(()), progress=False,
+                      log=lambda _: None)
+
+
 def test_build_zoo_refuses_an_empty_corpus(tmp_path):
     with pytest.raises(ValueError, match="empty corpus"):
         zoo.build_zoo(micro_config(), [], tmp_path, progress=False, log=lambda _: None)
@@ -331,6 +391,13 @@ def test_build_zoo_refuses_an_empty_corpus(tmp_path):
 def test_load_corpus_generates_general_text_when_no_file_is_given():
     cfg = micro_config(corpus_sentences=150, seed=4)
     assert zoo.load_corpus(cfg) == synthetic.generate_sentences(150, 4, "general")
+
+
+def test_load_corpus_adds_the_tasks_training_sentences_unless_task_text_is_off():
+    task = ["a task sentence", "another one"]
+    general = synthetic.generate_sentences(150, 4, "general")
+    assert zoo.load_corpus(micro_config(corpus_sentences=150, seed=4), task) == general + task
+    assert zoo.load_corpus(micro_config(corpus_sentences=150, seed=4, task_text=False), task) == general
 
 
 def test_load_corpus_reads_the_first_non_blank_lines(tmp_path):
