@@ -35,7 +35,7 @@ def benchmark_only(config_path: str = str(DEFAULT_CONFIG), overrides: dict | Non
     device = resolve_device(cfg.device)
     logger.info("config %s -> artifacts in %s, device %s, mapped work on %s", config_path, out, device,
                 cfg.runner.kind)
-    data, candidates, plan = data_candidates_and_plan(cfg, device, out, progress)
+    data, candidates, plan, _ = data_candidates_and_plan(cfg, device, out, progress)  # zoo checks: logged
     with mapped_runner(cfg.runner) as submit:
         benchmarks, failures = benchmark_candidates(submit, candidates, plan, data, cfg, device, out, progress)
     publish_benchmark(benchmarks, failures, plan)

@@ -46,13 +46,13 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     # Each stage's parameters come from ftflow/stages.py, where `ftflow status` reads them too.
     data = stage(prepare_data)(**stages.prepare_data_call(cfg, out))
     augmented = stage(augment)(**stages.augment_call(cfg.augment, data, out))
-    candidates, plan = candidates_and_plan(cfg, data, device, out, progress)
+    candidates, plan, zoo_checks = candidates_and_plan(cfg, data, device, out, progress)
     eval_batch = design.evaluation_batch_size(cfg, plan["decisions"])
 
     with mapped_runner(cfg.runner) as submit:
         # Baselines, and the family (teacher, student) chosen on the selection split.
         benchmarks, failures = benchmark_candidates(submit, candidates, plan, data, cfg, device, out, progress)
-        family_checks = log_family_checks(benchmarks)  # each teacher against its student, before fine-tuning
+        family_checks = log_family_checks(benchmarks, zoo_checks)  # each teacher against its student
         selection = stage(select_family)(**stages.select_family_call(cfg, benchmarks, out))
         train_all = trainer(submit, augmented, stages.train_common(cfg, data, device, eval_batch, out, progress))
 

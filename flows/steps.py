@@ -25,19 +25,22 @@ from tasks.zoo import zoo
 
 
 def candidates_and_plan(cfg: PipelineConfig, data: dict, device: str, artifacts_dir: str,
-                        progress: bool = True) -> tuple[list[ModelSpec], dict]:
-    """The candidate models (the zoo's, built offline, or the config's ``models``) and their memory plan."""
+                        progress: bool = True) -> tuple[list[ModelSpec], dict, list[str]]:
+    """The candidate models (the zoo's, built offline, or the config's ``models``), their memory plan, and the
+    zoo's teacher checks (one line per family; none for hub models)."""
     stage = lambda task: with_storage(task, artifacts_dir)  # noqa: E731
+    zoo_checks: list[str] = []
     if cfg.zoo is not None:
-        candidates = zoo_candidates(stage(zoo)(**stages.zoo_call(cfg, device, artifacts_dir, progress)))
+        built = stage(zoo)(**stages.zoo_call(cfg, data, device, artifacts_dir, progress))
+        candidates, zoo_checks = zoo_candidates(built), design.zoo_teacher_checks(built)
     else:
         candidates = list(cfg.models)
     plan = stage(plan_memory)(**stages.plan_memory_call(cfg, candidates, data, device, artifacts_dir))
-    return candidates, plan
+    return candidates, plan, zoo_checks
 
 
 def data_candidates_and_plan(cfg: PipelineConfig, device: str, artifacts_dir: str,
-                             progress: bool = True) -> tuple[dict, list[ModelSpec], dict]:
+                             progress: bool = True) -> tuple[dict, list[ModelSpec], dict, list[str]]:
     """The prepared splits, then :func:`candidates_and_plan`."""
     data = with_storage(prepare_data, artifacts_dir)(**stages.prepare_data_call(cfg, artifacts_dir))
     return (data, *candidates_and_plan(cfg, data, device, artifacts_dir, progress))
@@ -134,12 +137,13 @@ def distil(cfg: PipelineConfig, train_all: Callable[..., list[dict]], selection:
     return choice, distilled
 
 
-def log_family_checks(benchmarks: list[dict]) -> list[str]:
-    """Does each family's teacher beat its student on validation before fine-tuning? Logged; the lines returned."""
+def log_family_checks(benchmarks: list[dict], zoo_checks: Sequence[str] = ()) -> list[str]:
+    """Does each family's teacher beat its student on validation before fine-tuning? Logged; the lines for the
+    report returned: the zoo's own checks when it made them (they also say how long each teacher pretrained)."""
     checks = design.family_teacher_check(benchmarks, "validation")
     for beats, line in checks:
         (get_run_logger().info if beats else get_run_logger().warning)(line)
-    return [line for _, line in checks]
+    return list(zoo_checks) or [line for _, line in checks]
 
 
 def settle(jobs: Sequence[Job], futures: list) -> list[dict]:

@@ -239,6 +239,12 @@ def distillation_teacher(cfg: PipelineConfig, selection: Selection | Mapping, ru
                                 f"{split} split, so it has nothing to teach ({figures})")
 
 
+def zoo_teacher_checks(zoo_manifest: Mapping) -> list[str]:
+    """The zoo stage's line per family: its teacher against its student on the selection split, and the
+    pretraining it took (recorded by :func:`ftflow.zoo.build_zoo`)."""
+    return [family["teacher_check"]["line"] for family in zoo_manifest["families"] if family.get("teacher_check")]
+
+
 def family_teacher_check(benchmarks: Sequence[Mapping], split: str = "validation") -> list[tuple[bool, str]]:
     """Per family of two or more benchmarked models: does its largest beat its smallest on ``split``, at baseline?
 
@@ -264,7 +270,8 @@ def family_teacher_check(benchmarks: Sequence[Mapping], split: str = "validation
             line += "the teacher beats its student"
         else:
             line += ("the teacher does NOT beat its student, so it can hardly teach it (zoo: pretrain the teacher "
-                     "longer, zoo.teacher_pretrain_steps, or on text closer to the task, zoo.corpus_file)")
+                     "longer, zoo.teacher_pretrain_steps or zoo.teacher_extra_rounds, or on text closer to the task, "
+                     "zoo.corpus_file and zoo.task_text)")
         checks.append((beats, line))
     return checks
 

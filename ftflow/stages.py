@@ -51,9 +51,12 @@ def augment_call(augment: AugmentConfig, data: dict, artifacts_dir: str) -> dict
     return {"augment": augment, "data": data, "artifacts_dir": artifacts_dir}
 
 
-def zoo_call(cfg: PipelineConfig, device: str, artifacts_dir: str, progress: bool) -> dict:
-    """zoo (offline configs): the zoo section and the device it pretrains on."""
-    return {"zoo": cfg.zoo, "device": device, "artifacts_dir": artifacts_dir, "progress": progress}
+def zoo_call(cfg: PipelineConfig, data: dict, device: str, artifacts_dir: str, progress: bool) -> dict:
+    """zoo (offline configs): the zoo section, the task's split files it reads (by content), the device."""
+    files = {name: Path(data["dir"]) / data["files"][name] for name in ("train", cfg.selection_split)}
+    return {"zoo": cfg.zoo, "train_file": files["train"] if cfg.zoo.task_text else None,
+            "check_file": files[cfg.selection_split], "check_split": cfg.selection_split,
+            "max_length": cfg.max_length, "device": device, "artifacts_dir": artifacts_dir, "progress": progress}
 
 
 def plan_memory_call(cfg: PipelineConfig, candidates: list[ModelSpec], data: dict, device: str,

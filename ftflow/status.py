@@ -276,7 +276,8 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
     data = w.stage("prepare_data", "prepare_data", stages.prepare_data_call(cfg, out))
     augmented = w.stage("augment", "augment", stages.augment_call(cfg.augment, data, out))
     if cfg.zoo is not None:
-        zoo = w.stage("zoo", "zoo", stages.zoo_call(cfg, device, out, progress))
+        zoo = (w.later("zoo", "zoo", pending_labels(data)) if is_pending(data) else
+               w.stage("zoo", "zoo", stages.zoo_call(cfg, data, device, out, progress)))
         candidates = None if is_pending(zoo) else stages.zoo_candidates(zoo)
     else:
         candidates = list(cfg.models)

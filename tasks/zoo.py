@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from prefect import task
 
 from ftflow.config import ZooConfig
-from ftflow.zoo import build_zoo, load_corpus
+from ftflow.data import read_split
+from ftflow.zoo import TeacherCheck, build_zoo, load_corpus
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage
 
 STAGE = "zoo"
@@ -15,13 +17,22 @@ MODULES = (__name__,)  # the code key: every project module this one reaches (ft
 
 
 @task(name="zoo", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
-def zoo(zoo: ZooConfig, device: str, artifacts_dir: str, progress: bool = True) -> dict:
-    """Train one tokenizer per family, then a student and a teacher on a general corpus."""
+def zoo(zoo: ZooConfig, train_file: Optional[Path], check_file: Path, check_split: str, max_length: int,
+        device: str, artifacts_dir: str, progress: bool = True) -> dict:
+    """Train one tokenizer per family, then a student and a teacher; each teacher must beat its student.
+
+    ``train_file`` (the task's training split, None when ``zoo.task_text`` is off) joins the pretraining
+    corpus; ``check_file`` (the selection split) is where each teacher is checked. Both count in the key
+    by content, so the zoo is rebuilt when they change and not when only the test split or the
+    augmentation does.
+    """
 
     def build(out: Path) -> dict:
         logger = run_logger()
-        corpus = load_corpus(zoo)
-        built = build_zoo(zoo, corpus, out, device=device, progress=progress, log=logger.info)
+        corpus = load_corpus(zoo, read_split(train_file) if train_file is not None else ())
+        check = TeacherCheck(read_split(check_file), check_split, max_length)
+        built = build_zoo(zoo, corpus, out, check=check, device=device, progress=progress, log=logger.info,
+                          warn=logger.warning)
         # Paths are stored relative to the stage directory, which is renamed into place afterwards.
         for family in built["families"]:
             for member in family["members"]:
@@ -29,4 +40,3 @@ def zoo(zoo: ZooConfig, device: str, artifacts_dir: str, progress: bool = True) 
         return built
 
     return run_stage(STAGE, MODULES, build)
-

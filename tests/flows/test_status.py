@@ -118,7 +118,7 @@ def test_train_file_content_status_names_the_file_and_puts_the_rest_after_it(mic
     assert (first.label, first.state) == ("prepare_data", "run")
     assert first.reasons[0] == "data.train_file: the file's content changed" and len(first.reasons) == 2
     assert [(s.label, s.state, s.after) for s in status.stages[1:4]] == [
-        ("augment", "after", ["prepare_data"]), ("zoo", "cached", []), ("plan_memory", "after", ["prepare_data"])]
+        ("augment", "after", ["prepare_data"]), ("zoo", "after", ["prepare_data"]), ("plan_memory", "after", ["zoo"])]
     assert {s.state for s in status.stages[4:]} == {"after"}
     assert all(s.after == ["plan_memory"] for s in status.stages[4:])
     assert status_of(config).nothing_to_run  # the original content: cached again

@@ -166,8 +166,8 @@ def test_each_familys_teacher_is_checked_against_its_student_before_fine_tuning(
     assert design.family_teacher_check(benchmarks) == [
         (False, "family granite: teacher g-teacher (4,000 parameters) validation PPL 216.0000 vs student g-student "
                 "(1,000) 178.0000 before fine-tuning: the teacher does NOT beat its student, so it can hardly teach "
-                "it (zoo: pretrain the teacher longer, zoo.teacher_pretrain_steps, or on text closer to the task, "
-                "zoo.corpus_file)"),
+                "it (zoo: pretrain the teacher longer, zoo.teacher_pretrain_steps or zoo.teacher_extra_rounds, or on "
+                "text closer to the task, zoo.corpus_file and zoo.task_text)"),
         (True, "family qwen2: teacher q-teacher (3,000 parameters) validation PPL 7.2500 vs student q-student "
                "(1,000) 9.5000 before fine-tuning: the teacher beats its student"),
     ]  # llama has one model: nothing to compare

@@ -33,7 +33,8 @@ def test_each_task_module_is_where_status_starts_its_code_key(stage):
 
 def _calls(cfg) -> dict[str, dict]:
     """One call of every stage built by ftflow.stages, with stand-in manifests."""
-    data = {"stage": "prepare_data", "fingerprint": "d" * 20}
+    data = {"stage": "prepare_data", "fingerprint": "d" * 20, "dir": "d",
+            "files": {name: f"{name}.jsonl" for name in ("train", "validation", "test")}}
     spec = cfg.models[0]
     common = stages.train_common(cfg, data, "cpu", 4, "artifacts", False)
     from ftflow.jobs import full_job
@@ -42,7 +43,7 @@ def _calls(cfg) -> dict[str, dict]:
     return {
         "prepare_data": stages.prepare_data_call(cfg, "artifacts"),
         "augment": stages.augment_call(cfg.augment, data, "artifacts"),
-        "zoo": stages.zoo_call(cfg, "cpu", "artifacts", False),
+        "zoo": stages.zoo_call(load_config("configs/demo.yaml"), data, "cpu", "artifacts", False),
         "plan_memory": stages.plan_memory_call(cfg, list(cfg.models), data, "cpu", "artifacts"),
         "benchmark": stages.benchmark_call(cfg, spec, 4, data, "cpu", "artifacts", False),
         "select_family": stages.select_family_call(cfg, [], "artifacts"),
@@ -136,7 +137,9 @@ def _finished(directory, stage: str, key: str, parts: dict) -> None:
 
     directory.mkdir(parents=True)
     (directory / "train.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
-    manifest = {"files": {"train": "train.jsonl"}, "stats": {}, "stage": stage, "key": key, "fingerprint": key,
+    (directory / "validation.jsonl").write_text('{"text": "v"}\n', encoding="utf-8")
+    manifest = {"files": {"train": "train.jsonl", "validation": "validation.jsonl"}, "stats": {}, "stage": stage,
+                "key": key, "fingerprint": key,
                 "dir": str(directory), "key_parts": parts}
     manifest[OUTPUTS] = record_outputs(directory)
     write_json(directory / MANIFEST, manifest)
@@ -150,7 +153,7 @@ def test_status_of_a_stage_missing_unrecorded_cached_and_damaged(tmp_path):
     artifacts = (tmp_path / "artifacts").resolve()
     status = pipeline_status(cfg)
     assert [(s.label, s.state, s.after) for s in status.stages] == [
-        ("prepare_data", "run", []), ("augment", "after", ["prepare_data"]), ("zoo", "run", []),
+        ("prepare_data", "run", []), ("augment", "after", ["prepare_data"]), ("zoo", "after", ["prepare_data"]),
         ("plan_memory", "after", ["zoo"]),
         ("benchmark (every candidate the memory plan lets through)", "after", ["plan_memory"]),
         ("select_family", "after", ["plan_memory"]),
@@ -188,3 +191,26 @@ def test_status_of_a_stage_missing_unrecorded_cached_and_damaged(tmp_path):
     first = pipeline_status(reseeded).stages[0]
     assert first.reasons == ["data.synthetic.seed changed (config field or parameter)",
                              f"(against the closest earlier run: prepare_data, {final})"]
+
+
+def test_the_zoos_key_follows_the_split_files_it_reads_by_content(tmp_path):
+    """The zoo reads the training split (zoo.task_text) and the selection split (its teacher check): a change
+    to either rebuilds it; the test split and the file's place do not."""
+    cfg = load_config("configs/demo.yaml")
+
+    def key(directory, texts: dict[str, str], config=cfg) -> str:
+        directory.mkdir(exist_ok=True)
+        for name in ("train", "validation", "test"):
+            (directory / f"{name}.jsonl").write_text(texts.get(name, f'{{"text": "{name}"}}\n'), encoding="utf-8")
+        data = {"stage": "prepare_data", "fingerprint": directory.name, "dir": str(directory),
+                "files": {name: f"{name}.jsonl" for name in ("train", "validation", "test")}}
+        return stages.key_of("zoo", stages.zoo_call(config, data, "cpu", "artifacts", False))[0]
+
+    base = key(tmp_path / "a", {})
+    assert key(tmp_path / "b", {}) == base  # another prepare_data directory with the same contents
+    assert key(tmp_path / "c", {"test": '{"text": "other test"}\n'}) == base
+    assert key(tmp_path / "d", {"train": '{"text": "other train"}\n'}) != base
+    assert key(tmp_path / "e", {"validation": '{"text": "other validation"}\n'}) != base
+    no_task_text = load_config("configs/demo.yaml", {"zoo": {"task_text": False}})
+    assert (key(tmp_path / "f", {}, no_task_text)
+            == key(tmp_path / "g", {"train": '{"text": "other train"}\n'}, no_task_text))
