@@ -79,9 +79,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
 
 from ftflow import zoo  # noqa: E402
-from ftflow.config import ZooSize  # noqa: E402
+from ftflow.config import ZooConfig, ZooFamily, ZooSize  # noqa: E402
 from ftflow.data import hold_out_validation, read_sentences  # noqa: E402
-from ftflow.design import family_teacher_check  # noqa: E402
 from ftflow.distill import (VARIANTS, DistillationCollator, DistillationTrainer, TeacherTopK,  # noqa: E402
                             compute_teacher_topk)
 from ftflow.perplexity import score_sentences  # noqa: E402
@@ -110,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     family.add_argument("--teacher", default="128,4,4,4,256", help="the same for the teacher")
     family.add_argument("--student-pretrain-steps", type=int, default=400)
     family.add_argument("--teacher-pretrain-steps", type=int, default=800)
+    family.add_argument("--teacher-extra-rounds", type=int, default=2,
+                        help="more rounds of teacher pretraining while it does not beat its student (the zoo's)")
     family.add_argument("--pretrain-batch-size", type=int, default=32)
     family.add_argument("--pretrain-learning-rate", type=float, default=3e-3)
     fine = parser.add_argument_group("fine-tuning and distillation (the same for every condition)")
@@ -153,28 +154,29 @@ def _settings(args, seed: int) -> TrainSettings:
 
 
 def build_family(args, corpus: list[str], validation, directory: Path) -> tuple[dict, dict]:
-    """Student and teacher pretrained on the corpus; their paths and validation PPL before fine-tuning."""
-    from transformers import AutoModelForCausalLM
+    """Student and teacher built as the zoo stage builds a family (:func:`ftflow.zoo.build_zoo`), with its check.
 
-    tokenizer = zoo.train_tokenizer(corpus, args.vocab_size, seed=args.seed, with_bos=args.architecture != "qwen2")
-    paths, info = {}, {}
-    for role, steps in (("student", args.student_pretrain_steps), ("teacher", args.teacher_pretrain_steps)):
-        started = time.perf_counter()
-        config = zoo.model_config(args.architecture, getattr(args, role), tokenizer, zoo.DECLARED_CONTEXT)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            model = AutoModelForCausalLM.from_config(config)
-            zoo.pretrain(model, tokenizer, corpus, steps=steps, batch_size=args.pretrain_batch_size,
-                         learning_rate=args.pretrain_learning_rate, max_length=args.max_length, seed=args.seed,
-                         device=args.device)
-        paths[role] = directory / role
-        zoo.save_checkpoint(model, tokenizer, paths[role])
-        ppl = score_sentences(model, tokenizer, validation, batch_size=args.eval_batch_size,
-                              max_length=args.max_length, progress=False).corpus_ppl
-        info[role] = {"parameters": sum(p.numel() for p in model.parameters()), "pretrain_steps": steps,
-                      "validation_ppl": ppl, "seconds": time.perf_counter() - started}
-        print(f"{role}: {info[role]['parameters']:,} parameters, {steps} pretraining steps, validation PPL "
-              f"{ppl:.3f} ({info[role]['seconds']:.0f}s)", flush=True)
+    The zoo scores both on the validation split and pretrains the teacher more rounds while it does not beat
+    its student (``--teacher-extra-rounds``). Returns the checkpoints' paths and, per role, its parameters,
+    pretraining steps and validation PPL before fine-tuning, plus the check (``"check"``).
+    """
+    sizes = {"student": args.student, "teacher": args.teacher}
+    cfg = ZooConfig(families=[ZooFamily(name="bench", architecture=args.architecture, **sizes)],
+                    vocab_size=args.vocab_size, corpus_sentences=len(corpus),
+                    pretrain_steps=args.student_pretrain_steps, teacher_pretrain_steps=args.teacher_pretrain_steps,
+                    teacher_extra_rounds=args.teacher_extra_rounds, batch_size=args.pretrain_batch_size,
+                    learning_rate=args.pretrain_learning_rate, max_length=args.max_length, seed=args.seed,
+                    task_text=False)
+    started = time.perf_counter()
+    built = zoo.build_zoo(cfg, corpus, directory, check=zoo.TeacherCheck(validation, "validation", args.max_length),
+                          device=args.device, progress=False, log=lambda line: print(line, flush=True))
+    (family,) = built["families"]
+    check = family["teacher_check"]
+    paths, info = {}, {"check": check, "seconds": time.perf_counter() - started}
+    for member in family["members"]:
+        paths[member["role"]] = Path(member["path"])
+        info[member["role"]] = {"parameters": member["parameters"], "pretrain_steps": member["pretrain_steps"],
+                                "validation_ppl": check[f"{member['role']}_ppl"]}
     return paths, info
 
 
@@ -275,11 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ftflow-distillbench-") as tmp:
         work = Path(tmp)
         paths, family = build_family(args, corpus, validation, work)
-        [(beats, line)] = family_teacher_check(
-            [{"name": role, "family": args.architecture, "parameters": info["parameters"],
-              "validation": {"corpus_ppl": info["validation_ppl"]}} for role, info in family.items()])
-        print(line, flush=True)
-        if not beats:
+        if not family["check"]["beats"]:  # the zoo printed why, with both figures
             return 1
         teacher = finetune(args, paths["teacher"], train, validation, test, args.seed, work / "teacher-ft")
         print(f"teacher full FT: validation PPL {teacher['validation_ppl']:.3f}, test PPL {teacher['test_ppl']:.3f} "
