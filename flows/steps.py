@@ -143,7 +143,7 @@ def log_family_checks(benchmarks: list[dict], zoo_checks: Sequence[str] = ()) ->
     checks = design.family_teacher_check(benchmarks, "validation")
     for beats, line in checks:
         (get_run_logger().info if beats else get_run_logger().warning)(line)
-    return list(zoo_checks) or [line for _, line in checks]
+    return design.teacher_check_notes(zoo_checks, checks)
 
 
 def settle(jobs: Sequence[Job], futures: list) -> list[dict]:

@@ -239,10 +239,18 @@ def distillation_teacher(cfg: PipelineConfig, selection: Selection | Mapping, ru
                                 f"{split} split, so it has nothing to teach ({figures})")
 
 
-def zoo_teacher_checks(zoo_manifest: Mapping) -> list[str]:
+def zoo_teacher_checks(zoo_manifest: Optional[Mapping]) -> list[str]:
     """The zoo stage's line per family: its teacher against its student on the selection split, and the
-    pretraining it took (recorded by :func:`ftflow.zoo.build_zoo`)."""
+    pretraining it took (recorded by :func:`ftflow.zoo.build_zoo`); none without a zoo."""
+    if zoo_manifest is None:
+        return []
     return [family["teacher_check"]["line"] for family in zoo_manifest["families"] if family.get("teacher_check")]
+
+
+def teacher_check_notes(zoo_checks: Sequence[str], benchmark_checks: Sequence[tuple[bool, str]]) -> list[str]:
+    """The report's lines on each family's teacher against its student: the zoo's when it checked them (they
+    also say how long each teacher pretrained), else the benchmark's (:func:`family_teacher_check`)."""
+    return list(zoo_checks) or [line for _, line in benchmark_checks]
 
 
 def family_teacher_check(benchmarks: Sequence[Mapping], split: str = "validation") -> list[tuple[bool, str]]:

@@ -275,10 +275,12 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
 
     data = w.stage("prepare_data", "prepare_data", stages.prepare_data_call(cfg, out))
     augmented = w.stage("augment", "augment", stages.augment_call(cfg.augment, data, out))
+    zoo_checks: list[str] = []
     if cfg.zoo is not None:
         zoo = (w.later("zoo", "zoo", pending_labels(data)) if is_pending(data) else
                w.stage("zoo", "zoo", stages.zoo_call(cfg, data, device, out, progress)))
         candidates = None if is_pending(zoo) else stages.zoo_candidates(zoo)
+        zoo_checks = [] if is_pending(zoo) else design.zoo_teacher_checks(zoo)
     else:
         candidates = list(cfg.models)
     plan = (w.later("plan_memory", "plan_memory", ["zoo"]) if candidates is None else
@@ -342,7 +344,7 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
     evaluation = w.stage("evaluate", "evaluate", stages.evaluate_call(
         cfg, data, augmented, benchmarks, failures, selection, design.unique_runs(everything), best["name"],
         design.ablation_labels(ablation), out, teacher=choice.model_dump(mode="json"),
-        checks=[line for _, line in family_checks]))
+        checks=design.teacher_check_notes(zoo_checks, family_checks)))
     return PipelineStatus(w.root, w.entries, None if is_pending(evaluation) else evaluation)
 
 

@@ -53,16 +53,16 @@ def test_distillation_parameter_reruns_only_distill_runs_and_evaluate(micro):
     redone = {name for name, (stage, state) in runs.items() if stage in STAGES and state != "Cached"}
     assert redone and all(name.startswith("distill[") or name.startswith("evaluate") for name in redone), redone
     assert {name for name in redone if name.startswith("distill[")} == {
-        "distill[granite-student|top2,T1,a0.25,lr5e-05]", "distill[granite-student|top4,T1,a0.25,lr5e-05]"}
+        "distill[qwen2-student|top2,T1,a0.25,lr5e-05]", "distill[qwen2-student|top4,T1,a0.25,lr5e-05]"}
 
 
 def test_adding_one_grid_value_trains_only_the_new_combinations(micro):
     _, runs = run_pipeline_runs(micro, {"lora": {"r": [2, 4, 8]}})
-    grid = {name: state for name, (_, state) in runs.items() if name.startswith("lora[granite-teacher|")}
+    grid = {name: state for name, (_, state) in runs.items() if name.startswith("lora[qwen2-teacher|")}
     # Each combination is its own cached run: the old ones are reused, only the new one trains.
-    assert grid == {"lora[granite-teacher|r2,a16,d0.05,lr0.001]": "Cached",
-                    "lora[granite-teacher|r4,a16,d0.05,lr0.001]": "Cached",
-                    "lora[granite-teacher|r8,a16,d0.05,lr0.001]": "Completed"}
+    assert grid == {"lora[qwen2-teacher|r2,a16,d0.05,lr0.001]": "Cached",
+                    "lora[qwen2-teacher|r4,a16,d0.05,lr0.001]": "Cached",
+                    "lora[qwen2-teacher|r8,a16,d0.05,lr0.001]": "Completed"}
 
 
 def test_deleted_output_directory_is_recomputed(micro):
@@ -79,10 +79,23 @@ def test_train_file_content_change_reruns_everything_downstream_of_data(micro):
     original = train.read_text(encoding="utf-8")
     try:
         train.write_text(original.replace("\n", " indeed\n", 1), encoding="utf-8")
-        assert recomputed(stage_states(micro)) == STAGES - {"zoo"}
+        # The zoo too: it pretrains on the training split (zoo.task_text) and checks on validation.
+        assert recomputed(stage_states(micro)) == STAGES
     finally:
         train.write_text(original, encoding="utf-8")
     # Back to the original content: everything is Cached again.
+    assert recomputed(stage_states(micro)) == set()
+
+
+def test_test_file_content_change_reruns_all_but_the_zoo(micro):
+    test = micro.parent / "test.txt"
+    original = test.read_text(encoding="utf-8")
+    try:
+        test.write_text(original.replace("\n", " indeed\n", 1), encoding="utf-8")
+        # The zoo reads the training and validation splits by content, not the test split.
+        assert recomputed(stage_states(micro)) == STAGES - {"zoo"}
+    finally:
+        test.write_text(original, encoding="utf-8")
     assert recomputed(stage_states(micro)) == set()
 
 
@@ -152,12 +165,16 @@ def test_choices_use_validation_unless_the_study_protocol_is_asked_for(micro):
     evaluation, trained = leaderboard()
     # Best epochs are chosen on validation: the selection PPL is a different split's number than test.
     assert all(r["selection_ppl"] != r["test_ppl"] for r in trained)
-    assert "STUDY PROTOCOL" not in (Path(evaluation["dir"]) / "report.md").read_text()
+    report = (Path(evaluation["dir"]) / "report.md").read_text()
+    assert "STUDY PROTOCOL" not in report
+    # The zoo checked each family's teacher against its student on the selection split; the report says so.
+    assert all(f"- zoo check, family {family}: teacher validation PPL " in report for family in ("granite", "qwen2"))
 
     evaluation, trained = leaderboard({"selection_split": "test"})
     assert all(r["selection_ppl"] == pytest.approx(r["test_ppl"], rel=1e-9) for r in trained)
-    assert "STUDY PROTOCOL: the family, best epochs and best combinations were chosen on the TEST split" in (
-        Path(evaluation["dir"]) / "report.md").read_text()
+    report = (Path(evaluation["dir"]) / "report.md").read_text()
+    assert "STUDY PROTOCOL: the family, best epochs and best combinations were chosen on the TEST split" in report
+    assert all(f"- zoo check, family {family}: teacher test PPL " in report for family in ("granite", "qwen2"))
 
 
 def test_one_augmentation_rate_reruns_augmentation_and_what_trains_on_it_only(micro):

@@ -87,14 +87,14 @@ def test_a_distillation_field_status_predicts_the_reruns_and_says_why(micro):
     config, _ = micro
     status = status_of(config, ALPHA)
     states = by_state(status)
-    assert states["run"] == {"distill[granite-student|top2,T1,a0.25,lr5e-05]",
-                             "distill[granite-student|top4,T1,a0.25,lr5e-05]"}
+    assert states["run"] == {"distill[qwen2-student|top2,T1,a0.25,lr5e-05]",
+                             "distill[qwen2-student|top4,T1,a0.25,lr5e-05]"}
     assert states["after"] == {"evaluate"}
     for entry in status.stages:
         if entry.state == "run":
             top = entry.label.split("|")[1].split(",")[0]
             assert entry.reasons[0] == "job.alpha changed (config field or parameter)"
-            assert entry.reasons[1].startswith(f"(against the closest earlier run: distill[granite-student|{top},T1,"
+            assert entry.reasons[1].startswith(f"(against the closest earlier run: distill[qwen2-student|{top},T1,"
                                                "a0.5,lr5e-05], ")
             assert len(entry.reasons) == 2
     (evaluate,) = [s for s in status.stages if s.label == "evaluate"]
@@ -140,11 +140,11 @@ def test_a_module_source_change_status_names_the_module(micro, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == f"ftflow status: {config} (artifacts in {(config.parent / 'artifacts').resolve()})"
-    grid = [i for i, line in enumerate(lines) if line.startswith("will run  lora[granite-teacher|")]
+    grid = [i for i, line in enumerate(lines) if line.startswith("will run  lora[qwen2-teacher|")]
     assert len(grid) == 2
     for i in grid:
         assert lines[i + 1] == "              - code of ftflow.distill changed"
-        assert lines[i + 2].startswith("              - (against the closest earlier run: lora[granite-teacher|")
+        assert lines[i + 2].startswith("              - (against the closest earlier run: lora[qwen2-teacher|")
     # Everything before training is cached; teacher_logits and every later run wait for the grid.
     cached = [line.split()[:2] for line in lines[1:grid[0]]]
     assert cached == [["cached", name] for name in (
