@@ -322,6 +322,15 @@ def test_teachers_can_pretrain_longer_than_their_students(corpus, tmp_path):
     assert [line.split(" in ")[-1].split(",")[0] for line in lines] == ["5 steps", "7 steps"]
 
 
+def checked_build(cfg: ZooConfig, corpus, out_dir: Path):
+    """The zoo built with a check on 40 other sentences: (manifest, check, log lines, warnings)."""
+    check = zoo.TeacherCheck(synthetic.generate_sentences(40, 7, "general"), "validation", 32)
+    lines, warnings = [], []
+    manifest = zoo.build_zoo(cfg, corpus, out_dir, check=check, progress=False, log=lines.append,
+                             warn=warnings.append)
+    return manifest, check, lines, warnings
+
+
 def rescored(path: Path, check: zoo.TeacherCheck) -> float:
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     return zoo._check_ppl(model, tokenizer, check)
@@ -331,10 +340,7 @@ def rescored(path: Path, check: zoo.TeacherCheck) -> float:
 def test_a_teacher_that_loses_is_pretrained_more_rounds_until_it_beats_its_student(corpus, tmp_path):
     # A student pretrained 30 steps against a teacher given 6 a round: the first round cannot win.
     cfg = micro_config(("llama",), pretrain_steps=30, teacher_pretrain_steps=6, teacher_extra_rounds=8)
-    check = zoo.TeacherCheck(synthetic.generate_sentences(40, 7, "general"), "validation", 32)
-    lines, warnings = [], []
-    manifest = zoo.build_zoo(cfg, corpus, tmp_path, check=check, progress=False, log=lines.append,
-                             warn=warnings.append)
+    manifest, check, lines, warnings = checked_build(cfg, corpus, tmp_path)
     (family,) = manifest["families"]
     record, (student, teacher) = family["teacher_check"], family["members"]
     rounds = record["teacher_ppl_by_round"]
@@ -360,10 +366,7 @@ def test_a_teacher_that_loses_is_pretrained_more_rounds_until_it_beats_its_stude
 @pytest.mark.slow
 def test_a_teacher_that_still_loses_is_saved_and_reported_with_what_to_change(corpus, tmp_path):
     cfg = micro_config(("qwen2",), pretrain_steps=30, teacher_pretrain_steps=1, teacher_extra_rounds=1)
-    check = zoo.TeacherCheck(synthetic.generate_sentences(40, 7, "general"), "validation", 32)
-    lines, warnings = [], []
-    manifest = zoo.build_zoo(cfg, corpus, tmp_path, check=check, progress=False, log=lines.append,
-                             warn=warnings.append)
+    manifest, _, _, warnings = checked_build(cfg, corpus, tmp_path)
     (family,) = manifest["families"]
     record = family["teacher_check"]
     assert not record["beats"] and record["teacher_steps"] == 2 and len(record["teacher_ppl_by_round"]) == 2
