@@ -12,6 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.benchmark_only import benchmark_candidates
 from flows.scale import mapped_runner
+from ftflow import stages
 from ftflow.config import RunnerConfig, load_config
 from ftflow.stages import zoo_candidates
 from tasks._stage import with_storage
@@ -41,7 +42,7 @@ def benchmark_on_both(config_path: str, local_dir: str, dask_dir: str) -> dict:
     cfg = load_config(config_path)
     out = str(cfg.artifacts_dir)
     data = with_storage(prepare_data, out)(cfg.data, artifacts_dir=out)
-    candidates = zoo_candidates(with_storage(zoo, out)(cfg.zoo, "cpu", artifacts_dir=out, progress=False))
+    candidates = zoo_candidates(with_storage(zoo, out)(**stages.zoo_call(cfg, data, "cpu", out, False)))
     plan = with_storage(plan_memory, out)(candidates, data, cfg.memory, cfg.memory_budget_gb, cfg.max_length,
                                           cfg.benchmark.batch_size, "cpu", artifacts_dir=out)
     results = {}
