@@ -72,3 +72,10 @@ def tiny_model(architecture: str = "llama", vocab_size: int = len(SPECIALS) + le
     else:
         raise ValueError(architecture)
     return model.eval()
+
+
+def saved_base(path, hidden_size: int = 64) -> dict:
+    """A tiny Llama and its tokenizer saved in ``path``, as the pipeline's benchmarked model dict."""
+    tiny_model("llama", hidden_size=hidden_size).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return {"name": "tiny", "path": str(path), "family": "tiny", "precision": "fp32", "trust_remote_code": False}

@@ -13,7 +13,7 @@ from ftflow.methods import (Job, best_run, distill_grid, full_job, load_trained,
                             prefix_grid, qlora_like, run_job)
 from ftflow.models import load_model, load_tokenizer
 from ftflow.perplexity import score_sentences
-from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
+from tests.tiny import SENTENCES, saved_base, tiny_model, tiny_tokenizer
 
 TRAIN, VALIDATION, TEST = SENTENCES * 2, SENTENCES[:5], SENTENCES[5:]
 COMMON = dict(seed=0, max_length=32, device="cpu", eval_batch_size=4, progress=False, checkpoint_steps=4)
@@ -22,10 +22,7 @@ COMMON = dict(seed=0, max_length=32, device="cpu", eval_batch_size=4, progress=F
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict:
     """A tiny Llama checkpoint on disk, as the pipeline's benchmarked model dict."""
-    path = tmp_path_factory.mktemp("base")
-    tiny_model("llama", hidden_size=32).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return {"name": "tiny", "path": str(path), "family": "tiny", "precision": "fp32", "trust_remote_code": False}
+    return saved_base(tmp_path_factory.mktemp("base"), hidden_size=32)
 
 
 def train(job: Job, tmp_path, **extra) -> dict:

@@ -8,7 +8,7 @@ from ftflow.config import LoraConfig, QLoraConfig
 from ftflow.methods import load_trained, lora_grid, qlora_like, run_job
 from ftflow.models import load_tokenizer
 from ftflow.perplexity import score_sentences
-from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
+from tests.tiny import SENTENCES, saved_base
 
 TRAIN, VALIDATION, TEST = SENTENCES * 2, SENTENCES[:5], SENTENCES[5:]
 
@@ -16,10 +16,7 @@ TRAIN, VALIDATION, TEST = SENTENCES * 2, SENTENCES[:5], SENTENCES[5:]
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict:
     """A tiny Llama with real models' widths (64, key/value 32), as the pipeline's benchmarked model dict."""
-    path = tmp_path_factory.mktemp("base")
-    tiny_model("llama", hidden_size=64).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return {"name": "tiny", "path": str(path), "family": "tiny", "precision": "fp32", "trust_remote_code": False}
+    return saved_base(tmp_path_factory.mktemp("base"), hidden_size=64)
 
 
 @pytest.mark.slow

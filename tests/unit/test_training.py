@@ -7,7 +7,7 @@ import torch
 
 from ftflow.methods import run_job
 from ftflow.training import PrecisionPlan, TrainSettings, encode_dataset, plan_precision, train_full
-from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
+from tests.tiny import SENTENCES, saved_base, tiny_model, tiny_tokenizer
 
 
 def test_precision_plans():
@@ -121,10 +121,7 @@ def test_bf16_weights_without_fp32_masters_train_with_a_kahan_compensated_update
 
 @pytest.fixture(scope="module")
 def fp32_base(tmp_path_factory) -> dict:
-    path = tmp_path_factory.mktemp("fp32")
-    tiny_model("llama", hidden_size=64).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return {"name": "tiny", "path": str(path), "family": "tiny", "precision": "fp32", "trust_remote_code": False}
+    return saved_base(tmp_path_factory.mktemp("fp32"), hidden_size=64)
 
 
 @pytest.mark.slow

@@ -7,17 +7,14 @@ import pytest
 from ftflow.config import FinetuneConfig
 from ftflow.jobs import full_job
 from ftflow.methods import run_job
-from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
+from tests.tiny import SENTENCES, saved_base
 
 pytestmark = pytest.mark.slow  # two short training runs
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict:
-    path = tmp_path_factory.mktemp("base")
-    tiny_model("llama", hidden_size=64).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return {"name": "tiny", "path": str(path), "family": "tiny", "precision": "fp32", "trust_remote_code": False}
+    return saved_base(tmp_path_factory.mktemp("base"), hidden_size=64)
 
 
 def _run(base: dict, directory, report_to) -> dict:
