@@ -315,16 +315,14 @@ def _check_ppl(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, check
                                       max_length=check.max_length, progress=False).corpus_ppl
 
 
-def _pretrained(cfg: ZooConfig, config: PretrainedConfig, tokenizer: PreTrainedTokenizerFast, corpus: Sequence[str],
-                name: str, steps: int, device, progress: bool) -> tuple[PreTrainedModel, list[float]]:
-    """A model initialised with the seed derived from ``name`` and pretrained ``steps`` steps."""
-    seed = cfg.seed + _stable_offset(name)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    losses = pretrain(model, tokenizer, corpus, steps=steps, batch_size=cfg.batch_size,
-                      learning_rate=cfg.learning_rate, max_length=cfg.max_length, seed=seed, device=device,
-                      progress=progress, description=name)
-    return model, losses
+def _pretrain_round(cfg: ZooConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
+                    corpus: Sequence[str], name: str, steps: int, round_index: int, device,
+                    progress: bool) -> list[float]:
+    """One round of ``steps`` pretraining steps of the model ``name``; each round draws its own batch order."""
+    return pretrain(model, tokenizer, corpus, steps=steps, batch_size=cfg.batch_size,
+                    learning_rate=cfg.learning_rate, max_length=cfg.max_length,
+                    seed=cfg.seed + _stable_offset(name) + round_index, device=device, progress=progress,
+                    description=name if round_index == 0 else f"{name} round {round_index + 1}")
 
 
 def _teacher_check_line(family: str, record: dict) -> str:
@@ -404,30 +402,30 @@ def build_zoo(
         # Declare the study's context length, not the short pretraining length: rotary
         # position embeddings have no parameters, and scoring runs up to max_length 2048.
         tokenizer.model_max_length = max(cfg.max_length, DECLARED_CONTEXT)
-        members, check_ppl = [], {}
+        members, ppl_by_round = [], {}  # per role: its check PPL after each pretraining round
         for role in ROLES:
             name = f"{family.name}-{role}"
             config = model_config(family.architecture, getattr(family, role), tokenizer, tokenizer.model_max_length)
             steps = cfg.pretrain_steps if role == "student" else cfg.teacher_pretrain_steps or cfg.pretrain_steps
             started = time.perf_counter()
             with torch.random.fork_rng(devices=[]):
-                model, losses = _pretrained(cfg, config, tokenizer, corpus, name, steps, device, progress)
+                torch.manual_seed(cfg.seed + _stable_offset(name))
+                model = AutoModelForCausalLM.from_config(config)
+                losses = _pretrain_round(cfg, model, tokenizer, corpus, name, steps, 0, device, progress)
                 total_steps, by_round = steps, []
                 if check is not None:
                     by_round.append(_check_ppl(model, tokenizer, check))
                     # The teacher must beat its student; more rounds while it does not.
-                    while (role == "teacher" and by_round[-1] >= check_ppl["student"]
+                    while (role == "teacher" and by_round[-1] >= ppl_by_round["student"][-1]
                            and len(by_round) <= cfg.teacher_extra_rounds):
                         log(f"zoo: {name} {check.split} PPL {by_round[-1]:.4f} does not beat its student's "
-                            f"{check_ppl['student']:.4f} after {total_steps} steps; pretraining {steps} more "
+                            f"{ppl_by_round['student'][-1]:.4f} after {total_steps} steps; pretraining {steps} more "
                             f"(round {len(by_round) + 1} of at most {cfg.teacher_extra_rounds + 1})")
-                        losses = pretrain(model, tokenizer, corpus, steps=steps, batch_size=cfg.batch_size,
-                                          learning_rate=cfg.learning_rate, max_length=cfg.max_length,
-                                          seed=cfg.seed + _stable_offset(name) + len(by_round), device=device,
-                                          progress=progress, description=f"{name} round {len(by_round) + 1}")
+                        losses = _pretrain_round(cfg, model, tokenizer, corpus, name, steps, len(by_round), device,
+                                                 progress)
                         total_steps += steps
                         by_round.append(_check_ppl(model, tokenizer, check))
-                    check_ppl[role], check_ppl[f"{role}_rounds"] = by_round[-1], by_round
+                    ppl_by_round[role] = by_round
             seconds = time.perf_counter() - started
             path = out_dir / name
             save_checkpoint(model, tokenizer, path)
@@ -451,10 +449,11 @@ def build_zoo(
             del model
         record = None
         if check is not None:
-            record = {"split": check.split, "student_ppl": check_ppl["student"], "teacher_ppl": check_ppl["teacher"],
-                      "teacher_ppl_by_round": check_ppl["teacher_rounds"],
+            student_ppl, teacher_ppl = ppl_by_round["student"][-1], ppl_by_round["teacher"][-1]
+            record = {"split": check.split, "student_ppl": student_ppl, "teacher_ppl": teacher_ppl,
+                      "teacher_ppl_by_round": ppl_by_round["teacher"],
                       "student_steps": members[0]["pretrain_steps"], "teacher_steps": members[1]["pretrain_steps"],
-                      "beats": check_ppl["teacher"] < check_ppl["student"]}
+                      "beats": teacher_ppl < student_ppl}
             record["line"] = _teacher_check_line(family.name, record)
             (log if record["beats"] else warn)(record["line"])
         families.append({"name": family.name, "architecture": family.architecture, "members": members,
