@@ -159,7 +159,9 @@ def test_8bit_adamw_keeps_small_steps_on_bf16_weights_by_stochastic_rounding():
     # 10 steps of about 2e-5 (a bf16 step at 0.03 is 1.2e-4): the same 8-bit update on fp32 weights is the
     # reference; stochastically rounded bf16 weights reach it on average (noise of the mean: 0.4%).
     reference = (run(bnb.optim.AdamW8bit, torch.float32) - start).mean().item()
-    assert reference == pytest.approx(1.973e-4, rel=1e-3)
+    # A constant gradient makes every exact AdamW step lr (10 x 2e-5 = 2e-4); 8-bit moments quantise that
+    # step by up to a few percent (1.973e-4 on one machine; bitsandbytes' CPU kernels differ by CPU).
+    assert reference == pytest.approx(2e-4, rel=0.03)
     moved = (run(adamw_8bit_class()) - start).mean().item()
     assert moved == pytest.approx(reference, rel=0.02)
 

@@ -166,9 +166,13 @@ def test_untrained_prefix_starts_close_to_the_base_model(trained_base):
         config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, init_weights=init_weights)
         return get_peft_model(load_model(trained_base["path"]), config)
 
-    assert ppl(load_model(trained_base["path"])) == pytest.approx(1.44003, abs=1e-5)
-    assert ppl(prefixed("zero")) == pytest.approx(1.51634, abs=1e-5)  # +5%
-    assert ppl(prefixed(None)) == pytest.approx(2.17935, abs=1e-5)  # PEFT's default: +51%
+    # On one machine: 1.440, 1.516 (+5%) and 2.179 (+51%). The figures after training depend on the CPU's
+    # kernels in their last digits, so the property is asserted, with margins far wider than that: the
+    # base model has learnt its 8 sentences, a zero prefix stays within 10% of it, a random one is 30% worse.
+    base = ppl(load_model(trained_base["path"]))
+    assert base < 2.0
+    assert base < ppl(prefixed("zero")) < 1.1 * base
+    assert ppl(prefixed(None)) > 1.3 * base
 
 
 @pytest.mark.slow  # trains

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ftflow.methods import run_job
+from ftflow.tokens import sentence_ids
 from ftflow.training import PrecisionPlan, TrainSettings, encode_dataset, plan_precision, train_full
 from tests.tiny import SENTENCES, saved_base, tiny_model, tiny_tokenizer
 
@@ -93,6 +94,24 @@ def _changed_fraction(bf16_checkpoint, tmp_path, plan=None, **settings) -> tuple
     return changed / sum(v.numel() for v in before.values()), result, after
 
 
+def _movable_fraction(bf16_checkpoint) -> float:
+    """The share of weights a gradient reaches: all but the input-embedding rows of tokens never read as input.
+
+    Computed from the data, not measured. A sentence's last token is read by no prediction (nothing follows
+    it and nothing attends to it), so its input-embedding row gets a gradient only where the token appears
+    elsewhere; every other weight gets one at every step, so an optimizer that keeps every update moves
+    exactly these.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(bf16_checkpoint, dtype=torch.float32)
+    used = {i for text in SENTENCES for i in sentence_ids(tokenizer, text, 32)[0][:-1]}
+    embedding = model.get_input_embeddings().weight
+    unused_rows = embedding.shape[0] - len(used)
+    return 1 - unused_rows * embedding.shape[1] / sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.slow
 def test_bf16_full_finetuning_keeps_fp32_master_weights_and_changes_every_trained_weight(bf16_checkpoint, tmp_path):
     fraction, result, after = _changed_fraction(bf16_checkpoint, tmp_path)
@@ -100,10 +119,12 @@ def test_bf16_full_finetuning_keeps_fp32_master_weights_and_changes_every_traine
     assert result["precision_plan"] == {"load": "bf16", "trained_weights": "fp32", "autocast": "bf16",
                                         "loss_scaling": False, "optimizer": "adamw"}
     assert next(iter(after.values())).dtype == torch.float32  # the master weights are what is saved
-    # Plain AdamW on the bf16 weights (before): 30% changed. The rest: embedding rows of tokens the data
-    # never uses, which no optimizer moves.
+    # Plain AdamW on the bf16 weights (before): 23% changed. With fp32 masters every weight a gradient reaches
+    # moves; the rest are embedding rows of tokens the data never uses, which no optimizer moves. The count is
+    # exact whatever the CPU's kernels, but for a weight whose gradient happens to be 0 at every step (a
+    # SiLU gate saturated on every token: 1 of the 78,272 here on one machine): a tolerance of 0.1%.
     assert fraction >= 0.99
-    assert fraction == pytest.approx(0.991811, abs=1e-6)
+    assert fraction == pytest.approx(_movable_fraction(bf16_checkpoint), abs=1e-3)
 
 
 @pytest.mark.slow
@@ -115,8 +136,14 @@ def test_bf16_weights_without_fp32_masters_train_with_a_kahan_compensated_update
                                         "loss_scaling": False, "optimizer": "adamw-kahan"}
     assert next(iter(after.values())).dtype == torch.bfloat16
     # A bf16 weight moves once its summed updates reach half a bf16 step; plain AdamW drops each smaller one.
-    assert plain == pytest.approx(0.227936, abs=1e-6)
-    assert fraction == pytest.approx(0.633994, abs=1e-6)
+    # The exact shares depend on the CPU's kernels (AVX-512 and AVX2 round a few ties differently: 0.227910
+    # against 0.227936), so the property is asserted, with margins far wider than that: plain AdamW moves a
+    # minority of the weights, the compensated update at least twice as many, and neither more than a
+    # gradient reaches.
+    movable = _movable_fraction(bf16_checkpoint)
+    assert 0.05 < plain < 0.5
+    assert fraction > 2 * plain
+    assert fraction <= movable + 1e-9
 
 
 @pytest.fixture(scope="module")
