@@ -15,6 +15,8 @@ A token the server does not know is refused on every call with 401 and ``X-Error
 Authorization header``, which huggingface_hub keeps apart from "not found". Every request is recorded. Binds
 127.0.0.1 on an ephemeral port only.
 
+:func:`put_in_cache` lays out a model in a Hugging Face cache as a download would.
+
 Usage::
 
     with FakeHub({"org/model": FakeModel(files={"config.json": b"{}"})}, tokens={"hf_good"}) as hub:
@@ -28,7 +30,21 @@ import json
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+
+def put_in_cache(cache: Path, model_id: str, files: dict[str, bytes]) -> None:
+    """Files of one model in a Hugging Face cache's layout (``refs/main`` -> ``snapshots/<sha>/<file>``), as a
+    download leaves them."""
+    folder = Path(cache) / ("models--" + model_id.replace("/", "--"))
+    sha = "a" * 40
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(sha)
+    for name, content in files.items():
+        path = folder / "snapshots" / sha / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 
 from ftflow import hub
 from ftflow.memory import UnknownModelError, count_config_parameters, fetched_configs_dir, model_config_for
-from tests.fake_hub import FakeHub, FakeModel
+from tests.fake_hub import FakeHub, FakeModel, put_in_cache
 
 CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": False}
@@ -43,18 +43,6 @@ def online(cache, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     return cache
-
-
-def put_in_cache(cache: Path, model_id: str, files: dict[str, bytes]) -> None:
-    """Files of one model in the cache's layout (refs/main -> snapshots/<sha>/<file>), as a download leaves them."""
-    folder = cache / ("models--" + model_id.replace("/", "--"))
-    sha = "a" * 40
-    (folder / "refs").mkdir(parents=True, exist_ok=True)
-    (folder / "refs" / "main").write_text(sha)
-    for name, content in files.items():
-        path = folder / "snapshots" / sha / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
 
 
 def test_each_failure_gets_its_own_line_and_fix(online, monkeypatch):
