@@ -51,7 +51,7 @@ class DiskPlan:
     """The disk a study needs, by part, and where each part goes.
 
     Attributes:
-        downloads: per benchmarked model (hub ids only).
+        downloads: per benchmarked model (once per hub id, named by it).
         outputs_bytes: the runs' kept outputs and the teacher stores (under ``artifacts_dir``).
         outputs_detail: the parts of ``outputs_bytes``, one phrase each.
         in_flight_bytes: the largest run's checkpoints while it trains (under ``artifacts_dir``).
@@ -184,8 +184,11 @@ def plan_disk(cfg, study, checks: Mapping[str, object], *, hub_cache: Path, done
         workers: runs training at once (Dask workers), each with its checkpoints.
     """
     tokenizer_bytes = dict(tokenizer_bytes or {})
-    downloads = [model_download(m["name"], m["path"], study.parameters.get(m["name"]), checks.get(m["path"]))
-                 for m in study.models]
+    first = {}  # a hub id benchmarked at two precisions is downloaded once
+    for m in study.models:
+        first.setdefault(m["path"], m)
+    downloads = [model_download(path, path, study.parameters.get(m["name"]), checks.get(path))
+                 for path, m in first.items()]
     kept = {"adapters": 0, "full checkpoints": 0, "teacher stores": 0}
     counts = {"adapters": 0, "full checkpoints": 0, "teacher stores": 0}
     in_flight = 0

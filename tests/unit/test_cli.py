@@ -221,7 +221,7 @@ def test_plan_shows_every_training_run_of_the_study_fitting_20_gb_with_its_hours
 
     ids = [m["path"] for m in yaml.safe_load(config.read_text())["models"]]
     downloads = sum(2 * count_config_parameters(model_config_for(i)) for i in ids)
-    assert f"- downloads {downloads / 1e9:.1f} GB into {hf_cache} (HF_HUB_CACHE): TinyLlama-1.1B-Chat-v1.0 2.2 GB " \
+    assert f"- downloads {downloads / 1e9:.1f} GB into {hf_cache} (HF_HUB_CACHE): TinyLlama/TinyLlama-1.1B-Chat-v1.0 2.2 GB " \
            "(1.10B parameters in bf16), " in out
     assert f"- kept outputs " in out and "- checkpoints in flight " in out and "\ndisk: " in out
 

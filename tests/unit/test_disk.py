@@ -66,6 +66,15 @@ def test_outputs_and_checkpoints_of_a_small_study_from_first_principles(tmp_path
     assert disk.plan_disk(cfg, study, {}, hub_cache=tmp_path / "hf", done=done).outputs_bytes == 0
 
 
+def test_a_model_benchmarked_at_two_precisions_is_downloaded_once(tmp_path):
+    cfg = load_config(small_study(tmp_path))
+    study = plan_study(cfg, device="cpu", bf16_supported=True)
+    study.models = [{**m, "name": f"qwen-{p}", "path": "Qwen/Qwen2.5-0.5B"} for m, p in zip(study.models, ("a", "b"))]
+    study.parameters.update({"qwen-a": 494_032_768, "qwen-b": 494_032_768})
+    plan = disk.plan_disk(cfg, study, {}, hub_cache=tmp_path / "hf")
+    assert plan.downloads == [disk.Download("Qwen/Qwen2.5-0.5B", 494_032_768 * 2, "0.49B parameters in bf16")]
+
+
 def test_downloads_from_the_hubs_sizes_or_the_parameters_at_the_hubs_dtype():
     listed = HubCheck("org/m", "ok", files=(("config.json", 700), ("model.safetensors", 5_000_000_000)),
                       cached_files=("config.json",))
