@@ -209,14 +209,19 @@ def _check_disk(cfg: PipelineConfig, report, problems: dict[str, str], status, s
     from ftflow.memory import fetched_configs_dir
     from ftflow.models import resolve_device
 
+    from ftflow import hub
+
     if not cfg.models:  # the zoo's checkpoints are built here: tens of MB, and their runs' outputs as small
         return
     device = resolve_device(cfg.device)
+    hub.fetch_configs(report, fetched_configs_dir(cfg.artifacts_dir))  # an id ftflow does not know: sized too
     study = study_plan.plan_study(cfg, device=device, bf16_supported=memory.bf16_available(device)
                                   if device == "cpu" else True, left_out=problems,
                                   config_dir=fetched_configs_dir(cfg.artifacts_dir))
     done = [s.label for s in status.stages if s.state == "cached"] if status is not None else []
     plan = _disk_plan(cfg, report, problems, study, done)
+    if plan.download_bytes:
+        print(f"ftflow: {plan.lines()[0]}", file=sys.stderr)
     if shortfalls := plan.shortfalls():
         raise UserError("not enough disk to start (nothing was run): " + "; ".join(shortfalls) + ". Needed:\n"
                         + "\n".join(f"  - {line}" for line in plan.lines())
@@ -291,6 +296,7 @@ def _status(args: argparse.Namespace) -> int:
     from ftflow.status import pipeline_status, status_text
 
     cfg = _load_checked(args.config, parse_overrides(args.set))
+    _hub_check(cfg, stop_when_none_left=False)  # the models a run would leave out, one line each
     print(status_text(args.config, pipeline_status(cfg)), end="")
     return 0
 
