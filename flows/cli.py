@@ -189,7 +189,7 @@ def _hub_check(cfg: PipelineConfig, *, stop_when_none_left: bool) -> tuple[objec
     return report, problems
 
 
-def _disk_plan(cfg: PipelineConfig, report, problems: dict[str, str], study, done=()):
+def _disk_plan(cfg: PipelineConfig, report, study, done=()):
     """The disk ``cfg``'s study needs (:func:`ftflow.disk.plan_disk`), downloads sized by the hub check."""
     from ftflow import disk, hub
 
@@ -205,11 +205,9 @@ def _disk_plan(cfg: PipelineConfig, report, problems: dict[str, str], study, don
 
 def _check_disk(cfg: PipelineConfig, report, problems: dict[str, str], status, source: str) -> None:
     """Refuse to start a study of hub models (or local ones) when a file system lacks the disk it needs."""
-    from ftflow import memory, study_plan
+    from ftflow import hub, memory, study_plan
     from ftflow.memory import fetched_configs_dir
     from ftflow.models import resolve_device
-
-    from ftflow import hub
 
     if not cfg.models:  # the zoo's checkpoints are built here: tens of MB, and their runs' outputs as small
         return
@@ -219,7 +217,7 @@ def _check_disk(cfg: PipelineConfig, report, problems: dict[str, str], status, s
                                   if device == "cpu" else True, left_out=problems,
                                   config_dir=fetched_configs_dir(cfg.artifacts_dir))
     done = [s.label for s in status.stages if s.state == "cached"] if status is not None else []
-    plan = _disk_plan(cfg, report, problems, study, done)
+    plan = _disk_plan(cfg, report, study, done)
     if plan.download_bytes:
         print(f"ftflow: {plan.lines()[0]}", file=sys.stderr)
     if shortfalls := plan.shortfalls():
@@ -342,8 +340,8 @@ def _plan(args: argparse.Namespace) -> int:
     # Online: what the hub refuses is left out as a run would leave it out, and the configs of ids ftflow does
     # not know are read from it. Offline nothing is left out: planning needs no download.
     report, problems = hub.check_candidates(cfg.models)
-    refused = {name: problem for name, problem in problems.items()
-               if report.checks[next(s.path for s in cfg.models if s.name == name)].refused}
+    refused = {spec.name: problems[spec.name] for spec in cfg.models
+               if spec.name in problems and report.checks[spec.path].refused}
     configs = memory.fetched_configs_dir(cfg.artifacts_dir)
     fetch_problems = hub.fetch_configs(report, configs)
     plans, problems = [], [f"{name}: {problem}" for name, problem in refused.items()]
@@ -413,7 +411,7 @@ def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, o
     if len(fitting) < len(runs):
         print(f"{len(runs) - len(fitting)} run(s) would be skipped (listed above with the figure)")
     print(f"written: {out}/training_plan.csv, training_plan.md")
-    disk = _disk_plan(cfg, report, refused, study)
+    disk = _disk_plan(cfg, report, study)
     print(f"\ndisk: {size_text(disk.total_bytes)} for the whole study")
     for line in disk.lines():
         print(f"- {line}")
