@@ -204,12 +204,13 @@ def _disk_plan(cfg: PipelineConfig, report, study, done=()):
 
 
 def _check_disk(cfg: PipelineConfig, report, problems: dict[str, str], status, source: str) -> None:
-    """Refuse to start a study of hub models (or local ones) when a file system lacks the disk it needs."""
+    """Refuse to start a study of hub models (or local ones) when a file system lacks the disk it needs
+    (:func:`ftflow.disk.plan_disk`); a config with a zoo is not planned."""
     from ftflow import hub, memory, study_plan
     from ftflow.memory import fetched_configs_dir
     from ftflow.models import resolve_device
 
-    if not cfg.models:  # the zoo's checkpoints are built here: tens of MB, and their runs' outputs as small
+    if not cfg.models:  # a zoo's models are built by the run at its own small sizes (the demo's: < 1M parameters)
         return
     device = resolve_device(cfg.device)
     hub.fetch_configs(report, fetched_configs_dir(cfg.artifacts_dir))  # an id ftflow does not know: sized too
