@@ -16,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import DEFAULT_CONFIG
 from flows.scale import mapped_runner
 from flows.steps import benchmark_candidates, data_candidates_and_plan
+from ftflow.budget import use_expandable_segments
 from ftflow.config import load_config
 from ftflow.models import resolve_device
 from tasks.publish_benchmark import publish_benchmark
@@ -29,6 +30,7 @@ __all__ = ["benchmark_candidates", "benchmark_only"]  # benchmark_candidates: th
 def benchmark_only(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = None,
                    progress: bool = True) -> dict:
     """Score every candidate model of one config; returns the plan, the benchmarks and the failures."""
+    use_expandable_segments()  # before CUDA starts
     logger = get_run_logger()
     cfg = load_config(config_path, overrides)
     out = str(cfg.artifacts_dir)

@@ -159,31 +159,92 @@ def failure_summary(evaluation: dict) -> list[str]:
             for row in evaluation.get("leaderboard", []) if row.get("error")]
 
 
-def _nothing_to_run(cfg: PipelineConfig) -> dict | None:
-    """The evaluation manifest if every stage is cached for ``cfg`` (:func:`ftflow.status.pipeline_status`), else None."""
+def _cached_status(cfg: PipelineConfig):
+    """What is cached for ``cfg`` (:func:`ftflow.status.pipeline_status`), or None when that cannot be told."""
     from ftflow.status import pipeline_status
 
     try:
-        status = pipeline_status(cfg)
+        return pipeline_status(cfg)
     except Exception as exc:  # the check is a shortcut only: whatever stops it, the real run decides
         print(f"ftflow: could not check the cache beforehand ({type(exc).__name__}: {exc}); starting the run",
               file=sys.stderr)
         return None
-    return status.evaluation if status.nothing_to_run else None
+
+
+def _hub_check(cfg: PipelineConfig, *, stop_when_none_left: bool) -> tuple[object, dict[str, str]]:
+    """The hub check of the config's hub ids (:func:`ftflow.hub.check_candidates`), one ``ftflow:`` line per model
+    it leaves out; with ``stop_when_none_left``, a UserError when no candidate is left."""
+    from ftflow import hub
+
+    report, problems = hub.check_candidates(cfg.models)
+    if stop_when_none_left and cfg.models and len(problems) == len(cfg.models):
+        lines = [f"{name}: {problem}" for name, problem in problems.items()]
+        raise UserError("no candidate model can be used, nothing was run: " + (
+            lines[0] if len(lines) == 1 else "\n" + "\n".join(f"  - {line}" for line in lines)))
+    if report.offline_reason and report.checks:
+        print(f"ftflow: {report.offline_reason}: hub models are read from the Hugging Face cache "
+              f"({hub.hub_cache_dir()})", file=sys.stderr)
+    for name, problem in problems.items():
+        print(f"ftflow: {name} is left out: {problem}", file=sys.stderr)
+    return report, problems
+
+
+def _disk_plan(cfg: PipelineConfig, report, study, done=()):
+    """The disk ``cfg``'s study needs (:func:`ftflow.disk.plan_disk`), downloads sized by the hub check."""
+    from ftflow import disk, hub
+
+    tokenizer_bytes = {}
+    for spec in cfg.models:
+        check = report.checks.get(spec.path)
+        if check is not None and check.files:
+            tokenizer_bytes[spec.name] = sum(size for name, size in check.files if name in hub.TOKENIZER_FILES)
+    workers = cfg.runner.n_workers if cfg.runner.kind == "dask" and cfg.runner.address is None else 1
+    return disk.plan_disk(cfg, study, report.checks, hub_cache=hub.hub_cache_dir(), done=done,
+                          tokenizer_bytes=tokenizer_bytes, workers=workers)
+
+
+def _check_disk(cfg: PipelineConfig, report, problems: dict[str, str], status, source: str) -> None:
+    """Refuse to start a study of hub models (or local ones) when a file system lacks the disk it needs
+    (:func:`ftflow.disk.plan_disk`); a config with a zoo is not planned."""
+    from ftflow import hub, memory, study_plan
+    from ftflow.memory import fetched_configs_dir
+    from ftflow.models import resolve_device
+
+    if not cfg.models:  # a zoo's models are built by the run at its own small sizes (the demo's: < 1M parameters)
+        return
+    device = resolve_device(cfg.device)
+    hub.fetch_configs(report, fetched_configs_dir(cfg.artifacts_dir))  # an id ftflow does not know: sized too
+    study = study_plan.plan_study(cfg, device=device, bf16_supported=memory.bf16_available(device)
+                                  if device == "cpu" else True, left_out=problems,
+                                  config_dir=fetched_configs_dir(cfg.artifacts_dir))
+    done = [s.label for s in status.stages if s.state == "cached"] if status is not None else []
+    plan = _disk_plan(cfg, report, study, done)
+    if plan.download_bytes:
+        print(f"ftflow: {plan.lines()[0]}", file=sys.stderr)
+    if shortfalls := plan.shortfalls():
+        raise UserError("not enough disk to start (nothing was run): " + "; ".join(shortfalls) + ". Needed:\n"
+                        + "\n".join(f"  - {line}" for line in plan.lines())
+                        + f"\n  Free space there, or move the downloads (HF_HUB_CACHE) or the outputs (artifacts_dir "
+                          f"in {source}, or --set artifacts_dir=DIR) to a larger disk; `ftflow plan {source}` "
+                          "shows every run")
 
 
 def _run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     cfg = _load_checked(args.config, overrides)  # fail fast, before Prefect starts
+    report, problems = _hub_check(cfg, stop_when_none_left=True)
+    status = _cached_status(cfg)
     # Every stage cached: the results are on disk already, and a Prefect run would only record that (--record).
-    if not args.record and (evaluation := _nothing_to_run(cfg)) is not None:
+    if not args.record and status is not None and status.nothing_to_run:
         print("ftflow: nothing to run, every stage is cached (`ftflow status` lists them); the results below are "
               "read from disk and no Prefect run is recorded (--record for one)", file=sys.stderr)
-        return _print_results(evaluation, cfg)
+        return _print_results(status.evaluation, cfg)
     read_only = not _writable(cfg.artifacts_dir)
     if read_only:
         print(f"ftflow: the artifacts directory {cfg.artifacts_dir} is not writable: the run reads what is cached "
               "there (without stage locks) and fails if a stage has to be computed", file=sys.stderr)
+    else:
+        _check_disk(cfg, report, problems, status, args.config)
 
     def prepare() -> None:
         if args.no_progress:  # also the libraries' own bars (loading and writing weights, datasets maps)
@@ -234,15 +295,26 @@ def _status(args: argparse.Namespace) -> int:
     from ftflow.status import pipeline_status, status_text
 
     cfg = _load_checked(args.config, parse_overrides(args.set))
+    _hub_check(cfg, stop_when_none_left=False)  # the models a run would leave out, one line each
     print(status_text(args.config, pipeline_status(cfg)), end="")
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from ftflow import hub
+
     bad = 0
     for path in args.configs:
         try:
             cfg = _load_checked(path)
+            # Online, hub ids are asked of the hub too (exists, gated, token); offline only their form is checked.
+            ids = [] if hub.hub_offline() else [spec.path for spec in cfg.models if hub.is_hub_id(spec.path)]
+            checks = hub.check_models(ids, others=ids).checks if ids else {}
+            refused = {spec.name: checks[spec.path].message for spec in cfg.models
+                       if spec.path in checks and checks[spec.path].refused}
+            if refused:
+                raise ConfigError(f"{path} has {len(refused)} problem(s):\n" + "\n".join(
+                    f"  - models ({name}): {problem}" for name, problem in refused.items()))
         except ConfigError as exc:
             bad += 1
             print(f"ftflow: {exc}", file=sys.stderr)
@@ -256,7 +328,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from ftflow import memory
+    from ftflow import hub, memory
 
     cfg = load_config(args.config)
     if not cfg.models:
@@ -266,16 +338,27 @@ def _plan(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if cfg.device in ("auto", "cuda") else "cpu")
     budget = int((args.budget_gb or cfg.memory_budget_gb) * memory.GB)
     max_length = args.max_length or cfg.max_length
-    plans, problems = [], []
+    # Online: what the hub refuses is left out as a run would leave it out, and the configs of ids ftflow does
+    # not know are read from it. Offline nothing is left out: planning needs no download.
+    report, problems = hub.check_candidates(cfg.models)
+    refused = {spec.name: problems[spec.name] for spec in cfg.models
+               if spec.name in problems and report.checks[spec.path].refused}
+    configs = memory.fetched_configs_dir(cfg.artifacts_dir)
+    fetch_problems = hub.fetch_configs(report, configs)
+    plans, problems = [], [f"{name}: {problem}" for name, problem in refused.items()]
     for spec in cfg.models:
+        if spec.name in refused:
+            continue
         try:
             plans.append(memory.plan_model(
                 spec.name, spec.path, budget, max_length=max_length, batch_size=args.batch_size,
                 device=device, bf16_supported=memory.bf16_available(device) if device == "cpu" else True,
                 logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens, trust_remote_code=spec.trust_remote_code,
+                config_dir=configs,
             ))
         except memory.UnknownModelError as exc:
-            problems.append(f"{spec.name}: {exc}")
+            problems.append(f"{spec.name}: {exc}" + (f" ({fetch_problems[spec.path]})"
+                                                     if spec.path in fetch_problems else ""))
     out = Path(args.out) if args.out else cfg.artifacts_dir / "plan"
     out.mkdir(parents=True, exist_ok=True)
     frame = memory.write_plan(plans, budget, out)
@@ -287,67 +370,23 @@ def _plan(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"- {problem}", file=sys.stderr)
     print(f"\nwritten: {out}/plan.csv, plan.md, plan.png")
-    problems += _plan_training(cfg, args, device, out)
+    problems += _plan_training(cfg, args, device, out, report, refused)
     return 1 if problems else 0
 
 
-def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, out: Path) -> list[str]:
-    """Every training run the config implies: its fit to the training budget, predicted peak, compute and hours."""
-    from ftflow import design, memory, study_plan
-    from ftflow.data import hold_out_validation, read_sentences
+def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, out: Path, report,
+                   refused: dict[str, str]) -> list[str]:
+    """Every training run the config implies: its fit to the training budget, predicted peak, compute and hours;
+    then the disk the study needs."""
+    from ftflow import memory, study_plan
+    from ftflow.disk import size_text
 
-    notes, problems = [], []
-    splits: dict[str, list[str]] = {}
-    missing = [str(p) for p in (cfg.data.train_file, cfg.data.test_file) if p is None or not Path(p).is_file()]
-    if missing:
-        notes.append(f"data file(s) absent: {', '.join(missing)}; every run is planned at max_length "
-                     f"({cfg.max_length} tokens, the worst case) and the compute uses that length for every sentence "
-                     "(2000 sentences assumed): put the data there for the real figures")
-    else:
-        train = read_sentences(cfg.data.train_file, cfg.data.text_column).sentences
-        splits["train"], splits["validation"] = map(list, hold_out_validation(
-            train, cfg.data.validation_fraction, cfg.data.seed))
-        splits["test"] = list(read_sentences(cfg.data.test_file, cfg.data.text_column).sentences)
-    budget = int(cfg.memory_budget_gb * memory.GB)
-    models, parameters, stats, decisions, estimated = [], {}, {}, {}, []
-    for spec in cfg.models:
-        try:
-            config = memory.model_config_for(spec.path, spec.trust_remote_code)
-        except memory.UnknownModelError as exc:
-            problems.append(f"{spec.name}: {exc}")
-            continue
-        parameters[spec.name] = memory.count_config_parameters(config, spec.trust_remote_code)
-        if splits:
-            tokenizer = _offline_tokenizer(spec.path, spec.trust_remote_code)
-            if tokenizer is None:
-                estimated.append(spec.name)
-            stats[spec.name] = {k: study_plan.token_stats(tokenizer, v, cfg.max_length) for k, v in splits.items()}
-        else:
-            worst = study_plan.TokenStats(2000, 2000 * cfg.max_length, cfg.max_length, False)
-            stats[spec.name] = {"train": worst, "validation": worst.scaled(0.1), "test": worst}
-        decision = memory.plan_candidate(
-            spec.name, spec.path, budget, precision=spec.precision, batch_size=cfg.benchmark.batch_size,
-            max_length=max(s.longest for s in stats[spec.name].values()), batch_size_cap=cfg.memory.batch_size_cap,
-            allow_nf4=cfg.memory.allow_nf4, device=device, logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens,
-            trust_remote_code=spec.trust_remote_code)
-        decisions[spec.name] = decision
-        if decision["precision"] is None:
-            notes.append(f"{spec.name} is not benchmarked (so not trained): {decision['reason']}")
-            continue
-        models.append({"name": spec.name, "path": spec.path, "family": spec.family,
-                       "precision": decision["precision"], "trust_remote_code": spec.trust_remote_code})
-    if estimated:
-        notes.append(f"tokenizers not available offline for {', '.join(estimated)}: token counts estimated at "
-                     f"{study_plan.ESTIMATED_TOKENS_PER_WORD:g} per word (the run counts them with the real tokenizer)")
-    if not models:
-        return problems + ["no model can be trained: none is planned for benchmarking"]
-    try:
-        runs, assumed = study_plan.plan_study_runs(
-            cfg, models, parameters, stats, eval_batch_size=design.evaluation_batch_size(cfg, decisions),
-            family=args.family, device=device,
-            bf16_supported=memory.bf16_available(device) if device == "cpu" else True)
-    except ValueError as exc:
-        return problems + [f"training runs: {exc}"]
+    study = study_plan.plan_study(cfg, device=device, family=args.family, left_out=refused,
+                                  bf16_supported=memory.bf16_available(device) if device == "cpu" else True,
+                                  config_dir=memory.fetched_configs_dir(cfg.artifacts_dir))
+    runs = study.runs
+    if not runs:
+        return study.problems
     frame = study_plan.study_plan_table(runs, args.gpu, args.utilization)
     frame.to_csv(out / "training_plan.csv", index=False)
     table = memory.plan_markdown(frame)
@@ -357,7 +396,7 @@ def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, o
     print(f"\ntraining runs: budget {cfg.training_budget_gb:g} GB (scoring: {cfg.memory_budget_gb:g} GB), "
           f"fit_order {list(cfg.training.fit_order)}\n")
     print(table)
-    for line in assumed + notes:
+    for line in study.notes:
         print(f"- {line}")
     needed: dict[str, list[str]] = {}
     for run in runs:
@@ -373,17 +412,13 @@ def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, o
     if len(fitting) < len(runs):
         print(f"{len(runs) - len(fitting)} run(s) would be skipped (listed above with the figure)")
     print(f"written: {out}/training_plan.csv, training_plan.md")
-    return problems
-
-
-def _offline_tokenizer(path: str, trust_remote_code: bool):
-    """The model's tokenizer from a local directory or the Hugging Face cache, or None (never the network)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception:  # not on this machine: the plan estimates token counts instead, and says so
-        return None
+    disk = _disk_plan(cfg, report, study)
+    print(f"\ndisk: {size_text(disk.total_bytes)} for the whole study")
+    for line in disk.lines():
+        print(f"- {line}")
+    for line in disk.shortfalls():
+        print(f"- NOT ENOUGH: {line}; `ftflow run` will refuse to start")
+    return study.problems
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user error (config, data, paths) is one ``ftflow:`` line and exit 2 (``--debug``: traceback)."""
+    from ftflow.budget import use_expandable_segments
+
+    use_expandable_segments()  # before anything can start CUDA (the caching allocator reads it once)
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

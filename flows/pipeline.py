@@ -19,6 +19,7 @@ from flows.scale import mapped_runner
 from flows.steps import (benchmark_candidates, candidates_and_plan, check_grid_fits, distil, log_family_checks,
                          trainer)
 from ftflow import design, stages
+from ftflow.budget import use_expandable_segments
 from ftflow.config import load_config
 from ftflow.models import resolve_device
 from tasks._stage import with_storage
@@ -35,6 +36,7 @@ from tasks.select_family import select_family
       task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = None, progress: bool = True) -> dict:
     """Run every stage of ftflow for one config; returns the evaluation manifest."""
+    use_expandable_segments()  # before CUDA starts (the CLI sets it too; a deployment's run starts here)
     logger = get_run_logger()
     cfg = load_config(config_path, overrides)
     out, device = str(cfg.artifacts_dir), resolve_device(cfg.device)
@@ -47,11 +49,11 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     data = stage(prepare_data)(**stages.prepare_data_call(cfg, out))
     augmented = stage(augment)(**stages.augment_call(cfg.augment, data, out))
     candidates, plan, zoo_checks = candidates_and_plan(cfg, data, device, out, progress)
-    eval_batch = design.evaluation_batch_size(cfg, plan["decisions"])
 
     with mapped_runner(cfg.runner) as submit:
         # Baselines, and the family (teacher, student) chosen on the selection split.
         benchmarks, failures = benchmark_candidates(submit, candidates, plan, data, cfg, device, out, progress)
+        eval_batch = design.evaluation_batch_size(cfg, plan["decisions"], [b["name"] for b in benchmarks])
         family_checks = log_family_checks(benchmarks, zoo_checks)  # each teacher against its student
         selection = stage(select_family)(**stages.select_family_call(cfg, benchmarks, out))
         train_all = trainer(submit, augmented, stages.train_common(cfg, data, device, eval_batch, out, progress))

@@ -27,7 +27,15 @@ from tasks.zoo import zoo
 def candidates_and_plan(cfg: PipelineConfig, data: dict, device: str, artifacts_dir: str,
                         progress: bool = True) -> tuple[list[ModelSpec], dict, list[str]]:
     """The candidate models (the zoo's, built offline, or the config's ``models``), their memory plan, and the
-    zoo's teacher checks (one line per family; none for hub models)."""
+    zoo's teacher checks (one line per family; none for hub models).
+
+    Hub ids are checked first (:func:`ftflow.hub.check_candidates`): one the hub refuses, or that is not in the
+    cache offline, is not planned; the plan's decision for it says why, so it is a failure, never a candidate any
+    minimum counts. Online, the config of an id ftflow does not know is read from the hub for the plan.
+    """
+    from ftflow import hub
+    from ftflow.memory import fetched_configs_dir
+
     stage = lambda task: with_storage(task, artifacts_dir)  # noqa: E731
     zoo_checks: list[str] = []
     if cfg.zoo is not None:
@@ -35,8 +43,17 @@ def candidates_and_plan(cfg: PipelineConfig, data: dict, device: str, artifacts_
         candidates, zoo_checks = zoo_candidates(built), design.zoo_teacher_checks(built)
     else:
         candidates = list(cfg.models)
-    plan = stage(plan_memory)(**stages.plan_memory_call(cfg, candidates, data, device, artifacts_dir))
-    return candidates, plan, zoo_checks
+    report, problems = hub.check_candidates(candidates)
+    if report.offline_reason and report.checks:
+        get_run_logger().warning("hub: %s; the models are read from the Hugging Face cache (%s)",
+                                 report.offline_reason, hub.hub_cache_dir())
+    for name, problem in problems.items():
+        get_run_logger().warning("%s is left out: %s", name, problem)
+    for model_id, problem in hub.fetch_configs(report, fetched_configs_dir(artifacts_dir)).items():
+        get_run_logger().warning("%s: %s", model_id, problem)
+    usable = [spec for spec in candidates if spec.name not in problems]
+    plan = stage(plan_memory)(**stages.plan_memory_call(cfg, usable, data, device, artifacts_dir))
+    return candidates, design.with_unavailable(plan, candidates, problems), zoo_checks
 
 
 def data_candidates_and_plan(cfg: PipelineConfig, device: str, artifacts_dir: str,
@@ -97,18 +114,20 @@ def check_grid_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_set: dict, d
     from ftflow.data import read_split
     from ftflow.fit import check_grid_fits as check
     from ftflow.fit import plan_training_job
-    from ftflow.memory import GB, bf16_available
+    from ftflow.budget import stage_budget
+    from ftflow.memory import bf16_available
     from ftflow.models import load_tokenizer
     from tasks._stage import stage_path
 
     if not jobs:
         return
     teacher = jobs[0].model
+    budget = stage_budget(cfg.training_budget_gb, device, cfg.memory.cuda_margin_gb)
     options = dict(tokenizer=load_tokenizer(teacher["path"], teacher["trust_remote_code"]),
                    train_sentences=read_split(stage_path(train_set, "train")),
                    validation_sentences=read_split(stage_path(data, cfg.selection_split)),
                    eval_batch_size=eval_batch_size, max_length=cfg.max_length,
-                   budget_bytes=int(cfg.training_budget_gb * GB), fit_order=cfg.training.fit_order,
+                   budget_bytes=budget.budget_bytes, fit_order=cfg.training.fit_order,
                    logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens, device=device,
                    bf16_supported=bf16_available(device))
     check([plan_training_job(job, **options) for job in jobs], [job.title for job in jobs])

@@ -310,6 +310,10 @@ class MemoryConfig(_Strict):
 
     allow_nf4: bool = Field(True, description="Let precision: auto fall back to 4-bit NF4 when 16-bit does not fit.")
     batch_size_cap: int = Field(256, ge=1, description="Largest evaluation batch size batch_size: auto may choose.")
+    cuda_margin_gb: float = Field(
+        1.0, ge=0, description="On CUDA, every stage that plans memory measures what is free at its start and plans "
+        "against min(budget, free - this margin): kernels loaded on first use, cuBLAS workspaces and the allocator's "
+        "fragmentation, which no prediction counts (ftflow/budget.py).")
 
 
 class SelectConfig(_Strict):

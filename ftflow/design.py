@@ -97,16 +97,31 @@ def benchmark_plan(candidates: Sequence[ModelSpec], decisions: Mapping[str, Deci
     return planned, failures
 
 
-def evaluation_batch_size(cfg: PipelineConfig, decisions: Mapping[str, Decision | Mapping]) -> int:
+def with_unavailable(plan: Mapping, candidates: Sequence[ModelSpec], problems: Mapping[str, str]) -> dict:
+    """The memory plan with a decision for every candidate: the planned ones', and for each candidate left out
+    before planning (``problems``: name -> why, e.g. the hub check's line) no precision and that reason."""
+    decisions = {spec.name: plan["decisions"].get(spec.name) or {"precision": None, "batch_size": 0,
+                                                                 "parameters": None, "peak_bytes": None,
+                                                                 "reason": problems[spec.name]}
+                 for spec in candidates if spec.name in plan["decisions"] or spec.name in problems}
+    return {**plan, "decisions": decisions}
+
+
+def evaluation_batch_size(cfg: PipelineConfig, decisions: Mapping[str, Decision | Mapping],
+                          benchmarked: Optional[Sequence[str]] = None) -> int:
     """Batch size of every scoring pass after the benchmark (validation per epoch, teacher logits, test).
 
     The configured ``benchmark.batch_size``, or with ``auto`` the most cautious
-    planned one (the smallest over the benchmarked candidates; 1 if none).
+    planned one: the smallest over the candidates the plan lets through and, once
+    known, that were benchmarked (``benchmarked``: their names); 1 if none. A
+    candidate that failed (unreadable, refused by the hub, its benchmark failed)
+    is never scored again, so it never lowers the batch of the others.
     """
     if cfg.benchmark.batch_size != "auto":
         return cfg.benchmark.batch_size
-    typed = [_typed(Decision, d) for d in decisions.values()]
-    return min([d.batch_size for d in typed if d.precision], default=1)
+    typed = {name: _typed(Decision, d) for name, d in decisions.items()}
+    return min([d.batch_size for name, d in typed.items()
+                if d.precision and (benchmarked is None or name in benchmarked)], default=1)
 
 
 # ----------------------------------------------------------------------------- training runs

@@ -10,6 +10,10 @@ Sources: each model's ``config.json`` on the Hugging Face hub as published
 ``tests/unit/test_memory.py`` compares with the meta-device count).
 Uncertain entries say so in a comment. An ``-Instruct`` variant has the same
 shapes as its base model unless stated.
+
+:data:`HUB_DTYPES` gives the dtype of each model's weights as stored on the hub
+(its safetensors, or ``pytorch_model*.bin`` where the repository has no
+safetensors), from which ``ftflow plan`` estimates download sizes offline.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ _QWEN25_15B = _arch("qwen2", 1536, 28, 12, 2, 8960, 151936, True, 131072)
 _QWEN25_15B_INSTRUCT = {**_QWEN25_15B, "max_position_embeddings": 32768}
 _QWEN25_7B = _arch("qwen2", 3584, 28, 28, 4, 18944, 152064, False, 131072)
 _QWEN25_7B_INSTRUCT = {**_QWEN25_7B, "max_position_embeddings": 32768}
-# The 1M variant: same shapes; its context length is from memory (unused by the planner).
+# The 1M variant: same shapes, 1,010,000 positions (its config.json; dual-chunk attention over an original 262,144).
 _QWEN25_7B_INSTRUCT_1M = {**_QWEN25_7B, "max_position_embeddings": 1010000}
 _LLAMA32_1B = _arch("llama", 2048, 16, 32, 8, 8192, 128256, True, 131072)
 _LLAMA32_3B = _arch("llama", 3072, 28, 24, 8, 8192, 128256, True, 131072)
@@ -63,6 +67,15 @@ _GRANITE31_2B = {**_GRANITE30_2B, "max_position_embeddings": 131072}
 _GRANITE31_8B = {**_GRANITE30_8B, "max_position_embeddings": 131072}
 _GRANITE33_2B = {**_GRANITE31_2B, "vocab_size": 49159}
 _GRANITE33_8B = {**_GRANITE31_8B, "vocab_size": 49159}
+# Qwen3-4B: head_dim 128 is not hidden / heads (80); 40,960 positions; tied embeddings (Qwen/Qwen3-4B config.json:
+# hidden 2560, 36 layers, 32 heads, 8 KV heads, intermediate 9728; the card's "4.0B, 3.6B non-embedding").
+_QWEN3_4B = {**_arch("qwen3", 2560, 36, 32, 8, 9728, 151936, True, 40960), "head_dim": 128}
+# DeepSeek-R1-Distill-Qwen-1.5B: Qwen2.5-Math-1.5B's shapes with an untied output layer (its safetensors hold
+# lm_head.weight: 1.78B parameters where Qwen2.5-1.5B has 1.54B), 131,072 positions.
+_R1_DISTILL_QWEN_15B = _arch("qwen2", 1536, 28, 12, 2, 8960, 151936, False, 131072)
+# deepseek-llm-7b-chat (and -base): a Llama architecture with full multi-head attention (32 KV heads), 30 layers,
+# vocabulary 102,400, untied, 4K context (the card's 7B; 6.91B counted).
+_DEEPSEEK_LLM_7B = _arch("llama", 4096, 30, 32, 32, 11008, 102400, False, 4096)
 
 KNOWN_MODELS: Mapping[str, Mapping] = MappingProxyType({
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0": _TINYLLAMA,
@@ -91,8 +104,20 @@ KNOWN_MODELS: Mapping[str, Mapping] = MappingProxyType({
     "ibm-granite/granite-3.3-2b-instruct": _GRANITE33_2B,
     "ibm-granite/granite-3.3-8b-base": _GRANITE33_8B,
     "ibm-granite/granite-3.3-8b-instruct": _GRANITE33_8B,
+    "Qwen/Qwen3-4B": _QWEN3_4B,
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": _R1_DISTILL_QWEN_15B,
+    "deepseek-ai/deepseek-llm-7b-base": _DEEPSEEK_LLM_7B,
+    "deepseek-ai/deepseek-llm-7b-chat": _DEEPSEEK_LLM_7B,
 })
 """Hub id -> architecture numbers (see :data:`ARCHITECTURE_FIELDS`)."""
+
+HUB_DTYPES: Mapping[str, str] = MappingProxyType({
+    # Every model above is stored in bfloat16 on the hub ("torch_dtype": "bfloat16" in each config.json; the file
+    # sizes agree, e.g. TinyLlama's model.safetensors 2.2 GB for 1.1B parameters, Llama-3.2-1B's 2.47 GB for 1.24B,
+    # deepseek-llm-7b-chat's two pytorch_model*.bin shards 13.8 GB for 6.9B).
+    model_id: "bf16" for model_id in KNOWN_MODELS
+})
+"""Hub id -> dtype of the weights files on the hub (``bf16``, ``fp16`` or ``fp32``)."""
 
 PUBLISHED_PARAMETERS: Mapping[str, float] = MappingProxyType({
     # Rounded figures from the model cards / hub pages ("0.49B", "7.61B"...).
@@ -108,16 +133,22 @@ PUBLISHED_PARAMETERS: Mapping[str, float] = MappingProxyType({
     "ibm-granite/granite-3.0-8b-base": 8.17e9,
     "ibm-granite/granite-3.3-2b-base": 2.53e9,
     "ibm-granite/granite-3.3-8b-base": 8.17e9,
+    "Qwen/Qwen3-4B": 4.02e9,
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": 1.78e9,
+    "deepseek-ai/deepseek-llm-7b-chat": 6.91e9,
 })
 """Hub id -> parameter count as published (rounded); the test allows 3%."""
 
 
+def known_id(model_id: str) -> str | None:
+    """The id as :data:`KNOWN_MODELS` spells it (hub ids are case-insensitive), or None."""
+    if model_id in KNOWN_MODELS:
+        return model_id
+    lowered = model_id.lower()
+    return next((known for known in KNOWN_MODELS if known.lower() == lowered), None)
+
+
 def known_architecture(model_id: str) -> dict | None:
     """The architecture numbers of a known hub id (case-insensitive), or None."""
-    if model_id in KNOWN_MODELS:
-        return dict(KNOWN_MODELS[model_id])
-    lowered = model_id.lower()
-    for known, numbers in KNOWN_MODELS.items():
-        if known.lower() == lowered:
-            return dict(numbers)
-    return None
+    known = known_id(model_id)
+    return None if known is None else dict(KNOWN_MODELS[known])

@@ -103,24 +103,28 @@ class UnknownModelError(ValueError):
 # ----------------------------------------------------------------------------- configs and counts
 
 
-def model_config_for(path_or_id: str, trust_remote_code: bool = False):
+def model_config_for(path_or_id: str, trust_remote_code: bool = False, config_dir: Optional[Path] = None):
     """The transformers config of a model, without reaching the hub.
 
     Looked up in this order: a local directory (its ``config.json``); a hub id
     that ftflow knows (:data:`ftflow.known_models.KNOWN_MODELS`, built through
     the transformers config class of its ``model_type``); the local Hugging Face
-    cache (``AutoConfig`` with ``local_files_only=True``).
+    cache (``AutoConfig`` with ``local_files_only=True``); ``config_dir``, where
+    an online run keeps the ``config.json`` it read from the hub for an id it
+    does not know (``<config_dir>/<org>/<name>/config.json``, written by
+    :func:`ftflow.hub.fetch_configs`).
 
     Args:
         path_or_id: local checkpoint directory or hub id (``org/name``).
         trust_remote_code: allow a cached config that needs the repository's code.
+        config_dir: the folder of configs read from the hub (None: not looked in).
 
     Returns:
         A ``PretrainedConfig``. For a known hub id it carries the shapes only
         (enough to count parameters and plan memory, not to load weights).
 
     Raises:
-        UnknownModelError: none of the three places has the model.
+        UnknownModelError: none of these places has the model.
     """
     from transformers import CONFIG_MAPPING, AutoConfig
 
@@ -140,13 +144,23 @@ def model_config_for(path_or_id: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(path_or_id, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise UnknownModelError(
-            f"cannot plan memory for {path_or_id!r}: it is not a local directory, not one of the hub models "
-            "ftflow knows (ftflow/known_models.py), and its config is not in the local Hugging Face cache "
-            f"({type(exc).__name__}). Fix: give the path of a local checkpoint directory, add the model's "
-            "architecture numbers to ftflow/known_models.py, or fetch its config once with network access "
-            f"(huggingface-cli download {path_or_id} config.json)."
-        ) from None
+        cache_error = type(exc).__name__
+    fetched = None if config_dir is None else Path(config_dir) / path_or_id
+    if fetched is not None and (fetched / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(fetched), trust_remote_code=trust_remote_code)
+    raise UnknownModelError(
+        f"cannot plan memory for {path_or_id!r}: it is not a local directory, not one of the hub models "
+        "ftflow knows (ftflow/known_models.py), and its config is not in the local Hugging Face cache "
+        f"({cache_error}) nor read from the hub by this run. Fix: check the id; give the path of a local checkpoint "
+        "directory, add the model's architecture numbers to ftflow/known_models.py, or run once with network "
+        f"access (ftflow reads its config.json from the hub; or: hf download {path_or_id} config.json)."
+    )
+
+
+def fetched_configs_dir(artifacts_dir: str | Path) -> Path:
+    """Where an online run keeps the ``config.json`` it read from the hub for ids ftflow does not know
+    (``config_dir`` of :func:`model_config_for`)."""
+    return Path(artifacts_dir) / "hub" / "configs"
 
 
 @dataclass(frozen=True)
@@ -991,6 +1005,7 @@ def plan_model(
     logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     trust_remote_code: bool = False,
     config=None,
+    config_dir: Optional[Path] = None,
 ) -> ModelPlan:
     """Choose the precision and evaluation batch size of one model, loading nothing.
 
@@ -1008,12 +1023,13 @@ def plan_model(
         allow_nf4, bf16_supported, device, kv_cache, logits_chunk_tokens,
             trust_remote_code: see :func:`choose_precision`.
         config: the model's config when already at hand (else :func:`model_config_for`).
+        config_dir: configs this run read from the hub (see :func:`model_config_for`).
 
     Raises:
         UnknownModelError: no config can be found offline.
     """
     if config is None:
-        config = model_config_for(path_or_id, trust_remote_code)
+        config = model_config_for(path_or_id, trust_remote_code, config_dir)
     decision_batch = batch_size or 1
     options = dict(device=device, kv_cache=kv_cache, logits_chunk_tokens=logits_chunk_tokens,
                    trust_remote_code=trust_remote_code)
@@ -1196,6 +1212,7 @@ def plan_candidate(
     device: Device = "cuda",
     logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
     trust_remote_code: bool = False,
+    config_dir: Optional[Path] = None,
 ) -> dict:
     """The pipeline's decision for one candidate: precision and batch size, or a skip with its reason.
 
@@ -1206,10 +1223,11 @@ def plan_candidate(
     Returns:
         JSON-ready ``{"precision" (None when skipped), "batch_size", "parameters",
         "peak_bytes", "reason"}``; a model whose config cannot be found offline
-        is skipped with :class:`UnknownModelError`'s message as the reason.
+        (nor in ``config_dir``, see :func:`model_config_for`) is skipped with
+        :class:`UnknownModelError`'s message as the reason.
     """
     try:
-        config = model_config_for(path_or_id, trust_remote_code)
+        config = model_config_for(path_or_id, trust_remote_code, config_dir)
     except UnknownModelError as exc:
         return {"precision": None, "batch_size": 0, "parameters": None, "peak_bytes": None,
                 "reason": f"cannot plan: {exc}"}

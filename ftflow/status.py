@@ -283,10 +283,17 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
         zoo_checks = [] if is_pending(zoo) else design.zoo_teacher_checks(zoo)
     else:
         candidates = list(cfg.models)
+    problems: dict[str, str] = {}
+    if candidates is not None:  # the hub ids the hub refuses (or, offline, the cache lacks) are not planned
+        from ftflow.hub import check_candidates
+
+        problems = check_candidates(candidates)[1]
     plan = (w.later("plan_memory", "plan_memory", ["zoo"]) if candidates is None else
-            w.stage("plan_memory", "plan_memory", stages.plan_memory_call(cfg, candidates, data, device, out)))
+            w.stage("plan_memory", "plan_memory", stages.plan_memory_call(
+                cfg, [c for c in candidates if c.name not in problems], data, device, out)))
     if is_pending(plan):
         return _rest(w, [plan[PENDING]], benchmarks=True)
+    plan = design.with_unavailable(plan, candidates, problems)
 
     planned, failures = design.benchmark_plan(candidates, plan["decisions"])
     benchmarks = [w.stage("benchmark", f"benchmark[{spec.name}|{spec.precision}]",
@@ -298,8 +305,8 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
     if is_pending(selection):
         return _rest(w, ["select_family"])
 
-    common = stages.train_common(cfg, data, device, design.evaluation_batch_size(cfg, plan["decisions"]), out,
-                                 progress)
+    common = stages.train_common(cfg, data, device, design.evaluation_batch_size(
+        cfg, plan["decisions"], [b["name"] for b in benchmarks]), out, progress)
 
     def train(job, train_set=augmented, topk=None) -> dict:
         return w.stage("train", job.title, stages.train_call(common, job, train_set, topk))

@@ -118,9 +118,30 @@ def _section(method: str, train_set: str, in_grid: bool) -> str:
             "prefix": "3.2 prefix", "full": "3.3 full", "distill": "3.3 distillation"}[method]
 
 
+def planned_family(cfg, models: Sequence[dict], parameters: dict[str, int],
+                   family: Optional[str] = None) -> tuple[str, dict, dict]:
+    """``(family, teacher, student)`` as if ``family`` (default: the largest model's) were selected: its largest
+    model, and its largest other within ``select.student_max_params``, as :func:`ftflow.selection.select_family`
+    picks them.
+
+    Raises:
+        ValueError: no model of that family, or no student within ``select.student_max_params``.
+    """
+    family = family or max(models, key=lambda m: parameters[m["name"]])["family"]
+    members = [m for m in models if m["family"] == family]
+    if not members:
+        raise ValueError(f"plan_study_runs: no model of family {family!r}; families: "
+                         f"{sorted({m['family'] for m in models})}")
+    teacher = max(members, key=lambda m: parameters[m["name"]])
+    students = [m for m in members if m is not teacher and parameters[m["name"]] <= cfg.select.student_max_params]
+    if not students:
+        raise ValueError(f"family {family!r} has no student within select.student_max_params")
+    return family, teacher, max(students, key=lambda m: parameters[m["name"]])
+
+
 def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], stats: dict[str, dict[str, TokenStats]],
                     *, eval_batch_size: int, family: Optional[str] = None, device: str = "cuda",
-                    bf16_supported: bool = True) -> tuple[list[PlannedRun], list[str]]:
+                    bf16_supported: bool = True, config_dir=None) -> tuple[list[PlannedRun], list[str]]:
     """Every training run ``cfg`` implies, each with its :class:`FitPlan` and compute, before anything runs.
 
     The family (teacher, student) is chosen by benchmarking; here it is ``family`` (default: the family of the
@@ -137,6 +158,7 @@ def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], sta
         stats: by model name, :class:`TokenStats` of ``train``, ``validation`` and ``test``.
         eval_batch_size: the validation pass's batch size.
         family, device, bf16_supported: see above and :func:`choose_fit`.
+        config_dir: configs read from the hub (:func:`ftflow.memory.model_config_for`).
 
     Returns:
         ``(runs, notes)``: the runs in the order the pipeline trains them (each once), and what was assumed.
@@ -144,16 +166,7 @@ def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], sta
     from ftflow import design
     from ftflow.jobs import LoraJob
 
-    family = family or max(models, key=lambda m: parameters[m["name"]])["family"]
-    members = [m for m in models if m["family"] == family]
-    if not members:
-        raise ValueError(f"plan_study_runs: no model of family {family!r}; families: "
-                         f"{sorted({m['family'] for m in models})}")
-    teacher = max(members, key=lambda m: parameters[m["name"]])
-    students = [m for m in members if m is not teacher and parameters[m["name"]] <= cfg.select.student_max_params]
-    if not students:
-        raise ValueError(f"family {family!r} has no student within select.student_max_params")
-    student = max(students, key=lambda m: parameters[m["name"]])
+    family, teacher, student = planned_family(cfg, models, parameters, family)
     selection = design.Selection(teacher=teacher["name"], student=student["name"], teacher_model=teacher,
                                  student_model=student)
     benchmarks = [design.BenchmarkResult(name=m["name"], model=m, parameters=parameters[m["name"]]) for m in models]
@@ -182,7 +195,7 @@ def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], sta
         source = sources.get(job.train_set, "main")
         if source == "augment" or (source == "main" and cfg.augment.enabled):
             train = train.scaled(cfg.augment.factor, 1.0 + insert)
-        fit = choose_fit(model_config_for(job.model["path"], job.model["trust_remote_code"]), job.precision,
+        fit = choose_fit(model_config_for(job.model["path"], job.model["trust_remote_code"], config_dir), job.precision,
                          job.method, batch_size=job.batch_size, max_length=train.longest,
                          budget_bytes=int(cfg.training_budget_gb * GB), fit_order=cfg.training.fit_order,
                          eval_batch_size=eval_batch_size, eval_length=stats[name]["validation"].longest,
@@ -226,3 +239,120 @@ def study_plan_table(runs: Sequence[PlannedRun], gpu: str, utilization: float) -
     return pd.DataFrame(rows, columns=list(PLAN_RUN_COLUMNS))
 
 
+
+
+def offline_tokenizer(path: str, trust_remote_code: bool):
+    """The model's tokenizer from a local directory or the Hugging Face cache, or None (never the network)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception:  # not on this machine: the plan estimates token counts instead, and says so
+        return None
+
+
+@dataclass
+class StudyPlan:
+    """What ``ftflow plan`` (and ``ftflow run``'s disk check) know of a study before anything runs.
+
+    Attributes:
+        models: the models planned for benchmarking, as the runs see them (``name``, ``path``, ``family``,
+            ``precision``, ``trust_remote_code``).
+        parameters: exact parameter counts by model name (every model whose config was found).
+        stats: by model name, :class:`TokenStats` of ``train``, ``validation`` and ``test``.
+        decisions: the memory plan's decision per model (:func:`ftflow.memory.plan_candidate`).
+        runs: every training run (:func:`plan_study_runs`); empty when none can be planned.
+        teacher, student: the family's teacher and student the runs are planned for (None without runs).
+        notes: what was assumed and which models are not benchmarked.
+        problems: models that cannot be planned, or why no training run can be.
+    """
+
+    models: list[dict]
+    parameters: dict[str, int]
+    stats: dict[str, dict[str, TokenStats]]
+    decisions: dict[str, dict]
+    runs: list[PlannedRun]
+    teacher: Optional[dict]
+    student: Optional[dict]
+    notes: list[str]
+    problems: list[str]
+
+
+def plan_study(cfg, *, device: str, bf16_supported: bool, family: Optional[str] = None, left_out=None,
+               config_dir=None, tokenizer_for=offline_tokenizer) -> StudyPlan:
+    """Every model's memory plan and every training run ``cfg`` implies, from the data files and the models'
+    configs and tokenizers on this machine (estimated when absent, and said so); nothing is loaded.
+
+    Args:
+        cfg: the :class:`ftflow.config.PipelineConfig` (with a ``models`` list).
+        device, bf16_supported, family: see :func:`plan_study_runs`.
+        left_out: ``{model name: why}`` of models the run will not use (the hub refuses them): not planned.
+        config_dir: configs read from the hub (:func:`ftflow.memory.model_config_for`).
+        tokenizer_for: ``(path, trust_remote_code) -> tokenizer or None``.
+    """
+    from pathlib import Path
+
+    from ftflow import design
+    from ftflow.data import hold_out_validation, read_sentences
+    from ftflow.memory import UnknownModelError, count_config_parameters, plan_candidate
+
+    left_out = dict(left_out or {})
+    notes, problems = [], []
+    splits: dict[str, list[str]] = {}
+    missing = [str(p) for p in (cfg.data.train_file, cfg.data.test_file) if p is None or not Path(p).is_file()]
+    if missing:
+        notes.append(f"data file(s) absent: {', '.join(missing)}; every run is planned at max_length "
+                     f"({cfg.max_length} tokens, the worst case) and the compute uses that length for every sentence "
+                     "(2000 sentences assumed): put the data there for the real figures")
+    else:
+        train = read_sentences(cfg.data.train_file, cfg.data.text_column).sentences
+        splits["train"], splits["validation"] = map(list, hold_out_validation(
+            train, cfg.data.validation_fraction, cfg.data.seed))
+        splits["test"] = list(read_sentences(cfg.data.test_file, cfg.data.text_column).sentences)
+    budget = int(cfg.memory_budget_gb * GB)
+    models, parameters, stats, decisions, estimated = [], {}, {}, {}, []
+    for spec in cfg.models:
+        if spec.name in left_out:
+            notes.append(f"{spec.name} is left out (so not trained): {left_out[spec.name]}")
+            continue
+        try:
+            config = model_config_for(spec.path, spec.trust_remote_code, config_dir)
+        except UnknownModelError as exc:
+            problems.append(f"{spec.name}: {exc}")
+            continue
+        parameters[spec.name] = count_config_parameters(config, spec.trust_remote_code)
+        if splits:
+            tokenizer = tokenizer_for(spec.path, spec.trust_remote_code)
+            if tokenizer is None:
+                estimated.append(spec.name)
+            stats[spec.name] = {k: token_stats(tokenizer, v, cfg.max_length) for k, v in splits.items()}
+        else:
+            worst = TokenStats(2000, 2000 * cfg.max_length, cfg.max_length, False)
+            stats[spec.name] = {"train": worst, "validation": worst.scaled(0.1), "test": worst}
+        decision = plan_candidate(
+            spec.name, spec.path, budget, precision=spec.precision, batch_size=cfg.benchmark.batch_size,
+            max_length=max(s.longest for s in stats[spec.name].values()), batch_size_cap=cfg.memory.batch_size_cap,
+            allow_nf4=cfg.memory.allow_nf4, device=device, logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens,
+            trust_remote_code=spec.trust_remote_code, config_dir=config_dir)
+        decisions[spec.name] = decision
+        if decision["precision"] is None:
+            notes.append(f"{spec.name} is not benchmarked (so not trained): {decision['reason']}")
+            continue
+        models.append({"name": spec.name, "path": spec.path, "family": spec.family,
+                       "precision": decision["precision"], "trust_remote_code": spec.trust_remote_code})
+    if estimated:
+        notes.append(f"tokenizers not available offline for {', '.join(estimated)}: token counts estimated at "
+                     f"{ESTIMATED_TOKENS_PER_WORD:g} per word (the run counts them with the real tokenizer)")
+    runs, teacher, student = [], None, None
+    if not models:
+        problems.append("no model can be trained: none is planned for benchmarking")
+    else:
+        try:
+            _, teacher, student = planned_family(cfg, models, parameters, family)
+            runs, assumed = plan_study_runs(
+                cfg, models, parameters, stats, eval_batch_size=design.evaluation_batch_size(cfg, decisions),
+                family=family, device=device, bf16_supported=bf16_supported, config_dir=config_dir)
+            notes = assumed + notes
+        except ValueError as exc:
+            problems.append(f"training runs: {exc}")
+    return StudyPlan(models, parameters, stats, decisions, runs, teacher, student, notes, problems)

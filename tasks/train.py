@@ -17,10 +17,11 @@ from typing import Optional
 from prefect import task
 
 from ftflow.artifacts import write_json
+from ftflow.budget import DEFAULT_CUDA_MARGIN_GB, stage_budget
 from ftflow.data import read_split
 from ftflow.config import DEFAULT_FIT_ORDER
 from ftflow.fit import plan_training_job
-from ftflow.memory import GB, bf16_available
+from ftflow.memory import bf16_available
 from ftflow.methods import Job, run_job
 from ftflow.models import load_tokenizer
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
@@ -68,12 +69,13 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
           eval_batch_size: int, selection_split: str, memory_budget_gb: float, logits_chunk_tokens: int,
           teacher_topk: Optional[dict] = None, checkpoint_steps: int = 50, artifacts_dir: str = "artifacts",
           progress: bool = True, packing: str = "auto", report_to: Optional[list[str]] = None,
-          fit_order: tuple[str, ...] = DEFAULT_FIT_ORDER) -> dict:
+          fit_order: tuple[str, ...] = DEFAULT_FIT_ORDER, memory_margin_gb: float = DEFAULT_CUDA_MARGIN_GB) -> dict:
     """Train one job on ``train_set``; keep its best epoch on the selection split; score it on test.
 
     Before anything is loaded, :func:`ftflow.fit.plan_training_job` chooses how the run fits
     ``memory_budget_gb`` (the training budget): micro-batch and accumulation, gradient checkpointing, 8-bit
-    optimizer state, bf16 trained weights, tried in ``fit_order``. A run that fits with none of them is not
+    optimizer state, bf16 trained weights, tried in ``fit_order`` (on CUDA against at most what is free at the
+    run's start less ``memory_margin_gb``: :func:`ftflow.budget.stage_budget`). A run that fits with none of them is not
     started: its manifest says ``skipped`` with the reason (and is cached like any result, since the
     prediction depends only on the inputs). The plan is made on this run's own training set (an augmented
     one is longer than the split it came from) and includes the validation pass between epochs; the
@@ -87,10 +89,13 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
                                "fault); unset the variable and run again")
         train_sentences = read_split(stage_path(train_set, "train"))
         validation_sentences = read_split(stage_path(data, selection_split))
+        budget = stage_budget(memory_budget_gb, device, memory_margin_gb)
+        if budget.measured:
+            logger.info("%s: %s", job.title, budget.line())
         fit = plan_training_job(
             job, tokenizer=load_tokenizer(job.model["path"], job.model["trust_remote_code"]),
             train_sentences=train_sentences, validation_sentences=validation_sentences,
-            eval_batch_size=eval_batch_size, max_length=max_length, budget_bytes=int(memory_budget_gb * GB),
+            eval_batch_size=eval_batch_size, max_length=max_length, budget_bytes=budget.budget_bytes,
             fit_order=fit_order, logits_chunk_tokens=logits_chunk_tokens, device=device,
             bf16_supported=bf16_available(device))
         if not fit.fits:
@@ -98,7 +103,7 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
             logger.warning("%s is not trained: %s", job.title, fit.reason)
             return {"files": {}, "name": job.name, "title": job.title, "method": job.method,
                     "job": job.model_dump(mode="json"), "base_model": job.model, "skipped": skipped,
-                    "fit_plan": fit.model_dump(mode="json")}
+                    "fit_plan": fit.model_dump(mode="json"), "memory_budget": budget.to_dict()}
         logger.info("%s: %s", job.title, fit.summary)
         facts = {"train set fingerprint": train_set["fingerprint"], "data fingerprint": data["fingerprint"],
                  "selection_split": selection_split}
@@ -126,6 +131,6 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
         write_json(out / "history.json", {k: summary[k] for k in ("history", "baseline_validation", "best_epoch")})
         return {"files": {"model": "model", "history": "history.json", "card": "model/README.md"},
                 "selection_split": selection_split, "memory_plan": fit.prediction,
-                "fit_plan": fit.model_dump(mode="json"), **summary}
+                "fit_plan": fit.model_dump(mode="json"), "memory_budget": budget.to_dict(), **summary}
 
     return run_stage(STAGE, MODULES, build, work=True)

@@ -136,12 +136,25 @@ def test_cli_run_then_a_read_only_copy_still_gives_the_report(study, prefect_ser
     assert "Traceback" not in err
 
 
-def test_the_final_summary_lists_every_model_that_failed_and_why(study, prefect_server, capsys):
+def test_the_final_summary_lists_every_model_that_failed_and_why(study, prefect_server, capsys, tmp_path,
+                                                                 monkeypatch):
+    from huggingface_hub import constants
+
+    from ftflow import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(hub, "_MEMO", {})
     assert main(["run", str(study["broken"]), "--no-progress"]) == 1
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    # The mistyped hub id is said before anything runs (offline: it is not in the cache), and the run goes on.
+    typo = (f"ibm-granite/granite-3.3-8b-bsae is not in the Hugging Face cache ({tmp_path / 'hf-cache'}/"
+            "models--ibm-granite--granite-3.3-8b-bsae: no config.json) and HF_HUB_OFFLINE is set: ")
+    assert f"ftflow: typo is left out: {typo}" in captured.err
+    assert "(did you mean ibm-granite/granite-3.3-8b-base?)" in captured.err
+    out = captured.out
     summary = out[out.index("2 model(s) or run(s) have no result"):].splitlines()
     assert summary[0] == "2 model(s) or run(s) have no result (details in the report):"
-    assert summary[1].startswith("  - ghost (baseline): ") and "ghost-model" in summary[1]
-    assert summary[2].startswith("  - typo (baseline): cannot plan: cannot plan memory for "
-                                 "'ibm-granite/granite-3.3-8b-bsae': it is not a local directory")
+    assert summary[1].startswith("  - ghost (baseline): cannot plan: its tokenizer cannot be read") and \
+        "ghost-model" in summary[1]
+    assert summary[2].startswith(f"  - typo (baseline): {typo}")
     assert len(summary) == 3

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import csv
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +14,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from ftflow.config import ZooConfig
 from ftflow.zoo import build_zoo
+from tests.fake_hub import put_in_cache
 from tests.flows.micro import BIGGER, SIZE, run_pipeline, write_data
 
 pytestmark = pytest.mark.slow
@@ -28,10 +29,21 @@ def models_config(tmp_path_factory) -> Path:
     built = build_zoo(zoo, [s for s in (directory / "train.txt").read_text().splitlines()] * 4,
                       directory / "checkpoints", progress=False, log=lambda *a: None)
     members = {m["role"]: m["path"] for m in built["families"][0]["members"]}
-    # A checkpoint whose config can be read (so it is planned) but whose weights are missing (so loading fails).
+    # A checkpoint whose config and tokenizer can be read (so it is planned) but whose weights are missing (so
+    # loading fails); and one whose tokenizer is missing too (so it is not even planned).
     ghost = directory / "ghost-model"
     ghost.mkdir()
-    shutil.copy(Path(members["student"]) / "config.json", ghost / "config.json")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(members["student"]) / name, ghost / name)
+    shell = directory / "shell-model"
+    shell.mkdir()
+    shutil.copy(Path(members["student"]) / "config.json", shell / "config.json")
+    # A hub model in the Hugging Face cache (offline, as every test is): the known 8B's id, the student's
+    # tokenizer, placeholder weights. Planned from ftflow's table, it is predicted over the budget in fp32.
+    put_in_cache(directory / "hf-cache", "ibm-granite/granite-3.3-8b-base", {
+        **{name: (Path(members["student"]) / name).read_bytes()
+           for name in ("config.json", "tokenizer.json", "tokenizer_config.json")},
+        "model.safetensors": b"not loaded"})
     config = {
         "name": "models micro",
         "device": "cpu",
@@ -43,6 +55,7 @@ def models_config(tmp_path_factory) -> Path:
             {"name": "small", "path": str(members["student"]), "family": "granite"},
             {"name": "large", "path": str(members["teacher"]), "family": "granite"},
             {"name": "ghost", "path": str(ghost), "family": "ghosts"},
+            {"name": "shell", "path": str(shell), "family": "ghosts"},
             {"name": "unknown", "path": "no-such-org/no-such-model", "family": "ghosts"},
             {"name": "huge", "path": "ibm-granite/granite-3.3-8b-base", "family": "ghosts", "precision": "fp32"},
         ],
@@ -57,10 +70,20 @@ def models_config(tmp_path_factory) -> Path:
     return path
 
 
-def test_failed_model_is_recorded_and_the_others_go_on(models_config, prefect_server):
+def test_failed_model_is_recorded_and_the_others_go_on(models_config, prefect_server, monkeypatch):
+    from huggingface_hub import constants
+
+    from ftflow import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(models_config.parent / "hf-cache"))
+    monkeypatch.setattr(hub, "_MEMO", {})
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     flow_run_id, states = run_pipeline(models_config)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"  # the flow asks for it at start
     assert "zoo" not in states  # models by path or hub id: nothing to build
-    # unknown cannot be planned and huge is predicted over the budget: neither is loaded.
+    # unknown is not in the cache (offline), shell's tokenizer cannot be read, huge is predicted over the budget:
+    # none of them is loaded.
     assert states["plan_memory"] == ["Completed"]
     assert sorted(states["benchmark"]) == ["Completed", "Completed", "Failed"]
     assert states["evaluate"] == ["Completed"]
@@ -68,15 +91,17 @@ def test_failed_model_is_recorded_and_the_others_go_on(models_config, prefect_se
     (evaluate_dir,) = list((models_config.parent / "artifacts" / "evaluate").iterdir())
     report = (evaluate_dir / "report.md").read_text()
     assert "ghost failed and was left out" in report and "ghost-model" in report
-    assert "unknown failed and was left out: cannot plan" in report
+    assert "shell failed and was left out: cannot plan: its tokenizer cannot be read" in report
+    assert ("unknown failed and was left out: no-such-org/no-such-model is not in the Hugging Face cache "
+            f"({models_config.parent / 'hf-cache' / 'models--no-such-org--no-such-model'}: no config.json)") in report
     assert "huge failed and was left out: skipped: fp32 (fixed in config) needs 33." in report
     assert "teacher **large**, student **small**" in report
     with open(evaluate_dir / "leaderboard.csv", newline="") as handle:
         board = list(csv.DictReader(handle))
-    # 5 baselines (three failed or skipped); LoRA on both models, both fine-tuned in full, one distilled.
-    assert len(board) == 10
-    assert {row["name"] for row in board[-3:]} == {"ghost", "unknown", "huge"}  # failures rank last
-    assert all(row["error"] for row in board[-3:]) and not any(row["error"] for row in board[:-3])
+    # 6 baselines (four failed or skipped); LoRA on both models, both fine-tuned in full, one distilled.
+    assert len(board) == 11
+    assert {row["name"] for row in board[-4:]} == {"ghost", "shell", "unknown", "huge"}  # failures rank last
+    assert all(row["error"] for row in board[-4:]) and not any(row["error"] for row in board[:-4])
     assert (evaluate_dir / "leaderboard.png").stat().st_size > 0
 
     with get_client(sync_client=True) as client:

@@ -124,6 +124,64 @@ def test_the_final_summary_lists_every_model_without_a_result():
                                            "full[big] (full): not trained: predicted 30 GB > 20 GB"]
 
 
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache for this test (offline, as every test is), and no hub answers remembered."""
+    from huggingface_hub import constants
+
+    from ftflow import hub
+
+    folder = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(folder))
+    monkeypatch.setattr(hub, "_MEMO", {})
+    return folder
+
+
+def test_a_mistyped_hub_id_offline_stops_the_run_at_once_in_one_line(tmp_path, capsys, hf_cache):
+    (tmp_path / "train.txt").write_text("a sentence\nanother sentence\n")
+    (tmp_path / "test.txt").write_text("a sentence\n")
+    config = tmp_path / "typo.yaml"
+    config.write_text(yaml.safe_dump({"data": {"train_file": "train.txt", "test_file": "test.txt"},
+                                      "augment": {"enabled": False}, "ablation": {"enabled": False},
+                                      "models": [{"name": "qwen", "path": "Qwen/Qwen2.5-0.5BB", "family": "qwen"}]}))
+    assert main(["validate", str(config)]) == 0  # offline, only the id's form can be checked
+    capsys.readouterr()
+    assert main(["run", str(config), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        "ftflow: no candidate model can be used, nothing was run: qwen: Qwen/Qwen2.5-0.5BB is not in the Hugging Face "
+        f"cache ({hf_cache / 'models--Qwen--Qwen2.5-0.5BB'}: no config.json) and HF_HUB_OFFLINE is set: download it "
+        "once with network access (`hf download Qwen/Qwen2.5-0.5BB`), or point HF_HUB_CACHE (or HF_HOME) at a cache "
+        "that holds it, or unset HF_HUB_OFFLINE if this machine can reach the hub (did you mean Qwen/Qwen2.5-0.5B?)\n")
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_validate_online_asks_the_hub_about_every_hub_id(tmp_path, capsys, hf_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    from tests.fake_hub import FakeHub, FakeModel
+
+    config = _config(tmp_path, "c.yaml")
+    raw = yaml.safe_load(config.read_text())
+    raw["models"] = [{"name": "typo", "path": "Qwen/Qwen2.5-0.5BB", "family": "qwen"},
+                     {"name": "gated", "path": "meta-llama/Llama-3.2-1B", "family": "llama"},
+                     {"name": "fine", "path": "Qwen/Qwen2.5-0.5B", "family": "qwen"}]
+    config.write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with FakeHub({"Qwen/Qwen2.5-0.5B": FakeModel({"config.json": b"{}"}),
+                  "meta-llama/Llama-3.2-1B": FakeModel({"config.json": b"{}"}, gated="manual")}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ftflow: {config} has 2 problem(s):\n"
+                          f"  - models (typo): Qwen/Qwen2.5-0.5BB does not exist on the hub ({server.url}/Qwen/"
+                          "Qwen2.5-0.5BB) (or it is private: put a token that can see it in HF_TOKEN): fix its "
+                          "models[].path in the config (did you mean Qwen/Qwen2.5-0.5B?)\n"
+                          "  - models (gated): meta-llama/Llama-3.2-1B is gated and no Hugging Face token is set: ")
+    assert "fine" not in err
+
+
 def _study_config(tmp_path, with_data: bool = True) -> Path:
     """configs/seed-20gb.yaml with its data in tmp_path: 180 training sentences of 9 words and 20 of 47 (sst2's
     longest: some in each split), 20 test sentences; without the files when ``with_data`` is False."""
@@ -139,7 +197,8 @@ def _study_config(tmp_path, with_data: bool = True) -> Path:
     return path
 
 
-def test_plan_shows_every_training_run_of_the_study_fitting_20_gb_with_its_hours(tmp_path, capsys):
+def test_plan_shows_every_training_run_of_the_study_fitting_20_gb_with_its_hours_and_its_disk(tmp_path, capsys,
+                                                                                               hf_cache):
     config = _study_config(tmp_path)
     assert main(["plan", str(config), "--out", str(tmp_path / "plan"), "--gpu", "a100"]) == 0
     out = capsys.readouterr().out
@@ -157,9 +216,17 @@ def test_plan_shows_every_training_run_of_the_study_fitting_20_gb_with_its_hours
         "4 x 1", "adamw-8bit", "bf16 (adamw-8bit-stochastic-rounding)")
     assert "granite-3.3-8b-base lora: micro-batch 1 x 4 accumulation, checkpointing off, fp32 AdamW" in out
     assert "token counts estimated at 1.5 per word" in out
+    # The disk: every model's download (offline: its parameters in bf16, as stored on the hub) into the cache.
+    from ftflow.memory import count_config_parameters, model_config_for
+
+    ids = [m["path"] for m in yaml.safe_load(config.read_text())["models"]]
+    downloads = sum(2 * count_config_parameters(model_config_for(i)) for i in ids)
+    assert f"- downloads {downloads / 1e9:.1f} GB into {hf_cache} (HF_HUB_CACHE): TinyLlama/TinyLlama-1.1B-Chat-v1.0 2.2 GB " \
+           "(1.10B parameters in bf16), " in out
+    assert f"- kept outputs " in out and "- checkpoints in flight " in out and "\ndisk: " in out
 
 
-def test_plan_without_the_data_says_so_and_plans_the_worst_case(tmp_path, capsys):
+def test_plan_without_the_data_says_so_and_plans_the_worst_case(tmp_path, capsys, hf_cache):
     assert main(["plan", str(_study_config(tmp_path, with_data=False)), "--out", str(tmp_path / "plan")]) == 0
     out = capsys.readouterr().out
     assert f"data file(s) absent: {tmp_path / 'train.txt'}, {tmp_path / 'test.txt'}; every run is planned at " \

@@ -33,6 +33,27 @@ def test_demo_is_offline_and_seed_config_is_the_study():
     assert by_name["TinyLlama-1.1B-Chat-v1.0"].precision == "fp32"
 
 
+def test_the_baselines_config_is_the_studys_section_2_and_every_model_plans_offline():
+    from ftflow.known_models import known_architecture
+
+    cfg = load_config(ROOT / "configs" / "seed-baselines.yaml")
+    rows = [(m.path.split("/")[1], m.precision) for m in cfg.models]
+    # Table 2.1, row by row (the report's "DeepSeek-1lm-7b-chat" is deepseek-llm-7b-chat).
+    assert rows[:19] == [
+        ("TinyLlama-1.1B-Chat-v1.0", "fp32"), ("TinyLlama-1.1B-Chat-v1.0", "bf16"), ("Qwen2.5-0.5B", "fp32"),
+        ("Qwen2.5-0.5B", "bf16"), ("Qwen2.5-0.5B-Instruct", "fp16"), ("Qwen2.5-1.5B", "fp32"),
+        ("Qwen2.5-1.5B-Instruct", "fp32"), ("Qwen2.5-7B-Instruct", "bf16"), ("Qwen2.5-7B-Instruct-1M", "bf16"),
+        ("Qwen3-4B", "bf16"), ("DeepSeek-R1-Distill-Qwen-1.5B", "fp32"), ("DeepSeek-R1-Distill-Qwen-1.5B", "bf16"),
+        ("deepseek-llm-7b-chat", "bf16"), ("Llama-3.2-1B-Instruct", "fp32"), ("Llama-3.2-3B-Instruct", "fp32"),
+        ("granite-3.3-2b-base", "fp32"), ("granite-3.3-2b-instruct", "fp32"), ("granite-3.3-2b-instruct", "bf16"),
+        ("granite-3.3-8b-base", "bf16")]
+    # Table 2.2: every Granite version's 2b/8b base and instruct (3.2 has no base models).
+    granite = {m.path.split("/")[1] for m in cfg.models if m.family == "granite"}
+    assert granite == {f"granite-{v}-{size}-{kind}" for v in ("3.0", "3.1", "3.2", "3.3") for size in ("2b", "8b")
+                       for kind in ("base", "instruct") if not (v == "3.2" and kind == "base")}
+    assert [m.path for m in cfg.models if known_architecture(m.path) is None] == []
+
+
 def test_all_problems_are_reported_at_once(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(minimal(seed="x", lora={"r": [8, 0], "colour": "red"})))

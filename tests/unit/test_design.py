@@ -153,6 +153,22 @@ def test_benchmark_plan_and_evaluation_batch_size_follow_the_memory_plan(tmp_pat
     assert design.evaluation_batch_size(config(tmp_path, benchmark={"batch_size": "auto"}), {}) == 1
 
 
+def test_a_candidate_left_out_before_planning_or_whose_benchmark_failed_never_lowers_the_evaluation_batch(tmp_path):
+    specs = [ModelSpec(name=n, path=f"org/{n}", family="f", precision="auto") for n in ("a", "gated", "ghost")]
+    plan = {"budget_gb": 20, "decisions": {"a": {"precision": "bf16", "batch_size": 64, "reason": "fits"},
+                                           "ghost": {"precision": "fp32", "batch_size": 3, "reason": "fits"}}}
+    whole = design.with_unavailable(plan, specs, {"gated": "org/gated is gated and no Hugging Face token is set"})
+    assert list(whole["decisions"]) == ["a", "gated", "ghost"] and whole["budget_gb"] == 20
+    planned, failures = design.benchmark_plan(specs, whole["decisions"])
+    assert [s.name for s, _ in planned] == ["a", "ghost"]
+    assert failures == [{"name": "gated", "family": "f", "precision": "auto",
+                         "error": "org/gated is gated and no Hugging Face token is set"}]
+    cfg = config(tmp_path, benchmark={"batch_size": "auto"})
+    # ghost was planned, but its benchmark failed: the scoring passes after the benchmark never score it again.
+    assert design.evaluation_batch_size(cfg, whole["decisions"]) == 3
+    assert design.evaluation_batch_size(cfg, whole["decisions"], benchmarked=["a"]) == 64
+
+
 def test_a_job_of_one_method_refuses_another_methods_settings():
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         FullJob(model=SMALL, learning_rate=1e-3, epochs=1, batch_size=2, num_virtual_tokens=4)
