@@ -537,10 +537,41 @@ BNB_BLOCK = 256
 """Elements per quantization block of bitsandbytes' 8-bit optimizer state (one fp32 absmax per block and moment)."""
 BNB_QMAP_BYTES = 2 * 256 * 4
 """The two 256-entry fp32 quantization maps, shared by every tensor of one optimizer."""
-BNB_CPU_STEP_BYTES_PER_ELEMENT = 20
-"""bitsandbytes 0.50's CPU 8-bit AdamW (a reference implementation, not CUDA's fused kernel) holds, per element
-of the tensor it updates, both moments dequantized to fp32, the scaled fp32 gradient and two fp32 temporaries of
-the denominator: 20 bytes (measured: 495 MB over the prediction without it for a 24.6M-element embedding)."""
+ADAMW_8BIT_STEP_BYTES_PER_ELEMENT: Mapping[tuple[str, str], int] = {
+    ("cuda", "fp32"): 0, ("cuda", "half"): 13, ("cpu", "fp32"): 20, ("cpu", "half"): 28}
+"""Bytes per element of the slice being updated that ftflow's 8-bit AdamW step holds besides the weights,
+gradients and state, by device and weights dtype (``half``: bf16 weights, stochastically rounded). The step
+updates each tensor in slices of at most :data:`ADAMW_8BIT_SLICE_ELEMENTS` elements, so this is paid
+on one slice at a time (:func:`adamw_8bit_step_bytes`), not on the largest tensor.
+
+* bf16 weights: fp32 copies of the slice's weights and gradient (8), then the rounding's int32 noise and
+  finite mask (5): 13 on CUDA, whose fused kernel keeps nothing else in memory (it works in registers; not
+  measured here, no GPU).
+* On a CPU, bitsandbytes 0.50's reference kernel holds both moments dequantized to fp32, the scaled fp32
+  gradient and two fp32 temporaries of the denominator (20), beside the copies for bf16 weights (28); its
+  temporaries are gone before the rounding's.
+
+Measured (CPU, forked child, ``VmHWM`` growth over one step of a 32M-element tensor whose state exists, 8
+slices; ``bench/memory_accuracy.py``, case ``step-8bit``): 27.98 bytes per slice element for bf16 weights,
+20.01 for fp32. Before slicing the same step held 28.0 (bf16) and 20.0 (fp32) bytes per element of the
+whole tensor, and on CUDA about 21 for bf16 (fp32 copies and five rounding temporaries of the whole tensor)."""
+
+
+ADAMW_8BIT_SLICE_ELEMENTS = 1 << 22
+"""Elements of a tensor ftflow's 8-bit AdamW updates at once (:data:`ftflow.optimizers.SLICE_ELEMENTS`; a test
+checks they are equal. Not imported: the memory plan's code key would then reach the optimizer's module)."""
+
+
+def adamw_8bit_step_bytes(tensor_sizes: Sequence[int], half_weights: bool, device: str) -> int:
+    """Bytes ftflow's 8-bit AdamW step adds, at its peak, to the weights, gradients and state.
+
+    The tensors are updated one at a time, each in slices (:mod:`ftflow.optimizers`): the peak is one slice of
+    the largest tensor with 8-bit state (:data:`ADAMW_8BIT_STEP_BYTES_PER_ELEMENT` per element). Tensors under
+    bitsandbytes' ``min_8bit_size`` (fp32 moments, at most 4095 elements) are updated whole, a few tens of KB.
+    """
+    largest = max((n for n in tensor_sizes if n >= BNB_MIN_8BIT_SIZE), default=0)
+    per_element = ADAMW_8BIT_STEP_BYTES_PER_ELEMENT[(device, "half" if half_weights else "fp32")]
+    return per_element * min(largest, ADAMW_8BIT_SLICE_ELEMENTS)
 
 
 def adamw_8bit_state_bytes(tensor_sizes: Sequence[int]) -> int:
@@ -620,8 +651,8 @@ def predict_training(
       With ``optimizer`` 8-bit the moments are bitsandbytes' 8-bit state
       (:func:`adamw_8bit_state_bytes`, about 2 bytes per parameter) and bf16
       weights are updated with stochastic rounding (no compensation buffer,
-      :mod:`ftflow.optimizers`; its step holds fp32 copies of one tensor and
-      its gradient, 8 bytes per element of the largest, beside all gradients).
+      :mod:`ftflow.optimizers`; its step updates one slice of one tensor at a
+      time, beside all gradients: :func:`adamw_8bit_step_bytes`).
     * ``lora``: frozen weights in ``precision`` plus LoRA rank ``lora_r`` on every
       linear layer but the output one; PEFT keeps adapters in fp32, so they cost
       4 + 4 + 8 bytes per trainable parameter (weight, gradient, moments).
@@ -788,12 +819,9 @@ def predict_training(
     else:
         peak = weights + optimizer_state + gradients + activations + head + overhead
     if optimizer != "adamw":
-        # The 8-bit step updates one tensor at a time while every gradient is alive: on half-precision weights
-        # through fp32 copies of the tensor and its gradient (ftflow.optimizers.AdamW8bit), and on a CPU
-        # bitsandbytes' reference kernel dequantizes both moments and computes in fp32 temporaries
-        # (BNB_CPU_STEP_BYTES_PER_ELEMENT); CUDA's fused kernel keeps none.
-        per_element = (8 if full_half else 0) + (BNB_CPU_STEP_BYTES_PER_ELEMENT if device == "cpu" else 0)
-        peak = max(peak, weights + optimizer_state + gradients + per_element * max(sizes) + overhead)
+        # The 8-bit step updates one slice of one tensor at a time while every gradient is alive.
+        peak = max(peak, weights + optimizer_state + gradients + adamw_8bit_step_bytes(sizes, full_half, device)
+                   + overhead)
     step_peak, eval_peak = peak, 0
     if eval_batch_size is not None:
         layer, scoring_logits = _scoring_phases(counts, shape, d, eval_batch_size, eval_length or max_length,
