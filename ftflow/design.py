@@ -98,7 +98,8 @@ def benchmark_plan(candidates: Sequence[ModelSpec], decisions: Mapping[str, Deci
 
 
 def evaluation_batch_size(cfg: PipelineConfig, decisions: Mapping[str, Decision | Mapping]) -> int:
-    """Batch size of every scoring pass after the benchmark (validation per epoch, teacher logits, test).
+    """Batch size of every scoring pass after the benchmark (validation per epoch, test); the teacher pass plans
+    its own (:func:`ftflow.memory.plan_teacher_pass`).
 
     The configured ``benchmark.batch_size``, or with ``auto`` the most cautious
     planned one (the smallest over the benchmarked candidates; 1 if none).
