@@ -271,6 +271,12 @@ def test_study_runs_compute_in_flops_and_hours_from_parameters_and_tokens(tmp_pa
     assert [r.title for r in runs] == ["lora[big|r8,a16,d0.05,lr0.0002]", "lora[small|r8,a16,d0.05,lr0.0002]",
                                        "full[small|lr5e-05]", "distill[small|top10,T1,a0.5,lr5e-05]"]
     assert notes[0].startswith("family granite as if selected: teacher big, student small")
+    # The teacher pass, planned on the teacher's run that leaves it the least memory (here its only one).
+    batch = memory.largest_teacher_batch_size(model_config_for("ibm-granite/granite-3.3-8b-base"), "bf16", 20 * GB,
+                                              72, 256, k=10, method="lora", lora_r=8)
+    assert notes[-1].startswith(f"teacher pass (topk, top 10, 72 tokens): batch size {batch} with "
+                                "lora[big|r8,a16,d0.05,lr0.0002] as the teacher (the least room of the teacher's 1 "
+                                "runs), predicted ")
     full = runs[2]
     assert (full.section, full.compute_dtype, full.fit.train_precision) == ("3.3 full", "bf16", "bf16")
     n = 2_533_539_840
