@@ -733,9 +733,10 @@ on one slice at a time (:func:`adamw_8bit_step_bytes`), not on the largest tenso
   temporaries are gone before the rounding's.
 
 Measured (CPU, forked child, ``VmHWM`` growth over one step of a 32M-element tensor whose state exists, 8
-slices; ``bench/memory_accuracy.py``, case ``step-8bit``): 27.98 bytes per slice element for bf16 weights,
-20.01 for fp32. Before slicing the same step held 28.0 (bf16) and 20.0 (fp32) bytes per element of the
-whole tensor, and on CUDA about 21 for bf16 (fp32 copies and five rounding temporaries of the whole tensor)."""
+slices; ``bench/memory_accuracy.py``, case ``step-8bit``): 27.96 bytes per slice element for bf16 weights,
+19.95 for fp32. Before slicing the same step held 28.0 (bf16) and 20.0 (fp32) bytes per element of the
+whole tensor, and on CUDA about 21 for bf16 (fp32 copies and five rounding temporaries of the whole tensor,
+where the plan counted 8)."""
 
 
 ADAMW_8BIT_SLICE_ELEMENTS = 1 << 22
