@@ -523,9 +523,9 @@ def predict_teacher_pass(
     the largest of these phases + overhead:
 
     * the forward: one decoder layer's activations (:data:`TEACHER_LAYER_ELEMENTS`, the padding mask, nf4's
-      dequantized weight, as :func:`predict_scoring` counts them), plus an unmerged LoRA
-      teacher's fp32 adapter arithmetic (:data:`TEACHER_LORA_BYTES_PER_TOKEN`) and a prefix teacher's key/value cache:
-      PEFT hands the forward the prefix as a cache, which every layer extends with its keys and values
+      dequantized weight, as :func:`predict_scoring` counts them), plus an unmerged LoRA teacher's fp32 adapter
+      arithmetic (:data:`TEACHER_LORA_BYTES_PER_TOKEN`) and a prefix teacher's key/value cache: PEFT hands the
+      forward the prefix as a cache, which every layer extends with its keys and values
       (``2 x layers x B x (L + prefix) x kv_dim x d``) whatever ``use_cache`` says, until the forward returns;
     * the head's check (:func:`ftflow.perplexity._check_head`): the hidden states, the forward's last-position
       logits and the check's own (``B x V x (2 d + 8)``), the prefix cache still held by the outputs;
@@ -550,7 +550,7 @@ def predict_teacher_pass(
         k: ids stored per position.
         variant: ``topk`` or ``sampled``.
         logits_chunk_tokens: positions whose logits exist at once; 0 = full logits.
-        device: ``cuda`` or ``cpu`` (runtime overhead).
+        device: ``cuda`` or ``cpu`` (runtime overhead; a CPU's mixed-dtype add in an unmerged LoRA).
         trust_remote_code: allow the model's own code when counting parameters.
         method: how the teacher run is loaded (:data:`TEACHER_METHODS`): ``full``/``distill`` (a full
             checkpoint), ``lora``/``qlora`` (base + LoRA adapter, fp32 as PEFT loads it for inference on a
