@@ -72,8 +72,8 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
 
         # 3. Distillation from the teacher's best run (any method), only if it beats the student's own best;
         #    its targets stored once per variant at the largest k; the full fine-tune at equal steps beside it.
-        choice, distilled = distil(cfg, train_all, selection, grid + per_model, benchmarks, augmented, device,
-                                   eval_batch, out, progress)
+        choice, distilled = distil(cfg, train_all, selection, grid + per_model, benchmarks, augmented, device, out,
+                                   progress)
 
         # 4. The measured effect of augmentation: one run repeated on each training set.
         ablation, made = design.ablation_runs(cfg, selection, best_job), {"main": augmented, "original": data}

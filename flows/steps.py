@@ -134,13 +134,13 @@ def check_grid_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_set: dict, d
 
 
 def distil(cfg: PipelineConfig, train_all: Callable[..., list[dict]], selection: dict, runs: list[dict],
-           benchmarks: list[dict], augmented: dict, device: str, eval_batch_size: int, artifacts_dir: str,
+           benchmarks: list[dict], augmented: dict, device: str, artifacts_dir: str,
            progress: bool) -> tuple[design.TeacherChoice, list[dict]]:
     """Distillation from the teacher's best run of any method, only if it beats the student's own best.
 
     Returns the teacher choice (:func:`ftflow.design.distillation_teacher`) and the runs: the student's full
     fine-tune at the distillation's steps (the equal-budget reference), then every variant, each loss's teacher
-    targets stored once (``teacher_logits``) at the largest k.
+    targets stored once (``teacher_logits``, at its own planned batch size) at the largest k.
     """
     choice = design.distillation_teacher(cfg, selection, runs, benchmarks)
     (get_run_logger().info if choice.distil else get_run_logger().warning)(choice.reason)
@@ -150,8 +150,7 @@ def distil(cfg: PipelineConfig, train_all: Callable[..., list[dict]], selection:
     task = with_storage(teacher_logits, artifacts_dir)
     for variant in design.distillation_variants(cfg):
         targets = task(**stages.teacher_logits_call(cfg, choice.teacher, design.distillation_student(selection),
-                                                    augmented, device, eval_batch_size, artifacts_dir, progress,
-                                                    variant))
+                                                    augmented, device, artifacts_dir, progress, variant))
         distilled += train_all(design.distillation_jobs(cfg, selection, variant), topk=targets)
     return choice, distilled
 

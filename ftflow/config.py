@@ -292,7 +292,7 @@ class BenchmarkConfig(_Strict):
         "to that when a fixed size is predicted over the budget).")
     logits_chunk_tokens: int = Field(
         1024, ge=0, description="Scored positions whose logits exist at once in every perplexity scoring (benchmark, "
-        "validation during training, test): the LM head is applied to this many tokens at a time, so the logits' "
+        "validation during training, test) and in the teacher pass of distillation: the LM head is applied to this many tokens at a time, so the logits' "
         "peak is chunk x vocab x 8 bytes instead of batch x length x vocab x (dtype + 8); the memory plan charges "
         "it. 0 = the model's full logits (for a model whose forward transforms its logits in a way ftflow does not "
         "reproduce; scoring says so).")
@@ -421,6 +421,11 @@ class DistillConfig(_Strict):
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
     epochs: int = Field(2, ge=1, description="Training epochs; the best on the selection split is kept.")
     batch_size: int = Field(8, ge=1, description="Training batch size.")
+    teacher_batch_size: int | Literal["auto"] = Field(
+        "auto", description="Sentences per forward pass of the teacher pass; auto = the largest that its memory "
+        "plan (ftflow.memory.predict_teacher_pass: the teacher run as loaded, its longest training sentence, "
+        "benchmark.logits_chunk_tokens) says fits memory_budget_gb, up to memory.batch_size_cap; a fixed size "
+        "predicted over the budget is lowered to that. The stored targets do not depend on it.")
 
     require_better_teacher: bool = Field(True, description="Distil only from a teacher that beats the student's "
                                          "own best on the selection split (false: always, e.g. to measure a worse "
@@ -430,6 +435,13 @@ class DistillConfig(_Strict):
     @classmethod
     def _one_or_many(cls, value):
         return _as_tuple(value)
+
+    @field_validator("teacher_batch_size")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("teacher_batch_size must be >= 1 or 'auto'")
+        return value
 
     @model_validator(mode="after")
     def _valid_grid(self) -> "DistillConfig":

@@ -109,7 +109,8 @@ def with_unavailable(plan: Mapping, candidates: Sequence[ModelSpec], problems: M
 
 def evaluation_batch_size(cfg: PipelineConfig, decisions: Mapping[str, Decision | Mapping],
                           benchmarked: Optional[Sequence[str]] = None) -> int:
-    """Batch size of every scoring pass after the benchmark (validation per epoch, teacher logits, test).
+    """Batch size of every scoring pass after the benchmark (validation per epoch, test); the teacher pass plans
+    its own (:func:`ftflow.memory.plan_teacher_pass`).
 
     The configured ``benchmark.batch_size``, or with ``auto`` the most cautious
     planned one: the smallest over the candidates the plan lets through and, once

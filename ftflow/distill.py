@@ -42,6 +42,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, _decoder_states, _output_head, _OutputHead
 from ftflow.tokens import (IGNORE_INDEX, pack_batch, pack_placements, packed_row_tokens, pad_batch, pad_token_id,
                            sentence_ids, start_token_id)
 
@@ -600,6 +601,7 @@ def compute_teacher_topk(
     vocabulary_note: str | None = None,
     variant: str = "topk",
     seed: int = 0,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
 ) -> TeacherTopK:
     """Run the teacher once over ``sentences`` and keep k ids and log-probs per position.
 
@@ -612,6 +614,16 @@ def compute_teacher_topk(
     (inverse CDF on float64 cumulative probabilities, with uniforms from a CPU
     generator seeded by ``seed`` and the sentence's index, so the draws do not
     depend on the batching or the device), and their log-probs.
+
+    Memory: the [B, L, V] logits are never made. As perplexity scoring does
+    (:func:`ftflow.perplexity.batch_nll`), the forward runs without a KV cache
+    and with ``logits_to_keep=1`` while a hook keeps the decoder's last hidden
+    state; the LM head (and the forward's own logit scaling, e.g. Granite's
+    ``logits_scaling``) is applied to ``logits_chunk_tokens`` positions at a
+    time, each chunk's log-softmax, top-k (or draws) and tail taken before the
+    next and its results moved to the CPU. The results are the full-logits
+    path's, up to the LM head's float rounding on other row counts
+    (:func:`ftflow.memory.predict_teacher_pass` predicts the peak).
 
     This does not check a student: :func:`teacher_topk_for_student` does,
     before it calls this.
@@ -633,16 +645,28 @@ def compute_teacher_topk(
         vocabulary_note: why ``vocab_size`` cuts the teacher's logits, recorded in the store.
         variant: ``topk`` or ``sampled`` (:data:`VARIANTS`).
         seed: seed of the draws (``sampled``).
+        logits_chunk_tokens: positions whose logits exist at once; 0 takes the
+            model's full [B, L, V] logits (as does a model without a separable
+            LM head, see :func:`ftflow.perplexity.batch_nll`).
 
     Returns:
         A :class:`TeacherTopK` with ``len(sentence_ids(...))`` rows per sentence.
+
+    Raises:
+        ftflow.perplexity.LogitsMismatchError: the model's forward transforms its logits in a way the chunks
+            would not reproduce (set ``logits_chunk_tokens`` to 0).
     """
+    problems = []
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        problems.append(f"k must be at least 1, got {k}")
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        problems.append(f"variant must be one of {VARIANTS}, got {variant!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        problems.append(f"batch_size must be at least 1, got {batch_size}")
+    if logits_chunk_tokens < 0:
+        problems.append(f"logits_chunk_tokens must be >= 0 (0: full logits), got {logits_chunk_tokens}")
+    if problems:
+        raise ValueError("compute_teacher_topk: " + "; ".join(problems))
     teacher_rows = output_rows(model)
     if vocab_size is None:
         vocab_size = teacher_rows
@@ -657,8 +681,11 @@ def compute_teacher_topk(
     all_ids = [ids for ids, _ in encoded]
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
+    parts = _output_head(model) if logits_chunk_tokens > 0 else None
 
-    per_sentence: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(all_ids)
+    # Per sentence, its rows' (ids, log-probs, tail) in pieces (a sentence may span two chunks), on the CPU.
+    per_sentence: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in all_ids]
+    draws = _SentenceUniforms(k, seed)
     # Longest first: the biggest batch runs first, so an out-of-memory shows at once.
     order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]), reverse=True)
     was_training = model.training
@@ -668,29 +695,29 @@ def compute_teacher_topk(
             for start in range(0, len(order), batch_size):
                 batch_indices = order[start:start + batch_size]
                 batch = pad_batch([all_ids[i] for i in batch_indices], pad_id, padding_side="right")
-                logits = model(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    position_ids=batch["position_ids"].to(device),
-                ).logits
-                if logits.shape[-1] < vocab_size:
-                    raise ValueError(f"the teacher's logits have {logits.shape[-1]} columns, fewer than its "
-                                     f"vocab_size {vocab_size}")
-                for row, index in enumerate(batch_indices):
-                    # One row at a time: a float32 copy of [B, L, V] would dwarf the model.
-                    n = len(all_ids[index])
-                    log_probs = F.log_softmax(logits[row, :n, :vocab_size].float(), dim=-1)  # [n, V]
+                inputs = {name: batch[name].to(device) for name in ("input_ids", "attention_mask", "position_ids")}
+                lengths = [len(all_ids[i]) for i in batch_indices]
+                for log_probs, segments in _teacher_log_probs(model, parts, inputs, lengths, vocab_size,
+                                                              logits_chunk_tokens):
                     if variant == "sampled":
-                        ids = _draw(log_probs, k, seed, index)
-                        values, tail = log_probs.gather(-1, ids), torch.zeros(0)
+                        uniforms = torch.cat([draws.rows(batch_indices[row], lengths[row], first, count)
+                                              for row, first, count in segments]).to(log_probs.device)
+                        ids = _draw_with(log_probs, uniforms)
+                        values, tail = log_probs.gather(-1, ids), torch.zeros(ids.shape[0])
                     else:
                         values, ids = torch.topk(log_probs, k, dim=-1, sorted=True)
                         # Summed over the other ids, not 1 - top-k mass: exact however small the tail is.
-                        tail = torch.logsumexp(log_probs.scatter_(-1, ids, -math.inf), dim=-1)  # [n]
+                        tail = torch.logsumexp(log_probs.scatter_(-1, ids, -math.inf), dim=-1)  # [c]
+                    del log_probs
                     # -inf (a masked vocabulary slot) would not survive float16 arithmetic as a finite number.
                     values = values.clamp(min=torch.finfo(torch.float16).min)
-                    per_sentence[index] = (ids.to("cpu", torch.int32), values.to("cpu", torch.float16),
-                                           tail.to("cpu", torch.float32))
+                    ids, values, tail = ids.to("cpu", torch.int32), values.to("cpu", torch.float16), tail.to(
+                        "cpu", torch.float32)
+                    offset = 0
+                    for row, _, count in segments:
+                        piece = slice(offset, offset + count)
+                        per_sentence[batch_indices[row]].append((ids[piece], values[piece], tail[piece]))
+                        offset += count
                 bar.update(len(batch_indices))
     finally:
         model.train(was_training)
@@ -698,8 +725,9 @@ def compute_teacher_topk(
     lengths = torch.tensor([len(ids) for ids in all_ids], dtype=torch.int64)
     offsets = torch.zeros(len(all_ids) + 1, dtype=torch.int64)
     offsets[1:] = lengths.cumsum(0)
-    if per_sentence:
-        ids, logprobs, tails = (torch.cat([entry[j] for entry in per_sentence]) for j in range(3))
+    pieces = [piece for sentence in per_sentence for piece in sentence]
+    if pieces:
+        ids, logprobs, tails = (torch.cat([piece[j] for piece in pieces]) for j in range(3))
     else:
         ids = torch.zeros((0, k), dtype=torch.int32)
         logprobs = torch.zeros((0, k), dtype=torch.float16)
@@ -711,20 +739,97 @@ def compute_teacher_topk(
                        variant=variant, sample_seed=seed if variant == "sampled" else None)
 
 
-def _draw(log_probs: torch.Tensor, k: int, seed: int, sentence_index: int) -> torch.Tensor:
-    """[n, k] long: k ids per row drawn with replacement from ``softmax`` rows of ``log_probs`` [n, V].
+def _teacher_log_probs(model, parts: _OutputHead | None, inputs: dict[str, torch.Tensor], lengths: Sequence[int],
+                       vocab_size: int, logits_chunk_tokens: int):
+    """The teacher's float32 log-softmax over its first ``vocab_size`` logits at every real position of a batch.
 
-    Inverse CDF: the uniforms come from a CPU generator (seed, sentence index),
-    so a sentence's draws are the same whatever the batch or the device; the
-    cumulative sum runs in float64, so a 150k vocabulary's last ids keep their
-    mass, over chunks of rows of at most :data:`_DRAW_CHUNK_ELEMENTS` (256 MB),
-    so a 2048-token sentence at a 150k vocabulary never holds a 2.5 GB float64 copy.
+    Yields ``(log_probs, segments)``: [c, vocab_size] rows, and which positions they are, in order, as
+    ``(row, first position, count)`` triples summing to c. With ``parts`` (chunked): the decoder's hidden states
+    of the real positions, row after row, ``logits_chunk_tokens`` at a time through the LM head. Without: the
+    forward's full [B, L, V] logits, one row at a time (a float32 copy of all of them would dwarf the model).
+    """
+    if parts is None:
+        logits = model(**inputs, use_cache=False).logits  # [B, L, V]
+        _check_width(logits, vocab_size)
+        for row, n in enumerate(lengths):
+            yield F.log_softmax(logits[row, :n, :vocab_size].float(), dim=-1), [(row, 0, n)]
+        return
+    hidden = _decoder_states(model, parts, inputs)  # [B, L, H]
+    # Right-padded: each row's first n positions are real; boolean indexing takes them row after row.
+    states = hidden[inputs["attention_mask"].bool()]  # [P, H]
+    del hidden
+    for start in range(0, states.shape[0], logits_chunk_tokens):
+        end = min(start + logits_chunk_tokens, states.shape[0])
+        logits = parts.transform(parts.head(states[start:end]))  # [c, V] in the model's dtype
+        _check_width(logits, vocab_size)
+        # Rebound to its float32 copy, the head's own-dtype output is freed before the log-softmax allocates.
+        logits = logits[:, :vocab_size].float()
+        log_probs = F.log_softmax(logits, dim=-1)
+        del logits
+        yield log_probs, _segments(lengths, start, end)
+        del log_probs  # before the next chunk's logits exist (the caller has dropped its reference too)
+
+
+def _segments(lengths: Sequence[int], start: int, end: int) -> list[tuple[int, int, int]]:
+    """Positions ``start:end`` of rows of ``lengths`` laid end to end, as ``(row, first position, count)``."""
+    segments, row_start = [], 0
+    for row, n in enumerate(lengths):
+        first, last = max(start, row_start), min(end, row_start + n)
+        if first < last:
+            segments.append((row, first - row_start, last - first))
+        row_start += n
+    return segments
+
+
+def _check_width(logits: torch.Tensor, vocab_size: int) -> None:
+    if logits.shape[-1] < vocab_size:
+        raise ValueError(f"the teacher's logits have {logits.shape[-1]} columns, fewer than its vocab_size {vocab_size}")
+
+
+class _SentenceUniforms:
+    """Each sentence's [n, k] float64 uniforms for its draws, from a CPU generator seeded by (seed, sentence index).
+
+    A sentence's uniforms are made once, whatever rows of it a chunk needs, and dropped after its last row.
+    """
+
+    def __init__(self, k: int, seed: int) -> None:
+        self.k, self.seed = k, seed
+        self.current: tuple[int, torch.Tensor] | None = None
+
+    def rows(self, sentence_index: int, n: int, first: int, count: int) -> torch.Tensor:
+        if self.current is None or self.current[0] != sentence_index:
+            self.current = (sentence_index, _sentence_uniforms(n, self.k, self.seed, sentence_index))
+        part = self.current[1][first:first + count]
+        if first + count == n:
+            self.current = None
+        return part
+
+
+def _sentence_uniforms(rows: int, k: int, seed: int, sentence_index: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + sentence_index)
+    return torch.rand((rows, k), generator=generator, dtype=torch.float64)
+
+
+def _draw(log_probs: torch.Tensor, k: int, seed: int, sentence_index: int) -> torch.Tensor:
+    """[n, k] long: k ids per row drawn with replacement from ``softmax`` rows of one sentence's ``log_probs`` [n, V].
+
+    The uniforms come from a CPU generator (seed, sentence index), so a sentence's draws are the same whatever
+    the batch or the device (:func:`_draw_with` draws them).
+    """
+    uniforms = _sentence_uniforms(log_probs.shape[0], k, seed, sentence_index).to(log_probs.device)
+    return _draw_with(log_probs, uniforms)
+
+
+def _draw_with(log_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """[n, k] long: the inverse CDF of each row of ``softmax(log_probs)`` [n, V] at its float64 ``uniforms`` [n, k].
+
+    The cumulative sum runs in float64, so a 150k vocabulary's last ids keep their mass, over chunks of rows
+    of at most :data:`DRAW_CHUNK_ELEMENTS` (256 MB), so a chunk of 1024 positions at a 150k vocabulary never
+    holds a 1.2 GB float64 copy. Each row's result depends on that row alone.
     """
     rows, vocab = log_probs.shape
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + sentence_index)
-    uniforms = torch.rand((rows, k), generator=generator, dtype=torch.float64).to(log_probs.device)
-    ids = torch.empty((rows, k), dtype=torch.long, device=log_probs.device)
-    step = max(1, _DRAW_CHUNK_ELEMENTS // vocab)
+    ids = torch.empty(uniforms.shape, dtype=torch.long, device=log_probs.device)
+    step = max(1, DRAW_CHUNK_ELEMENTS // vocab)
     for start in range(0, rows, step):
         cdf = log_probs[start:start + step].double().exp_().cumsum_(-1)  # [chunk, V]
         cdf.div_(cdf[:, -1:].clone())
@@ -733,7 +838,8 @@ def _draw(log_probs: torch.Tensor, k: int, seed: int, sentence_index: int) -> to
     return ids.clamp_(max=vocab - 1)
 
 
-_DRAW_CHUNK_ELEMENTS = 1 << 25
+DRAW_CHUNK_ELEMENTS = 1 << 25
+"""Elements of the float64 cumulative sums :func:`_draw_with` holds at once (256 MB)."""
 
 
 def output_rows(model) -> int:
@@ -1076,6 +1182,7 @@ def teacher_topk_for_student(
     progress: bool = True,
     variant: str = "topk",
     seed: int = 0,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
 ) -> TeacherTopK:
     """The teacher's targets for distilling into ``student``, checked before the teacher is even loaded.
 
@@ -1089,7 +1196,8 @@ def teacher_topk_for_student(
             :func:`ftflow.methods.load_trained` takes it.
         student: the student model (``name``, ``path``, ``trust_remote_code``).
         sentences: the training sentences, in dataset order.
-        k, max_length, batch_size, progress, variant, seed: as for :func:`compute_teacher_topk`.
+        k, max_length, batch_size, progress, variant, seed, logits_chunk_tokens: as for
+            :func:`compute_teacher_topk`.
         device: where the teacher runs.
 
     Returns:
@@ -1110,7 +1218,7 @@ def teacher_topk_for_student(
         return compute_teacher_topk(model, teacher_tokenizer, sentences, k=k, max_length=max_length,
                                     batch_size=batch_size, progress=progress, vocab_size=shared.size,
                                     teacher_name=teacher_run["name"], vocabulary_note=shared.note,
-                                    variant=variant, seed=seed)
+                                    variant=variant, seed=seed, logits_chunk_tokens=logits_chunk_tokens)
     finally:
         del model
 

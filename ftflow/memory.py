@@ -480,6 +480,187 @@ def predict_scoring(
     )
 
 
+TEACHER_METHODS = ("full", "distill", "lora", "qlora", "prefix")
+"""How a teacher run is loaded for its pass (:func:`ftflow.methods.load_trained`): a full checkpoint (``full``,
+``distill``), the base with a LoRA adapter (``lora``; ``qlora`` on 4-bit weights) or a prefix adapter (``prefix``)."""
+
+TEACHER_DRAW_CHUNK_ELEMENTS = 1 << 25
+"""Elements of the float64 cumulative sums the sampled variant's draws hold at once
+(:data:`ftflow.distill.DRAW_CHUNK_ELEMENTS`; a test checks they are equal, as for
+:data:`ADAMW_8BIT_SLICE_ELEMENTS`)."""
+
+TEACHER_LAYER_ELEMENTS = {"hidden": 4, "intermediate": 3}
+"""Elements per token alive in one decoder layer at the teacher pass's in-layer peak (the MLP product), in the
+compute dtype: :data:`SCORING_LAYER_ELEMENTS` (the residual stream, the normed input, the MLP's three products)
+plus the layer's input, which the decoder's loop holds until the layer returns, and the embedding output, which
+the model's forward holds to its end (one of the two when the model has one layer: its input is that output).
+Measured on a CPU (forked child, VmHWM of ``use_cache=False`` forwards): a one-layer Granite (hidden 1024,
+intermediate 3200), slope between 1024 and 3072 tokens, 25,770 bytes per token in bf16 against 25,344
+predicted and 51,720 in fp32 against 50,688; a 12-layer Llama (hidden 768, intermediate 2048) at 4 x 512
+tokens, one pad, fp32: 78.1 MB against 76.5 MB."""
+
+TEACHER_LORA_BYTES_PER_TOKEN = {"hidden": 4, "intermediate": 8, "cpu_mixed_add": 4}
+"""An unmerged LoRA teacher's bytes per token in one decoder layer beyond :data:`TEACHER_LAYER_ELEMENTS`, as
+``hidden x H + (intermediate - d) x I``. Each adapted linear layer (PEFT's ``lora.Linear``) casts its input to
+the adapters' fp32 (a copy of the normed input, ``4 H``, unless it is fp32 already) and adds the scaled fp32
+adapter output to the base output in fp32 before casting back: beside the activated gate, the MLP's up
+projection then holds its base output (``d``), the scaled adapter output and the fp32 sum (``4 + 4``), so
+``(2 d + 8) x I`` where the base model's product holds ``3 d x I``. On a CPU the mixed-dtype add also makes an
+fp32 copy of a half-precision base output first (``cpu_mixed_add``, 4 bytes per I; CUDA casts on the fly).
+Measured as above with LoRA r 8 on every linear layer (unmerged): 62,084 bytes per token in bf16 on a CPU
+against 61,440 predicted, 64,572 in fp32 against 63,488."""
+
+
+def predict_teacher_pass(
+    config,
+    precision: Precision,
+    batch_size: int,
+    max_length: int,
+    *,
+    k: int,
+    variant: str = "topk",
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
+    device: Device = "cuda",
+    trust_remote_code: bool = False,
+    method: str = "full",
+    lora_r: int = 8,
+    lora_merged: bool = False,
+    num_virtual_tokens: int = 8,
+    vocab_size: Optional[int] = None,
+) -> MemoryPrediction:
+    """Peak memory of the teacher pass (:func:`ftflow.distill.compute_teacher_topk`) at one batch.
+
+    The pass runs one forward without a KV cache (``use_cache=False``, ``logits_to_keep=1``) and keeps the
+    decoder's last hidden state [B, L, H]; then the LM head runs on ``logits_chunk_tokens`` real positions at a
+    time, and each chunk's log-softmax (float32, over the first ``vocab_size`` ids), top-k and tail (or k
+    draws) are taken before the next. Every sequence is assumed ``max_length`` tokens long. Peak = weights +
+    the largest of these phases + overhead:
+
+    * the forward: one decoder layer's activations (:data:`TEACHER_LAYER_ELEMENTS`, the padding mask, nf4's
+      dequantized weight, as :func:`predict_scoring` counts them), plus an unmerged LoRA teacher's fp32 adapter
+      arithmetic (:data:`TEACHER_LORA_BYTES_PER_TOKEN`) and a prefix teacher's key/value cache: PEFT hands the
+      forward the prefix as a cache, which every layer extends with its keys and values
+      (``2 x layers x B x (L + prefix) x kv_dim x d``) whatever ``use_cache`` says, until the forward returns;
+    * the head's check (:func:`ftflow.perplexity._check_head`): the hidden states, the forward's last-position
+      logits and the check's own (``B x V x (2 d + 8)``), the prefix cache still held by the outputs;
+    * the gather of the real positions' hidden states (two [B, L, H] copies);
+    * one chunk of ``c`` positions beside the gathered states [B L, H]: the head's output in the model's dtype
+      and its float32 copy (``c x V x d + c x V' x 4``), the float32 logits and their log-softmax (8 bytes per
+      element), then ``topk``: the log-softmax and the tail's ``exp`` (8), or ``sampled``: the log-softmax and
+      the draw's float64 cumulative sums over at most :data:`TEACHER_DRAW_CHUNK_ELEMENTS` elements
+      (``4 c V' + 8 min(c, rows) V'``); and the chunk's results until they are moved to the CPU (ids int64,
+      log-probs, their clamped copy and the tail: ``c x (16 k + 4)``, the draws' float64 uniforms too).
+
+    With ``logits_chunk_tokens=0`` (or a model without a separable head) the forward returns the full
+    [B, L, V] logits (``d`` bytes each; twice for a model that scales its logits, e.g. Granite's
+    ``logits_scaling``, whose division makes a copy) and each sentence is taken from them in turn (its float32
+    copy and log-softmax, ``L x V' x 8``).
+
+    Args:
+        config: the teacher's base model config (:func:`model_config_for`).
+        precision: the run's precision (nf4 for a QLoRA teacher; its unquantized tensors and compute in bf16).
+        batch_size: sentences per forward pass.
+        max_length: tokens per sentence (the longest of the training set).
+        k: ids stored per position.
+        variant: ``topk`` or ``sampled``.
+        logits_chunk_tokens: positions whose logits exist at once; 0 = full logits.
+        device: ``cuda`` or ``cpu`` (runtime overhead; a CPU's mixed-dtype add in an unmerged LoRA).
+        trust_remote_code: allow the model's own code when counting parameters.
+        method: how the teacher run is loaded (:data:`TEACHER_METHODS`): ``full``/``distill`` (a full
+            checkpoint), ``lora``/``qlora`` (base + LoRA adapter, fp32 as PEFT loads it for inference on a
+            half-precision base), ``prefix`` (base + prefix table, fp32).
+        lora_r: the LoRA rank (``lora``, ``qlora``), on every linear layer but the output one.
+        lora_merged: the adapter is merged into the weights (then the teacher is its base model).
+        num_virtual_tokens: the prefix length (``prefix``).
+        vocab_size: ids the log-softmax runs over (V', shared with the student); None = the teacher's V.
+
+    Returns:
+        The breakdown (``case`` ``teacher-<variant>``); ``activations_bytes`` is the forward's phase,
+        ``logits_bytes`` the largest phase after it.
+    """
+    problems: list[str] = []
+    _check(precision, batch_size, max_length, device, problems)
+    if k < 1:
+        problems.append(f"k must be >= 1, got {k}")
+    if variant not in ("topk", "sampled"):
+        problems.append(f"variant must be topk or sampled, got {variant!r}")
+    if logits_chunk_tokens < 0:
+        problems.append(f"logits_chunk_tokens must be >= 0 (0: full logits), got {logits_chunk_tokens}")
+    if method not in TEACHER_METHODS:
+        problems.append(f"method must be one of {TEACHER_METHODS}, got {method!r}")
+    elif (method == "qlora") != (precision == "nf4"):
+        problems.append(f"a {method} teacher at precision {precision}: QLoRA teachers are nf4, and only they")
+    if lora_r < 1 or num_virtual_tokens < 1:
+        problems.append(f"lora_r and num_virtual_tokens must be >= 1, got {lora_r} and {num_virtual_tokens}")
+    if problems:
+        raise ValueError("predict_teacher_pass: " + "; ".join(problems))
+    counts = parameter_counts(config, trust_remote_code)
+    shape = _shape(config)
+    vocab = shape.vocab if vocab_size is None else min(vocab_size, shape.vocab)
+    d = ELEMENT_BYTES[precision]
+    tokens = batch_size * max_length
+    lora = method in ("lora", "qlora") and not lora_merged
+    prefix = num_virtual_tokens if method == "prefix" else 0
+
+    weights = _weights_bytes(counts, precision)
+    if lora:
+        weights += counts.lora(lora_r) * 4
+    elif prefix:
+        weights += prefix * shape.layers * 2 * shape.kv_dim * 4
+
+    hidden_elements = TEACHER_LAYER_ELEMENTS["hidden"] - (1 if shape.layers == 1 else 0)
+    per_token = (hidden_elements * shape.hidden + TEACHER_LAYER_ELEMENTS["intermediate"] * shape.intermediate) * d
+    if lora:
+        cast = d != 4  # a half-precision base: the adapters' input and the base output are cast to fp32
+        mixed_add = TEACHER_LORA_BYTES_PER_TOKEN["cpu_mixed_add"] if cast and device == "cpu" else 0
+        per_token += ((TEACHER_LORA_BYTES_PER_TOKEN["hidden"] if cast else 0) * shape.hidden
+                      + (TEACHER_LORA_BYTES_PER_TOKEN["intermediate"] - d + mixed_add) * shape.intermediate)
+    layer = tokens * per_token + _attention_mask_bytes(batch_size, max_length, max_length + prefix)
+    if precision == "nf4":
+        layer += counts.largest_linear * ELEMENT_BYTES["nf4"]
+    # A prefix teacher's cache: the prefix (handed over in fp32, then cast) and every layer's keys and values.
+    cache = (2 * shape.layers * batch_size * (max_length + prefix) * shape.kv_dim * d
+             + batch_size * prefix * shape.layers * 2 * shape.kv_dim * 4) if prefix else 0
+    forward = layer + cache
+
+    if logits_chunk_tokens == 0:
+        scaled = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                         "logits_scaling", None) is not None
+        full = tokens * shape.vocab * d
+        logits = max(full * (2 if scaled else 1), full + max_length * vocab * 8)
+    else:
+        hidden = tokens * shape.hidden * d
+        c = min(logits_chunk_tokens, tokens)
+        check = hidden + batch_size * shape.vocab * (2 * d + 8) + cache
+        if d == 4:  # the float32 cast is the head's output itself (a view when V' < V)
+            softmax = c * shape.vocab * 4 + c * vocab * 4
+        else:
+            softmax = max(c * shape.vocab * d + c * vocab * 4, 8 * c * vocab)
+        if variant == "topk":
+            select = 8 * c * vocab
+        else:
+            select = 4 * c * vocab + 8 * min(c, max(1, TEACHER_DRAW_CHUNK_ELEMENTS // vocab)) * vocab
+        results = c * (16 * k + 4) + (c * k * 8 if variant == "sampled" else 0)
+        chunk = hidden + max(softmax, select) + results
+        logits = max(check, 2 * hidden, chunk)
+    overhead = RUNTIME_OVERHEAD_BYTES[device]
+    return MemoryPrediction(
+        case=f"teacher-{variant}",
+        precision=precision,
+        batch_size=batch_size,
+        max_length=max_length,
+        parameters=counts.total,
+        trainable_parameters=0,
+        weights_bytes=weights,
+        logits_bytes=logits,
+        activations_bytes=forward,
+        overhead_bytes=overhead,
+        gradients_bytes=0,
+        optimizer_bytes=0,
+        peak_bytes=weights + max(forward, logits) + overhead,
+    )
+
+
 @dataclass(frozen=True)
 class LayerBytes:
     """Bytes saved for backward per token in one decoder layer, as a linear form of its shape."""
@@ -551,10 +732,42 @@ BNB_BLOCK = 256
 """Elements per quantization block of bitsandbytes' 8-bit optimizer state (one fp32 absmax per block and moment)."""
 BNB_QMAP_BYTES = 2 * 256 * 4
 """The two 256-entry fp32 quantization maps, shared by every tensor of one optimizer."""
-BNB_CPU_STEP_BYTES_PER_ELEMENT = 20
-"""bitsandbytes 0.50's CPU 8-bit AdamW (a reference implementation, not CUDA's fused kernel) holds, per element
-of the tensor it updates, both moments dequantized to fp32, the scaled fp32 gradient and two fp32 temporaries of
-the denominator: 20 bytes (measured: 495 MB over the prediction without it for a 24.6M-element embedding)."""
+ADAMW_8BIT_STEP_BYTES_PER_ELEMENT: Mapping[tuple[str, str], int] = {
+    ("cuda", "fp32"): 0, ("cuda", "half"): 13, ("cpu", "fp32"): 20, ("cpu", "half"): 28}
+"""Bytes per element of the slice being updated that ftflow's 8-bit AdamW step holds besides the weights,
+gradients and state, by device and weights dtype (``half``: bf16 weights, stochastically rounded). The step
+updates each tensor in slices of at most :data:`ADAMW_8BIT_SLICE_ELEMENTS` elements, so this is paid
+on one slice at a time (:func:`adamw_8bit_step_bytes`), not on the largest tensor.
+
+* bf16 weights: fp32 copies of the slice's weights and gradient (8), then the rounding's int32 noise and
+  finite mask (5): 13 on CUDA, whose fused kernel keeps nothing else in memory (it works in registers; not
+  measured here, no GPU).
+* On a CPU, bitsandbytes 0.50's reference kernel holds both moments dequantized to fp32, the scaled fp32
+  gradient and two fp32 temporaries of the denominator (20), beside the copies for bf16 weights (28); its
+  temporaries are gone before the rounding's.
+
+Measured (CPU, forked child, ``VmHWM`` growth over one step of a 32M-element tensor whose state exists, 8
+slices; ``bench/memory_accuracy.py``, case ``step-8bit``): 27.96 bytes per slice element for bf16 weights,
+19.95 for fp32. Before slicing the same step held 28.0 (bf16) and 20.0 (fp32) bytes per element of the
+whole tensor, and on CUDA about 21 for bf16 (fp32 copies and five rounding temporaries of the whole tensor,
+where the plan counted 8)."""
+
+
+ADAMW_8BIT_SLICE_ELEMENTS = 1 << 22
+"""Elements of a tensor ftflow's 8-bit AdamW updates at once (:data:`ftflow.optimizers.SLICE_ELEMENTS`; a test
+checks they are equal. Not imported: the memory plan's code key would then reach the optimizer's module)."""
+
+
+def adamw_8bit_step_bytes(tensor_sizes: Sequence[int], half_weights: bool, device: str) -> int:
+    """Bytes ftflow's 8-bit AdamW step adds, at its peak, to the weights, gradients and state.
+
+    The tensors are updated one at a time, each in slices (:mod:`ftflow.optimizers`): the peak is one slice of
+    the largest tensor with 8-bit state (:data:`ADAMW_8BIT_STEP_BYTES_PER_ELEMENT` per element). Tensors under
+    bitsandbytes' ``min_8bit_size`` (fp32 moments, at most 4095 elements) are updated whole, a few tens of KB.
+    """
+    largest = max((n for n in tensor_sizes if n >= BNB_MIN_8BIT_SIZE), default=0)
+    per_element = ADAMW_8BIT_STEP_BYTES_PER_ELEMENT[(device, "half" if half_weights else "fp32")]
+    return per_element * min(largest, ADAMW_8BIT_SLICE_ELEMENTS)
 
 
 def adamw_8bit_state_bytes(tensor_sizes: Sequence[int]) -> int:
@@ -634,8 +847,8 @@ def predict_training(
       With ``optimizer`` 8-bit the moments are bitsandbytes' 8-bit state
       (:func:`adamw_8bit_state_bytes`, about 2 bytes per parameter) and bf16
       weights are updated with stochastic rounding (no compensation buffer,
-      :mod:`ftflow.optimizers`; its step holds fp32 copies of one tensor and
-      its gradient, 8 bytes per element of the largest, beside all gradients).
+      :mod:`ftflow.optimizers`; its step updates one slice of one tensor at a
+      time, beside all gradients: :func:`adamw_8bit_step_bytes`).
     * ``lora``: frozen weights in ``precision`` plus LoRA rank ``lora_r`` on every
       linear layer but the output one; PEFT keeps adapters in fp32, so they cost
       4 + 4 + 8 bytes per trainable parameter (weight, gradient, moments).
@@ -802,12 +1015,9 @@ def predict_training(
     else:
         peak = weights + optimizer_state + gradients + activations + head + overhead
     if optimizer != "adamw":
-        # The 8-bit step updates one tensor at a time while every gradient is alive: on half-precision weights
-        # through fp32 copies of the tensor and its gradient (ftflow.optimizers.AdamW8bit), and on a CPU
-        # bitsandbytes' reference kernel dequantizes both moments and computes in fp32 temporaries
-        # (BNB_CPU_STEP_BYTES_PER_ELEMENT); CUDA's fused kernel keeps none.
-        per_element = (8 if full_half else 0) + (BNB_CPU_STEP_BYTES_PER_ELEMENT if device == "cpu" else 0)
-        peak = max(peak, weights + optimizer_state + gradients + per_element * max(sizes) + overhead)
+        # The 8-bit step updates one slice of one tensor at a time while every gradient is alive.
+        peak = max(peak, weights + optimizer_state + gradients + adamw_8bit_step_bytes(sizes, full_half, device)
+                   + overhead)
     step_peak, eval_peak = peak, 0
     if eval_batch_size is not None:
         layer, scoring_logits = _scoring_phases(counts, shape, d, eval_batch_size, eval_length or max_length,
@@ -949,6 +1159,128 @@ def largest_batch_size(
         else:
             high = middle - 1
     return low
+
+
+def largest_teacher_batch_size(config, precision: Precision, budget_bytes: int, max_length: int, cap: int = 256,
+                               **options) -> int:
+    """The largest teacher-pass batch size in ``[1, cap]`` whose :func:`predict_teacher_pass` fits; 0 if none.
+
+    ``options``: :func:`predict_teacher_pass`'s keywords (``k`` required). The peak grows with the batch size,
+    so a binary search finds it.
+    """
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+
+    def fits(batch: int) -> bool:
+        return predict_teacher_pass(config, precision, batch, max_length, **options).peak_bytes <= budget_bytes
+
+    if not fits(1):
+        return 0
+    low, high = 1, cap  # fits(low) holds
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+@dataclass(frozen=True)
+class TeacherPassPlan:
+    """The teacher pass's batch size and predicted peak (recorded in the ``teacher_logits`` manifest).
+
+    Attributes:
+        batch_size: sentences per forward pass.
+        max_length: tokens of the longest training sentence, planned for.
+        prediction: :func:`predict_teacher_pass` at ``batch_size``.
+        budget_bytes: the budget planned against.
+        reason: one line: what was chosen and why.
+    """
+
+    batch_size: int
+    max_length: int
+    prediction: MemoryPrediction
+    budget_bytes: int
+    reason: str
+
+
+def teacher_pass_options(teacher_run: Mapping[str, Any]) -> dict[str, Any]:
+    """How a trained run is loaded as a teacher, as :func:`predict_teacher_pass`'s keywords (``method``,
+    ``lora_r``, ``num_virtual_tokens``) and its ``precision`` (nf4 for QLoRA), from the run's manifest."""
+    job = teacher_run.get("job") or {}
+    method, precision = teacher_run["method"], teacher_run["precision"]
+    if method == "lora" and precision == "nf4":
+        method = "qlora"  # LoRA on a model benchmarked in 4 bits is QLoRA (as check_training_fits plans it)
+    options: dict[str, Any] = {"method": method, "precision": precision}
+    if method in ("lora", "qlora"):
+        options["lora_r"] = int(job.get("r", 8))
+    if method == "prefix":
+        options["num_virtual_tokens"] = int(job.get("num_virtual_tokens", 8))
+    return options
+
+
+def plan_teacher_pass(
+    teacher_run: Mapping[str, Any],
+    *,
+    tokenizer,
+    sentences: Sequence[str],
+    max_length: int,
+    k: int,
+    variant: str,
+    budget_bytes: int,
+    batch_size: int | str = "auto",
+    batch_size_cap: int = 256,
+    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
+    device: Device = "cuda",
+) -> TeacherPassPlan:
+    """The teacher pass's batch size: the largest its memory plan says fits, or the configured one if it fits.
+
+    Planned on the teacher run as :func:`ftflow.methods.load_trained` loads it (:func:`teacher_pass_options`) and
+    on the longest of ``sentences`` under the teacher's ``tokenizer`` (at most ``max_length`` tokens), with the
+    teacher's whole vocabulary (the range shared with a student is never larger).
+
+    Args:
+        teacher_run: the chosen teacher run's manifest (``method``, ``precision``, ``base_model``, ``job``, ``name``).
+        tokenizer: the teacher's tokenizer.
+        sentences: the training sentences the pass runs over.
+        max_length, k, variant, logits_chunk_tokens, device: as the pass runs (:func:`predict_teacher_pass`).
+        budget_bytes: the memory budget.
+        batch_size: ``auto`` (the largest that fits, up to ``batch_size_cap``) or a fixed size, lowered to the
+            largest that fits when predicted over the budget.
+        batch_size_cap: upper bound of ``auto``.
+
+    Raises:
+        MemoryBudgetError: not even one sentence a pass fits; the message says what to lower.
+    """
+    base = teacher_run["base_model"]
+    trust = bool(base.get("trust_remote_code", False))
+    config = model_config_for(base["path"], trust)
+    length = longest_sequence(tokenizer, sentences, max_length)
+    options = teacher_pass_options(teacher_run)
+    precision = options.pop("precision")
+    options.update(k=k, variant=variant, logits_chunk_tokens=logits_chunk_tokens, device=device,
+                   trust_remote_code=trust)
+    cap = batch_size_cap if batch_size == "auto" else int(batch_size)
+    fitting = largest_teacher_batch_size(config, precision, budget_bytes, length, cap, **options)
+    name = teacher_run.get("name", base["path"])
+    if fitting == 0:
+        at_one = predict_teacher_pass(config, precision, 1, length, **options)
+        raise MemoryBudgetError(
+            f"the teacher pass of {name} ({precision}, {options['method']}, {length} tokens) is predicted to peak at "
+            f"{gb(at_one.peak_bytes):.2f} GB with one sentence a pass, over the {gb(budget_bytes):.2f} GB budget. "
+            "Lower benchmark.logits_chunk_tokens or max_length, or raise memory_budget_gb.")
+    prediction = predict_teacher_pass(config, precision, fitting, length, **options)
+    if batch_size == "auto":
+        how = f"the largest that fits (cap {batch_size_cap})"
+    elif fitting == int(batch_size):
+        how = "fixed in config (distill.teacher_batch_size)"
+    else:
+        how = f"lowered from {batch_size} (distill.teacher_batch_size, predicted over the budget)"
+    reason = (f"batch size {fitting}, {how}: predicted {gb(prediction.peak_bytes):.2f} GB <= budget "
+              f"{gb(budget_bytes):.2f} GB ({variant}, k {k}, {length} tokens)")
+    return TeacherPassPlan(batch_size=fitting, max_length=length, prediction=prediction, budget_bytes=budget_bytes,
+                           reason=reason)
 
 
 @dataclass(frozen=True)

@@ -284,6 +284,38 @@ def _check_head(parts: _OutputHead, hidden: torch.Tensor, last_logits: torch.Ten
         )
 
 
+def _decoder_states(model: torch.nn.Module, parts: _OutputHead, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One forward without cache or full logits; the decoder's last hidden state, the head checked on it.
+
+    The forward runs through ``model`` itself (PEFT adapters and prefix tuning's key/values apply) with
+    ``use_cache=False`` and ``logits_to_keep=1``; a forward hook on ``parts.decoder`` keeps its output, and
+    :func:`_check_head` compares the head applied to it with the forward's own last-position logits. The
+    forward's outputs (a prefix model's key/value cache included) are released on return.
+
+    Args:
+        model: the causal LM (transformers or PEFT-wrapped) ``parts`` come from (:func:`_output_head`).
+        parts: its decoder and LM head.
+        inputs: ``input_ids``, ``attention_mask`` (and ``position_ids``), [B, L], on the model's device.
+
+    Returns:
+        [B, L, H] hidden states in the model's compute dtype, the LM head's input.
+
+    Raises:
+        LogitsMismatchError: the head applied here does not give the forward's logits.
+    """
+    captured: list[torch.Tensor] = []
+    handle = parts.decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        outputs = model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"{parts.model_class}: its decoder ran {len(captured)} times in one forward; expected once")
+    hidden = captured.pop()
+    _check_head(parts, hidden, outputs.logits, inputs.get("attention_mask"))
+    return hidden
+
+
 def batch_nll(
     model: torch.nn.Module,
     inputs: Mapping[str, torch.Tensor],
@@ -324,24 +356,13 @@ def batch_nll(
     if parts is None:
         return token_nll(model(**inputs, use_cache=False).logits, labels)
 
-    captured: list[torch.Tensor] = []
-    handle = parts.decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
-    try:
-        outputs = model(**inputs, use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(f"{parts.model_class}: its decoder ran {len(captured)} times in one forward; expected once")
-    hidden = captured[0]  # [B, L, H]
-    _check_head(parts, hidden, outputs.logits, inputs.get("attention_mask"))
-    del outputs
-
+    hidden = _decoder_states(model, parts, inputs)  # [B, L, H]
     # Position t predicts token t + 1; only scored positions reach the head, so pads
     # (whatever their hidden states hold) cannot leak in.
     shift_labels = labels[:, 1:]
     scored = shift_labels != IGNORE_INDEX
     states = hidden[:, :-1][scored]  # [N, H]
-    del hidden, captured
+    del hidden
     targets = shift_labels[scored]  # [N]
     per_token = torch.empty(targets.shape[0], dtype=torch.float32, device=labels.device)
     for start in range(0, targets.shape[0], logits_chunk_tokens):

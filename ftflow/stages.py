@@ -98,12 +98,15 @@ def train_call(common: dict, job: Job, train_set: dict, teacher_topk: Optional[d
 
 
 def teacher_logits_call(cfg: PipelineConfig, teacher: dict, student: dict, augmented: dict, device: str,
-                        batch_size: int, artifacts_dir: str, progress: bool, variant: str) -> dict:
+                        artifacts_dir: str, progress: bool, variant: str) -> dict:
     """teacher_logits: the chosen teacher run's targets of one variant (top-k or k sampled ids) over
-    ``augmented``, at the largest configured k."""
+    ``augmented``, at the largest configured k; its batch size planned in the stage against the scoring budget
+    (``distill.teacher_batch_size``, ``memory_budget_gb``, ``benchmark.logits_chunk_tokens``)."""
     return {"teacher": teacher, "student": student, "augmented": augmented, "top_k": max(cfg.distill.top_k),
-            "max_length": cfg.max_length, "device": device, "batch_size": batch_size,
-            "artifacts_dir": artifacts_dir, "progress": progress, "variant": variant, "seed": cfg.seed}
+            "max_length": cfg.max_length, "device": device, "batch_size": cfg.distill.teacher_batch_size,
+            "memory_budget_gb": cfg.memory_budget_gb, "batch_size_cap": cfg.memory.batch_size_cap,
+            "logits_chunk_tokens": cfg.benchmark.logits_chunk_tokens, "artifacts_dir": artifacts_dir,
+            "progress": progress, "variant": variant, "seed": cfg.seed}
 
 
 def evaluate_call(cfg: PipelineConfig, data: dict, augmented: dict, benchmarks: list[dict], failures: list[dict],

@@ -335,8 +335,7 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
                 targets = w.stage("teacher_logits",
                                   f"teacher_logits[{choice.teacher['name']}|{variant}{max(cfg.distill.top_k)}]",
                                   stages.teacher_logits_call(cfg, choice.teacher, design.distillation_student(selection),
-                                                             augmented, device, common["eval_batch_size"], out,
-                                                             progress, variant))
+                                                             augmented, device, out, progress, variant))
                 distilled += [train(job, augmented, targets)
                               for job in design.distillation_jobs(cfg, selection, variant)]
     ablation, made = design.ablation_runs(cfg, selection, best_job), {"main": augmented, "original": data}

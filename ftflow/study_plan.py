@@ -212,7 +212,54 @@ def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], sta
             compute_dtype=_compute_dtype(fit), train_flops=float(per_token) * train.total * job.epochs,
             # Scoring: the base model and every epoch on validation, the best epoch on test (forward only).
             eval_flops=2.0 * n * scored if fit.fits else 0.0))
+    teacher_train = stats[teacher["name"]]["train"]
+    if cfg.augment.enabled:
+        teacher_train = teacher_train.scaled(cfg.augment.factor, 1.0 + insert)
+    notes += teacher_pass_notes(cfg, [job for job, _ in jobs if job.model["name"] == teacher["name"]],
+                                teacher_train.longest, device)
     return runs, notes
+
+
+def teacher_pass_notes(cfg, teacher_jobs: Sequence[Any], max_length: int, device: str = "cuda") -> list[str]:
+    """One line per teacher store (``distill.loss``): the teacher pass's batch size and predicted peak.
+
+    The teacher is the best of the teacher model's runs, known only after they train: each line is planned for
+    the run that leaves the pass the least memory (:func:`ftflow.memory.predict_teacher_pass` on the run as it
+    is loaded; the scoring budget ``memory_budget_gb``; the training set's longest sentence, ``max_length``).
+    """
+    from ftflow import design
+    from ftflow.memory import largest_teacher_batch_size, predict_teacher_pass, teacher_pass_options
+
+    if not teacher_jobs:
+        return []
+    budget = int(cfg.memory_budget_gb * GB)
+    fixed = cfg.distill.teacher_batch_size != "auto"
+    cap = int(cfg.distill.teacher_batch_size) if fixed else cfg.memory.batch_size_cap
+    k = max(cfg.distill.top_k)
+    lines = []
+    for variant in design.distillation_variants(cfg):
+        worst = None
+        for job in teacher_jobs:
+            options = teacher_pass_options({"method": job.method, "precision": job.precision,
+                                            "job": job.model_dump(mode="json")})
+            precision, trust = options.pop("precision"), job.model["trust_remote_code"]
+            options.update(k=k, variant=variant, logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens,
+                           device=device, trust_remote_code=trust)
+            config = model_config_for(job.model["path"], trust)
+            batch = largest_teacher_batch_size(config, precision, budget, max_length, cap, **options)
+            peak = predict_teacher_pass(config, precision, max(batch, 1), max_length, **options).peak_bytes
+            if worst is None or (batch, -peak) < (worst[0], -worst[1]):
+                worst = (batch, peak, job.title)
+        batch, peak, title = worst
+        which = f"with {title} as the teacher (the least room of the teacher's {len(teacher_jobs)} runs)"
+        if batch == 0:
+            lines.append(f"teacher pass ({variant}, top {k}) does not fit {cfg.memory_budget_gb:g} GB even one "
+                         f"sentence a pass {which}: {peak / GB:.2f} GB predicted; lower benchmark.logits_chunk_tokens")
+        else:
+            lines.append(f"teacher pass ({variant}, top {k}, {max_length} tokens): batch size {batch}"
+                         f"{' (fixed in config)' if fixed else ''} {which}, predicted {peak / GB:.2f} GB (scoring "
+                         f"budget {cfg.memory_budget_gb:g} GB)")
+    return lines
 
 
 PLAN_RUN_COLUMNS = ("section", "run", "fits", "micro x accumulation", "checkpointing", "optimizer", "weights",

@@ -10,7 +10,9 @@ Before the teacher is loaded, its tokenizer and embedding size are checked
 against the student's (:func:`ftflow.distill.check_distillable`): a student
 with another tokenizer is refused, and embeddings of different sizes over
 one tokenizer are compared on their shared ids, which the manifest's
-``vocabulary_note`` then says.
+``vocabulary_note`` then says. The pass's batch size is its own
+(:func:`ftflow.memory.plan_teacher_pass`): the largest its memory plan says
+fits ``memory_budget_gb``, recorded in the manifest with the prediction.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from prefect import task
 
 from ftflow.data import read_split
 from ftflow.distill import teacher_topk_for_student
+from ftflow.memory import GB, plan_teacher_pass
+from ftflow.models import load_tokenizer
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "teacher_logits"
@@ -30,20 +34,29 @@ MODULES = (__name__,)  # the code key: every project module this one reaches (ft
 @task(name="teacher_logits", task_run_name="teacher_logits[{teacher[name]}|{variant}{top_k}]",
       cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
 def teacher_logits(teacher: dict, student: dict, augmented: dict, top_k: int, max_length: int, device: str,
-                   batch_size: int, artifacts_dir: str, progress: bool = True, variant: str = "topk",
-                   seed: int = 0) -> dict:
+                   batch_size: int | str, memory_budget_gb: float, batch_size_cap: int, logits_chunk_tokens: int,
+                   artifacts_dir: str, progress: bool = True, variant: str = "topk", seed: int = 0) -> dict:
     """Store the teacher's top-k (or k sampled) ids (int32) and log-probs (fp16) at every training position."""
 
     def build(out: Path) -> dict:
-        topk = teacher_topk_for_student(teacher, student, read_split(stage_path(augmented, "train")), k=top_k,
-                                        max_length=max_length, device=device, batch_size=batch_size,
-                                        progress=progress, variant=variant, seed=seed)
+        sentences = read_split(stage_path(augmented, "train"))
+        base = teacher["base_model"]
+        plan = plan_teacher_pass(teacher, tokenizer=load_tokenizer(base["path"], base["trust_remote_code"]),
+                                 sentences=sentences, max_length=max_length, k=top_k, variant=variant,
+                                 budget_bytes=int(memory_budget_gb * GB), batch_size=batch_size,
+                                 batch_size_cap=batch_size_cap, logits_chunk_tokens=logits_chunk_tokens,
+                                 device=device)
+        run_logger().info("teacher pass of %s: %s", teacher["name"], plan.reason)
+        topk = teacher_topk_for_student(teacher, student, sentences, k=top_k, max_length=max_length, device=device,
+                                        batch_size=plan.batch_size, progress=progress, variant=variant, seed=seed,
+                                        logits_chunk_tokens=logits_chunk_tokens)
         topk.save(out / "topk")
         positions = int(topk.offsets[-1])
         run_logger().info("teacher %s-%d log-probs (%s): %d sentences, %d positions", variant, top_k,
                           teacher["name"], len(topk.offsets) - 1, positions)
         return {"files": {"topk": "topk"}, "top_k": top_k, "variant": variant, "positions": positions, "teacher": teacher["name"],
                 "student": student["name"], "vocab_size": topk.vocab_size, "teacher_rows": topk.teacher_rows,
-                "vocabulary_note": topk.vocabulary_note}
+                "vocabulary_note": topk.vocabulary_note, "batch_size": plan.batch_size,
+                "memory_plan": plan.prediction.to_dict(), "memory_plan_reason": plan.reason}
 
     return run_stage(STAGE, MODULES, build)

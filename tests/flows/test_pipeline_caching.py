@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -63,6 +64,15 @@ def test_adding_one_grid_value_trains_only_the_new_combinations(micro):
     assert grid == {"lora[qwen2-teacher|r2,a16,d0.05,lr0.001]": "Cached",
                     "lora[qwen2-teacher|r4,a16,d0.05,lr0.001]": "Cached",
                     "lora[qwen2-teacher|r8,a16,d0.05,lr0.001]": "Completed"}
+
+
+def test_the_teacher_pass_records_its_own_batch_size_and_memory_plan(micro):
+    (topk_dir,) = list((micro.parent / "artifacts" / "teacher_logits").iterdir())
+    manifest = json.loads((topk_dir / "manifest.json").read_text(encoding="utf-8"))
+    plan = manifest["memory_plan"]
+    assert plan["case"] == "teacher-topk" and manifest["batch_size"] == plan["batch_size"] >= 1
+    # The demo's budget is far above these micro models: the cap (memory.batch_size_cap) decides.
+    assert manifest["memory_plan_reason"].startswith(f"batch size {manifest['batch_size']}, the largest that fits")
 
 
 def test_deleted_output_directory_is_recomputed(micro):

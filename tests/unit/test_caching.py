@@ -162,5 +162,6 @@ def test_editing_a_module_reached_only_indirectly_changes_exactly_the_stages_tha
 
 
 def test_editing_known_models_changes_the_memory_planning_stages_only(tmp_path):
-    # tasks.train -> ftflow.memory -> ftflow.known_models (the training memory check), as for plan_memory.
-    assert changed_stages(tmp_path, "ftflow/known_models.py") == {"plan_memory", "train"}
+    # tasks.train -> ftflow.memory -> ftflow.known_models (the training memory check), as for plan_memory and
+    # the teacher pass, which plans its own batch size (ftflow.memory.plan_teacher_pass).
+    assert changed_stages(tmp_path, "ftflow/known_models.py") == {"plan_memory", "train", "teacher_logits"}

@@ -28,6 +28,7 @@ def test_demo_is_offline_and_seed_config_is_the_study():
     assert demo.zoo is not None and {f.architecture for f in demo.zoo.families} == {"granite", "llama", "qwen2"}
     seed = load_config(ROOT / "configs" / "seed-20gb.yaml")
     assert seed.max_length == 2048 and seed.memory_budget_gb == 20
+    assert seed.distill.teacher_batch_size == "auto"  # planned in the stage, as the benchmark's is
     by_name = {m.name: m for m in seed.models}
     assert by_name["granite-3.3-8b-base"].precision == "bf16"
     assert by_name["TinyLlama-1.1B-Chat-v1.0"].precision == "fp32"
@@ -96,6 +97,7 @@ def test_relative_paths_follow_the_config_file(tmp_path):
     ({"data": {"synthetic": {}}}, "no candidate models"),
     (minimal(data={"train_file": "a.txt"}), "must both be set"),
     (minimal(models=[{"name": "m", "path": "a", "family": "f"}] * 2), "repeated"),
+    (minimal(distill={"teacher_batch_size": 0}), "distill.teacher_batch_size.*must be >= 1 or 'auto'"),
 ])
 def test_inconsistent_configs_are_refused(raw, fragment, tmp_path):
     with pytest.raises(ConfigError, match=fragment):

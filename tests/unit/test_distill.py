@@ -27,6 +27,7 @@ from ftflow import methods, training
 from ftflow.config import DistillConfig
 from ftflow.methods import distill_grid, run_job
 from ftflow.tokens import IGNORE_INDEX, pad_batch, pad_token_id, sentence_ids
+from tests.memory_probe import measure
 from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
 
 VOCAB = 12
@@ -411,6 +412,109 @@ def test_compute_teacher_topk_matches_per_sentence_forward():
             torch.testing.assert_close(topk.tail_for_sentence(i, keep), outside, rtol=0, atol=tolerance)
     assert topk.vocab_size == topk.teacher_rows == len(tokenizer) and topk.vocabulary_note is None
     assert topk.tokenizer is tokenizer
+
+
+def _granite(vocab_size: int, seed: int = 0):
+    """A tiny Granite with granite-3.3-8b's multipliers: its forward divides the logits by logits_scaling."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(seed)
+    return GraniteForCausalLM(GraniteConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+        logits_scaling=16.0)).eval()
+
+
+def _teacher(architecture: str, adapter: str | None):
+    """A tiny teacher as ftflow.methods.load_trained returns a run: the model, or the base with a PEFT adapter."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    vocab = len(tiny_tokenizer())
+    model = _granite(vocab) if architecture == "granite" else tiny_model(architecture, vocab_size=vocab)
+    if adapter == "lora":  # non-zero adapters (PEFT starts B at zero), so they change the logits
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False))
+    elif adapter == "prefix":
+        model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    return model.eval()
+
+
+@pytest.mark.parametrize("architecture, adapter", [("llama", None), ("qwen2", None), ("granite", None),
+                                                   ("llama", "lora"), ("granite", "prefix")])
+@pytest.mark.parametrize("variant", ["topk", "sampled"])
+def test_teacher_pass_in_chunks_stores_what_the_full_logits_give(architecture, adapter, variant):
+    """Chunks of 1 and 5 positions (sentences split across chunks) against the model's full [B, L, V] logits."""
+    tokenizer, model = tiny_tokenizer(), _teacher(architecture, adapter)
+    options = dict(k=5, max_length=16, batch_size=3, progress=False, variant=variant, seed=2, vocab_size=30)
+    full = compute_teacher_topk(model, tokenizer, SENTENCES, logits_chunk_tokens=0, **options)
+    for chunk in (1, 5):
+        chunked = compute_teacher_topk(model, tokenizer, SENTENCES, logits_chunk_tokens=chunk, **options)
+        assert torch.equal(chunked.offsets, full.offsets)
+        # The same float32 log-softmax rows, up to the LM head's rounding on fewer rows (none seen here):
+        # the same ids and float16 log-probs, and float32 tails within a few float32 steps.
+        assert torch.equal(chunked.ids, full.ids)
+        assert torch.equal(chunked.logprobs, full.logprobs)
+        if variant == "topk":
+            torch.testing.assert_close(chunked.tail_logmass, full.tail_logmass, rtol=0, atol=1e-6)
+        else:
+            assert chunked.tail_logmass is None and full.tail_logmass is None
+
+
+def test_teacher_pass_never_holds_full_logits_nor_a_cache():
+    """The head sees at most a chunk (or the batch's last positions, in the forward and its check) at a time."""
+    tokenizer, model = tiny_tokenizer(), tiny_model("llama")
+    head_rows, forward_options = [], []
+    model.lm_head.register_forward_hook(
+        lambda module, args, output: head_rows.append(output.shape[:-1].numel()))
+    model.register_forward_pre_hook(lambda module, args, kwargs: forward_options.append(
+        (kwargs.get("use_cache"), kwargs.get("logits_to_keep"))), with_kwargs=True)
+    topk = compute_teacher_topk(model, tokenizer, SENTENCES, k=3, max_length=16, batch_size=4, progress=False,
+                                logits_chunk_tokens=7)
+    # 8 sentences in 2 batches of 4 sentences of up to 12 tokens: never 4 x 12 rows of logits at once.
+    assert topk.positions > 40 and max(head_rows) <= 7
+    assert forward_options == [(False, 1), (False, 1)]
+
+
+PROBE_QWEN = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0,
+                  bos_token_id=2, eos_token_id=3)
+
+
+def _teacher_pass_probe(meter, batch: int, length: int, chunk: int, k: int) -> dict:
+    """The teacher pass over one batch of full-length sentences, its peak above the weights (bf16, 32k vocabulary)."""
+    import random
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.tiny import WORDS
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**PROBE_QWEN)).to(torch.bfloat16).eval()
+    words = random.Random(0)
+    sentences = [" ".join(words.choice(WORDS) for _ in range(length - 1)) for _ in range(batch)]
+    options = dict(k=k, batch_size=batch, progress=False, logits_chunk_tokens=chunk)
+    compute_teacher_topk(model, tiny_tokenizer(), sentences[:1], max_length=8, **options)  # one-time costs
+    meter.start()
+    compute_teacher_topk(model, tiny_tokenizer(), sentences, max_length=length, **options)
+    return {"peak": meter.peak()}
+
+
+def test_teacher_pass_peak_above_the_weights_is_what_the_plan_says():
+    # 4 sentences of 128 tokens, chunks of 64 positions: 16 MB of logits at a time, where the model's full
+    # logits and one sentence's float32 copies held 66 MB. Tolerance: 10%, and 2 MB of page rounding,
+    # the CPU kernels' scratch and Python objects.
+    from transformers import Qwen2Config
+
+    from ftflow.memory import predict_teacher_pass
+
+    batch, length, chunk, k = 4, 128, 64, 8
+    measured = measure("tests.unit.test_distill:_teacher_pass_probe", batch=batch, length=length, chunk=chunk,
+                       k=k)["peak"]
+    plan = predict_teacher_pass(Qwen2Config(**PROBE_QWEN), "bf16", batch, length, k=k, logits_chunk_tokens=chunk,
+                                device="cpu")
+    planned = plan.allocated_bytes - plan.weights_bytes
+    assert abs(measured - planned) <= 0.1 * planned + 2e6, (measured, planned)
 
 
 # ---------------------------------------------------------------- collator

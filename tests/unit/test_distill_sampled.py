@@ -162,5 +162,5 @@ def test_draws_do_not_depend_on_the_row_chunking(monkeypatch):
 
     log_probs = F.log_softmax(torch.randn(7, 50, generator=torch.Generator().manual_seed(0)), dim=-1)
     whole = distill._draw(log_probs, 12, seed=1, sentence_index=2)
-    monkeypatch.setattr(distill, "_DRAW_CHUNK_ELEMENTS", 100)  # two rows a chunk
+    monkeypatch.setattr(distill, "DRAW_CHUNK_ELEMENTS", 100)  # two rows a chunk
     assert torch.equal(distill._draw(log_probs, 12, seed=1, sentence_index=2), whole)

@@ -578,3 +578,128 @@ def test_the_training_memory_check_takes_the_job_with_its_own_settings(tmp_path)
     assert check(full)[1] == "fp32" and check(full, fp32_peak - 1)[1] == "bf16"
     with pytest.raises(MemoryBudgetError, match="fp16 training needs fp32 master weights"):
         check(full.model_copy(update={"model": dict(model, precision="fp16")}), fp32_peak - 1)
+
+
+# ----------------------------------------------------------------------------- the teacher pass
+
+
+def test_teacher_pass_prediction_by_hand():
+    """The pass's phases on a small config (hidden 64, intermediate 160, kv_dim 32, vocab 300), k = 5."""
+    config = small_config(tie_word_embeddings=False)
+    counts, n = parameter_counts(config), count_config_parameters(config)
+    batch, length, chunk, k = 3, 20, 16, 5
+    tokens = batch * length
+    options = dict(k=k, logits_chunk_tokens=chunk, device="cpu")
+    topk = memory.predict_teacher_pass(config, "fp32", batch, length, **options)
+    hidden = tokens * 64 * 4
+    # One chunk beside the gathered hidden states: in fp32 the head's output is the float32 logits, then their
+    # log-softmax (or the tail's exp beside it): 8 bytes per element; its results until moved (16 k + 4 each).
+    assert topk.logits_bytes == hidden + 16 * 300 * 8 + 16 * (16 * k + 4) == 55104
+    # The forward: the embedding output, the layer's input, residual and normed input, the MLP's three
+    # products, the padding mask.
+    assert topk.activations_bytes == tokens * (4 * 64 + 3 * 160) * 4 + batch * length * length == 177840
+    assert topk.weights_bytes == 4 * n and topk.case == "teacher-topk"
+    assert topk.peak_bytes == 4 * n + 177840 + RUNTIME_OVERHEAD_BYTES["cpu"]
+    # Sampled: the log-softmax and the draws' float64 cumulative sums (all 16 rows: under the draw's cap),
+    # and the draws' float64 uniforms until they are moved.
+    sampled = memory.predict_teacher_pass(config, "fp32", batch, length, variant="sampled", **options)
+    assert sampled.logits_bytes == hidden + 16 * 300 * (4 + 8) + 16 * (16 * k + 4) + 16 * k * 8 == 74944
+    # bf16: the head's bf16 output and its fp32 copy (6 bytes) never exceed the log-softmax's moment (8).
+    bf16 = memory.predict_teacher_pass(config, "bf16", batch, length, **options)
+    assert bf16.logits_bytes == tokens * 64 * 2 + 16 * 300 * 8 + 16 * (16 * k + 4)
+    # Over a shared range of 200 ids in fp32 the head's 300 columns stay alive under the log-softmax's view.
+    shared = memory.predict_teacher_pass(config, "fp32", batch, length, vocab_size=200, **options)
+    assert shared.logits_bytes == hidden + 16 * 300 * 4 + 16 * 200 * 4 + 16 * (16 * k + 4)
+    # A chunk of 1024 is charged for the 60 positions there are; full logits: [B, L, V] and one sentence's.
+    whole = memory.predict_teacher_pass(config, "fp32", batch, length, k=k, device="cpu")
+    assert whole.logits_bytes == hidden + 60 * 300 * 8 + 60 * (16 * k + 4)
+    full = memory.predict_teacher_pass(config, "bf16", batch, length, k=k, logits_chunk_tokens=0)
+    assert full.logits_bytes == tokens * 300 * 2 + length * 300 * 8
+    # Granite divides its logits by logits_scaling in its forward: a second [B, L, V] copy.
+    granite = memory.predict_teacher_pass(small_config("granite"), "bf16", 8, length, k=k, logits_chunk_tokens=0)
+    assert granite.logits_bytes == 2 * 8 * tokens // batch * 300 * 2
+
+
+def test_the_plan_draws_in_chunks_as_the_teacher_pass_does():
+    from ftflow import distill
+
+    assert memory.TEACHER_DRAW_CHUNK_ELEMENTS == distill.DRAW_CHUNK_ELEMENTS
+
+
+def test_teacher_pass_counts_the_teacher_as_its_run_loads_it():
+    config = small_config(tie_word_embeddings=False)
+    counts = parameter_counts(config)
+    batch, length = 3, 20
+    tokens = batch * length
+    base = memory.predict_teacher_pass(config, "bf16", batch, length, k=5)
+    # An unmerged LoRA adapter (fp32): its weights, and per token its fp32 input copy and fp32 sums (a CPU's
+    # mixed-dtype add also copies the bf16 base output to fp32).
+    lora = memory.predict_teacher_pass(config, "bf16", batch, length, k=5, method="lora", lora_r=8)
+    assert lora.weights_bytes == base.weights_bytes + counts.lora(8) * 4
+    assert lora.activations_bytes == base.activations_bytes + tokens * (4 * 64 + (8 - 2) * 160)
+    on_cpu = memory.predict_teacher_pass(config, "bf16", batch, length, k=5, method="lora", lora_r=8, device="cpu")
+    assert on_cpu.activations_bytes == lora.activations_bytes + tokens * 4 * 160
+    merged = memory.predict_teacher_pass(config, "bf16", batch, length, k=5, method="lora", lora_merged=True)
+    assert merged == base
+    assert memory.predict_teacher_pass(config, "bf16", batch, length, k=5, method="distill") == base
+    # QLoRA: nf4 weights, one weight dequantized at a time, the adapter in fp32.
+    qlora = memory.predict_teacher_pass(config, "nf4", batch, length, k=5, method="qlora", lora_r=8)
+    assert qlora.weights_bytes == memory._weights_bytes(counts, "nf4") + counts.lora(8) * 4
+    # Prefix: its table (fp32), and the key/value cache PEFT hands the forward, which every layer extends.
+    prefix = memory.predict_teacher_pass(config, "bf16", batch, length, k=5, method="prefix", num_virtual_tokens=4)
+    assert prefix.weights_bytes == base.weights_bytes + 4 * 2 * 2 * 32 * 4
+    cache = 2 * 2 * batch * (length + 4) * 32 * 2 + batch * 4 * 2 * 2 * 32 * 4
+    assert prefix.activations_bytes == base.activations_bytes + batch * length * 4 + cache
+    with pytest.raises(ValueError) as error:
+        memory.predict_teacher_pass(config, "bf16", 1, 8, k=0, method="qlora", variant="dense")
+    for fragment in ("k must be >= 1", "variant must be topk or sampled", "QLoRA teachers are nf4"):
+        assert fragment in str(error.value)
+
+
+def _teacher_run(method: str = "lora", precision: str = "bf16", **job) -> dict:
+    model = {"name": "granite-3.3-8b-base", "path": "ibm-granite/granite-3.3-8b-base", "family": "granite",
+             "precision": precision, "trust_remote_code": False}
+    return {"name": f"granite-3.3-8b-base+{method}", "method": method, "precision": precision,
+            "base_model": model, "job": {"method": method, **job}}
+
+
+def test_teacher_pass_batch_is_the_largest_that_fits_or_the_configured_one_lowered():
+    from tests.tiny import SENTENCES, tiny_tokenizer
+
+    config = model_config_for("ibm-granite/granite-3.3-8b-base")
+    run = _teacher_run(r=16)
+    common = dict(tokenizer=tiny_tokenizer(), sentences=SENTENCES, max_length=2048, k=100, variant="topk",
+                  budget_bytes=20 * GB, device="cuda")
+    plan = memory.plan_teacher_pass(run, batch_size_cap=4096, **common)
+    assert plan.max_length == 12  # the longest sentence: <s> and 11 words
+    options = dict(k=100, method="lora", lora_r=16)
+    assert plan.prediction == memory.predict_teacher_pass(config, "bf16", plan.batch_size, 12, **options)
+    assert plan.prediction.peak_bytes <= 20 * GB
+    assert memory.predict_teacher_pass(config, "bf16", plan.batch_size + 1, 12, **options).peak_bytes > 20 * GB
+    assert plan.reason.startswith(f"batch size {plan.batch_size}, the largest that fits (cap 4096): predicted")
+    assert memory.plan_teacher_pass(run, **common).batch_size == 256  # the default cap
+    fixed = memory.plan_teacher_pass(run, batch_size=8, **common)
+    assert fixed.batch_size == 8 and "fixed in config (distill.teacher_batch_size)" in fixed.reason
+    lowered = memory.plan_teacher_pass(run, batch_size=100_000, **common)
+    assert lowered.batch_size == plan.batch_size and "lowered from 100000" in lowered.reason
+    # A QLoRA teacher (LoRA on a model benchmarked in 4 bits too) is planned with its nf4 weights.
+    qlora = memory.plan_teacher_pass(_teacher_run("lora", "nf4", r=16), batch_size=1, **common)
+    assert qlora.prediction.case == "teacher-topk" and qlora.prediction.weights_bytes < 6 * GB
+    with pytest.raises(memory.MemoryBudgetError, match=r"teacher pass of granite-3.3-8b-base\+lora .* over the "
+                                                       r"16.00 GB budget. Lower benchmark.logits_chunk_tokens"):
+        memory.plan_teacher_pass(run, **{**common, "budget_bytes": 16 * GB})
+
+
+def test_the_seed_studys_8b_teacher_pass_fits_20_gb():
+    """granite-3.3-8b's LoRA teacher (bf16, r 16) over sst2's longest training sentence (about 72 tokens), top-100."""
+    config = model_config_for("ibm-granite/granite-3.3-8b-base")
+    options = dict(k=100, method="lora", lora_r=16)
+    batch = memory.largest_teacher_batch_size(config, "bf16", 20 * GB, 72, 256, **options)
+    at = memory.predict_teacher_pass(config, "bf16", batch, 72, **options)
+    # Its weights and adapter (16.5 GB) leave 2.9 GB: the forward's layer outweighs the logits' chunk.
+    assert batch == 200 and at.peak_bytes <= 20 * GB
+    assert memory.predict_teacher_pass(config, "bf16", batch + 1, 72, **options).peak_bytes > 20 * GB
+    assert at.activations_bytes > 5 * at.logits_bytes
+    # Full logits at the same batch would hold [B, L, V] in bf16 twice (logits_scaling): 5 times the chunk's phase.
+    full = memory.predict_teacher_pass(config, "bf16", batch, 72, logits_chunk_tokens=0, **options)
+    assert full.logits_bytes == 2 * batch * 72 * 49159 * 2 > 5 * at.logits_bytes

@@ -48,7 +48,7 @@ def _calls(cfg) -> dict[str, dict]:
         "benchmark": stages.benchmark_call(cfg, spec, 4, data, "cpu", "artifacts", False),
         "select_family": stages.select_family_call(cfg, [], "artifacts"),
         "train": stages.train_call(common, job, data),
-        "teacher_logits": stages.teacher_logits_call(cfg, data, {}, data, "cpu", 4, "artifacts", False, "topk"),
+        "teacher_logits": stages.teacher_logits_call(cfg, data, {}, data, "cpu", "artifacts", False, "topk"),
         "evaluate": stages.evaluate_call(cfg, data, data, [], [], {}, [], "x", {}, "artifacts"),
     }
 
