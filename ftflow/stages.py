@@ -105,6 +105,7 @@ def teacher_logits_call(cfg: PipelineConfig, teacher: dict, student: dict, augme
     return {"teacher": teacher, "student": student, "augmented": augmented, "top_k": max(cfg.distill.top_k),
             "max_length": cfg.max_length, "device": device, "batch_size": cfg.distill.teacher_batch_size,
             "memory_budget_gb": cfg.memory_budget_gb, "batch_size_cap": cfg.memory.batch_size_cap,
+            "memory_margin_gb": cfg.memory.cuda_margin_gb,
             "logits_chunk_tokens": cfg.benchmark.logits_chunk_tokens, "artifacts_dir": artifacts_dir,
             "progress": progress, "variant": variant, "seed": cfg.seed}
 

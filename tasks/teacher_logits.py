@@ -21,9 +21,10 @@ from pathlib import Path
 
 from prefect import task
 
+from ftflow.budget import DEFAULT_CUDA_MARGIN_GB, stage_budget
 from ftflow.data import read_split
 from ftflow.distill import teacher_topk_for_student
-from ftflow.memory import GB, plan_teacher_pass
+from ftflow.memory import plan_teacher_pass
 from ftflow.models import load_tokenizer
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
@@ -35,15 +36,23 @@ MODULES = (__name__,)  # the code key: every project module this one reaches (ft
       cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
 def teacher_logits(teacher: dict, student: dict, augmented: dict, top_k: int, max_length: int, device: str,
                    batch_size: int | str, memory_budget_gb: float, batch_size_cap: int, logits_chunk_tokens: int,
-                   artifacts_dir: str, progress: bool = True, variant: str = "topk", seed: int = 0) -> dict:
-    """Store the teacher's top-k (or k sampled) ids (int32) and log-probs (fp16) at every training position."""
+                   artifacts_dir: str, progress: bool = True, variant: str = "topk", seed: int = 0,
+                   memory_margin_gb: float = DEFAULT_CUDA_MARGIN_GB) -> dict:
+    """Store the teacher's top-k (or k sampled) ids (int32) and log-probs (fp16) at every training position.
+
+    The pass's batch is planned against :func:`ftflow.budget.stage_budget` (on CUDA: at most what is free at
+    the stage's start, less ``memory_margin_gb``), like every other stage that holds a model.
+    """
 
     def build(out: Path) -> dict:
         sentences = read_split(stage_path(augmented, "train"))
         base = teacher["base_model"]
+        budget = stage_budget(memory_budget_gb, device, memory_margin_gb)
+        if budget.measured:
+            run_logger().info("teacher pass of %s: %s", teacher["name"], budget.line())
         plan = plan_teacher_pass(teacher, tokenizer=load_tokenizer(base["path"], base["trust_remote_code"]),
                                  sentences=sentences, max_length=max_length, k=top_k, variant=variant,
-                                 budget_bytes=int(memory_budget_gb * GB), batch_size=batch_size,
+                                 budget_bytes=budget.budget_bytes, batch_size=batch_size,
                                  batch_size_cap=batch_size_cap, logits_chunk_tokens=logits_chunk_tokens,
                                  device=device)
         run_logger().info("teacher pass of %s: %s", teacher["name"], plan.reason)
@@ -57,6 +66,7 @@ def teacher_logits(teacher: dict, student: dict, augmented: dict, top_k: int, ma
         return {"files": {"topk": "topk"}, "top_k": top_k, "variant": variant, "positions": positions, "teacher": teacher["name"],
                 "student": student["name"], "vocab_size": topk.vocab_size, "teacher_rows": topk.teacher_rows,
                 "vocabulary_note": topk.vocabulary_note, "batch_size": plan.batch_size,
-                "memory_plan": plan.prediction.to_dict(), "memory_plan_reason": plan.reason}
+                "memory_plan": plan.prediction.to_dict(), "memory_plan_reason": plan.reason,
+                "memory_budget": budget.to_dict()}
 
     return run_stage(STAGE, MODULES, build)
