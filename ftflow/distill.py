@@ -1095,6 +1095,7 @@ def teacher_topk_for_student(
     Returns:
         The :class:`TeacherTopK`, with the teacher's tokenizer and the shared vocabulary recorded.
     """
+    from ftflow.device import free_memory
     from ftflow.methods import load_trained
     from ftflow.models import load_tokenizer
 
@@ -1113,6 +1114,7 @@ def teacher_topk_for_student(
                                     variant=variant, seed=seed)
     finally:
         del model
+        free_memory(device)  # the teacher is gone before the student's run loads
 
 
 def check_store_for_student(store: TeacherTopK, student_tokenizer, student_rows: int, student_name: str,

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 from ftflow.jobs import (PEFT_METHODS, DistillJob, FullJob, Job, LoraJob, PrefixJob, QLoraJob, best_run, distill_grid,
                          full_job, lora_grid, lora_like, prefix_grid, qlora_like)
+from ftflow.device import free_memory
 from ftflow.models import load_model, load_tokenizer
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 
@@ -166,6 +167,7 @@ def run_job(
     test = score_sentences(model, tokenizer, test_sentences, batch_size=eval_batch_size, max_length=max_length,
                            progress=progress, desc=f"{job.title} test", logits_chunk_tokens=logits_chunk_tokens)
     del model
+    free_memory(device)
     # What training reached (the saved model), also when no epoch beat the base model (best_epoch None).
     selection = next(e["validation"] for e in result["history"] if e["epoch"] == result["best_trained_epoch"])
     log.info("%s: best epoch %s, selection PPL %.4f (base model %.4f), test PPL %.4f", job.title,

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ftflow.device import free_memory
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,6 +81,8 @@ def load_model(
 ):
     """Load a causal LM at a precision on a device, optionally with a PEFT adapter.
 
+    Memory left by earlier models is handed back first (:func:`ftflow.device.free_memory`).
+
     Args:
         path: hub id or local directory.
         precision: fp32, bf16, fp16 or nf4 (4-bit through bitsandbytes).
@@ -93,6 +97,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    free_memory(device)  # whatever an earlier model left (a cycle, the allocator's cache) goes before this one comes
     kwargs = {"trust_remote_code": trust_remote_code}
     quant = quantization_config(precision, quantization)
     if quant is not None:

@@ -2,8 +2,12 @@
 
 Every training run follows one life cycle: seed, load, (wrap), fit with the
 validation perplexity measured after every epoch, keep the best epoch on disk
-in its library's standard format. Distillation reuses :func:`fit` with its
-own Trainer subclass and collator (see :mod:`ftflow.distill`).
+in its library's standard format, free: when a training function returns (or
+raises), its model, gradients and optimizer state are gone, nothing ftflow
+holds points to them (no reference cycle through the Trainer's callbacks)
+and :func:`ftflow.device.free_memory` has collected what the libraries' own
+cycles hold. Distillation reuses :func:`fit` with its own Trainer subclass
+and collator (see :mod:`ftflow.distill`).
 
 Batches are packed where that is exact (:func:`batching_for`): the
 sentences of a batch are packed into rows without pads between them,
@@ -18,12 +22,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 from ftflow.artifacts import read_json, write_json
+from ftflow.device import free_memory
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 from ftflow.tokens import pack_batch, packed_row_tokens, pad_batch, pad_token_id, sentence_ids
 
@@ -336,7 +342,9 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
 
         best = min((e["validation"]["corpus_ppl"] for e in history), default=math.inf)
         validation_seconds = 0.0  # spent in here (scoring, saving the best): not training
-        trainer = None  # set once the Trainer exists (fit)
+        # A weak reference, set once the Trainer exists (fit): the Trainer holds this callback, so a strong one
+        # would make a cycle that keeps the model, its gradients and the optimizer state alive after the run.
+        trainer: Optional[weakref.ref] = None
 
         def _validate(self, model, state) -> None:
             started = time.perf_counter()
@@ -358,10 +366,12 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
             history.append(entry)  # after the save: a kill in between re-runs this epoch's check
             write_json(history_path, history)
             self.validation_seconds += time.perf_counter() - started
-            if self.trainer is not None and self.trainer.args.report_to:
+            trainer = self.trainer() if self.trainer is not None else None
+            if trainer is not None and trainer.args.report_to:
                 # eval_* keys: TensorBoard shows them as eval/<name>, by step, beside train/loss.
-                self.trainer.log({"eval_selection_ppl": result.corpus_ppl,
-                                  "eval_selection_bits_per_byte": result.bits_per_byte})
+                trainer.log({"eval_selection_ppl": result.corpus_ppl,
+                             "eval_selection_bits_per_byte": result.bits_per_byte})
+            del trainer
             if on_progress is not None:
                 on_progress(dict(step=state.global_step, max_steps=state.max_steps, epoch=epoch,
                                  loss=entry["train_loss"], validation_ppl=result.corpus_ppl))
@@ -410,6 +420,7 @@ def baseline_validation(model, tokenizer, sentences: Sequence[str], settings: Tr
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     before = _score(model, tokenizer, sentences, settings, plan).to_dict()
     write_json(path, before)
+    free_memory(settings.device)  # the scoring pass's cached activation blocks, before training allocates its own
     return before
 
 
@@ -456,6 +467,9 @@ def fit(
     validated before it are taken from ``work_dir/history.json``. ``save_best``
     must therefore write somewhere that survives a kill too (the caller's
     work directory), since the best epoch may be one before the interruption.
+
+    The Trainer is dropped before this returns, or raises: nothing it holds
+    (optimizer state, gradients) outlives the call through this function.
 
     Args:
         model: the model to train (already wrapped for PEFT if needed).
@@ -568,9 +582,12 @@ def fit(
         callbacks=[validation],
         **kwargs,
     )
-    trainer.remove_callback(PrinterCallback)  # its print() of every log; the callback above logs them instead
-    validation.trainer = trainer  # so its selection-split PPL goes through Trainer.log, to every integration
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    try:
+        trainer.remove_callback(PrinterCallback)  # its print() of every log; the callback above logs them instead
+        validation.trainer = weakref.ref(trainer)  # its selection-split PPL goes through Trainer.log, to integrations
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    finally:
+        del trainer
     best = best_epoch(history, before["corpus_ppl"])
     if not best["improved"]:
         log.info("no epoch beat the base model (validation PPL %.4f; best epoch %d reached %.4f): the base model "
@@ -610,6 +627,7 @@ def train_peft(
     ``compute_dtype`` is the Trainer's autocast too (:func:`plan_precision`).
     Epoch 0 is the base model's score, taken before the model is wrapped.
     ``batching``: see :func:`batching_for` (the callers resolve it for their method).
+    Nothing of the run is alive once this returns or raises (:func:`ftflow.device.free_memory`).
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
@@ -622,17 +640,21 @@ def train_peft(
     set_seed(settings.seed)
     model = load_model(base_path, settings.precision, settings.device, trainable=True,
                        trust_remote_code=trust_remote_code, quantization=quantization)
-    baseline = baseline_validation(model, tokenizer, validation_sentences, settings, plan, work_dir)
-    if settings.precision == "nf4":
-        model = prepare_model_for_kbit_training(model)
-    model = get_peft_model(model, peft_config)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("%s: %d trainable of %d parameters", type(peft_config).__name__, trainable, total)
-    result = fit(
-        model, tokenizer, encode_dataset(tokenizer, train_sentences, settings.max_length),
-        validation_sentences, settings, work_dir, save_best=lambda m: m.save_pretrained(adapter_dir),
-        plan=plan, baseline=baseline, on_progress=on_progress, batching=batching,
-    )
+    try:
+        baseline = baseline_validation(model, tokenizer, validation_sentences, settings, plan, work_dir)
+        if settings.precision == "nf4":
+            model = prepare_model_for_kbit_training(model)
+        model = get_peft_model(model, peft_config)
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info("%s: %d trainable of %d parameters", type(peft_config).__name__, trainable, total)
+        result = fit(
+            model, tokenizer, encode_dataset(tokenizer, train_sentences, settings.max_length),
+            validation_sentences, settings, work_dir, save_best=lambda m: m.save_pretrained(adapter_dir),
+            plan=plan, baseline=baseline, on_progress=on_progress, batching=batching,
+        )
+    finally:
+        model = None  # the last name of the trained model here: gone before the memory is handed back
+        free_memory(settings.device)
     result["trainable_parameters"] = int(trainable)
     return result
 
@@ -734,10 +756,6 @@ def train_full(
     set_seed(settings.seed)
     model = load_model(base_path, settings.precision, settings.device, trainable=True,
                        trust_remote_code=trust_remote_code)
-    baseline = baseline_validation(model, tokenizer, validation_sentences, settings, plan, work_dir)
-    if plan.trained_weights == "fp32" and settings.precision != "fp32":
-        model = model.to(torch.float32)  # exact: every bf16/fp16 value is an fp32 value
-    model.train()
 
     def save(m):
         m.save_pretrained(model_dir, safe_serialization=True)
@@ -745,6 +763,14 @@ def train_full(
 
     if batching is None:
         batching = batching_for(settings.packing, "full", trust_remote_code=trust_remote_code)
-    return fit(model, tokenizer, train_dataset, validation_sentences, settings, work_dir, save, plan=plan,
-               baseline=baseline, collator=collator, trainer_cls=trainer_cls, trainer_kwargs=trainer_kwargs,
-               on_progress=on_progress, batching=batching)
+    try:
+        baseline = baseline_validation(model, tokenizer, validation_sentences, settings, plan, work_dir)
+        if plan.trained_weights == "fp32" and settings.precision != "fp32":
+            model = model.to(torch.float32)  # exact: every bf16/fp16 value is an fp32 value
+        model.train()
+        return fit(model, tokenizer, train_dataset, validation_sentences, settings, work_dir, save, plan=plan,
+                   baseline=baseline, collator=collator, trainer_cls=trainer_cls, trainer_kwargs=trainer_kwargs,
+                   on_progress=on_progress, batching=batching)
+    finally:
+        model = None  # the last name of the trained model here: gone before the memory is handed back
+        free_memory(settings.device)
