@@ -643,7 +643,9 @@ def train_peft(
     try:
         baseline = baseline_validation(model, tokenizer, validation_sentences, settings, plan, work_dir)
         if settings.precision == "nf4":
-            model = prepare_model_for_kbit_training(model)
+            # Non-reentrant checkpointing: without the argument PEFT leaves torch's checkpoint to its reentrant
+            # default, which recomputes through a hook that makes the frozen embeddings' output require grad.
+            model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, peft_config)
         trainable, total = model.get_nb_trainable_parameters()
         log.info("%s: %d trainable of %d parameters", type(peft_config).__name__, trainable, total)

@@ -180,3 +180,27 @@ def test_qlora_trains_in_its_configured_compute_dtype(compute_dtype, expected, f
     assert run["precision_plan"]["autocast"] == (None if compute_dtype == "fp32" else compute_dtype)
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert f"| autocast | {run['precision_plan']['autocast'] or 'none'} |" in card
+
+
+@pytest.mark.slow
+def test_qlora_checkpoints_without_the_reentrant_variant(fp32_base, tmp_path, monkeypatch):
+    """prepare_model_for_kbit_training's checkpointing is the non-reentrant one (PEFT's default falls back)."""
+    import transformers.modeling_utils
+
+    from ftflow.training import train_lora
+
+    calls = []
+    checkpoint = transformers.modeling_utils.checkpoint
+
+    def recording(function, *args, **kwargs):
+        calls.append(kwargs.get("use_reentrant", "not given"))
+        return checkpoint(function, *args, **kwargs)
+
+    # The decoder layers call the function transformers bound when checkpointing was turned on.
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", recording)
+    settings = TrainSettings(epochs=1, learning_rate=1e-2, batch_size=4, max_length=32, seed=0, device="cpu",
+                             precision="nf4", eval_batch_size=4, progress=False)
+    train_lora(fp32_base["path"], tiny_tokenizer(), SENTENCES, SENTENCES[:5], r=4, alpha=8, dropout=0.0,
+               target_modules="all-linear", settings=settings, work_dir=tmp_path / "work",
+               adapter_dir=tmp_path / "adapter", quantization={"compute_dtype": "fp32"})
+    assert calls and set(calls) == {False}
