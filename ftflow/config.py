@@ -471,8 +471,11 @@ class TrainingConfig(_Strict):
     """How every training run is carried out (not what it computes)."""
 
     checkpoint_steps: int = Field(
-        50, ge=1, description="Trainer checkpoint every N optimizer steps (and at every epoch end); an interrupted "
-        "run resumes from the last one.")
+        50, ge=1, description="PEFT runs (lora, qlora, prefix): a Trainer checkpoint every N optimizer steps and "
+        "at every epoch end. Full-weight runs (full, distill) checkpoint at epoch ends only, whatever N: each of "
+        "their checkpoints holds every weight and its optimizer state (a 2.5B model with fp32 AdamW: ~30 GB), and "
+        "one every N steps would write terabytes over a study. One checkpoint is kept per run; an interrupted run "
+        "resumes from it.")
     packing: Literal["auto", "on", "off"] = Field(
         "auto", description="How training batches are formed. auto = packed where exact (lora, qlora, full, "
         "distill: a batch's sentences in one row without pads, positions restarting and no attention across "

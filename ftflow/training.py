@@ -24,7 +24,7 @@ import math
 import time
 import weakref
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
@@ -60,7 +60,9 @@ class TrainSettings:
     eval_batch_size: int = 16
     logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS
     progress: bool = True
-    checkpoint_steps: int = 50
+    checkpoint_steps: Optional[int] = 50
+    """A Trainer checkpoint every this many optimizer steps, and at every epoch end; None: at epoch ends only
+    (what full-weight runs do, :func:`train_full`)."""
     master_weights: Optional[str] = None
     """Full fine-tuning of a bf16/fp16 model: ``fp32`` keeps fp32 master weights and trains under autocast
     (the default); the half-precision name itself (``bf16``) keeps the weights in bf16 with a compensated
@@ -462,7 +464,7 @@ def fit(
     """Train for ``settings.epochs`` epochs, scoring validation after each and keeping the best.
 
     Checkpoints go to ``work_dir`` every ``settings.checkpoint_steps`` steps
-    and at every epoch end. If ``work_dir`` already holds a checkpoint (a run
+    (None: none between epochs) and at every epoch end. If ``work_dir`` already holds a checkpoint (a run
     that was killed), training resumes from the latest one, and the epochs
     validated before it are taken from ``work_dir/history.json``. ``save_best``
     must therefore write somewhere that survives a kill too (the caller's
@@ -553,8 +555,9 @@ def fit(
         lr_scheduler_type="linear",
         warmup_steps=0.1,
         logging_steps=max(1, len(train_dataset) // settings.batch_size // 4),
-        save_strategy="steps",
-        save_steps=settings.checkpoint_steps,
+        # Epoch ends always (the callback asks for a save after each validation); steps too unless disabled.
+        save_strategy="steps" if settings.checkpoint_steps else "epoch",
+        save_steps=settings.checkpoint_steps or 500,
         save_total_limit=1,
         # The Trainer's own integrations, offline; the selection-split PPL joins them (the callback logs it).
         report_to=list(settings.report_to),  # TensorBoard: event files in work_dir/runs/<time>_<host>/
@@ -747,6 +750,8 @@ def train_full(
     is Kahan-compensated (:func:`plan_precision`). ``batching`` defaults to
     :func:`batching_for` ``settings.packing`` for full fine-tuning; a caller
     with its own ``collator`` (distillation) passes the batching it was built for.
+    Checkpoints are written at epoch ends only, whatever ``settings.checkpoint_steps``:
+    each holds every weight and its optimizer state.
     """
     import torch
     from transformers import set_seed
@@ -755,6 +760,11 @@ def train_full(
 
     plan = plan_precision("full", settings.precision, settings.device, master_weights=settings.master_weights,
                           optimizer=settings.optimizer)
+    if settings.checkpoint_steps is not None:
+        # A full-weight checkpoint holds every weight and its optimizer state (a 2.5B model with fp32 AdamW:
+        # ~30 GB); one every few steps would write terabytes over a study. Epoch ends only.
+        log.info("full-weight run: checkpoints at epoch ends only (training.checkpoint_steps applies to PEFT runs)")
+        settings = replace(settings, checkpoint_steps=None)
     set_seed(settings.seed)
     model = load_model(base_path, settings.precision, settings.device, trainable=True,
                        trust_remote_code=trust_remote_code)
