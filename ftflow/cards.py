@@ -52,6 +52,8 @@ def render_model_card(summary: dict, facts: dict) -> str:
                       "loss scaling": plan["loss_scaling"], "optimizer": plan["optimizer"]})
     if summary.get("batching"):  # packed, length-grouped or padded (see ftflow.training.batching_for)
         hyper["batching"] = summary["batching"]
+    if summary.get("tf32"):  # training steps' fp32 matrix products (ftflow.device.resolve_tf32); scoring never
+        hyper["TF32 (training steps)"] = "on" if summary["tf32"]["training"] else "off"
     fit = summary.get("fit_plan")
     if fit:  # micro-batches, checkpointing, optimizer state chosen to fit the memory budget (ftflow/fit.py)
         hyper.update({"micro-batch x accumulation": f"{fit['micro_batch_size']} x {fit['accumulation_steps']}",

@@ -66,6 +66,7 @@ def run_job(
     packing: str = "auto",
     report_to: Sequence[str] = (),
     fit_plan: Optional[dict] = None,
+    tf32: str = "auto",
 ) -> dict:
     """Train one job; returns its result (history, best epoch, selection and test scores).
 
@@ -84,6 +85,8 @@ def run_job(
     checkpointing, optimizer state and trained-weights precision that make the run fit; its ``master_weights``
     replaces ``master_weights``. (A dict, not the class, so that loading a trained run for the teacher pass
     does not reach the memory planner's code.)
+    ``tf32`` (``auto``, ``on``, ``off``): the training steps' fp32 matrix products in TF32
+    (:func:`ftflow.device.resolve_tf32`); recorded in the result as ``tf32``. Scoring never uses it.
     """
     from ftflow.cards import write_model_card
     from ftflow.training import (TENSORBOARD_DIR, TRAINER_LOGS_DIR, TrainSettings, batching_for, encode_dataset,
@@ -107,7 +110,7 @@ def run_job(
         weight_decay=job.weight_decay, eval_batch_size=eval_batch_size, progress=progress,
         checkpoint_steps=checkpoint_steps, logits_chunk_tokens=logits_chunk_tokens,
         master_weights=master_weights if job.method in ("full", "distill") else None, packing=packing,
-        report_to=tuple(report_to), **fitted,
+        report_to=tuple(report_to), tf32=tf32, **fitted,
     )
     best_dir = Path(work_dir) / "best"
     trainer_dir = Path(work_dir) / "trainer"

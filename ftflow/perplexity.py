@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ftflow.device import tf32
 from ftflow.tokens import IGNORE_INDEX, pad_batch, pad_token_id, sentence_ids
 
 _SCALAR_FIELDS = ("total_nll", "scored_tokens", "total_bytes", "n_sentences", "n_truncated")
@@ -403,7 +404,8 @@ def score_sentences(
     Sentences are sorted by length (longest first) so that each batch holds
     similar lengths and little compute goes to pads; the per-sentence results
     are put back in input order. The model is put in eval mode for the call
-    and its training flag is restored afterwards.
+    and its training flag is restored afterwards. CUDA's fp32 matrix products
+    run without TF32 here, whatever the caller set (:func:`ftflow.device.tf32`).
 
     Args:
         model: a causal LM (transformers, PEFT-wrapped, any dtype); any other
@@ -450,7 +452,8 @@ def score_sentences(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(
+        # Reported scores in full fp32 matrix products, also when called inside a run that trains in TF32.
+        with torch.inference_mode(), tf32(False), tqdm(
             total=len(encoded), desc=desc or "perplexity", unit="sent", disable=not progress
         ) as bar:
             for start in range(0, len(order), batch_size):

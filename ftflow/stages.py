@@ -89,7 +89,7 @@ def train_common(cfg: PipelineConfig, data: dict, device: str, eval_batch_size: 
             "memory_budget_gb": cfg.training_budget_gb, "logits_chunk_tokens": cfg.benchmark.logits_chunk_tokens,
             "checkpoint_steps": cfg.training.checkpoint_steps, "artifacts_dir": artifacts_dir, "progress": progress,
             "packing": cfg.training.packing, "report_to": list(cfg.training.report_to),
-            "fit_order": list(cfg.training.fit_order)}
+            "fit_order": list(cfg.training.fit_order), "tf32": cfg.training.tf32}
 
 
 def train_call(common: dict, job: Job, train_set: dict, teacher_topk: Optional[dict] = None) -> dict:

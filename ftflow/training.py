@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 from ftflow.artifacts import read_json, write_json
-from ftflow.device import free_memory
+from ftflow.device import free_memory, resolve_tf32, tf32
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 from ftflow.tokens import pack_batch, packed_row_tokens, pad_batch, pad_token_id, sentence_ids
 
@@ -79,6 +79,9 @@ class TrainSettings:
     """Recompute each decoder layer's activations in backward (chosen by :mod:`ftflow.fit` when needed)."""
     optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit"] = "adamw"
     """Optimizer state: torch AdamW, or bitsandbytes' (paged) 8-bit AdamW (:mod:`ftflow.optimizers`)."""
+    tf32: Literal["auto", "on", "off"] = "auto"
+    """fp32 matrix products of the training steps in TF32 (:func:`ftflow.device.resolve_tf32`: auto = where the
+    GPU has it); scoring never uses TF32."""
 
     @property
     def accumulation_steps(self) -> int:
@@ -493,7 +496,8 @@ def fit(
 
     Returns:
         ``{"history": [...per epoch...], "baseline_validation", "resumed_from", "precision_plan", "batching",
-        "train_seconds"}`` and the keys of :func:`best_epoch`.
+        "tf32", "train_seconds"}`` and the keys of :func:`best_epoch`; ``tf32`` says whether the training steps ran
+        in TF32 (``training``), why (``reason``), and that scoring did not (``scoring``: False).
     """
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
@@ -577,6 +581,8 @@ def fit(
     trainer_cls = trainer_cls or Trainer
     validation = _validation_callback(tokenizer, validation_sentences, settings, plan, save_best, history,
                                       history_path, on_progress)
+    use_tf32, tf32_reason = resolve_tf32(settings.tf32, settings.device)
+    log.info("TF32: %s", tf32_reason)
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -588,7 +594,8 @@ def fit(
     try:
         trainer.remove_callback(PrinterCallback)  # its print() of every log; the callback above logs them instead
         validation.trainer = weakref.ref(trainer)  # its selection-split PPL goes through Trainer.log, to integrations
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        with tf32(use_tf32):  # the selection-split scoring inside turns it off for itself (score_sentences)
+            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     finally:
         del trainer
     best = best_epoch(history, before["corpus_ppl"])
@@ -602,6 +609,7 @@ def fit(
         "resumed_from": checkpoint.name if checkpoint is not None else None,
         "precision_plan": plan.to_dict(),
         "batching": batching,
+        "tf32": {"setting": settings.tf32, "training": use_tf32, "scoring": False, "reason": tf32_reason},
         # The Trainer's run time (this session's, when resumed) less the validations between epochs.
         "train_seconds": round(output.metrics["train_runtime"] - validation.validation_seconds, 3),
     }

@@ -68,7 +68,7 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
           eval_batch_size: int, selection_split: str, memory_budget_gb: float, logits_chunk_tokens: int,
           teacher_topk: Optional[dict] = None, checkpoint_steps: int = 50, artifacts_dir: str = "artifacts",
           progress: bool = True, packing: str = "auto", report_to: Optional[list[str]] = None,
-          fit_order: tuple[str, ...] = DEFAULT_FIT_ORDER) -> dict:
+          fit_order: tuple[str, ...] = DEFAULT_FIT_ORDER, tf32: str = "auto") -> dict:
     """Train one job on ``train_set``; keep its best epoch on the selection split; score it on test.
 
     Before anything is loaded, :func:`ftflow.fit.plan_training_job` chooses how the run fits
@@ -120,6 +120,7 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
             teacher_topk_dir=stage_path(teacher_topk, "topk") if teacher_topk is not None else None,
             card_facts=facts, progress=progress, on_progress=ProgressArtifact(job.title),
             packing=packing, report_to=report_to or (), fit_plan={**fit.model_dump(mode="json"), "summary": fit.summary},
+            tf32=tf32,
         )
         if summary["resumed_from"]:
             logger.info("%s: resumed from %s and finished", job.title, summary["resumed_from"])
