@@ -403,6 +403,57 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
     return ValidationPerplexity()
 
 
+SETTING_CALLBACK = "TrainingSetting"
+OPTIMIZER_FILE = "optimizer.pt"  # the Trainer's names, in each checkpoint
+SCHEDULER_FILE = "scheduler.pt"
+
+
+def _setting_callback(plan: PrecisionPlan, settings: TrainSettings, restore_schedule: Optional[Path]):
+    """A callback that records the run's optimizer in every checkpoint, and restores a schedule on its own.
+
+    The record is the Trainer's own mechanism for callback state (``ExportableState``: it lands in the
+    checkpoint's ``trainer_state.json``, written with the checkpoint), read back by
+    :func:`checkpoint_optimizer`. ``restore_schedule``: a checkpoint's ``scheduler.pt`` to load when its
+    optimizer state was left out (the Trainer loads optimizer and schedule together or not at all).
+    """
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class TrainingSetting(TrainerCallback, ExportableState):
+        """Which optimizer (and micro-batch) wrote a checkpoint; the schedule resumed without the optimizer state."""
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"optimizer": plan.optimizer,
+                                               "micro_batch_size": settings.batch_size // settings.accumulation_steps,
+                                               "gradient_checkpointing": settings.gradient_checkpointing}}
+
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            # A checkpoint written without this callback: the Trainer's save expects its entry in the state.
+            state.stateful_callbacks.setdefault(SETTING_CALLBACK, self.state())
+            if restore_schedule is None:
+                return
+            import torch
+
+            lr_scheduler.load_state_dict(torch.load(restore_schedule, map_location="cpu", weights_only=True))
+            # A new optimizer starts at the schedule's first rate; the first step must use the resumed one.
+            for group, rate in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
+                group["lr"] = rate
+
+    assert TrainingSetting.__name__ == SETTING_CALLBACK
+    return TrainingSetting()
+
+
+def checkpoint_optimizer(checkpoint: Path) -> Optional[str]:
+    """The optimizer whose state a checkpoint holds (:class:`PrecisionPlan`'s ``optimizer``); None if unrecorded."""
+    path = Path(checkpoint) / "trainer_state.json"
+    if not path.is_file():
+        return None
+    entry = (read_json(path).get("stateful_callbacks") or {}).get(SETTING_CALLBACK)
+    if isinstance(entry, list):
+        entry = entry[0] if entry else None
+    return ((entry or {}).get("attributes") or {}).get("optimizer")
+
+
 def _score(model, tokenizer, sentences: Sequence[str], settings: TrainSettings, plan: PrecisionPlan) -> "object":
     """Selection-split perplexity, under the run's autocast so every epoch (0 too) is scored the same way."""
     with _autocast(plan, settings.device):
@@ -467,11 +518,17 @@ def fit(
     """Train for ``settings.epochs`` epochs, scoring validation after each and keeping the best.
 
     Checkpoints go to ``work_dir`` every ``settings.checkpoint_steps`` steps
-    (None: none between epochs) and at every epoch end. If ``work_dir`` already holds a checkpoint (a run
-    that was killed), training resumes from the latest one, and the epochs
-    validated before it are taken from ``work_dir/history.json``. ``save_best``
-    must therefore write somewhere that survives a kill too (the caller's
-    work directory), since the best epoch may be one before the interruption.
+    (None: none between epochs) and at every epoch end. If ``work_dir`` already
+    holds a checkpoint (a run that was killed, or one that ran out of memory and
+    is retried with another setting), training resumes from the latest one, and
+    the epochs validated before it are taken from ``work_dir/history.json``.
+    ``save_best`` must therefore write somewhere that survives a kill too (the
+    caller's work directory), since the best epoch may be one before the
+    interruption. The micro-batch may differ from the checkpoint's (the
+    effective batch, hence steps and schedule, does not). An optimizer state the
+    run's optimizer cannot load (fp32 AdamW moments under 8-bit AdamW, say) is
+    not loaded: weights, step, schedule and data order resume, the optimizer
+    state restarts from zero, and the result says so (``optimizer_state``).
 
     The Trainer is dropped before this returns, or raises: nothing it holds
     (optimizer state, gradients) outlives the call through this function.
@@ -495,9 +552,10 @@ def fit(
         batching: ``packed``, ``length-grouped`` or ``padded`` (:func:`batching_for`).
 
     Returns:
-        ``{"history": [...per epoch...], "baseline_validation", "resumed_from", "precision_plan", "batching",
-        "tf32", "train_seconds"}`` and the keys of :func:`best_epoch`; ``tf32`` says whether the training steps ran
-        in TF32 (``training``), why (``reason``), and that scoring did not (``scoring``: False).
+        ``{"history": [...per epoch...], "baseline_validation", "resumed_from", "optimizer_state" (None, resumed
+        or restarted), "precision_plan", "batching", "tf32", "train_seconds"}`` and the keys of
+        :func:`best_epoch`; ``tf32`` says whether the training steps ran in TF32 (``training``), why
+        (``reason``), and that scoring did not (``scoring``: False).
     """
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
@@ -521,11 +579,26 @@ def fit(
     history: list[dict] = []
     before = baseline if baseline is not None else baseline_validation(
         model, tokenizer, validation_sentences, settings, plan, work_dir)
+    optimizer_state, restore_schedule = None, None
     if checkpoint is not None:
         step = int(checkpoint.name.split("-")[-1])
         saved = read_json(history_path) if history_path.is_file() else []
         history = [e for e in saved if e["step"] <= step]
         log.info("resuming from %s (step %d; %d epoch(s) already validated)", checkpoint.name, step, len(history))
+        written_by = checkpoint_optimizer(checkpoint)
+        optimizer_state = "resumed"
+        if written_by is not None and written_by != plan.optimizer:
+            # Another optimizer's state (fp32 AdamW moments for 8-bit AdamW, or the reverse) cannot be loaded:
+            # the Trainer skips optimizer and schedule when the optimizer file is absent, the schedule is
+            # restored on its own (_setting_callback).
+            optimizer_state = "restarted"
+            if (checkpoint / OPTIMIZER_FILE).is_file():  # kept aside until the next checkpoint replaces this one
+                (checkpoint / OPTIMIZER_FILE).rename(checkpoint / f"{OPTIMIZER_FILE}.{written_by}")
+            restore_schedule = checkpoint / SCHEDULER_FILE if (checkpoint / SCHEDULER_FILE).is_file() else None
+            log.warning("%s holds %s optimizer state, which this run's %s optimizer cannot load: resuming the "
+                        "weights, step, data order and learning-rate schedule%s from it; the optimizer state "
+                        "restarts from zero", checkpoint.name, written_by, plan.optimizer,
+                        "" if restore_schedule is not None else " (no schedule found: it restarts too)")
     else:
         history_path.unlink(missing_ok=True)
     log.info("before training (the base model): validation PPL %.4f", before["corpus_ppl"])
@@ -588,7 +661,7 @@ def fit(
         args=args,
         train_dataset=train_dataset,
         data_collator=collator,
-        callbacks=[validation],
+        callbacks=[validation, _setting_callback(plan, settings, restore_schedule)],
         **kwargs,
     )
     try:
@@ -607,6 +680,7 @@ def fit(
         **best,
         "baseline_validation": before,
         "resumed_from": checkpoint.name if checkpoint is not None else None,
+        "optimizer_state": optimizer_state,
         "precision_plan": plan.to_dict(),
         "batching": batching,
         "tf32": {"setting": settings.tf32, "training": use_tf32, "scoring": False, "reason": tf32_reason},
