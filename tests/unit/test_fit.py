@@ -308,6 +308,26 @@ def test_the_report_says_how_runs_were_made_to_fit():
                      "AdamW, predicted 19.0 GB (budget 20 GB) (lora[t|r16])"]
 
 
+def test_the_report_and_the_card_say_which_runs_ran_out_of_memory():
+    from ftflow.cards import oom_retry_line
+    from ftflow.design import report_notes
+
+    retries = [{"failed": "t lora: batch 4, ...", "error": "CUDA out of memory.", "resume_from": "checkpoint-50",
+                "next": "t lora: micro-batch 2 x 2 ...", "optimizer_state": "resumed",
+                "change": "out of memory on the device with micro-batch 4 x 1: halved the micro-batch, now "
+                          "micro-batch 2 x 2 (the effective batch stays 4)"},
+               {"failed": "t lora: micro-batch 2 x 2 ...", "error": "CUDA out of memory.", "resume_from": None,
+                "next": None, "optimizer_state": None, "change": None}]
+    notes = report_notes([], [{"title": "lora[t|r16]", "oom_retries": retries}], [], 20.0, augmentation_table=False,
+                         truncated=0, max_length=2048)
+    assert notes == ["lora[t|r16] ran out of device memory 2 time(s): out of memory on the device with micro-batch 4 "
+                     "x 1: halved the micro-batch, now micro-batch 2 x 2 (the effective batch stays 4); resumed from "
+                     "checkpoint-50, optimizer state resumed; CUDA out of memory. with t lora: micro-batch 2 x 2 ...: "
+                     "nothing left to try"]
+    assert oom_retry_line({**retries[0], "resume_from": None, "optimizer_state": None}).endswith(
+        "; no checkpoint yet, started over")
+
+
 def _retries(plan, **options) -> list:
     """Every setting next_fit gives after plan, in order, until it gives None."""
     from ftflow.fit import next_fit
