@@ -170,6 +170,30 @@ def test_nothing_of_run_job_is_alive_after_it_returns(method, base, tmp_path, mo
     assert result["test"]["corpus_ppl"] > 1
 
 
+def test_nothing_of_the_teacher_pass_is_alive_after_it_returns(base, tmp_path, monkeypatch):
+    from ftflow.distill import teacher_topk_for_student
+
+    teacher_run = {"name": "tiny+full[]", "method": "full", "precision": "fp32", "base_model": base,
+                   "dir": str(tmp_path.parent), "files": {"model": base["path"]}}
+    with tracked_without_cyclic_gc(monkeypatch) as tracked:
+        store = teacher_topk_for_student(teacher_run, base, TRAIN, k=4, max_length=32, device="cpu", progress=False)
+        assert len(tracked.refs) > 1 and tracked.alive() == []
+    assert store.n_sentences == len(TRAIN)
+
+
+def test_nothing_of_the_zoos_pretraining_and_check_is_alive_after_them(monkeypatch):
+    from ftflow import zoo
+    from tests.tiny import tiny_model
+
+    with tracked_without_cyclic_gc(monkeypatch) as tracked:
+        model = tiny_model("llama", hidden_size=64)
+        tracked.refs.append(("model", weakref.ref(model)))
+        zoo.pretrain(model, tiny_tokenizer(), TRAIN, steps=3, batch_size=4, learning_rate=1e-3, max_length=32, seed=0)
+        zoo._check_ppl(model, tiny_tokenizer(), zoo.TeacherCheck(VALIDATION, max_length=32))
+        del model
+        assert tracked.optimizers == 3 and tracked.alive() == []
+
+
 def test_free_memory_empties_the_cuda_cache_only_for_cuda(monkeypatch):
     emptied = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
