@@ -72,7 +72,7 @@ def render_model_card(summary: dict, facts: dict) -> str:
                       "memory fit": summary.get("fit_summary", "")})
     retries = summary.get("oom_retries") or []  # the run ran out of device memory and was retried (ftflow/fit.py)
     if retries:
-        hyper["out-of-memory retries"] = " / ".join(oom_retry_line(r) for r in retries)
+        hyper["out-of-memory retries"] = " / ".join(r["line"] for r in retries)
     selection, test = summary["selection"], summary["test"]
     baseline = summary["baseline_validation"]["corpus_ppl"]
     improved = summary.get("improved", True)

@@ -495,8 +495,8 @@ class TrainingConfig(_Strict):
         "auto", description="fp32 matrix products of the training steps in TF32 on the GPU's tensor cores (a 10-bit "
         "mantissa on their inputs, fp32 sums: several times faster for the fp32 models): auto = on where the GPU "
         "has it (compute capability 8.0, Ampere, or newer), off elsewhere; on = the same, with a warning where the "
-        "device has no TF32; off = never. Scoring (benchmark, selection split, test) never uses TF32, also inside a training "
-        "run. Each training run's manifest records it (tf32).")
+        "device has no TF32; off = never. Scoring (benchmark, selection split, test) never uses TF32, also inside "
+        "a training run. Each training run's manifest records it (tf32).")
     fit_order: tuple[FitTechnique, ...] = Field(
         DEFAULT_FIT_ORDER, description="Techniques tried, in this order, while a run is predicted over the training "
         "budget: micro_batch (the batch_size becomes the effective batch: the largest micro-batch that fits, "

@@ -23,7 +23,6 @@ from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from ftflow.cards import oom_retry_line
 from ftflow.config import AugmentConfig, ModelSpec, PipelineConfig
 from ftflow.jobs import (DistillJob, FullJob, Job, LoraJob, best_run, distill_grid, full_job, lora_grid, lora_like,
                          prefix_grid, qlora_like)
@@ -435,7 +434,7 @@ def report_notes(failures: Sequence[Mapping], runs: Sequence[Mapping], benchmark
     notes += [f"memory fit: {summary} ({titles[0] if len(titles) == 1 else f'{len(titles)} runs'})"
               for summary, titles in fitted.items()]
     notes += [f"{r['title']} ran out of device memory {len(r['oom_retries'])} time(s): "
-              + "; ".join(oom_retry_line(x) for x in r["oom_retries"]) for r in runs if r.get("oom_retries")]
+              + "; ".join(x["line"] for x in r["oom_retries"]) for r in runs if r.get("oom_retries")]
     notes += list(distillation)
     notes += list(no_gain)
     for b in benchmarks:

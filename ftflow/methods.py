@@ -106,7 +106,7 @@ def run_job(
     ``oom_retries`` (also in ``work_dir``, so a run killed after a retry resumes with the setting it had). With
     nothing left to try, :class:`TrainingOutOfMemoryError`. Without ``refit`` the error propagates.
     """
-    from ftflow.cards import write_model_card
+    from ftflow.cards import oom_retry_line, write_model_card
     from ftflow.models import DEFAULT_4BIT
     from ftflow.training import (TENSORBOARD_DIR, TRAINER_LOGS_DIR, TrainSettings, batching_for, checkpoint_optimizer,
                                  encode_dataset, latest_checkpoint, plan_precision, train_full, train_lora,
@@ -261,6 +261,8 @@ def run_job(
     if fit_plan is not None:  # how the run was made to fit its memory budget (ftflow/fit.py); after retries, the last
         summary.update(fit_plan={k: v for k, v in fit_plan.items() if k != "summary"},
                        fit_summary=fit_plan["summary"])
-    summary["oom_retries"] = [{k: v for k, v in r.items() if k != "next_plan"} for r in retries]
+    # Each retry with its line for the card and the report (which reads it from here, not from the card's code).
+    summary["oom_retries"] = [{**{k: v for k, v in r.items() if k != "next_plan"}, "line": oom_retry_line(r)}
+                              for r in retries]
     write_model_card(model_dir, summary, card_facts or {})
     return summary

@@ -41,7 +41,7 @@ def test_the_switch_is_scoped_and_restored():
 @pytest.mark.slow  # trains
 @pytest.mark.parametrize("setting", ["on", "off"])
 def test_a_run_trains_in_tf32_scores_without_it_and_records_it(setting, tmp_path, monkeypatch):
-    """The flag as the training steps and every scoring pass (baseline, epochs, test) see it, on a pretend Ampere GPU."""
+    """TF32 as the training steps and every scoring pass (baseline, epochs, test) see it, on a pretend Ampere GPU."""
     import transformers
 
     import ftflow.perplexity

@@ -318,6 +318,7 @@ def test_the_report_and_the_card_say_which_runs_ran_out_of_memory():
                           "micro-batch 2 x 2 (the effective batch stays 4)"},
                {"failed": "t lora: micro-batch 2 x 2 ...", "error": "CUDA out of memory.", "resume_from": None,
                 "next": None, "optimizer_state": None, "change": None}]
+    retries = [{**r, "line": oom_retry_line(r)} for r in retries]  # as run_job records them
     notes = report_notes([], [{"title": "lora[t|r16]", "oom_retries": retries}], [], 20.0, augmentation_table=False,
                          truncated=0, max_length=2048)
     assert notes == ["lora[t|r16] ran out of device memory 2 time(s): out of memory on the device with micro-batch 4 "

@@ -126,7 +126,8 @@ def test_a_halved_micro_batch_resumes_the_run_and_optimises_the_same_thing(base,
     for got, want in zip(result["history"], reference["history"]):
         assert got["validation"]["corpus_ppl"] == pytest.approx(want["validation"]["corpus_ppl"], rel=1e-4)
     card = (tmp_path / "out0" / "model" / "README.md").read_text()
-    assert "| out-of-memory retries | out of memory on the device with micro-batch 4 x 1: halved the micro-batch" in card
+    assert ("| out-of-memory retries | out of memory on the device with micro-batch 4 x 1: halved the micro-batch"
+            in card)
     assert "resumed from checkpoint-2, optimizer state resumed |" in card
 
 
