@@ -9,12 +9,23 @@ trained and judged on (content fingerprints), and its perplexities.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import yaml
 
 from ftflow.jobs import parse_job
 
 CARD = "README.md"
+
+
+def oom_retry_line(retry: Mapping) -> str:
+    """One out-of-memory retry of a training run (an entry of ``oom_retries`` in its manifest), in words."""
+    if retry.get("next") is None:
+        return f"{retry['error']} with {retry['failed']}: nothing left to try"
+    state = {"resumed": "optimizer state resumed", "restarted": "optimizer state restarted"}.get(
+        retry.get("optimizer_state"), "started over")
+    where = f"resumed from {retry['resume_from']}" if retry.get("resume_from") else "no checkpoint yet"
+    return f"{retry['change']}; {where}, {state}"
 
 
 def _loading_snippet(summary: dict) -> str:
@@ -52,11 +63,16 @@ def render_model_card(summary: dict, facts: dict) -> str:
                       "loss scaling": plan["loss_scaling"], "optimizer": plan["optimizer"]})
     if summary.get("batching"):  # packed, length-grouped or padded (see ftflow.training.batching_for)
         hyper["batching"] = summary["batching"]
+    if summary.get("tf32"):  # training steps' fp32 matrix products (ftflow.device.resolve_tf32); scoring never
+        hyper["TF32 (training steps)"] = "on" if summary["tf32"]["training"] else "off"
     fit = summary.get("fit_plan")
     if fit:  # micro-batches, checkpointing, optimizer state chosen to fit the memory budget (ftflow/fit.py)
         hyper.update({"micro-batch x accumulation": f"{fit['micro_batch_size']} x {fit['accumulation_steps']}",
                       "gradient checkpointing": fit["gradient_checkpointing"],
                       "memory fit": summary.get("fit_summary", "")})
+    retries = summary.get("oom_retries") or []  # the run ran out of device memory and was retried (ftflow/fit.py)
+    if retries:
+        hyper["out-of-memory retries"] = " / ".join(r["line"] for r in retries)
     selection, test = summary["selection"], summary["test"]
     baseline = summary["baseline_validation"]["corpus_ppl"]
     improved = summary.get("improved", True)

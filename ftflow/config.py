@@ -487,8 +487,11 @@ class TrainingConfig(_Strict):
     """How every training run is carried out (not what it computes)."""
 
     checkpoint_steps: int = Field(
-        50, ge=1, description="Trainer checkpoint every N optimizer steps (and at every epoch end); an interrupted "
-        "run resumes from the last one.")
+        50, ge=1, description="PEFT runs (lora, qlora, prefix): a Trainer checkpoint every N optimizer steps and "
+        "at every epoch end. Full-weight runs (full, distill) checkpoint at epoch ends only, whatever N: each of "
+        "their checkpoints holds every weight and its optimizer state (a 2.5B model with fp32 AdamW: ~30 GB), and "
+        "one every N steps would write terabytes over a study. One checkpoint is kept per run; an interrupted run "
+        "resumes from it.")
     packing: Literal["auto", "on", "off"] = Field(
         "auto", description="How training batches are formed. auto = packed where exact (lora, qlora, full, "
         "distill: a batch's sentences in one row without pads, positions restarting and no attention across "
@@ -504,6 +507,12 @@ class TrainingConfig(_Strict):
     memory_budget_gb: Optional[float] = Field(
         None, gt=0, description="Memory budget of every training run in GB (10^9 bytes); unset = memory_budget_gb "
         "(the scoring budget). Each run is planned against it before anything is loaded (ftflow/fit.py).")
+    tf32: Literal["auto", "on", "off"] = Field(
+        "auto", description="fp32 matrix products of the training steps in TF32 on the GPU's tensor cores (a 10-bit "
+        "mantissa on their inputs, fp32 sums: several times faster for the fp32 models): auto = on where the GPU "
+        "has it (compute capability 8.0, Ampere, or newer), off elsewhere; on = the same, with a warning where the "
+        "device has no TF32; off = never. Scoring (benchmark, selection split, test) never uses TF32, also inside "
+        "a training run. Each training run's manifest records it (tf32).")
     fit_order: tuple[FitTechnique, ...] = Field(
         DEFAULT_FIT_ORDER, description="Techniques tried, in this order, while a run is predicted over the training "
         "budget: micro_batch (the batch_size becomes the effective batch: the largest micro-batch that fits, "

@@ -437,7 +437,8 @@ def protocol_note(selection_split: str) -> str:
 def report_notes(failures: Sequence[Mapping], runs: Sequence[Mapping], benchmarks: Sequence[Mapping],
                  memory_budget_gb: float, *, augmentation_table: bool, truncated: int, max_length: int,
                  no_gain: Sequence[str] = (), distillation: Sequence[str] = ()) -> list[str]:
-    """The report's notes, in order: failures, runs not trained, how runs were made to fit their memory budget,
+    """The report's notes, in order: failures, runs not trained, how runs were made to fit their memory budget
+    (and the out-of-memory retries runs needed on the device),
     the teacher checks and the distillation's teacher and outcome (``distillation``), methods that did not help
     (``no_gain``), scoring peaks over the budget, how to read the augmentation table, truncated test sentences."""
     notes = [f"{f['name']} failed and was left out: {f['error']}" for f in failures]
@@ -448,6 +449,8 @@ def report_notes(failures: Sequence[Mapping], runs: Sequence[Mapping], benchmark
             fitted.setdefault(r["fit_summary"], []).append(r["title"])
     notes += [f"memory fit: {summary} ({titles[0] if len(titles) == 1 else f'{len(titles)} runs'})"
               for summary, titles in fitted.items()]
+    notes += [f"{r['title']} ran out of device memory {len(r['oom_retries'])} time(s): "
+              + "; ".join(x["line"] for x in r["oom_retries"]) for r in runs if r.get("oom_retries")]
     notes += list(distillation)
     notes += list(no_gain)
     for b in benchmarks:

@@ -1203,6 +1203,7 @@ def teacher_topk_for_student(
     Returns:
         The :class:`TeacherTopK`, with the teacher's tokenizer and the shared vocabulary recorded.
     """
+    from ftflow.device import free_memory
     from ftflow.methods import load_trained
     from ftflow.models import load_tokenizer
 
@@ -1221,6 +1222,7 @@ def teacher_topk_for_student(
                                     variant=variant, seed=seed, logits_chunk_tokens=logits_chunk_tokens)
     finally:
         del model
+        free_memory(device)  # the teacher is gone before the student's run loads
 
 
 def check_store_for_student(store: TeacherTopK, student_tokenizer, student_rows: int, student_name: str,

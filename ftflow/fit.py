@@ -36,12 +36,19 @@ off if the run still fits without it; finally the micro-batch is raised to
 the largest divisor of the batch that still fits. So a technique is on only
 when the run does not fit without it. A run that fits with everything in
 ``fit_order`` on is skipped, with its smallest predicted peak and why.
+
+A prediction can be short of what the device needs (fragmentation, another
+process, a kernel's workspace). :func:`next_fit` (pure, like the rest) gives
+the setting to try after a run ran out of memory: the next technique of
+``fit_order`` not on yet, else the micro-batch halved; the effective batch
+never changes, so the retried run, resumed from its last checkpoint,
+optimises the same thing (:func:`ftflow.methods.run_job`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence, get_args
+from typing import Any, Callable, Optional, Sequence, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -91,6 +98,8 @@ class FitPlan(BaseModel):
         prediction: the chosen setting's :class:`ftflow.memory.MemoryPrediction` (as a dict).
         tried: every setting predicted, in order, with its peak.
         reason: one line: what was chosen and why, or why nothing fits.
+        oom_retries: out-of-memory errors on the device that led to this setting (:func:`next_fit`); 0 for the
+            planned setting, whose prediction ``peak_bytes`` and ``prediction`` stay (they are not re-predicted).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -115,6 +124,12 @@ class FitPlan(BaseModel):
     prediction: dict[str, Any]
     tried: tuple[dict[str, Any], ...]
     reason: str
+    oom_retries: int = 0
+
+    @property
+    def setting(self) -> str:
+        """``micro-batch 2 x 2, checkpointing, adamw-8bit``: the setting alone (as ``tried`` names them)."""
+        return _describe(_setting_of(self), self.batch_size)
 
     @property
     def summary(self) -> str:
@@ -129,6 +144,10 @@ class FitPlan(BaseModel):
         if self.master_weights is not None or self.train_precision != self.precision:
             parts.append(f"{'fp32 master' if self.master_weights == 'fp32' else self.train_precision} weights "
                          f"({self.update})")
+        if self.oom_retries:
+            return (f"{self.model} {self.method}: {', '.join(parts)}, after {self.oom_retries} out-of-memory "
+                    f"error(s) on the device (the plan predicted {self.peak_bytes / GB:.1f} GB, budget "
+                    f"{self.budget_bytes / GB:g} GB)")
         return (f"{self.model} {self.method}: {', '.join(parts)}, predicted {self.peak_bytes / GB:.1f} GB "
                 f"(budget {self.budget_bytes / GB:g} GB)")
 
@@ -146,6 +165,37 @@ def _describe(s: _Setting, batch_size: int) -> str:
 
 def _divisors_descending(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def _weights(method: str, precision: str, s: _Setting) -> tuple[str, Optional[str], str]:
+    """``(train_precision, master_weights, update)`` of a setting (see :class:`FitPlan`)."""
+    full = method in FULL_METHODS
+    train_precision = ("bf16" if s.half_weights else "fp32") if full and precision == "fp32" else precision
+    master_weights = None
+    if full and precision in ("bf16", "fp16"):
+        master_weights = "bf16" if s.half_weights else "fp32"
+    if full and s.half_weights:
+        update = "adamw-8bit-stochastic-rounding" if s.optimizer != "adamw" else "adamw-kahan"
+    else:
+        update = "adamw-8bit" if s.optimizer != "adamw" else "adamw"
+    return train_precision, master_weights, update
+
+
+def _setting_of(plan: "FitPlan") -> _Setting:
+    half = plan.method in FULL_METHODS and (plan.master_weights == "bf16"
+                                            or (plan.precision == "fp32" and plan.train_precision == "bf16"))
+    return _Setting(plan.micro_batch_size, plan.gradient_checkpointing, plan.optimizer, half)
+
+
+def _applicable(technique: str, method: str, precision: str, device: str, bf16_supported: bool) -> bool:
+    """Whether a technique can apply to the run at all (as :func:`choose_fit` decides it)."""
+    if technique == "half_weights":
+        return method in FULL_METHODS and bf16_supported and precision != "fp16"
+    if technique == "paged_optimizer":
+        return device == "cuda"
+    if technique == "checkpointing":
+        return method != "qlora"  # always on (prepare_model_for_kbit_training)
+    return True
 
 
 def choose_fit(
@@ -205,10 +255,7 @@ def choose_fit(
     if full and precision == "fp16" and "half_weights" in fit_order:
         # fp16 weights cannot be trained without fp32 master weights (plan_precision): nothing to fall back to.
         fit_order = [t for t in fit_order if t != "half_weights"]
-    applicable = [t for t in fit_order
-                  if not (t == "half_weights" and (not full or not bf16_supported))
-                  and not (t == "paged_optimizer" and device != "cuda")
-                  and not (t == "checkpointing" and method == "qlora")]
+    applicable = [t for t in fit_order if _applicable(t, method, precision, device, bf16_supported)]
 
     def trained_precision(s: _Setting) -> str:
         if not full:
@@ -271,14 +318,7 @@ def choose_fit(
     else:
         setting = min(cache, key=lambda s: cache[s].peak_bytes)
     prediction = predict(setting)
-    train_precision = trained_precision(setting) if full and precision == "fp32" else precision
-    master_weights = None
-    if full and precision in ("bf16", "fp16"):
-        master_weights = "bf16" if setting.half_weights else "fp32"
-    if full and setting.half_weights:
-        update = "adamw-8bit-stochastic-rounding" if setting.optimizer != "adamw" else "adamw-kahan"
-    else:
-        update = "adamw-8bit" if setting.optimizer != "adamw" else "adamw"
+    train_precision, master_weights, update = _weights(method, precision, setting)
     if fitted:
         needed = f" (needed: {', '.join(enabled)})" if enabled else " (nothing needed)"
         reason = (f"{_describe(setting, batch_size)}: predicted {prediction.peak_bytes / GB:.2f} GB <= training "
@@ -297,6 +337,77 @@ def choose_fit(
         fit_order=tuple(fit_order), peak_bytes=prediction.peak_bytes, budget_bytes=budget_bytes,
         max_length=max_length, prediction=prediction.to_dict(), tried=tuple(tried), reason=reason,
     )
+
+
+def next_fit(plan: FitPlan, *, device: str = "cuda", bf16_supported: bool = True) -> Optional[FitPlan]:
+    """The setting to try after a run with ``plan`` ran out of device memory (pure); None when nothing is left.
+
+    The first technique of ``plan.fit_order`` that is not on yet and applies to the run is turned on
+    (``micro_batch``: the micro-batch halved, gradient accumulation making up the rest; ``optimizer_8bit``,
+    ``paged_optimizer``: that optimizer state; ``checkpointing``; ``half_weights``: bf16 trained weights);
+    when every one is on, the micro-batch is halved (to the largest divisor of the batch at most half of it),
+    down to 1. Nothing outside ``fit_order`` is used. ``batch_size``, the effective batch, never changes.
+
+    Args:
+        plan: the setting the run was using (the planned one, or an earlier retry's).
+        device: ``cuda`` or ``cpu`` (paged state needs CUDA).
+        bf16_supported: whether the device trains in bf16 (``half_weights`` needs it).
+
+    Returns:
+        The next setting, with ``oom_retries`` one more and ``reason`` saying what changed, or None.
+    """
+    if not plan.fits:
+        raise ValueError(f"next_fit: {plan.model} {plan.method} was not trained ({plan.reason}); nothing to retry")
+    old = _setting_of(plan)
+
+    def halved(s: _Setting) -> Optional[_Setting]:
+        smaller = [d for d in _divisors_descending(plan.batch_size) if d <= s.micro_batch_size // 2]
+        return replace(s, micro_batch_size=smaller[0]) if smaller else None
+
+    on = {"micro_batch": old.micro_batch_size < plan.batch_size, "checkpointing": old.gradient_checkpointing,
+          "optimizer_8bit": old.optimizer != "adamw", "half_weights": old.half_weights,
+          "paged_optimizer": old.optimizer == "paged-adamw-8bit"}
+    new, added = None, None
+    for technique in plan.fit_order:
+        if on[technique] or not _applicable(technique, plan.method, plan.precision, device, bf16_supported):
+            continue
+        if technique == "micro_batch":
+            new = halved(old)
+        elif technique == "checkpointing":
+            new = replace(old, gradient_checkpointing=True)
+        elif technique == "optimizer_8bit":
+            new = replace(old, optimizer="adamw-8bit")
+        elif technique == "paged_optimizer":
+            new = replace(old, optimizer="paged-adamw-8bit")
+        else:
+            new = replace(old, half_weights=True)
+        if new is not None:
+            added = technique
+            break
+    if new is None and "micro_batch" in plan.fit_order:
+        new, added = halved(old), "micro_batch"
+    if new is None:
+        return None
+    change = "halved the micro-batch" if added == "micro_batch" else f"turned on {added}"
+    train_precision, master_weights, update = _weights(plan.method, plan.precision, new)
+    techniques = tuple(t for t in plan.fit_order if t in plan.techniques or t == added)
+    return plan.model_copy(update=dict(
+        micro_batch_size=new.micro_batch_size, accumulation_steps=plan.batch_size // new.micro_batch_size,
+        gradient_checkpointing=new.gradient_checkpointing, optimizer=new.optimizer, train_precision=train_precision,
+        master_weights=master_weights, update=update, techniques=techniques, oom_retries=plan.oom_retries + 1,
+        reason=f"out of memory on the device with {_describe(old, plan.batch_size)}: {change}, now "
+               f"{_describe(new, plan.batch_size)} (the effective batch stays {plan.batch_size})"))
+
+
+def out_of_memory_refit(device: str, bf16_supported: bool) -> Callable[[dict], Optional[dict]]:
+    """:func:`next_fit` on fit plans as dicts (with their ``summary``), as :func:`ftflow.methods.run_job` takes them."""
+
+    def refit(used: dict) -> Optional[dict]:
+        plan = FitPlan.model_validate({k: v for k, v in used.items() if k != "summary"})
+        following = next_fit(plan, device=device, bf16_supported=bf16_supported)
+        return None if following is None else {**following.model_dump(mode="json"), "summary": following.summary}
+
+    return refit
 
 
 def plan_training_job(

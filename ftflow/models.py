@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ftflow.device import free_memory
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,6 +31,14 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device: cuda was asked for but no CUDA GPU is visible; use device: auto or cpu")
+    return device
+
+
+def device_map_target(device: str):
+    """Where ``device_map={"": ...}`` puts a model: CUDA as the current GPU's index (the Trainer then sees the model
+    on its own device, ``cuda:N``, not a model-parallel one), any other device by name."""
+    if device == "cuda":
+        return torch.cuda.current_device()
     return device
 
 
@@ -79,6 +89,9 @@ def load_model(
 ):
     """Load a causal LM at a precision on a device, optionally with a PEFT adapter.
 
+    Memory left by earlier models is handed back first (:func:`ftflow.device.free_memory`); on a GPU the
+    weights are read straight onto it (``device_map``), never into host memory first.
+
     Args:
         path: hub id or local directory.
         precision: fp32, bf16, fp16 or nf4 (4-bit through bitsandbytes).
@@ -93,22 +106,25 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    free_memory(device)  # whatever an earlier model left (a cycle, the allocator's cache) goes before this one comes
     kwargs = {"trust_remote_code": trust_remote_code}
     quant = quantization_config(precision, quantization)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device}
         # What stays unquantized (embeddings, norms, lm_head) in the compute dtype, not the checkpoint's.
         kwargs["dtype"] = quant.bnb_4bit_compute_dtype
     else:
         kwargs["dtype"] = DTYPES[precision]
+    if quant is not None or device != "cpu":
+        # Each weight read straight onto the device: no copy of the model in host memory (16 GB for an 8B model
+        # in bf16). On the CPU the weights are where they load anyway, and a device map would only mark the model
+        # as offloaded (transformers then saves it differently).
+        kwargs["device_map"] = {"": device_map_target(device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
         raise ModelLoadError(_explain(path, f"model ({precision})", exc)) from exc
-    if quant is None:
-        model = model.to(device)
-    else:
+    if quant is not None:
         use_reference_4bit_layout(model)
     if adapter is not None:
         from peft import PeftModel

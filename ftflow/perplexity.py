@@ -25,6 +25,7 @@ float32 and dropped before the next. The logits' peak is bounded by the chunk
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence
@@ -33,7 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ftflow.device import free_memory, tf32
 from ftflow.tokens import IGNORE_INDEX, pad_batch, pad_token_id, sentence_ids
+
+log = logging.getLogger(__name__)
 
 _SCALAR_FIELDS = ("total_nll", "scored_tokens", "total_bytes", "n_sentences", "n_truncated")
 
@@ -377,6 +381,19 @@ def batch_nll(
     return nll, scored.sum(dim=1)
 
 
+def _rows_nll(model: torch.nn.Module, rows: list[list[int]], pad_id: int, padding_side: str, device: torch.device,
+              logits_chunk_tokens: int) -> tuple[list[float], list[int]]:
+    """Per-sentence NLL sums and scored tokens of one batch, as Python numbers (no tensor outlives the call)."""
+    batch = pad_batch(rows, pad_id, padding_side)
+    labels = batch.pop("labels").to(device)
+    # Labels are not passed: the model's own loss would average over
+    # the batch, and we need per-sentence sums in float32.
+    # No KV cache: each sentence is scored in one pass, a cache would only cost memory.
+    inputs = {name: tensor.to(device) for name, tensor in batch.items()}
+    nll, count = batch_nll(model, inputs, labels, logits_chunk_tokens=logits_chunk_tokens)
+    return nll.tolist(), count.tolist()
+
+
 def _text_bytes(tokenizer, text: str, ids: Sequence[int], truncated: bool) -> int:
     """UTF-8 bytes of the part of ``text`` that was scored (``ids`` minus the start token)."""
     if not truncated:
@@ -424,14 +441,20 @@ def score_sentences(
     Sentences are sorted by length (longest first) so that each batch holds
     similar lengths and little compute goes to pads; the per-sentence results
     are put back in input order. The model is put in eval mode for the call
-    and its training flag is restored afterwards.
+    and its training flag is restored afterwards. CUDA's fp32 matrix products
+    run without TF32 here, whatever the caller set (:func:`ftflow.device.tf32`).
+
+    A batch that runs out of device memory (``torch.OutOfMemoryError``) is
+    not lost: the memory is freed, the batch size halved, and scoring goes on
+    from that batch (logged); the result is what a run at the smaller batch
+    size gives. Only a single sentence that does not fit fails the call.
 
     Args:
         model: a causal LM (transformers, PEFT-wrapped, any dtype); any other
             module whose output has ``.logits`` of shape [B, L, V] is scored from those.
         tokenizer: the model's tokenizer.
         sentences: the texts, none blank.
-        batch_size: sentences per forward pass.
+        batch_size: sentences per forward pass (halved on out-of-memory, see above).
         max_length: the most tokens kept per sentence, start token included.
         padding_side: where pads go; does not change the result.
         progress: show a tqdm bar over sentences.
@@ -471,22 +494,33 @@ def score_sentences(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(
+        # Reported scores in full fp32 matrix products, also when called inside a run that trains in TF32.
+        with torch.inference_mode(), tf32(False), tqdm(
             total=len(encoded), desc=desc or "perplexity", unit="sent", disable=not progress
         ) as bar:
-            for start in range(0, len(order), batch_size):
+            start = 0
+            while start < len(order):
                 rows = order[start : start + batch_size]
-                batch = pad_batch([encoded[i] for i in rows], pad_id, padding_side)
-                labels = batch.pop("labels").to(device)
-                # Labels are not passed: the model's own loss would average over
-                # the batch, and we need per-sentence sums in float32.
-                # No KV cache: each sentence is scored in one pass, a cache would only cost memory.
-                inputs = {name: tensor.to(device) for name, tensor in batch.items()}
-                nll, count = batch_nll(model, inputs, labels, logits_chunk_tokens=logits_chunk_tokens)
-                for row, value, n in zip(rows, nll.tolist(), count.tolist()):
-                    sentence_nll[row] = value
-                    sentence_tokens[row] = n
-                bar.update(len(rows))
+                try:
+                    nll, count = _rows_nll(model, [encoded[i] for i in rows], pad_id, padding_side, device,
+                                           logits_chunk_tokens)
+                except torch.OutOfMemoryError as exc:
+                    if batch_size == 1:
+                        raise
+                    error = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+                else:
+                    for row, value, n in zip(rows, nll, count):
+                        sentence_nll[row] = value
+                        sentence_tokens[row] = n
+                    start += len(rows)
+                    bar.update(len(rows))
+                    continue
+                # Out of the except block: the error's traceback, and the batch's tensors its frames held, are gone.
+                free_memory(str(device))
+                log.warning("out of memory scoring %d sentences of up to %d tokens at batch size %d (%s): memory "
+                            "freed, going on from that batch at batch size %d", len(rows), len(encoded[rows[0]]),
+                            batch_size, error, batch_size // 2)
+                batch_size //= 2
     finally:
         model.train(was_training)
 

@@ -89,7 +89,8 @@ def train_common(cfg: PipelineConfig, data: dict, device: str, eval_batch_size: 
             "memory_budget_gb": cfg.training_budget_gb, "logits_chunk_tokens": cfg.benchmark.logits_chunk_tokens,
             "checkpoint_steps": cfg.training.checkpoint_steps, "artifacts_dir": artifacts_dir, "progress": progress,
             "packing": cfg.training.packing, "report_to": list(cfg.training.report_to),
-            "fit_order": list(cfg.training.fit_order), "memory_margin_gb": cfg.memory.cuda_margin_gb}
+            "fit_order": list(cfg.training.fit_order), "memory_margin_gb": cfg.memory.cuda_margin_gb,
+            "tf32": cfg.training.tf32}
 
 
 def train_call(common: dict, job: Job, train_set: dict, teacher_topk: Optional[dict] = None) -> dict:

@@ -2,8 +2,12 @@
 
 Every training run follows one life cycle: seed, load, (wrap), fit with the
 validation perplexity measured after every epoch, keep the best epoch on disk
-in its library's standard format. Distillation reuses :func:`fit` with its
-own Trainer subclass and collator (see :mod:`ftflow.distill`).
+in its library's standard format, free: when a training function returns (or
+raises), its model, gradients and optimizer state are gone, nothing ftflow
+holds points to them (no reference cycle through the Trainer's callbacks)
+and :func:`ftflow.device.free_memory` has collected what the libraries' own
+cycles hold. Distillation reuses :func:`fit` with its own Trainer subclass
+and collator (see :mod:`ftflow.distill`).
 
 Batches are packed where that is exact (:func:`batching_for`): the
 sentences of a batch are packed into rows without pads between them,
@@ -18,12 +22,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 from ftflow.artifacts import read_json, write_json
+from ftflow.device import free_memory, resolve_tf32, tf32
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 from ftflow.tokens import pack_batch, packed_row_tokens, pad_batch, pad_token_id, sentence_ids
 
@@ -54,7 +60,9 @@ class TrainSettings:
     eval_batch_size: int = 16
     logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS
     progress: bool = True
-    checkpoint_steps: int = 50
+    checkpoint_steps: Optional[int] = 50
+    """A Trainer checkpoint every this many optimizer steps, and at every epoch end; None: at epoch ends only
+    (what full-weight runs do, :func:`train_full`)."""
     master_weights: Optional[str] = None
     """Full fine-tuning of a bf16/fp16 model: ``fp32`` keeps fp32 master weights and trains under autocast
     (the default); the half-precision name itself (``bf16``) keeps the weights in bf16 with a compensated
@@ -71,6 +79,9 @@ class TrainSettings:
     """Recompute each decoder layer's activations in backward (chosen by :mod:`ftflow.fit` when needed)."""
     optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit"] = "adamw"
     """Optimizer state: torch AdamW, or bitsandbytes' (paged) 8-bit AdamW (:mod:`ftflow.optimizers`)."""
+    tf32: Literal["auto", "on", "off"] = "auto"
+    """fp32 matrix products of the training steps in TF32 (:func:`ftflow.device.resolve_tf32`: auto = where the
+    GPU has it); scoring never uses TF32."""
 
     @property
     def accumulation_steps(self) -> int:
@@ -336,7 +347,9 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
 
         best = min((e["validation"]["corpus_ppl"] for e in history), default=math.inf)
         validation_seconds = 0.0  # spent in here (scoring, saving the best): not training
-        trainer = None  # set once the Trainer exists (fit)
+        # A weak reference, set once the Trainer exists (fit): the Trainer holds this callback, so a strong one
+        # would make a cycle that keeps the model, its gradients and the optimizer state alive after the run.
+        trainer: Optional[weakref.ref] = None
 
         def _validate(self, model, state) -> None:
             started = time.perf_counter()
@@ -358,10 +371,12 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
             history.append(entry)  # after the save: a kill in between re-runs this epoch's check
             write_json(history_path, history)
             self.validation_seconds += time.perf_counter() - started
-            if self.trainer is not None and self.trainer.args.report_to:
+            trainer = self.trainer() if self.trainer is not None else None
+            if trainer is not None and trainer.args.report_to:
                 # eval_* keys: TensorBoard shows them as eval/<name>, by step, beside train/loss.
-                self.trainer.log({"eval_selection_ppl": result.corpus_ppl,
-                                  "eval_selection_bits_per_byte": result.bits_per_byte})
+                trainer.log({"eval_selection_ppl": result.corpus_ppl,
+                             "eval_selection_bits_per_byte": result.bits_per_byte})
+            del trainer
             if on_progress is not None:
                 on_progress(dict(step=state.global_step, max_steps=state.max_steps, epoch=epoch,
                                  loss=entry["train_loss"], validation_ppl=result.corpus_ppl))
@@ -388,6 +403,57 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
     return ValidationPerplexity()
 
 
+SETTING_CALLBACK = "TrainingSetting"
+OPTIMIZER_FILE = "optimizer.pt"  # the Trainer's names, in each checkpoint
+SCHEDULER_FILE = "scheduler.pt"
+
+
+def _setting_callback(plan: PrecisionPlan, settings: TrainSettings, restore_schedule: Optional[Path]):
+    """A callback that records the run's optimizer in every checkpoint, and restores a schedule on its own.
+
+    The record is the Trainer's own mechanism for callback state (``ExportableState``: it lands in the
+    checkpoint's ``trainer_state.json``, written with the checkpoint), read back by
+    :func:`checkpoint_optimizer`. ``restore_schedule``: a checkpoint's ``scheduler.pt`` to load when its
+    optimizer state was left out (the Trainer loads optimizer and schedule together or not at all).
+    """
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class TrainingSetting(TrainerCallback, ExportableState):
+        """Which optimizer (and micro-batch) wrote a checkpoint; the schedule resumed without the optimizer state."""
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"optimizer": plan.optimizer,
+                                               "micro_batch_size": settings.batch_size // settings.accumulation_steps,
+                                               "gradient_checkpointing": settings.gradient_checkpointing}}
+
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            # A checkpoint written without this callback: the Trainer's save expects its entry in the state.
+            state.stateful_callbacks.setdefault(SETTING_CALLBACK, self.state())
+            if restore_schedule is None:
+                return
+            import torch
+
+            lr_scheduler.load_state_dict(torch.load(restore_schedule, map_location="cpu", weights_only=True))
+            # A new optimizer starts at the schedule's first rate; the first step must use the resumed one.
+            for group, rate in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
+                group["lr"] = rate
+
+    assert TrainingSetting.__name__ == SETTING_CALLBACK
+    return TrainingSetting()
+
+
+def checkpoint_optimizer(checkpoint: Path) -> Optional[str]:
+    """The optimizer whose state a checkpoint holds (:class:`PrecisionPlan`'s ``optimizer``); None if unrecorded."""
+    path = Path(checkpoint) / "trainer_state.json"
+    if not path.is_file():
+        return None
+    entry = (read_json(path).get("stateful_callbacks") or {}).get(SETTING_CALLBACK)
+    if isinstance(entry, list):
+        entry = entry[0] if entry else None
+    return ((entry or {}).get("attributes") or {}).get("optimizer")
+
+
 def _score(model, tokenizer, sentences: Sequence[str], settings: TrainSettings, plan: PrecisionPlan) -> "object":
     """Selection-split perplexity, under the run's autocast so every epoch (0 too) is scored the same way."""
     with _autocast(plan, settings.device):
@@ -410,6 +476,7 @@ def baseline_validation(model, tokenizer, sentences: Sequence[str], settings: Tr
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     before = _score(model, tokenizer, sentences, settings, plan).to_dict()
     write_json(path, before)
+    free_memory(settings.device)  # the scoring pass's cached activation blocks, before training allocates its own
     return before
 
 
@@ -451,11 +518,20 @@ def fit(
     """Train for ``settings.epochs`` epochs, scoring validation after each and keeping the best.
 
     Checkpoints go to ``work_dir`` every ``settings.checkpoint_steps`` steps
-    and at every epoch end. If ``work_dir`` already holds a checkpoint (a run
-    that was killed), training resumes from the latest one, and the epochs
-    validated before it are taken from ``work_dir/history.json``. ``save_best``
-    must therefore write somewhere that survives a kill too (the caller's
-    work directory), since the best epoch may be one before the interruption.
+    (None: none between epochs) and at every epoch end. If ``work_dir`` already
+    holds a checkpoint (a run that was killed, or one that ran out of memory and
+    is retried with another setting), training resumes from the latest one, and
+    the epochs validated before it are taken from ``work_dir/history.json``.
+    ``save_best`` must therefore write somewhere that survives a kill too (the
+    caller's work directory), since the best epoch may be one before the
+    interruption. The micro-batch may differ from the checkpoint's (the
+    effective batch, hence steps and schedule, does not). An optimizer state the
+    run's optimizer cannot load (fp32 AdamW moments under 8-bit AdamW, say) is
+    not loaded: weights, step, schedule and data order resume, the optimizer
+    state restarts from zero, and the result says so (``optimizer_state``).
+
+    The Trainer is dropped before this returns, or raises: nothing it holds
+    (optimizer state, gradients) outlives the call through this function.
 
     Args:
         model: the model to train (already wrapped for PEFT if needed).
@@ -476,8 +552,10 @@ def fit(
         batching: ``packed``, ``length-grouped`` or ``padded`` (:func:`batching_for`).
 
     Returns:
-        ``{"history": [...per epoch...], "baseline_validation", "resumed_from", "precision_plan", "batching",
-        "train_seconds"}`` and the keys of :func:`best_epoch`.
+        ``{"history": [...per epoch...], "baseline_validation", "resumed_from", "optimizer_state" (None, resumed
+        or restarted), "precision_plan", "batching", "tf32", "train_seconds"}`` and the keys of
+        :func:`best_epoch`; ``tf32`` says whether the training steps ran in TF32 (``training``), why
+        (``reason``), and that scoring did not (``scoring``: False).
     """
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
@@ -501,11 +579,26 @@ def fit(
     history: list[dict] = []
     before = baseline if baseline is not None else baseline_validation(
         model, tokenizer, validation_sentences, settings, plan, work_dir)
+    optimizer_state, restore_schedule = None, None
     if checkpoint is not None:
         step = int(checkpoint.name.split("-")[-1])
         saved = read_json(history_path) if history_path.is_file() else []
         history = [e for e in saved if e["step"] <= step]
         log.info("resuming from %s (step %d; %d epoch(s) already validated)", checkpoint.name, step, len(history))
+        written_by = checkpoint_optimizer(checkpoint)
+        optimizer_state = "resumed"
+        if written_by is not None and written_by != plan.optimizer:
+            # Another optimizer's state (fp32 AdamW moments for 8-bit AdamW, or the reverse) cannot be loaded:
+            # the Trainer skips optimizer and schedule when the optimizer file is absent, the schedule is
+            # restored on its own (_setting_callback).
+            optimizer_state = "restarted"
+            if (checkpoint / OPTIMIZER_FILE).is_file():  # kept aside until the next checkpoint replaces this one
+                (checkpoint / OPTIMIZER_FILE).rename(checkpoint / f"{OPTIMIZER_FILE}.{written_by}")
+            restore_schedule = checkpoint / SCHEDULER_FILE if (checkpoint / SCHEDULER_FILE).is_file() else None
+            log.warning("%s holds %s optimizer state, which this run's %s optimizer cannot load: resuming the "
+                        "weights, step, data order and learning-rate schedule%s from it; the optimizer state "
+                        "restarts from zero", checkpoint.name, written_by, plan.optimizer,
+                        "" if restore_schedule is not None else " (no schedule found: it restarts too)")
     else:
         history_path.unlink(missing_ok=True)
     log.info("before training (the base model): validation PPL %.4f", before["corpus_ppl"])
@@ -539,8 +632,9 @@ def fit(
         lr_scheduler_type="linear",
         warmup_steps=0.1,
         logging_steps=max(1, len(train_dataset) // settings.batch_size // 4),
-        save_strategy="steps",
-        save_steps=settings.checkpoint_steps,
+        # Epoch ends always (the callback asks for a save after each validation); steps too unless disabled.
+        save_strategy="steps" if settings.checkpoint_steps else "epoch",
+        save_steps=settings.checkpoint_steps or 500,
         save_total_limit=1,
         # The Trainer's own integrations, offline; the selection-split PPL joins them (the callback logs it).
         report_to=list(settings.report_to),  # TensorBoard: event files in work_dir/runs/<time>_<host>/
@@ -560,17 +654,23 @@ def fit(
     trainer_cls = trainer_cls or Trainer
     validation = _validation_callback(tokenizer, validation_sentences, settings, plan, save_best, history,
                                       history_path, on_progress)
+    use_tf32, tf32_reason = resolve_tf32(settings.tf32, settings.device)
+    log.info("TF32: %s", tf32_reason)
     trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_dataset,
         data_collator=collator,
-        callbacks=[validation],
+        callbacks=[validation, _setting_callback(plan, settings, restore_schedule)],
         **kwargs,
     )
-    trainer.remove_callback(PrinterCallback)  # its print() of every log; the callback above logs them instead
-    validation.trainer = trainer  # so its selection-split PPL goes through Trainer.log, to every integration
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    try:
+        trainer.remove_callback(PrinterCallback)  # its print() of every log; the callback above logs them instead
+        validation.trainer = weakref.ref(trainer)  # its selection-split PPL goes through Trainer.log, to integrations
+        with tf32(use_tf32):  # the selection-split scoring inside turns it off for itself (score_sentences)
+            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    finally:
+        del trainer
     best = best_epoch(history, before["corpus_ppl"])
     if not best["improved"]:
         log.info("no epoch beat the base model (validation PPL %.4f; best epoch %d reached %.4f): the base model "
@@ -580,8 +680,10 @@ def fit(
         **best,
         "baseline_validation": before,
         "resumed_from": checkpoint.name if checkpoint is not None else None,
+        "optimizer_state": optimizer_state,
         "precision_plan": plan.to_dict(),
         "batching": batching,
+        "tf32": {"setting": settings.tf32, "training": use_tf32, "scoring": False, "reason": tf32_reason},
         # The Trainer's run time (this session's, when resumed) less the validations between epochs.
         "train_seconds": round(output.metrics["train_runtime"] - validation.validation_seconds, 3),
     }
@@ -610,6 +712,7 @@ def train_peft(
     ``compute_dtype`` is the Trainer's autocast too (:func:`plan_precision`).
     Epoch 0 is the base model's score, taken before the model is wrapped.
     ``batching``: see :func:`batching_for` (the callers resolve it for their method).
+    Nothing of the run is alive once this returns or raises (:func:`ftflow.device.free_memory`).
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
@@ -622,17 +725,23 @@ def train_peft(
     set_seed(settings.seed)
     model = load_model(base_path, settings.precision, settings.device, trainable=True,
                        trust_remote_code=trust_remote_code, quantization=quantization)
-    baseline = baseline_validation(model, tokenizer, validation_sentences, settings, plan, work_dir)
-    if settings.precision == "nf4":
-        model = prepare_model_for_kbit_training(model)
-    model = get_peft_model(model, peft_config)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("%s: %d trainable of %d parameters", type(peft_config).__name__, trainable, total)
-    result = fit(
-        model, tokenizer, encode_dataset(tokenizer, train_sentences, settings.max_length),
-        validation_sentences, settings, work_dir, save_best=lambda m: m.save_pretrained(adapter_dir),
-        plan=plan, baseline=baseline, on_progress=on_progress, batching=batching,
-    )
+    try:
+        baseline = baseline_validation(model, tokenizer, validation_sentences, settings, plan, work_dir)
+        if settings.precision == "nf4":
+            # Non-reentrant checkpointing: without the argument PEFT leaves torch's checkpoint to its reentrant
+            # default, which recomputes through a hook that makes the frozen embeddings' output require grad.
+            model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, peft_config)
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info("%s: %d trainable of %d parameters", type(peft_config).__name__, trainable, total)
+        result = fit(
+            model, tokenizer, encode_dataset(tokenizer, train_sentences, settings.max_length),
+            validation_sentences, settings, work_dir, save_best=lambda m: m.save_pretrained(adapter_dir),
+            plan=plan, baseline=baseline, on_progress=on_progress, batching=batching,
+        )
+    finally:
+        model = None  # the last name of the trained model here: gone before the memory is handed back
+        free_memory(settings.device)
     result["trainable_parameters"] = int(trainable)
     return result
 
@@ -723,6 +832,8 @@ def train_full(
     is Kahan-compensated (:func:`plan_precision`). ``batching`` defaults to
     :func:`batching_for` ``settings.packing`` for full fine-tuning; a caller
     with its own ``collator`` (distillation) passes the batching it was built for.
+    Checkpoints are written at epoch ends only, whatever ``settings.checkpoint_steps``:
+    each holds every weight and its optimizer state.
     """
     import torch
     from transformers import set_seed
@@ -731,13 +842,14 @@ def train_full(
 
     plan = plan_precision("full", settings.precision, settings.device, master_weights=settings.master_weights,
                           optimizer=settings.optimizer)
+    if settings.checkpoint_steps is not None:
+        # A full-weight checkpoint holds every weight and its optimizer state (a 2.5B model with fp32 AdamW:
+        # ~30 GB); one every few steps would write terabytes over a study. Epoch ends only.
+        log.info("full-weight run: checkpoints at epoch ends only (training.checkpoint_steps applies to PEFT runs)")
+        settings = replace(settings, checkpoint_steps=None)
     set_seed(settings.seed)
     model = load_model(base_path, settings.precision, settings.device, trainable=True,
                        trust_remote_code=trust_remote_code)
-    baseline = baseline_validation(model, tokenizer, validation_sentences, settings, plan, work_dir)
-    if plan.trained_weights == "fp32" and settings.precision != "fp32":
-        model = model.to(torch.float32)  # exact: every bf16/fp16 value is an fp32 value
-    model.train()
 
     def save(m):
         m.save_pretrained(model_dir, safe_serialization=True)
@@ -745,6 +857,14 @@ def train_full(
 
     if batching is None:
         batching = batching_for(settings.packing, "full", trust_remote_code=trust_remote_code)
-    return fit(model, tokenizer, train_dataset, validation_sentences, settings, work_dir, save, plan=plan,
-               baseline=baseline, collator=collator, trainer_cls=trainer_cls, trainer_kwargs=trainer_kwargs,
-               on_progress=on_progress, batching=batching)
+    try:
+        baseline = baseline_validation(model, tokenizer, validation_sentences, settings, plan, work_dir)
+        if plan.trained_weights == "fp32" and settings.precision != "fp32":
+            model = model.to(torch.float32)  # exact: every bf16/fp16 value is an fp32 value
+        model.train()
+        return fit(model, tokenizer, train_dataset, validation_sentences, settings, work_dir, save, plan=plan,
+                   baseline=baseline, collator=collator, trainer_cls=trainer_cls, trainer_kwargs=trainer_kwargs,
+                   on_progress=on_progress, batching=batching)
+    finally:
+        model = None  # the last name of the trained model here: gone before the memory is handed back
+        free_memory(settings.device)

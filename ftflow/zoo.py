@@ -45,6 +45,7 @@ from transformers import (
 )
 
 from ftflow import perplexity, synthetic, tokens
+from ftflow.device import free_memory
 from ftflow.config import Architecture, ZooConfig, ZooSize, zoo_size_problems
 
 PAD_TOKEN = "<pad>"
@@ -447,6 +448,7 @@ def build_zoo(
                 }
             )
             del model
+            free_memory(device)  # the next model is built with this one gone
         record = None
         if check is not None:
             student_ppl, teacher_ppl = ppl_by_round["student"][-1], ppl_by_round["teacher"][-1]

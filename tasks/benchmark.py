@@ -10,6 +10,7 @@ from prefect import task
 from ftflow.artifacts import write_json
 from ftflow.config import ModelSpec
 from ftflow.data import read_split
+from ftflow.device import free_memory
 from ftflow.models import count_parameters, load_model, load_tokenizer
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
@@ -44,15 +45,19 @@ def benchmark(spec: ModelSpec, data: dict, batch_size: int, max_length: int, dev
             logger.info("%s %s: PPL %.4f, bits/byte %.4f, %d tokens, %d truncated", spec.name, split,
                         result.corpus_ppl, result.bits_per_byte, result.scored_tokens, result.n_truncated)
         write_json(out / "per_sentence.json", per_sentence)
+        parameters = count_parameters(model)
+        # Measured on CUDA only; the CPU has no comparable allocator statistic.
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        del model
+        free_memory(device)  # the next stage's model must not meet this one
         return {
             "files": {"per_sentence": "per_sentence.json"},
             "model": spec.model_dump(mode="json"),
             "name": spec.name,
             "family": spec.family,
             "precision": spec.precision,
-            "parameters": count_parameters(model),
-            # Measured on CUDA only; the CPU has no comparable allocator statistic.
-            "peak_memory_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+            "parameters": parameters,
+            "peak_memory_bytes": peak,
             **scores,
         }
 

@@ -20,7 +20,7 @@ from ftflow.artifacts import write_json
 from ftflow.budget import DEFAULT_CUDA_MARGIN_GB, stage_budget
 from ftflow.data import read_split
 from ftflow.config import DEFAULT_FIT_ORDER
-from ftflow.fit import plan_training_job
+from ftflow.fit import out_of_memory_refit, plan_training_job
 from ftflow.memory import bf16_available
 from ftflow.methods import Job, run_job
 from ftflow.models import load_tokenizer
@@ -69,7 +69,8 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
           eval_batch_size: int, selection_split: str, memory_budget_gb: float, logits_chunk_tokens: int,
           teacher_topk: Optional[dict] = None, checkpoint_steps: int = 50, artifacts_dir: str = "artifacts",
           progress: bool = True, packing: str = "auto", report_to: Optional[list[str]] = None,
-          fit_order: tuple[str, ...] = DEFAULT_FIT_ORDER, memory_margin_gb: float = DEFAULT_CUDA_MARGIN_GB) -> dict:
+          fit_order: tuple[str, ...] = DEFAULT_FIT_ORDER, memory_margin_gb: float = DEFAULT_CUDA_MARGIN_GB,
+          tf32: str = "auto") -> dict:
     """Train one job on ``train_set``; keep its best epoch on the selection split; score it on test.
 
     Before anything is loaded, :func:`ftflow.fit.plan_training_job` chooses how the run fits
@@ -80,6 +81,9 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
     prediction depends only on the inputs). The plan is made on this run's own training set (an augmented
     one is longer than the split it came from) and includes the validation pass between epochs; the
     manifest records it (``fit_plan``, and its prediction as ``memory_plan``), and so does the model card.
+    A run that still runs out of device memory is retried from its last checkpoint with the next setting of
+    ``fit_order`` (:func:`ftflow.fit.next_fit`); ``oom_retries`` lists every retry and ``fit_plan`` is then the
+    setting the run finished with.
     """
 
     def build(out: Path, work: Path) -> dict:
@@ -125,6 +129,7 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
             teacher_topk_dir=stage_path(teacher_topk, "topk") if teacher_topk is not None else None,
             card_facts=facts, progress=progress, on_progress=ProgressArtifact(job.title),
             packing=packing, report_to=report_to or (), fit_plan={**fit.model_dump(mode="json"), "summary": fit.summary},
+            tf32=tf32, refit=out_of_memory_refit(device, bf16_available(device)),
         )
         if summary["resumed_from"]:
             logger.info("%s: resumed from %s and finished", job.title, summary["resumed_from"])

@@ -1,7 +1,7 @@
 """A training run in its own process, for the kill-and-resume test: ``python -m tests.train_worker DIR [SLEEP]``.
 
-Trains a tiny Llama in full for a few epochs with a checkpoint every 4 steps,
-``work_dir`` = DIR/work. SLEEP seconds are spent at every log event so a test
+Trains a tiny Llama in full for 4 epochs of 6 steps, a checkpoint at every epoch end (full-weight runs
+checkpoint at epoch ends only), ``work_dir`` = DIR/work. SLEEP seconds are spent at every log event so a test
 has time to kill the process between checkpoints. Prints the result as JSON.
 """
 

@@ -124,15 +124,16 @@ def test_a_root_without_source_is_refused(tmp_path):
 
 def test_plan_memory_reaches_models_and_data_it_imports():
     assert reached_modules(["tasks.plan_memory"]) == tuple(sorted(COMMON + (
-        "ftflow.budget", "ftflow.data", "ftflow.known_models", "ftflow.memory", "ftflow.models", "ftflow.perplexity",
+        "ftflow.budget", "ftflow.data", "ftflow.device", "ftflow.known_models", "ftflow.memory", "ftflow.models",
+        "ftflow.perplexity",
         "ftflow.tokens", "tasks.plan_memory")))
 
 
 def test_train_reaches_known_models_through_the_memory_check():
     assert reached_modules(["tasks.train"]) == tuple(sorted(COMMON + (
-        "ftflow.budget", "ftflow.cards", "ftflow.data", "ftflow.distill", "ftflow.fit", "ftflow.jobs", "ftflow.known_models",
-        "ftflow.memory", "ftflow.methods", "ftflow.models", "ftflow.optimizers", "ftflow.perplexity", "ftflow.tokens",
-        "ftflow.training", "tasks.train")))
+        "ftflow.budget", "ftflow.cards", "ftflow.data", "ftflow.device", "ftflow.distill", "ftflow.fit", "ftflow.jobs",
+        "ftflow.known_models", "ftflow.memory", "ftflow.methods", "ftflow.models", "ftflow.optimizers",
+        "ftflow.perplexity", "ftflow.tokens", "ftflow.training", "tasks.train")))
 
 
 def test_every_stage_keys_its_code_from_its_own_module():

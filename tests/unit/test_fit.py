@@ -318,6 +318,77 @@ def test_the_report_says_how_runs_were_made_to_fit():
                      "AdamW, predicted 19.0 GB (budget 20 GB) (lora[t|r16])"]
 
 
+def test_the_report_and_the_card_say_which_runs_ran_out_of_memory():
+    from ftflow.cards import oom_retry_line
+    from ftflow.design import report_notes
+
+    retries = [{"failed": "t lora: batch 4, ...", "error": "CUDA out of memory.", "resume_from": "checkpoint-50",
+                "next": "t lora: micro-batch 2 x 2 ...", "optimizer_state": "resumed",
+                "change": "out of memory on the device with micro-batch 4 x 1: halved the micro-batch, now "
+                          "micro-batch 2 x 2 (the effective batch stays 4)"},
+               {"failed": "t lora: micro-batch 2 x 2 ...", "error": "CUDA out of memory.", "resume_from": None,
+                "next": None, "optimizer_state": None, "change": None}]
+    retries = [{**r, "line": oom_retry_line(r)} for r in retries]  # as run_job records them
+    notes = report_notes([], [{"title": "lora[t|r16]", "oom_retries": retries}], [], 20.0, augmentation_table=False,
+                         truncated=0, max_length=2048)
+    assert notes == ["lora[t|r16] ran out of device memory 2 time(s): out of memory on the device with micro-batch 4 "
+                     "x 1: halved the micro-batch, now micro-batch 2 x 2 (the effective batch stays 4); resumed from "
+                     "checkpoint-50, optimizer state resumed; CUDA out of memory. with t lora: micro-batch 2 x 2 ...: "
+                     "nothing left to try"]
+    assert oom_retry_line({**retries[0], "resume_from": None, "optimizer_state": None}).endswith(
+        "; no checkpoint yet, started over")
+
+
+def _retries(plan, **options) -> list:
+    """Every setting next_fit gives after plan, in order, until it gives None."""
+    from ftflow.fit import next_fit
+
+    settings = []
+    while (plan := next_fit(plan, **options)) is not None:
+        settings.append(plan)
+    return settings
+
+
+def test_after_out_of_memory_the_next_technique_of_fit_order_then_halved_micro_batches():
+    # The 8B LoRA run, planned at micro-batch 1 x 4 (19.0 GB): what is left after an out-of-memory error.
+    planned = _fit("ibm-granite/granite-3.3-8b-base", "bf16", "lora", lora_r=16)
+    retries = _retries(planned)
+    assert [r.setting for r in retries] == ["micro-batch 1 x 4, checkpointing",
+                                            "micro-batch 1 x 4, checkpointing, adamw-8bit",
+                                            "micro-batch 1 x 4, checkpointing, paged-adamw-8bit"]
+    assert [r.oom_retries for r in retries] == [1, 2, 3]
+    assert all(r.batch_size == 4 and r.micro_batch_size * r.accumulation_steps == 4 for r in retries)
+    assert retries[-1].techniques == ("micro_batch", "checkpointing", "optimizer_8bit", "paged_optimizer")
+    assert retries[0].reason == ("out of memory on the device with micro-batch 1 x 4: turned on checkpointing, now "
+                                 "micro-batch 1 x 4, checkpointing (the effective batch stays 4)")
+    assert retries[0].summary.endswith("after 1 out-of-memory error(s) on the device (the plan predicted 19.0 GB, "
+                                       "budget 20 GB)")
+    # A full fine-tune of an fp32 model on the CPU, planned with nothing on: halving a micro-batch of 6 gives 3
+    # (a divisor of the batch), no paged state off CUDA, bf16 weights where the device has bf16.
+    full = _fit("Qwen/Qwen2.5-0.5B", "fp32", "full", batch_size=6, budget_bytes=100 * GB)
+    assert full.setting == "micro-batch 6 x 1"
+    cpu = _retries(full, device="cpu")
+    assert [r.setting for r in cpu] == [
+        "micro-batch 3 x 2", "micro-batch 3 x 2, checkpointing", "micro-batch 3 x 2, checkpointing, adamw-8bit",
+        "micro-batch 3 x 2, checkpointing, adamw-8bit, bf16 weights",
+        "micro-batch 1 x 6, checkpointing, adamw-8bit, bf16 weights"]
+    assert (cpu[-1].train_precision, cpu[-1].update) == ("bf16", "adamw-8bit-stochastic-rounding")
+    no_bf16 = _retries(full, device="cpu", bf16_supported=False)
+    assert all(r.train_precision == "fp32" for r in no_bf16) and len(no_bf16) == 4
+    # Only what fit_order names: no micro_batch there, so no halving either.
+    only = _fit("Qwen/Qwen2.5-0.5B", "fp32", "full", batch_size=6, budget_bytes=100 * GB, fit_order=("checkpointing",))
+    assert [r.setting for r in _retries(only)] == ["micro-batch 6 x 1, checkpointing"]
+    assert _retries(_fit("Qwen/Qwen2.5-0.5B", "fp32", "full", batch_size=6, budget_bytes=100 * GB, fit_order=())) == []
+
+
+def test_a_skipped_run_has_no_retry():
+    from ftflow.fit import next_fit
+
+    skipped = _fit("ibm-granite/granite-3.3-8b-base", "bf16", "lora", budget_bytes=15 * GB)
+    with pytest.raises(ValueError, match="was not trained"):
+        next_fit(skipped)
+
+
 def test_fitted_runs_train_through_ftflows_own_paths(base, tmp_path):
     """LoRA with checkpointing and micro-batches, and bf16 full fine-tuning with 8-bit AdamW, on CPU."""
     pytest.importorskip("bitsandbytes")

@@ -50,6 +50,30 @@ def test_cuda_request_without_a_gpu_is_refused():
         resolve_device("cuda")
 
 
+def test_weights_load_straight_onto_the_gpu_and_stay_where_they_load_on_the_cpu(checkpoint, monkeypatch):
+    """On CUDA the weights go to the GPU as they are read (no host copy of the model); the CPU path is unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def recording(path, **kwargs):
+        calls.append(kwargs)
+        if "device_map" in kwargs:
+            # No GPU here: what matters is where transformers was told to put the weights, and that nothing
+            # moves the model afterwards (a move to "cuda" would fail on this machine).
+            kwargs = {k: v for k, v in kwargs.items() if k != "device_map"}
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
+    cpu = load_model(checkpoint, "bf16", "cpu")
+    assert "device_map" not in calls[-1] and next(cpu.parameters()).device.type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    load_model(checkpoint, "bf16", "cuda")
+    assert calls[-1]["device_map"] == {"": 0} and calls[-1]["dtype"] == torch.bfloat16
+
+
 def _linear4bit_layers(model):
     from bitsandbytes.nn import Linear4bit
 

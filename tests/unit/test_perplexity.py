@@ -167,6 +167,51 @@ def test_batch_size_and_padding_side_do_not_change_the_result(architecture):
             assert result.total_bytes == reference.total_bytes
 
 
+def _out_of_memory_on(monkeypatch, failing_calls: set[int]) -> list[int]:
+    """batch_nll raises CUDA's out-of-memory error on the given calls (0-based); returns each call's batch size."""
+    sizes = []
+    real = perplexity.batch_nll
+
+    def flaky(model, inputs, labels, **kwargs):
+        sizes.append(labels.shape[0])
+        if len(sizes) - 1 in failing_calls:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(model, inputs, labels, **kwargs)
+
+    monkeypatch.setattr(perplexity, "batch_nll", flaky)
+    return sizes
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_smaller_batchs_result(monkeypatch, caplog):
+    model, tokenizer = confident(tiny_model("llama")), tokenizer_for("llama")
+    at_four = score_sentences(model, tokenizer, SENTENCES, batch_size=4, progress=False)
+    sizes = _out_of_memory_on(monkeypatch, {0})
+    with caplog.at_level("WARNING", logger="ftflow.perplexity"):
+        result = score_sentences(model, tokenizer, SENTENCES, batch_size=8, progress=False)
+    # The first batch of 8 failed; every batch from it on was one of 4: the same batches, the same sums.
+    assert sizes == [8, 4, 4]
+    assert result == at_four
+    assert "out of memory scoring 8 sentences" in caplog.text and "at batch size 4" in caplog.text
+
+
+def test_out_of_memory_midway_goes_on_from_the_failed_batch(monkeypatch):
+    model, tokenizer = confident(tiny_model("llama")), tokenizer_for("llama")
+    reference = score_sentences(model, tokenizer, SENTENCES, batch_size=1, progress=False)
+    sizes = _out_of_memory_on(monkeypatch, {1})  # the second batch of 3 fails: 3 // 2 = 1 from there on
+    result = score_sentences(model, tokenizer, SENTENCES, batch_size=3, progress=False)
+    assert sizes == [3, 3, 1, 1, 1, 1, 1]  # 3 scored, then each of the 5 left on its own
+    # Every sentence scored once; batching changes sums only by float rounding (as for any batch size).
+    assert result.sentence_tokens == reference.sentence_tokens
+    assert result.sentence_nll == pytest.approx(reference.sentence_nll, rel=1e-5)
+
+
+def test_a_single_sentence_that_does_not_fit_fails(monkeypatch):
+    model, tokenizer = tiny_model("llama"), tokenizer_for("llama")
+    _out_of_memory_on(monkeypatch, {0, 1})
+    with pytest.raises(torch.OutOfMemoryError):
+        score_sentences(model, tokenizer, SENTENCES[:2], batch_size=2, progress=False)
+
+
 def test_per_sentence_values_come_back_in_input_order():
     model = confident(tiny_model("llama"))
     tokenizer = tiny_tokenizer()

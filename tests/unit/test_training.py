@@ -180,3 +180,62 @@ def test_qlora_trains_in_its_configured_compute_dtype(compute_dtype, expected, f
     assert run["precision_plan"]["autocast"] == (None if compute_dtype == "fp32" else compute_dtype)
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert f"| autocast | {run['precision_plan']['autocast'] or 'none'} |" in card
+
+
+@pytest.mark.slow
+def test_qlora_checkpoints_without_the_reentrant_variant(fp32_base, tmp_path, monkeypatch):
+    """prepare_model_for_kbit_training's checkpointing is the non-reentrant one (PEFT's default falls back)."""
+    import transformers.modeling_utils
+
+    from ftflow.training import train_lora
+
+    calls = []
+    checkpoint = transformers.modeling_utils.checkpoint
+
+    def recording(function, *args, **kwargs):
+        calls.append(kwargs.get("use_reentrant", "not given"))
+        return checkpoint(function, *args, **kwargs)
+
+    # The decoder layers call the function transformers bound when checkpointing was turned on.
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", recording)
+    settings = TrainSettings(epochs=1, learning_rate=1e-2, batch_size=4, max_length=32, seed=0, device="cpu",
+                             precision="nf4", eval_batch_size=4, progress=False)
+    train_lora(fp32_base["path"], tiny_tokenizer(), SENTENCES, SENTENCES[:5], r=4, alpha=8, dropout=0.0,
+               target_modules="all-linear", settings=settings, work_dir=tmp_path / "work",
+               adapter_dir=tmp_path / "adapter", quantization={"compute_dtype": "fp32"})
+    assert calls and set(calls) == {False}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_full_weight_runs_checkpoint_at_epoch_ends_and_peft_runs_every_checkpoint_steps(method, fp32_base, tmp_path,
+                                                                                       monkeypatch):
+    """16 sentences, batch 4, 2 epochs: 8 steps. A full checkpoint holds every weight and its optimizer state."""
+    import transformers
+
+    from ftflow.training import train_lora
+
+    saved_at = []
+    save = transformers.Trainer._save_checkpoint
+
+    def recording(self, *args, **kwargs):
+        saved_at.append(self.state.global_step)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", recording)
+    settings = TrainSettings(epochs=2, learning_rate=1e-3, batch_size=4, max_length=32, seed=0, device="cpu",
+                             eval_batch_size=4, progress=False, checkpoint_steps=3)
+    tokenizer = tiny_tokenizer()
+    if method == "full":
+        train_full(fp32_base["path"], tokenizer, encode_dataset(tokenizer, SENTENCES * 2, 32), SENTENCES[:5],
+                   settings=settings, work_dir=tmp_path / "work", model_dir=tmp_path / "model")
+    else:
+        train_lora(fp32_base["path"], tokenizer, SENTENCES * 2, SENTENCES[:5], r=4, alpha=8, dropout=0.0,
+                   target_modules="all-linear", settings=settings, work_dir=tmp_path / "work",
+                   adapter_dir=tmp_path / "adapter")
+    if method == "full":
+        assert saved_at == [4, 8]
+    else:  # every 3 steps and at epoch ends (the last step's twice: the Trainer's end-of-training save, then ftflow's)
+        assert sorted(set(saved_at)) == [3, 4, 6, 8]
+    # One checkpoint kept (save_total_limit), the last.
+    assert sorted(p.name for p in (tmp_path / "work").glob("checkpoint-*")) == ["checkpoint-8"]
