@@ -28,7 +28,7 @@ def task_modules(stage: str) -> tuple[str, ...]:
 
 def key_of(stage: str, call: dict[str, Any]) -> tuple[str, dict]:
     """The stage's content key for ``call`` (its task's parameters) and the parts it is made of."""
-    return key_and_parts(stage, key_inputs(call), task_modules(stage))
+    return key_and_parts(stage, key_inputs(call), task_modules(stage), call.get("artifacts_dir"))
 
 
 def zoo_candidates(manifest: dict) -> list[ModelSpec]:
