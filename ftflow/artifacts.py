@@ -27,11 +27,75 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Optional
 
+from ftflow.errors import UserError
+
 MANIFEST = "manifest.json"
 OUTPUTS = "outputs"  # the manifest's record of its directory's files
 # Files up to this size are hashed when written and on every check (a LoRA adapter, a tokenizer, a table);
 # larger ones (a full checkpoint's weights) are checked by size unless a full check is asked for.
 HASH_MAX_BYTES = 64 * 2**20
+
+
+# What a write that finds its file system full raises: no space left, or the user's disk quota reached.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(UserError):
+    """Outputs could not be written: their file system is full; the message says where and what to do."""
+
+
+def disk_full_cause(exc: BaseException) -> Optional[OSError]:
+    """The :data:`DISK_FULL_ERRNOS` error in ``exc``'s chain of causes, or None."""
+    seen: Optional[BaseException] = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def tree_bytes(directory: Path) -> int:
+    """Bytes in the files under ``directory`` (0 if it is gone)."""
+    total = 0
+    for path in Path(directory).rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except OSError:
+            pass
+    return total
+
+
+def free_bytes(directory: Path) -> Optional[int]:
+    """Bytes an unprivileged write can still use on ``directory``'s file system, None if unknown."""
+    try:
+        stats = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def disk_full(what: str, directory: Path, cause: OSError, written_bytes: Optional[int] = None) -> DiskFull:
+    """The one-line error for a write that found ``directory``'s file system full.
+
+    Args:
+        what: What was being written (``"train's outputs"``).
+        directory: Where (the artifacts directory, or the stage's directory in it).
+        cause: The OSError (ENOSPC or EDQUOT).
+        written_bytes: What had been written when it failed: the least it needs beyond what is free now.
+    """
+    full = "the disk quota is exceeded" if cause.errno == errno.EDQUOT else "no space is left on the device"
+    free = free_bytes(directory)
+    needed = (f"; it had written {_mb(written_bytes)} when the write failed, so it needs at least that much more"
+              if written_bytes else "")
+    return DiskFull(
+        f"{full} of {directory} ({_mb(free) if free is not None else 'unknown'} free) while writing {what}"
+        f"{needed}. Nothing finished was lost: the unfinished output was removed and every finished stage stays "
+        "cached; free some space there (or set artifacts_dir to a larger disk, with --set artifacts_dir=DIR) and "
+        "run again to resume")
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB"
 
 
 # The manifest's list of JSON pointers (RFC 6901) to the paths it holds relative to the artifacts directory.

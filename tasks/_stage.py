@@ -46,9 +46,9 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.serializers import Serializer
 
-from ftflow.artifacts import (MANIFEST, OUTPUTS, RELATIVE_PATHS, VERIFY_ENV, VERIFY_MODES,  # noqa: F401
-                              atomic_directory, check_outputs, hash_all_from_env, move_aside, record_outputs,
-                              relative_paths, resolved_paths, write_json)
+from ftflow.artifacts import (MANIFEST, OUTPUTS, RELATIVE_PATHS, VERIFY_ENV, VERIFY_MODES, DiskFull,  # noqa: F401
+                              atomic_directory, check_outputs, disk_full, disk_full_cause, hash_all_from_env,
+                              move_aside, record_outputs, relative_paths, resolved_paths, tree_bytes, write_json)
 from ftflow.caching import KEY_LENGTH, NOT_IN_KEY, PREFECT_RECORD, key_and_parts, key_inputs, stage_key  # noqa: F401
 from tasks._locks import LeasedFileLockManager, lease_seconds_from_env
 
@@ -221,6 +221,14 @@ def _log_removed(stage: str, removed: list[Path]) -> None:
         run_logger().info("%s: removed %s, left by a run that stopped before it finished", stage, path)
 
 
+_COMPUTING: dict[str, str] = {}  # task run id -> its name, for the stages this process is computing now
+
+
+def computing() -> list[str]:
+    """The names of the task runs this process is computing now (what an interruption stops)."""
+    return list(_COMPUTING.values())
+
+
 def run_stage(stage: str, modules: tuple[str, ...], build: Callable[..., dict], *, work: bool = False) -> dict:
     """Compute a stage into ``artifacts/<stage>/<key>/`` and return its manifest.
 
@@ -270,19 +278,30 @@ def _run_stage(context: TaskRunContext, stage: str, modules: tuple[str, ...], bu
         return finished
     started = time.perf_counter()
     work_dir = final.parent / f".{key}.work"
-    with atomic_directory(final) as tmp:
-        manifest = build(tmp, work_dir) if work else build(tmp)
-        manifest.update(
-            stage=stage,
-            key=key,
-            fingerprint=key,
-            dir=str(final),
-            seconds=round(time.perf_counter() - started, 3),
-            key_parts=parts,
-        )
-        # Written last, after every other file: what a cache hit checks the directory against.
-        manifest[OUTPUTS] = record_outputs(tmp, hash_all=hash_all_from_env())
-        write_json(tmp / MANIFEST, relative_paths(manifest, root))
+    run_id = str(context.task_run.id) if context.task_run is not None else key
+    _COMPUTING[run_id] = context.task_run.name if context.task_run is not None else stage
+    try:
+        with atomic_directory(final) as tmp:
+            try:
+                manifest = build(tmp, work_dir) if work else build(tmp)
+                manifest.update(
+                    stage=stage,
+                    key=key,
+                    fingerprint=key,
+                    dir=str(final),
+                    seconds=round(time.perf_counter() - started, 3),
+                    key_parts=parts,
+                )
+                # Written last, after every other file: what a cache hit checks the directory against.
+                manifest[OUTPUTS] = record_outputs(tmp, hash_all=hash_all_from_env())
+                write_json(tmp / MANIFEST, relative_paths(manifest, root))
+            except Exception as exc:
+                if (cause := disk_full_cause(exc)) is None or isinstance(exc, DiskFull):
+                    raise
+                # Measured before atomic_directory removes the unfinished outputs.
+                raise disk_full(f"{stage}'s outputs", root, cause, tree_bytes(tmp)) from exc
+    finally:
+        _COMPUTING.pop(run_id, None)
     if work:
         shutil.rmtree(work_dir, ignore_errors=True)
     logger.info("%s: done in %.1f s -> %s", stage, manifest["seconds"], final)

@@ -13,7 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flows.pipeline import pipeline
-from ftflow.artifacts import check_outputs, read_json
+from ftflow.artifacts import check_outputs, read_json, resolved_paths
 from tests.flows.micro import STAGES, micro_config, run_pipeline_runs
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,9 @@ def cold(tmp_path_factory, prefect_server) -> Path:
 
 
 def manifests(artifacts: Path, stage: str) -> list[dict]:
-    return [read_json(d / "manifest.json") for d in sorted((artifacts / stage).iterdir()) if not d.name.startswith(".")]
+    """Each finished manifest of ``stage``, its paths (stored relative) resolved as a run reads them."""
+    return [resolved_paths(read_json(d / "manifest.json"), artifacts.resolve())
+            for d in sorted((artifacts / stage).iterdir()) if not d.name.startswith(".")]
 
 
 def logs(flow_run_id, pattern: str, expected: int) -> list[str]:
