@@ -20,14 +20,16 @@ from typing import Callable, Iterator, Optional
 import yaml
 
 from ftflow.artifacts import disk_full, disk_full_cause
-from ftflow.config import ConfigError, PipelineConfig, check_paths, load_config
+from ftflow.config import ConfigError, Overrides, PipelineConfig, load_checked_config, load_config
 from flows import DEFAULT_CONFIG
 from ftflow.errors import UserError
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """``["distill.alpha=0.3", "teacher.epochs=1"]`` -> nested mapping (values parsed as YAML)."""
+def parse_overrides(pairs: list[str]) -> Overrides:
+    """``["distill.alpha=0.3", "teacher.epochs=1"]`` -> nested mapping (values parsed as YAML), which remembers
+    each ``--set`` as typed (so a problem in one is said to come from it)."""
     merged: dict = {}
+    given: dict[tuple[str, ...], str] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set distill.alpha=0.3")
@@ -42,12 +44,13 @@ def parse_overrides(pairs: list[str]) -> dict:
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise ConfigError(f"--set {pair!r}: the value {raw!r} is not valid YAML ({problem}); quote a string "
                               "(--set 'name=\"my study\"') and close lists ([8, 16])") from None
-    return merged
+        given[tuple(dotted.strip().split("."))] = pair
+    return Overrides(merged, given)
 
 
 def _load_checked(path: str, overrides: dict | None = None) -> PipelineConfig:
     """The config, validated, with every path it names checked (all problems in one ConfigError)."""
-    return check_paths(load_config(path, overrides), source=str(path))
+    return load_checked_config(path, overrides)
 
 
 def _writable(directory: Path) -> bool:
