@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -737,27 +737,25 @@ def _raw_at(raw: Any, loc: tuple) -> Any:
 
 def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
     """The config model class that the mapping at ``loc`` is validated by, or None."""
-    model: Any = PipelineConfig
+    model: Optional[type[BaseModel]] = PipelineConfig
     for part in loc:
         if isinstance(part, int):
             continue  # an item of a list: the list's element type was taken already
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = model.model_fields.get(part) if model is not None else None
         if field is None:
             return None
         model = _model_in(field.annotation)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+    return model
 
 
-def _model_in(annotation: Any) -> Any:
-    """The BaseModel class inside an annotation (``Optional[X]``, ``tuple[X, ...]``), else the annotation."""
+def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
+    """The BaseModel class an annotation holds (itself, ``Optional[X]``, ``tuple[X, ...]``), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if get_origin(annotation) in (Union, tuple, list, Optional) or get_args(annotation):
-        for argument in get_args(annotation):
-            found = _model_in(argument)
-            if isinstance(found, type) and issubclass(found, BaseModel):
-                return found
-    return annotation
+    for argument in get_args(annotation):
+        if (found := _model_in(argument)) is not None:
+            return found
+    return None
 
 
 def _unknown_field_message(loc: tuple) -> str:

@@ -58,7 +58,6 @@ LOCKS_DIR = ".locks"  # under artifacts_dir; one lock per cache key while a run 
 _TEMPORARY = re.compile(rf"^\.([0-9a-f]{{{KEY_LENGTH}}})\.[0-9a-f]{{32}}\.(partial|old)$")
 
 
-
 def artifacts_root(artifacts_dir: str | Path) -> Path:
     """The artifacts directory as every stage names it (absolute, symlinks resolved)."""
     return Path(artifacts_dir).resolve()
