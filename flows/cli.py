@@ -119,8 +119,8 @@ def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
 
     ``then`` runs while the server boots (the heavy imports), before the wait for it. With the temporary
     server, nothing of the run stays outside its artifacts directory: the server's database, Prefect's local
-    result storage and matplotlib's cache (unless ``MPLCONFIGDIR`` is set) live in the server's temporary
-    home, removed when the run ends.
+    result storage, matplotlib's and torch inductor's caches (unless ``MPLCONFIGDIR`` or
+    ``TORCHINDUCTOR_CACHE_DIR`` is set) live in the server's temporary home, removed when the run ends.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
@@ -134,8 +134,11 @@ def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
     with temporary_server() as server:
         # Threads and processes Prefect starts read the environment; this thread reads the settings context.
         variables = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(server.storage)}
-        if not os.environ.get("MPLCONFIGDIR"):
-            variables["MPLCONFIGDIR"] = str(server.home / "matplotlib")
+        # Caches libraries make on import (matplotlib's fonts; the folder torch's inductor makes when
+        # bitsandbytes is imported), unless the user placed them.
+        for name, folder in (("MPLCONFIGDIR", "matplotlib"), ("TORCHINDUCTOR_CACHE_DIR", "torchinductor")):
+            if not os.environ.get(name):
+                variables[name] = str(server.home / folder)
         with _environment(variables):
             then()
             url = server.wait_ready(max(timeout, 60.0))

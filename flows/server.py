@@ -170,8 +170,9 @@ class _Stop:
         return self.requested.is_set() or self.parent_gone()
 
 
-def _end_with_parent(stop: _Stop, lifeline: Optional[int]) -> None:
-    """Make this process end when its parent closes ``lifeline`` or dies, even if the parent is SIGKILLed."""
+def _end_with_parent(stop: _Stop, lifeline: Optional[int], home: Optional[Path]) -> None:
+    """Make this process end when its parent closes ``lifeline`` or dies, even if the parent is SIGKILLed; then
+    remove ``home`` if the parent is gone (it cannot any more)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
@@ -186,8 +187,15 @@ def _end_with_parent(stop: _Stop, lifeline: Optional[int]) -> None:
             elif lifeline is None:
                 time.sleep(PARENT_POLL_S)
         stop.requested.set()
+        # The run has said all it had to; what a server says while it stops (cancelled services, a lifespan
+        # cut short when its parent died) is noise after the run's last line.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown (a second one when PDEATHSIG came first)
         time.sleep(GRACE_S)
+        if home is not None and stop.parent_gone():
+            shutil.rmtree(home, ignore_errors=True)
         os._exit(1)
 
     # Started before the server, and checked once after prctl: a parent that died before prctl took
@@ -213,18 +221,17 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGINT, starting)
     signal.signal(signal.SIGTERM, starting)
-    _end_with_parent(stop, args.lifeline)
+    _end_with_parent(stop, args.lifeline, args.home)
     try:
         import uvicorn
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig: int, frame) -> None:
-                if not stop.wanted():
-                    return
                 # Not recorded as a captured signal: uvicorn would raise it again once stopped, killing this
-                # process before it cleans up.
-                self.force_exit = self.should_exit
-                self.should_exit = True
+                # process before it cleans up. Never forced (PDEATHSIG and the watchdog may both signal): the
+                # watchdog ends a shutdown that takes too long.
+                if stop.wanted():
+                    self.should_exit = True
 
         sock = socket.socket(fileno=args.fd)
         config = uvicorn.Config("prefect.server.api.server:create_app", factory=True, lifespan="on",

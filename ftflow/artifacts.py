@@ -74,24 +74,41 @@ def free_bytes(directory: Path) -> Optional[int]:
     return stats.f_bavail * stats.f_frsize
 
 
-def disk_full(what: str, directory: Path, cause: OSError, written_bytes: Optional[int] = None) -> DiskFull:
+# Less free space than this when a write failed: the file system was full, whatever the error said (torch's
+# own writer reports ENOSPC as a RuntimeError about its stream).
+FULL_BELOW_BYTES = 2**20
+
+
+def looks_full(directory: Path) -> bool:
+    """Whether ``directory``'s file system has (almost) no space left for an unprivileged write."""
+    free = free_bytes(directory)
+    return free is not None and free < FULL_BELOW_BYTES
+
+
+def disk_full(what: str, directory: Path, cause: BaseException, written_bytes: Optional[int] = None,
+              checkpoints_kept: bool = False) -> DiskFull:
     """The one-line error for a write that found ``directory``'s file system full.
 
     Args:
         what: What was being written (``"train's outputs"``).
         directory: Where (the artifacts directory, or the stage's directory in it).
-        cause: The OSError (ENOSPC or EDQUOT).
+        cause: The error: an OSError (ENOSPC or EDQUOT), or one a library raised for it (named in the message).
         written_bytes: What had been written when it failed: the least it needs beyond what is free now.
+        checkpoints_kept: A training run's checkpoints stay, so that a rerun resumes from them.
     """
-    full = "the disk quota is exceeded" if cause.errno == errno.EDQUOT else "no space is left on the device"
+    quota = isinstance(cause, OSError) and cause.errno == errno.EDQUOT
+    full = "the disk quota is exceeded" if quota else "no space is left on the device"
     free = free_bytes(directory)
+    reported = ("" if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS else
+                f" (the write failed with {type(cause).__name__}: {' '.join(str(cause).split())[:200]})")
     needed = (f"; it had written {_mb(written_bytes)} when the write failed, so it needs at least that much more"
               if written_bytes else "")
+    kept = " (a training run's checkpoints are kept to resume from)" if checkpoints_kept else ""
     return DiskFull(
         f"{full} of {directory} ({_mb(free) if free is not None else 'unknown'} free) while writing {what}"
-        f"{needed}. Nothing finished was lost: the unfinished output was removed and every finished stage stays "
-        "cached; free some space there (or set artifacts_dir to a larger disk, with --set artifacts_dir=DIR) and "
-        "run again to resume")
+        f"{reported}{needed}. Nothing finished was lost: the unfinished output was removed{kept} and every "
+        "finished stage stays cached; free some space there (or set artifacts_dir to a larger disk, with "
+        "--set artifacts_dir=DIR) and run again to resume")
 
 
 def _mb(n_bytes: int) -> str:

@@ -48,7 +48,8 @@ from prefect.serializers import Serializer
 
 from ftflow.artifacts import (MANIFEST, OUTPUTS, RELATIVE_PATHS, VERIFY_ENV, VERIFY_MODES, DiskFull,  # noqa: F401
                               atomic_directory, check_outputs, disk_full, disk_full_cause, hash_all_from_env,
-                              move_aside, record_outputs, relative_paths, resolved_paths, tree_bytes, write_json)
+                              looks_full, move_aside, record_outputs, relative_paths, resolved_paths, tree_bytes,
+                              write_json)
 from ftflow.caching import KEY_LENGTH, NOT_IN_KEY, PREFECT_RECORD, key_and_parts, key_inputs, stage_key  # noqa: F401
 from tasks._locks import LeasedFileLockManager, lease_seconds_from_env
 
@@ -295,10 +296,12 @@ def _run_stage(context: TaskRunContext, stage: str, modules: tuple[str, ...], bu
                 manifest[OUTPUTS] = record_outputs(tmp, hash_all=hash_all_from_env())
                 write_json(tmp / MANIFEST, relative_paths(manifest, root))
             except Exception as exc:
-                if (cause := disk_full_cause(exc)) is None or isinstance(exc, DiskFull):
+                cause = disk_full_cause(exc) or (exc if looks_full(root) else None)
+                if cause is None or isinstance(exc, DiskFull):
                     raise
                 # Measured before atomic_directory removes the unfinished outputs.
-                raise disk_full(f"{stage}'s outputs", root, cause, tree_bytes(tmp)) from exc
+                written = tree_bytes(tmp) + (tree_bytes(work_dir) if work else 0)
+                raise disk_full(f"{stage}'s outputs", root, cause, written, checkpoints_kept=work) from exc
     finally:
         _COMPUTING.pop(run_id, None)
     if work:

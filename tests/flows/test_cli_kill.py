@@ -122,17 +122,17 @@ def test_sigterm_and_sigint_stop_a_run_in_one_line_a_rerun_resumes_and_nothing_s
             if run.poll() is None:
                 os.killpg(run.pid, signal.SIGKILL)
                 run.wait()
-        text = log.read_text()
+        settle = time.monotonic() + 10  # its server ends with it (a run cut short: within its shutdown grace)
+        while marked_processes(marker) and time.monotonic() < settle:
+            time.sleep(0.1)
+        assert marked_processes(marker) == {}
+        text = log.read_text()  # what the server wrote while it stopped included
         assert "Traceback" not in text and "ConnectError" not in text and "Error logging to API" not in text, text
         lines = [line for line in text.splitlines() if line.startswith("ftflow: interrupted")]
         assert lines == [text.rstrip().splitlines()[-1]], text[-3000:]  # one line, the last
         assert lines[0].startswith(f"ftflow: interrupted by {signal.Signals(signum).name} while computing "
                                    "lora[qwen2-teacher|r2,"), lines
         assert "running the same command again resumes the run" in lines[0]
-        settle = time.monotonic() + 10  # its server ends with it (a run cut short: within its shutdown grace)
-        while marked_processes(marker) and time.monotonic() < settle:
-            time.sleep(0.1)
-        assert marked_processes(marker) == {}
         assert _everything_under(home) == [] and _everything_under(tmp) == []
         return text
 

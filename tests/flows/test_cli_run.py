@@ -169,3 +169,20 @@ def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing_finished(study,
     monkeypatch.undo()
     status = pipeline_status(load_config(study["good"], {"artifacts_dir": str(artifacts)}))
     assert [(s.stage, s.state) for s in status.stages if s.state != "cached"] == [("evaluate", "run")]
+
+    # torch's own writer says a full disk with a RuntimeError about its stream: a run that fails so on a full
+    # device (a training run, in a worker thread) is said the same way.
+    def stream_error(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6400 vs 6292")
+
+    monkeypatch.setattr("tasks.train.run_job", stream_error)
+    monkeypatch.setattr("ftflow.artifacts.free_bytes", lambda directory: 4096)
+    assert main(["run", str(study["good"]), "--no-progress", "--set", f"artifacts_dir={artifacts}",
+                 "--set", "distill.alpha=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    message = [line for line in err.splitlines() if line.startswith("ftflow: ")][-1]
+    assert message.startswith(f"ftflow: no space is left on the device of {artifacts.resolve()} (0.0 MiB free) "
+                              "while writing train's outputs (the write failed with RuntimeError: [enforce fail at "
+                              "inline_container.cc:672] . unexpected pos 6400 vs 6292)")
+    assert "the unfinished output was removed (a training run's checkpoints are kept to resume from)" in message
