@@ -132,7 +132,6 @@ def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
 
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180)
     with temporary_server() as server:
-        # Threads and processes Prefect starts read the environment; this thread reads the settings context.
         variables = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(server.storage)}
         # Caches libraries make on import (matplotlib's fonts; the folder torch's inductor makes when
         # bitsandbytes is imported), unless the user placed them.
@@ -144,6 +143,7 @@ def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
             url = server.wait_ready(max(timeout, 60.0))
             print(f"ftflow: Prefect API of this run: {url} (a temporary server, stopped when the run ends)",
                   file=sys.stderr, flush=True)
+            # Threads and processes Prefect starts read the environment; this thread reads the settings context.
             with _environment({"PREFECT_API_URL": url}), temporary_settings(
                     updates={PREFECT_API_URL: url, PREFECT_RESULTS_LOCAL_STORAGE_PATH: server.storage}):
                 try:
