@@ -8,22 +8,28 @@ import errno
 import json
 import logging
 import os
+import signal
+import socket
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import yaml
 
-from ftflow.config import ConfigError, PipelineConfig, check_paths, load_config
+from ftflow.artifacts import disk_full, disk_full_cause
+from ftflow.config import ConfigError, Overrides, PipelineConfig, load_checked_config, load_config
 from flows import DEFAULT_CONFIG
 from ftflow.errors import UserError
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """``["distill.alpha=0.3", "teacher.epochs=1"]`` -> nested mapping (values parsed as YAML)."""
+def parse_overrides(pairs: list[str]) -> Overrides:
+    """``["distill.alpha=0.3", "teacher.epochs=1"]`` -> nested mapping (values parsed as YAML), which remembers
+    each ``--set`` as typed (so a problem in one is said to come from it)."""
     merged: dict = {}
+    given: dict[tuple[str, ...], str] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set distill.alpha=0.3")
@@ -38,12 +44,13 @@ def parse_overrides(pairs: list[str]) -> dict:
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise ConfigError(f"--set {pair!r}: the value {raw!r} is not valid YAML ({problem}); quote a string "
                               "(--set 'name=\"my study\"') and close lists ([8, 16])") from None
-    return merged
+        given[tuple(dotted.strip().split("."))] = pair
+    return Overrides(merged, given)
 
 
 def _load_checked(path: str, overrides: dict | None = None) -> PipelineConfig:
     """The config, validated, with every path it names checked (all problems in one ConfigError)."""
-    return check_paths(load_config(path, overrides), source=str(path))
+    return load_checked_config(path, overrides)
 
 
 def _writable(directory: Path) -> bool:
@@ -92,14 +99,15 @@ def _hide_user_error_tracebacks() -> None:
 
 
 class _WithoutUserTracebacks(logging.Formatter):
-    """Wraps a formatter: records carrying a :class:`UserError` are formatted without the traceback."""
+    """Wraps a formatter: records carrying a :class:`UserError` or an interruption are formatted without the
+    traceback (an interruption's is the interrupted code's, not a fault)."""
 
     def __init__(self, inner: logging.Formatter) -> None:
         super().__init__()
         self.inner = inner
 
     def format(self, record: logging.LogRecord) -> str:
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
+        if record.exc_info and (isinstance(record.exc_info[1], UserError) or _interruption_of(record.exc_info[1])):
             record = copy.copy(record)  # the same record goes on to the UI's handler, traceback and all
             record.exc_info, record.exc_text = None, None
         return self.inner.format(record)
@@ -109,9 +117,12 @@ class _WithoutUserTracebacks(logging.Formatter):
 def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
     """The configured Prefect API, or a temporary server that ends with this process (flows/server.py).
 
-    ``then`` runs while the server boots (the heavy imports), before the wait for it.
+    ``then`` runs while the server boots (the heavy imports), before the wait for it. With the temporary
+    server, nothing of the run stays outside its artifacts directory: the server's database, Prefect's local
+    result storage, matplotlib's and torch inductor's caches (unless ``MPLCONFIGDIR`` or
+    ``TORCHINDUCTOR_CACHE_DIR`` is set) live in the server's temporary home, removed when the run ends.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
     if PREFECT_API_URL.value():
         then()
@@ -121,24 +132,158 @@ def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
 
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180)
     with temporary_server() as server:
-        then()
-        url = server.wait_ready(max(timeout, 60.0))
-        print(f"ftflow: Prefect API of this run: {url} (a temporary server, stopped when the run ends)",
-              file=sys.stderr, flush=True)
-        previous = os.environ.get("PREFECT_API_URL")
-        # Threads and processes Prefect starts read the environment; this thread reads the settings context.
-        os.environ["PREFECT_API_URL"] = url
-        try:
-            with temporary_settings(updates={PREFECT_API_URL: url}):
+        variables = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(server.storage)}
+        # Caches libraries make on import (matplotlib's fonts; the folder torch's inductor makes when
+        # bitsandbytes is imported), unless the user placed them.
+        for name, folder in (("MPLCONFIGDIR", "matplotlib"), ("TORCHINDUCTOR_CACHE_DIR", "torchinductor")):
+            if not os.environ.get(name):
+                variables[name] = str(server.home / folder)
+        with _environment(variables):
+            then()
+            url = server.wait_ready(max(timeout, 60.0))
+            print(f"ftflow: Prefect API of this run: {url} (a temporary server, stopped when the run ends)",
+                  file=sys.stderr, flush=True)
+            # Threads and processes Prefect starts read the environment; this thread reads the settings context.
+            with _environment({"PREFECT_API_URL": url}), temporary_settings(
+                    updates={PREFECT_API_URL: url, PREFECT_RESULTS_LOCAL_STORAGE_PATH: server.storage}):
                 try:
                     yield
                 finally:
                     _drain_prefect_workers()
-        finally:
-            if previous is None:
-                os.environ.pop("PREFECT_API_URL", None)
+
+
+@contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """Environment variables set for the block, restored after it."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
             else:
-                os.environ["PREFECT_API_URL"] = previous
+                os.environ[name] = value
+
+
+# -- Ctrl-C and SIGTERM ----------------------------------------------------------------------------------------
+
+INTERRUPT_GRACE_S = 5.0  # for the run to record how it stopped, before it is cut short
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """The run got SIGINT (Ctrl-C) or SIGTERM (``timeout``, a job scheduler): it stops where it is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interruption_of(exc: BaseException | None) -> Optional[int]:
+    """The signal an exception stands for (ours, Ctrl-C's KeyboardInterrupt, Prefect's TerminationSignal), or None."""
+    if isinstance(exc, Interrupted):
+        return exc.signum
+    if isinstance(exc, KeyboardInterrupt):
+        return signal.SIGINT
+    if type(exc).__name__ == "TerminationSignal":  # prefect.exceptions, not imported for this
+        return getattr(exc, "signal", signal.SIGTERM)
+    return None
+
+
+class _StopOnSignals:
+    """SIGINT and SIGTERM stop ``ftflow run`` with one line, exit 128 + the signal's number and no traceback.
+
+    The first signal raises :class:`Interrupted` in the main thread, so the run unwinds and Prefect records the
+    flow run as crashed (Prefect's own SIGTERM handler, installed while a flow runs, raises its
+    TerminationSignal there instead, then hands the signal on to this handler). A training run in a worker
+    thread cannot be interrupted, and unwinding waits for it: a watchdog that sees every signal through
+    ``signal.set_wakeup_fd`` (whoever's handler is installed) ends the process :data:`INTERRUPT_GRACE_S`
+    after the signal if it is still there, as does a second signal at once. A run cut short is SIGKILL's
+    case, which ftflow is made for: finished stages are recorded, unfinished ones leave no finished-looking
+    directory, and an interrupted training run resumes from its last checkpoint; the temporary Prefect
+    server ends with this process.
+    """
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.stopped: list[str] = []  # the stages being computed when the signal came
+        self.raised = False
+        self.unwound = threading.Event()
+        self._said = threading.Lock()
+        self._previous: dict[int, object] = {}
+        self._wakeup: Optional[tuple[socket.socket, socket.socket]] = None
+        self._previous_wakeup_fd = -1
+
+    def __enter__(self) -> "_StopOnSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        reader, writer = socket.socketpair()
+        reader.setblocking(True)
+        writer.setblocking(False)
+        self._wakeup = (reader, writer)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(reader,), name="ftflow-signal-watchdog", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._wakeup is None:
+            return
+        signal.set_wakeup_fd(self._previous_wakeup_fd)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._wakeup[1].close()  # the watchdog's read returns: it ends, unless a signal already came
+
+    def _received(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
+            stages = sys.modules.get("tasks._stage")  # not imported yet: nothing is being computed
+            self.stopped = stages.computing() if stages is not None else []
+
+    def _handle(self, signum: int, frame) -> None:
+        self._received(signum)
+        if self.raised:  # a second signal: stop now
+            self.exit_now()
+        self.raised = True
+        raise Interrupted(signum)
+
+    def _watch(self, reader: socket.socket) -> None:
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            received = [b for b in data if b in STOP_SIGNALS]
+            if received:
+                self._received(received[0])
+                if not self.unwound.wait(INTERRUPT_GRACE_S):
+                    self.exit_now()
+                return
+
+    def say(self, signum: int) -> None:
+        """Print the one line that says what was interrupted and how to resume (once, whoever calls it)."""
+        if not self._said.acquire(blocking=False):
+            return
+        where = f" while computing {', '.join(self.stopped)}" if self.stopped else ""
+        print(f"ftflow: interrupted by {signal.Signals(signum).name}{where}; finished stages are cached, so "
+              "running the same command again resumes the run (an interrupted training run continues from its "
+              "last checkpoint)", file=sys.stderr, flush=True)
+
+    def exit_now(self) -> None:
+        """Say so and end the process at once (a worker thread may still be training: it is cut short)."""
+        signum = self.signum or signal.SIGTERM
+        self.say(signum)
+        sys.stdout.flush()
+        _PrefectHome.forget()
+        os._exit(128 + signum)
+
+
+_STOP: Optional[_StopOnSignals] = None  # the run's, while ``ftflow run`` runs
 
 
 def _drain_prefect_workers(timeout_s: float = 10.0) -> None:
@@ -230,6 +375,37 @@ def _check_disk(cfg: PipelineConfig, report, problems: dict[str, str], status, s
 
 
 def _run(args: argparse.Namespace) -> int:
+    global _STOP
+    _PrefectHome.note()
+    try:
+        with _StopOnSignals() as _STOP:
+            return _run_pipeline(args)
+    finally:
+        _PrefectHome.forget()
+
+
+class _PrefectHome:
+    """Importing Prefect creates its home folder (``~/.prefect``); a run whose server was its own leaves none."""
+
+    created: Optional[Path] = None
+
+    @classmethod
+    def note(cls) -> None:
+        """Call before Prefect is imported: the home that import would create, if it does not exist yet."""
+        home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+        cls.created = None if "prefect" in sys.modules or home.exists() else home
+
+    @classmethod
+    def forget(cls) -> None:
+        """Remove the home Prefect created on import if nothing was put in it (the run used its own server)."""
+        if cls.created is not None:
+            try:
+                cls.created.rmdir()  # only if empty
+            except OSError:
+                pass
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     cfg = _load_checked(args.config, overrides)  # fail fast, before Prefect starts
     report, problems = _hub_check(cfg, stop_when_none_left=True)
@@ -265,6 +441,12 @@ def _run(args: argparse.Namespace) -> int:
             evaluation = pipeline(config_path=str(Path(args.config).resolve()), overrides=overrides,
                                   progress=not args.no_progress)
         except Exception as exc:
+            if isinstance(exc, UserError):
+                raise
+            if (cause := disk_full_cause(exc)) is not None or "No space left on device" in str(exc):
+                # A write outside a stage's own (Prefect's record, a lock): the stages' outputs are as they were.
+                raise disk_full("the run's outputs", cfg.artifacts_dir,
+                                cause or OSError(errno.ENOSPC, "No space left on device")) from exc
             if read_only and _is_write_refused(exc):
                 raise UserError(
                     f"the run had to compute a stage, but the artifacts directory {cfg.artifacts_dir} is not "
@@ -482,12 +664,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ftflow: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        if args.debug:
+    except BaseException as exc:
+        signum = _interruption_of(exc)
+        if signum is None or args.debug:
             raise
-        print("ftflow: interrupted; run the same command again to resume (finished stages are cached)",
-              file=sys.stderr)
-        return 130
+        if _STOP is None:  # not a run: nothing to resume
+            print(f"ftflow: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+            return 128 + signum
+        _STOP.unwound.set()
+        _STOP.say(_STOP.signum or signum)
+        # Anything still running (a training run in a worker thread, which no exception reaches) stops here.
+        sys.stdout.flush()
+        _PrefectHome.forget()
+        os._exit(128 + (_STOP.signum or signum))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,16 @@ orphan. ``ftflow run`` therefore starts the same server itself, here:
   parent dies (``PR_SET_PDEATHSIG``), and on every platform a watchdog thread
   polls the parent and shuts the server down (forcibly after a grace period) as
   soon as it is gone.
-- The parent stops it (SIGTERM, then SIGKILL) when the run ends, however it ends.
+- The parent stops it by closing a pipe the child watches (its lifeline; a dead
+  parent's end closes too), then SIGKILL if it lingers, when the run ends,
+  however it ends. SIGINT and SIGTERM sent to the child while its parent lives
+  (Ctrl-C reaches the whole process group; ``timeout`` and job schedulers signal
+  every process of the job) are ignored: the run, which got them too, still
+  needs its server to record how it stopped, and stops it afterwards.
+- Nothing of it stays outside the run: its SQLite database, and the result
+  storage of the run that uses it, are in a temporary directory
+  (:attr:`TemporaryServer.home`) that is removed when the server stops (by the
+  child itself when its parent was killed).
 
 Runs against a configured server (``prefect server start``, workers, Prefect
 Cloud) are unaffected: the CLI only starts this one when no API URL is set.
@@ -23,17 +32,20 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 PARENT_POLL_S = 0.25
 GRACE_S = 5.0  # the server's own shutdown (lifespan, open requests) before it is cut short
@@ -47,11 +59,13 @@ class ServerStartError(RuntimeError):
 
 
 class TemporaryServer:
-    """A started server: its API URL, and a wait for its first healthy answer."""
+    """A started server: its API URL, its temporary Prefect home, and a wait for its first healthy answer."""
 
-    def __init__(self, child: subprocess.Popen, port: int) -> None:
+    def __init__(self, child: subprocess.Popen, port: int, home: Path) -> None:
         self.child = child
         self.url = f"http://127.0.0.1:{port}/api"
+        self.home = home
+        self.storage = home / "storage"  # Prefect's local result storage for the run that uses this server
 
     def wait_ready(self, timeout_s: float = 180.0) -> str:
         """Wait until the API answers its health check (a busy machine needs tens of seconds: database
@@ -81,44 +95,84 @@ def temporary_server() -> Iterator[TemporaryServer]:
     :meth:`TemporaryServer.wait_ready` before the first API call.
 
     Yields:
-        The server; its ``url`` is ``http://127.0.0.1:<port>/api``.
+        The server; its ``url`` is ``http://127.0.0.1:<port>/api``; its ``home`` (database, result storage)
+        is removed when the block ends.
     """
+    home = Path(tempfile.mkdtemp(prefix="ftflow-prefect-"))
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))
     listener.listen(128)
     port = listener.getsockname()[1]
+    lifeline, keep_alive = os.pipe()  # the child reads; this process holds the write end until it stops the server
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "flows.server", "--fd", str(listener.fileno()), "--parent", str(os.getpid()),
+             "--lifeline", str(lifeline), "--home", str(home)],
+            env=server_environment(home), pass_fds=(listener.fileno(), lifeline), stdin=subprocess.DEVNULL,
+        )
+    except BaseException:
+        os.close(keep_alive)
+        shutil.rmtree(home, ignore_errors=True)
+        raise
+    finally:
+        listener.close()  # the child has its own copies
+        os.close(lifeline)
+    try:
+        yield TemporaryServer(child, port, home)
+    finally:
+        _stop(child, keep_alive)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def server_environment(home: Path) -> dict[str, str]:
+    """The temporary server's environment: no UI, and its state (SQLite database, memo store) under ``home``.
+
+    The user's Prefect profile still applies, except its database: a temporary server never writes into the
+    database configured for ``prefect server start``.
+    """
+    from prefect.settings import PREFECT_PROFILES_PATH
+
     env = {**os.environ, **SERVER_ENV}
     env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    env.update(PREFECT_HOME=str(home), PREFECT_PROFILES_PATH=str(PREFECT_PROFILES_PATH.value()),
+               PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}")
     # The child imports this module by name: from where this copy of ftflow lives, whatever the cwd.
     here = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
-    child = subprocess.Popen(
-        [sys.executable, "-m", "flows.server", "--fd", str(listener.fileno()), "--parent", str(os.getpid())],
-        env=env, pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL,
-    )
-    listener.close()  # the child has its own copy
+    return env
+
+
+def _stop(child: subprocess.Popen, keep_alive: int) -> None:
+    os.close(keep_alive)  # the child's lifeline ends: it shuts down
     try:
-        yield TemporaryServer(child, port)
-    finally:
-        _stop(child)
-
-
-def _stop(child: subprocess.Popen) -> None:
-    if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=GRACE_S + 5)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        child.wait(timeout=GRACE_S + 5)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 # -- the child ---------------------------------------------------------------------------------
 
 
-def _end_with_parent(parent_pid: int) -> None:
-    """Make this process end when ``parent_pid`` does, even if the parent is SIGKILLed."""
+class _Stop:
+    """Why the child stops: its parent asked (the lifeline closed) or is gone; other SIGINT/SIGTERM are ignored."""
+
+    def __init__(self, parent_pid: int) -> None:
+        self.parent_pid = parent_pid
+        self.requested = threading.Event()
+
+    def parent_gone(self) -> bool:
+        return os.getppid() != self.parent_pid
+
+    def wanted(self) -> bool:
+        return self.requested.is_set() or self.parent_gone()
+
+
+def _end_with_parent(stop: _Stop, lifeline: Optional[int], home: Optional[Path]) -> None:
+    """Make this process end when its parent closes ``lifeline`` or dies, even if the parent is SIGKILLed; then
+    remove ``home`` if the parent is gone (it cannot any more)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
@@ -126,10 +180,22 @@ def _end_with_parent(parent_pid: int) -> None:
                   "alone stops this server if its parent dies", file=sys.stderr)
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(PARENT_POLL_S)
+        while not stop.parent_gone():
+            if lifeline is not None and select.select([lifeline], [], [], PARENT_POLL_S)[0]:
+                if not os.read(lifeline, 1):  # end of file: the parent closed it, or died
+                    break
+            elif lifeline is None:
+                time.sleep(PARENT_POLL_S)
+        stop.requested.set()
+        # The run has said all it had to; what a server says while it stops (cancelled services, a lifespan
+        # cut short when its parent died) is noise after the run's last line.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown (a second one when PDEATHSIG came first)
         time.sleep(GRACE_S)
+        if home is not None and stop.parent_gone():
+            shutil.rmtree(home, ignore_errors=True)
         os._exit(1)
 
     # Started before the server, and checked once after prctl: a parent that died before prctl took
@@ -142,13 +208,42 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.server")
     parser.add_argument("--fd", type=int, required=True, help="listening socket inherited from the parent")
     parser.add_argument("--parent", type=int, required=True, help="pid of the process this server lives for")
+    parser.add_argument("--lifeline", type=int, help="read end of a pipe whose end of file means: stop")
+    parser.add_argument("--home", type=Path, help="temporary Prefect home, removed here if the parent died")
     args = parser.parse_args(argv)
-    _end_with_parent(args.parent)
-    import uvicorn
+    stop = _Stop(args.parent)
 
-    sock = socket.socket(fileno=args.fd)
-    config = uvicorn.Config("prefect.server.api.server:create_app", factory=True, lifespan="on", log_level="error")
-    uvicorn.Server(config).run(sockets=[sock])
+    # Until uvicorn takes the signals over (and after it hands them back): a SIGINT or SIGTERM meant for the
+    # whole run is the run's to handle; one that means this server must stop ends it.
+    def starting(sig: int, frame) -> None:
+        if stop.wanted():
+            sys.exit(0)
+
+    signal.signal(signal.SIGINT, starting)
+    signal.signal(signal.SIGTERM, starting)
+    _end_with_parent(stop, args.lifeline, args.home)
+    try:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame) -> None:
+                # Not recorded as a captured signal: uvicorn would raise it again once stopped, killing this
+                # process before it cleans up. Never forced (PDEATHSIG and the watchdog may both signal): the
+                # watchdog ends a shutdown that takes too long.
+                if stop.wanted():
+                    self.should_exit = True
+
+        sock = socket.socket(fileno=args.fd)
+        config = uvicorn.Config("prefect.server.api.server:create_app", factory=True, lifespan="on",
+                                log_level="error")
+        Server(config).run(sockets=[sock])
+    finally:
+        if args.home is not None and stop.parent_gone():  # nobody else is left to remove it
+            shutil.rmtree(args.home, ignore_errors=True)
+    # Stopped: end now, as uvicorn does by raising the signal again, rather than wait for threads its services
+    # leave behind (seconds).
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

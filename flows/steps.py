@@ -12,6 +12,7 @@ from prefect import get_run_logger
 
 from flows.scale import Submit
 from ftflow import design, stages
+from ftflow.artifacts import DiskFull
 from ftflow.config import ModelSpec, PipelineConfig
 from ftflow.jobs import Job
 from ftflow.stages import zoo_candidates
@@ -84,6 +85,7 @@ def benchmark_candidates(submit: Submit, candidates: list[ModelSpec], plan: dict
         if future.state.is_completed():
             benchmarks.append(future.result())
         else:
+            raise_if_disk_full(future)
             error = error_text(future)
             logger.error("benchmark of %s failed, continuing without it: %s", spec.name, error)
             failures.append({"name": spec.name, "family": spec.family, "precision": spec.precision, "error": error})
@@ -172,11 +174,22 @@ def settle(jobs: Sequence[Job], futures: list) -> list[dict]:
         if future.state.is_completed():
             results.append(future.result())
         else:
+            raise_if_disk_full(future)
             errors.append(f"{job.title}: {error_text(future)}")
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(jobs)} training run(s) failed (finished runs are cached; fix "
                            "the cause and run again to resume):\n  " + "\n  ".join(errors))
     return results
+
+
+def raise_if_disk_full(future) -> None:
+    """A full disk stops the run at once (every later stage would fail on it too), with its own message."""
+    try:
+        future.result()
+    except DiskFull:
+        raise
+    except BaseException:  # any other failure is the caller's to record
+        pass
 
 
 def error_text(future) -> str:

@@ -7,10 +7,16 @@ whose ``outputs`` record every other file's size (and SHA-256 where it is
 cheap): :func:`check_outputs` tells a finished directory that has since been
 damaged (a truncated manifest or weights file, a listed file gone) from an
 intact one before it is trusted again.
+
+A manifest on disk names every path inside the artifacts directory relative to
+it (:func:`relative_paths`), so the directory can be copied, moved or mounted
+elsewhere; whoever reads one resolves them against the artifacts directory it
+uses (:func:`resolved_paths`), and works with absolute paths from then on.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,14 +24,209 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Optional
+
+from ftflow.errors import UserError
 
 MANIFEST = "manifest.json"
 OUTPUTS = "outputs"  # the manifest's record of its directory's files
 # Files up to this size are hashed when written and on every check (a LoRA adapter, a tokenizer, a table);
 # larger ones (a full checkpoint's weights) are checked by size unless a full check is asked for.
 HASH_MAX_BYTES = 64 * 2**20
+
+
+# What a write that finds its file system full raises: no space left, or the user's disk quota reached.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(UserError):
+    """Outputs could not be written: their file system is full; the message says where and what to do."""
+
+
+def disk_full_cause(exc: BaseException) -> Optional[OSError]:
+    """The :data:`DISK_FULL_ERRNOS` error in ``exc``'s chain of causes, or None."""
+    seen: Optional[BaseException] = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def tree_bytes(directory: Path) -> int:
+    """Bytes in the files under ``directory`` (0 if it is gone)."""
+    total = 0
+    for path in Path(directory).rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except OSError:
+            pass
+    return total
+
+
+def free_bytes(directory: Path) -> Optional[int]:
+    """Bytes an unprivileged write can still use on ``directory``'s file system, None if unknown."""
+    try:
+        stats = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+# Less free space than this when a write failed: the file system was full, whatever the error said (torch's
+# own writer reports ENOSPC as a RuntimeError about its stream).
+FULL_BELOW_BYTES = 2**20
+
+
+def looks_full(directory: Path) -> bool:
+    """Whether ``directory``'s file system has (almost) no space left for an unprivileged write."""
+    free = free_bytes(directory)
+    return free is not None and free < FULL_BELOW_BYTES
+
+
+def disk_full(what: str, directory: Path, cause: BaseException, written_bytes: Optional[int] = None,
+              checkpoints_kept: bool = False) -> DiskFull:
+    """The one-line error for a write that found ``directory``'s file system full.
+
+    Args:
+        what: What was being written (``"train's outputs"``).
+        directory: Where (the artifacts directory, or the stage's directory in it).
+        cause: The error: an OSError (ENOSPC or EDQUOT), or one a library raised for it (named in the message).
+        written_bytes: What had been written when it failed: the least it needs beyond what is free now.
+        checkpoints_kept: A training run's checkpoints stay, so that a rerun resumes from them.
+    """
+    quota = isinstance(cause, OSError) and cause.errno == errno.EDQUOT
+    full = "the disk quota is exceeded" if quota else "no space is left on the device"
+    free = free_bytes(directory)
+    reported = ("" if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS else
+                f" (the write failed with {type(cause).__name__}: {' '.join(str(cause).split())[:200]})")
+    needed = (f"; it had written {_mb(written_bytes)} when the write failed, so it needs at least that much more"
+              if written_bytes else "")
+    kept = " (a training run's checkpoints are kept to resume from)" if checkpoints_kept else ""
+    return DiskFull(
+        f"{full} of {directory} ({_mb(free) if free is not None else 'unknown'} free) while writing {what}"
+        f"{reported}{needed}. Nothing finished was lost: the unfinished output was removed{kept} and every "
+        "finished stage stays cached; free some space there (or set artifacts_dir to a larger disk, with "
+        "--set artifacts_dir=DIR) and run again to resume")
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB"
+
+
+# The manifest's list of JSON pointers (RFC 6901) to the paths it holds relative to the artifacts directory.
+RELATIVE_PATHS = "relative_paths"
+
+
+def _pointer_parts(pointer: str) -> list[str]:
+    return [part.replace("~1", "/").replace("~0", "~") for part in pointer.split("/")[1:]]
+
+
+def _pointer_of(parts: list[str]) -> str:
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in parts)
+
+
+def _under(value: str, root: str) -> Optional[str]:
+    """``value`` relative to ``root`` (posix) when it is an absolute path equal to or below it, else None."""
+    if not os.path.isabs(value):
+        return None
+    path = os.path.normpath(value)
+    if path == root:
+        return "."
+    if path.startswith(root.rstrip(os.sep) + os.sep):
+        return PurePosixPath(*Path(os.path.relpath(path, root)).parts).as_posix()
+    return None
+
+
+def relative_paths(manifest: dict, root: Path) -> dict:
+    """A copy of ``manifest`` as it is written to disk: every path inside ``root`` relative to it.
+
+    Every string of the manifest (at any depth) that is an absolute path equal to or below
+    ``root`` is replaced by its relative posix form, and its JSON pointer is listed under
+    :data:`RELATIVE_PATHS`, so :func:`resolved_paths` can tell it from any other string.
+
+    Args:
+        manifest: A stage's manifest as a run holds it (absolute paths).
+        root: The artifacts directory it was written under.
+    """
+    if RELATIVE_PATHS in manifest:  # already in its on-disk form
+        return manifest
+    root_text = os.path.normpath(str(root))
+    pointers: list[str] = []
+
+    def walk(value: Any, parts: list[str]) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, parts + [str(k)]) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, parts + [str(i)]) for i, v in enumerate(value)]
+        if isinstance(value, (str, Path)) and (relative := _under(str(value), root_text)) is not None:
+            pointers.append(_pointer_of(parts))
+            return relative
+        return value
+
+    written = walk(manifest, [])
+    written[RELATIVE_PATHS] = pointers
+    return written
+
+
+class UnresolvablePaths(ValueError):
+    """A manifest's paths cannot be read under this artifacts directory (the message says why)."""
+
+
+def resolved_paths(manifest: dict, root: Path) -> dict:
+    """A copy of ``manifest`` as a run uses it: its relative paths made absolute under ``root``.
+
+    A manifest written before paths were stored relative (no :data:`RELATIVE_PATHS`) holds
+    absolute ones under the artifacts directory it was written in, which its own ``dir``
+    (``<that directory>/<stage>/<key>``) names: they are read under ``root`` by the same suffix.
+
+    Args:
+        manifest: A manifest as read from disk.
+        root: The artifacts directory the reading run uses (absolute).
+
+    Raises:
+        UnresolvablePaths: an old manifest whose ``dir`` does not end with its own ``<stage>/<key>``.
+    """
+    root = Path(root)
+    if RELATIVE_PATHS not in manifest:
+        return _resolved_old_paths(manifest, root)
+    resolved = json.loads(json.dumps(manifest))
+    for pointer in resolved.pop(RELATIVE_PATHS):
+        *parents, leaf = _pointer_parts(pointer)
+        node = resolved
+        try:
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            key = int(leaf) if isinstance(node, list) else leaf
+            node[key] = str(root) if node[key] == "." else str(root / node[key])
+        except (KeyError, IndexError, ValueError, TypeError) as exc:
+            raise UnresolvablePaths(f"its {RELATIVE_PATHS} entry {pointer!r} names no path ({exc!r})") from None
+    return resolved
+
+
+def _resolved_old_paths(manifest: dict, root: Path) -> dict:
+    written_in = manifest.get("dir")
+    if not isinstance(written_in, str) or not os.path.isabs(written_in):
+        return manifest
+    suffix = f"{manifest.get('stage')}/{manifest.get('key')}"
+    if not PurePosixPath(written_in).as_posix().endswith("/" + suffix):
+        raise UnresolvablePaths(f"it was written by an older ftflow with absolute paths, for {written_in}, which is "
+                                f"not a <stage>/<key> directory ({suffix}) of an artifacts directory")
+    old_root = os.path.normpath(written_in[: -len(suffix) - 1])
+    if old_root == os.path.normpath(str(root)):
+        return manifest
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, str) and (relative := _under(value, old_root)) is not None:
+            return str(root) if relative == "." else str(root / relative)
+        return value
+
+    return walk(manifest)
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -137,7 +338,8 @@ def check_outputs(directory: Path, expected: Optional[dict] = None, *, hash_all:
         hash_max_bytes: Larger files are checked by size only (unless ``hash_all``).
 
     Returns:
-        ``(manifest, None)`` when intact, else ``(None, reason)`` naming the first file that is not.
+        ``(manifest, None)`` when intact, with its paths resolved under the artifacts directory the
+        directory is in (:func:`resolved_paths`), else ``(None, reason)`` naming the first file that is not.
     """
     directory = Path(directory)
     path = directory / MANIFEST
@@ -175,7 +377,10 @@ def check_outputs(directory: Path, expected: Optional[dict] = None, *, hash_all:
                 return None, f"{file} has the right size but not the content that was written (SHA-256 differs)"
     except (AttributeError, KeyError, TypeError) as exc:  # a manifest that parses but is not one ftflow wrote
         return None, f"{path} has a malformed file record ({exc!r})"
-    return manifest, None
+    try:
+        return resolved_paths(manifest, directory.resolve().parent.parent), None
+    except UnresolvablePaths as exc:
+        return None, f"{path} cannot be read here: {exc}"
 
 
 def move_aside(directory: Path, label: str = "corrupt") -> Path:

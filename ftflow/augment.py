@@ -41,6 +41,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from ftflow.translate import BackTranslator
 
 WORDNET_METHODS = frozenset({"synonym", "random_insert"})
+
+
+def wordnet_sha256(config: AugmentConfig) -> Optional[str]:
+    """The content hash of the WordNet database ``config``'s augmentation reads (None when it reads none).
+
+    Raises:
+        ftflow.wordnet.WordNetMissing: it reads WordNet and none is installed (the message says how to install it).
+    """
+    used = {m for m, w in config.methods.items() if w > 0} if config.enabled else set()
+    if not used & WORDNET_METHODS:
+        return None
+    from ftflow.wordnet import database_sha256, locate_wordnet
+
+    return database_sha256(locate_wordnet(config.nltk_data_dir))
 SKIP_REASONS = ("empty", "too_long", "non_english")
 EXAMPLES_KEPT = 10
 

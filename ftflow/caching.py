@@ -22,6 +22,7 @@ import ast
 import hashlib
 import importlib.metadata
 import importlib.util
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -213,28 +214,49 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(Path(path))
 
 
-def canonical(value: Any) -> Any:
+# How a path inside the artifacts directory enters a key: relative to it, so a copied or moved directory
+# (or one mounted elsewhere) gives the same keys. Its content is in the key already: it is a stage's output,
+# under that stage's content key.
+IN_ARTIFACTS = "<artifacts_dir>"
+
+
+def canonical(value: Any, artifacts_dir: Optional[str | Path] = None) -> Any:
     """A JSON-ready form of a stage input in which only content matters.
 
     Manifests (dicts with a ``fingerprint``) become their fingerprint; paths
-    to existing files become their SHA-256; pydantic models become dicts.
+    to existing files become their SHA-256; pydantic models become dicts; any
+    other path inside ``artifacts_dir`` (a zoo checkpoint's directory, given as
+    a string or a path) becomes ``<artifacts_dir>/<path relative to it>``.
     """
+    root = None if artifacts_dir is None else os.path.normpath(str(Path(artifacts_dir).resolve()))
+    return _canonical(value, root)
+
+
+def _canonical(value: Any, root: Optional[str]) -> Any:
     if isinstance(value, BaseModel):
-        return {k: canonical(getattr(value, k)) for k in type(value).model_fields}
+        return {k: _canonical(getattr(value, k), root) for k in type(value).model_fields}
     if isinstance(value, dict):
         if "fingerprint" in value and "stage" in value:
             return {"manifest": value["stage"], "fingerprint": value["fingerprint"]}
-        return {str(k): canonical(v) for k, v in value.items()}
+        return {str(k): _canonical(v, root) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    if isinstance(value, Path):
-        return _file_fingerprint(value) if value.is_file() else str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
+        return [_canonical(v, root) for v in value]
+    if isinstance(value, Path) and value.is_file():
+        return _file_fingerprint(value)
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        if root is not None and os.path.isabs(text):
+            path = os.path.normpath(text)
+            if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+                return "/".join([IN_ARTIFACTS, *Path(os.path.relpath(path, root)).parts])
+        return text
+    if isinstance(value, (int, float, bool)) or value is None:
         return value
     raise TypeError(f"cannot make a cache key from a {type(value).__name__}; pass plain values, configs or manifests")
 
 
-def stage_key(stage: str, inputs: dict[str, Any], modules: Iterable[str]) -> str:
+def stage_key(stage: str, inputs: dict[str, Any], modules: Iterable[str],
+              artifacts_dir: Optional[str | Path] = None) -> str:
     """The content key of one stage run (hex, :data:`KEY_LENGTH` characters).
 
     Args:
@@ -242,15 +264,17 @@ def stage_key(stage: str, inputs: dict[str, Any], modules: Iterable[str]) -> str
         inputs: The parameters that determine its output.
         modules: Where its code starts: the task module's dotted name; the key covers every project
             module reached from there (:func:`code_version`).
+        artifacts_dir: The run's artifacts directory: paths inside it count relative to it (:func:`canonical`).
     """
-    return key_and_parts(stage, inputs, modules)[0]
+    return key_and_parts(stage, inputs, modules, artifacts_dir)[0]
 
 
-def key_and_parts(stage: str, inputs: dict[str, Any], modules: Iterable[str]) -> tuple[str, dict]:
+def key_and_parts(stage: str, inputs: dict[str, Any], modules: Iterable[str],
+                  artifacts_dir: Optional[str | Path] = None) -> tuple[str, dict]:
     """The stage's key (:func:`stage_key`) and what went into it, part by part (:func:`key_parts`)."""
     material = {
         "stage": stage,
-        "inputs": canonical(inputs),
+        "inputs": canonical(inputs, artifacts_dir),
         "code": code_version(modules),
         "libraries": library_versions(),
     }

@@ -7,8 +7,9 @@ Relative paths in a config file are resolved against the file's folder.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Annotated, Literal, Optional, get_args
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -643,32 +644,177 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     return raw
 
 
-def parse_config(raw: dict, base_dir: Path, source: str = "<config>") -> PipelineConfig:
-    """Validate a config mapping; relative paths are taken from ``base_dir``."""
+class Overrides(dict):
+    """``--set`` overrides as a nested mapping that remembers what the user typed, to name it in errors."""
+
+    def __init__(self, value: dict, given: dict[tuple[str, ...], str]) -> None:
+        super().__init__(value)
+        self.given = given  # dotted key's parts -> the KEY=VALUE text
+
+
+def parse_config(raw: dict, base_dir: Path, source: str = "<config>", overrides: dict | None = None,
+                 file_raw: dict | None = None) -> PipelineConfig:
+    """Validate a config mapping; relative paths are taken from ``base_dir``.
+
+    ``overrides`` (already merged into ``raw``) and ``file_raw`` (the file's own mapping) only serve to say
+    which problems come from a ``--set`` rather than from the file.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    raw = _resolve_paths(dict(raw), base_dir)
+    resolved = _resolve_paths(dict(raw), base_dir)
     try:
-        return PipelineConfig.model_validate(raw)
+        return PipelineConfig.model_validate(resolved)
     except ValidationError as exc:
-        problems = "\n".join(
-            f"  - {'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"{source} has {exc.error_count()} problem(s):\n{problems}") from None
+        raise ConfigError(_problems_text(source, schema_problems(exc, resolved, overrides, file_raw),
+                                         overrides)) from None
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
-    """Read, merge ``overrides`` into, and validate a YAML config file."""
+def _read(path: str | Path, overrides: dict | None) -> tuple[dict, dict]:
+    """The config file's mapping with ``overrides`` merged in, and the file's own mapping."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        hint = f" (it holds {', '.join(found[:5])}{', ...' if len(found) > 5 else ''})" if found else ""
+        raise ConfigError(f"config {path} is a directory{hint}; pass the path of a YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file (see configs/)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if overrides:
-        raw = deep_merge(raw, overrides)
-    return parse_config(raw, path.resolve().parent, source=str(path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return (deep_merge(raw, overrides) if overrides else raw), raw
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
+    """Read, merge ``overrides`` into, and validate a YAML config file."""
+    merged, file_raw = _read(path, overrides)
+    return parse_config(merged, Path(path).resolve().parent, source=str(path), overrides=overrides,
+                        file_raw=file_raw)
+
+
+def load_checked_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
+    """:func:`load_config`, and every path the config names checked (:func:`path_problems`), all in one pass.
+
+    Raises:
+        ConfigError: listing every problem at once: the schema's, and those of every path that a section
+            which validates on its own names (a bad zoo width does not hide a missing data file).
+    """
+    merged, file_raw = _read(path, overrides)
+    resolved = _resolve_paths(dict(merged), Path(path).resolve().parent)
+    try:
+        cfg = PipelineConfig.model_validate(resolved)
+        problems = path_problems(cfg)
+    except ValidationError as exc:
+        cfg = None
+        problems = schema_problems(exc, resolved, overrides, file_raw) + _section_path_problems(resolved)
+    if problems:
+        raise ConfigError(_problems_text(str(path), problems, overrides))
+    return cfg
+
+
+def _problems_text(source: str, problems: list[str], overrides: dict | None) -> str:
+    given = getattr(overrides, "given", None)
+    sets = f" with {' '.join(f'--set {t}' for t in given.values())}" if given else ""
+    return f"{source}{sets} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def schema_problems(exc: ValidationError, raw: dict, overrides: dict | None = None,
+                    file_raw: dict | None = None) -> list[str]:
+    """One ``"<field>: <problem>"`` line per problem pydantic found, said for a person who wrote YAML.
+
+    An unknown field says which known one it is closest to; a value that came from a ``--set`` names it; a
+    one-value grid axis (``learning_rate: -1``) is named as written, and its emptied list is not a second problem.
+    """
+    errors = exc.errors()
+    failed_items = {tuple(e["loc"][:-1]) for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
+    lines = []
+    for error in errors:
+        loc = tuple(error["loc"])
+        if error["type"] == "too_short" and loc in failed_items:
+            continue  # the list is short because its item failed: that item's problem says it
+        shown = loc
+        if shown and isinstance(shown[-1], int) and not isinstance(_raw_at(raw, shown[:-1]), list):
+            shown = shown[:-1]  # one value where a grid axis takes a list: name it as written
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = _unknown_field_message(loc)
+        origin = _override_origin(loc, overrides, file_raw)
+        lines.append(f"{'.'.join(str(p) for p in shown) or '<top>'}{origin}: {message}")
+    return lines
+
+
+_MISSING = object()
+
+
+def _raw_at(raw: Any, loc: tuple) -> Any:
+    node = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return _MISSING
+    return node
+
+
+def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+    """The config model class that the mapping at ``loc`` is validated by, or None."""
+    model: Optional[type[BaseModel]] = PipelineConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an item of a list: the list's element type was taken already
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        model = _model_in(field.annotation)
+    return model
+
+
+def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
+    """The BaseModel class an annotation holds (itself, ``Optional[X]``, ``tuple[X, ...]``), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        if (found := _model_in(argument)) is not None:
+            return found
+    return None
+
+
+def _unknown_field_message(loc: tuple) -> str:
+    name, where = str(loc[-1]), loc[:-1]
+    model = _model_at(where)
+    section = f"section {'.'.join(str(p) for p in where)}" if where else "the config"
+    if model is None:
+        return f"{name!r} is not a field of {section}"
+    fields = list(model.model_fields)
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    if close:
+        return f"{name!r} is not a field of {section}; did you mean {close[0]!r}?"
+    return f"{name!r} is not a field of {section} (its fields: {', '.join(fields)})"
+
+
+def _override_origin(loc: tuple, overrides: dict | None, file_raw: dict | None) -> str:
+    """`` (from --set KEY=VALUE)`` when the problem at ``loc`` is in a value a ``--set`` gave, else empty."""
+    if not overrides:
+        return ""
+    node: Any = overrides
+    for depth, part in enumerate(loc):
+        if not isinstance(node, dict):
+            break  # inside a value the override set
+        if str(part) not in node:
+            return ""
+        node = node[str(part)]
+    else:
+        depth = len(loc)
+        if isinstance(node, dict) and _raw_at(file_raw or {}, loc) is not _MISSING:
+            return ""  # a section both the file and an override fill: the problem may be either's
+    given = getattr(overrides, "given", {})
+    path = tuple(str(p) for p in loc[:depth])
+    texts = [text for key, text in given.items() if key[:len(path)] == path or path[:len(key)] == key]
+    return f" (from --set {', --set '.join(texts)})" if texts else " (from the overrides)"
 
 
 def _file_problem(path: Path, what: str) -> Optional[str]:
@@ -730,9 +876,33 @@ def path_problems(cfg: PipelineConfig) -> list[str]:
     Data and corpus files must exist and be readable, with a format ftflow reads; model
     directories must hold a config.json; hub ids must be well formed. Nothing is loaded.
     """
+    return _path_problems(cfg.data, cfg.zoo, cfg.augment, list(cfg.models), cfg.artifacts_dir)
+
+
+def _section_path_problems(raw: dict) -> list[str]:
+    """:func:`path_problems` of a config that does not validate: the paths of every section that does on its own."""
+
+    def section(model: type[BaseModel], value: Any) -> Any:
+        try:
+            return model.model_validate(value)
+        except ValidationError:
+            return None
+
+    artifacts_dir = raw.get("artifacts_dir")
+    return _path_problems(
+        section(DataConfig, raw["data"]) if "data" in raw else None,
+        section(ZooConfig, raw["zoo"]) if raw.get("zoo") is not None else None,
+        section(AugmentConfig, raw.get("augment") or {}),
+        [section(ModelSpec, m) for m in raw.get("models") or []] if isinstance(raw.get("models"), list) else [],
+        Path(artifacts_dir) if isinstance(artifacts_dir, str) else None)
+
+
+def _path_problems(data: Optional[DataConfig], zoo: Optional[ZooConfig], augment: Optional[AugmentConfig],
+                   models: list[Optional[ModelSpec]], artifacts_dir: Optional[Path]) -> list[str]:
+    """The path problems of these sections (None: a section that did not validate, so has none to check)."""
     problems = []
-    for field_name in ("train_file", "test_file"):
-        path = getattr(cfg.data, field_name)
+    for field_name in ("train_file", "test_file") if data is not None else ():
+        path = getattr(data, field_name)
         if path is None:
             continue
         problem = _file_problem(path, "data file")
@@ -740,22 +910,22 @@ def path_problems(cfg: PipelineConfig) -> list[str]:
             problem = f"data file {path} has an unknown extension {path.suffix!r}; use one of {sorted(FORMATS)}"
         if problem:
             problems.append(f"data.{field_name}: {problem}")
-    if cfg.zoo is not None and cfg.zoo.corpus_file is not None:
-        problem = _file_problem(cfg.zoo.corpus_file, "corpus file")
+    if zoo is not None and zoo.corpus_file is not None:
+        problem = _file_problem(zoo.corpus_file, "corpus file")
         if problem:
             problems.append(f"zoo.corpus_file: {problem}")
-    if cfg.augment.nltk_data_dir is not None and not cfg.augment.nltk_data_dir.is_dir():
-        problems.append(f"augment.nltk_data_dir: {cfg.augment.nltk_data_dir} is not a directory")
-    translation = cfg.augment.back_translation
-    for field_name in ("local_forward_model_dir", "local_backward_model_dir"):
+    if augment is not None and augment.nltk_data_dir is not None and not augment.nltk_data_dir.is_dir():
+        problems.append(f"augment.nltk_data_dir: {augment.nltk_data_dir} is not a directory")
+    translation = augment.back_translation if augment is not None else None
+    for field_name in ("local_forward_model_dir", "local_backward_model_dir") if translation is not None else ():
         path = getattr(translation, field_name)
         if path is not None and (problem := _model_dir_problem(path)):
             problems.append(f"augment.back_translation.{field_name}: {problem}")
-    for index, spec in enumerate(cfg.models):
-        if problem := model_path_problem(spec.path):
+    for index, spec in enumerate(models):
+        if spec is not None and (problem := model_path_problem(spec.path)):
             problems.append(f"models.{index}.path ({spec.name}): {problem}")
-    if cfg.artifacts_dir.exists() and not cfg.artifacts_dir.is_dir():
-        problems.append(f"artifacts_dir: {cfg.artifacts_dir} exists and is not a directory")
+    if artifacts_dir is not None and artifacts_dir.exists() and not artifacts_dir.is_dir():
+        problems.append(f"artifacts_dir: {artifacts_dir} exists and is not a directory")
     return problems
 
 

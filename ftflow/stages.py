@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ftflow.augment import wordnet_sha256
 from ftflow.caching import key_and_parts, key_inputs
 from ftflow.config import AugmentConfig, ModelSpec, PipelineConfig
 from ftflow.jobs import Job
@@ -28,7 +29,7 @@ def task_modules(stage: str) -> tuple[str, ...]:
 
 def key_of(stage: str, call: dict[str, Any]) -> tuple[str, dict]:
     """The stage's content key for ``call`` (its task's parameters) and the parts it is made of."""
-    return key_and_parts(stage, key_inputs(call), task_modules(stage))
+    return key_and_parts(stage, key_inputs(call), task_modules(stage), call.get("artifacts_dir"))
 
 
 def zoo_candidates(manifest: dict) -> list[ModelSpec]:
@@ -47,8 +48,9 @@ def prepare_data_call(cfg: PipelineConfig, artifacts_dir: str) -> dict:
 
 
 def augment_call(augment: AugmentConfig, data: dict, artifacts_dir: str) -> dict:
-    """The pipeline's augmentation (``cfg.augment``) or an ablation's training set (its own ``augment``)."""
-    return {"augment": augment, "data": data, "artifacts_dir": artifacts_dir}
+    """The pipeline's augmentation (``cfg.augment``) or an ablation's training set (its own ``augment``), and the
+    WordNet database it reads, by content (:func:`ftflow.augment.wordnet_sha256`)."""
+    return {"augment": augment, "data": data, "wordnet": wordnet_sha256(augment), "artifacts_dir": artifacts_dir}
 
 
 def zoo_call(cfg: PipelineConfig, data: dict, device: str, artifacts_dir: str, progress: bool) -> dict:

@@ -1,4 +1,4 @@
-"""Find WordNet offline and open it with nltk, never downloading anything.
+"""Find WordNet offline and open it with nltk, never downloading anything, never copying it.
 
 Two sources are accepted, in this order:
 
@@ -7,22 +7,26 @@ Two sources are accepted, in this order:
    folders in ``NLTK_DATA`` and ``~/nltk_data``);
 2. Debian's ``wordnet-base`` package, which installs WordNet 3.0 under
    ``/usr/share/wordnet``. That folder lacks the ``lexnames`` file nltk needs,
-   and nltk (>= 3.9) refuses to read files outside its registered data paths
-   (symlinks resolving elsewhere included), so the files are copied once into
-   ``<cache_dir>/nltk_data/corpora/wordnet`` with ``lexnames`` written from the
-   WordNet 3.0 list of lexicographer files, and that folder is registered.
+   and nltk (>= 3.9) refuses to read files outside its registered data paths:
+   the folder is registered as one and read where it is, ``lexnames`` given to
+   the reader from the WordNet 3.0 list of lexicographer files written out here.
 
+Either is referenced, not copied: :func:`database_sha256` identifies the database
+by its content (in the augmentation's cache key and manifest).
 If neither exists, :class:`WordNetMissing` says exactly how to install it.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import hashlib
+import io
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
+
+from ftflow.artifacts import sha256_file
+from ftflow.errors import UserError
 
 DEBIAN_WORDNET_DIR = Path("/usr/share/wordnet")
 INSTALL_COMMAND = "apt-get install -y --no-install-recommends wordnet-base"
@@ -48,7 +52,7 @@ REQUIRED_FILES = tuple(
 OPTIONAL_FILES = ("cntlist.rev", "index.sense")
 
 
-class WordNetMissing(RuntimeError):
+class WordNetMissing(UserError, RuntimeError):
     """No WordNet found; the message names every place looked at and the install command."""
 
 
@@ -57,11 +61,6 @@ def lexnames_text() -> str:
     return "".join(
         f"{number:02d}\t{name}\t{_CATEGORY[name.split('.')[0]]}\n" for number, name in enumerate(LEXNAMES_30)
     )
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/ftflow`` (``~/.cache/ftflow`` when unset)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ftflow"
 
 
 def _register_nltk_path(directory: Path) -> None:
@@ -87,57 +86,28 @@ def _find_in_nltk_dirs(dirs: Sequence[Path]):
     return None
 
 
-def build_from_system(system_dir: Path, cache_dir: Path) -> Path:
-    """Make ``<cache_dir>/nltk_data`` hold an nltk-readable copy of a WordNet 3.0 database folder.
+def _system_pointer(system_dir: Path):
+    """nltk's pointer to a plain WordNet 3.0 database folder, read where it is (registered as an nltk data path)."""
+    from nltk.data import FileSystemPathPointer
 
-    Args:
-        system_dir: a folder with WordNet's ``index.*``, ``data.*`` and ``*.exc`` files
-            (Debian: ``/usr/share/wordnet``).
-        cache_dir: where the nltk data folder is built (once; reused afterwards).
-
-    Returns:
-        The nltk data folder (the parent of ``corpora/wordnet``).
-    """
-    data_dir = Path(cache_dir) / "nltk_data"
-    target = data_dir / "corpora" / "wordnet"
-    if all((target / name).is_file() for name in REQUIRED_FILES + ("lexnames",)):
-        return data_dir
     missing = [name for name in REQUIRED_FILES if not (system_dir / name).is_file()]
     if missing:
         raise WordNetMissing(
             f"{system_dir} is not a complete WordNet database (missing {missing}); reinstall it: {INSTALL_COMMAND}"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside its final place and renamed in, so a crash never leaves half a database.
-    tmp = Path(tempfile.mkdtemp(prefix=".wordnet-", dir=target.parent))
-    try:
-        for name in REQUIRED_FILES + OPTIONAL_FILES:
-            if (system_dir / name).is_file():
-                # A copy, not a link: nltk refuses files that resolve outside its data paths.
-                shutil.copyfile(system_dir / name, tmp / name)
-        (tmp / "lexnames").write_text(lexnames_text(), encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the database is not secret
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "lexnames").is_file():  # not a concurrent build that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return data_dir
+    _register_nltk_path(system_dir)
+    return FileSystemPathPointer(str(system_dir))
 
 
 def locate_wordnet(
     nltk_data_dir: Optional[Path] = None,
-    cache_dir: Optional[Path] = None,
     system_dir: Path = DEBIAN_WORDNET_DIR,
     search_nltk_path: bool = True,
 ):
-    """nltk's path pointer to a usable ``corpora/wordnet`` folder, building one if needed.
+    """nltk's path pointer to a usable WordNet database: a ``corpora/wordnet`` folder, or ``system_dir`` itself.
 
     Args:
         nltk_data_dir: an nltk data folder to look in first (config ``augment.nltk_data_dir``).
-        cache_dir: where a copy of ``system_dir`` is built (default :func:`default_cache_dir`).
         system_dir: a plain WordNet 3.0 database folder, used when no nltk data folder has WordNet.
         search_nltk_path: also look in nltk's own search path (``NLTK_DATA``, ``~/nltk_data``, ...).
 
@@ -160,10 +130,7 @@ def locate_wordnet(
             return found
     looked.append(str(system_dir))
     if (system_dir / "index.noun").is_file():
-        data_dir = build_from_system(system_dir, cache_dir or default_cache_dir())
-        found = _find_in_nltk_dirs([data_dir])
-        if found is not None:
-            return found
+        return _system_pointer(Path(system_dir))
     raise WordNetMissing(
         "WordNet is needed by the synonym and random_insert augmentations but was not found "
         f"(looked for corpora/wordnet in: {', '.join(looked)}). Install it with\n"
@@ -190,6 +157,12 @@ def _open(pointer):
         def map_wn(self, version="wordnet"):
             return None
 
+        # Debian's database has no lexnames file: the WordNet 3.0 list is given instead.
+        def open(self, file):
+            if file == "lexnames" and not Path(str(self.root), "lexnames").is_file():
+                return io.StringIO(lexnames_text())
+            return super().open(file)
+
     with warnings.catch_warnings():
         # "The multilingual functions are not available": expected, no OMW data is used.
         warnings.simplefilter("ignore", UserWarning)
@@ -199,13 +172,36 @@ def _open(pointer):
 
 def load_wordnet(
     nltk_data_dir: Optional[Path] = None,
-    cache_dir: Optional[Path] = None,
     system_dir: Path = DEBIAN_WORDNET_DIR,
     search_nltk_path: bool = True,
 ):
     """An nltk ``WordNetCorpusReader`` found by :func:`locate_wordnet` (opened once per folder)."""
-    pointer = locate_wordnet(nltk_data_dir, cache_dir, system_dir, search_nltk_path)
+    pointer = locate_wordnet(nltk_data_dir, system_dir, search_nltk_path)
     return _open(pointer)
+
+
+def database_sha256(pointer) -> str:
+    """The content hash of the WordNet database at ``pointer`` (from :func:`locate_wordnet`): what it is, not where.
+
+    A folder counts by the names and contents of the files the reader opens (``lexnames`` and the optional
+    ones when present); a zip archive by its bytes.
+    """
+    path = Path(str(pointer.path if hasattr(pointer, "path") else pointer))
+    if path.is_file():
+        return _sha256_of(str(path), path.stat().st_size, path.stat().st_mtime_ns)
+    digest = hashlib.sha256()
+    for name in REQUIRED_FILES + ("lexnames",) + OPTIONAL_FILES:
+        file = path / name
+        if file.is_file():
+            stat = file.stat()
+            digest.update(f"{name}\0{_sha256_of(str(file), stat.st_size, stat.st_mtime_ns)}\0".encode())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    # 28 MB for Debian's database: hashed once per process while the files do not change.
+    return sha256_file(Path(path))
 
 
 def synonyms(wordnet, word: str) -> list[str]:

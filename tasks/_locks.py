@@ -43,6 +43,9 @@ from typing import Iterator, Optional
 
 from prefect.locking.filesystem import FileSystemLockManager
 
+from ftflow.artifacts import DISK_FULL_ERRNOS, disk_full
+from ftflow.errors import UserError
+
 logger = logging.getLogger("ftflow.tasks")
 
 LEASE_ENV = "FTFLOW_LOCK_LEASE_S"
@@ -176,11 +179,17 @@ class LeasedFileLockManager(FileSystemLockManager):
 
     def _write(self, key: str, holder: str, hold_seconds: float) -> None:
         path = self._lock_path_for_key(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         body = {"holder": holder, "expiration": (_now() + timedelta(seconds=hold_seconds)).isoformat(),
                 "host": os.uname().nodename, "process": _this_process()}
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(body), encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(body), encoding="utf-8")
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise disk_full("a stage lock", self.lock_files_directory, exc) from exc
+            raise
         os.replace(tmp, path)
 
     def _remove_empty_parents(self, path: Path) -> None:
@@ -296,4 +305,7 @@ class LeasedFileLockManager(FileSystemLockManager):
                 if current is None or current["holder"] != holder:
                     logger.warning("lock %s expired before it was renewed; another run may take it", key)
                     return
-                self._write(key, holder, self.lease_seconds)
+                try:
+                    self._write(key, holder, self.lease_seconds)
+                except (OSError, UserError) as exc:  # a full disk: the next renewal tries again
+                    logger.warning("lock %s could not be renewed: %s", key, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from prefect import task
 
@@ -16,22 +17,30 @@ MODULES = (__name__,)  # the code key: every project module this one reaches (ft
 
 
 @task(name="augment", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
-def augment(augment: AugmentConfig, data: dict, artifacts_dir: str) -> dict:
-    """Write the training split plus augmented sentences, each with its source id, method and parameters."""
+def augment(augment: AugmentConfig, data: dict, wordnet: Optional[str], artifacts_dir: str) -> dict:
+    """Write the training split plus augmented sentences, each with its source id, method and parameters.
+
+    ``wordnet``: the content hash of the WordNet database the augmentation reads (None: it reads none).
+    """
 
     def build(out: Path) -> dict:
         original = read_split(stage_path(data, "train"))
         provenance = [{"source_id": i, "method": "original", "params": {}} for i in range(len(original))]
         stats = {"original": len(original), "made": 0}
-        new = []
+        new, used_wordnet = [], None
         if augment.enabled:
             used = {m for m, w in augment.methods.items() if w > 0}
-            wordnet = back_translator = cache = None
+            reader = back_translator = cache = None
             if used & WORDNET_METHODS:
-                from ftflow.wordnet import load_wordnet
+                from ftflow.wordnet import database_sha256, load_wordnet, locate_wordnet
 
-                # A copy of /usr/share/wordnet, when that is the source, is built once beside the artifacts.
-                wordnet = load_wordnet(augment.nltk_data_dir, cache_dir=Path(artifacts_dir) / "wordnet-cache")
+                # Read where it is installed (never copied); the key has it by content.
+                database = locate_wordnet(augment.nltk_data_dir)
+                if database_sha256(database) != wordnet:  # the key was computed from another database
+                    raise RuntimeError(f"the WordNet database at {database} changed after this run computed its "
+                                       "cache key; run again")
+                reader = load_wordnet(augment.nltk_data_dir)
+                used_wordnet = {"database": str(database), "sha256": wordnet}
             if "back_translation" in used:
                 from ftflow.translate import build_back_translator
 
@@ -40,7 +49,7 @@ def augment(augment: AugmentConfig, data: dict, artifacts_dir: str) -> dict:
                     augment.back_translation, Path(artifacts_dir) / "translation-cache"
                 )
             try:
-                new, stats = augment_sentences(original, augment, wordnet=wordnet, back_translator=back_translator)
+                new, stats = augment_sentences(original, augment, wordnet=reader, back_translator=back_translator)
             finally:
                 if cache is not None:
                     cache.close()
@@ -58,6 +67,7 @@ def augment(augment: AugmentConfig, data: dict, artifacts_dir: str) -> dict:
         if failed:
             logger.warning("augment: back-translations failed and left out: %s; e.g. %s",
                            failed, stats["translation_failed_examples"][:3])
-        return {"files": {"train": "train.jsonl"}, "stats": stats, "sentences": len(sentences)}
+        return {"files": {"train": "train.jsonl"}, "stats": stats, "sentences": len(sentences),
+                "wordnet": used_wordnet}
 
     return run_stage(STAGE, MODULES, build)

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from flows.cli import main
-from ftflow.config import ZooConfig
+from ftflow.config import ZooConfig, load_config
+from ftflow.status import pipeline_status
 from ftflow.zoo import build_zoo
 from tests.flows.micro import BIGGER, SIZE, write_data
 
@@ -158,3 +159,43 @@ def test_the_final_summary_lists_every_model_that_failed_and_why(study, prefect_
         "ghost-model" in summary[1]
     assert summary[2].startswith(f"  - typo (baseline): {typo}")
     assert len(summary) == 3
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing_finished(study, prefect_server, monkeypatch,
+                                                                          capsys, tmp_path):
+    artifacts = tmp_path / "small-disk"
+
+    def half_written_plot(frame, path) -> None:  # as on a full disk: part of the file, then ENOSPC
+        Path(path).write_bytes(b"\0" * 300_000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr("tasks.evaluate.plot_leaderboard", half_written_plot)
+    assert main(["run", str(study["good"]), "--no-progress", "--set", f"artifacts_dir={artifacts}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    message = [line for line in err.splitlines() if line.startswith("ftflow: ")][-1]
+    assert message.startswith(f"ftflow: no space is left on the device of {artifacts.resolve()} (")
+    assert ("free) while writing evaluate's outputs; it had written 0.3 MiB when the write failed, so it needs at "
+            "least that much more. Nothing finished was lost: the unfinished output was removed") in message
+    # The unfinished stage left nothing; every finished one is still there and cached.
+    assert list((artifacts / "evaluate").iterdir()) == []
+    monkeypatch.undo()
+    status = pipeline_status(load_config(study["good"], {"artifacts_dir": str(artifacts)}))
+    assert [(s.stage, s.state) for s in status.stages if s.state != "cached"] == [("evaluate", "run")]
+
+    # torch's own writer says a full disk with a RuntimeError about its stream: a run that fails so on a full
+    # device (a training run, in a worker thread) is said the same way.
+    def stream_error(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6400 vs 6292")
+
+    monkeypatch.setattr("tasks.train.run_job", stream_error)
+    monkeypatch.setattr("ftflow.artifacts.free_bytes", lambda directory: 4096)
+    assert main(["run", str(study["good"]), "--no-progress", "--set", f"artifacts_dir={artifacts}",
+                 "--set", "distill.alpha=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    message = [line for line in err.splitlines() if line.startswith("ftflow: ")][-1]
+    assert message.startswith(f"ftflow: no space is left on the device of {artifacts.resolve()} (0.0 MiB free) "
+                              "while writing train's outputs (the write failed with RuntimeError: [enforce fail at "
+                              "inline_container.cc:672] . unexpected pos 6400 vs 6292)")
+    assert "the unfinished output was removed (a training run's checkpoints are kept to resume from)" in message

@@ -166,3 +166,16 @@ def test_editing_known_models_changes_the_memory_planning_stages_only(tmp_path):
     # tasks.train -> ftflow.memory -> ftflow.known_models (the training memory check), as for plan_memory and
     # the teacher pass, which plans its own batch size (ftflow.memory.plan_teacher_pass).
     assert changed_stages(tmp_path, "ftflow/known_models.py") == {"plan_memory", "train", "teacher_logits"}
+
+
+def test_paths_inside_the_artifacts_directory_count_relative_to_it(tmp_path):
+    """A copied or moved artifacts directory gives the same keys: its checkpoints' paths count relative to it."""
+    def call(root: Path) -> dict:
+        return {"spec": {"path": str(root / "zoo" / "k" / "qwen2-teacher")}, "hub": "Qwen/Qwen2.5-0.5B"}
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    assert stage_key("s", call(here), MODULES, here) == stage_key("s", call(there), MODULES, there)
+    assert canonical(call(here), here)["spec"]["path"] == "<artifacts_dir>/zoo/k/qwen2-teacher"
+    # Another checkpoint, or one outside the artifacts directory, is another input.
+    assert stage_key("s", call(here), MODULES, here) != stage_key("s", call(here / "x"), MODULES, here)
+    assert stage_key("s", call(here), MODULES, there) != stage_key("s", call(there), MODULES, there)

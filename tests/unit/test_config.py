@@ -160,3 +160,49 @@ def test_every_path_the_config_names_is_checked_at_once(tmp_path):
     assert path_problems(unknown) == [f"data.train_file: data file {tmp_path / 'notes.parquet'} has an unknown "
                                       "extension '.parquet'; use one of ['.csv', '.json', '.jsonl', '.text', '.txt']"]
     assert path_problems(parse_config(minimal(), tmp_path)) == []  # synthetic data, a hub id
+
+
+def test_schema_and_path_problems_come_in_one_pass(tmp_path):
+    """A bad zoo width and a missing data file: both in the first report, not the file after the widths."""
+    from ftflow.config import load_checked_config
+
+    (tmp_path / "test.txt").write_text("a sentence\n")
+    raw = {"data": {"train_file": "nosuch.txt", "test_file": "test.txt"},
+           "zoo": {"families": [{"name": "g", "architecture": "granite", "student": {**SIZE, "hidden_size": 65},
+                                 "teacher": SIZE}]},
+           "qlroa": {}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as error:
+        load_checked_config(path)
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"{path} has 3 problem(s):"
+    assert lines[1].startswith("  - zoo: zoo.families[g].student: hidden_size 65 is not a multiple of 64")
+    assert lines[2] == "  - qlroa: 'qlroa' is not a field of the config; did you mean 'qlora'?"
+    assert lines[3] == f"  - data.train_file: data file {tmp_path / 'nosuch.txt'} does not exist"
+
+
+def test_problems_name_their_origin_as_the_user_wrote_it(tmp_path):
+    from flows.cli import parse_overrides
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal(lora={"learning_rate": -0.1, "epohcs": 2})))
+    with pytest.raises(ConfigError) as error:
+        load_config(path, parse_overrides(["nosuch.key=1", "prefix.learning_rate=[0.1, -1]"]))
+    assert str(error.value).splitlines() == [
+        f"{path} with --set nosuch.key=1 --set prefix.learning_rate=[0.1, -1] has 4 problem(s):",
+        # One value where a grid axis takes a list is named as written, without "at least 1 item" after it.
+        "  - lora.learning_rate: Input should be greater than 0",
+        "  - lora.epohcs: 'epohcs' is not a field of section lora; did you mean 'epochs'?",
+        "  - prefix.learning_rate.1 (from --set prefix.learning_rate=[0.1, -1]): Input should be greater than 0",
+        "  - nosuch (from --set nosuch.key=1): 'nosuch' is not a field of the config (its fields: name, "
+        "artifacts_dir, seed, device, max_length, memory_budget_gb, selection_split, data, augment, zoo, models, "
+        "memory, benchmark, select, lora, qlora, prefix, finetune, distill, compare, ablation, training, runner)",
+    ]
+
+
+def test_a_directory_given_as_the_config_is_named_as_one(tmp_path):
+    (tmp_path / "mine.yaml").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"^config {tmp_path} is a directory \(it holds mine.yaml\); pass the "
+                                          "path of a YAML file in it$"):
+        load_config(tmp_path)

@@ -150,3 +150,26 @@ def test_verification_mode_comes_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="FTFLOW_VERIFY='everything' is not a verification mode; use one of "
                                          "small, full"):
         hash_all_from_env()
+
+
+def test_outputs_an_older_ftflow_recorded_with_absolute_paths_are_reused_and_recorded_again(tmp_path, caplog):
+    """Its manifest reads under the directory it is in now; its Prefect record (plain JSON, absolute paths) is
+    dropped, so the run reuses the outputs and records them again with relative paths."""
+    from tasks._stage import RECORD, ContentCache
+
+    old_root, root = tmp_path / "old" / "artifacts", tmp_path / "moved" / "artifacts"
+    final = root / "train" / KEY
+    manifest = finished(final)
+    write_json(final / "manifest.json", {**manifest, "dir": str(old_root / "train" / KEY),
+                                         "base_model": {"path": str(old_root / "zoo" / "z" / "m")}})
+    write_json(final / RECORD, {"metadata": {"serializer": {"type": "json"}}, "result": "{}"})
+    found, problem = check_outputs(final, {"stage": "train", "key": KEY})
+    assert problem is None
+    assert found["dir"] == str(final) and found["base_model"]["path"] == str(root / "zoo" / "z" / "m")
+    with caplog.at_level(logging.INFO, logger="ftflow.tasks"):
+        ContentCache(stage="train")._verify(final, KEY)
+    assert not (final / RECORD).exists() and (final / "manifest.json").exists()
+    assert "written by an older ftflow (absolute paths); its outputs are reused and recorded again" in caplog.text
+    # One whose own directory is not a <stage>/<key> of an artifacts directory cannot be read: computed again.
+    write_json(final / "manifest.json", {**manifest, "dir": "/somewhere/else"})
+    assert "older ftflow with absolute paths" in check_outputs(final, {"stage": "train", "key": KEY})[1]

@@ -8,7 +8,7 @@ from ftflow.wordnet import (
     INSTALL_COMMAND,
     REQUIRED_FILES,
     WordNetMissing,
-    build_from_system,
+    database_sha256,
     lexnames_text,
     load_wordnet,
     locate_wordnet,
@@ -29,9 +29,9 @@ def fake_database(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def wordnet(tmp_path_factory):
-    # One cache folder for the session: the reader is opened once (a few seconds) and shared.
-    return load_wordnet(cache_dir=tmp_path_factory.getbasetemp() / "wordnet-cache", search_nltk_path=False)
+def wordnet():
+    # Opened once (a few seconds) and shared.
+    return load_wordnet(search_nltk_path=False)
 
 
 def test_lexnames_is_the_wordnet_30_list():
@@ -50,12 +50,10 @@ def test_lexnames_is_the_wordnet_30_list():
 
 def test_missing_wordnet_names_the_install_command(tmp_path):
     with pytest.raises(WordNetMissing) as error:
-        locate_wordnet(nltk_data_dir=tmp_path / "empty", cache_dir=tmp_path / "cache",
-                       system_dir=tmp_path / "no-wordnet", search_nltk_path=False)
+        locate_wordnet(nltk_data_dir=tmp_path / "empty", system_dir=tmp_path / "no-wordnet", search_nltk_path=False)
     message = str(error.value)
     assert "apt-get install -y --no-install-recommends wordnet-base" in message
     assert str(tmp_path / "empty") in message and str(tmp_path / "no-wordnet") in message
-    assert not (tmp_path / "cache").exists()
 
 
 def test_incomplete_system_folder_is_refused(tmp_path):
@@ -63,24 +61,20 @@ def test_incomplete_system_folder_is_refused(tmp_path):
     system.mkdir()
     (system / "index.noun").write_text("x\n")
     with pytest.raises(WordNetMissing, match=r"missing \['index.verb'.*wordnet-base"):
-        locate_wordnet(cache_dir=tmp_path / "cache", system_dir=system, search_nltk_path=False)
+        locate_wordnet(system_dir=system, search_nltk_path=False)
 
 
-def test_build_copies_files_and_writes_lexnames_once(tmp_path):
+def test_a_system_database_is_read_where_it_is_and_known_by_its_content(tmp_path):
     system = fake_database(tmp_path / "system")
-    (system / "cntlist.rev").write_text("counts\n")
-    data_dir = build_from_system(system, tmp_path / "cache")
-    target = data_dir / "corpora" / "wordnet"
-    assert data_dir == tmp_path / "cache" / "nltk_data"
-    for name in REQUIRED_FILES + ("cntlist.rev",):
-        assert (target / name).read_text() == (system / name).read_text()
-        assert not (target / name).is_symlink()  # nltk refuses links that resolve outside its data paths
-    assert (target / "lexnames").read_text() == lexnames_text()
-    assert sorted(p.name for p in (data_dir / "corpora").iterdir()) == ["wordnet"]  # no temporary folder left
-    stamp = (target / "lexnames").stat().st_mtime_ns
+    found = locate_wordnet(system_dir=system, search_nltk_path=False)
+    assert Path(str(found)) == system
+    assert str(system) in nltk.data.path  # registered: nltk only reads inside its data paths
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["system"]  # nothing copied or built anywhere
+    before = database_sha256(found)
+    copy = fake_database(tmp_path / "elsewhere")
+    assert database_sha256(locate_wordnet(system_dir=copy, search_nltk_path=False)) == before  # content, not place
     (system / "index.noun").write_text("changed\n")
-    assert build_from_system(system, tmp_path / "cache") == data_dir
-    assert (target / "lexnames").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert database_sha256(found) != before
 
 
 def test_configured_nltk_data_dir_comes_first(tmp_path, monkeypatch):
@@ -95,9 +89,8 @@ def test_configured_nltk_data_dir_comes_first(tmp_path, monkeypatch):
 def test_nltk_search_path_is_used_when_nothing_is_configured(tmp_path, monkeypatch):
     fake_database(tmp_path / "env" / "corpora" / "wordnet")
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "elsewhere"), str(tmp_path / "env")])
-    found = locate_wordnet(cache_dir=tmp_path / "cache", system_dir=tmp_path / "none")
+    found = locate_wordnet(system_dir=tmp_path / "none")
     assert Path(str(found)) == tmp_path / "env" / "corpora" / "wordnet"
-    assert not (tmp_path / "cache").exists()
 
 
 @requires_wordnet
@@ -112,6 +105,6 @@ def test_debian_wordnet_opens_offline(wordnet, monkeypatch):
     assert synonyms(wordnet, "film")[:3] == ["movie", "picture", "moving picture"]
     assert synonyms(wordnet, "fun") == ["merriment", "playfulness", "play", "sport"]
     assert synonyms(wordnet, "the") == []
-    root = Path(str(locate_wordnet(cache_dir=Path(wordnet.root.path).parents[2], search_nltk_path=False)))
-    assert root == Path(wordnet.root.path)
-    assert not any(p.is_symlink() for p in root.iterdir())
+    # Debian's database, read where it is installed (no lexnames file there: given from the 3.0 list).
+    assert Path(wordnet.root.path) == DEBIAN_WORDNET_DIR
+    assert not (DEBIAN_WORDNET_DIR / "lexnames").exists()
