@@ -2,7 +2,7 @@
 
     python bench/rehearsal.py CONFIG [--quick] [--layers N] [--device cpu|cuda] [--memory-cap-gb G]
                               [--max-length L] [--sentences N] [--models A,B] [--family F] [--out DIR]
-    python bench/rehearsal.py configs/seed-20gb.yaml --quick      # 2-core CPU, under 10 minutes
+    python bench/rehearsal.py configs/seed-20gb.yaml --quick      # 2-core CPU
     python bench/rehearsal.py configs/seed-20gb.yaml --device cuda # a GPU: every model at full depth
 
 What it builds (nothing is downloaded): for every model of the config, a
@@ -10,12 +10,15 @@ checkpoint with random bf16 weights and the model's real widths, heads,
 vocabulary (embedding rows) and, for Granite, multipliers, from
 :func:`ftflow.memory.model_config_for` (``ftflow/known_models.py`` for hub
 ids); on a CPU its decoder layers are cut to ``--layers`` (default 1), on a
-GPU it has them all. Each family gets one word-level tokenizer whose
-vocabulary is the family's smallest embedding (Qwen2.5: 151,936 ids; every
-model of a family shares it, so distillation's tokenizer check passes as it
-would on the hub's files). Its sentences are random words, exactly
-``--max-length`` tokens each with the start token, so every batch has the
-shape the planner predicts for (packing changes no row).
+GPU it has them all. Each family gets one byte-level BPE tokenizer with as
+many ids as the family's smallest embedding (Qwen2.5: 151,936), in which every
+two-letter word is one token (transformers 5 rebuilds a ``qwen2`` checkpoint's
+tokenizer as ``Qwen2Tokenizer``: it survives that); every model of a family
+shares it, so distillation's tokenizer check passes as it would on the hub's
+files. The sentences are random words, exactly ``--max-length`` tokens each
+with the start token (checked under every model's tokenizer as ftflow loads
+it), so every batch has the shape the planner predicts for (packing changes
+no row).
 
 What it runs: the stage sequence :mod:`ftflow.design` decides for the
 config, each stage through ftflow's own functions, the way the pipeline
@@ -56,21 +59,33 @@ whose teacher and student :func:`ftflow.selection.select_family`'s rule
 picks among equal scores. ``--quick`` runs that family's teacher and student
 and the smallest model of each other family but Llama-3.2 (whose 1B full
 fine-tune needs 8-bit AdamW, whose CPU kernel alone holds 20 bytes per
-element of its 263M-element embedding: about 8.5 GB at one layer), with one
-epoch, 32 tokens and 8 training sentences: on configs/seed-20gb.yaml
-granite-3.3-8b-base, granite-3.3-2b-base, Qwen2.5-0.5B, TinyLlama-1.1B.
+element of its 263M-element embedding: about 8.5 GB at one layer), for one
+epoch at 16 tokens a sentence: on configs/seed-20gb.yaml granite-3.3-8b-base,
+granite-3.3-2b-base, Qwen2.5-0.5B and TinyLlama-1.1B-Chat-v1.0, 21 stages.
+Every run has 8 training sentences (two optimizer steps at the seed config's
+batch of 4: the second is the steady state the planner predicts, its
+optimizer state resident through forward and backward) and 2 validation and
+test sentences.
 
 How it measures, each stage on its own:
 
 * cpu: each stage in a forked child (``bench/memory_accuracy.py``'s
-  ``in_child``, malloc settings and meter): the peak is the growth of the
-  resident set (``VmHWM`` over ``VmRSS`` before the stage) less what only the
-  host does on a GPU: loading a checkpoint (``from_pretrained``: its memory-
-  mapped file pages and dtype conversion) and writing one (``save_pretrained``,
-  the Trainer's checkpoints), whose transients are left out by reading the
-  peak before each and restarting it after (what they leave resident counts).
-  The raw growth, transients included, is in the CSV. Compared with the
-  prediction's ``allocated_bytes`` (no runtime overhead), as memory_accuracy does.
+  ``in_child``, malloc settings and meter), after a warm-up (the same stage on
+  micro models of the same architectures, so one-time costs do not count) and
+  with the tokenizers already loaded (host memory a GPU never holds: Qwen2's
+  is about 50 MB). The peak is the growth of the resident set (``VmHWM`` over
+  ``VmRSS`` before the stage) less what a GPU's memory does not see: loading a
+  checkpoint (``from_pretrained``: memory-mapped file pages, dtype conversion)
+  and writing one (``save_pretrained``, the Trainer's checkpoints), which the
+  host does, and bitsandbytes' CPU reference kernel of the 8-bit AdamW step
+  (20 bytes of temporaries per element, where CUDA's fused kernel has none).
+  Their transients are left out by reading the peak before each and restarting
+  it after (what they leave resident counts); the raw growth is in the CSV.
+  Compared with the ``allocated_bytes`` (no runtime overhead) of the
+  prediction for CUDA, as memory_accuracy compares. On a CPU without
+  AVX512-BF16, bf16 matrix products run through :class:`CpuBf16Matmul` (fp32
+  blocks of at most 8 MB): torch's own kernel takes minutes for one backward
+  through an LM head there.
 * cuda: stages one after another in this process (as the pipeline runs them),
   under ``torch.cuda.set_per_process_memory_fraction`` so that the allocator
   has the cap less the CUDA context; ``max_memory_allocated`` growth against
@@ -106,12 +121,9 @@ Last measured here: see bench/README.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import gc
 import inspect
-import json
-import math
 import os
 import random
 import shutil
@@ -130,7 +142,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
 
 # First, before torch allocates anything: memory_accuracy's malloc settings (its import sets them) and meters.
-from bench.memory_accuracy import _LIBC, _CpuMeter, in_child  # noqa: E402
+from bench.memory_accuracy import _CpuMeter, in_child  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -138,7 +150,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from ftflow import design, memory  # noqa: E402
 from ftflow.config import PipelineConfig, load_config  # noqa: E402
 from ftflow.fit import choose_fit  # noqa: E402
-from ftflow.jobs import DistillJob, FullJob, Job, LoraJob, PrefixJob  # noqa: E402
+from ftflow.jobs import FullJob, Job, PrefixJob  # noqa: E402
 
 MB = 10**6
 WITHIN = 0.10
@@ -254,16 +266,20 @@ def sentences(n: int, length: int, letters: str, seed: int) -> list[str]:
     return [" ".join(rng.choice(letters) + rng.choice(letters) for _ in range(length - 1)) for _ in range(n)]
 
 
-def build_checkpoint(config, tokenizer, directory: Path) -> dict:
-    """Random bf16 weights of ``config`` and the tokenizer, saved as a Hugging Face directory."""
+def build_checkpoint(config, tokenizer, directory: Path, device: str = "cpu") -> dict:
+    """Random bf16 weights of ``config``, made on ``device``, and the tokenizer, saved as a Hugging Face directory."""
     from transformers import AutoModelForCausalLM
 
     from ftflow import zoo
 
     started = time.perf_counter()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device(device):  # an 8B model's random initialisation takes minutes on a CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     zoo.save_checkpoint(model, tokenizer, directory)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return {"seconds": time.perf_counter() - started}
 
 
@@ -278,7 +294,7 @@ class Stage:
     kind: str  # benchmark | train | teacher | evaluate
     model: str
     run: Callable[[], dict]
-    predicted: Optional[memory.MemoryPrediction]  # at the shape run here, on this device; None: unplanned
+    predicted: Optional[memory.MemoryPrediction]  # at the shape run here, for CUDA; None: unplanned
     full_peak_bytes: Optional[int]  # the full-depth plan on CUDA (context included); None: unplanned
     shape: str
     note: str = ""
@@ -882,9 +898,10 @@ def table_cells(row: dict) -> list[str]:
     error = "" if row["error_pct"] is None else f"{row['error_pct']:+.1f}%"
     leaked = (f"yes: {row['leaked_objects']}, {row['leaked_mb']:,.0f} MB" if row["leaked"] else "no")
     note = "; ".join(p for p in (row["status"] if row["status"] != "ok" else "", row["note"], row["error"]) if p)
-    return [row["stage"], row["shape"], _fmt(row["predicted_mb"]), _fmt(row["measured_mb"]), error,
-            _fmt(row["within"]), _fmt(row["full_plan_gb"], 2), _fmt(row["over_budget"]), leaked,
-            _fmt(row["seconds"], 1), note.replace("|", "/").replace("\n", " ")[:300]]
+    cells = [row["stage"], row["shape"], _fmt(row["predicted_mb"]), _fmt(row["measured_mb"]), error,
+             _fmt(row["within"]), _fmt(row["full_plan_gb"], 2), _fmt(row["over_budget"]), leaked,
+             _fmt(row["seconds"], 1), note.replace("\n", " ")[:300]]
+    return [cell.replace("|", "\\|") for cell in cells]  # stage labels hold "|" (model|settings)
 
 
 def markdown_table(rows: Sequence[dict]) -> list[str]:
@@ -1084,7 +1101,7 @@ def build(r: Rehearsal) -> None:
         if r.device == "cpu":
             result = in_child(build_checkpoint, m.config, tokenizers[key], m.path)
         else:
-            result = {"ok": True, **build_checkpoint(m.config, tokenizers[key], m.path)}
+            result = {"ok": True, **build_checkpoint(m.config, tokenizers[key], m.path, "cuda")}
         if not result["ok"]:
             raise RuntimeError(f"could not build {m.name}'s checkpoint in {m.path}: {result['error']}")
         print(f"built {m.name} ({memory.count_config_parameters(m.config):,} parameters) in "
