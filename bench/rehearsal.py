@@ -1181,11 +1181,15 @@ def main(argv: Optional[Sequence[str]] = None,
     started = time.perf_counter()
     r, header = prepare(args)
     stages = stage_sequence(r)
-    # The same stages on micro models, run before each measured one in its process (see measure_on_cpu).
-    warm_args = argparse.Namespace(**{**vars(args), "micro": True, "quick": True, "max_length": 16, "sentences": 8,
-                                      "workdir": r.workdir / "warm", "layers": 1, "models": ",".join(r.models)})
-    warm, _ = prepare(warm_args)
-    warm_ups = {stage.label: stage for stage in stage_sequence(warm)}
+    # The same stages on micro models, run before each measured one in its process (see measure_on_cpu); a micro
+    # run is its own warm-up (its figures show the code path, not the planner's accuracy).
+    warm, warm_ups = None, {}
+    if not args.micro:
+        warm_args = argparse.Namespace(**{**vars(args), "micro": True, "quick": True, "max_length": 16,
+                                          "sentences": 8, "workdir": r.workdir / "warm", "layers": 1,
+                                          "models": ",".join(r.models)})
+        warm, _ = prepare(warm_args)
+        warm_ups = {stage.label: stage for stage in stage_sequence(warm)}
     if adjust_stages is not None:
         stages = adjust_stages(stages)
     if args.plan_only:
@@ -1209,7 +1213,8 @@ def main(argv: Optional[Sequence[str]] = None,
                            f"{total / 1e9:.1f} GB."]
     print("\n".join(header), flush=True)
     try:
-        build(warm)
+        if warm is not None:
+            build(warm)
         build(r)
         rows = run_all(r, stages, context, warm_ups)
     finally:
