@@ -2,8 +2,9 @@
 
 On a machine with a GPU (nothing is downloaded, no hub is needed)::
 
-    python bench/gpu_check.py OUTDIR                      # every model, 480 s budget in all
+    python bench/gpu_check.py OUTDIR                      # every model but granite-8b, 480 s in all
     python bench/gpu_check.py OUTDIR --models qwen2 --budget-s 200
+    python bench/gpu_check.py OUTDIR --memory-cap-gb 20 --models granite-8b --budget-s 540   # as a 20 GB card
 
 and on a CPU, the same code at tiny sizes (what ``tests/unit/test_gpu_check.py`` runs)::
 
@@ -18,12 +19,20 @@ through :func:`ftflow.models.load_model`, ftflow's one loading path:
 * ``llama``: Llama-3.2-1B's shapes (hidden 2048, 16 layers, 32/8 heads, MLP 8192,
   vocabulary 128256, tied), 1.24B parameters;
 * ``granite``: Granite 3.0 2B's shapes cut to 14 of its 40 layers (vocabulary
-  49155, tied), 0.95B parameters (Granite 3.x has no dense 1B model);
+  49155, tied), 0.95B parameters (Granite 3.x has no dense 1B model), with
+  its real multipliers (embeddings x12, attention 1/64, residual 0.22, logits
+  / 8: ``ftflow/known_models.py``), which ftflow's chunked scoring must
+  reproduce;
 * ``qwen2``: Qwen2.5-0.5B's shapes (hidden 896, 24 layers, 14/2 heads, MLP 4864,
-  vocabulary 151936, tied), 0.49B parameters.
+  vocabulary 151936, tied), 0.49B parameters;
+* ``granite-8b``: granite-3.3-8b-base, all 40 layers and its multipliers, 8.17B
+  parameters in bf16 (16.3 GB): the seed study's teacher on a 20 GB card. Only
+  ``train[lora-fit]`` and ``teacher[topk]`` (below); run it on its own
+  (``--models granite-8b``): its checkpoint alone is 16 GB to write and read.
 
-Each has a distillation student of the same family and tokenizer (its shapes
-with fewer layers). The weights' values do not matter for speed and memory.
+The first three have a distillation student of the same family and tokenizer
+(their shapes with fewer layers). The weights' values do not matter for speed
+and memory.
 
 What it checks, per model, each check on its own (one failure is recorded with
 its error and the rest go on):
@@ -46,6 +55,22 @@ its error and the rest go on):
   and achieved FLOP/s. The training set is ``steps x batch`` sequences of
   exactly ``--max-length`` tokens (sentences joined, then cut), so every batch
   has the shape the planner predicts for and one epoch is the number of steps.
+  Then, as :func:`ftflow.methods.run_job` does, the saved result is reloaded
+  (base + adapter, or the checkpoint) and the test sentences scored: with
+  ``gc`` off from the start of training, what of the run is still alive when
+  its function returns (models, optimizers: a reference cycle that only a
+  collection frees) is recorded, and the reload's peak, as growth over the
+  memory before training (so a trained model still alive counts), is
+  compared with :func:`ftflow.memory.predict_scoring` for the reload alone.
+* ``train[lora-fit]`` (granite-8b): LoRA in bf16 with the micro-batch,
+  checkpointing and optimizer state that :func:`ftflow.fit.choose_fit` picks
+  for the memory cap, its peak against the plan's prediction.
+* ``teacher[topk]`` (granite-8b): the teacher pass
+  (:func:`ftflow.distill.compute_teacher_topk`, k = 100, the seed study's
+  largest) at the batch :func:`ftflow.memory.plan_candidate` gives the model
+  for scoring at the training length within the cap (the pipeline passes its
+  evaluation batch), against ``ftflow.memory.predict_teacher_pass`` when
+  ftflow has it ("unplanned" otherwise).
 
 How it measures:
 
@@ -53,9 +78,14 @@ How it measures:
   before the model was loaded (``torch.cuda.synchronize`` and
   ``reset_peak_memory_stats`` around each measurement), compared with the
   prediction's ``allocated_bytes`` (the peak without the CUDA context, which the
-  allocator does not see). Between checks every model is deleted, then
+  allocator does not see); ``max_memory_reserved`` beside it. Between checks every model is deleted, then
   ``gc.collect()`` and ``torch.cuda.empty_cache()``; what is still allocated
-  after a check is recorded (``leftover_mb``), so a leak shows.
+  after a check is recorded (``leftover_mb``), so a leak shows. The CUDA
+  context (used memory the allocator does not hold, once it exists) is
+  recorded beside the planned runtime overhead. With ``--memory-cap-gb G``
+  every run is planned for G GB and the allocator is capped at G less the
+  context (``torch.cuda.set_per_process_memory_fraction``), so what a card of
+  G GB cannot hold fails with an out-of-memory error.
 * memory, cpu (``--smoke``): growth of the resident set (``bench/memory_accuracy.py``'s
   meter), in this process, loading included: a sanity figure at smoke sizes, not a check.
 * time: one timed run after an untimed warm-up on two sentences (scoring); for training,
@@ -78,12 +108,13 @@ tested on CPU). The best epoch is still saved as ftflow saves it.
 
 Time: the budget (``--budget-s``, default 480 s) is shared by the models; each
 model may use what is left divided by the models still to run, and a check that
-would start past its model's share is skipped and reported as skipped for time.
+would start past its model's share is not run and counts as failed ("time budget: ...").
 
 Writes ``OUTDIR/gpu_check.json`` (every figure) and ``OUTDIR/gpu_check.md``
 (the summary, also printed), rewritten after every check so that a run killed
 from outside still leaves what it measured. Exit status 0 when no check failed, 1 when one did
-(a skipped check is not a failure), 2 for a bad command line.
+(a check skipped because it cannot run here, e.g. 4-bit without bitsandbytes' kernels, is not a failure;
+one not run for lack of time is), 2 for a bad command line.
 """
 
 from __future__ import annotations
@@ -92,6 +123,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import inspect
 import json
 import math
 import os
@@ -113,13 +145,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
 
 from bench.memory_accuracy import _CpuMeter, _CudaMeter  # noqa: E402
+from bench.rehearsal import LiveObjects  # noqa: E402
 from bench.perplexity_speed import DEFAULT_DATA, naive_score, read_sentences  # noqa: E402
 
 import torch  # noqa: E402
 
 from ftflow import memory, synthetic, zoo  # noqa: E402
 from ftflow.models import load_model, load_tokenizer  # noqa: E402
-from ftflow.perplexity import score_sentences  # noqa: E402
+from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences  # noqa: E402
 from ftflow.tokens import pad_token_id, sentence_ids  # noqa: E402
 
 MB = 10**6
@@ -138,42 +171,72 @@ rounding differs by about one bf16 ulp per logit."""
 LORA = dict(r=8, alpha=16.0, dropout=0.05, target_modules="all-linear")
 PREFIX_TOKENS = 8
 DISTILL = dict(top_k=10, temperature=1.0, alpha=0.5)
-LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "prefix": 1e-4, "full": 5e-5, "distill": 5e-5, "full-fit": 5e-5}
+LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "prefix": 1e-4, "full": 5e-5, "distill": 5e-5, "full-fit": 5e-5,
+                 "lora-fit": 2e-4}
+TEACHER_K = 100
+"""The teacher pass keeps the top 100 (the seed study's largest k)."""
 
 
 # ----------------------------------------------------------------------------- models
 
 
+ALL_CHECKS = ("build", *(f"score[{p}]" for p in SCORING_PRECISIONS), *(f"train[{m}]" for m in TRAINING_METHODS))
+EIGHT_B_CHECKS = ("build", "train[lora-fit]", "teacher[topk]")
+ON_ITS_OWN = ("granite-8b",)
+"""Models a GPU run checks only when ``--models`` names them (the smoke run checks every model)."""
+"""The 8B model's checks: its LoRA run at the micro-batch the planner chooses for the memory cap, and the
+teacher pass at its planned batch (what a 20 GB card must hold for the seed study's teacher)."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """One architecture at one size, and the layers of its distillation student."""
+    """One architecture at one size, the layers of its distillation student (None: none), and its checks."""
 
     name: str
     like: str
     architecture: str
     numbers: dict
-    student_layers: int
+    student_layers: Optional[int]
     with_bos: bool = True  # Qwen2's tokenizer has no BOS: ftflow then starts sentences with EOS
+    checks: tuple[str, ...] = ALL_CHECKS
+
+
+GRANITE_SCALING = ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
+
+
+def _known(hub_id: str, *fields: str) -> dict:
+    """Fields of a hub model's config as ``ftflow/known_models.py`` records them."""
+    from ftflow.known_models import KNOWN_MODELS
+
+    return {name: KNOWN_MODELS[hub_id][name] for name in fields}
 
 
 GPU_MODELS = (
     ModelSpec("llama", "Llama-3.2-1B", "llama", dict(
         hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True), student_layers=4),
-    ModelSpec("granite", "granite-3.0-2b shapes, 14 of 40 layers", "granite", dict(
+    # Granite's forward scales embeddings, attention, residual branches and logits: its real multipliers, so
+    # ftflow's chunked scoring is checked against the forward the hub's checkpoints run.
+    ModelSpec("granite", "granite-3.0-2b shapes and multipliers, 14 of 40 layers", "granite", dict(
         hidden_size=2048, num_hidden_layers=14, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=8192, vocab_size=49155, tie_word_embeddings=True), student_layers=4),
+        intermediate_size=8192, vocab_size=49155, tie_word_embeddings=True,
+        **_known("ibm-granite/granite-3.0-2b-base", *GRANITE_SCALING)), student_layers=4),
     ModelSpec("qwen2", "Qwen2.5-0.5B", "qwen2", dict(
         hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
         intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True), student_layers=6,
         with_bos=False),
+    ModelSpec("granite-8b", "granite-3.3-8b-base (all 40 layers, its multipliers)", "granite", _known(
+        "ibm-granite/granite-3.3-8b-base", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings", *GRANITE_SCALING),
+        student_layers=None, checks=EIGHT_B_CHECKS),
 )
 _SMOKE_NUMBERS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=128, vocab_size=512)
 SMOKE_MODELS = tuple(
     ModelSpec(spec.name, f"{spec.like} (smoke: tiny)", spec.architecture,
-              {**_SMOKE_NUMBERS, "tie_word_embeddings": spec.numbers["tie_word_embeddings"]},
-              student_layers=1, with_bos=spec.with_bos)
+              {**_SMOKE_NUMBERS, "tie_word_embeddings": spec.numbers["tie_word_embeddings"],
+               **{k: v for k, v in spec.numbers.items() if k in GRANITE_SCALING}},
+              student_layers=None if spec.student_layers is None else 1, with_bos=spec.with_bos, checks=spec.checks)
     for spec in GPU_MODELS
 )
 
@@ -194,6 +257,8 @@ class Settings:
     train_precision: str
     tokenizer_vocab: int
     max_length_scoring: int = 2048
+    memory_cap_gb: Optional[float] = None
+    """The card's memory to plan for and (cuda) cap the allocator at; None: the device's own."""
 
 
 GPU_DEFAULTS = dict(budget_s=480.0, n_sentences=384, n_validation=16, eval_batch_size=32, steps=6, batch_size=8,
@@ -301,6 +366,16 @@ def _meter(device: str):
     return _CudaMeter() if device == "cuda" else _CpuMeter()
 
 
+def _restart_peak(device: str) -> None:
+    """Restart the peak where memory is now, without collecting garbage (unlike the meters' ``reset_peak``)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+
+
 def _reserved_peak_mb(device: str) -> Optional[float]:
     """cuda: the caching allocator's reserved peak since the last reset (allocated + cached blocks), in MB."""
     return torch.cuda.max_memory_reserved() / MB if device == "cuda" else None
@@ -384,21 +459,26 @@ def check_build(ctx: ModelContext) -> dict:
     s = ctx.settings
     tokenizer = zoo.train_tokenizer(ctx.sentences, s.tokenizer_vocab, seed=0, with_bos=ctx.spec.with_bos)
     ctx.config = model_config(ctx.spec, tokenizer)
-    ctx.student_config = model_config(ctx.spec, tokenizer, ctx.spec.student_layers)
-    ctx.path, ctx.student_path = ctx.workdir / ctx.spec.name, ctx.workdir / f"{ctx.spec.name}-student"
+    ctx.path = ctx.workdir / ctx.spec.name
     build_s = build_checkpoint(ctx.config, tokenizer, ctx.path, s.device)
-    student_s = build_checkpoint(ctx.student_config, tokenizer, ctx.student_path, s.device)
+    student_s = None
+    if ctx.spec.student_layers is not None:
+        ctx.student_config = model_config(ctx.spec, tokenizer, ctx.spec.student_layers)
+        ctx.student_path = ctx.workdir / f"{ctx.spec.name}-student"
+        student_s = build_checkpoint(ctx.student_config, tokenizer, ctx.student_path, s.device)
     # Loaded back through ftflow, as every later check (and the pipeline) reads it.
     ctx.tokenizer = load_tokenizer(str(ctx.path))
     ctx.documents = training_documents(ctx.tokenizer, ctx.sentences, s.steps * s.batch_size, s.max_length)
     return {
         "parameters": memory.count_config_parameters(ctx.config),
         "matmul_parameters": matmul_parameters(ctx.config),
-        "student_parameters": memory.count_config_parameters(ctx.student_config),
+        "student_parameters": (None if ctx.student_config is None
+                               else memory.count_config_parameters(ctx.student_config)),
         "vocab_size": ctx.config.vocab_size,
         "tokenizer_vocab": len(ctx.tokenizer),
         "layers": ctx.config.num_hidden_layers,
         "hidden_size": ctx.config.hidden_size,
+        **{name: getattr(ctx.config, name) for name in GRANITE_SCALING if name in ctx.spec.numbers},
         "build_s": build_s,
         "student_build_s": student_s,
         "checkpoint_mb": sum(f.stat().st_size for f in ctx.path.iterdir()) / MB,
@@ -487,8 +567,11 @@ def _train_settings(s: Settings, method: str, precision: str):
     )
 
 
-def _budget_bytes(device: str) -> int:
-    if device == "cuda":
+def _budget_bytes(settings: Settings) -> int:
+    """What runs are planned against: the memory cap, else the device's memory."""
+    if settings.memory_cap_gb is not None:
+        return int(settings.memory_cap_gb * memory.GB)
+    if settings.device == "cuda":
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -500,8 +583,27 @@ def check_training(ctx: ModelContext, method: str) -> dict:
     from ftflow.training import batching_for, encode_dataset, train_full, train_lora, train_prefix
 
     s, tokenizer = ctx.settings, ctx.tokenizer
-    precision = "nf4" if method == "qlora" else s.train_precision
+    precision = "nf4" if method == "qlora" else "bf16" if method == "lora-fit" else s.train_precision
     fit_options: dict = {}
+    out: dict = {}
+    if method == "lora-fit":
+        # LoRA as the pipeline plans it for the memory cap (ftflow/fit.py): the micro-batch, checkpointing and
+        # optimizer state it chooses, bf16 weights as the study's 8B models.
+        from ftflow.fit import choose_fit
+
+        longest = max(len(sentence_ids(tokenizer, text, s.max_length_scoring)[0])
+                      for text in ctx.sentences[: s.n_validation])
+        fit = choose_fit(ctx.config, precision, "lora", batch_size=s.batch_size, max_length=s.max_length,
+                         budget_bytes=_budget_bytes(s), eval_batch_size=s.eval_batch_size, eval_length=longest,
+                         lora_r=LORA["r"], lora_dropout=LORA["dropout"], device=s.device, name=ctx.spec.name)
+        if not fit.fits:
+            raise CheckFailed(f"the plan fits no LoRA run of {ctx.spec.name} in {_budget_bytes(s) / 1e9:g} GB: "
+                              f"{fit.reason}", {"fit_summary": fit.summary})
+        fit_options = dict(micro_batch_size=fit.micro_batch_size, gradient_checkpointing=fit.gradient_checkpointing,
+                           optimizer=fit.optimizer)
+        out.update(micro_batch_size=fit.micro_batch_size, accumulation_steps=fit.accumulation_steps,
+                   gradient_checkpointing=fit.gradient_checkpointing, optimizer=fit.optimizer,
+                   fit_summary=fit.summary)
     if method == "full-fit":
         micro = max(1, s.batch_size // 2)
         precision = "bf16"
@@ -514,22 +616,24 @@ def check_training(ctx: ModelContext, method: str) -> dict:
     trained_path, trained_config = (ctx.student_path, ctx.student_config) if method == "distill" \
         else (ctx.path, ctx.config)
     # The planner's verdict first, as the pipeline does: a run predicted not to fit is not started.
-    if method == "full-fit":
+    if method == "lora-fit":
+        predicted = memory.MemoryPrediction(**fit.prediction)
+    elif method == "full-fit":
         predicted = memory.predict_training(
             memory.model_config_for(str(trained_path)), "bf16", "full", micro, s.max_length,
             gradient_checkpointing=True, optimizer="adamw-8bit", accumulation_steps=s.batch_size // micro,
             device=s.device)
-        if predicted.peak_bytes > _budget_bytes(s.device):
+        if predicted.peak_bytes > _budget_bytes(s):
             raise SkipCheck(f"full-fit predicted at {predicted.peak_bytes / 1e9:.1f} GB, over the device's memory")
     else:
         try:
             predicted = memory.check_training_fits(
                 str(trained_path), precision, method, batch_size=s.batch_size, max_length=s.max_length,
-                budget_bytes=_budget_bytes(s.device), device=s.device, lora_r=LORA["r"],
+                budget_bytes=_budget_bytes(s), device=s.device, lora_r=LORA["r"],
                 lora_dropout=LORA["dropout"], num_virtual_tokens=PREFIX_TOKENS)
         except memory.MemoryBudgetError as exc:
             raise SkipCheck(str(exc)) from None
-    out: dict = {"precision": precision, "batch_size": s.batch_size, "max_length": s.max_length, "steps": s.steps}
+    out.update({"precision": precision, "batch_size": s.batch_size, "max_length": s.max_length, "steps": s.steps})
     run_dir = ctx.workdir / f"train-{method}"
     clock = StepClock()
     settings = dataclasses.replace(_train_settings(s, method, precision), **fit_options)
@@ -547,8 +651,10 @@ def check_training(ctx: ModelContext, method: str) -> dict:
                                             packed=batching == "packed")
         meter = _meter(s.device)
         meter.reset_peak()
+        live = LiveObjects().install()
+        gc.disable()  # until the reload is scored: a trained model that only a collection frees shows
         started = time.perf_counter()
-        if method in ("lora", "qlora"):
+        if method in ("lora", "qlora", "lora-fit"):
             result = train_lora(str(trained_path), tokenizer, ctx.documents, validation, r=LORA["r"],
                                 alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=LORA["target_modules"],
                                 adapter_dir=run_dir / "best", **common)
@@ -570,7 +676,11 @@ def check_training(ctx: ModelContext, method: str) -> dict:
         run_s = time.perf_counter() - started
         peak = meter.peak()
         reserved = _reserved_peak_mb(s.device)
+        out.update(_reload_and_score(ctx, method, run_dir / "best", trained_path, trained_config, meter, live))
     finally:
+        gc.enable()
+        if "live" in locals():
+            live.uninstall()
         shutil.rmtree(run_dir, ignore_errors=True)
     step_s = clock.seconds_per_step()
     tokens_per_s = s.batch_size * s.max_length / step_s
@@ -591,6 +701,84 @@ def check_training(ctx: ModelContext, method: str) -> dict:
         **_compare("peak", predicted.allocated_bytes, peak),
         "peak_reserved_mb": reserved,
     })
+    return out
+
+
+def _reload_and_score(ctx: ModelContext, method: str, best_dir: Path, trained_path: Path, trained_config,
+                      meter, live: LiveObjects) -> dict:
+    """What the pipeline does after training (``ftflow.methods.run_job``): reload the saved result, score test.
+
+    Called right after the training function returned, with ``gc`` off: first what of the run is still
+    alive (models, optimizers; allocated memory on cuda), then the reload's peak, as growth over the memory
+    before training (a trained model still alive counts), against :func:`ftflow.memory.predict_scoring` for
+    the reload alone.
+    """
+    s = ctx.settings
+    alive = live.alive()
+    out = {"trained_alive_models": alive["models"], "trained_alive_optimizers": alive["optimizers"],
+           "trained_alive_mb": alive["bytes"] / MB, "left_after_train_mb": meter.now() / MB}
+    precision = "nf4" if method == "qlora" else "bf16" if method == "lora-fit" else s.train_precision
+    _restart_peak(s.device)  # no collection here: what is still alive must count
+    if method in ("lora", "qlora", "lora-fit", "prefix"):
+        model = load_model(str(trained_path), precision, s.device, adapter=str(best_dir))
+    else:
+        model = load_model(str(best_dir), precision, s.device)
+    test = ctx.sentences[: s.eval_batch_size]
+    _sync(s.device)
+    score = score_sentences(model, ctx.tokenizer, test, batch_size=s.eval_batch_size,
+                            max_length=s.max_length_scoring, progress=False)
+    _sync(s.device)
+    peak = meter.peak()
+    del model
+    longest = max(len(sentence_ids(ctx.tokenizer, text, s.max_length_scoring)[0]) for text in test)
+    predicted = memory.predict_scoring(trained_config, precision, len(test), longest, device=s.device)
+    return {**out, "reload_precision": precision, "reload_test_ppl": score.corpus_ppl,
+            **_compare("reload_peak", predicted.allocated_bytes, peak),
+            "reload_reserved_mb": _reserved_peak_mb(s.device)}
+
+
+def check_teacher_pass(ctx: ModelContext, variant: str) -> dict:
+    """The teacher pass (:func:`ftflow.distill.compute_teacher_topk`) at the batch the plan gives the model.
+
+    The batch is :func:`ftflow.memory.plan_candidate`'s for scoring at the training length within the memory
+    cap: the pipeline runs the teacher pass at its evaluation batch, the smallest such batch of the study's
+    models. Compared with ``ftflow.memory.predict_teacher_pass`` when ftflow has it (else "unplanned").
+    """
+    from bench.rehearsal import teacher_pass_prediction
+    from ftflow.distill import compute_teacher_topk
+
+    s = ctx.settings
+    precision = "bf16"
+    plan = memory.plan_candidate(ctx.spec.name, str(ctx.path), _budget_bytes(s), precision=precision,
+                                 batch_size="auto", max_length=s.max_length, device=s.device)
+    batch = plan["batch_size"]
+    if not batch:
+        raise CheckFailed(f"the plan cannot score {ctx.spec.name} at all: {plan['reason']}", {})
+    documents = training_documents(ctx.tokenizer, ctx.sentences, batch, s.max_length)
+    chunked = "logits_chunk_tokens" in inspect.signature(compute_teacher_topk).parameters
+    predicted = teacher_pass_prediction(ctx.config, precision, batch, s.max_length, k=TEACHER_K, variant=variant,
+                                        chunk=DEFAULT_LOGITS_CHUNK_TOKENS, device=s.device)
+    meter = _meter(s.device)
+    teacher = load_model(str(ctx.path), precision, s.device)
+    meter.reset_peak()
+    started = time.perf_counter()
+    topk = compute_teacher_topk(teacher, ctx.tokenizer, documents, k=TEACHER_K, max_length=s.max_length,
+                                batch_size=batch, progress=False, variant=variant,
+                                **({"logits_chunk_tokens": DEFAULT_LOGITS_CHUNK_TOKENS} if chunked else {}))
+    _sync(s.device)
+    seconds = time.perf_counter() - started
+    peak = meter.peak()
+    positions = int(topk.offsets[-1])
+    del teacher, topk
+    out = {"batch_size": batch, "max_length": s.max_length, "k": TEACHER_K, "variant": variant,
+           "plan_reason": plan["reason"], "positions": positions, "teacher_s": seconds,
+           "tokens_per_s": positions / seconds, "peak_measured_mb": peak / MB,
+           "peak_reserved_mb": _reserved_peak_mb(s.device),
+           "peak_predicted_mb": None if predicted is None else predicted.allocated_bytes / MB}
+    if predicted is not None:
+        out.update(_compare("peak", predicted.allocated_bytes, peak))
+    else:
+        out["peak_note"] = "unplanned: ftflow.memory has no predict_teacher_pass"
     return out
 
 
@@ -650,8 +838,8 @@ class Runner:
             record.update(status="skipped", error=f"needs {needs['check']}, which {needs['status']}")
             return record
         now = time.perf_counter()
-        if now > deadline:
-            record.update(status="skipped", error=(
+        if now > deadline:  # a check not run for lack of time is a check that did not pass
+            record.update(status="failed", error=(
                 f"time budget: this model's share ran out ({now - self.started:.0f} s used of "
                 f"{self.settings.budget_s:.0f} s); raise --budget-s or run fewer --models"))
             return record
@@ -684,10 +872,10 @@ def run_model(runner: Runner, spec: ModelSpec, settings: Settings, sentences: li
     ctx.workdir.mkdir(parents=True)
     try:
         built = runner.run(spec.name, "build", lambda: check_build(ctx), deadline)
-        for precision in SCORING_PRECISIONS:
-            runner.run(spec.name, f"score[{precision}]", lambda p=precision: check_scoring(ctx, p), deadline, built)
-        for method in TRAINING_METHODS:
-            runner.run(spec.name, f"train[{method}]", lambda m=method: check_training(ctx, m), deadline, built)
+        for check in spec.checks[1:]:
+            kind, what = check[:-1].split("[")
+            function = {"score": check_scoring, "train": check_training, "teacher": check_teacher_pass}[kind]
+            runner.run(spec.name, check, lambda f=function, w=what: f(ctx, w), deadline, built)
     finally:
         shutil.rmtree(ctx.workdir, ignore_errors=True)
 
@@ -738,6 +926,11 @@ def markdown_summary(report: dict) -> str:
         f"bitsandbytes {env['bitsandbytes']}; {report['started']}.",
         f"Data: {report['data']}. {report['elapsed_s']:.0f} s of a {report['settings']['budget_s']:.0f} s budget. "
         f"Checks: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped.",
+        f"Memory cap: {_fmt(env.get('memory_cap_gb')) + ' GB' if env.get('memory_cap_gb') else 'none (the device)'}"
+        + (f"; CUDA context {_fmt(env.get('cuda_context_mb'))} MB measured (planned overhead "
+           f"{_fmt(env.get('planned_overhead_mb'))} MB)" if env.get("cuda_context_mb") is not None else "")
+        + (f", allocator capped at {env['allocator_fraction']:.3f} of the card" if env.get("allocator_fraction")
+           else "") + ".",
         "",
         "## Models",
         "",
@@ -774,9 +967,26 @@ def markdown_summary(report: dict) -> str:
                          _fmt(m["trainable_parameters"]), _fmt(m["step_s"], 3), _fmt(m["tokens_per_s"], 0),
                          f"{_fmt(m['tflops'], 2)} ({m['flops_formula']})",
                          f"{_fmt(m['peak_predicted_mb'])} / {_fmt(m['peak_measured_mb'])}",
-                         _fmt(m["peak_error_pct"]), _fmt(m["run_s"])])
+                         _fmt(m["peak_error_pct"]), _fmt(m.get("peak_reserved_mb")), _fmt(m["run_s"]),
+                         f"{m.get('trained_alive_models', '')} / {m.get('trained_alive_optimizers', '')}",
+                         f"{_fmt(m.get('reload_peak_predicted_mb'))} / {_fmt(m.get('reload_peak_measured_mb'))}",
+                         _fmt(m.get("reload_peak_error_pct"))])
     lines += _table(["model", "method", "precision", "batch x tokens", "steps", "trainable", "s/step", "tok/s",
-                     "TFLOP/s (formula)", "peak MB pred / meas", "err %", "run s"], rows)
+                     "TFLOP/s (formula)", "peak MB pred / meas", "err %", "reserved MB", "run s",
+                     "alive after: models / optimizers", "reload + test MB pred / meas", "reload err %"], rows)
+    fitted = [c for c in checks if c["check"] == "train[lora-fit]" and c["metrics"].get("fit_summary")]
+    if fitted:
+        lines += ["", "Planned fits: " + "; ".join(c["metrics"]["fit_summary"] for c in fitted) + "."]
+    rows = [[c["model"], c["check"][8:-1], c["status"], c["metrics"].get("batch_size"), c["metrics"].get("max_length"),
+             c["metrics"].get("k"), f"{_fmt(c['metrics'].get('peak_predicted_mb'))} / "
+             f"{_fmt(c['metrics'].get('peak_measured_mb'))}", _fmt(c["metrics"].get("peak_error_pct")),
+             _fmt(c["metrics"].get("peak_reserved_mb")), _fmt(c["metrics"].get("tokens_per_s"), 0),
+             c["metrics"].get("peak_note", "")]
+            for c in checks if c["check"].startswith("teacher[") and c["metrics"]]
+    if rows:
+        lines += ["", "## Teacher pass at the planned batch", ""]
+        lines += _table(["model", "variant", "status", "batch", "tokens", "k", "peak MB pred / meas", "err %",
+                         "reserved MB", "tok/s", "note"], rows)
     problems = [c for c in checks if c["status"] != "ok"]
     if problems:
         lines += ["", "## Failed and skipped", ""]
@@ -821,6 +1031,33 @@ def environment(device: str) -> dict:
     return info
 
 
+def cap_memory(settings: Settings, report: dict) -> None:
+    """Record the CUDA context and, with ``--memory-cap-gb``, cap the allocator so the card is that large.
+
+    The context (driver state, kernels) is memory the caching allocator never sees: the allocator gets the cap
+    less it, so allocations past what a card of the cap's size holds fail as they would there. On a CPU the cap
+    is only what runs are planned against.
+    """
+    env = report["environment"]
+    env["memory_cap_gb"] = settings.memory_cap_gb
+    env["planned_overhead_mb"] = memory.RUNTIME_OVERHEAD_BYTES[settings.device] / MB
+    if settings.device != "cuda":
+        return
+    from bench.rehearsal import cuda_context_bytes
+
+    context = cuda_context_bytes()
+    env["cuda_context_mb"] = context / MB
+    if settings.memory_cap_gb is not None:
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        fraction = (settings.memory_cap_gb * memory.GB - context) / total
+        if not 0 < fraction <= 1:
+            print(f"gpu_check: --memory-cap-gb {settings.memory_cap_gb:g} leaves no room beside the CUDA context "
+                  f"({context / 1e9:.2f} GB) on this {total / 1e9:.1f} GB card", file=sys.stderr)
+            raise SystemExit(2)
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        env["allocator_fraction"] = fraction
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -829,7 +1066,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("outdir", type=Path, help="folder for gpu_check.json and gpu_check.md (created)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU: the same code, in about a minute")
     parser.add_argument("--models", default=None,
-                        help=f"comma-separated subset of {','.join(s.name for s in GPU_MODELS)} (default: all)")
+                        help=f"comma-separated subset of {','.join(s.name for s in GPU_MODELS)} (default: all but "
+                             f"{','.join(ON_ITS_OWN)}; smoke: all)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"seconds for every check of every model (default {GPU_DEFAULTS['budget_s']:g}; "
                              f"smoke {SMOKE_DEFAULTS['budget_s']:g})")
@@ -840,6 +1078,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default 8; smoke 2)")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per training sequence (default 256; smoke 32)")
     parser.add_argument("--eval-batch-size", type=int, default=None, help="scoring batch size (default 32; smoke 8)")
+    parser.add_argument("--memory-cap-gb", type=float, default=None,
+                        help="plan every run for a card of this many GB (e.g. 20) and, on cuda, cap the allocator "
+                             "there (torch.cuda.set_per_process_memory_fraction, less the CUDA context): what that "
+                             "card would hit shows as an out-of-memory failure (default: the device's memory)")
     parser.add_argument("--train-precision", choices=("fp32", "bf16"), default=None,
                         help="weights precision of LoRA, prefix, full and distillation runs (default fp32, as the "
                              "study trains models of at most 3B)")
@@ -861,10 +1103,14 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, tuple[ModelSpec, 
         problems.append("no CUDA GPU is visible; run on a GPU machine, or use --smoke for the CPU version")
     catalogue = SMOKE_MODELS if args.smoke else GPU_MODELS
     names = [s.name for s in catalogue]
-    wanted = names if args.models is None else [n.strip() for n in args.models.split(",") if n.strip()]
+    # On a GPU the 8B model runs only when named: its 16 GB checkpoint takes minutes to write and read.
+    default = names if args.smoke else [n for n in names if n not in ON_ITS_OWN]
+    wanted = default if args.models is None else [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in names]
     if unknown or not wanted:
         problems.append(f"--models: unknown {unknown or 'empty list'}; choose from {','.join(names)}")
+    if args.memory_cap_gb is not None and args.memory_cap_gb <= 0:
+        problems.append(f"--memory-cap-gb must be > 0, got {args.memory_cap_gb}")
     if values["budget_s"] <= 0:
         problems.append(f"--budget-s must be > 0, got {values['budget_s']}")
     if values["steps"] < 3:
@@ -880,7 +1126,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, tuple[ModelSpec, 
         print("gpu_check: " + "; ".join(problems), file=sys.stderr)
         raise SystemExit(2)
     values["n_validation"] = min(defaults["n_validation"], values["n_sentences"])
-    settings = Settings(device=device, smoke=args.smoke, **values)
+    settings = Settings(device=device, smoke=args.smoke, memory_cap_gb=args.memory_cap_gb, **values)
     return settings, tuple(s for s in catalogue if s.name in wanted)
 
 
@@ -916,6 +1162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "student_layers": s.student_layers} for s in specs},
         "checks": [],
     }
+    cap_memory(settings, report)
 
     def write(records: list[dict]) -> str:
         report.update(checks=records, elapsed_s=runner.elapsed())

@@ -32,7 +32,8 @@ ARCHITECTURE_FIELDS = (
     "tie_word_embeddings",
     "max_position_embeddings",
 )
-"""Fields every entry of :data:`KNOWN_MODELS` has (``head_dim`` is optional, default hidden / heads)."""
+"""Fields every entry of :data:`KNOWN_MODELS` has (``head_dim`` is optional, default hidden / heads; Granite
+entries also have its four multipliers, see ``_GRANITE_8B_SCALING``)."""
 
 
 def _arch(model_type, hidden, layers, heads, kv_heads, intermediate, vocab, tied, max_positions) -> dict:
@@ -61,8 +62,17 @@ _LLAMA32_1B = _arch("llama", 2048, 16, 32, 8, 8192, 128256, True, 131072)
 _LLAMA32_3B = _arch("llama", 3072, 28, 24, 8, 8192, 128256, True, 131072)
 # Granite 3.0: 4K context, vocabulary 49155. Granite 3.1/3.2: same shapes, 128K context.
 # Granite 3.3: vocabulary 49159 (confirmed by the published 2,533,539,840 and 8,170,864,640 counts).
-_GRANITE30_2B = _arch("granite", 2048, 40, 32, 8, 8192, 49155, True, 4096)
-_GRANITE30_8B = _arch("granite", 4096, 40, 32, 8, 12800, 49155, True, 4096)
+# Granite's forward also scales: embeddings x embedding_multiplier, attention scores x attention_multiplier
+# (1 / head_dim), each residual branch x residual_multiplier, logits / logits_scaling. They change no shape
+# (the planner ignores them) but they do change the forward that ftflow's chunked scoring must reproduce, so
+# checkpoints built from these numbers (bench/rehearsal.py, bench/gpu_check.py) carry them. Transcribed from
+# granite-3.3-8b-base's and granite-3.1-2b-base's config.json; the other sizes' from memory (same per size).
+_GRANITE_2B_SCALING = {"embedding_multiplier": 12.0, "attention_multiplier": 0.015625, "residual_multiplier": 0.22,
+                       "logits_scaling": 8.0}
+_GRANITE_8B_SCALING = {"embedding_multiplier": 12.0, "attention_multiplier": 0.0078125, "residual_multiplier": 0.22,
+                       "logits_scaling": 16.0}
+_GRANITE30_2B = {**_arch("granite", 2048, 40, 32, 8, 8192, 49155, True, 4096), **_GRANITE_2B_SCALING}
+_GRANITE30_8B = {**_arch("granite", 4096, 40, 32, 8, 12800, 49155, True, 4096), **_GRANITE_8B_SCALING}
 _GRANITE31_2B = {**_GRANITE30_2B, "max_position_embeddings": 131072}
 _GRANITE31_8B = {**_GRANITE30_8B, "max_position_embeddings": 131072}
 _GRANITE33_2B = {**_GRANITE31_2B, "vocab_size": 49159}

@@ -26,6 +26,7 @@ from ftflow import synthetic  # noqa: E402
 MODELS = ("llama", "granite", "qwen2")
 CHECKS = ("build", "score[fp32]", "score[bf16]", "score[nf4]", "train[lora]", "train[qlora]", "train[prefix]",
           "train[full]", "train[distill]", "train[full-fit]")
+EIGHT_B_CHECKS = ("build", "train[lora-fit]", "teacher[topk]")  # granite-8b: the 20 GB card's hardest runs
 # Smoke shapes: hidden 64, MLP 128, 2 layers, 4 query / 2 key-value heads (kv dim 32), vocabulary 512, tied.
 # Per layer: q 4096 + k 2048 + v 2048 + o 4096 + MLP 3 * 8192 + two norms 128 = 36,992; embedding 32,768;
 # final norm 64. Qwen2 adds q/k/v biases (64 + 32 + 32 per layer). The students have one layer.
@@ -61,7 +62,8 @@ def test_smoke_run_passes_every_check_with_numbers(smoke):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = smoke["report"]
     found = {(c["model"], c["check"]): c for c in report["checks"]}
-    assert sorted(found) == sorted((m, c) for m in MODELS for c in CHECKS)
+    assert sorted(found) == sorted([(m, c) for m in MODELS for c in CHECKS]
+                                   + [("granite-8b", c) for c in EIGHT_B_CHECKS])
     not_ok = {key: (c["status"], c["error"]) for key, c in found.items() if c["status"] != "ok"}
     assert not not_ok
     assert report["data"].endswith("sentences.txt")
@@ -112,6 +114,31 @@ def test_smoke_run_passes_every_check_with_numbers(smoke):
         assert (fitted["precision"], fitted["trainable_parameters"], fitted["flops_formula"]) == (
             "bf16", PARAMETERS[model], "8P")
         assert _finite(fitted["peak_predicted_mb"]) and fitted["validation_ppl_after"] > 0
+        # After training, as run_job does: the saved result reloaded and the test split scored; what of the
+        # run was still alive before anything was collected is recorded (a leak shows there).
+        for method in ("lora", "qlora", "prefix", "full", "distill", "full-fit"):
+            m = found[(model, f"train[{method}]")]["metrics"]
+            for key in ("reload_peak_predicted_mb", "reload_peak_measured_mb", "reload_test_ppl"):
+                assert _finite(m[key]) and m[key] > 0, (model, method, key, m[key])
+            assert m["reload_precision"] == ("nf4" if method == "qlora" else "fp32")
+            assert isinstance(m["trained_alive_models"], int) and isinstance(m["trained_alive_optimizers"], int)
+            assert 400 < m["reload_test_ppl"] < 650  # random weights: near the vocabulary size
+
+    # Granite's forward with its real multipliers (granite-3.0-2b's: embeddings x12, logits / 8).
+    granite = found[("granite", "build")]["metrics"]
+    assert (granite["embedding_multiplier"], granite["attention_multiplier"], granite["residual_multiplier"],
+            granite["logits_scaling"]) == (12.0, 0.015625, 0.22, 8.0)
+    # The 8B model: LoRA at the micro-batch the plan chose (bf16, as the study trains it), the teacher pass at
+    # the plan's scoring batch.
+    eight = found[("granite-8b", "build")]["metrics"]
+    assert (eight["logits_scaling"], eight["student_parameters"]) == (16.0, None)
+    fit = found[("granite-8b", "train[lora-fit]")]["metrics"]
+    assert fit["precision"] == "bf16" and fit["micro_batch_size"] * fit["accumulation_steps"] == fit["batch_size"]
+    assert fit["fit_summary"].startswith("granite-8b lora: ") and _finite(fit["reload_peak_measured_mb"])
+    teacher = found[("granite-8b", "teacher[topk]")]["metrics"]
+    assert teacher["k"] == 100 and teacher["batch_size"] >= 1 and teacher["positions"] == teacher["batch_size"] * 32
+    assert _finite(teacher["peak_measured_mb"]) and teacher["tokens_per_s"] > 0
+    assert (teacher["peak_predicted_mb"] is None) == (not hasattr(gpu_check.memory, "predict_teacher_pass"))
 
 
 @pytest.mark.slow
@@ -119,7 +146,7 @@ def test_smoke_run_writes_the_markdown_summary_it_prints(smoke):
     assert smoke["proc"].returncode == 0, smoke["proc"].stderr[-3000:]
     summary = (smoke["out"] / "gpu_check.md").read_text()
     assert summary.startswith("# ftflow GPU check (smoke, CPU)\n")
-    assert "Checks: 30 ok, 0 failed, 0 skipped." in summary
+    assert "Checks: 33 ok, 0 failed, 0 skipped." in summary
     assert summary in smoke["proc"].stdout
     for model in MODELS:
         for precision in ("fp32", "bf16", "nf4"):
@@ -127,6 +154,8 @@ def test_smoke_run_writes_the_markdown_summary_it_prints(smoke):
         for method in ("lora", "qlora", "prefix", "full"):
             assert f"| {model} | {method} | " in summary
         assert f"| {model} (student) | distill | fp32 |" in summary
+    assert "| granite-8b | lora-fit | bf16 |" in summary
+    assert "## Teacher pass at the planned batch" in summary and "| granite-8b | topk | ok |" in summary
 
 
 # ----------------------------------------------------------------------------- bookkeeping, no models
@@ -171,7 +200,7 @@ def test_skips_say_why_a_check_did_not_run():
     skipped = runner.run("m", "train[qlora]", unavailable, far)
     assert (skipped["status"], skipped["error"]) == ("skipped", "bitsandbytes 4-bit does not run on cpu: ...")
     late = runner.run("m", "train[full]", lambda: {}, time.perf_counter() - 1)
-    assert late["status"] == "skipped"
+    assert late["status"] == "failed"  # a check not run for lack of time did not pass
     assert late["error"].startswith("time budget: this model's share ran out (")
     assert late["error"].endswith("of 60 s); raise --budget-s or run fewer --models")
 
@@ -204,7 +233,7 @@ def test_bad_command_lines_are_refused_with_every_problem(capsys):
                                                       "--budget-s", "0"]))
     assert raised.value.code == 2
     err = capsys.readouterr().err
-    assert "--models: unknown ['gpt2']; choose from llama,granite,qwen2" in err
+    assert "--models: unknown ['gpt2']; choose from llama,granite,qwen2,granite-8b" in err
     assert "--steps must be >= 3 (the first step is not timed), got 2" in err
     assert "--budget-s must be > 0, got 0.0" in err
 
@@ -227,7 +256,7 @@ def test_gpu_models_have_their_real_sizes():
     # Llama-3.2-1B and Qwen2.5-0.5B as published. Granite 3.0 2B's shapes with 14 layers: embedding
     # 49155 x 2048, per layer q, o 2048^2, k, v 2048 x 512, MLP 3 x 2048 x 8192, two norms; a final norm.
     granite = 49155 * 2048 + 14 * (2 * 2048**2 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048) + 2048
-    assert counts == {"llama": 1_235_814_400, "granite": granite, "qwen2": 494_032_768}
+    assert counts == {"llama": 1_235_814_400, "granite": granite, "qwen2": 494_032_768, "granite-8b": 8_170_864_640}
     assert granite == 952_172_544
     llama = gpu_check.model_config(gpu_check.GPU_MODELS[0], tokenizer)
     assert gpu_check.matmul_parameters(llama) == 1_235_814_400 - 2048 * 33  # all but the 33 norm vectors
@@ -243,3 +272,34 @@ def test_training_documents_are_cut_to_exactly_the_training_length():
     assert len(documents) == 5
     assert [sentence_ids(tokenizer, d, 48) for d in documents] == [
         (sentence_ids(tokenizer, d, 10**6)[0][:48], True) for d in documents]
+
+
+def test_the_memory_cap_is_what_runs_are_planned_against(capsys):
+    settings, specs = gpu_check.settings_from(gpu_check.parse_args(["out", "--smoke", "--memory-cap-gb", "20",
+                                                                    "--models", "granite-8b"]))
+    assert (settings.memory_cap_gb, gpu_check._budget_bytes(settings)) == (20.0, 20 * 10**9)
+    assert [s.name for s in specs] == ["granite-8b"] and specs[0].checks == EIGHT_B_CHECKS
+    report = {"environment": {}}
+    gpu_check.cap_memory(settings, report)  # on a CPU: recorded, nothing capped
+    assert report["environment"] == {"memory_cap_gb": 20.0, "planned_overhead_mb": 448 * 2**20 / 1e6}
+    with pytest.raises(SystemExit) as raised:
+        gpu_check.settings_from(gpu_check.parse_args(["out", "--smoke", "--memory-cap-gb", "0"]))
+    assert raised.value.code == 2
+    assert "--memory-cap-gb must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_granite_models_carry_the_real_multipliers():
+    """From ftflow/known_models.py, as transcribed from the hub's config.json (they scale the forward)."""
+    from ftflow import zoo
+
+    tokenizer = zoo.train_tokenizer(synthetic.generate_sentences(50, seed=0, domain="reviews"), 300, seed=0)
+    specs = {spec.name: spec for spec in gpu_check.GPU_MODELS}
+    expected = {"granite": (12.0, 0.015625, 0.22, 8.0), "granite-8b": (12.0, 0.0078125, 0.22, 16.0)}
+    for name, values in expected.items():
+        config = gpu_check.model_config(specs[name], tokenizer)
+        assert tuple(getattr(config, k) for k in gpu_check.GRANITE_SCALING) == values, name
+    smoke = {spec.name: spec for spec in gpu_check.SMOKE_MODELS}
+    assert smoke["granite"].numbers["logits_scaling"] == 8.0 and "logits_scaling" not in smoke["llama"].numbers
+    eight = gpu_check.model_config(specs["granite-8b"], tokenizer)
+    assert (eight.hidden_size, eight.num_hidden_layers, eight.intermediate_size, eight.vocab_size) == (
+        4096, 40, 12800, 49159)
