@@ -20,12 +20,17 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ftflow.artifacts import write_json
 from ftflow.jobs import (PEFT_METHODS, DistillJob, FullJob, Job, LoraJob, PrefixJob, QLoraJob, best_run, distill_grid,
                          full_job, lora_grid, lora_like, prefix_grid, qlora_like)
 from ftflow.models import load_model, load_tokenizer
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 
 log = logging.getLogger(__name__)
+
+PER_SENTENCE = "per_sentence.json"
+"""The file :func:`run_job` writes beside ``model/``: ``{"test": per-sentence values}``
+(:meth:`ftflow.perplexity.PerplexityResult.per_sentence`)."""
 
 # The job classes and their constructors live in ftflow.jobs; they are importable from here too.
 __all__ = ["Job", "best_run", "distill_grid", "full_job", "load_trained", "lora_grid", "lora_like", "prefix_grid",
@@ -187,4 +192,6 @@ def run_job(
         summary.update(fit_plan={k: v for k, v in fit_plan.items() if k != "summary"},
                        fit_summary=fit_plan["summary"])
     write_model_card(model_dir, summary, card_facts or {})
+    # Every test sentence's NLL, tokens and bytes: the report's intervals and paired comparisons (ftflow/uncertainty.py).
+    write_json(Path(out_dir) / PER_SENTENCE, {"test": test.per_sentence(test_sentences)})
     return summary
