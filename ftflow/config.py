@@ -250,7 +250,7 @@ class ZooConfig(_Strict):
     teacher_pretrain_steps: Optional[int] = Field(
         None, ge=1, description="Optimizer steps of each teacher's first pretraining round (and of each extra "
         "round). Unset: scaled with the teacher's size, pretrain_steps x sqrt(teacher parameters / student "
-        "parameters), rounded (the demo's teachers, 3-5x their students: 1.7-2.2x the steps). A larger model needs "
+        "parameters), rounded (the demo's teachers, 3.5-5.2x their students: 1.9-2.3x the steps). A larger model needs "
         "more tokens to reach its better loss (compute-optimal training grows them in proportion to its size); "
         "the square root keeps the offline zoo's CPU time reasonable, and the zoo checks the result on the task's "
         "selection split (teacher_margin).")
