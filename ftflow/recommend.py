@@ -189,8 +189,8 @@ def recommend(candidates: Sequence[Mapping], evidence: Evidence, *, budget_gb: f
     if len(eligible) > 1:
         runner, runner_line = eligible[1]
         out["runner_up"] = _summary(runner, evidence, runner_line)
-        comparison = evidence.compare(winner["name"], runner["name"],
-                                      "ppl" if metric == "ppl" else "bits_per_byte")
+        # In PPL when the two share a tokenizer (even when the ranking needed bits per byte), else bits per byte.
+        comparison = evidence.compare(winner["name"], runner["name"])
         out["comparison"] = comparison.to_dict() if comparison else None
     return out
 

@@ -207,7 +207,8 @@ def plot_leaderboard(frame: pd.DataFrame, path: Path) -> None:
         if label.get_text().startswith("★"):
             label.set_fontweight("bold")
     ax.set_xlim(start, end + 0.12 * (end - start))
-    ax.set_xlabel("test bits per byte, lower is better (axis starts near the data, not at 0; bars: 95% intervals)")
+    ax.set_xlabel("test bits per byte, lower is better (axis starts near the data, not at 0)\nwhiskers: each model's "
+                  "95% interval; whether two models differ: the report's paired intervals")
     ax.set_title("ftflow leaderboard (★ recommended)")
     kinds = [k for k in KIND_ORDER if k in set(ok["kind"])]
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[k]) for k in kinds]
@@ -218,7 +219,11 @@ def plot_leaderboard(frame: pd.DataFrame, path: Path) -> None:
 
 
 def plot_training(histories: dict[str, dict], path: Path, title: str = "Perplexity by epoch") -> None:
-    """Selection-split perplexity after every epoch of each trained model (epoch 0 = the base model)."""
+    """Selection-split perplexity after every epoch of each trained model, as a change from its base model (epoch 0).
+
+    In percent of the base model's PPL, so runs on models whose perplexities differ several times over share
+    one readable axis; the legend sits below the axes, off the lines.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,21 +231,21 @@ def plot_training(histories: dict[str, dict], path: Path, title: str = "Perplexi
 
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5 + 0.16 * ((len(histories) + 1) // 2)))
     for name, run in histories.items():
         epochs = [0] + [e["epoch"] for e in run["history"]]
-        ppl = [run["baseline_validation"]["corpus_ppl"]] + [e["validation"]["corpus_ppl"] for e in run["history"]]
+        base = run["baseline_validation"]["corpus_ppl"]
+        change = [0.0] + [100.0 * (e["validation"]["corpus_ppl"] / base - 1.0) for e in run["history"]]
         # best_epoch is None when no epoch beat the base model (epoch 0): then nothing trained helped.
         best = run["best_epoch"] if run["best_epoch"] is not None else "none, base model better"
-        ax.plot(epochs, ppl, marker="o", label=f"{name} (best epoch {best})")
-    ax.set_xlabel("epoch")
+        ax.plot(epochs, change, marker="o", label=f"{name} (base {base:.2f}; best epoch {best})")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("epoch (0: the base model)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("selection-split PPL")
+    ax.set_ylabel("selection-split PPL, % change\nfrom the base model (lower is better)")
     ax.set_title(title)
-    # Outside the axes, below them: the lines stay visible however many runs there are.
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
-    fig.set_size_inches(9, 4.5 + 0.16 * ((len(histories) + 1) // 2))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -289,8 +289,9 @@ def study_tables(baselines: Sequence[dict], runs: Sequence[dict], chosen_lora: s
 
 
 def plot_methods(frame: pd.DataFrame, path: Path, winner: Optional[tuple[str, str]] = None) -> None:
-    """Grouped bars: test PPL of the baseline and of each method, per model; ``winner`` (model, method column
-    prefix such as ``lora`` or ``baseline``) is marked with a star."""
+    """Test PPL of the baseline and of each method, one panel per model, each axis starting near its own data
+    (models' perplexities can differ by several times, methods' by a percent); ``winner`` (model, method column
+    prefix such as ``lora`` or ``baseline``) is starred."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,24 +304,25 @@ def plot_methods(frame: pd.DataFrame, path: Path, winner: Optional[tuple[str, st
         for m, c in zip(METHOD_ORDER, ("#1f77b4", "#17becf", "#9467bd", "#2ca02c", "#ff7f0e"))
         if f"{m}_ppl" in frame and frame[f"{m}_ppl"].notna().any()
     ]
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(frame) + 3.5), 4.4))
-    values = pd.concat([frame[column].astype(float) for column, _, _ in series]).dropna()
-    start, end = near_data_limits(float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
-    for i, (column, label, colour) in enumerate(series):
-        xs = [j + i * width for j in range(len(frame))]
-        heights = frame[column].astype(float)
-        ax.bar(xs, heights - start, width, bottom=start, label=label, color=colour)
-        for x, model, height in zip(xs, frame["model"], heights):
-            if winner is not None and (model, column) == (winner[0], f"{winner[1]}_ppl") and not pd.isna(height):
-                ax.annotate("★", (x, height), ha="center", va="bottom", fontsize=14, color="black")
-    ax.set_ylim(start, end + 0.06 * (end - start))
-    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(frame))])
-    ax.set_xticklabels(frame["model"], rotation=15, ha="right", fontsize=8)
-    ax.set_ylabel("test PPL, lower is better\n(axis starts near the data, not at 0)")
-    ax.set_title("Perplexity by method per model" + (" (★ recommended)" if winner else ""))
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, len(frame), figsize=(2.4 * len(frame) + 2.2, 4.0), squeeze=False)
+    for ax, (_, row) in zip(axes[0], frame.iterrows()):
+        shown = [(label, float(row[column]), colour, column) for column, label, colour in series
+                 if not pd.isna(row[column])]
+        start, end = near_data_limits(min(v for _, v, _, _ in shown), max(v for _, v, _, _ in shown))
+        xs = range(len(shown))
+        ax.bar(xs, [v - start for _, v, _, _ in shown], 0.8, bottom=start, color=[c for _, _, c, _ in shown])
+        for x, (_, value, _, column) in zip(xs, shown):
+            if winner is not None and (row["model"], column) == (winner[0], f"{winner[1]}_ppl"):
+                ax.annotate("★", (x, value), ha="center", va="bottom", fontsize=14)
+        ax.set_ylim(start, end + 0.08 * (end - start))
+        ax.set_xticks([])
+        ax.set_title(row["model"], fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="y", labelsize=8)
+    axes[0][0].set_ylabel("test PPL, lower is better\n(each axis starts near its data)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for _, _, colour in series]
+    fig.legend(handles, [label for _, label, _ in series], fontsize=8, loc="center right", frameon=False)
+    fig.suptitle("Perplexity by method per model" + (" (★ recommended)" if winner else ""))
+    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_size_inches()[0], 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

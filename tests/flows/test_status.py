@@ -127,15 +127,17 @@ def test_export_writes_the_recommended_model_that_reloads_to_its_test_ppl(micro,
         model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "best")
     else:
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "best")
-    ppl = score_sentences(model, AutoTokenizer.from_pretrained(tmp_path / "best"), test, progress=False).corpus_ppl
+    max_length = load_config(config).max_length  # as the run scored it: sentences cut at the same length
+    ppl = score_sentences(model, AutoTokenizer.from_pretrained(tmp_path / "best"), test, max_length=max_length,
+                          progress=False).corpus_ppl
     # fp32 micro models: merged LoRA, a copied checkpoint or adapter, QLoRA with fp32 compute (see tests/unit/
     # test_export.py for why each tolerance holds).
     assert ppl == pytest.approx(row["test_ppl"], rel=1e-4), kind
     # A named run, and a name that is not in the leaderboard: one ftflow line, nothing written.
     lora = next(r["name"] for r in evaluation["leaderboard"] if r["kind"] == "lora")
     assert main(["export", str(config), lora, "--to", str(tmp_path / "lora")]) == 0
-    capsys.readouterr()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "lora") is not None
+    capsys.readouterr()
     assert main(["export", str(config), "no-such-model", "--to", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ftflow: no model named 'no-such-model' in this run's leaderboard") and err.count("\n") == 1
