@@ -19,7 +19,6 @@ writes the report.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ftflow.uncertainty import (DEFAULT_RESAMPLES, DEFAULT_SEED, Comparison, Interval, NotPairedError, SentenceScores,
@@ -222,8 +221,8 @@ def _interval_text(value: float, bounds: Optional[Sequence[float]], digits: int 
     return f"{value:.{digits}f} [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
 
 
-def comparison_text(comparison: Optional[Mapping], a: str = "", b: str = "") -> str:
-    """``-1.20% [-2.10%, -0.31%]: separable`` (a dict from :meth:`Comparison.to_dict`)."""
+def comparison_text(comparison: Optional[Mapping]) -> str:
+    """``test PPL -1.20% [-2.10%, -0.31%], separable: ...`` (a dict from :meth:`Comparison.to_dict`)."""
     if not comparison:
         return "no paired comparison (per-sentence scores not kept)"
     metric = "test PPL" if comparison["metric"] == "ppl" else "test bits/byte"
@@ -290,10 +289,11 @@ def _ppl(run: Mapping) -> float:
 
 
 def _said(comparison: Optional[Comparison], better: str, worse: str, same: str) -> str:
-    """A conclusion worded by the comparison: ``better`` when a < b beyond noise, ``worse`` when a > b, else ``same``."""
-    if comparison is None:
+    """A conclusion worded by the comparison: ``better`` when a < b beyond noise, ``worse`` when a > b, else ``same``
+    (also without a comparison: nothing is claimed that was not measured)."""
+    if comparison is None or comparison.within_noise:
         return same
-    return same if comparison.within_noise else better if comparison.difference < 0 else worse
+    return better if comparison.difference < 0 else worse
 
 
 def _figure(comparison: Optional[Comparison]) -> str:

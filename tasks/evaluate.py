@@ -15,10 +15,10 @@ from typing import Optional
 from prefect import task
 
 from ftflow import design
+from ftflow.jobs import parse_job
 from ftflow.recommend import CONTROL, Evidence, answer_text, recommend, study_findings
 from ftflow.report import (leaderboard_markdown, leaderboard_rows, markdown_table, plot_leaderboard, plot_training,
                            render_report)
-from ftflow.jobs import parse_job
 from ftflow.study import TABLE_COLUMNS, TABLE_TITLES, distillation_notes, no_gain_notes, plot_methods, study_tables
 from ftflow.uncertainty import SentenceScores
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path

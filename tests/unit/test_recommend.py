@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 
 from ftflow import design
 from ftflow.jobs import parse_job
