@@ -42,6 +42,7 @@ class Evidence:
                  seed: int = DEFAULT_SEED) -> None:
         self.scores = dict(scores)
         self.resamples, self.seed = resamples, seed
+        self.refused: list[str] = []  # pairs that could not be compared (other sentences), with the reason
         self._memo: dict[tuple, Any] = {}
 
     def has(self, name: str) -> bool:
@@ -65,7 +66,8 @@ class Evidence:
             try:
                 self._memo[key] = paired_difference(self.scores[a], self.scores[b], metric,
                                                     resamples=self.resamples, seed=self.seed)
-            except NotPairedError:
+            except NotPairedError as exc:
+                self.refused.append(f"{a} vs {b}: {exc}")
                 self._memo[key] = None
         return self._memo[key]
 

@@ -140,6 +140,7 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
             notes.append(f"no intervals for {len(missing)} model(s) whose per-sentence test scores were not kept "
                          f"(cached by an older ftflow; delete their train/benchmark directories to rescore): "
                          f"{', '.join(missing)}")
+        notes += [f"not compared: {line}" for line in evidence.refused]
         report = render_report(title=title, frame=frame, data_stats=data_stats, selection=selection,
                                protocol_note=design.protocol_note(selection_split), images=images, notes=notes,
                                sections=sections, answer=answer_md)

@@ -138,6 +138,15 @@ def test_the_leaderboard_keeps_controls_below_the_candidates_in_their_own_table(
     assert ranked.loc[0, "name"] == "huge+lora" and ranked["rank"].notna().sum() == 6
 
 
+def test_models_scored_on_other_sentences_are_not_compared_and_the_refusal_is_kept():
+    evidence = Evidence({"a": scores(2.0), "b": SentenceScores(nll=scores(2.0).nll, tokens=TOKENS, bytes=BYTES,
+                                                               fingerprint="another split")})
+    assert evidence.compare("a", "b") is None
+    assert evidence.refused == ["a vs b: the two models were scored on different sentences (the splits' fingerprints "
+                                "test and another spli differ), so they cannot be compared sentence by sentence"]
+    assert evidence.compare("a", "missing") is None and len(evidence.refused) == 1
+
+
 def test_memory_fit_reads_the_plans_and_the_measured_peak():
     run = {"name": "r", "base": "teacher", "fit_plan": {"fits": True, "peak_bytes": int(5e9), "budget_bytes": int(20e9)}}
     assert memory_fit(run, DECISIONS, 20, {}) == (True, "predicted 2.00 GB to score (fp32, batch 32); 5.00 GB to "
