@@ -414,7 +414,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     if not args.record and status is not None and status.nothing_to_run:
         print("ftflow: nothing to run, every stage is cached (`ftflow status` lists them); the results below are "
               "read from disk and no Prefect run is recorded (--record for one)", file=sys.stderr)
-        return _print_results(status.evaluation, cfg)
+        return _print_results(status.evaluation, cfg, args.config)
     read_only = not _writable(cfg.artifacts_dir)
     if read_only:
         print(f"ftflow: the artifacts directory {cfg.artifacts_dir} is not writable: the run reads what is cached "
@@ -454,13 +454,25 @@ def _run_pipeline(args: argparse.Namespace) -> int:
                     f"{_copy_hint(cfg.artifacts_dir, args.config)}\n  cause: {type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
             raise
-    return _print_results(evaluation, cfg)
+    return _print_results(evaluation, cfg, args.config)
 
 
-def _print_results(evaluation: dict, cfg: PipelineConfig) -> int:
-    """The leaderboard, where the report is, and the models or runs without a result (exit 1 if any)."""
+def answer_of(evaluation: dict, config: str) -> str:
+    """The answer that opens a finished run's report (recommended model, runner-up, the study's findings), with the
+    commands naming ``config``; empty for an evaluation written before ftflow made one."""
+    if evaluation.get("recommendation") is None:
+        return ""
+    from ftflow.recommend import answer_text
+
+    return answer_text(evaluation["recommendation"], evaluation.get("findings") or [], config=config)
+
+
+def _print_results(evaluation: dict, cfg: PipelineConfig, config: str = "CONFIG") -> int:
+    """The answer, the leaderboard, where the report is, and the models or runs without a result (exit 1 if any)."""
     report = Path(evaluation["dir"]) / evaluation["files"]["report"]
     print()
+    if answer := answer_of(evaluation, config):
+        print(answer)
     print((Path(evaluation["dir"]) / evaluation["files"]["leaderboard_md"]).read_text(encoding="utf-8"))
     print(f"report: {report}")
     print(f"artifacts: {cfg.artifacts_dir}")
@@ -478,7 +490,10 @@ def _status(args: argparse.Namespace) -> int:
 
     cfg = _load_checked(args.config, parse_overrides(args.set))
     _hub_check(cfg, stop_when_none_left=False)  # the models a run would leave out, one line each
-    print(status_text(args.config, pipeline_status(cfg)), end="")
+    status = pipeline_status(cfg)
+    if status.evaluation is not None and (answer := answer_of(status.evaluation, args.config)):
+        print(answer)  # a finished run: its answer first
+    print(status_text(args.config, status), end="")
     return 0
 
 
@@ -603,6 +618,57 @@ def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, o
     return study.problems
 
 
+def _finished_evaluation(config: str, overrides: dict) -> tuple[PipelineConfig, dict]:
+    """The config and its finished run's evaluation manifest; a UserError when the run has not finished."""
+    from ftflow.status import pipeline_status
+
+    cfg = _load_checked(config, overrides)
+    status = pipeline_status(cfg)
+    if status.evaluation is None:
+        raise UserError(f"{config} has no finished run in {cfg.artifacts_dir} (its report is not there for this "
+                        f"config): run it first, `ftflow run {config}`; `ftflow status {config}` says what is left")
+    return cfg, status.evaluation
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ftflow.export import export_run
+
+    positional = list(args.what)
+    if len(positional) > 2:
+        raise UserError(f"export takes at most CONFIG and RUN, got {len(positional)} arguments: {positional}")
+    config = str(DEFAULT_CONFIG)
+    if positional and (positional[0].endswith((".yaml", ".yml")) or Path(positional[0]).is_file()):
+        config = positional.pop(0)
+    name = positional[0] if positional else None
+    cfg, evaluation = _finished_evaluation(config, parse_overrides(args.set))
+    exported = export_run(evaluation, Path(args.to), name, device=args.device,
+                          cuda_margin_gb=cfg.memory.cuda_margin_gb)
+    print(f"exported {exported.name} ({exported.kind}) to {exported.directory}: {exported.how}")
+    print("load it:")
+    for line in exported.load:
+        print(f"  {line}")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from ftflow.init_config import next_commands, write_config
+
+    models, directory = list(args.models), args.directory
+    if directory is None and len(models) > 1:  # `--models ID... DIR`: --models took DIR too
+        directory = models.pop()
+    if directory is None:
+        raise UserError("init needs DIR, the new directory for the config: ftflow init --train FILE --test FILE "
+                        "[--models demo|seed|HUB_ID...] DIR")
+    path, cfg, notes = write_config(Path(directory), Path(args.train), Path(args.test), models, args.budget_gb)
+    print(f"wrote {path}: every field at its documented default, validated")
+    for note in notes:
+        print(f"- {note}")
+    print("next:")
+    for number, command in enumerate(next_commands(path, cfg), 1):
+        print(f"  {number}. {command}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftflow", description="Which base model, method and precision give the "
                                      "lowest perplexity on your test set within your memory budget.")
@@ -643,6 +709,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config value, as for run (repeatable)")
     status.set_defaults(handler=_status)
     status.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    export = commands.add_parser("export", help="write a finished run's model (default: the recommended one) as a "
+                                 "standalone checkpoint")
+    export.add_argument("what", nargs="*", metavar="[CONFIG] [RUN]", help="YAML config (default: configs/demo.yaml) "
+                        "and the leaderboard name of the model to export (default: the recommended one)")
+    export.add_argument("--to", required=True, metavar="DIR", help="new or empty directory to write")
+    export.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the model is merged (default: cpu; its weights must fit there)")
+    export.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="the overrides the run was made with (repeatable)")
+    export.set_defaults(handler=_export)
+    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    init = commands.add_parser("init", help="write a config for your own data, every field at its default")
+    init.add_argument("directory", nargs="?", metavar="DIR", help="new or empty directory for ftflow.yaml (and the "
+                      "artifacts)")
+    init.add_argument("--train", required=True, metavar="FILE", help="training sentences (.txt, .jsonl, .csv)")
+    init.add_argument("--test", required=True, metavar="FILE", help="test sentences (same formats)")
+    init.add_argument("--models", nargs="+", default=["demo"], metavar="demo|seed|HUB_ID",
+                      help="candidate models: demo (the offline zoo, default), seed (the study's hub models), or "
+                      "hub ids / model directories")
+    init.add_argument("--budget-gb", type=float, help="GPU memory budget in GB (default: the config's default, 20)")
+    init.set_defaults(handler=_init)
+    init.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     validate = commands.add_parser("validate", help="check config files without running anything")
     validate.add_argument("configs", nargs="+", help="YAML configs")
     validate.add_argument("--show", action="store_true", help="print the resolved config")

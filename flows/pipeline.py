@@ -1,6 +1,6 @@
 """The end-to-end pipeline: data -> models -> benchmark -> select -> LoRA grid -> other methods -> distill -> report.
 
-Distillation comes last: its teacher is the teacher model's best run of any method, if it beats the student's.
+Distillation comes last: its teacher is the teacher model's best run of any method.
 Every decision (which runs, on which models and training sets) is made in
 ``ftflow/design.py``; this flow only passes each stage's results to the next.
 Run it with ``ftflow run [CONFIG]`` or ``python -m flows.pipeline [CONFIG]``.
@@ -70,8 +70,8 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
             logger.info(line)
         per_model = train_all(design.per_model_jobs(cfg, benchmarks, selection, best_job))
 
-        # 3. Distillation from the teacher's best run (any method), only if it beats the student's own best;
-        #    its targets stored once per variant at the largest k; the full fine-tune at equal steps beside it.
+        # 3. Distillation from the teacher's best run (any method), whenever the tokenizers allow it; its targets
+        #    stored once per variant at the largest k; the full fine-tune at equal steps beside it measures it.
         choice, distilled = distil(cfg, train_all, selection, grid + per_model, benchmarks, augmented, device, out,
                                    progress)
 
@@ -85,7 +85,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     runs = design.unique_runs(grid + per_model + distilled + ablation_results)
     evaluation = stage(evaluate)(**stages.evaluate_call(
         cfg, data, augmented, benchmarks, failures, selection, runs, best["name"], design.ablation_labels(ablation),
-        out, teacher=choice.model_dump(mode="json"), checks=family_checks))
+        out, teacher=choice.model_dump(mode="json"), checks=family_checks, decisions=plan["decisions"]))
     publish(evaluation, plan, benchmarks)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
     # Runs and models without a result do not stop the run; its log's last lines say which and why.

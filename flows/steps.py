@@ -138,13 +138,16 @@ def check_grid_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_set: dict, d
 def distil(cfg: PipelineConfig, train_all: Callable[..., list[dict]], selection: dict, runs: list[dict],
            benchmarks: list[dict], augmented: dict, device: str, artifacts_dir: str,
            progress: bool) -> tuple[design.TeacherChoice, list[dict]]:
-    """Distillation from the teacher's best run of any method, only if it beats the student's own best.
+    """Distillation from the teacher's best run of any method, whenever the two tokenizers allow it.
 
     Returns the teacher choice (:func:`ftflow.design.distillation_teacher`) and the runs: the student's full
     fine-tune at the distillation's steps (the equal-budget reference), then every variant, each loss's teacher
     targets stored once (``teacher_logits``, at its own planned batch size) at the largest k.
     """
-    choice = design.distillation_teacher(cfg, selection, runs, benchmarks)
+    from ftflow.distillable import distillation_problem
+
+    choice = design.distillation_teacher(cfg, selection, runs, benchmarks,
+                                         distillation_problem(selection["teacher_model"], selection["student_model"]))
     (get_run_logger().info if choice.distil else get_run_logger().warning)(choice.reason)
     if not choice.distil:
         return choice, []

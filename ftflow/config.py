@@ -249,12 +249,20 @@ class ZooConfig(_Strict):
     corpus_sentences: int = Field(3000, ge=100, description="Sentences generated (or read, at most) for pretraining.")
     pretrain_steps: int = Field(200, ge=1, description="Optimizer steps of pretraining per model.")
     teacher_pretrain_steps: Optional[int] = Field(
-        None, ge=1, description="Optimizer steps of each teacher's first pretraining round (unset: pretrain_steps); "
-        "a larger model needs more to beat its student, which the zoo checks on the task's selection split.")
+        None, ge=1, description="Optimizer steps of each teacher's first pretraining round (and of each extra "
+        "round). Unset: scaled with the teacher's size, pretrain_steps x sqrt(teacher parameters / student "
+        "parameters), rounded (the demo's teachers, 3.5-5.2x their students: 1.9-2.3x the steps). A larger model needs "
+        "more tokens to reach its better loss (compute-optimal training grows them in proportion to its size); "
+        "the square root keeps the offline zoo's CPU time reasonable, and the zoo checks the result on the task's "
+        "selection split (teacher_margin).")
     teacher_extra_rounds: int = Field(
-        2, ge=0, description="When a teacher does not beat its student on the task's selection split after "
-        "pretraining, the zoo pretrains it at most this many more rounds of teacher_pretrain_steps, checking after "
-        "each (0: check and report only).")
+        2, ge=0, description="When a teacher does not beat its student on the task's selection split by "
+        "teacher_margin after pretraining, the zoo pretrains it at most this many more rounds of its steps, "
+        "checking after each (0: check and report only).")
+    teacher_margin: float = Field(
+        0.05, ge=0, lt=1, description="How much lower the teacher's selection-split PPL must be than its "
+        "student's for the zoo to call it a teacher: teacher PPL <= (1 - margin) x student PPL (0.05: 5% lower). "
+        "A teacher ahead by less is as good as its student and has little to teach it.")
     task_text: bool = Field(
         True, description="Add the task's training split (never its validation or test sentences) to the "
         "pretraining corpus. The zoo stands in for hub models, which were pretrained on text like the task's; the "
@@ -405,9 +413,10 @@ class DistillConfig(_Strict):
     """Distillation from the best teacher run (any method) into the student, over a grid of variants.
 
     The teacher is the teacher model's run with the lowest selection-split
-    perplexity, whatever its method; it is used only when it beats the
-    student's own best (its baseline or any of its runs), else distillation
-    is skipped and the report says why, with both figures.
+    perplexity, whatever its method. By default the student is distilled
+    whenever the two tokenizers allow it, and the report's paired comparison
+    with full fine-tuning at equal steps says whether it helped; the report
+    also says how the teacher compared with the student's own best.
     """
 
     loss: tuple[Literal["topk", "sampled"], ...] = Field(
@@ -428,9 +437,10 @@ class DistillConfig(_Strict):
         "benchmark.logits_chunk_tokens) says fits memory_budget_gb, up to memory.batch_size_cap; a fixed size "
         "predicted over the budget is lowered to that. The stored targets do not depend on it.")
 
-    require_better_teacher: bool = Field(True, description="Distil only from a teacher that beats the student's "
-                                         "own best on the selection split (false: always, e.g. to measure a worse "
-                                         "teacher).")
+    require_better_teacher: bool = Field(False, description="Distil only from a teacher that beats the student's "
+                                         "own best on the selection split (else skip distillation, saying why). Off "
+                                         "by default: a teacher worse on that split can still help the student, and "
+                                         "the equal-steps comparison with full fine-tuning measures whether it did.")
 
     @field_validator("loss", "top_k", "temperature", "alpha", mode="before")
     @classmethod
@@ -476,6 +486,10 @@ class AblationConfig(_Strict):
         "lora", description="lora = the teacher with the best LoRA combination; full = the student fine-tuned in full."
     )
     per_method: bool = Field(True, description="Besides none vs the configured mix, one run per augmentation method.")
+    recommend_controls: bool = Field(
+        False, description="Rank the ablation's control runs (trained on another set than the pipeline's: the "
+        "original set, the same steps on it, one method alone) among the candidates and let one be recommended. "
+        "Off: they are listed below the candidates, labelled as controls, in their own table.")
 
 
 FitTechnique = Literal["micro_batch", "checkpointing", "optimizer_8bit", "half_weights", "paged_optimizer"]

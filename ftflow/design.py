@@ -10,8 +10,8 @@ one function here, reading the config and typed stage results
 * the batch size of every later scoring pass: :func:`evaluation_batch_size`;
 * the LoRA grid (on the teacher) and its best combination: :func:`lora_grid_jobs`, :func:`best_lora`;
 * which models get LoRA, QLoRA and full fine-tuning, and the prefix grid: :func:`per_model_jobs`;
-* the distillation teacher (the teacher's best run of any method, if it beats the student), student, variants
-  and equal-budget reference: :func:`distillation_teacher`, :func:`distillation_student`,
+* the distillation teacher (the teacher's best run of any method, whenever the tokenizers allow it), student,
+  variants and equal-budget reference: :func:`distillation_teacher`, :func:`distillation_student`,
   :func:`distillation_jobs`, :func:`distillation_reference`;
 * the augmentation ablation's training sets and runs (the same-steps rule): :func:`ablation_runs`;
 * each run once in the report: :func:`unique_runs`; the report's notes: :func:`report_notes`.
@@ -196,8 +196,10 @@ class TeacherChoice(BaseModel):
     ``teacher``: the teacher model's best run on the selection split (any
     method, on the main training set); ``student_best``: the student's own
     best there, its baseline or any of its (non-distillation) runs.
-    ``distil`` is False when no teacher run finished, or when the teacher
-    does not beat the student (and ``distill.require_better_teacher``).
+    ``distil`` is False when no teacher run finished, when the tokenizers do
+    not allow distillation (``tokenizer_problem``), or when the teacher does
+    not beat the student and ``distill.require_better_teacher`` is on.
+    ``teacher_beats`` says how the teacher compared (None without figures).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -208,18 +210,26 @@ class TeacherChoice(BaseModel):
     teacher_ppl: Optional[float] = None
     student_best: Optional[str] = None
     student_ppl: Optional[float] = None
+    teacher_beats: Optional[bool] = None
     reason: str
 
 
 def distillation_teacher(cfg: PipelineConfig, selection: Selection | Mapping, runs: Sequence[Mapping],
-                         benchmarks: Sequence[Mapping]) -> TeacherChoice:
-    """The run the student learns from: the teacher's best run on the selection split, if it beats the student.
+                         benchmarks: Sequence[Mapping], tokenizer_problem: Optional[str] = None) -> TeacherChoice:
+    """The run the student learns from: the teacher's best run on the selection split.
+
+    By default the student is distilled whenever the tokenizers allow it, whether or not the teacher beats the
+    student's own best on the selection split (the report's equal-steps comparison with full fine-tuning says
+    whether it helped, and the reason line how the teacher compared); ``distill.require_better_teacher`` skips
+    distillation from a teacher that does not beat the student.
 
     Args:
         cfg: the config (``distill.require_better_teacher``, ``selection_split``).
         selection: the chosen family's teacher and student.
         runs: every finished training run so far (the LoRA grid, the per-model methods).
         benchmarks: the benchmark manifests (the student's baseline on the selection split).
+        tokenizer_problem: why the teacher's and the student's tokenizers do not allow distillation
+            (:func:`ftflow.distill.distillation_problem`), or None when they do.
 
     Returns:
         The :class:`TeacherChoice`; its ``reason`` is one line for the log and the report.
@@ -240,19 +250,23 @@ def distillation_teacher(cfg: PipelineConfig, selection: Selection | Mapping, ru
     figures = (f"teacher {teacher['name']} ({split} PPL {ppl:.4f}) vs the student's own best "
                + (f"{student_best[0]} ({student_best[1]:.4f})" if student_best[0] else "(none)"))
     beats = student_best[1] is None or ppl < student_best[1]
+    known = dict(teacher_name=teacher["name"], teacher_ppl=ppl, student_best=student_best[0],
+                 student_ppl=student_best[1], teacher_beats=beats)
+    if tokenizer_problem:
+        return TeacherChoice(distil=False, **known, reason=f"distillation was skipped: {tokenizer_problem} "
+                                                           f"({figures})")
     if beats:
-        return TeacherChoice(distil=True, teacher=dict(teacher), teacher_name=teacher["name"], teacher_ppl=ppl,
-                             student_best=student_best[0], student_ppl=student_best[1],
-                             reason=f"distilling from the best teacher run: {figures}")
+        return TeacherChoice(distil=True, teacher=dict(teacher), **known,
+                             reason=f"distilling from the best teacher run, which beats the student: {figures}")
     if not cfg.distill.require_better_teacher:
-        return TeacherChoice(distil=True, teacher=dict(teacher), teacher_name=teacher["name"], teacher_ppl=ppl,
-                             student_best=student_best[0], student_ppl=student_best[1],
-                             reason=f"distilling from a teacher that does not beat the student "
-                                    f"(distill.require_better_teacher is off): {figures}")
-    return TeacherChoice(distil=False, teacher_name=teacher["name"], teacher_ppl=ppl, student_best=student_best[0],
-                         student_ppl=student_best[1],
-                         reason=f"distillation was skipped: the best teacher run does not beat the student on the "
-                                f"{split} split, so it has nothing to teach ({figures})")
+        return TeacherChoice(distil=True, teacher=dict(teacher), **known,
+                             reason=f"distilling from the best teacher run although it does not beat the student's "
+                                    f"own best on the {split} split (the equal-steps comparison with full "
+                                    f"fine-tuning measures whether it helps; distill.require_better_teacher: true "
+                                    f"would skip it): {figures}")
+    return TeacherChoice(distil=False, **known,
+                         reason=f"distillation was skipped (distill.require_better_teacher): the best teacher run "
+                                f"does not beat the student on the {split} split ({figures})")
 
 
 def zoo_teacher_checks(zoo_manifest: Optional[Mapping]) -> list[str]:

@@ -24,7 +24,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Mapping, Optional, Sequence
+from typing import Collection, Mapping, Optional
 
 from ftflow.known_models import HUB_DTYPES, known_id
 from ftflow.memory import GB

@@ -33,6 +33,10 @@ from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 
 log = logging.getLogger(__name__)
 
+PER_SENTENCE = "per_sentence.json"
+"""The file :func:`run_job` writes beside ``model/``: ``{"test": per-sentence values}``
+(:meth:`ftflow.perplexity.PerplexityResult.per_sentence`)."""
+
 # The job classes and their constructors live in ftflow.jobs; they are importable from here too.
 __all__ = ["Job", "TrainingOutOfMemoryError", "best_run", "distill_grid", "full_job", "load_trained", "lora_grid",
            "lora_like", "prefix_grid", "qlora_like", "run_job"]
@@ -265,4 +269,6 @@ def run_job(
     summary["oom_retries"] = [{**{k: v for k, v in r.items() if k != "next_plan"}, "line": oom_retry_line(r)}
                               for r in retries]
     write_model_card(model_dir, summary, card_facts or {})
+    # Every test sentence's NLL, tokens and bytes: the report's intervals and paired comparisons (ftflow/uncertainty.py).
+    write_json(Path(out_dir) / PER_SENTENCE, {"test": test.per_sentence(test_sentences)})
     return summary

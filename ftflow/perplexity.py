@@ -24,7 +24,9 @@ float32 and dropped before the next. The logits' peak is bounded by the chunk
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -69,6 +71,10 @@ class PerplexityResult:
         sentence_nll: per-sentence NLL in nats, in input order (empty when read
             back from a dict written without per-sentence values).
         sentence_tokens: per-sentence scored tokens, in input order (idem).
+        sentence_bytes: per-sentence UTF-8 bytes of the scored text, in input order
+            (idem; empty also from a dict written before they were kept). With the
+            per-sentence NLL they give bits per byte on any resample of the sentences
+            (:mod:`ftflow.uncertainty`).
         stored_mean_sentence_ppl: the mean sentence perplexity read back by
             :meth:`from_dict` when the per-sentence values were not written;
             ``None`` otherwise. Not part of equality.
@@ -81,6 +87,7 @@ class PerplexityResult:
     n_truncated: int
     sentence_nll: tuple[float, ...] = ()
     sentence_tokens: tuple[int, ...] = ()
+    sentence_bytes: tuple[int, ...] = ()
     stored_mean_sentence_ppl: float | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +105,8 @@ class PerplexityResult:
             )
         elif self.sentence_nll and len(self.sentence_nll) != self.n_sentences:
             problems.append(f"{len(self.sentence_nll)} per-sentence values for {self.n_sentences} sentences")
+        if self.sentence_bytes and len(self.sentence_bytes) != self.n_sentences:
+            problems.append(f"{len(self.sentence_bytes)} per-sentence byte counts for {self.n_sentences} sentences")
         if problems:
             raise ValueError("Invalid PerplexityResult: " + "; ".join(problems))
 
@@ -132,7 +141,7 @@ class PerplexityResult:
         """A JSON-ready dict: the scalar sums and the derived metrics.
 
         Args:
-            per_sentence: also write ``sentence_nll`` and ``sentence_tokens`` as lists.
+            per_sentence: also write ``sentence_nll``, ``sentence_tokens`` and ``sentence_bytes`` as lists.
         """
         out: dict[str, Any] = {name: getattr(self, name) for name in _SCALAR_FIELDS}
         out["corpus_ppl"] = self.corpus_ppl
@@ -142,6 +151,24 @@ class PerplexityResult:
         if per_sentence:
             out["sentence_nll"] = list(self.sentence_nll)
             out["sentence_tokens"] = list(self.sentence_tokens)
+            out["sentence_bytes"] = list(self.sentence_bytes)
+        return out
+
+    def per_sentence(self, sentences: Optional[Sequence[str]] = None) -> dict[str, Any]:
+        """The per-sentence values as JSON lists, what a stage keeps per split in ``per_sentence.json``.
+
+        Args:
+            sentences: the scored texts, in order; their fingerprint is kept too
+                (``sentences_sha256``), so that two models' values are only ever
+                paired over the same sentences (:mod:`ftflow.uncertainty`).
+
+        Returns:
+            ``{"nll": [n] nats, "tokens": [n], "bytes": [n], "sentences_sha256": hex}``.
+        """
+        out: dict[str, Any] = {"nll": list(self.sentence_nll), "tokens": list(self.sentence_tokens),
+                               "bytes": list(self.sentence_bytes)}
+        if sentences is not None:
+            out["sentences_sha256"] = sentences_fingerprint(sentences)
         return out
 
     @classmethod
@@ -152,6 +179,7 @@ class PerplexityResult:
             raise ValueError(f"PerplexityResult dict is missing {missing}")
         sentence_nll = tuple(float(x) for x in data.get("sentence_nll", ()))
         sentence_tokens = tuple(int(x) for x in data.get("sentence_tokens", ()))
+        sentence_bytes = tuple(int(x) for x in data.get("sentence_bytes", ()))
         stored_mean = None
         if not sentence_nll and data.get("mean_sentence_ppl") is not None:
             # Without per-sentence values the mean cannot be recomputed: keep the stored one.
@@ -164,8 +192,14 @@ class PerplexityResult:
             n_truncated=int(data["n_truncated"]),
             sentence_nll=sentence_nll,
             sentence_tokens=sentence_tokens,
+            sentence_bytes=sentence_bytes,
             stored_mean_sentence_ppl=stored_mean,
         )
+
+
+def sentences_fingerprint(sentences: Sequence[str]) -> str:
+    """Hex SHA-256 of a list of sentences, in order (the identity of a scored split)."""
+    return hashlib.sha256(json.dumps(list(sentences), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -524,15 +558,14 @@ def score_sentences(
     finally:
         model.train(was_training)
 
-    total_bytes = sum(
-        _text_bytes(tokenizer, text, ids, cut) for text, ids, cut in zip(sentences, encoded, truncated)
-    )
+    sentence_bytes = [_text_bytes(tokenizer, text, ids, cut) for text, ids, cut in zip(sentences, encoded, truncated)]
     return PerplexityResult(
         total_nll=math.fsum(sentence_nll),
         scored_tokens=sum(sentence_tokens),
-        total_bytes=total_bytes,
+        total_bytes=sum(sentence_bytes),
         n_sentences=len(encoded),
         n_truncated=sum(truncated),
         sentence_nll=tuple(sentence_nll),
         sentence_tokens=tuple(sentence_tokens),
+        sentence_bytes=tuple(sentence_bytes),
     )

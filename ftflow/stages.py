@@ -115,12 +115,15 @@ def teacher_logits_call(cfg: PipelineConfig, teacher: dict, student: dict, augme
 
 def evaluate_call(cfg: PipelineConfig, data: dict, augmented: dict, benchmarks: list[dict], failures: list[dict],
                   selection: dict, runs: list[dict], chosen_lora: str, ablation: dict[str, str],
-                  artifacts_dir: str, teacher: Optional[dict] = None, checks: Sequence[str] = ()) -> dict:
+                  artifacts_dir: str, teacher: Optional[dict] = None, checks: Sequence[str] = (),
+                  decisions: Optional[dict] = None) -> dict:
     """evaluate: every baseline, failure and (unique) training run, for the report; ``teacher``: the
     distillation's teacher choice (:class:`ftflow.design.TeacherChoice` as a dict), ``checks``: the families'
-    teacher-against-student lines."""
+    teacher-against-student lines, ``decisions``: the memory plan's (each model's predicted scoring peak, which
+    the recommendation checks against the budget)."""
     return {"data": data, "augmented": augmented, "benchmarks": benchmarks, "failures": failures,
             "selection": selection, "runs": runs, "chosen_lora": chosen_lora, "ablation": ablation,
             "title": cfg.name, "max_length": cfg.max_length, "selection_split": cfg.selection_split,
             "memory_budget_gb": cfg.memory_budget_gb, "artifacts_dir": artifacts_dir, "teacher": teacher,
-            "checks": list(checks)}
+            "checks": list(checks), "decisions": dict(decisions or {}),
+            "recommend_controls": cfg.ablation.recommend_controls}

@@ -314,7 +314,7 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
     grid = [train(job) for job in design.lora_grid_jobs(cfg, selection)]
     if after := pending_labels(grid):  # the best combination decides the next runs and the teacher
         w.later("train", "per-model runs (LoRA with the best combination, QLoRA, full, prefix grid)", after)
-        w.later("teacher_logits", "teacher_logits (of the teacher's best run, if it beats the student)", after)
+        w.later("teacher_logits", "teacher_logits (of the teacher's best run)", after)
         distilled = [w.later("train", "distillation runs and the student's full fine-tune at equal steps", after)]
         if cfg.ablation.enabled:
             w.later("train", "augmentation ablation runs", after)
@@ -325,10 +325,13 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
     family_checks = design.family_teacher_check(benchmarks, "validation")
     choice, distilled = None, []
     if after := pending_labels(per_model):  # the teacher is the best of the teacher's runs, against the student's
-        w.later("teacher_logits", "teacher_logits (of the teacher's best run, if it beats the student)", after)
+        w.later("teacher_logits", "teacher_logits (of the teacher's best run)", after)
         distilled = [w.later("train", "distillation runs and the student's full fine-tune at equal steps", after)]
     else:
-        choice = design.distillation_teacher(cfg, selection, grid + per_model, benchmarks)
+        from ftflow.distillable import distillation_problem  # tokenizer files and configs, as the pipeline reads them
+
+        choice = design.distillation_teacher(cfg, selection, grid + per_model, benchmarks, distillation_problem(
+            selection["teacher_model"], selection["student_model"]))
         if choice.distil:
             distilled = [train(design.distillation_reference(cfg, selection))]
             for variant in design.distillation_variants(cfg):
@@ -350,7 +353,7 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
     evaluation = w.stage("evaluate", "evaluate", stages.evaluate_call(
         cfg, data, augmented, benchmarks, failures, selection, design.unique_runs(everything), best["name"],
         design.ablation_labels(ablation), out, teacher=choice.model_dump(mode="json"),
-        checks=design.teacher_check_notes(zoo_checks, family_checks)))
+        checks=design.teacher_check_notes(zoo_checks, family_checks), decisions=plan["decisions"]))
     return PipelineStatus(w.root, w.entries, None if is_pending(evaluation) else evaluation)
 
 

@@ -10,7 +10,7 @@ run manifests (``runs``, see :func:`ftflow.methods.run_job`); skipped runs
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pandas as pd
 
@@ -18,6 +18,9 @@ from ftflow.design import lora_grid_runs
 from ftflow.jobs import parse_job
 
 METHOD_ORDER = ("lora", "qlora", "prefix", "full", "distill")
+Compare = Callable[[str, str], Any]
+"""Two models' names -> their paired comparison on the test sentences (:class:`ftflow.uncertainty.Comparison`),
+or None without per-sentence scores."""
 METHOD_LABEL = {"lora": "LoRA", "qlora": "QLoRA", "prefix": "prefix", "full": "full FT", "distill": "distill"}
 
 
@@ -141,14 +144,26 @@ def _steps(run: dict) -> int | None:
     return history[-1]["step"] if history else None
 
 
-def distillation_table(runs: Sequence[dict], teacher: dict | None = None) -> pd.DataFrame:
+def _percent_ci(compare: Optional[Compare], a: Optional[str], b: Optional[str]) -> Optional[str]:
+    """``[-2.10%, -0.31%] separable``: the paired interval of ``100 (a - b) / b`` (None without scores)."""
+    comparison = compare(a, b) if compare is not None and a and b else None
+    if comparison is None:
+        return None
+    return (f"[{comparison.percent_low:+.2f}%, {comparison.percent_high:+.2f}%] "
+            + ("within noise" if comparison.within_noise else "separable"))
+
+
+def distillation_table(runs: Sequence[dict], teacher: dict | None = None,
+                       compare: Optional[Compare] = None) -> pd.DataFrame:
     """Every distillation variant against the student's full fine-tune at the same steps on the same set.
 
     ``teacher`` is the :class:`ftflow.design.TeacherChoice` (as a dict) the
     variants learnt from. The reference of a variant is the full fine-tune
     of the same model on the same training set with the same number of
     optimizer steps (:func:`ftflow.design.distillation_reference`); without
-    one, its columns stay empty.
+    one, its columns stay empty. ``compare`` (two models' names -> their
+    paired comparison, :meth:`ftflow.recommend.Evidence.compare`) gives each
+    difference its interval.
     """
     trained = [r for r in runs if not r.get("skipped")]
     full = [r for r in trained if r["method"] == "full"]
@@ -170,36 +185,18 @@ def distillation_table(runs: Sequence[dict], teacher: dict | None = None) -> pd.
             "full_ft_selection_ppl": reference["best_validation_ppl"] if reference else None,
             "full_ft_ppl": ref_ppl,
             "delta_percent": 100.0 * (ppl - ref_ppl) / ref_ppl if ref_ppl else None,
+            "delta_percent_ci": _percent_ci(compare, run["name"], reference["name"] if reference else None),
         })
     return pd.DataFrame(rows)
 
 
 def distillation_notes(table: pd.DataFrame | None, teacher: dict | None) -> list[str]:
-    """The distillation's outcome in one or two lines: its teacher (or why it was skipped), and whether the
-    best distilled student beat the full fine-tune at equal steps, with the figures."""
-    if not teacher:
-        return []
-    notes = [teacher["reason"]]
-    if table is None or table.empty:
-        return notes
-    compared = table.dropna(subset=["full_ft_ppl"])
-    if compared.empty:
-        return notes
-    best = compared.loc[compared["ppl"].idxmin()]
-    label = f"{best['variant']} k={best['top_k']}, T={best['temperature']:g}, alpha={best['alpha']:g}"
-    if best["ppl"] < best["full_ft_ppl"]:
-        notes.append(f"distillation beat full fine-tuning at equal steps ({best['steps']}): best variant {label}, "
-                     f"test PPL {best['ppl']:.4f} vs {best['full_ft_ppl']:.4f} ({best['delta_percent']:+.2f}%)")
-    else:
-        notes.append(
-            f"distillation did not beat full fine-tuning at equal steps ({best['steps']}): best variant {label}, "
-            f"test PPL {best['ppl']:.4f} vs {best['full_ft_ppl']:.4f} ({best['delta_percent']:+.2f}%); the teacher "
-            f"({teacher['teacher_name']}, selection PPL {teacher['teacher_ppl']:.4f}) was better than the student's "
-            f"own best ({teacher['student_ppl']:.4f}), but not by enough for its targets to beat the data alone")
-    return notes
+    """How the teacher compared with the student (or why distillation was skipped); the outcome against full
+    fine-tuning at equal steps, with its interval, is a finding of the answer (:func:`ftflow.recommend.study_findings`)."""
+    return [teacher["reason"]] if teacher else []
 
 
-def ablation_table(runs: Sequence[dict], ablation: dict[str, str]) -> pd.DataFrame:
+def ablation_table(runs: Sequence[dict], ablation: dict[str, str], compare: Optional[Compare] = None) -> pd.DataFrame:
     """Study 3.4, measured: the same run on each training set, and its difference to the original set.
 
     ``ablation`` maps the names of the runs that form the ablation (same
@@ -208,7 +205,7 @@ def ablation_table(runs: Sequence[dict], ablation: dict[str, str]) -> pd.DataFra
     reference; a run labelled ``original, same steps ...`` (the original set
     trained for as many optimizer steps as the augmented sets get) is the
     second reference, which separates the effect of the new sentences from
-    that of the extra steps.
+    that of the extra steps. ``compare`` gives each difference its paired interval.
     """
     chosen = [r for r in runs if r["name"] in ablation and not r.get("skipped")]
     reference = next((r for r in chosen if ablation[r["name"]] == "original"), None)
@@ -218,14 +215,18 @@ def ablation_table(runs: Sequence[dict], ablation: dict[str, str]) -> pd.DataFra
         ppl = _ppl(run["test"])
         row = {"train_set": ablation[run["name"]], "sentences": run["train_sentences"], "run": run["title"],
                "epochs": run["job"]["epochs"], "selection_ppl": run["best_validation_ppl"], "ppl": ppl,
-               "delta_ppl": None, "delta_percent": None, "delta_percent_same_steps": None}
+               "delta_ppl": None, "delta_percent": None, "delta_percent_ci": None,
+               "delta_percent_same_steps": None, "delta_percent_same_steps_ci": None}
         if reference is not None:
             ref = _ppl(reference["test"])
             row["delta_ppl"] = ppl - ref
             row["delta_percent"] = 100.0 * (ppl - ref) / ref
+            if run is not reference:
+                row["delta_percent_ci"] = _percent_ci(compare, run["name"], reference["name"])
         if same_steps is not None and not row["train_set"].startswith("original"):
             ref = _ppl(same_steps["test"])
             row["delta_percent_same_steps"] = 100.0 * (ppl - ref) / ref
+            row["delta_percent_same_steps_ci"] = _percent_ci(compare, run["name"], same_steps["name"])
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -253,10 +254,13 @@ TABLE_COLUMNS = {
     "distillation": {"variant": "loss", "top_k": "ids/position", "temperature": "T", "alpha": "alpha",
                      "teacher": "teacher (selection PPL)", "train_set": "training set", "steps": "steps",
                      "selection_ppl": "selection PPL", "ppl": "PPL", "full_ft_selection_ppl": "full FT selection PPL",
-                     "full_ft_ppl": "full FT PPL, same steps", "delta_percent": "Δ % vs full FT"},
+                     "full_ft_ppl": "full FT PPL, same steps", "delta_percent": "Δ % vs full FT",
+                     "delta_percent_ci": "Δ % 95% CI (paired)"},
     "augmentation": {"train_set": "training set", "sentences": "sentences", "epochs": "epochs", "run": "run",
                      "selection_ppl": "selection PPL", "ppl": "PPL", "delta_ppl": "Δ PPL vs original",
-                     "delta_percent": "Δ % vs original", "delta_percent_same_steps": "Δ % vs original, same steps"},
+                     "delta_percent": "Δ % vs original", "delta_percent_ci": "Δ % 95% CI (paired)",
+                     "delta_percent_same_steps": "Δ % vs original, same steps",
+                     "delta_percent_same_steps_ci": "Δ % same steps, 95% CI (paired)"},
 }
 TABLE_TITLES = {
     "methods": "Baseline vs fine-tuning methods per model (best run of each method, chosen on selection)",
@@ -269,42 +273,56 @@ TABLE_TITLES = {
 
 
 def study_tables(baselines: Sequence[dict], runs: Sequence[dict], chosen_lora: str | None,
-                 ablation: dict[str, str] | None = None, teacher: dict | None = None) -> dict[str, pd.DataFrame]:
-    """Every study table that has rows, keyed as in ``TABLE_COLUMNS`` (``teacher``: the distillation's)."""
+                 ablation: dict[str, str] | None = None, teacher: dict | None = None,
+                 compare: Optional[Compare] = None) -> dict[str, pd.DataFrame]:
+    """Every study table that has rows, keyed as in ``TABLE_COLUMNS`` (``teacher``: the distillation's;
+    ``compare``: paired comparisons by name, for the differences' intervals)."""
     tables = {
         "methods": method_table(baselines, runs),
         "lora_grid": lora_grid_table(runs, chosen_lora),
         "prefix": prefix_table(baselines, runs),
         "full_distill": full_and_distill_table(baselines, runs),
-        "distillation": distillation_table(runs, teacher),
-        "augmentation": ablation_table(runs, ablation or {}),
+        "distillation": distillation_table(runs, teacher, compare),
+        "augmentation": ablation_table(runs, ablation or {}, compare),
     }
     return {name: frame for name, frame in tables.items() if not frame.empty}
 
 
-def plot_methods(frame: pd.DataFrame, path: Path) -> None:
-    """Grouped bars: test PPL of the baseline and of each method, per model."""
+def plot_methods(frame: pd.DataFrame, path: Path, winner: Optional[tuple[str, str]] = None) -> None:
+    """Test PPL of the baseline and of each method, one panel per model, each axis starting near its own data
+    (models' perplexities can differ by several times, methods' by a percent); ``winner`` (model, method column
+    prefix such as ``lora`` or ``baseline``) is starred."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from ftflow.report import near_data_limits
 
     series = [("baseline_ppl", "baseline", "#9e9e9e")] + [
         (f"{m}_ppl", METHOD_LABEL[m], c)
         for m, c in zip(METHOD_ORDER, ("#1f77b4", "#17becf", "#9467bd", "#2ca02c", "#ff7f0e"))
         if f"{m}_ppl" in frame and frame[f"{m}_ppl"].notna().any()
     ]
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(frame) + 2), 4.2))
-    for i, (column, label, colour) in enumerate(series):
-        xs = [j + i * width for j in range(len(frame))]
-        ax.bar(xs, frame[column].astype(float), width, label=label, color=colour)
-    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(frame))])
-    ax.set_xticklabels(frame["model"], rotation=15, ha="right", fontsize=8)
-    ax.set_ylabel("test PPL (lower is better)")
-    ax.set_title("Perplexity by method per model")
-    ax.legend(fontsize=8, ncol=min(3, len(series)))
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, len(frame), figsize=(2.4 * len(frame) + 2.2, 4.0), squeeze=False)
+    for ax, (_, row) in zip(axes[0], frame.iterrows()):
+        shown = [(label, float(row[column]), colour, column) for column, label, colour in series
+                 if not pd.isna(row[column])]
+        start, end = near_data_limits(min(v for _, v, _, _ in shown), max(v for _, v, _, _ in shown))
+        xs = range(len(shown))
+        ax.bar(xs, [v - start for _, v, _, _ in shown], 0.8, bottom=start, color=[c for _, _, c, _ in shown])
+        for x, (_, value, _, column) in zip(xs, shown):
+            if winner is not None and (row["model"], column) == (winner[0], f"{winner[1]}_ppl"):
+                ax.annotate("★", (x, value), ha="center", va="bottom", fontsize=14)
+        ax.set_ylim(start, end + 0.08 * (end - start))
+        ax.set_xticks([])
+        ax.set_title(row["model"], fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="y", labelsize=8)
+    axes[0][0].set_ylabel("test PPL, lower is better\n(each axis starts near its data)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for _, _, colour in series]
+    fig.legend(handles, [label for _, label, _ in series], fontsize=8, loc="center right", frameon=False)
+    fig.suptitle("Perplexity by method per model" + (" (★ recommended)" if winner else ""))
+    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_size_inches()[0], 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

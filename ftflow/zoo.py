@@ -326,19 +326,36 @@ def _pretrain_round(cfg: ZooConfig, model: PreTrainedModel, tokenizer: PreTraine
                     description=name if round_index == 0 else f"{name} round {round_index + 1}")
 
 
+def scaled_teacher_steps(cfg: ZooConfig, student_parameters: int, teacher_parameters: int) -> int:
+    """Steps of a teacher's pretraining round: ``zoo.teacher_pretrain_steps``, or unset, ``pretrain_steps`` scaled
+    by the square root of the teacher's size over its student's (a larger model needs more tokens; the square
+    root keeps the CPU time of the offline zoo reasonable)."""
+    if cfg.teacher_pretrain_steps is not None:
+        return cfg.teacher_pretrain_steps
+    return max(1, round(cfg.pretrain_steps * math.sqrt(teacher_parameters / student_parameters)))
+
+
+def beats_by_margin(teacher_ppl: float, student_ppl: float, margin: float) -> bool:
+    """Whether the teacher's PPL is at least ``margin`` (a share) below its student's: a teacher worth the name."""
+    return teacher_ppl <= (1.0 - margin) * student_ppl
+
+
 def _teacher_check_line(family: str, record: dict) -> str:
     """One line on a family's check: both figures, the pretraining it took, and what to change if it failed."""
     rounds = record["teacher_ppl_by_round"]
     pretraining = f"teacher pretrained {record['teacher_steps']} steps"
     if len(rounds) > 1:
         pretraining += f" in {len(rounds)} rounds, PPL " + " -> ".join(f"{ppl:.2f}" for ppl in rounds)
+    ahead = 100.0 * (1.0 - record["teacher_ppl"] / record["student_ppl"])
+    margin = record.get("margin", 0.0)
     head = (f"zoo check, family {family}: teacher {record['split']} PPL {record['teacher_ppl']:.4f} vs student "
-            f"{record['student_ppl']:.4f} before fine-tuning ({pretraining}; student {record['student_steps']}): ")
+            f"{record['student_ppl']:.4f} before fine-tuning, {ahead:+.1f}% lower (margin {100 * margin:g}%; "
+            f"{pretraining}; student {record['student_steps']}): ")
     if record["beats"]:
         return head + "the teacher beats its student"
-    return head + ("the teacher does NOT beat its student, so distillation will have little to learn from it: "
-                   "give the zoo real text of the task's domain (zoo.corpus_file, zoo.task_text: true), or more "
-                   "teacher pretraining (zoo.teacher_pretrain_steps, zoo.teacher_extra_rounds)")
+    return head + ("the teacher does NOT beat its student by the margin, so distillation will have little to learn "
+                   "from it: give the zoo real text of the task's domain (zoo.corpus_file, zoo.task_text: true), or "
+                   "more teacher pretraining (zoo.teacher_pretrain_steps, zoo.teacher_extra_rounds)")
 
 
 def build_zoo(
@@ -357,11 +374,11 @@ def build_zoo(
     For each family: one tokenizer (seeded by ``cfg.seed`` and the family's
     name, so families get different tokenizers), then a student and a teacher
     initialised and pretrained with seeds derived the same way (the teacher
-    for ``cfg.teacher_pretrain_steps`` when set). With ``check``, both are
-    scored on the task's sentences (corpus PPL); while the teacher does not
-    beat its student it is pretrained one more round of the same steps (a
-    warm restart of the schedule, on a new batch order), at most
-    ``cfg.teacher_extra_rounds`` times. A teacher that still loses is saved
+    for :func:`scaled_teacher_steps`). With ``check``, both are scored on the
+    task's sentences (corpus PPL); while the teacher does not beat its
+    student by ``cfg.teacher_margin`` (:func:`beats_by_margin`) it is
+    pretrained one more round of the same steps (a warm restart of the
+    schedule, on a new batch order), at most ``cfg.teacher_extra_rounds`` times. A teacher that still loses is saved
     all the same, and the failure is logged (``warn``) and recorded. Results
     depend only on ``cfg``, ``corpus`` and ``check`` (and on the device's
     arithmetic), not on the order of the families; the caller's global torch
@@ -384,7 +401,7 @@ def build_zoo(
         "corpus_sentences": int}``, where ``final_pretrain_loss`` is the mean
         loss of the last 10 steps (or fewer) and ``teacher_check`` holds
         ``split``, ``student_ppl``, ``teacher_ppl``, ``teacher_ppl_by_round``,
-        ``student_steps``, ``teacher_steps``, ``beats`` and ``line``.
+        ``student_steps``, ``teacher_steps``, ``margin``, ``beats`` and ``line``.
     """
     problems = zoo_problems(cfg)
     if problems:
@@ -407,21 +424,24 @@ def build_zoo(
         for role in ROLES:
             name = f"{family.name}-{role}"
             config = model_config(family.architecture, getattr(family, role), tokenizer, tokenizer.model_max_length)
-            steps = cfg.pretrain_steps if role == "student" else cfg.teacher_pretrain_steps or cfg.pretrain_steps
             started = time.perf_counter()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed + _stable_offset(name))
                 model = AutoModelForCausalLM.from_config(config)
+                steps = (cfg.pretrain_steps if role == "student" else
+                         scaled_teacher_steps(cfg, members[0]["parameters"], sum(p.numel() for p in model.parameters())))
                 losses = _pretrain_round(cfg, model, tokenizer, corpus, name, steps, 0, device, progress)
                 total_steps, by_round = steps, []
                 if check is not None:
                     by_round.append(_check_ppl(model, tokenizer, check))
-                    # The teacher must beat its student; more rounds while it does not.
-                    while (role == "teacher" and by_round[-1] >= ppl_by_round["student"][-1]
+                    # The teacher must beat its student by the margin; more rounds while it does not.
+                    while (role == "teacher" and not beats_by_margin(by_round[-1], ppl_by_round["student"][-1],
+                                                                     cfg.teacher_margin)
                            and len(by_round) <= cfg.teacher_extra_rounds):
                         log(f"zoo: {name} {check.split} PPL {by_round[-1]:.4f} does not beat its student's "
-                            f"{ppl_by_round['student'][-1]:.4f} after {total_steps} steps; pretraining {steps} more "
-                            f"(round {len(by_round) + 1} of at most {cfg.teacher_extra_rounds + 1})")
+                            f"{ppl_by_round['student'][-1]:.4f} by {100 * cfg.teacher_margin:g}% after {total_steps} "
+                            f"steps; pretraining {steps} more (round {len(by_round) + 1} of at most "
+                            f"{cfg.teacher_extra_rounds + 1})")
                         losses = _pretrain_round(cfg, model, tokenizer, corpus, name, steps, len(by_round), device,
                                                  progress)
                         total_steps += steps
@@ -455,7 +475,8 @@ def build_zoo(
             record = {"split": check.split, "student_ppl": student_ppl, "teacher_ppl": teacher_ppl,
                       "teacher_ppl_by_round": ppl_by_round["teacher"],
                       "student_steps": members[0]["pretrain_steps"], "teacher_steps": members[1]["pretrain_steps"],
-                      "beats": teacher_ppl < student_ppl}
+                      "margin": cfg.teacher_margin, "beats": beats_by_margin(teacher_ppl, student_ppl,
+                                                                              cfg.teacher_margin)}
             record["line"] = _teacher_check_line(family.name, record)
             (log if record["beats"] else warn)(record["line"])
         families.append({"name": family.name, "architecture": family.architecture, "members": members,

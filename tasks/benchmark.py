@@ -37,11 +37,12 @@ def benchmark(spec: ModelSpec, data: dict, batch_size: int, max_length: int, dev
         model = load_model(spec.path, spec.precision, device, trust_remote_code=spec.trust_remote_code)
         scores, per_sentence = {}, {}
         for split in ("validation", "test"):
-            result = score_sentences(model, tokenizer, read_split(stage_path(data, split)), batch_size=batch_size,
+            sentences = read_split(stage_path(data, split))
+            result = score_sentences(model, tokenizer, sentences, batch_size=batch_size,
                                      max_length=max_length, progress=progress, desc=f"{spec.name} {split}",
                                      logits_chunk_tokens=logits_chunk_tokens)
             scores[split] = result.to_dict()
-            per_sentence[split] = {"nll": list(result.sentence_nll), "tokens": list(result.sentence_tokens)}
+            per_sentence[split] = result.per_sentence(sentences)  # for the report's intervals (ftflow/uncertainty.py)
             logger.info("%s %s: PPL %.4f, bits/byte %.4f, %d tokens, %d truncated", spec.name, split,
                         result.corpus_ppl, result.bits_per_byte, result.scored_tokens, result.n_truncated)
         write_json(out / "per_sentence.json", per_sentence)

@@ -13,7 +13,8 @@ from tasks._stage import stage_path
 
 @task(name="publish", cache_policy=None, persist_result=False)
 def publish(evaluation: dict, plan: dict, benchmarks: list[dict]) -> None:
-    """Attach the memory plan, benchmark, leaderboard and study tables and the Markdown report to this flow run."""
+    """Attach the memory plan, benchmark, leaderboard and study tables, the answer and the Markdown report to this
+    flow run."""
     create_table_artifact(
         table=[{"model": name, **decision} for name, decision in plan["decisions"].items()], key="memory-plan",
         description=f"Memory plan: precision and batch size per model against {plan['budget_gb']:g} GB ({plan['device']})",
@@ -28,6 +29,9 @@ def publish(evaluation: dict, plan: dict, benchmarks: list[dict]) -> None:
     for name, rows in evaluation.get("tables", {}).items():
         create_table_artifact(table=rows, key=f"study-{name.replace('_', '-')}",
                               description=f"Study table: {TABLE_TITLES[name]}")
+    if "answer" in evaluation["files"]:  # the recommended model, the runner-up, the study's findings
+        create_markdown_artifact(markdown=Path(stage_path(evaluation, "answer")).read_text(encoding="utf-8"),
+                                 key="answer", description="ftflow's answer: the recommended model and the findings")
     report = Path(stage_path(evaluation, "report")).read_text(encoding="utf-8")
     create_markdown_artifact(markdown=report, key="report",
                              description=f"ftflow report; files in {evaluation['dir']}")

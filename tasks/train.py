@@ -22,7 +22,7 @@ from ftflow.data import read_split
 from ftflow.config import DEFAULT_FIT_ORDER
 from ftflow.fit import out_of_memory_refit, plan_training_job
 from ftflow.memory import bf16_available
-from ftflow.methods import Job, run_job
+from ftflow.methods import PER_SENTENCE, Job, run_job
 from ftflow.models import load_tokenizer
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
@@ -134,7 +134,8 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
         if summary["resumed_from"]:
             logger.info("%s: resumed from %s and finished", job.title, summary["resumed_from"])
         write_json(out / "history.json", {k: summary[k] for k in ("history", "baseline_validation", "best_epoch")})
-        return {"files": {"model": "model", "history": "history.json", "card": "model/README.md"},
+        return {"files": {"model": "model", "history": "history.json", "card": "model/README.md",
+                          "per_sentence": PER_SENTENCE},
                 "selection_split": selection_split, "memory_plan": fit.prediction,
                 "fit_plan": fit.model_dump(mode="json"), "memory_budget": budget.to_dict(), **summary}
 

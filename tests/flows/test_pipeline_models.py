@@ -115,5 +115,5 @@ def test_failed_model_is_recorded_and_the_others_go_on(models_config, prefect_se
     assert by_key["leaderboard"].type == "table" and by_key["benchmark"].type == "table"
     assert {"study-methods", "study-lora-grid", "study-full-distill"} <= set(by_key)
     assert "ghost" in str(by_key["leaderboard"].data)
-    assert by_key["report"].type == "markdown"
+    assert by_key["report"].type == "markdown" and by_key["answer"].type == "markdown"
     assert by_key["memory-plan"].type == "table" and "huge" in str(by_key["memory-plan"].data)

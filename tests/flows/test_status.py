@@ -83,6 +83,67 @@ def test_run_with_nothing_to_do_prints_the_leaderboard_from_disk_without_prefect
         main(["run", str(config), "--no-progress", "--set", "distill.alpha=0.3"])
 
 
+def test_a_finished_run_opens_with_its_answer_in_the_report_the_terminal_and_status(micro, monkeypatch, capsys):
+    config, _ = micro
+    evaluation = status_of(config).evaluation
+    recommendation = evaluation["recommendation"]
+    name = recommendation["name"]
+    report = (Path(evaluation["dir"]) / "report.md").read_text(encoding="utf-8")
+    assert report.startswith(f"# micro\n\n## Answer\n\n**Recommended: `{name}`**")
+    assert report.index("## Answer") < report.index("## Data") < report.index("## Leaderboard")
+    # Every scored model kept its test sentences' scores: each leaderboard row has its interval.
+    scored = [row for row in evaluation["leaderboard"] if row["test_ppl"] is not None]
+    assert scored and all(row["test_ppl_low"] < row["test_ppl"] < row["test_ppl_high"] for row in scored)
+    assert recommendation["comparison"]["metric"] in ("ppl", "bits_per_byte")
+    controls = [row for row in evaluation["leaderboard"] if row["role"] == "ablation control"]
+    assert all(row["rank"] is None for row in controls) and name not in {row["name"] for row in controls}
+    # ftflow run (from disk) and ftflow status print the same answer first.
+    monkeypatch.setattr(flows.cli, "_prefect_api", _refuse_prefect)
+    assert main(["run", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    answer = flows.cli.answer_of(evaluation, str(config))
+    assert out.lstrip("\n").startswith(answer) and answer.startswith("## Answer")
+    assert f"`ftflow export {config} --to DIR`" in answer
+    assert main(["status", str(config)]) == 0
+    assert capsys.readouterr().out.startswith(answer)
+
+
+def test_export_writes_the_recommended_model_that_reloads_to_its_test_ppl(micro, tmp_path, capsys):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftflow.data import read_split
+    from ftflow.perplexity import score_sentences
+
+    config, _ = micro
+    evaluation = status_of(config).evaluation
+    name = evaluation["recommendation"]["name"]
+    row = next(r for r in evaluation["leaderboard"] if r["name"] == name)
+    assert main(["export", str(config), "--to", str(tmp_path / "best")]) == 0
+    assert capsys.readouterr().out.startswith(f"exported {name} ")
+    test = read_split(next((config.parent / "artifacts" / "prepare_data").glob("*/test.jsonl")))
+    kind = row["kind"]
+    if kind == "prefix":  # the adapter on the base its card names
+        model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "best")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "best")
+    max_length = load_config(config).max_length  # as the run scored it: sentences cut at the same length
+    ppl = score_sentences(model, AutoTokenizer.from_pretrained(tmp_path / "best"), test, max_length=max_length,
+                          progress=False).corpus_ppl
+    # fp32 micro models: merged LoRA, a copied checkpoint or adapter, QLoRA with fp32 compute (see tests/unit/
+    # test_export.py for why each tolerance holds).
+    assert ppl == pytest.approx(row["test_ppl"], rel=1e-4), kind
+    # A named run, and a name that is not in the leaderboard: one ftflow line, nothing written.
+    lora = next(r["name"] for r in evaluation["leaderboard"] if r["kind"] == "lora")
+    assert main(["export", str(config), lora, "--to", str(tmp_path / "lora")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "lora") is not None
+    capsys.readouterr()
+    assert main(["export", str(config), "no-such-model", "--to", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ftflow: no model named 'no-such-model' in this run's leaderboard") and err.count("\n") == 1
+    assert not (tmp_path / "none").exists()
+
+
 def test_a_distillation_field_status_predicts_the_reruns_and_says_why(micro):
     config, _ = micro
     status = status_of(config, ALPHA)
@@ -156,7 +217,7 @@ def test_a_module_source_change_status_names_the_module(micro, tmp_path):
     # The distillation teacher is the teacher's best run of any method, so the grid's rerun leaves its choice
     # (and the distillation runs it decides) open: they are one group, after the grid.
     assert after == ["per-model runs (LoRA with the best combination, QLoRA, full, prefix grid)",
-                     "teacher_logits (of the teacher's best run, if it beats the student)",
+                     "teacher_logits (of the teacher's best run)",
                      "distillation runs and the student's full fine-tune at equal steps", "evaluate"]
     distill = lines.index(next(line for line in lines if line.startswith("after     distillation runs")))
     assert lines[distill].endswith("  after " + ", ".join(lines[i].split()[2] for i in grid))

@@ -72,6 +72,13 @@ def test_ablation_table_measures_each_training_set_against_the_original():
     assert frame["delta_percent_same_steps"].iloc[:2].isna().all()
     assert list(frame["delta_percent_same_steps"].iloc[2:]) == pytest.approx([100 * (11 / 10.5 - 1), 0.0])
     assert "| +10.00% |" in markdown_table(frame, TABLE_COLUMNS["augmentation"])
+    # Each difference with its paired interval, against the run it is a difference to.
+    Paired.calls.clear()
+    paired = ablation_table(runs, labels, compare=lambda a, b: Paired(a, b, -1.0, 2.0))
+    assert pd.isna(paired["delta_percent_ci"].iloc[0])  # the original set against itself: nothing to compare
+    assert list(paired["delta_percent_ci"].iloc[1:]) == ["[-1.00%, +2.00%] within noise"] * 3
+    assert list(paired["delta_percent_same_steps_ci"].iloc[2:]) == ["[-1.00%, +2.00%] within noise"] * 2
+    assert (runs[1]["name"], runs[3]["name"]) in Paired.calls  # the mix against the original set at equal steps
     # Ablation runs are not mixed into the other tables.
     assert "augmentation" in study_tables(BASELINES, runs, None, labels)
     assert method_table(BASELINES, runs).loc[0, "full_ppl"] == 11.0
@@ -84,6 +91,17 @@ def test_skipped_runs_are_listed_with_their_reason(tmp_path):
     assert frame.loc[0, "skipped"].startswith("predicted 30 GB") and frame.isna().loc[0, "ppl"]
     plot_methods(method_table(BASELINES, [run("teacher", "lora", 5.0, 9.0, r=8)]), tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+class Paired:
+    """A stand-in for a paired comparison (ftflow.uncertainty.Comparison), recording what was compared."""
+
+    calls: list = []
+
+    def __init__(self, a, b, low=-3.0, high=-1.0):
+        Paired.calls.append((a, b))
+        self.percent_low, self.percent_high = low, high
+        self.within_noise = low <= 0 <= high
 
 
 def test_distillation_table_compares_each_variant_with_full_fine_tuning_at_the_same_steps():
@@ -103,15 +121,12 @@ def test_distillation_table_compares_each_variant_with_full_fine_tuning_at_the_s
     assert list(table["teacher"]) == ["teacher+full[lr0.001] (3.2000)"] * 2
     assert list(table["steps"]) == [96, 96] and list(table["full_ft_ppl"]) == [4.20, 4.20]
     assert list(table["delta_percent"]) == pytest.approx([100 * (4.10 - 4.20) / 4.20, 100 * (4.15 - 4.20) / 4.20])
-    assert distillation_notes(table, teacher) == [
-        "distilling from the best teacher run",
-        "distillation beat full fine-tuning at equal steps (96): best variant topk k=5, T=1, alpha=0.5, test PPL "
-        "4.1000 vs 4.2000 (-2.38%)"]
-    worse = distillation_table([runs[0], steps(run("student", "distill", 4.4, 4.30, top_k=5), 96)], teacher)
-    assert distillation_notes(worse, teacher)[1] == (
-        "distillation did not beat full fine-tuning at equal steps (96): best variant topk k=5, T=1, alpha=0.5, "
-        "test PPL 4.3000 vs 4.2000 (+2.38%); the teacher (teacher+full[lr0.001], selection PPL 3.2000) was better "
-        "than the student's own best (4.1000), but not by enough for its targets to beat the data alone")
+    # The notes say how the teacher compared; the outcome, with its interval, is a finding of the answer.
+    assert distillation_notes(table, teacher) == ["distilling from the best teacher run"]
+    assert table["delta_percent_ci"].isna().all()  # no per-sentence scores given: no interval
+    compared = distillation_table(runs, teacher, compare=lambda a, b: Paired(a, b))
+    assert list(compared["delta_percent_ci"]) == ["[-3.00%, -1.00%] separable", "[-3.00%, -1.00%] separable"]
+    assert Paired.calls[-2:] == [(runs[3]["name"], runs[0]["name"]), (runs[4]["name"], runs[0]["name"])]
     skipped = {"distil": False, "reason": "distillation was skipped: ..."}
     assert distillation_notes(None, skipped) == ["distillation was skipped: ..."]
     # Without a full fine-tune at the same steps, the reference columns stay empty.
