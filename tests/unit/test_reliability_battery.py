@@ -40,6 +40,10 @@ def test_a_user_error_is_one_ftflow_message_that_ends_the_output_without_traceba
     assert not ok and ", a traceback" in observed
     assert not one_line_error(_result("ftflow: interrupted by SIGTERM\nhttpx.ConnectError: refused\n", 143), 143)[0]
     assert one_line_error(_result("raw error\n", 2), 2) == (False, "exit 2, 1.2 s: (no ftflow: line)")
+    # validate's count line after the message: the message is what is shown.
+    counted = "ftflow: c.yaml has 1 problem(s):\n  - seed: not an integer\nftflow: 1 of 1 config(s) have problems\n"
+    assert one_line_error(_result(counted, 2), 2) == (True, "exit 2, 1.2 s: ftflow: c.yaml has 1 problem(s): / - seed: "
+                                                            "not an integer / ftflow: 1 of 1 config(s) have problems")
 
 
 def test_task_states_and_what_a_run_computed():
@@ -59,9 +63,10 @@ def test_task_states_and_what_a_run_computed():
 
 
 def test_the_leaderboard_and_report_path_are_read_from_a_finished_runs_output():
-    output = ("Recommended: x\n\n| model | kind | test PPL |\n|---|---|---|\n| a | lora | 4.1 |\n\n"
+    output = ("Recommended: x\n\n| model | figure |\n|---|---|\n| a | 1 |\n\n"
+              "| rank | model | kind | test PPL |\n|---|---|---|---|\n| 1 | a | lora | 4.1 |\n\n"
               "| model | training set |\n|---|---|\n| c | x |\n"
               "report: /tmp/a/evaluate/k/report.md\nartifacts: /tmp/a\n")
-    assert leaderboard_of(output) == "| model | kind | test PPL |\n|---|---|---|\n| a | lora | 4.1 |"
+    assert leaderboard_of(output) == "| rank | model | kind | test PPL |\n|---|---|---|---|\n| 1 | a | lora | 4.1 |"
     assert report_path_of(output) == Path("/tmp/a/evaluate/k/report.md")
     assert leaderboard_of("no table") == "" and report_path_of("no report") is None
