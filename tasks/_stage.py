@@ -50,6 +50,7 @@ from ftflow.artifacts import (MANIFEST, OUTPUTS, RELATIVE_PATHS, VERIFY_ENV, VER
                               looks_full, move_aside, record_outputs, relative_paths, resolved_paths, tree_bytes,
                               write_json)
 from ftflow.caching import KEY_LENGTH, NOT_IN_KEY, PREFECT_RECORD, key_and_parts, key_inputs, stage_key  # noqa: F401
+from ftflow.device import freeze_long_lived_objects
 from tasks._locks import LeasedFileLockManager, lease_seconds_from_env
 
 RECORD = PREFECT_RECORD
@@ -275,6 +276,7 @@ def _run_stage(context: TaskRunContext, stage: str, modules: tuple[str, ...], bu
     if finished is not None:
         logger.info("%s: outputs for key %s already on disk, reusing %s", stage, key, final)
         return finished
+    freeze_long_lived_objects()  # before this process's first model: each free_memory then walks only what came after
     started = time.perf_counter()
     work_dir = final.parent / f".{key}.work"
     run_id = str(context.task_run.id) if context.task_run is not None else key

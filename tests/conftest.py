@@ -71,3 +71,11 @@ def pytest_runtest_setup(item):
     for marker in item.iter_markers(name="needs"):
         if not marker.kwargs["available"]:
             missing(marker.kwargs["what"], marker.kwargs["install"])
+
+
+def pytest_collection_finish(session):
+    # Every test module is imported now: torch's, transformers', PEFT's and Prefect's objects live for the whole
+    # session. Frozen, as a stage's process freezes them before its first model, so that each free_memory (and
+    # accelerate's collection when a Trainer starts) walks only what a test made, not 600,000 objects each time.
+    from ftflow.device import freeze_long_lived_objects
+    freeze_long_lived_objects()
