@@ -156,6 +156,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from ftflow import design, memory  # noqa: E402
 from ftflow.config import PipelineConfig, load_config  # noqa: E402
+from ftflow.device import freeze_long_lived_objects  # noqa: E402
 from ftflow.fit import choose_fit  # noqa: E402
 from ftflow.jobs import FullJob, Job, PrefixJob  # noqa: E402
 
@@ -1207,6 +1208,7 @@ def main(argv: Optional[Sequence[str]] = None,
         return 0
     quiet()
     import_everything()
+    freeze_long_lived_objects()  # as a stage's process does: each free_memory walks only what a stage made
     context = 0
     if r.device == "cuda":
         context = cuda_context_bytes()
