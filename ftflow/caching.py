@@ -6,10 +6,12 @@ A stage's key is a hash of exactly what can change its output:
   stages it reads (each manifest counts by its ``fingerprint`` only, which is
   the key that produced it, so timings and paths inside don't matter);
 * the content of every data file named in those inputs (not its name);
-* the source of every project module the stage's task module reaches through
+* the code of every project module the stage's task module reaches through
   its imports (:func:`reached_modules`: found by reading the import statements,
   lazy imports inside functions included, never from a hand-kept list; helper
-  functions count too, which Prefect's ``TASK_SOURCE`` policy does not see);
+  functions count too, which Prefect's ``TASK_SOURCE`` policy does not see),
+  each by its normalized syntax tree (:func:`code_hash`), so comments,
+  docstrings and formatting never change a key;
 * the versions of the libraries that change numbers.
 
 Nothing here imports Prefect; ``tasks/`` plugs :func:`stage_key` into a
@@ -93,6 +95,10 @@ def _installed_module_file(name: str) -> Optional[Path]:
     return _locate(name, None)
 
 
+class PackageWithoutInit(ImportError):
+    """A folder of a project package holds modules but no ``__init__.py``."""
+
+
 def _locate(name: str, search_path: Optional[tuple[Path, ...]]) -> Optional[Path]:
     top, *rest = name.split(".")
     path = _find_top_level(top, search_path)
@@ -101,6 +107,12 @@ def _locate(name: str, search_path: Optional[tuple[Path, ...]]) -> Optional[Path
             return None  # only packages have submodules
         package = path.parent
         path = next((c for c in (package / part / "__init__.py", package / f"{part}.py") if c.is_file()), None)
+        if path is None and (package / part).is_dir() and any((package / part).glob("*.py")):
+            # A namespace package: Python imports it, but a key built without its modules would not
+            # change when they do.
+            raise PackageWithoutInit(
+                f"{package / part} holds modules but no __init__.py, so the cache keys of the stages that "
+                f"import {name} would not see its code; add an __init__.py (a docstring is enough)")
     return path
 
 
@@ -183,18 +195,47 @@ def reached_modules(roots: Iterable[str], packages: Optional[Iterable[str]] = No
     return tuple(sorted(files))
 
 
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:]
+    return tree
+
+
+def code_hash(source: str | bytes, filename: str = "<source>") -> str:
+    """SHA-256 of a module's code: its syntax tree without docstrings, so comments and formatting (which
+    the parser drops), docstrings and line numbers never change it, and any change to what runs does.
+
+    Args:
+        source: The module's source text.
+        filename: For the syntax error's message only.
+    """
+    tree = _without_docstrings(ast.parse(source, filename=filename))
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
+@lru_cache(maxsize=1024)
+def _code_hash_cached(path: str, size: int, mtime_ns: int) -> str:
+    return code_hash(Path(path).read_bytes(), filename=path)
+
+
 def module_hashes(roots: Iterable[str], search_path: Optional[Sequence[Path]] = None) -> dict[str, str]:
-    """{module: SHA-256 of its source} for every project module the ``roots`` reach (:func:`reached_modules`)."""
+    """{module: :func:`code_hash` of its source} for every project module the ``roots`` reach
+    (:func:`reached_modules`)."""
     hashes = {}
     for name in reached_modules(roots, search_path=search_path):
         path = module_file(name, search_path)
         stat = path.stat()
-        hashes[name] = _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+        hashes[name] = _code_hash_cached(str(path), stat.st_size, stat.st_mtime_ns)
     return hashes
 
 
 def code_version(roots: Iterable[str], search_path: Optional[Sequence[Path]] = None) -> str:
-    """Hash of the source of every project module the ``roots`` reach (see :func:`reached_modules`)."""
+    """Hash of the code of every project module the ``roots`` reach (see :func:`reached_modules`,
+    :func:`code_hash`)."""
     digest = hashlib.sha256()
     for name, source_hash in module_hashes(roots, search_path).items():
         digest.update(name.encode())

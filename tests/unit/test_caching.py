@@ -43,6 +43,7 @@ def test_unhashable_inputs_are_refused():
 
 # -- the code key: every project module a stage reaches, from the import graph ------------------------------
 
+import ast  # noqa: E402
 import shutil  # noqa: E402
 import textwrap  # noqa: E402
 
@@ -145,13 +146,14 @@ def test_every_stage_keys_its_code_from_its_own_module():
         assert task.cache_policy.modules == (f"tasks.{name}",) == module.MODULES, name
 
 
-def changed_stages(tmp_path: Path, edit: str) -> set[str]:
-    """Stages whose code key changes when ``edit`` (a file of a copy of the project) gets a comment."""
-    for package in ("ftflow", "tasks"):
-        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+def changed_stages(tmp_path: Path, edit: str, code: str = "EDITED = True\n") -> set[str]:
+    """Stages whose code key changes when ``edit`` (a file of a copy of the project) gets ``code`` appended."""
+    if not (tmp_path / "ftflow").exists():
+        for package in ("ftflow", "tasks"):
+            shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     before = {s: code_version([f"tasks.{s}"], search_path=[tmp_path]) for s in STAGE_MODULES}
     with open(tmp_path / edit, "a", encoding="utf-8") as handle:
-        handle.write("# an edit\n")
+        handle.write(code)
     return {s for s in STAGE_MODULES if code_version([f"tasks.{s}"], search_path=[tmp_path]) != before[s]}
 
 
@@ -179,3 +181,67 @@ def test_paths_inside_the_artifacts_directory_count_relative_to_it(tmp_path):
     # Another checkpoint, or one outside the artifacts directory, is another input.
     assert stage_key("s", call(here), MODULES, here) != stage_key("s", call(here / "x"), MODULES, here)
     assert stage_key("s", call(here), MODULES, there) != stage_key("s", call(there), MODULES, there)
+
+
+# -- code counts by its syntax tree: documentation never retrains ------------------------------------------
+
+def test_code_hash_ignores_comments_docstrings_and_formatting_but_not_code():
+    from ftflow.caching import code_hash
+
+    source = 'def f(x):\n    return x + 1\n'
+    documented = ('"""A module."""\n# why\n\n\ndef f( x ):  # a comment\n    """Adds one."""\n'
+                  '    return (x +\n            1)\n')
+    assert code_hash(source) == code_hash(documented)
+    assert code_hash(source) != code_hash('def f(x):\n    return x + 2\n')
+    # A string that is not a docstring is code.
+    assert code_hash(source) != code_hash('def f(x):\n    y = "text"\n    return x + 1\n')
+
+
+def project_modules() -> list[Path]:
+    return sorted(p.relative_to(ROOT) for package in ("ftflow", "tasks") for p in (ROOT / package).rglob("*.py")
+                  if "__pycache__" not in p.parts)
+
+
+def edit_documentation(path: Path) -> None:
+    """Give every docstring of a module more words and add comments and blank lines: its code unchanged."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                end = first.end_lineno - 1  # the docstring's closing line gets a word before its quotes
+                text = lines[end].rstrip("\n")
+                quote = text[-3:] if text[-3:] in ('"""', "'''") else text[-1]
+                lines[end] = text[: len(text) - len(quote)] + " More words." + quote + "\n"
+    path.write_text("# An added comment.\n\n" + "".join(lines) + "\n# Another comment.\n", encoding="utf-8")
+
+
+def test_editing_comments_and_docstrings_of_every_module_leaves_every_stage_key_unchanged(tmp_path):
+    for package in ("ftflow", "tasks"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {s: code_version([f"tasks.{s}"], search_path=[tmp_path]) for s in STAGE_MODULES}
+    for relative in project_modules():
+        edit_documentation(tmp_path / relative)
+        compile((tmp_path / relative).read_text(encoding="utf-8"), str(relative), "exec")  # still Python
+    assert (tmp_path / "ftflow" / "caching.py").read_text() != (ROOT / "ftflow" / "caching.py").read_text()
+    assert {s: code_version([f"tasks.{s}"], search_path=[tmp_path]) for s in STAGE_MODULES} == before
+
+
+def test_a_package_folder_without_init_is_refused_not_dropped(tmp_path):
+    from ftflow.caching import PackageWithoutInit
+
+    write_package(tmp_path, {"pkg/__init__.py": "", "pkg/stage.py": "from pkg.sub import deep\n",
+                             "pkg/sub/deep.py": "X = 1\n"})
+    with pytest.raises(PackageWithoutInit, match=r"pkg/sub holds modules but no __init__.py"):
+        reached_modules(["pkg.stage"], search_path=[tmp_path])
+    (tmp_path / "pkg" / "sub" / "__init__.py").write_text('"""A sub-package."""\n')
+    assert reached_modules(["pkg.stage"], search_path=[tmp_path]) == ("pkg", "pkg.stage", "pkg.sub", "pkg.sub.deep")
+
+
+def test_every_project_package_folder_has_an_init():
+    for package in ("ftflow", "tasks", "flows"):
+        for folder in [ROOT / package, *(p for p in (ROOT / package).rglob("*") if p.is_dir())]:
+            if folder.name != "__pycache__" and any(folder.glob("*.py")):
+                assert (folder / "__init__.py").is_file(), f"{folder} has no __init__.py"
