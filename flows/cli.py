@@ -305,8 +305,8 @@ def failure_summary(evaluation: dict) -> list[str]:
 
 
 def _cached_status(cfg: PipelineConfig):
-    """What is cached for ``cfg`` (:func:`ftflow.status.pipeline_status`), or None when that cannot be told."""
-    from ftflow.status import pipeline_status
+    """What is cached for ``cfg`` (:func:`ftflow.stages.status.pipeline_status`), or None when that cannot be told."""
+    from ftflow.stages.status import pipeline_status
 
     try:
         return pipeline_status(cfg)
@@ -317,9 +317,9 @@ def _cached_status(cfg: PipelineConfig):
 
 
 def _hub_check(cfg: PipelineConfig, *, stop_when_none_left: bool) -> tuple[object, dict[str, str]]:
-    """The hub check of the config's hub ids (:func:`ftflow.hub.check_candidates`), one ``ftflow:`` line per model
+    """The hub check of the config's hub ids (:func:`ftflow.models.hub.check_candidates`), one ``ftflow:`` line per model
     it leaves out; with ``stop_when_none_left``, a UserError when no candidate is left."""
-    from ftflow import hub
+    from ftflow.models import hub
 
     report, problems = hub.check_candidates(cfg.models)
     if stop_when_none_left and cfg.models and len(problems) == len(cfg.models):
@@ -335,8 +335,9 @@ def _hub_check(cfg: PipelineConfig, *, stop_when_none_left: bool) -> tuple[objec
 
 
 def _disk_plan(cfg: PipelineConfig, report, study, done=()):
-    """The disk ``cfg``'s study needs (:func:`ftflow.disk.plan_disk`), downloads sized by the hub check."""
-    from ftflow import disk, hub
+    """The disk ``cfg``'s study needs (:func:`ftflow.plan.disk.plan_disk`), downloads sized by the hub check."""
+    from ftflow.plan import disk
+    from ftflow.models import hub
 
     tokenizer_bytes = {}
     for spec in cfg.models:
@@ -350,16 +351,18 @@ def _disk_plan(cfg: PipelineConfig, report, study, done=()):
 
 def _check_disk(cfg: PipelineConfig, report, problems: dict[str, str], status, source: str) -> None:
     """Refuse to start a study of hub models (or local ones) when a file system lacks the disk it needs
-    (:func:`ftflow.disk.plan_disk`); a config with a zoo is not planned."""
-    from ftflow import hub, memory, study_plan
-    from ftflow.memory import fetched_configs_dir
-    from ftflow.models import resolve_device
+    (:func:`ftflow.plan.disk.plan_disk`); a config with a zoo is not planned."""
+    from ftflow.models import hub
+    from ftflow.plan import study as study_plan
+    from ftflow.models.architecture import fetched_configs_dir
+    from ftflow.models.loading import resolve_device
+    from ftflow.plan import decide as plan_decide
 
     if not cfg.models:  # a zoo's models are built by the run at its own small sizes (the demo's: < 1M parameters)
         return
     device = resolve_device(cfg.device)
     hub.fetch_configs(report, fetched_configs_dir(cfg.artifacts_dir))  # an id ftflow does not know: sized too
-    study = study_plan.plan_study(cfg, device=device, bf16_supported=memory.bf16_available(device)
+    study = study_plan.plan_study(cfg, device=device, bf16_supported=plan_decide.bf16_available(device)
                                   if device == "cpu" else True, left_out=problems,
                                   config_dir=fetched_configs_dir(cfg.artifacts_dir))
     done = [s.label for s in status.stages if s.state == "cached"] if status is not None else []
@@ -462,7 +465,7 @@ def answer_of(evaluation: dict, config: str) -> str:
     commands naming ``config``; empty for an evaluation written before ftflow made one."""
     if evaluation.get("recommendation") is None:
         return ""
-    from ftflow.recommend import answer_text
+    from ftflow.study.recommend import answer_text
 
     return answer_text(evaluation["recommendation"], evaluation.get("findings") or [], config=config)
 
@@ -486,7 +489,7 @@ def _print_results(evaluation: dict, cfg: PipelineConfig, config: str = "CONFIG"
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ftflow.status import pipeline_status, status_text
+    from ftflow.stages.status import pipeline_status, status_text
 
     cfg = _load_checked(args.config, parse_overrides(args.set))
     _hub_check(cfg, stop_when_none_left=False)  # the models a run would leave out, one line each
@@ -498,7 +501,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ftflow import hub
+    from ftflow.models import hub
 
     bad = 0
     for path in args.configs:
@@ -525,7 +528,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from ftflow import hub, memory
+    from ftflow.models import architecture, hub
+    from ftflow.plan import decide as plan_decide
+    from ftflow.plan import predict as plan_predict
+    from ftflow.plan import tables as plan_tables
 
     cfg = load_config(args.config)
     if not cfg.models:
@@ -533,35 +539,35 @@ def _plan(args: argparse.Namespace) -> int:
               "list (hub ids or directories), e.g. configs/seed-20gb.yaml", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if cfg.device in ("auto", "cuda") else "cpu")
-    budget = int((args.budget_gb or cfg.memory_budget_gb) * memory.GB)
+    budget = int((args.budget_gb or cfg.memory_budget_gb) * plan_predict.GB)
     max_length = args.max_length or cfg.max_length
     # Online: what the hub refuses is left out as a run would leave it out, and the configs of ids ftflow does
     # not know are read from it. Offline nothing is left out: planning needs no download.
     report, problems = hub.check_candidates(cfg.models)
     refused = {spec.name: problems[spec.name] for spec in cfg.models
                if spec.name in problems and report.checks[spec.path].refused}
-    configs = memory.fetched_configs_dir(cfg.artifacts_dir)
+    configs = architecture.fetched_configs_dir(cfg.artifacts_dir)
     fetch_problems = hub.fetch_configs(report, configs)
     plans, problems = [], [f"{name}: {problem}" for name, problem in refused.items()]
     for spec in cfg.models:
         if spec.name in refused:
             continue
         try:
-            plans.append(memory.plan_model(
+            plans.append(plan_decide.plan_model(
                 spec.name, spec.path, budget, max_length=max_length, batch_size=args.batch_size,
-                device=device, bf16_supported=memory.bf16_available(device) if device == "cpu" else True,
+                device=device, bf16_supported=plan_decide.bf16_available(device) if device == "cpu" else True,
                 logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens, trust_remote_code=spec.trust_remote_code,
                 config_dir=configs,
             ))
-        except memory.UnknownModelError as exc:
+        except architecture.UnknownModelError as exc:
             problems.append(f"{spec.name}: {exc}" + (f" ({fetch_problems[spec.path]})"
                                                      if spec.path in fetch_problems else ""))
     out = Path(args.out) if args.out else cfg.artifacts_dir / "plan"
     out.mkdir(parents=True, exist_ok=True)
-    frame = memory.write_plan(plans, budget, out)
-    print(f"memory plan for {args.config}: budget {budget / memory.GB:g} GB, {device}, sequences of "
+    frame = plan_tables.write_plan(plans, budget, out)
+    print(f"memory plan for {args.config}: budget {budget / plan_predict.GB:g} GB, {device}, sequences of "
           f"{max_length} tokens (worst case unless --max-length)\n")
-    print(memory.plan_markdown(frame))
+    print(plan_tables.plan_markdown(frame))
     for plan in plans:
         print(f"- {plan.name}: {plan.reason}")
     for problem in problems:
@@ -575,18 +581,21 @@ def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, o
                    refused: dict[str, str]) -> list[str]:
     """Every training run the config implies: its fit to the training budget, predicted peak, compute and hours;
     then the disk the study needs."""
-    from ftflow import memory, study_plan
-    from ftflow.disk import size_text
+    from ftflow.models import architecture
+    from ftflow.plan import decide as plan_decide
+    from ftflow.plan import study as study_plan
+    from ftflow.plan import tables as plan_tables
+    from ftflow.plan.disk import size_text
 
     study = study_plan.plan_study(cfg, device=device, family=args.family, left_out=refused,
-                                  bf16_supported=memory.bf16_available(device) if device == "cpu" else True,
-                                  config_dir=memory.fetched_configs_dir(cfg.artifacts_dir))
+                                  bf16_supported=plan_decide.bf16_available(device) if device == "cpu" else True,
+                                  config_dir=architecture.fetched_configs_dir(cfg.artifacts_dir))
     runs = study.runs
     if not runs:
         return study.problems
     frame = study_plan.study_plan_table(runs, args.gpu, args.utilization)
     frame.to_csv(out / "training_plan.csv", index=False)
-    table = memory.plan_markdown(frame)
+    table = plan_tables.plan_markdown(frame)
     (out / "training_plan.md").write_text(table + "\n", encoding="utf-8")
     fitting = [r for r in runs if r.fit.fits]
     hours = sum(r.hours(args.gpu, args.utilization) for r in fitting)
@@ -620,7 +629,7 @@ def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, o
 
 def _finished_evaluation(config: str, overrides: dict) -> tuple[PipelineConfig, dict]:
     """The config and its finished run's evaluation manifest; a UserError when the run has not finished."""
-    from ftflow.status import pipeline_status
+    from ftflow.stages.status import pipeline_status
 
     cfg = _load_checked(config, overrides)
     status = pipeline_status(cfg)
@@ -631,7 +640,7 @@ def _finished_evaluation(config: str, overrides: dict) -> tuple[PipelineConfig, 
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ftflow.export import export_run
+    from ftflow.study.export import export_run
 
     positional = list(args.what)
     if len(positional) > 2:
@@ -651,7 +660,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from ftflow.init_config import next_commands, write_config
+    from ftflow.study.init_config import next_commands, write_config
 
     models, directory = list(args.models), args.directory
     if directory is None and len(models) > 1:  # `--models ID... DIR`: --models took DIR too
@@ -692,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch-size", type=int, help="fixed evaluation batch size (default: the largest that fits)")
     plan.add_argument("--device", choices=["cuda", "cpu"], help="where the models will run (default: from config)")
     plan.add_argument("--out", help="folder for plan.csv/md/png (default: <artifacts_dir>/plan)")
-    from ftflow.study_plan import DEFAULT_GPU, DEFAULT_UTILIZATION, GPU_PEAK_TFLOPS
+    from ftflow.plan.study import DEFAULT_GPU, DEFAULT_UTILIZATION, GPU_PEAK_TFLOPS
 
     plan.add_argument("--gpu", choices=sorted(GPU_PEAK_TFLOPS), default=DEFAULT_GPU,
                       help=f"GPU whose peak the training time is estimated on (default: {DEFAULT_GPU})")
@@ -741,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user error (config, data, paths) is one ``ftflow:`` line and exit 2 (``--debug``: traceback)."""
-    from ftflow.budget import use_expandable_segments
+    from ftflow.plan.budget import use_expandable_segments
 
     use_expandable_segments()  # before anything can start CUDA (the caching allocator reads it once)
     args = build_parser().parse_args(argv)

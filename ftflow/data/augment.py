@@ -8,12 +8,12 @@ of its source, the method and its parameters.
 Methods (weights in ``AugmentConfig.methods`` set the mix):
 
 * EDA (Wei & Zou, 2019) through nlpaug where it fits: ``synonym`` (nlpaug's
-  SynonymAug fed by an offline WordNet, see :mod:`ftflow.wordnet`),
+  SynonymAug fed by an offline WordNet, see :mod:`ftflow.data.wordnet`),
   ``random_swap`` and ``random_delete`` (nlpaug's RandomWordAug);
   ``random_insert`` is EDA's "insert a synonym of a random word at a random
   place", which nlpaug has no WordNet version of, so it is written here.
 * ``random_mask``: chosen words replaced by a mask token, or dropped.
-* ``back_translation``: en -> pivot -> en through :mod:`ftflow.translate`,
+* ``back_translation``: en -> pivot -> en through :mod:`ftflow.data.translate`,
   passed in as a callable so this module makes no network call itself.
 
 Every method changes ``ceil(rate * words)`` words, at least one (nlpaug's rule).
@@ -38,7 +38,7 @@ import numpy as np
 from ftflow.config import AUGMENT_METHODS, AugmentConfig
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ftflow.translate import BackTranslator
+    from ftflow.data.translate import BackTranslator
 
 WORDNET_METHODS = frozenset({"synonym", "random_insert"})
 
@@ -47,12 +47,12 @@ def wordnet_sha256(config: AugmentConfig) -> Optional[str]:
     """The content hash of the WordNet database ``config``'s augmentation reads (None when it reads none).
 
     Raises:
-        ftflow.wordnet.WordNetMissing: it reads WordNet and none is installed (the message says how to install it).
+        ftflow.data.wordnet.WordNetMissing: it reads WordNet and none is installed (the message says how to install it).
     """
     used = {m for m, w in config.methods.items() if w > 0} if config.enabled else set()
     if not used & WORDNET_METHODS:
         return None
-    from ftflow.wordnet import database_sha256, locate_wordnet
+    from ftflow.data.wordnet import database_sha256, locate_wordnet
 
     return database_sha256(locate_wordnet(config.nltk_data_dir))
 SKIP_REASONS = ("empty", "too_long", "non_english")
@@ -283,9 +283,9 @@ def augment_sentences(
     Args:
         sentences: the training split, unchanged by this function.
         config: what to make; ``config.enabled`` is the caller's business.
-        wordnet: an nltk WordNet reader; loaded by :func:`ftflow.wordnet.load_wordnet`
+        wordnet: an nltk WordNet reader; loaded by :func:`ftflow.data.wordnet.load_wordnet`
             when a WordNet method is on and none is given.
-        back_translator: a :class:`ftflow.translate.BackTranslator` (or any object with
+        back_translator: a :class:`ftflow.data.translate.BackTranslator` (or any object with
             ``back_translate_many(texts) -> {text: str | TranslationFailed}``); required
             when back-translation has a weight.
 
@@ -295,7 +295,7 @@ def augment_sentences(
         and which translations failed and why. ``dropped_*`` count draws;
         ``wanted == made + gave_up + sum(translation_failed.values())``.
     """
-    from ftflow.translate import TranslationFailed
+    from ftflow.data.translate import TranslationFailed
 
     wanted = round(len(sentences) * (config.factor - 1.0))
     stats = _empty_stats(config, len(sentences), wanted)
@@ -319,7 +319,7 @@ def augment_sentences(
     if "back_translation" in used and back_translator is None:
         raise ValueError("back_translation has a weight in augment.methods but no back_translator was given")
     if used & WORDNET_METHODS and wordnet is None:
-        from ftflow.wordnet import load_wordnet
+        from ftflow.data.wordnet import load_wordnet
 
         wordnet = load_wordnet(config.nltk_data_dir)
 
@@ -327,7 +327,7 @@ def augment_sentences(
 
     def synonyms_of(word: str) -> list[str]:
         if word not in synonym_cache:
-            from ftflow.wordnet import synonyms
+            from ftflow.data.wordnet import synonyms
 
             synonym_cache[word] = synonyms(wordnet, word)
         return synonym_cache[word]

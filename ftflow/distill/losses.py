@@ -29,22 +29,13 @@ target; it is kept so that rows and input ids line up one to one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-import transformers
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, _decoder_states, _output_head, _OutputHead
-from ftflow.tokens import (IGNORE_INDEX, pack_batch, pack_placements, packed_row_tokens, pad_batch, pad_token_id,
-                           sentence_ids, start_token_id)
+from ftflow.tokens import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

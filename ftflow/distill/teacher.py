@@ -4,22 +4,20 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+import logging
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-import transformers
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, _decoder_states, _output_head, _OutputHead
-from ftflow.tokens import (IGNORE_INDEX, pack_batch, pack_placements, packed_row_tokens, pad_batch, pad_token_id,
-                           sentence_ids, start_token_id)
+from ftflow.tokens import pad_batch, pad_token_id, sentence_ids
+from ftflow.distill.store import VARIANTS, TeacherTopK
+from ftflow.distill.vocabulary import check_distillable, embedding_rows
+
+logger = logging.getLogger(__name__)
 
 
 def compute_teacher_topk(
@@ -58,7 +56,7 @@ def compute_teacher_topk(
     time, each chunk's log-softmax, top-k (or draws) and tail taken before the
     next and its results moved to the CPU. The results are the full-logits
     path's, up to the LM head's float rounding on other row counts
-    (:func:`ftflow.memory.predict_teacher_pass` predicts the peak).
+    (:func:`ftflow.plan.predict.predict_teacher_pass` predicts the peak).
 
     This does not check a student: :func:`teacher_topk_for_student` does,
     before it calls this.
@@ -309,7 +307,7 @@ def teacher_topk_for_student(
 
     Args:
         teacher_run: a training run's result (``name``, ``method``, ``base_model``, ...), as
-            :func:`ftflow.methods.load_trained` takes it.
+            :func:`ftflow.models.loading.load_trained` takes it.
         student: the student model (``name``, ``path``, ``trust_remote_code``).
         sentences: the training sentences, in dataset order.
         k, max_length, batch_size, progress, variant, seed, logits_chunk_tokens: as for
@@ -320,8 +318,7 @@ def teacher_topk_for_student(
         The :class:`TeacherTopK`, with the teacher's tokenizer and the shared vocabulary recorded.
     """
     from ftflow.device import free_memory
-    from ftflow.methods import load_trained
-    from ftflow.models import load_tokenizer
+    from ftflow.models.loading import load_tokenizer, load_trained
 
     base = teacher_run["base_model"]
     teacher_tokenizer = load_tokenizer(base["path"], base["trust_remote_code"])

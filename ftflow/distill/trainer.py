@@ -4,22 +4,15 @@ the Trainer whose loss mixes cross-entropy with a distillation loss (:mod:`ftflo
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 import transformers
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, _decoder_states, _output_head, _OutputHead
-from ftflow.tokens import (IGNORE_INDEX, pack_batch, pack_placements, packed_row_tokens, pad_batch, pad_token_id,
-                           sentence_ids, start_token_id)
+from ftflow.tokens import IGNORE_INDEX, pack_batch, pack_placements, packed_row_tokens, pad_batch
+from ftflow.distill.losses import distillation_loss
+from ftflow.distill.store import VARIANTS, TeacherTopK
 
 
 # ---------------------------------------------------------------- Trainer glue
@@ -34,9 +27,9 @@ class DistillationCollator:
     batch; :class:`DistillationTrainer` scores those with plain
     cross-entropy in evaluation and refuses them in training.
 
-    Packed (``packed=True``, see :func:`ftflow.training.batching_for`): the
+    Packed (``packed=True``, see :func:`ftflow.train.trainer.batching_for`): the
     sentences are packed into rows (:func:`ftflow.tokens.pack_batch`, as
-    :class:`ftflow.training.PackCollator` does) and each sentence's teacher
+    :class:`ftflow.train.trainer.PackCollator` does) and each sentence's teacher
     top-k rows are written at the same columns, so position t of a row holds
     the teacher's top-k of the token at t. A sentence's last position (whose
     next label is the next sentence's start token or a pad, ``IGNORE_INDEX``)
@@ -78,7 +71,7 @@ class DistillationCollator:
         batch_ids = [list(item["input_ids"]) for item in items]
         lengths = [len(ids) for ids in batch_ids]
         if self.packed:
-            # The row budget ftflow.training.PackCollator packs with.
+            # The row budget ftflow.train.trainer.PackCollator packs with.
             row_tokens = None if self.one_row else packed_row_tokens(lengths)
             batch = pack_batch(batch_ids, self.pad_id, row_tokens)
             placements = pack_placements(lengths, row_tokens)

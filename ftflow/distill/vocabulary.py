@@ -1,58 +1,27 @@
-"""Whether a teacher can be distilled into a student at all: their tokenizers and embeddings, read from disk.
+"""Whether a teacher can be distilled into a student: one tokenizer, and the ids their probabilities are
+compared over.
 
-Distillation compares the two models' probabilities token by token, so it
-needs one tokenizer (:func:`ftflow.distill.check_distillable`). The study
-distils whenever that holds; this answers it before the teacher pass, from the
-tokenizer files and configs only (no weights), so that a pair it does not
-hold for is skipped with the reason instead of failing the run.
+Distillation compares the two models' probabilities token by token, so it needs one tokenizer
+(:func:`check_distillable`). The study distils whenever that holds; :func:`distillation_problem` answers it
+before the teacher pass, from the tokenizer files and configs only (no weights), so that a pair it does not hold
+for is skipped with the reason instead of failing the run; :func:`check_store_for_student` checks stored teacher
+targets before every distillation run.
 """
-
-from __future__ import annotations
-
-from typing import Mapping, Optional
-
-
-def distillation_problem(teacher: Mapping, student: Mapping) -> Optional[str]:
-    """Why ``teacher`` cannot be distilled into ``student`` (one line), or None when it can.
-
-    Args:
-        teacher: the teacher model (``name``, ``path``, ``trust_remote_code``).
-        student: the student model, the same keys.
-    """
-    from ftflow.distill import check_distillable, embedding_rows
-    from ftflow.models import ModelLoadError, load_tokenizer
-
-    try:
-        check_distillable(load_tokenizer(teacher["path"], teacher["trust_remote_code"]),
-                          load_tokenizer(student["path"], student["trust_remote_code"]),
-                          embedding_rows(teacher["path"], teacher["trust_remote_code"]),
-                          embedding_rows(student["path"], student["trust_remote_code"]),
-                          teacher["name"], student["name"])
-    except (ValueError, ModelLoadError) as exc:
-        return str(exc)
-    return None
-
-
-# moved from distill.py
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Mapping, Optional
 
-import torch
-import torch.nn.functional as F
 import transformers
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, _decoder_states, _output_head, _OutputHead
-from ftflow.tokens import (IGNORE_INDEX, pack_batch, pack_placements, packed_row_tokens, pad_batch, pad_token_id,
-                           sentence_ids, start_token_id)
+from ftflow.distill.store import TeacherTopK
+from ftflow.tokens import start_token_id
+
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- teacher and student
@@ -198,7 +167,7 @@ def check_store_for_student(store: TeacherTopK, student_tokenizer, student_rows:
     if store.tokenizer is None or store.teacher_rows is None or store.vocab_size is None:
         raise ValueError(f"the teacher top-k {str(directory)!r} do not record the teacher's tokenizer and vocabulary, "
                          f"so student {student_name!r} cannot be checked against them; recompute them "
-                         "(ftflow.distill.teacher_topk_for_student)")
+                         "(ftflow.distill.teacher.teacher_topk_for_student)")
     shared = check_distillable(store.tokenizer, student_tokenizer, store.teacher_rows, student_rows,
                                teacher_name, student_name)
     if shared.size != store.vocab_size:
@@ -254,3 +223,23 @@ def _start_or_none(tokenizer) -> int | None:
         return start_token_id(tokenizer)
     except ValueError:
         return None
+
+
+def distillation_problem(teacher: Mapping, student: Mapping) -> Optional[str]:
+    """Why ``teacher`` cannot be distilled into ``student`` (one line), or None when it can.
+
+    Args:
+        teacher: the teacher model (``name``, ``path``, ``trust_remote_code``).
+        student: the student model, the same keys.
+    """
+    from ftflow.models.loading import ModelLoadError, load_tokenizer
+
+    try:
+        check_distillable(load_tokenizer(teacher["path"], teacher["trust_remote_code"]),
+                          load_tokenizer(student["path"], student["trust_remote_code"]),
+                          embedding_rows(teacher["path"], teacher["trust_remote_code"]),
+                          embedding_rows(student["path"], student["trust_remote_code"]),
+                          teacher["name"], student["name"])
+    except (ValueError, ModelLoadError) as exc:
+        return str(exc)
+    return None

@@ -8,20 +8,14 @@ or the configs an online run fetched).
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Protocol, Sequence, get_args
+from typing import Optional
 
 import torch
 
-from ftflow.config import Method, Precision
-from ftflow.known_models import known_architecture
-from ftflow.perplexity import CHUNK_BYTES_PER_LOGIT, DEFAULT_LOGITS_CHUNK_TOKENS
-from ftflow.tokens import sentence_ids
+from ftflow.models.known import known_architecture
 
-if TYPE_CHECKING:
-    import pandas as pd
 
 
 class UnknownModelError(ValueError):
@@ -35,12 +29,12 @@ def model_config_for(path_or_id: str, trust_remote_code: bool = False, config_di
     """The transformers config of a model, without reaching the hub.
 
     Looked up in this order: a local directory (its ``config.json``); a hub id
-    that ftflow knows (:data:`ftflow.known_models.KNOWN_MODELS`, built through
+    that ftflow knows (:data:`ftflow.models.known.KNOWN_MODELS`, built through
     the transformers config class of its ``model_type``); the local Hugging Face
     cache (``AutoConfig`` with ``local_files_only=True``); ``config_dir``, where
     an online run keeps the ``config.json`` it read from the hub for an id it
     does not know (``<config_dir>/<org>/<name>/config.json``, written by
-    :func:`ftflow.hub.fetch_configs`).
+    :func:`ftflow.models.hub.fetch_configs`).
 
     Args:
         path_or_id: local checkpoint directory or hub id (``org/name``).
@@ -78,9 +72,9 @@ def model_config_for(path_or_id: str, trust_remote_code: bool = False, config_di
         return AutoConfig.from_pretrained(str(fetched), trust_remote_code=trust_remote_code)
     raise UnknownModelError(
         f"cannot plan memory for {path_or_id!r}: it is not a local directory, not one of the hub models "
-        "ftflow knows (ftflow/known_models.py), and its config is not in the local Hugging Face cache "
+        "ftflow knows (ftflow/models/known.py), and its config is not in the local Hugging Face cache "
         f"({cache_error}) nor read from the hub by this run. Fix: check the id; give the path of a local checkpoint "
-        "directory, add the model's architecture numbers to ftflow/known_models.py, or run once with network "
+        "directory, add the model's architecture numbers to ftflow/models/known.py, or run once with network "
         f"access (ftflow reads its config.json from the hub; or: hf download {path_or_id} config.json)."
     )
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from ftflow.known_models import KNOWN_MODELS, known_architecture
+from ftflow.models.known import KNOWN_MODELS, known_architecture
 
 HUB_TIMEOUT_S = 10.0
 """Seconds one request to the hub may take before the hub counts as unreachable (huggingface_hub's own
@@ -335,9 +335,9 @@ def check_models(model_ids: Sequence[str], *, others: Sequence[str] = (), api=No
 def fetch_configs(report: HubReport, destination: Path) -> dict[str, str]:
     """Read from the hub the ``config.json`` of every usable online model ftflow cannot plan offline.
 
-    A model in :data:`ftflow.known_models.KNOWN_MODELS` or with its config in the cache needs none. Each is
-    written to ``destination/<org>/<name>/config.json`` (``destination``: :func:`ftflow.memory.fetched_configs_dir`,
-    where :func:`ftflow.memory.model_config_for` reads it).
+    A model in :data:`ftflow.models.known.KNOWN_MODELS` or with its config in the cache needs none. Each is
+    written to ``destination/<org>/<name>/config.json`` (``destination``: :func:`ftflow.models.architecture.fetched_configs_dir`,
+    where :func:`ftflow.models.architecture.model_config_for` reads it).
 
     Returns:
         ``{model id: problem}`` for each config that could not be read (the plan then says it cannot plan it).

@@ -1,6 +1,6 @@
 """Architecture numbers of the study's hub models, so memory planning works offline.
 
-:func:`ftflow.memory.model_config_for` builds a transformers config from these
+:func:`ftflow.models.architecture.model_config_for` builds a transformers config from these
 numbers when a hub id is given and no config can be read, so the planner can
 count parameters (exactly, on the ``meta`` device) and predict peaks without
 the hub. They describe shapes only: nothing here is enough to load weights.

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ftflow.config import PEFT_METHODS
 from ftflow.device import free_memory
 
 log = logging.getLogger(__name__)
@@ -173,3 +174,14 @@ def count_parameters(model) -> int:
     """Parameters of the base model (an adapter's are not counted; 4-bit packed weights are unpacked)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return int(base.num_parameters())
+
+
+def load_trained(run: dict, device: str, precision: Optional[str] = None):
+    """The model a run trained, loaded the way a user would: base + adapter, or the full checkpoint."""
+    base = run["base_model"]
+    model_dir = Path(run["dir"]) / run["files"]["model"]
+    if run["method"] in PEFT_METHODS:
+        return load_model(base["path"], precision or run["precision"], device, adapter=str(model_dir),
+                          trust_remote_code=base["trust_remote_code"], quantization=run.get("quantization"))
+    return load_model(str(model_dir), precision or run["precision"], device,
+                      trust_remote_code=base["trust_remote_code"])

@@ -44,7 +44,9 @@ from transformers import (
     Qwen2Config,
 )
 
-from ftflow import perplexity, synthetic, tokens
+from ftflow import perplexity
+from ftflow.data import synthetic
+from ftflow import tokens
 from ftflow.device import free_memory
 from ftflow.config import Architecture, ZooConfig, ZooSize, zoo_size_problems
 

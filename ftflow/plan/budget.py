@@ -1,7 +1,7 @@
 """The memory budget a stage plans against: the configured one, or on CUDA what is really free, less a margin.
 
 The planner's peaks (:mod:`ftflow.memory`) count weights, activations, logits, optimizer state and a fixed
-CUDA context (:data:`ftflow.memory.RUNTIME_OVERHEAD_BYTES`). A real card also holds what other processes use, a
+CUDA context (:data:`ftflow.plan.predict.RUNTIME_OVERHEAD_BYTES`). A real card also holds what other processes use, a
 context of its own size, the kernels CUDA loads on first use, cuBLAS workspaces, and the caching allocator's
 reserved-but-unused blocks, which packed batches (a new shape every step) fragment. So on CUDA each planning stage
 measures the card at its start (``torch.cuda.mem_get_info`` once the context exists and this process's cached
@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ftflow.memory import GB, RUNTIME_OVERHEAD_BYTES
+from ftflow.plan.predict import GB, RUNTIME_OVERHEAD_BYTES
 
 DEFAULT_CUDA_MARGIN_GB = 1.0
 """GB kept free on CUDA besides every predicted peak: kernels loaded lazily as a run reaches them (a few hundred

@@ -5,20 +5,18 @@ batch, each candidate's plan (:func:`plan_candidate`, what the pipeline obeys), 
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Protocol, Sequence, get_args
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import torch
 
 from ftflow.config import Method, Precision
-from ftflow.known_models import known_architecture
-from ftflow.perplexity import CHUNK_BYTES_PER_LOGIT, DEFAULT_LOGITS_CHUNK_TOKENS
+from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS
 from ftflow.tokens import sentence_ids
+from ftflow.models.architecture import UnknownModelError, count_config_parameters, model_config_for
+from ftflow.plan.predict import GB, Device, MemoryPrediction, predict_scoring, predict_teacher_pass, predict_training
 
-if TYPE_CHECKING:
-    import pandas as pd
 
 
 # ----------------------------------------------------------------------------- decisions
@@ -212,7 +210,7 @@ def plan_teacher_pass(
 ) -> TeacherPassPlan:
     """The teacher pass's batch size: the largest its memory plan says fits, or the configured one if it fits.
 
-    Planned on the teacher run as :func:`ftflow.methods.load_trained` loads it (:func:`teacher_pass_options`) and
+    Planned on the teacher run as :func:`ftflow.models.loading.load_trained` loads it (:func:`teacher_pass_options`) and
     on the longest of ``sentences`` under the teacher's ``tokenizer`` (at most ``max_length`` tokens), with the
     teacher's whole vocabulary (the range shared with a student is never larger).
 
@@ -481,7 +479,7 @@ def check_training_fits(
     it was made from); ``eval_batch_size`` x ``eval_length`` the validation
     pass between epochs (see :func:`predict_training`). ``method="lora"`` on
     an nf4 model is planned as QLoRA, which is what
-    :func:`ftflow.training.train_lora` runs then.
+    :func:`ftflow.train.trainer.train_lora` runs then.
     """
     config = model_config_for(path_or_id, trust_remote_code)
     if method == "lora" and precision == "nf4":
@@ -544,7 +542,7 @@ def check_training_run(
 
 
 class TrainingJob(Protocol):
-    """What the memory check reads of a training job (:data:`ftflow.jobs.Job`, every method's class)."""
+    """What the memory check reads of a training job (:data:`ftflow.train.jobs.Job`, every method's class)."""
 
     method: str
     model: dict[str, Any]
@@ -574,7 +572,7 @@ def check_training_job(
     and distillation of a bf16/fp16 model: ``fp32`` (master weights under
     autocast) when an fp32 run of the same job fits, whose peak bounds theirs,
     else the model's precision (bf16 weights with a compensated update, see
-    :func:`ftflow.training.plan_precision`).
+    :func:`ftflow.train.trainer.plan_precision`).
 
     Raises:
         MemoryBudgetError: the run is predicted over the budget, or an fp16 run

@@ -4,10 +4,10 @@ A study of hub models downloads every benchmarked model (about 95 GB for the 12 
 into the Hugging Face cache, and writes its results under ``artifacts_dir``. ``ftflow plan`` prints what it
 needs; ``ftflow run`` refuses to start when a file system lacks it, with the figures. The parts:
 
-* downloads (into :func:`ftflow.hub.hub_cache_dir`): each benchmarked hub model not complete in the cache yet; its
+* downloads (into :func:`ftflow.models.hub.hub_cache_dir`): each benchmarked hub model not complete in the cache yet; its
   size from the hub's file list when online (what ``from_pretrained`` fetches: root-level safetensors, else
   ``.bin``, and the tokenizer's files), else its parameter count at the dtype its weights have on the hub
-  (:data:`ftflow.known_models.HUB_DTYPES`);
+  (:data:`ftflow.models.known.HUB_DTYPES`);
 * kept outputs (under ``artifacts_dir``): each training run's best epoch (an adapter in fp32, or a full checkpoint
   at the precision it trained in) with the tokenizer's files, and the teacher's stored targets (per position and
   id an int32 id and an fp16 log-probability, plus an fp32 tail for top-k);
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Mapping, Optional
 
-from ftflow.known_models import HUB_DTYPES, known_id
-from ftflow.memory import GB
+from ftflow.models.known import HUB_DTYPES, known_id
+from ftflow.plan.predict import GB
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TOKENIZER_BYTES = 12_000_000
@@ -132,9 +132,9 @@ def free_bytes(path: Path) -> int:
 
 def model_download(name: str, path: str, parameters: Optional[int], check=None) -> Download:
     """What loading one model downloads: nothing for a local directory or a model complete in the cache; the hub's
-    listed files not cached yet (``check``: its :class:`ftflow.hub.HubCheck`); else its parameters at the dtype
-    of its weights on the hub (bf16 unless :data:`ftflow.known_models.HUB_DTYPES` says otherwise)."""
-    from ftflow.hub import is_hub_id
+    listed files not cached yet (``check``: its :class:`ftflow.models.hub.HubCheck`); else its parameters at the dtype
+    of its weights on the hub (bf16 unless :data:`ftflow.models.known.HUB_DTYPES` says otherwise)."""
+    from ftflow.models.hub import is_hub_id
 
     if not is_hub_id(path):
         return Download(name, 0, "local directory")
@@ -176,9 +176,9 @@ def plan_disk(cfg, study, checks: Mapping[str, object], *, hub_cache: Path, done
 
     Args:
         cfg: the :class:`ftflow.config.PipelineConfig`.
-        study: its :class:`ftflow.study_plan.StudyPlan` (the benchmarked models, the training runs, token counts).
-        checks: the hub check per model id (:class:`ftflow.hub.HubCheck`; absent: not asked).
-        hub_cache: where downloads go (:func:`ftflow.hub.hub_cache_dir`).
+        study: its :class:`ftflow.plan.study.StudyPlan` (the benchmarked models, the training runs, token counts).
+        checks: the hub check per model id (:class:`ftflow.models.hub.HubCheck`; absent: not asked).
+        hub_cache: where downloads go (:func:`ftflow.models.hub.hub_cache_dir`).
         done: titles of training runs and labels of teacher passes already cached (``ftflow status``).
         tokenizer_bytes: the tokenizer files' size per model name, where the hub listed them.
         workers: runs training at once (Dask workers), each with its checkpoints.

@@ -4,7 +4,7 @@
 out; nothing is loaded). It starts from the run as configured (the configured
 ``batch_size`` in one pass, no gradient checkpointing, fp32 AdamW, fp32
 master weights for full fine-tuning) and, while the predicted peak
-(:func:`ftflow.memory.predict_training`) is over the training budget, turns
+(:func:`ftflow.plan.predict.predict_training`) is over the training budget, turns
 on the next technique of ``fit_order`` (``training.fit_order``):
 
 ``micro_batch``
@@ -19,7 +19,7 @@ on the next technique of ``fit_order`` (``training.fit_order``):
 ``optimizer_8bit``
     bitsandbytes' 8-bit AdamW state (about 2 bytes per trained weight instead
     of 8); bf16 weights are then updated with stochastic rounding
-    (:mod:`ftflow.optimizers`).
+    (:mod:`ftflow.train.optimizers`).
 ``half_weights``
     full fine-tuning and distillation only: the trained weights in bf16
     instead of fp32 (master weights, or the fp32 model itself), with an
@@ -42,7 +42,7 @@ process, a kernel's workspace). :func:`next_fit` (pure, like the rest) gives
 the setting to try after a run ran out of memory: the next technique of
 ``fit_order`` not on yet, else the micro-batch halved; the effective batch
 never changes, so the retried run, resumed from its last checkpoint,
-optimises the same thing (:func:`ftflow.methods.run_job`).
+optimises the same thing (:func:`ftflow.train.runner.run_job`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ from pydantic import BaseModel, ConfigDict
 
 from ftflow.config import DEFAULT_FIT_ORDER, FitTechnique
 from ftflow.errors import UserError
-from ftflow.memory import (GB, MemoryPrediction, TrainingJob, longest_sequence, model_config_for, predict_training)
+from ftflow.plan.predict import GB, MemoryPrediction, predict_training
+from ftflow.plan.decide import TrainingJob, longest_sequence
+from ftflow.models.architecture import model_config_for
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS
 
 FIT_TECHNIQUES: tuple[str, ...] = get_args(FitTechnique)
@@ -95,7 +97,7 @@ class FitPlan(BaseModel):
         peak_bytes: predicted peak of the chosen setting (when skipped: the smallest tried).
         budget_bytes: the training budget.
         max_length: tokens of the longest training sentence planned for.
-        prediction: the chosen setting's :class:`ftflow.memory.MemoryPrediction` (as a dict).
+        prediction: the chosen setting's :class:`ftflow.plan.predict.MemoryPrediction` (as a dict).
         tried: every setting predicted, in order, with its peak.
         reason: one line: what was chosen and why, or why nothing fits.
         oom_retries: out-of-memory errors on the device that led to this setting (:func:`next_fit`); 0 for the
@@ -227,7 +229,7 @@ def choose_fit(
     (``prepare_model_for_kbit_training``).
 
     Args:
-        config: the model's transformers config (:func:`ftflow.memory.model_config_for`).
+        config: the model's transformers config (:func:`ftflow.models.architecture.model_config_for`).
         precision: the model's precision (fp32, bf16, fp16; nf4 with ``method="qlora"``).
         method: full, distill, lora, qlora or prefix (``lora`` on nf4 is planned as qlora).
         batch_size: the effective batch (sentences per optimizer step).
@@ -400,7 +402,7 @@ def next_fit(plan: FitPlan, *, device: str = "cuda", bf16_supported: bool = True
 
 
 def out_of_memory_refit(device: str, bf16_supported: bool) -> Callable[[dict], Optional[dict]]:
-    """:func:`next_fit` on fit plans as dicts (with their ``summary``), as :func:`ftflow.methods.run_job` takes them."""
+    """:func:`next_fit` on fit plans as dicts (with their ``summary``), as :func:`ftflow.train.runner.run_job` takes them."""
 
     def refit(used: dict) -> Optional[dict]:
         plan = FitPlan.model_validate({k: v for k, v in used.items() if k != "summary"})

@@ -13,7 +13,7 @@ at which precision) from the model's config alone:
    turn predictions into decisions; :func:`plan_table` and :func:`plot_plan`
    report them. How a training run is made to fit (micro-batches, gradient
    checkpointing, 8-bit optimizer state, bf16 weights) is chosen from
-   :func:`predict_training` in :mod:`ftflow.fit`.
+   :func:`predict_training` in :mod:`ftflow.plan.fit`.
 
 What is modelled, and what is not, is stated where each number comes from.
 The short version: weights are exact; activations, logits and optimizer state
@@ -31,19 +31,14 @@ Units: every ``*_bytes`` is bytes; ``GB`` is 10**9 bytes (the config's
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Protocol, Sequence, get_args
+from dataclasses import asdict, dataclass
+from typing import Literal, Mapping, Optional, Sequence, get_args
 
-import torch
 
 from ftflow.config import Method, Precision
-from ftflow.known_models import known_architecture
 from ftflow.perplexity import CHUNK_BYTES_PER_LOGIT, DEFAULT_LOGITS_CHUNK_TOKENS
-from ftflow.tokens import sentence_ids
+from ftflow.models.architecture import ParameterCounts, _Shape, _shape, parameter_counts
 
-if TYPE_CHECKING:
-    import pandas as pd
 
 Device = Literal["cuda", "cpu"]
 
@@ -84,7 +79,7 @@ DISTILL_LOGITS_BYTES_PER_ELEMENT_EXTRA = {"fp32": 8, "half": 6}
 step: the KD term's float32 log-softmax over the full vocabulary, saved for
 backward (4 bytes), and its gradient branch, alive beside the cross-entropy's
 until the two are summed (``d`` bytes): ``4 + d``. Measured on CPU (resident
-set of one steady-state step, :func:`ftflow.distill.kd_loss` against the
+set of one steady-state step, :func:`ftflow.distill.losses.kd_loss` against the
 model's own loss, Qwen2 with vocabularies of 16k and 32k): 8.07 and 8.21 in
 fp32, 6.03 and 6.23 in bf16."""
 
@@ -306,12 +301,12 @@ def predict_scoring(
 
 
 TEACHER_METHODS = ("full", "distill", "lora", "qlora", "prefix")
-"""How a teacher run is loaded for its pass (:func:`ftflow.methods.load_trained`): a full checkpoint (``full``,
+"""How a teacher run is loaded for its pass (:func:`ftflow.models.loading.load_trained`): a full checkpoint (``full``,
 ``distill``), the base with a LoRA adapter (``lora``; ``qlora`` on 4-bit weights) or a prefix adapter (``prefix``)."""
 
 TEACHER_DRAW_CHUNK_ELEMENTS = 1 << 25
 """Elements of the float64 cumulative sums the sampled variant's draws hold at once
-(:data:`ftflow.distill.DRAW_CHUNK_ELEMENTS`; a test checks they are equal, as for
+(:data:`ftflow.distill.teacher.DRAW_CHUNK_ELEMENTS`; a test checks they are equal, as for
 :data:`ADAMW_8BIT_SLICE_ELEMENTS`)."""
 
 TEACHER_LAYER_ELEMENTS = {"hidden": 4, "intermediate": 3}
@@ -353,7 +348,7 @@ def predict_teacher_pass(
     num_virtual_tokens: int = 8,
     vocab_size: Optional[int] = None,
 ) -> MemoryPrediction:
-    """Peak memory of the teacher pass (:func:`ftflow.distill.compute_teacher_topk`) at one batch.
+    """Peak memory of the teacher pass (:func:`ftflow.distill.teacher.compute_teacher_topk`) at one batch.
 
     The pass runs one forward without a KV cache (``use_cache=False``, ``logits_to_keep=1``) and keeps the
     decoder's last hidden state [B, L, H]; then the LM head runs on ``logits_chunk_tokens`` real positions at a
@@ -579,14 +574,14 @@ where the plan counted 8)."""
 
 
 ADAMW_8BIT_SLICE_ELEMENTS = 1 << 22
-"""Elements of a tensor ftflow's 8-bit AdamW updates at once (:data:`ftflow.optimizers.SLICE_ELEMENTS`; a test
+"""Elements of a tensor ftflow's 8-bit AdamW updates at once (:data:`ftflow.train.optimizers.SLICE_ELEMENTS`; a test
 checks they are equal. Not imported: the memory plan's code key would then reach the optimizer's module)."""
 
 
 def adamw_8bit_step_bytes(tensor_sizes: Sequence[int], half_weights: bool, device: str) -> int:
     """Bytes ftflow's 8-bit AdamW step adds, at its peak, to the weights, gradients and state.
 
-    The tensors are updated one at a time, each in slices (:mod:`ftflow.optimizers`): the peak is one slice of
+    The tensors are updated one at a time, each in slices (:mod:`ftflow.train.optimizers`): the peak is one slice of
     the largest tensor with 8-bit state (:data:`ADAMW_8BIT_STEP_BYTES_PER_ELEMENT` per element). Tensors under
     bitsandbytes' ``min_8bit_size`` (fp32 moments, at most 4095 elements) are updated whole, a few tens of KB.
     """
@@ -662,7 +657,7 @@ def predict_training(
     """Peak memory of a training run: one steady-state step (forward, backward, AdamW step), or
     the validation pass between epochs, whichever is larger.
 
-    ftflow's training paths (:mod:`ftflow.training`) are assumed:
+    ftflow's training paths (:mod:`ftflow.train.trainer`) are assumed:
 
     * ``full``: every weight trained in ``precision`` (fp32, bf16 or fp16): weights
       ``d``, gradients ``d``, AdamW moments ``2 d`` bytes per parameter (kept in the
@@ -672,7 +667,7 @@ def predict_training(
       With ``optimizer`` 8-bit the moments are bitsandbytes' 8-bit state
       (:func:`adamw_8bit_state_bytes`, about 2 bytes per parameter) and bf16
       weights are updated with stochastic rounding (no compensation buffer,
-      :mod:`ftflow.optimizers`; its step updates one slice of one tensor at a
+      :mod:`ftflow.train.optimizers`; its step updates one slice of one tensor at a
       time, beside all gradients: :func:`adamw_8bit_step_bytes`).
     * ``lora``: frozen weights in ``precision`` plus LoRA rank ``lora_r`` on every
       linear layer but the output one; PEFT keeps adapters in fp32, so they cost
@@ -705,7 +700,7 @@ def predict_training(
     + logits + overhead. Every sequence is assumed ``max_length`` tokens long.
 
     The validation pass (``eval_batch_size`` given): ftflow scores the selection
-    split after every epoch (:func:`ftflow.training.fit`) with the weights and
+    split after every epoch (:func:`ftflow.train.trainer.fit`) with the weights and
     the AdamW state resident; the gradients are not (the Trainer's
     ``model.zero_grad()`` after each optimizer step sets them to None). Its peak
     = weights + optimizer + the scoring forward's larger phase
@@ -780,7 +775,7 @@ def predict_training(
         gradients = trainable * d
         optimizer_state = _optimizer_bytes(optimizer, sizes, d)
         if precision in ("bf16", "fp16") and optimizer == "adamw":
-            # Half-precision weights train with optimi's Kahan-compensated AdamW (ftflow.training.plan_precision):
+            # Half-precision weights train with optimi's Kahan-compensated AdamW (ftflow.train.trainer.plan_precision):
             # its compensation buffer is one more tensor of the weights' size. The 8-bit optimizer rounds
             # stochastically instead and keeps no buffer.
             optimizer_state += trainable * d

@@ -1,8 +1,8 @@
 """Every training run a config implies, each with its fit and its compute, before anything runs (``ftflow plan``).
 
-Pure: the runs come from :mod:`ftflow.design` (the same functions the pipeline calls), each one's fit from
-:func:`ftflow.fit.choose_fit`, its FLOPs from parameters, trainable parameters and the data's token counts.
-Kept apart from :mod:`ftflow.fit` so that a training run's code key (which reaches ``fit``) does not depend on
+Pure: the runs come from :mod:`ftflow.study.design` (the same functions the pipeline calls), each one's fit from
+:func:`ftflow.plan.fit.choose_fit`, its FLOPs from parameters, trainable parameters and the data's token counts.
+Kept apart from :mod:`ftflow.plan.fit` so that a training run's code key (which reaches ``fit``) does not depend on
 the study's enumeration.
 """
 
@@ -14,8 +14,9 @@ from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from ftflow.fit import FitPlan, choose_fit
-from ftflow.memory import GB, model_config_for
+from ftflow.plan.fit import FitPlan, choose_fit
+from ftflow.plan.predict import GB
+from ftflow.models.architecture import model_config_for
 
 
 ESTIMATED_TOKENS_PER_WORD = 1.5
@@ -121,7 +122,7 @@ def _section(method: str, train_set: str, in_grid: bool) -> str:
 def planned_family(cfg, models: Sequence[dict], parameters: dict[str, int],
                    family: Optional[str] = None) -> tuple[str, dict, dict]:
     """``(family, teacher, student)`` as if ``family`` (default: the largest model's) were selected: its largest
-    model, and its largest other within ``select.student_max_params``, as :func:`ftflow.selection.select_family`
+    model, and its largest other within ``select.student_max_params``, as :func:`ftflow.study.selection.select_family`
     picks them.
 
     Raises:
@@ -146,7 +147,7 @@ def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], sta
 
     The family (teacher, student) is chosen by benchmarking; here it is ``family`` (default: the family of the
     largest model), its teacher the largest model and its student the largest within ``select.student_max_params``,
-    as :func:`ftflow.selection.select_family` picks them. The per-model runs and the ablation use the best LoRA
+    as :func:`ftflow.study.selection.select_family` picks them. The per-model runs and the ablation use the best LoRA
     combination, known only after the grid: they are planned with the grid's largest rank and dropout (the most
     memory). Augmented ablation sets: ``augment.factor`` times the sentences, each up to ``random_insert`` longer.
 
@@ -158,13 +159,13 @@ def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], sta
         stats: by model name, :class:`TokenStats` of ``train``, ``validation`` and ``test``.
         eval_batch_size: the validation pass's batch size.
         family, device, bf16_supported: see above and :func:`choose_fit`.
-        config_dir: configs read from the hub (:func:`ftflow.memory.model_config_for`).
+        config_dir: configs read from the hub (:func:`ftflow.models.architecture.model_config_for`).
 
     Returns:
         ``(runs, notes)``: the runs in the order the pipeline trains them (each once), and what was assumed.
     """
-    from ftflow import design
-    from ftflow.jobs import LoraJob
+    from ftflow.study import design
+    from ftflow.train.jobs import LoraJob
 
     family, teacher, student = planned_family(cfg, models, parameters, family)
     selection = design.Selection(teacher=teacher["name"], student=student["name"], teacher_model=teacher,
@@ -224,11 +225,12 @@ def teacher_pass_notes(cfg, teacher_jobs: Sequence[Any], max_length: int, device
     """One line per teacher store (``distill.loss``): the teacher pass's batch size and predicted peak.
 
     The teacher is the best of the teacher model's runs, known only after they train: each line is planned for
-    the run that leaves the pass the least memory (:func:`ftflow.memory.predict_teacher_pass` on the run as it
+    the run that leaves the pass the least memory (:func:`ftflow.plan.predict.predict_teacher_pass` on the run as it
     is loaded; the scoring budget ``memory_budget_gb``; the training set's longest sentence, ``max_length``).
     """
-    from ftflow import design
-    from ftflow.memory import largest_teacher_batch_size, predict_teacher_pass, teacher_pass_options
+    from ftflow.study import design
+    from ftflow.plan.decide import largest_teacher_batch_size, teacher_pass_options
+    from ftflow.plan.predict import predict_teacher_pass
 
     if not teacher_jobs:
         return []
@@ -307,7 +309,7 @@ class StudyPlan:
             ``precision``, ``trust_remote_code``).
         parameters: exact parameter counts by model name (every model whose config was found).
         stats: by model name, :class:`TokenStats` of ``train``, ``validation`` and ``test``.
-        decisions: the memory plan's decision per model (:func:`ftflow.memory.plan_candidate`).
+        decisions: the memory plan's decision per model (:func:`ftflow.plan.decide.plan_candidate`).
         runs: every training run (:func:`plan_study_runs`); empty when none can be planned.
         teacher, student: the family's teacher and student the runs are planned for (None without runs).
         notes: what was assumed and which models are not benchmarked.
@@ -334,14 +336,15 @@ def plan_study(cfg, *, device: str, bf16_supported: bool, family: Optional[str] 
         cfg: the :class:`ftflow.config.PipelineConfig` (with a ``models`` list).
         device, bf16_supported, family: see :func:`plan_study_runs`.
         left_out: ``{model name: why}`` of models the run will not use (the hub refuses them): not planned.
-        config_dir: configs read from the hub (:func:`ftflow.memory.model_config_for`).
+        config_dir: configs read from the hub (:func:`ftflow.models.architecture.model_config_for`).
         tokenizer_for: ``(path, trust_remote_code) -> tokenizer or None``.
     """
     from pathlib import Path
 
-    from ftflow import design
-    from ftflow.data import hold_out_validation, read_sentences
-    from ftflow.memory import UnknownModelError, count_config_parameters, plan_candidate
+    from ftflow.study import design
+    from ftflow.data.splits import hold_out_validation, read_sentences
+    from ftflow.models.architecture import UnknownModelError, count_config_parameters
+    from ftflow.plan.decide import plan_candidate
 
     left_out = dict(left_out or {})
     notes, problems = [], []

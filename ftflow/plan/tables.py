@@ -4,16 +4,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Protocol, Sequence, get_args
+from typing import TYPE_CHECKING, Sequence
 
-import torch
 
-from ftflow.config import Method, Precision
-from ftflow.known_models import known_architecture
-from ftflow.perplexity import CHUNK_BYTES_PER_LOGIT, DEFAULT_LOGITS_CHUNK_TOKENS
-from ftflow.tokens import sentence_ids
+from ftflow.plan.decide import ModelPlan, gb
+from ftflow.plan.plots import plot_plan
 
 if TYPE_CHECKING:
     import pandas as pd

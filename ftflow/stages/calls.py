@@ -1,9 +1,9 @@
 """Each stage's call: the exact parameters its task receives, built in one place for the flow and for ``ftflow status``.
 
 A stage's cache key is a hash of its task's parameters (less
-:data:`ftflow.caching.NOT_IN_KEY`) and of the code its task module reaches.
+:data:`ftflow.stages.caching.NOT_IN_KEY`) and of the code its task module reaches.
 The pipeline (``flows/``) calls every task with the parameters built here, and
-:mod:`ftflow.status` computes the same keys from the same parameters without
+:mod:`ftflow.stages.status` computes the same keys from the same parameters without
 Prefect, so the two cannot disagree on what a stage's key is. Every function
 returns *all* of a task's parameters, defaults included (a test checks them
 against the tasks' signatures), because Prefect's key sees the defaults too.
@@ -16,10 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ftflow.augment import wordnet_sha256
-from ftflow.caching import key_and_parts, key_inputs
+from ftflow.data.augment import wordnet_sha256
+from ftflow.stages.caching import key_and_parts, key_inputs
 from ftflow.config import AugmentConfig, ModelSpec, PipelineConfig
-from ftflow.jobs import Job
+from ftflow.train.jobs import Job
 
 
 def task_modules(stage: str) -> tuple[str, ...]:
@@ -49,7 +49,7 @@ def prepare_data_call(cfg: PipelineConfig, artifacts_dir: str) -> dict:
 
 def augment_call(augment: AugmentConfig, data: dict, artifacts_dir: str) -> dict:
     """The pipeline's augmentation (``cfg.augment``) or an ablation's training set (its own ``augment``), and the
-    WordNet database it reads, by content (:func:`ftflow.augment.wordnet_sha256`)."""
+    WordNet database it reads, by content (:func:`ftflow.data.augment.wordnet_sha256`)."""
     return {"augment": augment, "data": data, "wordnet": wordnet_sha256(augment), "artifacts_dir": artifacts_dir}
 
 
@@ -118,7 +118,7 @@ def evaluate_call(cfg: PipelineConfig, data: dict, augmented: dict, benchmarks: 
                   artifacts_dir: str, teacher: Optional[dict] = None, checks: Sequence[str] = (),
                   decisions: Optional[dict] = None) -> dict:
     """evaluate: every baseline, failure and (unique) training run, for the report; ``teacher``: the
-    distillation's teacher choice (:class:`ftflow.design.TeacherChoice` as a dict), ``checks``: the families'
+    distillation's teacher choice (:class:`ftflow.study.design.TeacherChoice` as a dict), ``checks``: the families'
     teacher-against-student lines, ``decisions``: the memory plan's (each model's predicted scoring peak, which
     the recommendation checks against the budget)."""
     return {"data": data, "augmented": augmented, "benchmarks": benchmarks, "failures": failures,

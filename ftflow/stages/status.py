@@ -1,15 +1,15 @@
 """What a run of the pipeline would do, before it runs: every stage cached, or to run and why (``ftflow status``).
 
 The walk follows the pipeline's order and makes the pipeline's decisions with
-the same functions (:mod:`ftflow.design` for which runs exist, :mod:`ftflow.stages`
-for each task's parameters, :func:`ftflow.caching.key_and_parts` for the key), so
+the same functions (:mod:`ftflow.study.design` for which runs exist, :mod:`ftflow.stages.calls`
+for each task's parameters, :func:`ftflow.stages.caching.key_and_parts` for the key), so
 it computes exactly the keys a run would, from the config and the manifests
 already on disk; nothing is loaded and Prefect is not involved.
 
 A stage is *cached* when ``artifacts/<stage>/<key>/`` holds outputs that verify
 (:func:`ftflow.artifacts.check_outputs`) and Prefect's record. Otherwise it *will
 run*, and the reason is found by comparing the parts of its key
-(:func:`ftflow.caching.key_parts`, which each manifest records) with those of
+(:func:`ftflow.stages.caching.key_parts`, which each manifest records) with those of
 the closest earlier run of that stage on disk (fewest differing parts, then the
 most recent): a config field or parameter, an input file's content, an upstream
 stage's result, a module's source, a library version. A stage whose inputs come
@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from ftflow import design, stages
+from ftflow.study import design
+from ftflow.stages import calls as stages
 from ftflow.artifacts import MANIFEST, check_outputs, hash_all_from_env
-from ftflow.caching import PREFECT_RECORD
+from ftflow.stages.caching import PREFECT_RECORD
 from ftflow.config import PipelineConfig
 
 PENDING = "pending"  # marks the placeholder of a stage that will run: {"stage", "fingerprint": None, PENDING: label}
@@ -130,7 +131,7 @@ def pending_labels(*values: Any) -> list[str]:
 
 
 def explain_changes(old: dict, new: dict) -> list[str]:
-    """What differs between two stage keys' parts (:func:`ftflow.caching.key_parts`), one line per part.
+    """What differs between two stage keys' parts (:func:`ftflow.stages.caching.key_parts`), one line per part.
 
     Upstream stages that will run (fingerprint not known yet) are left out: the caller says "after" them.
     """
@@ -266,7 +267,7 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
     if device is None and cfg.device == "cpu":
         device = "cpu"
     elif device is None:
-        from ftflow.models import resolve_device  # torch (is a GPU visible?), not Prefect: the pipeline's device
+        from ftflow.models.loading import resolve_device  # torch (is a GPU visible?), not Prefect: the pipeline's device
 
         device = resolve_device(cfg.device)
     out = str(cfg.artifacts_dir)
@@ -285,7 +286,7 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
         candidates = list(cfg.models)
     problems: dict[str, str] = {}
     if candidates is not None:  # the hub ids the hub refuses (or, offline, the cache lacks) are not planned
-        from ftflow.hub import check_candidates
+        from ftflow.models.hub import check_candidates
 
         problems = check_candidates(candidates)[1]
     plan = (w.later("plan_memory", "plan_memory", ["zoo"]) if candidates is None else
@@ -328,7 +329,7 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
         w.later("teacher_logits", "teacher_logits (of the teacher's best run)", after)
         distilled = [w.later("train", "distillation runs and the student's full fine-tune at equal steps", after)]
     else:
-        from ftflow.distillable import distillation_problem  # tokenizer files and configs, as the pipeline reads them
+        from ftflow.distill.vocabulary import distillation_problem  # tokenizer files and configs, as the pipeline reads them
 
         choice = design.distillation_teacher(cfg, selection, grid + per_model, benchmarks, distillation_problem(
             selection["teacher_model"], selection["student_model"]))

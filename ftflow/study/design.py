@@ -4,7 +4,7 @@ The flow (``flows/pipeline.py``) only wires stages; each decision it needs is
 one function here, reading the config and typed stage results
 (:class:`Decision` of the memory plan, :class:`BenchmarkResult`,
 :class:`Selection`, :class:`TrainedRun`) and returning typed jobs
-(:data:`ftflow.jobs.Job`):
+(:data:`ftflow.train.jobs.Job`):
 
 * which candidates are benchmarked, at which precision and batch size: :func:`benchmark_plan`;
 * the batch size of every later scoring pass: :func:`evaluation_batch_size`;
@@ -24,8 +24,8 @@ from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from ftflow.config import AugmentConfig, ModelSpec, PipelineConfig
-from ftflow.jobs import (DistillJob, FullJob, Job, LoraJob, best_run, distill_grid, full_job, lora_grid, lora_like,
-                         prefix_grid, qlora_like)
+from ftflow.train.jobs import (DistillJob, FullJob, Job, LoraJob, best_run, distill_grid, full_job, lora_grid,
+                               lora_like, prefix_grid, qlora_like)
 
 
 class _Result(BaseModel):
@@ -110,7 +110,7 @@ def with_unavailable(plan: Mapping, candidates: Sequence[ModelSpec], problems: M
 def evaluation_batch_size(cfg: PipelineConfig, decisions: Mapping[str, Decision | Mapping],
                           benchmarked: Optional[Sequence[str]] = None) -> int:
     """Batch size of every scoring pass after the benchmark (validation per epoch, test); the teacher pass plans
-    its own (:func:`ftflow.memory.plan_teacher_pass`).
+    its own (:func:`ftflow.plan.decide.plan_teacher_pass`).
 
     The configured ``benchmark.batch_size``, or with ``auto`` the most cautious
     planned one: the smallest over the candidates the plan lets through and, once
@@ -229,7 +229,7 @@ def distillation_teacher(cfg: PipelineConfig, selection: Selection | Mapping, ru
         runs: every finished training run so far (the LoRA grid, the per-model methods).
         benchmarks: the benchmark manifests (the student's baseline on the selection split).
         tokenizer_problem: why the teacher's and the student's tokenizers do not allow distillation
-            (:func:`ftflow.distill.distillation_problem`), or None when they do.
+            (:func:`ftflow.distill.vocabulary.distillation_problem`), or None when they do.
 
     Returns:
         The :class:`TeacherChoice`; its ``reason`` is one line for the log and the report.
@@ -271,7 +271,7 @@ def distillation_teacher(cfg: PipelineConfig, selection: Selection | Mapping, ru
 
 def zoo_teacher_checks(zoo_manifest: Optional[Mapping]) -> list[str]:
     """The zoo stage's line per family: its teacher against its student on the selection split, and the
-    pretraining it took (recorded by :func:`ftflow.zoo.build_zoo`); none without a zoo."""
+    pretraining it took (recorded by :func:`ftflow.models.zoo.build_zoo`); none without a zoo."""
     if zoo_manifest is None:
         return []
     return [family["teacher_check"]["line"] for family in zoo_manifest["families"] if family.get("teacher_check")]
@@ -457,7 +457,7 @@ def report_notes(failures: Sequence[Mapping], runs: Sequence[Mapping], benchmark
     (``no_gain``), scoring peaks over the budget, how to read the augmentation table, truncated test sentences."""
     notes = [f"{f['name']} failed and was left out: {f['error']}" for f in failures]
     notes += [f"{r['title']} was not trained: {r['skipped']}" for r in runs if r.get("skipped")]
-    fitted: dict[str, list[str]] = {}  # runs that needed micro-batches, checkpointing, ... to fit (ftflow/fit.py)
+    fitted: dict[str, list[str]] = {}  # runs that needed micro-batches, checkpointing, ... to fit (ftflow/plan/fit.py)
     for r in runs:
         if r.get("fit_summary") and (r.get("fit_plan") or {}).get("techniques"):
             fitted.setdefault(r["fit_summary"], []).append(r["title"])

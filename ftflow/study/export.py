@@ -35,7 +35,7 @@ import yaml
 
 from ftflow.artifacts import read_json
 from ftflow.errors import UserError
-from ftflow.recommend import loading_lines
+from ftflow.study.recommend import loading_lines
 
 GB = 1e9
 BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -189,7 +189,7 @@ def export_run(evaluation: Mapping, to: Path, name: Optional[str] = None, *, dev
 
 def _write(kind: str, run: Mapping, out: Path, precision: str, device: str) -> str:
     """Write the model's files into ``out``; return one line on what was done."""
-    from ftflow.models import load_model, load_tokenizer
+    from ftflow.models.loading import load_model, load_tokenizer
 
     if kind in ("full", "distill", "prefix"):
         source = Path(run["dir"]) / run["files"]["model"]

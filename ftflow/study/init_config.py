@@ -31,7 +31,7 @@ from ftflow.config import PipelineConfig, check_paths, load_config, parse_config
 from ftflow.errors import UserError
 
 CONFIG_NAME = "ftflow.yaml"
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 WIDTH = 110
 _SIZE = re.compile(r"[-_](\d+(\.\d+)?[bBmM])(\b|[-_])")
 
@@ -150,7 +150,7 @@ def write_config(directory: Path, train_file: Path, test_file: Path, models: Seq
         InitError: ``directory`` exists and is not empty, or the files or models cannot be used (nothing is left
             behind).
     """
-    from ftflow.data import make_splits, read_sentences
+    from ftflow.data.splits import make_splits, read_sentences
 
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):

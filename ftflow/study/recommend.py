@@ -10,7 +10,7 @@ writes the report.
   families, whose perplexities are in other tokens, by bits per byte);
   ablation controls only when the user asks (``ablation.recommend_controls``).
   Then the runner-up, and whether the two are separable: the paired bootstrap
-  interval of their difference (:func:`ftflow.uncertainty.paired_difference`).
+  interval of their difference (:func:`ftflow.study.uncertainty.paired_difference`).
 * :func:`study_findings`: one line per study section with its conclusion,
   its figure and the interval that says whether the conclusion holds.
 * :func:`answer_text`: all of it as the Markdown that opens the report, the
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from ftflow.uncertainty import (DEFAULT_RESAMPLES, DEFAULT_SEED, Comparison, Interval, NotPairedError, SentenceScores,
-                                comparable_metric, interval, paired_difference)
+from ftflow.study.uncertainty import (DEFAULT_RESAMPLES, DEFAULT_SEED, Comparison, Interval, NotPairedError,
+                                      SentenceScores, comparable_metric, interval, paired_difference)
 
 GB = 1e9
 CONTROL = "ablation control"
@@ -325,9 +325,9 @@ def study_findings(baselines: Sequence[Mapping], runs: Sequence[Mapping], chosen
         runs: every training run (manifests), ablation runs included.
         chosen_lora: the LoRA grid's best run (its name).
         ablation: the ablation runs' names -> their training set's label.
-        teacher: the distillation's teacher choice (:class:`ftflow.design.TeacherChoice` as a dict).
+        teacher: the distillation's teacher choice (:class:`ftflow.study.design.TeacherChoice` as a dict).
         evidence: the test-sentence scores of every model.
-        lora_grid: picks the grid's runs (:func:`ftflow.design.lora_grid_runs`).
+        lora_grid: picks the grid's runs (:func:`ftflow.study.design.lora_grid_runs`).
     """
     trained = [r for r in runs if not r.get("skipped") and r.get("test")]
     main = [r for r in trained if r["job"]["train_set"] == "main"]

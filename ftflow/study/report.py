@@ -263,7 +263,7 @@ def render_report(
     sections: Sequence[tuple[str, str]] = (),
     answer: str = "",
 ) -> str:
-    """The Markdown report: the answer (:func:`ftflow.recommend.answer_text`) first, then what was run on what,
+    """The Markdown report: the answer (:func:`ftflow.study.recommend.answer_text`) first, then what was run on what,
     the leaderboard (ablation controls in their own table), the study's tables, the plots and the notes."""
     sizes = data_stats["sentences"]
     overlap = data_stats["train_test_overlap"]["count"]

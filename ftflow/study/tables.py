@@ -3,7 +3,7 @@
 Every table reports test perplexity (``PPL``, as the study did) next to the
 selection-split perplexity the choices were made on, so a reader can see
 both. Inputs are the benchmark manifests (``baselines``) and the training
-run manifests (``runs``, see :func:`ftflow.methods.run_job`); skipped runs
+run manifests (``runs``, see :func:`ftflow.train.runner.run_job`); skipped runs
 (over the memory budget) appear with their reason instead of numbers.
 """
 
@@ -14,12 +14,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import pandas as pd
 
-from ftflow.design import lora_grid_runs
-from ftflow.jobs import parse_job
+from ftflow.study.design import lora_grid_runs
+from ftflow.train.jobs import parse_job
 
 METHOD_ORDER = ("lora", "qlora", "prefix", "full", "distill")
 Compare = Callable[[str, str], Any]
-"""Two models' names -> their paired comparison on the test sentences (:class:`ftflow.uncertainty.Comparison`),
+"""Two models' names -> their paired comparison on the test sentences (:class:`ftflow.study.uncertainty.Comparison`),
 or None without per-sentence scores."""
 METHOD_LABEL = {"lora": "LoRA", "qlora": "QLoRA", "prefix": "prefix", "full": "full FT", "distill": "distill"}
 
@@ -157,12 +157,12 @@ def distillation_table(runs: Sequence[dict], teacher: dict | None = None,
                        compare: Optional[Compare] = None) -> pd.DataFrame:
     """Every distillation variant against the student's full fine-tune at the same steps on the same set.
 
-    ``teacher`` is the :class:`ftflow.design.TeacherChoice` (as a dict) the
+    ``teacher`` is the :class:`ftflow.study.design.TeacherChoice` (as a dict) the
     variants learnt from. The reference of a variant is the full fine-tune
     of the same model on the same training set with the same number of
-    optimizer steps (:func:`ftflow.design.distillation_reference`); without
+    optimizer steps (:func:`ftflow.study.design.distillation_reference`); without
     one, its columns stay empty. ``compare`` (two models' names -> their
-    paired comparison, :meth:`ftflow.recommend.Evidence.compare`) gives each
+    paired comparison, :meth:`ftflow.study.recommend.Evidence.compare`) gives each
     difference its interval.
     """
     trained = [r for r in runs if not r.get("skipped")]
@@ -192,7 +192,7 @@ def distillation_table(runs: Sequence[dict], teacher: dict | None = None,
 
 def distillation_notes(table: pd.DataFrame | None, teacher: dict | None) -> list[str]:
     """How the teacher compared with the student (or why distillation was skipped); the outcome against full
-    fine-tuning at equal steps, with its interval, is a finding of the answer (:func:`ftflow.recommend.study_findings`)."""
+    fine-tuning at equal steps, with its interval, is a finding of the answer (:func:`ftflow.study.recommend.study_findings`)."""
     return [teacher["reason"]] if teacher else []
 
 
@@ -297,7 +297,7 @@ def plot_methods(frame: pd.DataFrame, path: Path, winner: Optional[tuple[str, st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ftflow.report import near_data_limits
+    from ftflow.study.report import near_data_limits
 
     series = [("baseline_ppl", "baseline", "#9e9e9e")] + [
         (f"{m}_ppl", METHOD_LABEL[m], c)

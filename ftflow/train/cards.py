@@ -13,7 +13,7 @@ from typing import Mapping
 
 import yaml
 
-from ftflow.jobs import parse_job
+from ftflow.train.jobs import parse_job
 
 CARD = "README.md"
 
@@ -45,7 +45,7 @@ def _loading_snippet(summary: dict) -> str:
 
 
 def render_model_card(summary: dict, facts: dict) -> str:
-    """The card's text for a run summary (see :func:`ftflow.methods.run_job`) and extra facts."""
+    """The card's text for a run summary (see :func:`ftflow.train.runner.run_job`) and extra facts."""
     base = summary["base_model"]
     peft = summary["method"] in ("lora", "qlora", "prefix")
     meta = {
@@ -58,19 +58,19 @@ def render_model_card(summary: dict, facts: dict) -> str:
     hyper = {**job.hyper, "learning_rate": job.learning_rate, "epochs": job.epochs,
              "batch_size": job.batch_size, "weight_decay": job.weight_decay, "precision": summary["precision"]}
     plan = summary.get("precision_plan")
-    if plan:  # how the weights were kept and updated (see ftflow.training.plan_precision)
+    if plan:  # how the weights were kept and updated (see ftflow.train.trainer.plan_precision)
         hyper.update({"trained weights": plan["trained_weights"], "autocast": plan["autocast"] or "none",
                       "loss scaling": plan["loss_scaling"], "optimizer": plan["optimizer"]})
-    if summary.get("batching"):  # packed, length-grouped or padded (see ftflow.training.batching_for)
+    if summary.get("batching"):  # packed, length-grouped or padded (see ftflow.train.trainer.batching_for)
         hyper["batching"] = summary["batching"]
     if summary.get("tf32"):  # training steps' fp32 matrix products (ftflow.device.resolve_tf32); scoring never
         hyper["TF32 (training steps)"] = "on" if summary["tf32"]["training"] else "off"
     fit = summary.get("fit_plan")
-    if fit:  # micro-batches, checkpointing, optimizer state chosen to fit the memory budget (ftflow/fit.py)
+    if fit:  # micro-batches, checkpointing, optimizer state chosen to fit the memory budget (ftflow/plan/fit.py)
         hyper.update({"micro-batch x accumulation": f"{fit['micro_batch_size']} x {fit['accumulation_steps']}",
                       "gradient checkpointing": fit["gradient_checkpointing"],
                       "memory fit": summary.get("fit_summary", "")})
-    retries = summary.get("oom_retries") or []  # the run ran out of device memory and was retried (ftflow/fit.py)
+    retries = summary.get("oom_retries") or []  # the run ran out of device memory and was retried (ftflow/plan/fit.py)
     if retries:
         hyper["out-of-memory retries"] = " / ".join(r["line"] for r in retries)
     selection, test = summary["selection"], summary["test"]

@@ -5,7 +5,7 @@ on one model and one training set. :data:`Job` is the discriminated union of
 :class:`LoraJob`, :class:`QLoraJob`, :class:`PrefixJob`, :class:`FullJob` and
 :class:`DistillJob` (``method`` tells them apart); :func:`parse_job` reads one
 back from a run's manifest. The constructors below expand the config's grids
-into jobs; *which* jobs the study runs is decided in :mod:`ftflow.design`.
+into jobs; *which* jobs the study runs is decided in :mod:`ftflow.study.design`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from ftflow.config import DistillConfig, FinetuneConfig, LoraConfig, PrefixConfig, QLoraConfig
 
-PEFT_METHODS = frozenset({"lora", "qlora", "prefix"})
 
 
 class _Job(BaseModel):
@@ -54,7 +53,7 @@ class _Job(BaseModel):
         return []
 
     def memory_options(self) -> dict[str, Any]:
-        """What the memory planner needs besides the method (:func:`ftflow.memory.predict_training`'s options)."""
+        """What the memory planner needs besides the method (:func:`ftflow.plan.predict.predict_training`'s options)."""
         return {}
 
     @property
@@ -106,7 +105,7 @@ class QLoraJob(LoraJob):
 
     @property
     def quantization(self) -> dict[str, Any]:
-        """The 4-bit loading settings (:func:`ftflow.models.load_model`'s ``quantization``)."""
+        """The 4-bit loading settings (:func:`ftflow.models.loading.load_model`'s ``quantization``)."""
         return {"quant_type": self.quant_type, "double_quant": self.double_quant, "compute_dtype": self.compute_dtype}
 
     def _label_parts(self) -> list[str]:

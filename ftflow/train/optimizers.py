@@ -1,12 +1,12 @@
 """bitsandbytes' 8-bit AdamW, with updates of bf16 weights that keep small steps (stochastic rounding).
 
-The fit planner (:mod:`ftflow.fit`) picks 8-bit optimizer state when fp32
+The fit planner (:mod:`ftflow.plan.fit`) picks 8-bit optimizer state when fp32
 AdamW moments do not fit. bitsandbytes computes each update in fp32 and
 writes it back in the weights' dtype with round-to-nearest: on bf16 weights,
 an update smaller than half a bf16 step (about 0.2% of the weight) is lost
 every time, which at fine-tuning learning rates is most of them. The
 Kahan-compensated update that ftflow uses otherwise
-(:func:`ftflow.training.kahan_adamw`) needs one more bf16 buffer per weight,
+(:func:`ftflow.train.trainer.kahan_adamw`) needs one more bf16 buffer per weight,
 which is what does not fit when 8-bit state is chosen (a 2.5B model in full:
 weights, gradients, 8-bit state and a buffer are 20.3 GB). So here the fp32
 result is rounded to bf16 *stochastically*: up with probability equal to

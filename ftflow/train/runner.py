@@ -1,7 +1,7 @@
 """The study's fine-tuning methods as jobs: one method, one model, one set of hyperparameters.
 
-A job (:data:`ftflow.jobs.Job`, one typed class per method) says *what* to
-train; :mod:`ftflow.design` decides which jobs the study runs, and
+A job (:data:`ftflow.train.jobs.Job`, one typed class per method) says *what* to
+train; :mod:`ftflow.study.design` decides which jobs the study runs, and
 :func:`run_job` trains one job:
 
 1. load the base model (4-bit for QLoRA) and wrap it (PEFT) if the method asks;
@@ -26,9 +26,10 @@ import torch
 
 from ftflow.artifacts import read_json, write_json
 from ftflow.device import free_memory
-from ftflow.jobs import (PEFT_METHODS, DistillJob, FullJob, Job, LoraJob, PrefixJob, QLoraJob, best_run, distill_grid,
-                         full_job, lora_grid, lora_like, prefix_grid, qlora_like)
-from ftflow.models import load_model, load_tokenizer
+from ftflow.config import PEFT_METHODS
+from ftflow.train.jobs import (DistillJob, FullJob, Job, LoraJob, PrefixJob, QLoraJob, best_run, distill_grid,
+                               full_job, lora_grid, lora_like, prefix_grid, qlora_like)
+from ftflow.models.loading import load_tokenizer, load_trained
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ PER_SENTENCE = "per_sentence.json"
 (:meth:`ftflow.perplexity.PerplexityResult.per_sentence`)."""
 
 # The job classes and their constructors live in ftflow.jobs; they are importable from here too.
-__all__ = ["Job", "TrainingOutOfMemoryError", "best_run", "distill_grid", "full_job", "load_trained", "lora_grid",
+__all__ = ["Job", "TrainingOutOfMemoryError", "best_run", "distill_grid", "full_job", "lora_grid",
            "lora_like", "prefix_grid", "qlora_like", "run_job"]
 
 OOM_RETRIES = "oom_retries.json"  # in a run's work directory: its out-of-memory retries so far, for a resumed run
@@ -46,17 +47,6 @@ OOM_RETRIES = "oom_retries.json"  # in a run's work directory: its out-of-memory
 
 class TrainingOutOfMemoryError(RuntimeError):
     """A training run ran out of device memory with every setting its fit order allows."""
-
-
-def load_trained(run: dict, device: str, precision: Optional[str] = None):
-    """The model a run trained, loaded the way a user would: base + adapter, or the full checkpoint."""
-    base = run["base_model"]
-    model_dir = Path(run["dir"]) / run["files"]["model"]
-    if run["method"] in PEFT_METHODS:
-        return load_model(base["path"], precision or run["precision"], device, adapter=str(model_dir),
-                          trust_remote_code=base["trust_remote_code"], quantization=run.get("quantization"))
-    return load_model(str(model_dir), precision or run["precision"], device,
-                      trust_remote_code=base["trust_remote_code"])
 
 
 def run_job(
@@ -93,28 +83,28 @@ def run_job(
     ``card_facts`` (data fingerprints, teacher, ...) go into the model card.
     ``master_weights`` (full fine-tuning and distillation of a bf16/fp16
     model): ``fp32`` (default) or the model's precision when fp32 master
-    weights do not fit (see :func:`ftflow.training.plan_precision`).
-    ``packing`` (``auto``, ``on``, ``off``): how training batches are formed (:func:`ftflow.training.batching_for`).
+    weights do not fit (see :func:`ftflow.train.trainer.plan_precision`).
+    ``packing`` (``auto``, ``on``, ``off``): how training batches are formed (:func:`ftflow.train.trainer.batching_for`).
     ``report_to`` (``tensorboard``): the Trainer's logging integrations; their files (TensorBoard event files)
     are written under ``work_dir`` while the run trains and copied into ``out_dir/tensorboard`` at the end.
-    ``fit_plan`` (:class:`ftflow.fit.FitPlan` as a dict, with its one-line ``summary``): micro-batch, gradient
+    ``fit_plan`` (:class:`ftflow.plan.fit.FitPlan` as a dict, with its one-line ``summary``): micro-batch, gradient
     checkpointing, optimizer state and trained-weights precision that make the run fit; its ``master_weights``
     replaces ``master_weights``. (A dict, not the class, so that loading a trained run for the teacher pass
     does not reach the memory planner's code.)
     ``tf32`` (``auto``, ``on``, ``off``): the training steps' fp32 matrix products in TF32
     (:func:`ftflow.device.resolve_tf32`); recorded in the result as ``tf32``. Scoring never uses it.
     ``refit`` (with ``fit_plan``): the setting to try after ``torch.OutOfMemoryError`` (a fit plan dict in, the
-    next one or None out: :func:`ftflow.fit.out_of_memory_refit`). The failed attempt is freed, the run resumes
+    next one or None out: :func:`ftflow.plan.fit.out_of_memory_refit`). The failed attempt is freed, the run resumes
     from its last checkpoint under the next setting (the same effective batch; an optimizer state the new
     optimizer cannot load restarts, said so), and every retry is logged and recorded in the result as
     ``oom_retries`` (also in ``work_dir``, so a run killed after a retry resumes with the setting it had). With
     nothing left to try, :class:`TrainingOutOfMemoryError`. Without ``refit`` the error propagates.
     """
-    from ftflow.cards import oom_retry_line, write_model_card
-    from ftflow.models import DEFAULT_4BIT
-    from ftflow.training import (TENSORBOARD_DIR, TRAINER_LOGS_DIR, TrainSettings, batching_for, checkpoint_optimizer,
-                                 encode_dataset, latest_checkpoint, plan_precision, train_full, train_lora,
-                                 train_prefix)
+    from ftflow.train.cards import oom_retry_line, write_model_card
+    from ftflow.models.loading import DEFAULT_4BIT
+    from ftflow.train.trainer import (TENSORBOARD_DIR, TRAINER_LOGS_DIR, TrainSettings, batching_for,
+                                      checkpoint_optimizer, encode_dataset, latest_checkpoint, plan_precision,
+                                      train_full, train_lora, train_prefix)
 
     base = job.model
     trust = base["trust_remote_code"]
@@ -141,7 +131,7 @@ def run_job(
             tf32=tf32, **fitted)
 
     def optimizer_of(settings: TrainSettings) -> str:
-        """The optimizer whose state the run's checkpoints hold (as :func:`ftflow.training.checkpoint_optimizer`)."""
+        """The optimizer whose state the run's checkpoints hold (as :func:`ftflow.train.trainer.checkpoint_optimizer`)."""
         compute = {**DEFAULT_4BIT, **(quantization or {})}["compute_dtype"] if settings.precision == "nf4" else None
         return plan_precision("full" if full_weights else "peft", settings.precision, device,
                               master_weights=settings.master_weights, compute_dtype=compute,
@@ -151,8 +141,9 @@ def run_job(
     trainer_dir = Path(work_dir) / "trainer"
     distill_options = {}
     if isinstance(job, DistillJob):
-        from ftflow.distill import (DistillationCollator, DistillationTrainer, TeacherTopK, check_store_for_student,
-                                    embedding_rows)
+        from ftflow.distill.trainer import DistillationCollator, DistillationTrainer
+        from ftflow.distill.store import TeacherTopK
+        from ftflow.distill.vocabulary import check_store_for_student, embedding_rows
         from ftflow.tokens import pad_token_id
 
         if teacher_topk_dir is None:
@@ -262,13 +253,13 @@ def run_job(
         "test": test.to_dict(),
         **result,
     }
-    if fit_plan is not None:  # how the run was made to fit its memory budget (ftflow/fit.py); after retries, the last
+    if fit_plan is not None:  # how the run was made to fit its memory budget (ftflow/plan/fit.py); after retries, the last
         summary.update(fit_plan={k: v for k, v in fit_plan.items() if k != "summary"},
                        fit_summary=fit_plan["summary"])
     # Each retry with its line for the card and the report (which reads it from here, not from the card's code).
     summary["oom_retries"] = [{**{k: v for k, v in r.items() if k != "next_plan"}, "line": oom_retry_line(r)}
                               for r in retries]
     write_model_card(model_dir, summary, card_facts or {})
-    # Every test sentence's NLL, tokens and bytes: the report's intervals and paired comparisons (ftflow/uncertainty.py).
+    # Every test sentence's NLL, tokens and bytes: the report's intervals and paired comparisons (ftflow/study/uncertainty.py).
     write_json(Path(out_dir) / PER_SENTENCE, {"test": test.per_sentence(test_sentences)})
     return summary

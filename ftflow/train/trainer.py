@@ -74,11 +74,11 @@ class TrainSettings:
     offline); what it logs is the training loss and learning rate by step and the selection-split PPL per epoch."""
     micro_batch_size: Optional[int] = None
     """Sentences per forward pass; ``batch_size`` stays the sentences per optimizer step, gradient accumulation
-    makes up the rest (must divide ``batch_size``; None = ``batch_size``). Chosen by :mod:`ftflow.fit`."""
+    makes up the rest (must divide ``batch_size``; None = ``batch_size``). Chosen by :mod:`ftflow.plan.fit`."""
     gradient_checkpointing: bool = False
-    """Recompute each decoder layer's activations in backward (chosen by :mod:`ftflow.fit` when needed)."""
+    """Recompute each decoder layer's activations in backward (chosen by :mod:`ftflow.plan.fit` when needed)."""
     optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit"] = "adamw"
-    """Optimizer state: torch AdamW, or bitsandbytes' (paged) 8-bit AdamW (:mod:`ftflow.optimizers`)."""
+    """Optimizer state: torch AdamW, or bitsandbytes' (paged) 8-bit AdamW (:mod:`ftflow.train.optimizers`)."""
     tf32: Literal["auto", "on", "off"] = "auto"
     """fp32 matrix products of the training steps in TF32 (:func:`ftflow.device.resolve_tf32`: auto = where the
     GPU has it); scoring never uses TF32."""
@@ -161,7 +161,7 @@ class PrecisionPlan:
         optimizer: ``adamw`` (the Trainer's torch AdamW) or ``adamw-kahan`` (optimi's AdamW with Kahan-
             compensated bf16 updates, which keeps the part of each update that bf16 rounding drops);
             ``[paged-]adamw-8bit`` (bitsandbytes' 8-bit state), ``-stochastic-rounding`` when its weights are
-            bf16 (:mod:`ftflow.optimizers`: unbiased rounding instead of the compensation buffer).
+            bf16 (:mod:`ftflow.train.optimizers`: unbiased rounding instead of the compensation buffer).
     """
 
     load: str
@@ -210,7 +210,7 @@ def plan_precision(method: Literal["full", "peft"], precision: str, device: str,
         master_weights: ``full`` on bf16/fp16 only: ``fp32`` (default) or the precision itself.
         compute_dtype: QLoRA's 4-bit compute dtype (``bf16`` when not given, bitsandbytes' default here).
         optimizer: ``adamw`` or bitsandbytes' ``adamw-8bit`` / ``paged-adamw-8bit`` state (chosen by
-            :mod:`ftflow.fit`); on bf16 weights the 8-bit update rounds stochastically.
+            :mod:`ftflow.plan.fit`); on bf16 weights the 8-bit update rounds stochastically.
 
     Returns:
         The plan.
@@ -608,7 +608,7 @@ def fit(
     if plan.optimizer == "adamw-kahan":
         kwargs["optimizer_cls_and_kwargs"] = kahan_adamw(settings)
     elif plan.optimizer != "adamw":
-        from ftflow.optimizers import adamw_8bit
+        from ftflow.train.optimizers import adamw_8bit
 
         kwargs["optimizer_cls_and_kwargs"] = adamw_8bit(settings.learning_rate, weight_decay=settings.weight_decay,
                                                         paged=plan.optimizer.startswith("paged"))
@@ -707,7 +707,7 @@ def train_peft(
     """A PEFT method (LoRA, prefix tuning, ...) on a base model; the best epoch's adapter saved to ``adapter_dir``.
 
     With ``settings.precision == "nf4"`` the base model is loaded in 4 bits
-    (``quantization``: see :func:`ftflow.models.quantization_config`) and made
+    (``quantization``: see :func:`ftflow.models.loading.quantization_config`) and made
     ready with PEFT's ``prepare_model_for_kbit_training``: QLoRA. Its
     ``compute_dtype`` is the Trainer's autocast too (:func:`plan_precision`).
     Epoch 0 is the base model's score, taken before the model is wrapped.
@@ -717,7 +717,7 @@ def train_peft(
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
-    from ftflow.models import DEFAULT_4BIT, load_model
+    from ftflow.models.loading import DEFAULT_4BIT, load_model
 
     compute_dtype = {**DEFAULT_4BIT, **(quantization or {})}["compute_dtype"] if settings.precision == "nf4" else None
     plan = plan_precision("peft", settings.precision, settings.device, compute_dtype=compute_dtype,
@@ -838,7 +838,7 @@ def train_full(
     import torch
     from transformers import set_seed
 
-    from ftflow.models import load_model
+    from ftflow.models.loading import load_model
 
     plan = plan_precision("full", settings.precision, settings.device, master_weights=settings.master_weights,
                           optimizer=settings.optimizer)

@@ -10,7 +10,7 @@ import yaml
 
 from flows.cli import main
 from ftflow.config import load_config
-from ftflow.status import pipeline_status
+from ftflow.stages.status import pipeline_status
 from tests.flows.micro import STAGES, micro_config, run_pipeline_runs
 
 pytestmark = pytest.mark.slow

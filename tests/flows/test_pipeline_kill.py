@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prefect.settings import PREFECT_API_URL
 
-from ftflow.training import latest_checkpoint
+from ftflow.train.trainer import latest_checkpoint
 from tests.flows.micro import STAGES, micro_config, run_pipeline_runs
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,10 @@ import yaml
 from prefect import flow
 
 from flows.steps import data_candidates_and_plan
-from ftflow import design
+from ftflow.study import design
 from ftflow.config import load_config
-from ftflow.memory import GB, RUNTIME_OVERHEAD_BYTES, model_config_for, predict_scoring
+from ftflow.plan.predict import GB, RUNTIME_OVERHEAD_BYTES, predict_scoring
+from ftflow.models.architecture import model_config_for
 from tests.tiny import SENTENCES, saved_base
 
 pytestmark = pytest.mark.slow

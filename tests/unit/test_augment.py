@@ -6,19 +6,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from ftflow.augment import (
-    STOPWORDS,
-    augment_sentences,
-    looks_english,
-    plan_methods,
-    random_insert,
-    random_mask,
-    screen_sentence,
-    words_to_change,
-)
+from ftflow.data.augment import (STOPWORDS, augment_sentences, looks_english, plan_methods, random_insert, random_mask,
+                                 screen_sentence, words_to_change)
 from ftflow.config import AugmentConfig
-from ftflow.translate import TranslationFailed, build_back_translator
-from ftflow.wordnet import DEBIAN_WORDNET_DIR, INSTALL_COMMAND, load_wordnet
+from ftflow.data.translate import TranslationFailed, build_back_translator
+from ftflow.data.wordnet import DEBIAN_WORDNET_DIR, INSTALL_COMMAND, load_wordnet
 from tests.fake_libretranslate import FakeLibreTranslate
 from tests.needs import needs
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftflow import budget
-from ftflow.budget import EXPANDABLE_SEGMENTS, stage_budget, use_expandable_segments
-from ftflow.memory import GB, RUNTIME_OVERHEAD_BYTES
+from ftflow.plan import budget
+from ftflow.plan.budget import EXPANDABLE_SEGMENTS, stage_budget, use_expandable_segments
+from ftflow.plan.predict import GB, RUNTIME_OVERHEAD_BYTES
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 from pathlib import Path
 
-from ftflow.caching import canonical, stage_key
+from ftflow.stages.caching import canonical, stage_key
 from ftflow.config import DistillConfig
 
-MODULES = ("ftflow.caching",)
+MODULES = ("ftflow.stages.caching",)
 
 
 def test_key_depends_on_config_values_not_on_object_identity():
@@ -30,7 +30,7 @@ def test_manifests_count_by_fingerprint_only():
 
 
 def test_code_of_the_stage_modules_is_in_the_key():
-    assert stage_key("s", {}, ("ftflow.caching",)) != stage_key("s", {}, ("ftflow.caching", "ftflow.data"))
+    assert stage_key("s", {}, ("ftflow.stages.caching",)) != stage_key("s", {}, ("ftflow.stages.caching", "ftflow.data.splits"))
 
 
 def test_unhashable_inputs_are_refused():
@@ -49,14 +49,14 @@ import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
 
-from ftflow.caching import code_version, module_file, reached_modules  # noqa: E402
+from ftflow.stages.caching import code_version, module_file, reached_modules  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE_MODULES = ("prepare_data", "augment", "zoo", "plan_memory", "benchmark", "select_family", "train",
                  "teacher_logits", "evaluate")
 # What every stage reaches through tasks._stage (the output protocol and the key itself).
-COMMON = ("ftflow", "ftflow.artifacts", "ftflow.caching", "ftflow.config", "ftflow.errors", "tasks", "tasks._locks",
-          "tasks._stage")
+COMMON = ("ftflow", "ftflow.artifacts", "ftflow.config", "ftflow.errors", "ftflow.stages", "ftflow.stages.caching",
+          "tasks", "tasks._locks", "tasks._stage")
 
 
 def write_package(root: Path, files: dict[str, str]) -> None:
@@ -125,16 +125,20 @@ def test_a_root_without_source_is_refused(tmp_path):
 
 def test_plan_memory_reaches_models_and_data_it_imports():
     assert reached_modules(["tasks.plan_memory"]) == tuple(sorted(COMMON + (
-        "ftflow.budget", "ftflow.data", "ftflow.device", "ftflow.known_models", "ftflow.memory", "ftflow.models",
-        "ftflow.perplexity",
-        "ftflow.tokens", "tasks.plan_memory")))
+        "ftflow.data", "ftflow.data.splits", "ftflow.device", "ftflow.models", "ftflow.models.architecture",
+        "ftflow.models.known", "ftflow.models.loading", "ftflow.perplexity", "ftflow.plan", "ftflow.plan.budget",
+        "ftflow.plan.decide", "ftflow.plan.plots", "ftflow.plan.predict", "ftflow.plan.tables", "ftflow.tokens",
+        "tasks.plan_memory")))
 
 
 def test_train_reaches_known_models_through_the_memory_check():
     assert reached_modules(["tasks.train"]) == tuple(sorted(COMMON + (
-        "ftflow.budget", "ftflow.cards", "ftflow.data", "ftflow.device", "ftflow.distill", "ftflow.fit", "ftflow.jobs",
-        "ftflow.known_models", "ftflow.memory", "ftflow.methods", "ftflow.models", "ftflow.optimizers",
-        "ftflow.perplexity", "ftflow.tokens", "ftflow.training", "tasks.train")))
+        "ftflow.data", "ftflow.data.splits", "ftflow.device", "ftflow.distill", "ftflow.distill.losses",
+        "ftflow.distill.store", "ftflow.distill.trainer", "ftflow.distill.vocabulary", "ftflow.models",
+        "ftflow.models.architecture", "ftflow.models.known", "ftflow.models.loading", "ftflow.perplexity",
+        "ftflow.plan", "ftflow.plan.budget", "ftflow.plan.decide", "ftflow.plan.fit", "ftflow.plan.predict",
+        "ftflow.tokens", "ftflow.train", "ftflow.train.cards", "ftflow.train.jobs", "ftflow.train.optimizers",
+        "ftflow.train.runner", "ftflow.train.trainer", "tasks.train")))
 
 
 def test_every_stage_keys_its_code_from_its_own_module():
@@ -158,16 +162,29 @@ def changed_stages(tmp_path: Path, edit: str, code: str = "EDITED = True\n") -> 
 
 
 def test_editing_a_module_reached_only_indirectly_changes_exactly_the_stages_that_reach_it(tmp_path):
-    # ftflow/cards.py is imported by no task module: train and teacher_logits reach it through
-    # ftflow.methods. Upstream stages' keys (and so everything they computed) stay as they are;
-    # what depends on train and teacher_logits reruns because their fingerprints change.
-    assert changed_stages(tmp_path, "ftflow/cards.py") == {"train", "teacher_logits"}
+    # ftflow/train/cards.py is imported by no task module: train reaches it through ftflow.train.runner. The
+    # teacher pass loads a trained run through ftflow.models.loading and never reaches the training code, so a
+    # model card's wording does not rerun it. Upstream stages' keys (and so everything they computed) stay as
+    # they are; what depends on train reruns because its fingerprints change.
+    assert changed_stages(tmp_path, "ftflow/train/cards.py") == {"train"}
+
+
+def test_editing_a_plot_leaves_the_training_stages_keys_unchanged(tmp_path):
+    # The memory plan's chart is drawn by plan_memory only: no training stage reaches plotting or report code.
+    assert changed_stages(tmp_path, "ftflow/plan/plots.py") == {"plan_memory"}
+    assert changed_stages(tmp_path, "ftflow/study/report.py") == {"evaluate"}
+
+
+def test_editing_a_loss_changes_the_distillation_runs_and_nothing_upstream(tmp_path):
+    # Distillation runs are train stage runs; the teacher pass, which only stores the teacher's targets, keeps
+    # its key.
+    assert changed_stages(tmp_path, "ftflow/distill/losses.py") == {"train"}
 
 
 def test_editing_known_models_changes_the_memory_planning_stages_only(tmp_path):
-    # tasks.train -> ftflow.memory -> ftflow.known_models (the training memory check), as for plan_memory and
-    # the teacher pass, which plans its own batch size (ftflow.memory.plan_teacher_pass).
-    assert changed_stages(tmp_path, "ftflow/known_models.py") == {"plan_memory", "train", "teacher_logits"}
+    # tasks.train -> ftflow.plan.fit -> ftflow.models.architecture -> ftflow.models.known (the training memory check), as for plan_memory and
+    # the teacher pass, which plans its own batch size (ftflow.plan.decide.plan_teacher_pass).
+    assert changed_stages(tmp_path, "ftflow/models/known.py") == {"plan_memory", "train", "teacher_logits"}
 
 
 def test_paths_inside_the_artifacts_directory_count_relative_to_it(tmp_path):
@@ -186,7 +203,7 @@ def test_paths_inside_the_artifacts_directory_count_relative_to_it(tmp_path):
 # -- code counts by its syntax tree: documentation never retrains ------------------------------------------
 
 def test_code_hash_ignores_comments_docstrings_and_formatting_but_not_code():
-    from ftflow.caching import code_hash
+    from ftflow.stages.caching import code_hash
 
     source = 'def f(x):\n    return x + 1\n'
     documented = ('"""A module."""\n# why\n\n\ndef f( x ):  # a comment\n    """Adds one."""\n'
@@ -225,12 +242,12 @@ def test_editing_comments_and_docstrings_of_every_module_leaves_every_stage_key_
     for relative in project_modules():
         edit_documentation(tmp_path / relative)
         compile((tmp_path / relative).read_text(encoding="utf-8"), str(relative), "exec")  # still Python
-    assert (tmp_path / "ftflow" / "caching.py").read_text() != (ROOT / "ftflow" / "caching.py").read_text()
+    assert (tmp_path / "ftflow" / "stages" / "caching.py").read_text() != (ROOT / "ftflow" / "stages" / "caching.py").read_text()
     assert {s: code_version([f"tasks.{s}"], search_path=[tmp_path]) for s in STAGE_MODULES} == before
 
 
 def test_a_package_folder_without_init_is_refused_not_dropped(tmp_path):
-    from ftflow.caching import PackageWithoutInit
+    from ftflow.stages.caching import PackageWithoutInit
 
     write_package(tmp_path, {"pkg/__init__.py": "", "pkg/stage.py": "from pkg.sub import deep\n",
                              "pkg/sub/deep.py": "X = 1\n"})

@@ -48,12 +48,12 @@ def test_tracebacks_of_user_errors_only_with_debug():
 
 
 def test_internal_errors_keep_their_traceback(monkeypatch):
-    from ftflow import memory
+    from ftflow.plan import decide as plan_decide
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(memory, "plan_model", broken)
+    monkeypatch.setattr(plan_decide, "plan_model", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["plan", str(ROOT / "configs" / "seed-20gb.yaml")])
 
@@ -94,7 +94,7 @@ def test_prefect_console_logs_show_user_errors_without_traceback():
     import sys
 
     from flows.cli import _WithoutUserTracebacks
-    from ftflow.data import DataError
+    from ftflow.data.splits import DataError
 
     formatter = _WithoutUserTracebacks(logging.Formatter("%(levelname)s %(message)s"))
     records = []
@@ -129,7 +129,7 @@ def hf_cache(tmp_path, monkeypatch) -> Path:
     """An empty Hugging Face cache for this test (offline, as every test is), and no hub answers remembered."""
     from huggingface_hub import constants
 
-    from ftflow import hub
+    from ftflow.models import hub
 
     folder = tmp_path / "hf-cache"
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(folder))
@@ -217,7 +217,7 @@ def test_plan_shows_every_training_run_of_the_study_fitting_20_gb_with_its_hours
     assert "granite-3.3-8b-base lora: micro-batch 1 x 4 accumulation, checkpointing off, fp32 AdamW" in out
     assert "token counts estimated at 1.5 per word" in out
     # The disk: every model's download (offline: its parameters in bf16, as stored on the hub) into the cache.
-    from ftflow.memory import count_config_parameters, model_config_for
+    from ftflow.models.architecture import count_config_parameters, model_config_for
 
     ids = [m["path"] for m in yaml.safe_load(config.read_text())["models"]]
     downloads = sum(2 * count_config_parameters(model_config_for(i)) for i in ids)

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from ftflow.data import DataError, hold_out_validation, make_splits, read_records, read_sentences, read_split, write_split
+from ftflow.data.splits import (DataError, hold_out_validation, make_splits, read_records, read_sentences, read_split,
+                                write_split)
 
 
 def test_text_file_drops_and_counts_blank_lines(tmp_path):
@@ -57,7 +58,7 @@ def test_validation_split_is_seeded_and_disjoint():
 
 
 def test_train_test_overlap_is_reported(tmp_path):
-    from ftflow.data import SentenceFile
+    from ftflow.data.splits import SentenceFile
 
     train = SentenceFile("train.txt", tuple(f"s{i}" for i in range(10)) + ("shared",), 2)
     test = SentenceFile("test.txt", ("shared", "t1"), 0)
@@ -102,7 +103,7 @@ def test_json_array_and_csv_row_errors(tmp_path):
 
 
 def test_a_one_sentence_train_file_is_refused_naming_the_file(tmp_path):
-    from ftflow.data import SentenceFile
+    from ftflow.data.splits import SentenceFile
 
     train = SentenceFile(str(tmp_path / "train.txt"), ("only one",), 0)
     with pytest.raises(DataError) as error:
@@ -114,7 +115,7 @@ def test_a_one_sentence_train_file_is_refused_naming_the_file(tmp_path):
 
 
 def test_a_small_train_file_gets_a_warning():
-    from ftflow.data import MIN_TRAIN_SENTENCES, SentenceFile
+    from ftflow.data.splits import MIN_TRAIN_SENTENCES, SentenceFile
 
     assert MIN_TRAIN_SENTENCES == 100
     splits = make_splits(SentenceFile("two.txt", ("a b", "c d"), 0), SentenceFile("test.txt", ("t",), 0), 0.1, 0)
@@ -138,7 +139,7 @@ def test_reading_data_writes_no_cache_outside_the_artifacts_directory(tmp_path):
     (tmp_path / "a.csv").write_text("text\none\n", encoding="utf-8")
     home = tmp_path / "home"
     home.mkdir()
-    code = ("import sys; from ftflow.data import read_sentences\n"
+    code = ("import sys; from ftflow.data.splits import read_sentences\n"
             "for name in ('a.txt', 'a.jsonl', 'a.csv'): print(read_sentences(sys.argv[1] + '/' + name).sentences)")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("HF_", "XDG_"))}
     env.update(HOME=str(home), HF_HOME=str(home / "hf"), PYTHONPATH=str(Path(__file__).resolve().parents[2]))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ftflow import design
+from ftflow.study import design
 from ftflow.config import ModelSpec, parse_config
-from ftflow.jobs import DistillJob, FullJob, LoraJob, PrefixJob, QLoraJob
+from ftflow.train.jobs import DistillJob, FullJob, LoraJob, PrefixJob, QLoraJob
 
 MODELS = [{"name": n, "path": f"/m/{n}", "family": "f", "precision": "fp32", "trust_remote_code": False}
           for n in ("big", "small", "other")]

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftflow import disk
+from ftflow.plan import disk
 from ftflow.config import load_config
-from ftflow.hub import HubCheck
-from ftflow.memory import count_config_parameters, model_config_for, parameter_counts
-from ftflow.study_plan import plan_study
+from ftflow.models.hub import HubCheck
+from ftflow.models.architecture import count_config_parameters, model_config_for, parameter_counts
+from ftflow.plan.study import plan_study
 from tests.tiny import SENTENCES, saved_base
 
 Usage = namedtuple("Usage", "total used free")

@@ -12,20 +12,14 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TrainingArguments
 
-from ftflow.distill import (
-    DistillationCollator,
-    DistillationTrainer,
-    TeacherTopK,
-    SharedVocabulary,
-    check_distillable,
-    check_same_tokenizer,
-    compute_teacher_topk,
-    kd_loss,
-    teacher_topk_for_student,
-)
-from ftflow import methods, training
+from ftflow.distill.trainer import DistillationCollator, DistillationTrainer
+from ftflow.distill.store import TeacherTopK
+from ftflow.distill.vocabulary import SharedVocabulary, check_distillable, check_same_tokenizer
+from ftflow.distill.teacher import compute_teacher_topk, teacher_topk_for_student
+from ftflow.distill.losses import kd_loss
+from ftflow.train import trainer as training
 from ftflow.config import DistillConfig
-from ftflow.methods import distill_grid, run_job
+from ftflow.train.runner import distill_grid, run_job
 from ftflow.tokens import IGNORE_INDEX, pad_batch, pad_token_id, sentence_ids
 from tests.memory_probe import measure
 from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
@@ -427,7 +421,7 @@ def _granite(vocab_size: int, seed: int = 0):
 
 
 def _teacher(architecture: str, adapter: str | None):
-    """A tiny teacher as ftflow.methods.load_trained returns a run: the model, or the base with a PEFT adapter."""
+    """A tiny teacher as ftflow.models.loading.load_trained returns a run: the model, or the base with a PEFT adapter."""
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     vocab = len(tiny_tokenizer())
@@ -506,7 +500,7 @@ def test_teacher_pass_peak_above_the_weights_is_what_the_plan_says():
     # the CPU kernels' scratch and Python objects.
     from transformers import Qwen2Config
 
-    from ftflow.memory import predict_teacher_pass
+    from ftflow.plan.predict import predict_teacher_pass
 
     batch, length, chunk, k = 4, 128, 64, 8
     measured = measure("tests.unit.test_distill:_teacher_pass_probe", batch=batch, length=length, chunk=chunk,
@@ -670,7 +664,7 @@ def test_teacher_pass_refuses_another_tokenizer_before_loading_the_teacher(tmp_p
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded before the tokenizers were checked")
 
-    monkeypatch.setattr(methods, "load_trained", no_teacher)
+    monkeypatch.setattr("ftflow.models.loading.load_trained", no_teacher)
     with pytest.raises(ValueError) as error:
         teacher_topk_for_student(_full_run(teacher), student, SENTENCES, k=4, max_length=16, device="cpu",
                                  progress=False)

@@ -1,4 +1,4 @@
-"""Tests of random-sampling distillation (ftflow.distill.sampled_kd_loss and the sampled teacher store)."""
+"""Tests of random-sampling distillation (ftflow.distill.losses.sampled_kd_loss and the sampled teacher store)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftflow.distill import (DistillationCollator, DistillationTrainer, TeacherTopK, compute_teacher_topk,
-                            distillation_loss, sampled_kd_loss)
+from ftflow.distill.trainer import DistillationCollator, DistillationTrainer
+from ftflow.distill.store import TeacherTopK
+from ftflow.distill.teacher import compute_teacher_topk
+from ftflow.distill.losses import distillation_loss, sampled_kd_loss
 from ftflow.tokens import IGNORE_INDEX, pad_token_id, sentence_ids
 from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
 
@@ -74,7 +76,7 @@ def test_gradient_is_unbiased_for_the_full_distribution_kl_at_temperature_one():
     F.kl_div(F.log_softmax(dense, -1), p, reduction="sum").backward()
     torch.testing.assert_close(expected_grad, dense.grad, rtol=0, atol=1e-6)
     # ...while the top-2 with its tail bucket is biased: its gradient is another vector.
-    from ftflow.distill import kd_loss
+    from ftflow.distill.losses import kd_loss
 
     logits, labels, ids, lp = _one_position(student.tolist(), [0, 1], p[[0, 1]].log().tolist())
     logits.requires_grad_(True)
@@ -127,7 +129,7 @@ def test_sampled_store_draws_from_the_teacher_the_same_whatever_the_batching(tmp
 
 def test_many_draws_follow_the_teachers_probabilities():
     log_probs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    from ftflow.distill import _draw
+    from ftflow.distill.teacher import _draw
 
     ids = _draw(log_probs, 20000, seed=0, sentence_index=0)
     frequencies = torch.bincount(ids[0], minlength=4).double() / 20000
@@ -158,9 +160,9 @@ def test_trainer_with_the_sampled_variant_lowers_its_loss(tmp_path):
 
 
 def test_draws_do_not_depend_on_the_row_chunking(monkeypatch):
-    from ftflow import distill
+    from ftflow.distill import teacher as distill_teacher
 
     log_probs = F.log_softmax(torch.randn(7, 50, generator=torch.Generator().manual_seed(0)), dim=-1)
-    whole = distill._draw(log_probs, 12, seed=1, sentence_index=2)
-    monkeypatch.setattr(distill, "DRAW_CHUNK_ELEMENTS", 100)  # two rows a chunk
-    assert torch.equal(distill._draw(log_probs, 12, seed=1, sentence_index=2), whole)
+    whole = distill_teacher._draw(log_probs, 12, seed=1, sentence_index=2)
+    monkeypatch.setattr(distill_teacher, "DRAW_CHUNK_ELEMENTS", 100)  # two rows a chunk
+    assert torch.equal(distill_teacher._draw(log_probs, 12, seed=1, sentence_index=2), whole)

@@ -13,9 +13,9 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, PrefixTuningCo
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftflow.artifacts import write_json
-from ftflow.export import ExportError, export_run
-from ftflow.methods import load_trained
-from ftflow.models import load_model
+from ftflow.study.export import ExportError, export_run
+from ftflow.models.loading import load_trained
+from ftflow.models.loading import load_model
 from ftflow.perplexity import score_sentences
 from tests.tiny import SENTENCES, saved_base
 
@@ -46,7 +46,7 @@ def adapter(base: dict, kind: str, directory: Path, compute_dtype: str = "fp32")
 
 def finished_run(tmp_path: Path, base: dict, kind: str, compute_dtype: str = "fp32") -> tuple[dict, float]:
     """A finished run's stage directory and the evaluation manifest naming it; the run's test PPL, scored as the
-    run scored it (:func:`ftflow.methods.load_trained`)."""
+    run scored it (:func:`ftflow.models.loading.load_trained`)."""
     stage = tmp_path / f"train-{kind}"
     (stage / "model").mkdir(parents=True)
     run = {"name": f"tiny+{kind}", "method": kind, "base_model": base, "dir": str(stage), "files": {"model": "model"},
@@ -157,7 +157,7 @@ def test_a_full_fine_tune_is_copied_with_a_new_card_and_an_existing_directory_is
 
 
 def test_an_export_that_does_not_fit_in_memory_is_refused_with_the_figures(base, tmp_path, monkeypatch):
-    from ftflow import export
+    from ftflow.study import export
 
     run, ppl = finished_run(tmp_path, base, "lora")
     huge = evaluation(run, ppl)

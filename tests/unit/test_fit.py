@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftflow import memory
+from ftflow.models import architecture
+from ftflow.plan import decide as plan_decide
 from ftflow.config import DEFAULT_FIT_ORDER, ConfigError, parse_config
-from ftflow.fit import choose_fit
-from ftflow.memory import GB, adamw_8bit_state_bytes, model_config_for, predict_training
-from ftflow.training import TrainSettings, encode_dataset, fit
+from ftflow.plan.fit import choose_fit
+from ftflow.plan.predict import GB, adamw_8bit_state_bytes, predict_training
+from ftflow.models.architecture import model_config_for
+from ftflow.train.trainer import TrainSettings, encode_dataset, fit
 from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
 
 BUDGET = 20 * GB
@@ -127,7 +129,7 @@ def test_8bit_state_bytes_are_bitsandbytes_own():
         16 + 17 + 41 + 256) + 2048
     # A model's prediction: full fine-tuning in bf16 with 8-bit state keeps no Kahan buffer.
     config = model_config_for("ibm-granite/granite-3.3-2b-base")
-    counts = memory.parameter_counts(config)
+    counts = architecture.parameter_counts(config)
     eight = predict_training(config, "bf16", "full", 1, 64, optimizer="adamw-8bit")
     assert eight.optimizer_bytes == adamw_8bit_state_bytes(counts.tensor_sizes)
     assert predict_training(config, "bf16", "full", 1, 64).optimizer_bytes == 6 * counts.total  # moments + Kahan
@@ -139,7 +141,7 @@ def test_8bit_adamw_keeps_small_steps_on_bf16_weights_by_stochastic_rounding():
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
-    from ftflow.optimizers import adamw_8bit_class, stochastic_round_to_bf16
+    from ftflow.train.optimizers import adamw_8bit_class, stochastic_round_to_bf16
 
     # Rounding: a quarter of a bf16 step above 1.0 rounds up a quarter of the time; exact values stay.
     quarter = torch.full((200_000,), 1.0 + 2**-9, dtype=torch.float32)
@@ -217,7 +219,8 @@ def test_distillation_micro_batches_give_the_full_batch_loss_per_token(tmp_path,
     """DistillationTrainer: 4 sentences of different lengths as 1 x 4 micro-batches give the 4-sentence step."""
     from transformers import TrainingArguments
 
-    from ftflow.distill import DistillationCollator, DistillationTrainer, compute_teacher_topk
+    from ftflow.distill.trainer import DistillationCollator, DistillationTrainer
+    from ftflow.distill.teacher import compute_teacher_topk
     from ftflow.tokens import pad_token_id, sentence_ids
 
     tokenizer = tiny_tokenizer()
@@ -247,7 +250,7 @@ def test_distillation_micro_batches_give_the_full_batch_loss_per_token(tmp_path,
 
 def test_study_runs_compute_in_flops_and_hours_from_parameters_and_tokens(tmp_path):
     """A planned run's FLOPs: (4 N + 2 N_trainable) per training token, + 2 N checkpointed; 2 N per scored token."""
-    from ftflow.study_plan import GPU_PEAK_TFLOPS, TokenStats, plan_study_runs, token_stats, training_flops_per_token
+    from ftflow.plan.study import GPU_PEAK_TFLOPS, TokenStats, plan_study_runs, token_stats, training_flops_per_token
 
     assert training_flops_per_token(10, 10, False) == 60 and training_flops_per_token(10, 1, True) == 62
     assert token_stats(None, ["a b c", "one two three four five six seven eight nine"], 2048) == TokenStats(
@@ -272,7 +275,7 @@ def test_study_runs_compute_in_flops_and_hours_from_parameters_and_tokens(tmp_pa
                                        "full[small|lr5e-05]", "distill[small|top10,T1,a0.5,lr5e-05]"]
     assert notes[0].startswith("family granite as if selected: teacher big, student small")
     # The teacher pass, planned on the teacher's run that leaves it the least memory (here its only one).
-    batch = memory.largest_teacher_batch_size(model_config_for("ibm-granite/granite-3.3-8b-base"), "bf16", 20 * GB,
+    batch = plan_decide.largest_teacher_batch_size(model_config_for("ibm-granite/granite-3.3-8b-base"), "bf16", 20 * GB,
                                               72, 256, k=10, method="lora", lora_r=8)
     assert notes[-1].startswith(f"teacher pass (topk, top 10, 72 tokens): batch size {batch} with "
                                 "lora[big|r8,a16,d0.05,lr0.0002] as the teacher (the least room of the teacher's 1 "
@@ -293,7 +296,7 @@ def test_study_runs_compute_in_flops_and_hours_from_parameters_and_tokens(tmp_pa
 
 def test_a_lora_grid_that_cannot_fit_is_said_once_before_training():
     from ftflow.errors import UserError
-    from ftflow.fit import GridDoesNotFitError, check_grid_fits
+    from ftflow.plan.fit import GridDoesNotFitError, check_grid_fits
 
     plans = [_fit("ibm-granite/granite-3.3-8b-base", "bf16", "lora", lora_r=r, budget_bytes=15 * GB) for r in (8, 16)]
     assert not any(p.fits for p in plans)
@@ -307,7 +310,7 @@ def test_a_lora_grid_that_cannot_fit_is_said_once_before_training():
 
 
 def test_the_report_says_how_runs_were_made_to_fit():
-    from ftflow.design import report_notes
+    from ftflow.study.design import report_notes
 
     plan = _fit("ibm-granite/granite-3.3-8b-base", "bf16", "lora", lora_r=16)
     run = {"title": "lora[t|r16]", "fit_plan": plan.model_dump(mode="json"), "fit_summary": plan.summary}
@@ -319,8 +322,8 @@ def test_the_report_says_how_runs_were_made_to_fit():
 
 
 def test_the_report_and_the_card_say_which_runs_ran_out_of_memory():
-    from ftflow.cards import oom_retry_line
-    from ftflow.design import report_notes
+    from ftflow.train.cards import oom_retry_line
+    from ftflow.study.design import report_notes
 
     retries = [{"failed": "t lora: batch 4, ...", "error": "CUDA out of memory.", "resume_from": "checkpoint-50",
                 "next": "t lora: micro-batch 2 x 2 ...", "optimizer_state": "resumed",
@@ -341,7 +344,7 @@ def test_the_report_and_the_card_say_which_runs_ran_out_of_memory():
 
 def _retries(plan, **options) -> list:
     """Every setting next_fit gives after plan, in order, until it gives None."""
-    from ftflow.fit import next_fit
+    from ftflow.plan.fit import next_fit
 
     settings = []
     while (plan := next_fit(plan, **options)) is not None:
@@ -382,7 +385,7 @@ def test_after_out_of_memory_the_next_technique_of_fit_order_then_halved_micro_b
 
 
 def test_a_skipped_run_has_no_retry():
-    from ftflow.fit import next_fit
+    from ftflow.plan.fit import next_fit
 
     skipped = _fit("ibm-granite/granite-3.3-8b-base", "bf16", "lora", budget_bytes=15 * GB)
     with pytest.raises(ValueError, match="was not trained"):
@@ -394,7 +397,7 @@ def test_fitted_runs_train_through_ftflows_own_paths(base, tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from ftflow.training import train_full, train_lora
+    from ftflow.train.trainer import train_full, train_lora
 
     tokenizer = tiny_tokenizer()
     settings = dict(epochs=1, learning_rate=1e-3, batch_size=4, max_length=32, seed=0, device="cpu",

@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench import gpu_check  # noqa: E402
-from ftflow import synthetic  # noqa: E402
+from ftflow.data import synthetic  # noqa: E402
 
 MODELS = ("llama", "granite", "qwen2")
 CHECKS = ("build", "score[fp32]", "score[bf16]", "score[nf4]", "train[lora]", "train[qlora]", "train[prefix]",
@@ -109,7 +109,7 @@ def test_smoke_run_passes_every_check_with_numbers(smoke):
         assert distill["flops_formula"] == "6P"
         assert found[(model, "train[lora]")]["metrics"]["flops_formula"] == "4P+6T"
         assert found[(model, "train[qlora]")]["metrics"]["flops_formula"] == "6P+6T"
-        # Full fine-tuning as ftflow/fit.py makes it fit: bf16 weights, 8-bit AdamW, 1 x 2 micro-batches, checkpointing.
+        # Full fine-tuning as ftflow/plan/fit.py makes it fit: bf16 weights, 8-bit AdamW, 1 x 2 micro-batches, checkpointing.
         fitted = found[(model, "train[full-fit]")]["metrics"]
         assert (fitted["precision"], fitted["trainable_parameters"], fitted["flops_formula"]) == (
             "bf16", PARAMETERS[model], "8P")
@@ -138,7 +138,7 @@ def test_smoke_run_passes_every_check_with_numbers(smoke):
     teacher = found[("granite-8b", "teacher[topk]")]["metrics"]
     assert teacher["k"] == 100 and teacher["batch_size"] >= 1 and teacher["positions"] == teacher["batch_size"] * 32
     assert _finite(teacher["peak_measured_mb"]) and teacher["tokens_per_s"] > 0
-    assert (teacher["peak_predicted_mb"] is None) == (not hasattr(gpu_check.memory, "predict_teacher_pass"))
+    assert (teacher["peak_predicted_mb"] is None) == (not hasattr(gpu_check.plan_predict, "predict_teacher_pass"))
 
 
 @pytest.mark.slow
@@ -248,10 +248,10 @@ def test_the_gpu_run_needs_a_gpu(monkeypatch, capsys):
 
 def test_gpu_models_have_their_real_sizes():
     """The GPU models' parameter counts, from their configs on the meta device (nothing allocated)."""
-    from ftflow import zoo
+    from ftflow.models import zoo
 
     tokenizer = zoo.train_tokenizer(synthetic.generate_sentences(50, seed=0, domain="reviews"), 300, seed=0)
-    counts = {spec.name: gpu_check.memory.count_config_parameters(gpu_check.model_config(spec, tokenizer))
+    counts = {spec.name: gpu_check.architecture.count_config_parameters(gpu_check.model_config(spec, tokenizer))
               for spec in gpu_check.GPU_MODELS}
     # Llama-3.2-1B and Qwen2.5-0.5B as published. Granite 3.0 2B's shapes with 14 layers: embedding
     # 49155 x 2048, per layer q, o 2048^2, k, v 2048 x 512, MLP 3 x 2048 x 8192, two norms; a final norm.
@@ -263,7 +263,7 @@ def test_gpu_models_have_their_real_sizes():
 
 
 def test_training_documents_are_cut_to_exactly_the_training_length():
-    from ftflow import zoo
+    from ftflow.models import zoo
     from ftflow.tokens import sentence_ids
 
     sentences = synthetic.generate_sentences(30, seed=1, domain="reviews")
@@ -289,8 +289,8 @@ def test_the_memory_cap_is_what_runs_are_planned_against(capsys):
 
 
 def test_granite_models_carry_the_real_multipliers():
-    """From ftflow/known_models.py, as transcribed from the hub's config.json (they scale the forward)."""
-    from ftflow import zoo
+    """From ftflow/models/known.py, as transcribed from the hub's config.json (they scale the forward)."""
+    from ftflow.models import zoo
 
     tokenizer = zoo.train_tokenizer(synthetic.generate_sentences(50, seed=0, domain="reviews"), 300, seed=0)
     specs = {spec.name: spec for spec in gpu_check.GPU_MODELS}

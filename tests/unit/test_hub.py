@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ftflow import hub
-from ftflow.memory import UnknownModelError, count_config_parameters, fetched_configs_dir, model_config_for
+from ftflow.models import hub
+from ftflow.models.architecture import UnknownModelError, count_config_parameters, fetched_configs_dir, model_config_for
 from tests.fake_hub import FakeHub, FakeModel, put_in_cache
 
 CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from flows.cli import main
 from ftflow.config import PipelineConfig, load_config
 from ftflow.errors import UserError
-from ftflow.init_config import _model_class, guess_family, write_config
+from ftflow.study.init_config import _model_class, guess_family, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

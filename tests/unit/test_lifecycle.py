@@ -16,14 +16,13 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import ftflow.methods
-import ftflow.models
+import ftflow.models.loading
 from ftflow.config import DistillConfig, FinetuneConfig, LoraConfig, QLoraConfig
 from ftflow.device import free_memory
-from ftflow.distill import compute_teacher_topk
-from ftflow.methods import distill_grid, full_job, lora_grid, qlora_like, run_job
-from ftflow.models import load_model, load_tokenizer
-from ftflow.training import TrainSettings, encode_dataset, train_full, train_lora, train_prefix
+from ftflow.distill.teacher import compute_teacher_topk
+from ftflow.train.runner import distill_grid, full_job, lora_grid, qlora_like, run_job
+from ftflow.models.loading import load_model, load_tokenizer
+from ftflow.train.trainer import TrainSettings, encode_dataset, train_full, train_lora, train_prefix
 from tests.tiny import SENTENCES, saved_base, tiny_tokenizer
 
 TRAIN, VALIDATION, TEST = SENTENCES * 2, SENTENCES[:5], SENTENCES[5:]
@@ -47,9 +46,8 @@ class Tracked:
             self.refs += [(f"parameter {name}", weakref.ref(p)) for name, p in model.named_parameters()]
             return model
 
-        # train_peft / train_full import it at call time; load_trained uses the name in ftflow.methods.
-        monkeypatch.setattr(ftflow.models, "load_model", tracking_load)
-        monkeypatch.setattr(ftflow.methods, "load_model", tracking_load)
+        # train_peft / train_full import it at call time; load_trained uses the name in ftflow.models.loading.
+        monkeypatch.setattr(ftflow.models.loading, "load_model", tracking_load)
 
     def on_step(self, optimizer, args, kwargs) -> None:
         """After every optimizer step: the optimizer, the parameters it trains (adapters too) and its state."""
@@ -171,7 +169,7 @@ def test_nothing_of_run_job_is_alive_after_it_returns(method, base, tmp_path, mo
 
 
 def test_nothing_of_the_teacher_pass_is_alive_after_it_returns(base, tmp_path, monkeypatch):
-    from ftflow.distill import teacher_topk_for_student
+    from ftflow.distill.teacher import teacher_topk_for_student
 
     teacher_run = {"name": "tiny+full[]", "method": "full", "precision": "fp32", "base_model": base,
                    "dir": str(tmp_path.parent), "files": {"model": base["path"]}}
@@ -182,7 +180,7 @@ def test_nothing_of_the_teacher_pass_is_alive_after_it_returns(base, tmp_path, m
 
 
 def test_nothing_of_the_zoos_pretraining_and_check_is_alive_after_them(monkeypatch):
-    from ftflow import zoo
+    from ftflow.models import zoo
     from tests.tiny import tiny_model
 
     with tracked_without_cyclic_gc(monkeypatch) as tracked:

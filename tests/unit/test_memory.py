@@ -17,22 +17,17 @@ from transformers import (
     Qwen2Config,
 )
 
-from ftflow import memory
-from ftflow.known_models import ARCHITECTURE_FIELDS, KNOWN_MODELS, PUBLISHED_PARAMETERS
-from ftflow.memory import (
-    GB,
-    NF4_BYTES_PER_PARAM,
-    RUNTIME_OVERHEAD_BYTES,
-    TRAINING_LAYER_BYTES,
-    UnknownModelError,
-    choose_precision,
-    count_config_parameters,
-    largest_batch_size,
-    model_config_for,
-    parameter_counts,
-    predict_scoring,
-    predict_training,
-)
+from ftflow.distill import teacher as distill_teacher
+from ftflow.models import architecture
+from ftflow.plan import decide as plan_decide
+from ftflow.plan import plots as plan_plots
+from ftflow.plan import predict as plan_predict
+from ftflow.plan import tables as plan_tables
+from ftflow.models.known import ARCHITECTURE_FIELDS, KNOWN_MODELS, PUBLISHED_PARAMETERS
+from ftflow.plan.predict import (GB, NF4_BYTES_PER_PARAM, RUNTIME_OVERHEAD_BYTES, TRAINING_LAYER_BYTES,
+                                 predict_scoring, predict_training)
+from ftflow.models.architecture import UnknownModelError, count_config_parameters, model_config_for, parameter_counts
+from ftflow.plan.decide import choose_precision, largest_batch_size
 
 SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
@@ -153,7 +148,7 @@ def test_unknown_model_error_names_the_model_and_the_fixes():
         model_config_for("nobody-org/no-such-model-7b")
     message = str(error.value)
     assert "nobody-org/no-such-model-7b" in message
-    assert "ftflow/known_models.py" in message
+    assert "ftflow/models/known.py" in message
     assert "local checkpoint directory" in message
 
 
@@ -204,8 +199,8 @@ def test_chunked_scoring_prediction_by_hand():
 def test_chunked_scoring_lets_qwen_0_5b_evaluate_126_sequences_of_2048_tokens_in_20_gb():
     """Issue 16: full logits cost 3.7 GB per 2048-token sequence of Qwen2.5-0.5B (batch 4 in 20 GB, fp32)."""
     config = model_config_for("Qwen/Qwen2.5-0.5B")
-    full = memory.plan_model("qwen", "Qwen/Qwen2.5-0.5B", 20 * GB, max_length=2048, logits_chunk_tokens=0)
-    chunked = memory.plan_model("qwen", "Qwen/Qwen2.5-0.5B", 20 * GB, max_length=2048)
+    full = plan_decide.plan_model("qwen", "Qwen/Qwen2.5-0.5B", 20 * GB, max_length=2048, logits_chunk_tokens=0)
+    chunked = plan_decide.plan_model("qwen", "Qwen/Qwen2.5-0.5B", 20 * GB, max_length=2048)
     assert (full.precision, full.batch_size) == ("fp32", 4)
     assert (chunked.precision, chunked.batch_size) == ("fp32", 126)
     at_4 = predict_scoring(config, "fp32", 4, 2048)
@@ -304,7 +299,7 @@ def test_training_peak_includes_the_validation_pass_with_the_optimizer_resident(
 def test_a_run_is_planned_on_the_set_that_trains_and_refused_when_validation_overflows(tmp_path):
     from tests.tiny import tiny_tokenizer
 
-    from ftflow.memory import MemoryBudgetError, check_training_run
+    from ftflow.plan.decide import MemoryBudgetError, check_training_run
 
     small_config().save_pretrained(tmp_path)
     tokenizer = tiny_tokenizer()
@@ -389,7 +384,7 @@ def test_training_layer_bytes_match_what_autograd_saves(method, dtype, group):
     """The activation table is exact for this transformers version (re-measure if it fails after an upgrade)."""
     numbers = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
     measured = _saved_bytes_per_layer_token(numbers, dtype, method)
-    shape = memory._shape(small_config(**numbers))
+    shape = architecture._shape(small_config(**numbers))
     assert measured == TRAINING_LAYER_BYTES[(method, group)].per_token(shape, 8 if method == "lora" else 0)
 
 
@@ -473,10 +468,10 @@ def test_largest_batch_size_is_monotone_capped_and_zero_when_nothing_fits():
 
 def test_plan_model_table_and_plot(tmp_path):
     plans = [
-        memory.plan_model("qwen-7b", "Qwen/Qwen2.5-7B-Instruct", STUDY_BUDGET, max_length=2048),
-        memory.plan_model("tinyllama", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", STUDY_BUDGET, max_length=2048,
+        plan_decide.plan_model("qwen-7b", "Qwen/Qwen2.5-7B-Instruct", STUDY_BUDGET, max_length=2048),
+        plan_decide.plan_model("tinyllama", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", STUDY_BUDGET, max_length=2048,
                           batch_size=2),
-        memory.plan_model("granite-8b", "ibm-granite/granite-3.3-8b-base", 4 * GB, max_length=2048,
+        plan_decide.plan_model("granite-8b", "ibm-granite/granite-3.3-8b-base", 4 * GB, max_length=2048,
                           allow_nf4=False),
     ]
     qwen, tiny, granite = plans
@@ -488,26 +483,26 @@ def test_plan_model_table_and_plot(tmp_path):
                                               qwen.batch_size, 2048).peak_bytes <= STUDY_BUDGET
     assert tiny.batch_size == tiny.decision_batch_size == 2
     assert granite.batch_size == 0 and not granite.fits
-    frame = memory.plan_table(plans)
-    assert list(frame.columns) == list(memory.PLAN_COLUMNS)
+    frame = plan_tables.plan_table(plans)
+    assert list(frame.columns) == list(plan_tables.PLAN_COLUMNS)
     assert len(frame) == 9
     chosen = frame[frame["chosen"]]
     assert dict(zip(chosen["model"], chosen["precision"])) == {"qwen-7b": "bf16", "tinyllama": "fp32"}
     assert dict(zip(chosen["model"], chosen["eval_batch_size"])) == {"qwen-7b": qwen.batch_size, "tinyllama": 2}
     assert (frame[frame["model"] == "granite-8b"]["reason"].str.contains("skipped")).all()
     assert frame.loc[(frame["model"] == "qwen-7b") & (frame["precision"] == "fp32"), "fits"].item() is False
-    markdown = memory.plan_markdown(frame)
+    markdown = plan_tables.plan_markdown(frame)
     assert markdown.splitlines()[0].startswith("| model | parameters | precision")
     assert len(markdown.splitlines()) == 2 + len(frame)
     path = tmp_path / "plan.png"
-    memory.plot_plan(frame, STUDY_BUDGET, path)
+    plan_plots.plot_plan(frame, STUDY_BUDGET, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plan_candidate_is_what_the_pipeline_obeys():
-    from ftflow.memory import plan_candidate
+    from ftflow.plan.decide import plan_candidate
 
-    budget = 20 * memory.GB
+    budget = 20 * plan_predict.GB
     fixed = plan_candidate("g8", "ibm-granite/granite-3.3-8b-base", budget, precision="fp32", batch_size="auto",
                            max_length=128, device="cuda")
     assert fixed["precision"] is None and fixed["reason"].startswith("skipped: fp32 (fixed in config) needs 33.")
@@ -524,9 +519,9 @@ def test_plan_candidate_is_what_the_pipeline_obeys():
 
 
 def test_training_that_would_not_fit_is_refused_before_loading():
-    from ftflow.memory import MemoryBudgetError, check_training_fits
+    from ftflow.plan.decide import MemoryBudgetError, check_training_fits
 
-    budget = 20 * memory.GB
+    budget = 20 * plan_predict.GB
     lora = check_training_fits("ibm-granite/granite-3.3-8b-base", "bf16", "lora", batch_size=1, max_length=128,
                                budget_bytes=budget)
     assert lora.case == "train-lora" and lora.peak_bytes <= budget
@@ -542,8 +537,8 @@ def test_the_training_memory_check_takes_the_job_with_its_own_settings(tmp_path)
     from tests.tiny import tiny_tokenizer
 
     from ftflow.config import FinetuneConfig, LoraConfig, PrefixConfig, QLoraConfig
-    from ftflow.jobs import full_job, lora_grid, prefix_grid, qlora_like
-    from ftflow.memory import MemoryBudgetError, check_training_job
+    from ftflow.train.jobs import full_job, lora_grid, prefix_grid, qlora_like
+    from ftflow.plan.decide import MemoryBudgetError, check_training_job
 
     small_config().save_pretrained(tmp_path)
     model = {"name": "m", "path": str(tmp_path), "family": "f", "precision": "bf16", "trust_remote_code": False}
@@ -590,7 +585,7 @@ def test_teacher_pass_prediction_by_hand():
     batch, length, chunk, k = 3, 20, 16, 5
     tokens = batch * length
     options = dict(k=k, logits_chunk_tokens=chunk, device="cpu")
-    topk = memory.predict_teacher_pass(config, "fp32", batch, length, **options)
+    topk = plan_predict.predict_teacher_pass(config, "fp32", batch, length, **options)
     hidden = tokens * 64 * 4
     # One chunk beside the gathered hidden states: in fp32 the head's output is the float32 logits, then their
     # log-softmax (or the tail's exp beside it): 8 bytes per element; its results until moved (16 k + 4 each).
@@ -602,28 +597,27 @@ def test_teacher_pass_prediction_by_hand():
     assert topk.peak_bytes == 4 * n + 177840 + RUNTIME_OVERHEAD_BYTES["cpu"]
     # Sampled: the log-softmax and the draws' float64 cumulative sums (all 16 rows: under the draw's cap),
     # and the draws' float64 uniforms until they are moved.
-    sampled = memory.predict_teacher_pass(config, "fp32", batch, length, variant="sampled", **options)
+    sampled = plan_predict.predict_teacher_pass(config, "fp32", batch, length, variant="sampled", **options)
     assert sampled.logits_bytes == hidden + 16 * 300 * (4 + 8) + 16 * (16 * k + 4) + 16 * k * 8 == 74944
     # bf16: the head's bf16 output and its fp32 copy (6 bytes) never exceed the log-softmax's moment (8).
-    bf16 = memory.predict_teacher_pass(config, "bf16", batch, length, **options)
+    bf16 = plan_predict.predict_teacher_pass(config, "bf16", batch, length, **options)
     assert bf16.logits_bytes == tokens * 64 * 2 + 16 * 300 * 8 + 16 * (16 * k + 4)
     # Over a shared range of 200 ids in fp32 the head's 300 columns stay alive under the log-softmax's view.
-    shared = memory.predict_teacher_pass(config, "fp32", batch, length, vocab_size=200, **options)
+    shared = plan_predict.predict_teacher_pass(config, "fp32", batch, length, vocab_size=200, **options)
     assert shared.logits_bytes == hidden + 16 * 300 * 4 + 16 * 200 * 4 + 16 * (16 * k + 4)
     # A chunk of 1024 is charged for the 60 positions there are; full logits: [B, L, V] and one sentence's.
-    whole = memory.predict_teacher_pass(config, "fp32", batch, length, k=k, device="cpu")
+    whole = plan_predict.predict_teacher_pass(config, "fp32", batch, length, k=k, device="cpu")
     assert whole.logits_bytes == hidden + 60 * 300 * 8 + 60 * (16 * k + 4)
-    full = memory.predict_teacher_pass(config, "bf16", batch, length, k=k, logits_chunk_tokens=0)
+    full = plan_predict.predict_teacher_pass(config, "bf16", batch, length, k=k, logits_chunk_tokens=0)
     assert full.logits_bytes == tokens * 300 * 2 + length * 300 * 8
     # Granite divides its logits by logits_scaling in its forward: a second [B, L, V] copy.
-    granite = memory.predict_teacher_pass(small_config("granite"), "bf16", 8, length, k=k, logits_chunk_tokens=0)
+    granite = plan_predict.predict_teacher_pass(small_config("granite"), "bf16", 8, length, k=k, logits_chunk_tokens=0)
     assert granite.logits_bytes == 2 * 8 * tokens // batch * 300 * 2
 
 
 def test_the_plan_draws_in_chunks_as_the_teacher_pass_does():
-    from ftflow import distill
 
-    assert memory.TEACHER_DRAW_CHUNK_ELEMENTS == distill.DRAW_CHUNK_ELEMENTS
+    assert plan_predict.TEACHER_DRAW_CHUNK_ELEMENTS == distill_teacher.DRAW_CHUNK_ELEMENTS
 
 
 def test_teacher_pass_counts_the_teacher_as_its_run_loads_it():
@@ -631,27 +625,27 @@ def test_teacher_pass_counts_the_teacher_as_its_run_loads_it():
     counts = parameter_counts(config)
     batch, length = 3, 20
     tokens = batch * length
-    base = memory.predict_teacher_pass(config, "bf16", batch, length, k=5)
+    base = plan_predict.predict_teacher_pass(config, "bf16", batch, length, k=5)
     # An unmerged LoRA adapter (fp32): its weights, and per token its fp32 input copy and fp32 sums (a CPU's
     # mixed-dtype add also copies the bf16 base output to fp32).
-    lora = memory.predict_teacher_pass(config, "bf16", batch, length, k=5, method="lora", lora_r=8)
+    lora = plan_predict.predict_teacher_pass(config, "bf16", batch, length, k=5, method="lora", lora_r=8)
     assert lora.weights_bytes == base.weights_bytes + counts.lora(8) * 4
     assert lora.activations_bytes == base.activations_bytes + tokens * (4 * 64 + (8 - 2) * 160)
-    on_cpu = memory.predict_teacher_pass(config, "bf16", batch, length, k=5, method="lora", lora_r=8, device="cpu")
+    on_cpu = plan_predict.predict_teacher_pass(config, "bf16", batch, length, k=5, method="lora", lora_r=8, device="cpu")
     assert on_cpu.activations_bytes == lora.activations_bytes + tokens * 4 * 160
-    merged = memory.predict_teacher_pass(config, "bf16", batch, length, k=5, method="lora", lora_merged=True)
+    merged = plan_predict.predict_teacher_pass(config, "bf16", batch, length, k=5, method="lora", lora_merged=True)
     assert merged == base
-    assert memory.predict_teacher_pass(config, "bf16", batch, length, k=5, method="distill") == base
+    assert plan_predict.predict_teacher_pass(config, "bf16", batch, length, k=5, method="distill") == base
     # QLoRA: nf4 weights, one weight dequantized at a time, the adapter in fp32.
-    qlora = memory.predict_teacher_pass(config, "nf4", batch, length, k=5, method="qlora", lora_r=8)
-    assert qlora.weights_bytes == memory._weights_bytes(counts, "nf4") + counts.lora(8) * 4
+    qlora = plan_predict.predict_teacher_pass(config, "nf4", batch, length, k=5, method="qlora", lora_r=8)
+    assert qlora.weights_bytes == plan_predict._weights_bytes(counts, "nf4") + counts.lora(8) * 4
     # Prefix: its table (fp32), and the key/value cache PEFT hands the forward, which every layer extends.
-    prefix = memory.predict_teacher_pass(config, "bf16", batch, length, k=5, method="prefix", num_virtual_tokens=4)
+    prefix = plan_predict.predict_teacher_pass(config, "bf16", batch, length, k=5, method="prefix", num_virtual_tokens=4)
     assert prefix.weights_bytes == base.weights_bytes + 4 * 2 * 2 * 32 * 4
     cache = 2 * 2 * batch * (length + 4) * 32 * 2 + batch * 4 * 2 * 2 * 32 * 4
     assert prefix.activations_bytes == base.activations_bytes + batch * length * 4 + cache
     with pytest.raises(ValueError) as error:
-        memory.predict_teacher_pass(config, "bf16", 1, 8, k=0, method="qlora", variant="dense")
+        plan_predict.predict_teacher_pass(config, "bf16", 1, 8, k=0, method="qlora", variant="dense")
     for fragment in ("k must be >= 1", "variant must be topk or sampled", "QLoRA teachers are nf4"):
         assert fragment in str(error.value)
 
@@ -670,36 +664,36 @@ def test_teacher_pass_batch_is_the_largest_that_fits_or_the_configured_one_lower
     run = _teacher_run(r=16)
     common = dict(tokenizer=tiny_tokenizer(), sentences=SENTENCES, max_length=2048, k=100, variant="topk",
                   budget_bytes=20 * GB, device="cuda")
-    plan = memory.plan_teacher_pass(run, batch_size_cap=4096, **common)
+    plan = plan_decide.plan_teacher_pass(run, batch_size_cap=4096, **common)
     assert plan.max_length == 12  # the longest sentence: <s> and 11 words
     options = dict(k=100, method="lora", lora_r=16)
-    assert plan.prediction == memory.predict_teacher_pass(config, "bf16", plan.batch_size, 12, **options)
+    assert plan.prediction == plan_predict.predict_teacher_pass(config, "bf16", plan.batch_size, 12, **options)
     assert plan.prediction.peak_bytes <= 20 * GB
-    assert memory.predict_teacher_pass(config, "bf16", plan.batch_size + 1, 12, **options).peak_bytes > 20 * GB
+    assert plan_predict.predict_teacher_pass(config, "bf16", plan.batch_size + 1, 12, **options).peak_bytes > 20 * GB
     assert plan.reason.startswith(f"batch size {plan.batch_size}, the largest that fits (cap 4096): predicted")
-    assert memory.plan_teacher_pass(run, **common).batch_size == 256  # the default cap
-    fixed = memory.plan_teacher_pass(run, batch_size=8, **common)
+    assert plan_decide.plan_teacher_pass(run, **common).batch_size == 256  # the default cap
+    fixed = plan_decide.plan_teacher_pass(run, batch_size=8, **common)
     assert fixed.batch_size == 8 and "fixed in config (distill.teacher_batch_size)" in fixed.reason
-    lowered = memory.plan_teacher_pass(run, batch_size=100_000, **common)
+    lowered = plan_decide.plan_teacher_pass(run, batch_size=100_000, **common)
     assert lowered.batch_size == plan.batch_size and "lowered from 100000" in lowered.reason
     # A QLoRA teacher (LoRA on a model benchmarked in 4 bits too) is planned with its nf4 weights.
-    qlora = memory.plan_teacher_pass(_teacher_run("lora", "nf4", r=16), batch_size=1, **common)
+    qlora = plan_decide.plan_teacher_pass(_teacher_run("lora", "nf4", r=16), batch_size=1, **common)
     assert qlora.prediction.case == "teacher-topk" and qlora.prediction.weights_bytes < 6 * GB
-    with pytest.raises(memory.MemoryBudgetError, match=r"teacher pass of granite-3.3-8b-base\+lora .* over the "
+    with pytest.raises(plan_decide.MemoryBudgetError, match=r"teacher pass of granite-3.3-8b-base\+lora .* over the "
                                                        r"16.00 GB budget. Lower benchmark.logits_chunk_tokens"):
-        memory.plan_teacher_pass(run, **{**common, "budget_bytes": 16 * GB})
+        plan_decide.plan_teacher_pass(run, **{**common, "budget_bytes": 16 * GB})
 
 
 def test_the_seed_studys_8b_teacher_pass_fits_20_gb():
     """granite-3.3-8b's LoRA teacher (bf16, r 16) over sst2's longest training sentence (about 72 tokens), top-100."""
     config = model_config_for("ibm-granite/granite-3.3-8b-base")
     options = dict(k=100, method="lora", lora_r=16)
-    batch = memory.largest_teacher_batch_size(config, "bf16", 20 * GB, 72, 256, **options)
-    at = memory.predict_teacher_pass(config, "bf16", batch, 72, **options)
+    batch = plan_decide.largest_teacher_batch_size(config, "bf16", 20 * GB, 72, 256, **options)
+    at = plan_predict.predict_teacher_pass(config, "bf16", batch, 72, **options)
     # Its weights and adapter (16.5 GB) leave 2.9 GB: the forward's layer outweighs the logits' chunk.
     assert batch == 200 and at.peak_bytes <= 20 * GB
-    assert memory.predict_teacher_pass(config, "bf16", batch + 1, 72, **options).peak_bytes > 20 * GB
+    assert plan_predict.predict_teacher_pass(config, "bf16", batch + 1, 72, **options).peak_bytes > 20 * GB
     assert at.activations_bytes > 5 * at.logits_bytes
     # Full logits at the same batch would hold [B, L, V] in bf16 twice (logits_scaling): 5 times the chunk's phase.
-    full = memory.predict_teacher_pass(config, "bf16", batch, 72, logits_chunk_tokens=0, **options)
+    full = plan_predict.predict_teacher_pass(config, "bf16", batch, 72, logits_chunk_tokens=0, **options)
     assert full.logits_bytes == 2 * batch * 72 * 49159 * 2 > 5 * at.logits_bytes

@@ -6,12 +6,13 @@ import math
 
 import pytest
 
-from ftflow.cards import read_card_metadata
+from ftflow.train.cards import read_card_metadata
 from ftflow.config import DistillConfig, FinetuneConfig, LoraConfig, PrefixConfig, QLoraConfig
-from ftflow.distill import compute_teacher_topk
-from ftflow.methods import (Job, best_run, distill_grid, full_job, load_trained, lora_grid, lora_like,
-                            prefix_grid, qlora_like, run_job)
-from ftflow.models import load_model, load_tokenizer
+from ftflow.distill.teacher import compute_teacher_topk
+from ftflow.train.runner import (Job, best_run, distill_grid, full_job, lora_grid, lora_like, prefix_grid, qlora_like,
+                                 run_job)
+from ftflow.models.loading import load_trained
+from ftflow.models.loading import load_model, load_tokenizer
 from ftflow.perplexity import score_sentences
 from tests.tiny import SENTENCES, saved_base, tiny_model, tiny_tokenizer
 
@@ -177,7 +178,7 @@ def test_untrained_prefix_starts_close_to_the_base_model(trained_base):
 
 @pytest.mark.slow  # trains
 def test_prefix_epoch_zero_is_the_base_model_and_no_gain_means_best_epoch_none(trained_base, tmp_path):
-    from ftflow.study import no_gain_notes, prefix_table
+    from ftflow.study.tables import no_gain_notes, prefix_table
 
     base_ppl = score_sentences(load_model(trained_base["path"]), tiny_tokenizer(), VALIDATION, batch_size=4,
                                max_length=32, progress=False).corpus_ppl

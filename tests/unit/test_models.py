@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ftflow.models import ModelLoadError, count_parameters, load_model, load_tokenizer, resolve_device
+from ftflow.models.loading import ModelLoadError, count_parameters, load_model, load_tokenizer, resolve_device
 from ftflow.perplexity import score_sentences
 from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
 
@@ -101,7 +101,7 @@ def test_a_packed_4bit_model_is_unpacked_to_the_same_weights(checkpoint):
     """Both CPU layouts: the packed one (as bitsandbytes' AVX512-BF16 path leaves a layer) converts back exactly."""
     from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu
 
-    from ftflow.models import use_reference_4bit_layout
+    from ftflow.models.loading import use_reference_4bit_layout
 
     tokenizer = load_tokenizer(checkpoint)
     model = load_model(checkpoint, "nf4", "cpu")

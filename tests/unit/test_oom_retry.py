@@ -16,11 +16,12 @@ import torch
 import transformers
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import ftflow.models
+import ftflow.models.loading
 from ftflow.config import LoraConfig
-from ftflow.fit import choose_fit, out_of_memory_refit
-from ftflow.memory import GB, model_config_for
-from ftflow.methods import OOM_RETRIES, TrainingOutOfMemoryError, lora_grid, run_job
+from ftflow.plan.fit import choose_fit, out_of_memory_refit
+from ftflow.plan.predict import GB
+from ftflow.models.architecture import model_config_for
+from ftflow.train.runner import OOM_RETRIES, TrainingOutOfMemoryError, lora_grid, run_job
 from tests.tiny import SENTENCES, saved_base
 
 TRAIN, VALIDATION, TEST = SENTENCES * 2, SENTENCES[:5], SENTENCES[5:]
@@ -93,19 +94,21 @@ def test_a_halved_micro_batch_resumes_the_run_and_optimises_the_same_thing(base,
     reference_steps, reference = uninterrupted
     steps = Steps(monkeypatch, fail_at=(3,))
     loaded = []
-    load = ftflow.models.load_model
+    load = ftflow.models.loading.load_model
 
     def tracking_load(*args, **kwargs):
         model = load(*args, **kwargs)
         loaded.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(ftflow.models, "load_model", tracking_load)
+    monkeypatch.setattr(ftflow.models.loading, "load_model", tracking_load)
     enabled = gc.isenabled()
     gc.disable()  # the failed attempt's model must be freed by the retry, not by the cyclic collector
     try:
         result = _run(base, tmp_path, ("micro_batch",))
-        assert len(loaded) == 2 and loaded[0]() is None  # the failed attempt's model is gone
+        # Two training attempts, then the test split's reload (load_trained, beside load_model since the move),
+        # and the failed attempt's model is gone.
+        assert len(loaded) == 3 and loaded[0]() is None
     finally:
         if enabled:
             gc.enable()

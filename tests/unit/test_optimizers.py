@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftflow import memory, optimizers
+from ftflow.train import optimizers
+from ftflow.plan import predict as plan_predict
 from tests.memory_probe import measure
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -81,22 +82,22 @@ def _step_probe(meter, elements: int, slice_elements: int, precision: str) -> di
 
 
 def test_the_plan_slices_as_the_optimizer_does():
-    assert memory.ADAMW_8BIT_SLICE_ELEMENTS == optimizers.SLICE_ELEMENTS
+    assert plan_predict.ADAMW_8BIT_SLICE_ELEMENTS == optimizers.SLICE_ELEMENTS
     assert optimizers.SLICE_ELEMENTS % optimizers.QUANTIZATION_BLOCK == 0
-    assert memory.adamw_8bit_step_bytes([100, 4095], True, "cuda") == 0  # fp32 moments, updated whole
-    assert memory.adamw_8bit_step_bytes([4096, 10**8], True, "cuda") == 13 * optimizers.SLICE_ELEMENTS
-    assert memory.adamw_8bit_step_bytes([10**6], False, "cpu") == 20 * 10**6
+    assert plan_predict.adamw_8bit_step_bytes([100, 4095], True, "cuda") == 0  # fp32 moments, updated whole
+    assert plan_predict.adamw_8bit_step_bytes([4096, 10**8], True, "cuda") == 13 * optimizers.SLICE_ELEMENTS
+    assert plan_predict.adamw_8bit_step_bytes([10**6], False, "cpu") == 20 * 10**6
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_8bit_step_holds_one_slice_of_temporaries_as_planned(precision):
     # 8M elements in slices of 1M: the step's temporaries are one slice's, what the plan counts per element of
-    # it (ftflow.memory.ADAMW_8BIT_STEP_BYTES_PER_ELEMENT; fp32 copies of weights and gradient, the rounding's noise and
+    # it (ftflow.plan.predict.ADAMW_8BIT_STEP_BYTES_PER_ELEMENT; fp32 copies of weights and gradient, the rounding's noise and
     # bitsandbytes' CPU kernel: 28 bytes per slice element for bf16 weights, 20 for fp32), not the tensor's
     # (bf16: 235 MB before slicing). Tolerance: 10%, and 2 MB of page rounding and Python objects.
     elements, slice_elements = 1 << 23, 1 << 20
     measured = measure("tests.unit.test_optimizers:_step_probe", elements=elements, slice_elements=slice_elements,
                        precision=precision)["peak"]
     group = "half" if precision == "bf16" else "fp32"
-    planned = memory.ADAMW_8BIT_STEP_BYTES_PER_ELEMENT[("cpu", group)] * slice_elements
+    planned = plan_predict.ADAMW_8BIT_STEP_BYTES_PER_ELEMENT[("cpu", group)] * slice_elements
     assert abs(measured - planned) <= 0.1 * planned + 2e6, (measured, planned)

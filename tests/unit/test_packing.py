@@ -7,11 +7,13 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from ftflow.config import ConfigError, parse_config
-from ftflow.distill import DistillationCollator, compute_teacher_topk, kd_loss
+from ftflow.distill.trainer import DistillationCollator
+from ftflow.distill.teacher import compute_teacher_topk
+from ftflow.distill.losses import kd_loss
 from ftflow.tokens import (IGNORE_INDEX, pack_batch, pack_placements, packed_row_tokens, pad_batch, pad_token_id,
                            sentence_ids)
-from ftflow.training import (PackCollator, PadCollator, TrainSettings, batching_for, collator_for, encode_dataset,
-                             fit, train_full, train_prefix)
+from ftflow.train.trainer import (PackCollator, PadCollator, TrainSettings, batching_for, collator_for, encode_dataset,
+                                  fit, train_full, train_prefix)
 from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
 
 ARCHITECTURES = ("llama", "granite", "qwen2")

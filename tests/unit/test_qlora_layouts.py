@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ftflow.config import LoraConfig, QLoraConfig
-from ftflow.methods import load_trained, lora_grid, qlora_like, run_job
-from ftflow.models import load_tokenizer
+from ftflow.models.loading import load_trained
+from ftflow.train.runner import lora_grid, qlora_like, run_job
+from ftflow.models.loading import load_tokenizer
 from ftflow.perplexity import score_sentences
 from tests.tiny import SENTENCES, saved_base
 

@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 
-from ftflow import design
-from ftflow.jobs import parse_job
-from ftflow.recommend import CONTROL, Evidence, answer_text, loading_lines, memory_fit, recommend, study_findings
-from ftflow.report import leaderboard_markdown, leaderboard_rows
-from ftflow.uncertainty import SentenceScores, paired_difference
+from ftflow.study import design
+from ftflow.train.jobs import parse_job
+from ftflow.study.recommend import CONTROL, Evidence, answer_text, loading_lines, memory_fit, recommend, study_findings
+from ftflow.study.report import leaderboard_markdown, leaderboard_rows
+from ftflow.study.uncertainty import SentenceScores, paired_difference
 
 N = 60
 TOKENS = np.random.default_rng(1).integers(4, 20, size=N)

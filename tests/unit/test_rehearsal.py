@@ -17,15 +17,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench import rehearsal  # noqa: E402
-from ftflow import memory  # noqa: E402
+from ftflow.plan import predict as plan_predict
 
 SEED = REPO_ROOT / "configs" / "seed-20gb.yaml"
 MB = 10**6
 
 
-def _prediction(allocated_mb: float) -> memory.MemoryPrediction:
+def _prediction(allocated_mb: float) -> plan_predict.MemoryPrediction:
     overhead = 512 * 2**20
-    return memory.MemoryPrediction(
+    return plan_predict.MemoryPrediction(
         case="scoring", precision="fp32", batch_size=1, max_length=2, parameters=1, trainable_parameters=0,
         weights_bytes=0, logits_bytes=0, activations_bytes=0, overhead_bytes=overhead, gradients_bytes=0,
         optimizer_bytes=0, peak_bytes=int(allocated_mb * MB) + overhead)
@@ -94,7 +94,7 @@ def test_bad_command_lines_are_refused_with_every_problem(capsys):
 
 
 def test_the_quick_stage_sequence_is_the_designs_on_the_seed_config():
-    """Planned only (nothing built): the models, the stages ftflow/design.py decides, the full-depth fit plans."""
+    """Planned only (nothing built): the models, the stages ftflow/study/design.py decides, the full-depth fit plans."""
     r, _ = rehearsal.prepare(rehearsal.parse_args([str(SEED), "--quick"]))
     assert (r.teacher, r.student) == ("granite-3.3-8b-base", "granite-3.3-2b-base")
     assert sorted(r.models) == ["Qwen2.5-0.5B", "TinyLlama-1.1B-Chat-v1.0", "granite-3.3-2b-base",
@@ -115,7 +115,7 @@ def test_the_quick_stage_sequence_is_the_designs_on_the_seed_config():
     full = stages["full[granite-3.3-2b-base|lr2e-05]"]
     assert "adamw-8bit, bf16 weights" in full.note and full.full_peak_bytes <= 20e9
     teacher_pass = stages["teacher[granite-3.3-8b-base+lora[r16,a64,d0.05,lr0.0002]|topk100]"]
-    assert (teacher_pass.predicted is None) == (not hasattr(memory, "predict_teacher_pass"))
+    assert (teacher_pass.predicted is None) == (not hasattr(plan_predict, "predict_teacher_pass"))
     assert teacher_pass.needs == ("lora-grid[granite-3.3-8b-base|r16,a64,d0.05,lr0.0002]",)
 
 
@@ -123,7 +123,7 @@ def test_the_tokenizer_has_the_embeddings_rows_and_one_token_per_word(tmp_path):
     """Also as transformers 5 rebuilds it for a qwen2 checkpoint (Qwen2Tokenizer, its own pre-tokenizer)."""
     from transformers import Qwen2Config
 
-    from ftflow.models import load_tokenizer
+    from ftflow.models.loading import load_tokenizer
     from ftflow.tokens import sentence_ids
 
     tokenizer = rehearsal.bpe_tokenizer(151936, with_bos=False)
@@ -239,7 +239,7 @@ def test_micro_run_catches_a_planted_leak_and_memory_over_the_plan(micro):
     assert heavy["within"] == "False" and float(heavy["error_pct"]) > 10
     teacher = next(row for label, row in rows.items() if label.startswith("teacher["))
     assert teacher["status"] in ("ok", "unplanned")
-    assert (teacher["status"] == "unplanned") == (not hasattr(memory, "predict_teacher_pass"))
+    assert (teacher["status"] == "unplanned") == (not hasattr(plan_predict, "predict_teacher_pass"))
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 import math
 
-from ftflow.report import leaderboard_rows, markdown_table, plot_leaderboard
+from ftflow.study.report import leaderboard_rows, markdown_table, plot_leaderboard
 
 
 def scores(ppl, bpb):

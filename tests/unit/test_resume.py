@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ftflow.training import latest_checkpoint
+from ftflow.train.trainer import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,6 @@
 import pytest
 
-from ftflow.selection import SelectionError, select_family
+from ftflow.study.selection import SelectionError, select_family
 
 
 def result(name, family, params, bpb, ppl=None):

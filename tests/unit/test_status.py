@@ -7,10 +7,10 @@ import inspect
 
 import pytest
 
-from ftflow import stages
-from ftflow.caching import NOT_IN_KEY, key_and_parts, key_inputs, library_versions, module_hashes, stage_key
+from ftflow.stages import calls as stages
+from ftflow.stages.caching import NOT_IN_KEY, key_and_parts, key_inputs, library_versions, module_hashes, stage_key
 from ftflow.config import load_config
-from ftflow.status import explain_changes, pending_labels, _pending
+from ftflow.stages.status import explain_changes, pending_labels, _pending
 
 STAGE_TASKS = {
     "prepare_data": "prepare_data", "augment": "augment", "zoo": "zoo", "plan_memory": "plan_memory",
@@ -37,7 +37,7 @@ def _calls(cfg) -> dict[str, dict]:
             "files": {name: f"{name}.jsonl" for name in ("train", "validation", "test")}}
     spec = cfg.models[0]
     common = stages.train_common(cfg, data, "cpu", 4, "artifacts", False)
-    from ftflow.jobs import full_job
+    from ftflow.train.jobs import full_job
 
     job = full_job(cfg.finetune, spec.model_dump(mode="json"))
     return {
@@ -86,7 +86,7 @@ def test_key_parts_record_fields_by_hash_and_upstream_stages_by_fingerprint(tmp_
         "data": {"kind": "upstream", "stage": "prepare_data", "fingerprint": "f" * 20},
     }
     assert set(parts["code"]) == set(module_hashes(("tasks.select_family",)))
-    assert "ftflow.selection" in parts["code"] and "tasks._stage" in parts["code"]
+    assert "ftflow.study.selection" in parts["code"] and "tasks._stage" in parts["code"]
     assert parts["libraries"] == library_versions()
 
 
@@ -97,7 +97,7 @@ def test_explain_changes_names_each_changed_part():
                       "train_set": {"kind": "upstream", "stage": "augment", "fingerprint": "old"},
                       "teacher_topk": {"kind": "upstream", "stage": "teacher_logits", "fingerprint": "t"},
                       "gone": {"kind": "value", "hash": "g"}},
-           "code": {"ftflow.distill": "1", "ftflow.training": "2", "ftflow.old": "3"},
+           "code": {"ftflow.distill": "1", "ftflow.train.trainer": "2", "ftflow.old": "3"},
            "libraries": {"torch": "2.4.0", "peft": "0.17.0"}}
     new = {"inputs": {"job.alpha": {"kind": "value", "hash": "b"},
                       "job.epochs": {"kind": "value", "hash": "e"},
@@ -105,7 +105,7 @@ def test_explain_changes_names_each_changed_part():
                       "train_set": {"kind": "upstream", "stage": "augment", "fingerprint": "new"},
                       "teacher_topk": {"kind": "upstream", "stage": "teacher_logits", "fingerprint": None},
                       "added": {"kind": "value", "hash": "n"}},
-           "code": {"ftflow.distill": "9", "ftflow.training": "2", "ftflow.new": "4"},
+           "code": {"ftflow.distill": "9", "ftflow.train.trainer": "2", "ftflow.new": "4"},
            "libraries": {"torch": "2.5.0", "peft": "0.17.0"}}
     assert explain_changes(old, new) == [
         "added: a new input (config field or parameter)",
@@ -146,8 +146,8 @@ def _finished(directory, stage: str, key: str, parts: dict) -> None:
 
 
 def test_status_of_a_stage_missing_unrecorded_cached_and_damaged(tmp_path):
-    from ftflow.caching import PREFECT_RECORD
-    from ftflow.status import pipeline_status
+    from ftflow.stages.caching import PREFECT_RECORD
+    from ftflow.stages.status import pipeline_status
 
     cfg = load_config("configs/demo.yaml", {"artifacts_dir": str(tmp_path / "artifacts"), "device": "cpu"})
     artifacts = (tmp_path / "artifacts").resolve()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from ftflow.jobs import parse_job
-from ftflow.report import markdown_table
-from ftflow.study import TABLE_COLUMNS, ablation_table, method_table, plot_methods, study_tables
+from ftflow.train.jobs import parse_job
+from ftflow.study.report import markdown_table
+from ftflow.study.tables import TABLE_COLUMNS, ablation_table, method_table, plot_methods, study_tables
 
 
 def score(ppl: float) -> dict:
@@ -94,7 +94,7 @@ def test_skipped_runs_are_listed_with_their_reason(tmp_path):
 
 
 class Paired:
-    """A stand-in for a paired comparison (ftflow.uncertainty.Comparison), recording what was compared."""
+    """A stand-in for a paired comparison (ftflow.study.uncertainty.Comparison), recording what was compared."""
 
     calls: list = []
 
@@ -105,7 +105,7 @@ class Paired:
 
 
 def test_distillation_table_compares_each_variant_with_full_fine_tuning_at_the_same_steps():
-    from ftflow.study import distillation_notes, distillation_table
+    from ftflow.study.tables import distillation_notes, distillation_table
 
     def steps(r: dict, n: int) -> dict:
         return dict(r, history=[{"epoch": 1, "step": n // 2}, {"epoch": 2, "step": n}])

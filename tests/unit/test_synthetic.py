@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ftflow import synthetic
+from ftflow.data import synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

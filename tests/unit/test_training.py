@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftflow.methods import run_job
+from ftflow.train.runner import run_job
 from ftflow.tokens import sentence_ids
-from ftflow.training import PrecisionPlan, TrainSettings, encode_dataset, plan_precision, train_full
+from ftflow.train.trainer import PrecisionPlan, TrainSettings, encode_dataset, plan_precision, train_full
 from tests.tiny import SENTENCES, saved_base, tiny_model, tiny_tokenizer
 
 
@@ -69,12 +69,12 @@ def bf16_checkpoint(tmp_path_factory):
 def _changed_fraction(bf16_checkpoint, tmp_path, plan=None, **settings) -> tuple[float, dict, dict]:
     """Full fine-tuning of the bf16 checkpoint for 10 steps at lr 2e-5; the fraction of weights that moved.
 
-    ``plan`` forces a precision plan on :func:`ftflow.training.fit` (to measure plain AdamW on bf16 weights,
-    the old behaviour); otherwise :func:`ftflow.training.train_full` plans it.
+    ``plan`` forces a precision plan on :func:`ftflow.train.trainer.fit` (to measure plain AdamW on bf16 weights,
+    the old behaviour); otherwise :func:`ftflow.train.trainer.train_full` plans it.
     """
     from transformers import AutoModelForCausalLM
 
-    from ftflow.training import fit
+    from ftflow.train.trainer import fit
 
     tokenizer = tiny_tokenizer()
     train = encode_dataset(tokenizer, SENTENCES * 5, 32)  # 40 sentences, batch 4: 10 steps in the one epoch
@@ -158,7 +158,7 @@ def test_qlora_trains_in_its_configured_compute_dtype(compute_dtype, expected, f
     import bitsandbytes as bnb
 
     from ftflow.config import LoraConfig, QLoraConfig
-    from ftflow.methods import lora_grid, qlora_like
+    from ftflow.train.runner import lora_grid, qlora_like
 
     seen = set()
     forward = bnb.nn.Linear4bit.forward
@@ -187,7 +187,7 @@ def test_qlora_checkpoints_without_the_reentrant_variant(fp32_base, tmp_path, mo
     """prepare_model_for_kbit_training's checkpointing is the non-reentrant one (PEFT's default falls back)."""
     import transformers.modeling_utils
 
-    from ftflow.training import train_lora
+    from ftflow.train.trainer import train_lora
 
     calls = []
     checkpoint = transformers.modeling_utils.checkpoint
@@ -213,7 +213,7 @@ def test_full_weight_runs_checkpoint_at_epoch_ends_and_peft_runs_every_checkpoin
     """16 sentences, batch 4, 2 epochs: 8 steps. A full checkpoint holds every weight and its optimizer state."""
     import transformers
 
-    from ftflow.training import train_lora
+    from ftflow.train.trainer import train_lora
 
     saved_at = []
     save = transformers.Trainer._save_checkpoint

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ftflow.config import FinetuneConfig
-from ftflow.jobs import full_job
-from ftflow.methods import run_job
+from ftflow.train.jobs import full_job
+from ftflow.train.runner import run_job
 from tests.tiny import SENTENCES, saved_base
 
 pytestmark = pytest.mark.slow  # two short training runs

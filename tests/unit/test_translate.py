@@ -7,21 +7,9 @@ from deep_translator import exceptions as dt
 from pydantic import ValidationError
 
 from ftflow.config import AugmentConfig, BackTranslationConfig
-from ftflow.translate import (
-    CachedTranslator,
-    RateLimiter,
-    RetryPolicy,
-    TranslationCache,
-    TranslationFailed,
-    TranslationServiceDown,
-    _install_timeout_hook,
-    backoff_delay,
-    build_back_translator,
-    call_with_retries,
-    is_network_error,
-    make_deep_translator,
-    service_id,
-)
+from ftflow.data.translate import (CachedTranslator, RateLimiter, RetryPolicy, TranslationCache, TranslationFailed,
+                                   TranslationServiceDown, _install_timeout_hook, backoff_delay, build_back_translator,
+                                   call_with_retries, is_network_error, make_deep_translator, service_id)
 from tests.fake_libretranslate import FakeLibreTranslate, fake_translate
 
 

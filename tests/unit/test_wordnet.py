@@ -3,17 +3,8 @@ from pathlib import Path
 import nltk
 import pytest
 
-from ftflow.wordnet import (
-    DEBIAN_WORDNET_DIR,
-    INSTALL_COMMAND,
-    REQUIRED_FILES,
-    WordNetMissing,
-    database_sha256,
-    lexnames_text,
-    load_wordnet,
-    locate_wordnet,
-    synonyms,
-)
+from ftflow.data.wordnet import (DEBIAN_WORDNET_DIR, INSTALL_COMMAND, REQUIRED_FILES, WordNetMissing, database_sha256,
+                                 lexnames_text, load_wordnet, locate_wordnet, synonyms)
 from tests.needs import needs
 
 HAVE_DEBIAN_WORDNET = (DEBIAN_WORDNET_DIR / "index.noun").is_file()

@@ -23,7 +23,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ftflow import design, synthetic, tokens, zoo
+from ftflow.study import design
+from ftflow.data import synthetic
+from ftflow import tokens
+from ftflow.models import zoo
 from ftflow.config import ZooConfig, ZooSize
 
 ARCHITECTURES = ("granite", "llama", "qwen2")
