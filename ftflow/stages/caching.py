@@ -122,13 +122,26 @@ def _with_parents(name: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+def _is_main_guard(node: ast.stmt) -> bool:
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and isinstance(node.test.left, ast.Name)
+            and node.test.left.id == "__name__" and len(node.test.comparators) == 1
+            and isinstance(node.test.comparators[0], ast.Constant) and node.test.comparators[0].value == "__main__")
+
+
+def _without_main_block(tree: ast.Module) -> ast.Module:
+    # What runs only when the file is the program (python -m x.y) runs in a module named __main__, never when a
+    # stage imports it: it computes nothing a key covers, and its imports are no edge of the import graph.
+    tree.body = [node for node in tree.body if not _is_main_guard(node)]
+    return tree
+
+
 @lru_cache(maxsize=1024)
 def _imported_names(path: str, size: int, mtime_ns: int, module: str) -> tuple[str, ...]:
     """Every module name an import statement of the file may load (attributes of modules included)."""
     tree = ast.parse(Path(path).read_bytes(), filename=path)
     is_package = Path(path).name == "__init__.py"
     names: list[str] = []
-    for node in ast.walk(tree):  # every statement, so imports inside functions (lazy imports) count too
+    for node in ast.walk(_without_main_block(tree)):  # every statement: imports inside functions count too
         if isinstance(node, ast.Import):
             for alias in node.names:
                 names += _with_parents(alias.name)
@@ -220,6 +233,33 @@ def code_hash(source: str | bytes, filename: str = "<source>") -> str:
 @lru_cache(maxsize=1024)
 def _code_hash_cached(path: str, size: int, mtime_ns: int) -> str:
     return code_hash(Path(path).read_bytes(), filename=path)
+
+
+def import_graph(packages: Iterable[str], search_path: Optional[Sequence[Path]] = None) -> dict[str, set[str]]:
+    """{module: the project modules its import statements load} for every module of ``packages``.
+
+    The edges :func:`reached_modules` follows (the same statements, lazy imports included), parent packages
+    left out: importing ``a.b`` runs ``a/__init__.py``, which is not a dependency of the importer's code.
+
+    Args:
+        packages: Top-level package names, e.g. ``("ftflow", "tasks", "flows")``.
+        search_path: Directories holding them; None: where Python imports them from.
+    """
+    packages = tuple(packages)
+    graph: dict[str, set[str]] = {}
+    for package in packages:
+        init = module_file(package, search_path)
+        for path in sorted(init.parent.rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            parts = path.relative_to(init.parent.parent).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            stat = path.stat()
+            imported = _imported_names(str(path), stat.st_size, stat.st_mtime_ns, name)
+            graph[name] = {other for other in imported if other.split(".")[0] in packages and other != name
+                           and not name.startswith(other + ".") and module_file(other, search_path) is not None
+                           and module_file(other, search_path).name != "__init__.py"}
+    return graph
 
 
 def module_hashes(roots: Iterable[str], search_path: Optional[Sequence[Path]] = None) -> dict[str, str]:

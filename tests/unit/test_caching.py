@@ -257,8 +257,10 @@ def test_a_package_folder_without_init_is_refused_not_dropped(tmp_path):
     assert reached_modules(["pkg.stage"], search_path=[tmp_path]) == ("pkg", "pkg.stage", "pkg.sub", "pkg.sub.deep")
 
 
-def test_every_project_package_folder_has_an_init():
-    for package in ("ftflow", "tasks", "flows"):
-        for folder in [ROOT / package, *(p for p in (ROOT / package).rglob("*") if p.is_dir())]:
-            if folder.name != "__pycache__" and any(folder.glob("*.py")):
-                assert (folder / "__init__.py").is_file(), f"{folder} has no __init__.py"
+
+def test_imports_of_a_main_block_are_no_edge(tmp_path):
+    # `python -m pkg.stage` runs that block in a module named __main__; importing pkg.stage never does.
+    write_package(tmp_path, {"pkg/__init__.py": "", "pkg/cli.py": "import pkg.stage\n",
+                             "pkg/stage.py": "X = 1\nif __name__ == '__main__':\n    from pkg.cli import main\n"})
+    assert reached_modules(["pkg.stage"], search_path=[tmp_path]) == ("pkg", "pkg.stage")
+    assert reached_modules(["pkg.cli"], search_path=[tmp_path]) == ("pkg", "pkg.cli", "pkg.stage")
