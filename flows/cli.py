@@ -579,45 +579,19 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, out: Path, report,
                    refused: dict[str, str]) -> list[str]:
-    """Every training run the config implies: its fit to the training budget, predicted peak, compute and hours;
-    then the disk the study needs."""
+    """Every training run the config implies (:func:`ftflow.plan.study.write_training_plan`); then the disk the
+    study needs."""
     from ftflow.models import architecture
     from ftflow.plan import decide as plan_decide
     from ftflow.plan import study as study_plan
-    from ftflow.plan import tables as plan_tables
     from ftflow.plan.disk import size_text
 
     study = study_plan.plan_study(cfg, device=device, family=args.family, left_out=refused,
                                   bf16_supported=plan_decide.bf16_available(device) if device == "cpu" else True,
                                   config_dir=architecture.fetched_configs_dir(cfg.artifacts_dir))
-    runs = study.runs
-    if not runs:
+    if not study.runs:
         return study.problems
-    frame = study_plan.study_plan_table(runs, args.gpu, args.utilization)
-    frame.to_csv(out / "training_plan.csv", index=False)
-    table = plan_tables.plan_markdown(frame)
-    (out / "training_plan.md").write_text(table + "\n", encoding="utf-8")
-    fitting = [r for r in runs if r.fit.fits]
-    hours = sum(r.hours(args.gpu, args.utilization) for r in fitting)
-    print(f"\ntraining runs: budget {cfg.training_budget_gb:g} GB (scoring: {cfg.memory_budget_gb:g} GB), "
-          f"fit_order {list(cfg.training.fit_order)}\n")
-    print(table)
-    for line in study.notes:
-        print(f"- {line}")
-    needed: dict[str, list[str]] = {}
-    for run in runs:
-        if run.fit.techniques or not run.fit.fits:
-            needed.setdefault(run.fit.summary, []).append(run.title)
-    for summary, titles in needed.items():
-        print(f"- {summary}" + (f" ({len(titles)} runs)" if len(titles) > 1 else ""))
-    print(f"\n{len(fitting)} of {len(runs)} training runs fit {cfg.training_budget_gb:g} GB; "
-          f"{sum(r.flops for r in fitting) / 1e18:.2f} EFLOP in all: about {hours:.1f} hours on one {args.gpu} "
-          f"(bf16 {study_plan.GPU_PEAK_TFLOPS[args.gpu][0]:.0f} / fp32 {study_plan.GPU_PEAK_TFLOPS[args.gpu][1]:.1f} TFLOP/s peak) "
-          f"at {args.utilization:.0%} utilisation. FLOPs per training token: (4 N + 2 N_trainable), "
-          "+ 2 N with checkpointing; scoring 2 N per token")
-    if len(fitting) < len(runs):
-        print(f"{len(runs) - len(fitting)} run(s) would be skipped (listed above with the figure)")
-    print(f"written: {out}/training_plan.csv, training_plan.md")
+    print(study_plan.write_training_plan(cfg, study, out, args.gpu, args.utilization))
     disk = _disk_plan(cfg, report, study)
     print(f"\ndisk: {size_text(disk.total_bytes)} for the whole study")
     for line in disk.lines():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict
@@ -406,3 +407,41 @@ def plan_study(cfg, *, device: str, bf16_supported: bool, family: Optional[str] 
         except ValueError as exc:
             problems.append(f"training runs: {exc}")
     return StudyPlan(models, parameters, stats, decisions, runs, teacher, student, notes, problems)
+
+
+TRAINING_PLAN_FILES = {"csv": "training_plan.csv", "markdown": "training_plan.md"}
+
+
+def write_training_plan(cfg, study: StudyPlan, out: Path, gpu: str = DEFAULT_GPU,
+                        utilization: float = DEFAULT_UTILIZATION) -> str:
+    """Write the study's training runs (:data:`TRAINING_PLAN_FILES` in ``out``) and return what ``ftflow plan``
+    prints of them: the budget, the table, the notes, the techniques each group of runs needs, and the totals
+    (runs that fit, FLOPs, hours at ``utilization`` of ``gpu``'s peak).
+    """
+    from ftflow.plan.tables import plan_markdown
+
+    runs = study.runs
+    frame = study_plan_table(runs, gpu, utilization)
+    frame.to_csv(out / TRAINING_PLAN_FILES["csv"], index=False)
+    table = plan_markdown(frame)
+    (out / TRAINING_PLAN_FILES["markdown"]).write_text(table + "\n", encoding="utf-8")
+    fitting = [r for r in runs if r.fit.fits]
+    hours = sum(r.hours(gpu, utilization) for r in fitting)
+    lines = [f"\ntraining runs: budget {cfg.training_budget_gb:g} GB (scoring: {cfg.memory_budget_gb:g} GB), "
+             f"fit_order {list(cfg.training.fit_order)}\n", table]
+    lines += [f"- {line}" for line in study.notes]
+    needed: dict[str, list[str]] = {}
+    for run in runs:
+        if run.fit.techniques or not run.fit.fits:
+            needed.setdefault(run.fit.summary, []).append(run.title)
+    lines += [f"- {summary}" + (f" ({len(titles)} runs)" if len(titles) > 1 else "")
+              for summary, titles in needed.items()]
+    lines.append(f"\n{len(fitting)} of {len(runs)} training runs fit {cfg.training_budget_gb:g} GB; "
+                 f"{sum(r.flops for r in fitting) / 1e18:.2f} EFLOP in all: about {hours:.1f} hours on one {gpu} "
+                 f"(bf16 {GPU_PEAK_TFLOPS[gpu][0]:.0f} / fp32 {GPU_PEAK_TFLOPS[gpu][1]:.1f} TFLOP/s peak) "
+                 f"at {utilization:.0%} utilisation. FLOPs per training token: (4 N + 2 N_trainable), "
+                 "+ 2 N with checkpointing; scoring 2 N per token")
+    if len(fitting) < len(runs):
+        lines.append(f"{len(runs) - len(fitting)} run(s) would be skipped (listed above with the figure)")
+    lines.append(f"written: {out}/{TRAINING_PLAN_FILES['csv']}, {TRAINING_PLAN_FILES['markdown']}")
+    return "\n".join(lines)

@@ -232,3 +232,17 @@ def test_plan_without_the_data_says_so_and_plans_the_worst_case(tmp_path, capsys
     assert f"data file(s) absent: {tmp_path / 'train.txt'}, {tmp_path / 'test.txt'}; every run is planned at " \
            "max_length (2048 tokens, the worst case)" in out
     assert "training runs fit 20 GB" in out
+
+
+def test_the_training_plan_is_computed_and_written_by_ftflow_not_the_cli(tmp_path, hf_cache):
+    """What `ftflow plan` prints of the training runs comes from ftflow.plan.study, testable without stdout."""
+    from ftflow.config import load_config
+    from ftflow.plan.study import TRAINING_PLAN_FILES, plan_study, write_training_plan
+
+    cfg = load_config(_study_config(tmp_path))
+    study = plan_study(cfg, device="cuda", bf16_supported=True)
+    text = write_training_plan(cfg, study, tmp_path, "a100", 0.3)
+    with open(tmp_path / TRAINING_PLAN_FILES["csv"]) as handle:
+        assert len(list(csv.DictReader(handle))) == len(study.runs) == 75
+    assert (tmp_path / TRAINING_PLAN_FILES["markdown"]).read_text().rstrip("\n") in text
+    assert "75 of 75 training runs fit 20 GB;" in text and "hours on one a100 (bf16 312 / fp32 19.5 TFLOP/s" in text
