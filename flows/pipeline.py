@@ -16,8 +16,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import DEFAULT_CONFIG
 from flows.scale import mapped_runner
-from flows.steps import (benchmark_candidates, candidates_and_plan, check_grid_fits, distil, log_family_checks,
-                         trainer)
+from flows.steps import (benchmark_candidates, candidates_and_plan, distil, log_family_checks,
+                         plan_grid_and_check_it_fits, trainer)
 from ftflow.study import design
 from ftflow.stages import calls as stages
 from ftflow.plan.budget import use_expandable_segments
@@ -61,7 +61,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
 
         # 1. The LoRA grid on the teacher; its best combination (on the selection split) is carried on.
         grid_jobs = design.lora_grid_jobs(cfg, selection)
-        check_grid_fits(cfg, grid_jobs, augmented, data, device, eval_batch)  # said once, before any training
+        plan_grid_and_check_it_fits(cfg, grid_jobs, augmented, data, device, eval_batch)  # said once, before any training
         grid = train_all(grid_jobs)
         best, best_job = design.best_lora(grid)
         logger.info("best LoRA combination: %s (selection PPL %.4f)", best["title"], best["best_validation_ppl"])

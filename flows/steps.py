@@ -111,11 +111,11 @@ def trainer(submit: Submit, main_set: dict, common: dict) -> Callable[..., list[
     return train_all
 
 
-def check_grid_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_set: dict, data: dict, device: str,
-                    eval_batch_size: int) -> None:
+def plan_grid_and_check_it_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_set: dict, data: dict,
+                                device: str, eval_batch_size: int) -> None:
     """Before any training: fail once, with the figure, if no LoRA grid combination fits the training budget."""
     from ftflow.data.splits import read_split
-    from ftflow.plan.fit import check_grid_fits as check
+    from ftflow.plan.fit import check_grid_fits
     from ftflow.plan.fit import plan_training_job
     from ftflow.plan.budget import stage_budget
     from ftflow.plan.decide import bf16_available
@@ -133,7 +133,7 @@ def check_grid_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_set: dict, d
                    budget_bytes=budget.budget_bytes, fit_order=cfg.training.fit_order,
                    logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens, device=device,
                    bf16_supported=bf16_available(device))
-    check([plan_training_job(job, **options) for job in jobs], [job.title for job in jobs])
+    check_grid_fits([plan_training_job(job, **options) for job in jobs], [job.title for job in jobs])
 
 
 def distil(cfg: PipelineConfig, train_all: Callable[..., list[dict]], selection: dict, runs: list[dict],
