@@ -1,4 +1,4 @@
-"""Perplexity, defined once (see ARCHITECTURE.md, "Perplexity, defined once").
+"""Perplexity, defined once (see docs/ARCHITECTURE.md, "Perplexity, defined once").
 
 Every sentence is scored on its own with the encoding convention of
 :mod:`ftflow.tokens`: one start token (BOS, else EOS) is prepended, every real

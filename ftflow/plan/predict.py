@@ -1,4 +1,5 @@
-"""Memory planning: predict a model's peak memory before loading it (ARCHITECTURE.md, "Memory planning").
+"""Memory planning: predict a model's peak memory before loading it (docs/ARCHITECTURE.md, "Memory: planned,
+measured, freed, recovered").
 
 The planner answers the study's first question (which model fits a 20 GB GPU
 at which precision) from the model's config alone:
@@ -9,9 +10,9 @@ at which precision) from the model's config alone:
    count, no memory used.
 3. :func:`predict_scoring` and :func:`predict_training` give a breakdown in
    bytes of the peak of perplexity scoring and of a training step by method.
-4. :func:`choose_precision`, :func:`largest_batch_size` and :func:`plan_model`
-   turn predictions into decisions; :func:`plan_table` and :func:`plot_plan`
-   report them. How a training run is made to fit (micro-batches, gradient
+4. :func:`ftflow.plan.decide.choose_precision`, ``largest_batch_size`` and
+   ``plan_model`` turn predictions into decisions; :mod:`ftflow.plan.tables`
+   and :mod:`ftflow.plan.plots` report them. How a training run is made to fit (micro-batches, gradient
    checkpointing, 8-bit optimizer state, bf16 weights) is chosen from
    :func:`predict_training` in :mod:`ftflow.plan.fit`.
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from ftflow.config import PipelineConfig, check_paths, load_config, parse_config
 from ftflow.errors import UserError
@@ -182,3 +182,44 @@ def next_commands(path: Path, cfg: PipelineConfig) -> list[str]:
     """The two commands to run next: see what will run (or plan hub models' memory), then run."""
     first = f"ftflow plan {path}" if cfg.models else f"ftflow status {path}"
     return [first, f"ftflow run {path}"]
+
+
+CONFIGURATION_DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+"""The configuration reference, written by :func:`configuration_reference` (``python scripts/config_reference.py``)."""
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "").replace("ftflow.config.", "")
+    return text.replace("|", "\\|")
+
+
+def configuration_reference() -> str:
+    """The configuration reference in Markdown: every field of the typed config (:class:`PipelineConfig`), its type,
+    its default and its description, section by section, so it cannot drift from what ftflow reads."""
+    lines = ["# Configuration reference", "",
+             "Generated from the typed config (`ftflow/config.py`) by `python scripts/config_reference.py`; a test",
+             "checks it is current. `ftflow init` writes a config with every field at these defaults.", ""]
+
+    def table(cls: type[BaseModel], prefix: str) -> None:
+        rows, nested = [], []
+        for name, field in cls.model_fields.items():
+            inner = _model_class(field.annotation)
+            if inner is not None:
+                nested.append((f"{prefix}{name}", inner))
+                continue
+            if field.is_required():
+                default = "(required)"
+            else:
+                value = TypeAdapter(Any).dump_python(field.get_default(call_default_factory=True), mode="json")
+                default = f"`{_scalar(value)}`"
+            description = " ".join((field.description or "").split()).replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | {default} | {description} |")
+        if rows:
+            lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", "| field | type | default | what |",
+                          "|---|---|---|---|", *rows, ""])
+        for name, inner in nested:
+            table(inner, f"{name}.")
+
+    table(PipelineConfig, "")
+    return "\n".join(lines)

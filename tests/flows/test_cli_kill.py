@@ -17,7 +17,6 @@ import yaml
 
 from tests.flows.micro import micro_config
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "FTFLOW_TEST_RUN_MARKER"
 

@@ -19,7 +19,6 @@ from ftflow.stages.status import pipeline_status
 from ftflow.models.zoo import build_zoo
 from tests.flows.micro import BIGGER, SIZE, write_data
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from ftflow.models.zoo import build_zoo
 from tests.fake_hub import put_in_cache
 from tests.flows.micro import BIGGER, SIZE, run_pipeline, write_data
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from ftflow.plan.predict import GB, RUNTIME_OVERHEAD_BYTES, predict_scoring
 from ftflow.models.architecture import model_config_for
 from tests.tiny import SENTENCES, saved_base
 
-pytestmark = pytest.mark.slow
 
 
 @flow(name="plan-only")

@@ -16,7 +16,6 @@ from ftflow.config import load_config
 from ftflow.stages.status import pipeline_status
 from tests.flows.micro import STAGES, micro_config, run_pipeline_runs
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 ALPHA = {"distill": {"alpha": 0.25}}
 

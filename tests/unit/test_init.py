@@ -129,3 +129,10 @@ def test_too_few_sentences_are_refused_and_nothing_is_left(tmp_path):
     with pytest.raises(UserError, match="has 1 training sentence"):
         write_config(tmp_path / "x", one, test)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_configuration_reference_in_docs_is_current():
+    from ftflow.study.init_config import CONFIGURATION_DOC, configuration_reference
+
+    assert CONFIGURATION_DOC.read_text(encoding="utf-8") == configuration_reference() + "\n", (
+        "docs/configuration.md is out of date: run `python scripts/config_reference.py`")
