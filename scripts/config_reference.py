@@ -1,4 +1,4 @@
-"""Write docs/configuration.md from the typed config's field descriptions (tests/unit/test_init.py checks it)."""
+"""Write docs/configuration.md from the typed config's field descriptions (tests/unit/study/test_init.py checks it)."""
 
 from ftflow.study.init_config import CONFIGURATION_DOC, configuration_reference
 

@@ -7,7 +7,7 @@ the hub. They describe shapes only: nothing here is enough to load weights.
 
 Sources: each model's ``config.json`` on the Hugging Face hub as published
 (transcribed by hand; cross-checked against the parameter counts below, which
-``tests/unit/test_memory.py`` compares with the meta-device count).
+``tests/unit/plan/test_memory.py`` compares with the meta-device count).
 Uncertain entries say so in a comment. An ``-Instruct`` variant has the same
 shapes as its base model unless stated.
 

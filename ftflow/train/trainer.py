@@ -795,7 +795,7 @@ def train_prefix(
     untrained prefix only dilutes each attention head's weights a little and
     the model starts close to the base model. PEFT's default, N(0, 1) keys and
     values, starts far from it: on a tiny Llama of PPL 1.440, three zero
-    prefixes give 1.516 and three random ones 2.179 (tests/unit/test_methods.py).
+    prefixes give 1.516 and three random ones 2.179 (tests/unit/train/test_methods.py).
     Keys and values of real tokens (the base model's own cache) did worse than
     zeros on tiny models trained on single sentences, so they are not used.
     """

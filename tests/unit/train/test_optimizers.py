@@ -96,7 +96,7 @@ def test_8bit_step_holds_one_slice_of_temporaries_as_planned(precision):
     # bitsandbytes' CPU kernel: 28 bytes per slice element for bf16 weights, 20 for fp32), not the tensor's
     # (bf16: 235 MB before slicing). Tolerance: 10%, and 2 MB of page rounding and Python objects.
     elements, slice_elements = 1 << 23, 1 << 20
-    measured = measure("tests.unit.test_optimizers:_step_probe", elements=elements, slice_elements=slice_elements,
+    measured = measure("tests.unit.train.test_optimizers:_step_probe", elements=elements, slice_elements=slice_elements,
                        precision=precision)["peak"]
     group = "half" if precision == "bf16" else "fp32"
     planned = plan_predict.ADAMW_8BIT_STEP_BYTES_PER_ELEMENT[("cpu", group)] * slice_elements

@@ -503,7 +503,7 @@ def test_teacher_pass_peak_above_the_weights_is_what_the_plan_says():
     from ftflow.plan.predict import predict_teacher_pass
 
     batch, length, chunk, k = 4, 128, 64, 8
-    measured = measure("tests.unit.test_distill:_teacher_pass_probe", batch=batch, length=length, chunk=chunk,
+    measured = measure("tests.unit.distill.test_distill:_teacher_pass_probe", batch=batch, length=length, chunk=chunk,
                        k=k)["peak"]
     plan = predict_teacher_pass(Qwen2Config(**PROBE_QWEN), "bf16", batch, length, k=k, logits_chunk_tokens=chunk,
                                 device="cpu")

@@ -14,7 +14,7 @@ import pytest
 
 from ftflow.train.trainer import latest_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def worker(directory: Path, sleep: float) -> subprocess.Popen:

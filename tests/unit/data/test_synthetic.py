@@ -13,7 +13,7 @@ import pytest
 
 from ftflow.data import synthetic
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_same_arguments_give_identical_sentences():

@@ -13,7 +13,7 @@ from ftflow.config import PipelineConfig, load_config
 from ftflow.errors import UserError
 from ftflow.study.init_config import _model_class, guess_family, write_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture()

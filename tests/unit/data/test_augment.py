@@ -23,7 +23,7 @@ requires_wordnet = needs((DEBIAN_WORDNET_DIR / "index.noun").is_file(), f"WordNe
 
 @pytest.fixture(scope="module")
 def wordnet(tmp_path_factory):
-    # Same folder as tests/unit/test_wordnet.py: the reader is opened once per session.
+    # Same folder as tests/unit/data/test_wordnet.py: the reader is opened once per session.
     return load_wordnet(search_nltk_path=False)
 
 

@@ -142,7 +142,7 @@ def test_reading_data_writes_no_cache_outside_the_artifacts_directory(tmp_path):
     code = ("import sys; from ftflow.data.splits import read_sentences\n"
             "for name in ('a.txt', 'a.jsonl', 'a.csv'): print(read_sentences(sys.argv[1] + '/' + name).sentences)")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("HF_", "XDG_"))}
-    env.update(HOME=str(home), HF_HOME=str(home / "hf"), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    env.update(HOME=str(home), HF_HOME=str(home / "hf"), PYTHONPATH=str(Path(__file__).resolve().parents[3]))
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr

@@ -51,7 +51,7 @@ import pytest  # noqa: E402
 
 from ftflow.stages.caching import code_version, module_file, reached_modules  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 STAGE_MODULES = ("prepare_data", "augment", "zoo", "plan_memory", "benchmark", "select_family", "train",
                  "teacher_logits", "evaluate")
 # What every stage reaches through tasks._stage (the output protocol and the key itself).
