@@ -1,9 +1,7 @@
-"""Sparse knowledge distillation: the losses, the stored teacher targets, and Trainer glue.
+"""Sparse knowledge distillation's losses: plain maths on tensors, no I/O (shapes in each docstring).
 
-The teacher (its best fine-tuned run, of any method) is run once over the
-training split and a sparse view of its next-token distribution is stored on
-disk per position (:class:`TeacherTopK`), in one of two variants with the same
-number of ids per position, so they cost the same storage:
+The teacher's sparse view of its next-token distribution (:class:`ftflow.distill.store.TeacherTopK`) comes in
+two variants with the same number of ids per position, so they cost the same storage:
 
 * ``topk``: its k most likely ids, their log-probs and the exact mass of the
   rest (one tail bucket); loss :func:`kd_loss`. Biased: the student is never
@@ -12,12 +10,6 @@ number of ids per position, so they cost the same storage:
   and their log-probs, as in random-sampling distillation (Anshumann et al.,
   ACL 2025, "Sparse Logit Sampling"); loss :func:`sampled_kd_loss`. At T = 1
   the gradient is an unbiased estimate of the full-distribution KL's.
-
-Every
-student epoch and every student config then reuses them: the student never
-needs the teacher in memory. Teacher and student must share a tokenizer; this
-is checked before the teacher pass (:func:`teacher_topk_for_student`) and
-before every distillation run (:func:`check_store_for_student`).
 
 Alignment convention (shared with :mod:`ftflow.tokens`): a sentence encoded with
 ``sentence_ids`` to ``n`` ids owns ``n`` stored rows, one per input position.
@@ -35,18 +27,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ftflow.distill.store import VARIANTS
 from ftflow.tokens import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-TOPK_FILE = "teacher_topk.safetensors"
-META_FILE = "teacher_topk.json"
-TOKENIZER_DIR = "teacher_tokenizer"
-# 2: adds the float32 tail mass, the teacher's tokenizer and the shared vocabulary size.
-# 3: adds the variant (topk or sampled) and the sampling seed.
-FORMAT_VERSION = 3
-VARIANTS = ("topk", "sampled")
-"""What a teacher store holds per position: its top-k ids, or k ids sampled from it."""
 
 
 # --------------------------------------------------------------------------- loss
