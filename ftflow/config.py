@@ -905,12 +905,17 @@ def _section_path_problems(raw: dict) -> list[str]:
             return None
 
     artifacts_dir = raw.get("artifacts_dir")
-    return _path_problems(
-        section(DataConfig, raw["data"]) if "data" in raw else None,
-        section(ZooConfig, raw["zoo"]) if raw.get("zoo") is not None else None,
+    zoo = section(ZooConfig, raw["zoo"]) if raw.get("zoo") is not None else None
+    problems = _path_problems(
+        section(DataConfig, raw["data"]) if "data" in raw else None, zoo,
         section(AugmentConfig, raw.get("augment") or {}),
         [section(ModelSpec, m) for m in raw.get("models") or []] if isinstance(raw.get("models"), list) else [],
         Path(artifacts_dir) if isinstance(artifacts_dir, str) else None)
+    # A zoo whose widths fail still names its corpus file: said now, not once the widths are fixed.
+    corpus = raw["zoo"].get("corpus_file") if zoo is None and isinstance(raw.get("zoo"), dict) else None
+    if isinstance(corpus, (str, Path)) and (problem := _file_problem(Path(corpus), "corpus file")):
+        problems.append(f"zoo.corpus_file: {problem}")
+    return problems
 
 
 def _path_problems(data: Optional[DataConfig], zoo: Optional[ZooConfig], augment: Optional[AugmentConfig],

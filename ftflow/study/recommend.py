@@ -136,6 +136,17 @@ def loading_lines(candidate: Mapping) -> list[str]:
             f"model = AutoModelForCausalLM.from_pretrained(\"{where}\"{dtype_arg})"]
 
 
+# Stands for the model's directory in the stored load lines: the manifest stores ``model_dir`` relative to
+# artifacts_dir, so the lines follow a copied or moved directory where a path inside code text would not.
+MODEL_DIR_FIELD = "<model_dir>"
+
+
+def _loading_lines_at_model_dir(candidate: Mapping) -> list[str]:
+    if not (candidate.get("model_dir") or candidate.get("base_path")):
+        return loading_lines(candidate)
+    return loading_lines({**candidate, "model_dir": MODEL_DIR_FIELD})
+
+
 def _order_key(candidate: Mapping, metric: str) -> tuple:
     test = candidate["test"]
     return (test["corpus_ppl"] if metric == "ppl" else test["bits_per_byte"], candidate["name"])
@@ -209,7 +220,7 @@ def _summary(candidate: Mapping, evidence: Evidence, fit_line: str) -> dict:
         "test_sentences": candidate["test"].get("n_sentences"),
         "selection_ppl": (candidate.get("selection") or {}).get("corpus_ppl"),
         "memory": fit_line, "model_dir": candidate.get("model_dir") or candidate.get("base_path"),
-        "load": loading_lines(candidate), "quantization": candidate.get("quantization"),
+        "load": _loading_lines_at_model_dir(candidate), "quantization": candidate.get("quantization"),
     }
 
 
@@ -259,7 +270,7 @@ def answer_text(recommendation: Mapping, findings: Sequence[str], *, config: str
         "- load it:",
         "",
         "```python",
-        *winner["load"],
+        *(line.replace(MODEL_DIR_FIELD, str(winner["model_dir"])) for line in winner["load"]),
         "```",
         "",
         f"  or write a standalone checkpoint: `ftflow export {config} --to DIR`",

@@ -199,7 +199,8 @@ def plot_leaderboard(frame: pd.DataFrame, path: Path) -> None:
     ax.barh(labels, values - start, left=start, color=[colours.get(k, "#555") for k in ok["kind"]],
                    edgecolor=["black" if a == "recommended" else "none" for a in ok.get("answer", [None] * len(ok))],
                    linewidth=1.5)
-    ax.errorbar(values, range(len(ok)), xerr=[values - low, high - values], fmt="none", ecolor="black",
+    # Centred on the interval, not the point: a percentile bootstrap interval need not contain the corpus estimate.
+    ax.errorbar((low + high) / 2, range(len(ok)), xerr=(high - low) / 2, fmt="none", ecolor="black",
                 elinewidth=0.8, capsize=2)
     for y, (top, ppl) in enumerate(zip(high, ok["test_ppl"])):
         ax.text(top, y, f"  PPL {ppl:.2f}", va="center", fontsize=8)

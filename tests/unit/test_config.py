@@ -182,6 +182,22 @@ def test_schema_and_path_problems_come_in_one_pass(tmp_path):
     assert lines[3] == f"  - data.train_file: data file {tmp_path / 'nosuch.txt'} does not exist"
 
 
+def test_a_missing_corpus_file_is_said_beside_the_bad_widths_of_its_own_zoo_section(tmp_path):
+    """Issue 25's example: the corpus file sits in the zoo section whose widths fail, and is still checked."""
+    from ftflow.config import load_checked_config
+
+    raw = {"data": {"synthetic": {}}, "zoo": {"corpus_file": "nosuch-corpus.txt", "families": [
+        {"name": "g", "architecture": "granite", "student": {**SIZE, "hidden_size": 65}, "teacher": SIZE}]}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as error:
+        load_checked_config(path)
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"{path} has 2 problem(s):"
+    assert lines[1].startswith("  - zoo: zoo.families[g].student: hidden_size 65 is not a multiple of 64")
+    assert lines[2] == f"  - zoo.corpus_file: corpus file {tmp_path / 'nosuch-corpus.txt'} does not exist"
+
+
 def test_problems_name_their_origin_as_the_user_wrote_it(tmp_path):
     from flows.cli import parse_overrides
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -115,6 +117,23 @@ def test_the_answer_opens_with_the_model_its_interval_memory_and_how_to_load_it(
     assert text.rstrip().endswith("- best LoRA combination ...: finding")
     nothing = recommend([], evidence, budget_gb=20, decisions={})
     assert answer_text(nothing, []).startswith("## Answer\n\nNo model can be recommended")
+
+
+def test_the_answer_of_a_moved_artifacts_directory_loads_the_model_from_where_it_is_now():
+    """The evaluation manifest stores paths relative to artifacts_dir: the load lines must follow the directory."""
+    from ftflow.artifacts import relative_paths, resolved_paths
+
+    candidates, evidence = setup()
+    for candidate in candidates:
+        if "model_dir" in candidate:
+            candidate["model_dir"] = candidate["model_dir"].replace("/runs/", "/old/artifacts/train/")
+    answer = recommend(candidates, evidence, budget_gb=20, decisions=DECISIONS)
+    written = relative_paths({"recommendation": answer}, Path("/old/artifacts"))
+    moved = resolved_paths(json.loads(json.dumps(written)), Path("/new/place"))["recommendation"]
+    text = answer_text(moved, [], config="my.yaml")
+    assert "- on disk: `/new/place/train/teacher+lora/model`" in text
+    assert "from_pretrained(\"/new/place/train/teacher+lora/model\", dtype=\"float32\")" in text
+    assert "/old/" not in text
 
 
 def test_the_leaderboard_keeps_controls_below_the_candidates_in_their_own_table():

@@ -34,3 +34,13 @@ def test_markdown_table_shows_errors_and_escapes_pipes(tmp_path):
     assert "| 8.0000 |" in lines[2]
     plot_leaderboard(leaderboard_rows(CANDIDATES), tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_leaderboard_plot_draws_an_interval_that_leaves_out_its_point(tmp_path):
+    """A percentile bootstrap interval need not contain the corpus estimate (a ratio over few, skewed sentences; or
+    a degenerate interval a rounding off it): the plot draws the interval as it is instead of failing evaluate."""
+    frame = leaderboard_rows(CANDIDATES)
+    frame["test_bpb_low"] = frame["test_bits_per_byte"] + 1e-12
+    frame["test_bpb_high"] = frame["test_bits_per_byte"] + 0.1
+    plot_leaderboard(frame, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
