@@ -624,7 +624,7 @@ def main() -> int:
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: F401
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: F401
 
-    import ftflow.models  # noqa: F401
+    import ftflow.models.loading  # noqa: F401
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

@@ -1153,10 +1153,11 @@ def import_everything() -> None:
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401
     from transformers import AutoModelForCausalLM, Trainer  # noqa: F401
 
-    import ftflow.distill  # noqa: F401
-    import ftflow.methods  # noqa: F401
-    import ftflow.optimizers  # noqa: F401
-    import ftflow.training  # noqa: F401
+    import ftflow.distill.teacher  # noqa: F401
+    import ftflow.distill.trainer  # noqa: F401
+    import ftflow.train.optimizers  # noqa: F401
+    import ftflow.train.runner  # noqa: F401
+    import ftflow.train.trainer  # noqa: F401
 
 
 def cuda_context_bytes() -> int:

@@ -179,7 +179,7 @@ DRIVER = textwrap.dedent('''
 
     def leaking(stage):
         def run():
-            import ftflow.models as models
+            import ftflow.models.loading as models
             loads = models.load_model
             def load_and_keep(*args, **kwargs):
                 model = loads(*args, **kwargs)
