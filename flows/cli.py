@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -398,14 +399,42 @@ class _PrefectHome:
         home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
         cls.created = None if "prefect" in sys.modules or home.exists() else home
 
+    # What a user's own Prefect setup keeps there (a profile, `prefect server start`'s database): never removed.
+    USER_FILES = ("profiles.toml", "prefect.db")
+
     @classmethod
     def forget(cls) -> None:
-        """Remove the home Prefect created on import if nothing was put in it (the run used its own server)."""
-        if cls.created is not None:
-            try:
-                cls.created.rmdir()  # only if empty
-            except OSError:
-                pass
+        """Remove the home Prefect created during this run (the run used its own server).
+
+        Whatever is in it was written by this run's Prefect client, after the temporary server's settings were
+        restored (a worker thread still finishing an interrupted stage writes its result under the default
+        storage): it is removed with the folder, unless a user file appeared there meanwhile.
+        """
+        home, cls.created = cls.created, None
+        if home is None or not home.is_dir() or any((home / name).exists() for name in cls.USER_FILES):
+            return
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def _library_caches() -> Iterator[None]:
+    """Folders libraries make on import or first use, in one of this command's, removed when it ends.
+
+    Importing bitsandbytes makes torch inductor's ``<tmp>/torchinductor_<user>``; matplotlib caches its fonts
+    under HOME. Each goes to a temporary folder of this command's unless the user set ``TORCHINDUCTOR_CACHE_DIR``
+    or ``MPLCONFIGDIR``: a command leaves nothing outside the artifacts directory, whichever path imports them.
+    """
+    names = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "MPLCONFIGDIR": "matplotlib"}
+    unset = {name: folder for name, folder in names.items() if not os.environ.get(name)}
+    if not unset:
+        yield
+        return
+    root = Path(tempfile.mkdtemp(prefix="ftflow-caches-"))
+    try:
+        with _environment({name: str(root / folder) for name, folder in unset.items()}):
+            yield
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
@@ -729,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     use_expandable_segments()  # before anything can start CUDA (the caching allocator reads it once)
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with _library_caches():
+            return args.handler(args)
     except UserError as exc:
         if args.debug:
             raise

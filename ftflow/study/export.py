@@ -33,7 +33,7 @@ from typing import Mapping, Optional
 
 import yaml
 
-from ftflow.artifacts import read_json
+from ftflow.artifacts import MANIFEST, RELATIVE_PATHS, read_json, resolved_paths
 from ftflow.errors import UserError
 from ftflow.study.recommend import loading_lines
 
@@ -89,7 +89,11 @@ def find_model(evaluation: Mapping, name: Optional[str]) -> tuple[str, dict, dic
                           + (f"; did you mean {', '.join(close)}?" if close else "")
                           + f" ({len(known)} models have a test score: `ftflow run CONFIG` prints them)")
     row = next(r for r in evaluation["leaderboard"] if r["name"] == name)
-    manifest = read_json(Path(models[name]["stage_dir"]) / "manifest.json")
+    stage_dir = Path(models[name]["stage_dir"])
+    # On disk its paths are relative to the artifacts directory (<artifacts_dir>/<stage>/<key>), wherever that is now.
+    manifest = read_json(stage_dir / MANIFEST)
+    if RELATIVE_PATHS in manifest:
+        manifest = resolved_paths(manifest, stage_dir.parent.parent)
     return name, row, manifest
 
 

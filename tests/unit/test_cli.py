@@ -1,4 +1,7 @@
 import csv
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -246,3 +249,49 @@ def test_the_training_plan_is_computed_and_written_by_ftflow_not_the_cli(tmp_pat
         assert len(list(csv.DictReader(handle))) == len(study.runs) == 75
     assert (tmp_path / TRAINING_PLAN_FILES["markdown"]).read_text().rstrip("\n") in text
     assert "75 of 75 training runs fit 20 GB;" in text and "hours on one a100 (bf16 312 / fp32 19.5 TFLOP/s" in text
+
+
+def test_a_prefect_home_the_run_created_is_removed_with_what_its_client_wrote_there(tmp_path, monkeypatch):
+    """A worker thread finishing an interrupted stage writes its result under Prefect's default storage after the
+    temporary server's settings are restored: the home Prefect made during the run goes, contents and all."""
+    from flows import cli
+
+    home = tmp_path / "home" / ".prefect"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.setattr(cli._PrefectHome, "created", None)
+    monkeypatch.delitem(sys.modules, "prefect", raising=False)  # as before the run's first Prefect import
+    cli._PrefectHome.note()
+    (home / "storage").mkdir(parents=True)
+    (home / "storage" / "3f2a").write_text("a pickled result", encoding="utf-8")
+    cli._PrefectHome.forget()
+    assert not home.exists()
+    # A home with a user's own files (a profile, a server's database) that appeared meanwhile stays.
+    cli._PrefectHome.note()
+    (home / "storage").mkdir(parents=True)
+    (home / "profiles.toml").write_text("active = 'mine'", encoding="utf-8")
+    cli._PrefectHome.forget()
+    assert (home / "profiles.toml").is_file()
+
+
+def test_library_caches_go_to_a_folder_of_the_commands_removed_when_it_ends(tmp_path, monkeypatch):
+    """Torch inductor's folder (made when bitsandbytes is imported) and matplotlib's cache never land in the
+    user's temporary directory or HOME, whichever command imports them; a user's own setting is kept."""
+    from flows import cli
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mine"))
+    seen = {}
+
+    def handler(args):
+        folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        folder.mkdir(parents=True)  # as inductor does on import
+        seen.update(inductor=folder, mpl=os.environ["MPLCONFIGDIR"])
+        return 0
+
+    monkeypatch.setattr(cli, "_validate", handler)
+    assert main(["validate", "whatever.yaml"]) == 0
+    assert seen["inductor"].is_relative_to(tmp_path / "tmp") and seen["mpl"] == str(tmp_path / "mine")
+    assert list((tmp_path / "tmp").iterdir()) == []  # removed with the command
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ

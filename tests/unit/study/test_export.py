@@ -12,7 +12,7 @@ import torch
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ftflow.artifacts import write_json
+from ftflow.artifacts import relative_paths, write_json
 from ftflow.study.export import ExportError, export_run
 from ftflow.models.loading import load_trained
 from ftflow.models.loading import load_model
@@ -154,6 +154,21 @@ def test_a_full_fine_tune_is_copied_with_a_new_card_and_an_existing_directory_is
         export_run(evaluation(run, ppl), tmp_path / "elsewhere", "tiny+fll")
     assert not (tmp_path / "elsewhere").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_run_as_written_by_its_stage_exports_from_a_moved_artifacts_directory(base, tmp_path, monkeypatch):
+    """A stage writes its manifest's paths relative to the artifacts directory: export resolves them against the
+    directory the run is in now, whatever the working directory."""
+    root = tmp_path / "artifacts"
+    run, ppl = finished_run(root / "train", base, "full")
+    stage = Path(run["dir"])
+    write_json(stage / "manifest.json", relative_paths(run, root))
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    monkeypatch.chdir(tmp_path / "base")
+    stage_dir = moved / "train" / stage.name
+    exported = export_run(evaluation({**run, "dir": str(stage_dir)}, ppl), tmp_path / "out")
+    assert rescored(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), tmp_path / "out") == pytest.approx(ppl, rel=1e-6)
 
 
 def test_an_export_that_does_not_fit_in_memory_is_refused_with_the_figures(base, tmp_path, monkeypatch):
