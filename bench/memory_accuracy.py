@@ -561,7 +561,10 @@ def run_case(case: Case, device: str, checkpoint: Path | None) -> dict:
     elif case.kind == "scoring":
         _score(model, ids, mask, labels, case.options.get("logits_chunk_tokens", DEFAULT_LOGITS_CHUNK_TOKENS))
     else:
-        _train_step(model, params, optimizer, ids, mask, labels, topk, case.options.get("accumulation_steps", 1))
+        # QLoRA trains under its compute dtype's autocast (the Trainer's bf16), as ftflow.train.trainer.plan_precision says.
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=case.kind == "qlora")
+        with autocast:
+            _train_step(model, params, optimizer, ids, mask, labels, topk, case.options.get("accumulation_steps", 1))
     return {"measured_peak": meter.peak(), "measured_weights": weights, "seconds": time.perf_counter() - started}
 
 

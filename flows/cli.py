@@ -121,7 +121,8 @@ def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
     ``then`` runs while the server boots (the heavy imports), before the wait for it. With the temporary
     server, nothing of the run stays outside its artifacts directory: the server's database, Prefect's local
     result storage, matplotlib's and torch inductor's caches (unless ``MPLCONFIGDIR`` or
-    ``TORCHINDUCTOR_CACHE_DIR`` is set) live in the server's temporary home, removed when the run ends.
+    ``TORCHINDUCTOR_CACHE_DIR`` is set) live in the server's temporary home (the command's folder under
+    :func:`main`), removed when the run ends, or by the server if this process is killed.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
@@ -132,7 +133,7 @@ def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
     from flows.server import temporary_server
 
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180)
-    with temporary_server() as server:
+    with temporary_server(_COMMAND_FOLDER) as server:
         variables = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(server.storage)}
         # Caches libraries make on import (matplotlib's fonts; the folder torch's inductor makes when
         # bitsandbytes is imported), unless the user placed them.
@@ -281,6 +282,7 @@ class _StopOnSignals:
         self.say(signum)
         sys.stdout.flush()
         _PrefectHome.forget()
+        _remove_command_folder()
         os._exit(128 + signum)
 
 
@@ -416,25 +418,35 @@ class _PrefectHome:
         shutil.rmtree(home, ignore_errors=True)
 
 
+_COMMAND_FOLDER: Optional[Path] = None  # the command's temporary folder while it runs (see _command_folder)
+
+
 @contextmanager
-def _library_caches() -> Iterator[None]:
-    """Folders libraries make on import or first use, in one of this command's, removed when it ends.
+def _command_folder() -> Iterator[None]:
+    """A temporary folder for the command, removed when it ends: library caches, and a run's Prefect server.
 
     Importing bitsandbytes makes torch inductor's ``<tmp>/torchinductor_<user>``; matplotlib caches its fonts
-    under HOME. Each goes to a temporary folder of this command's unless the user set ``TORCHINDUCTOR_CACHE_DIR``
-    or ``MPLCONFIGDIR``: a command leaves nothing outside the artifacts directory, whichever path imports them.
+    under HOME. Each goes to this folder unless the user set ``TORCHINDUCTOR_CACHE_DIR`` or ``MPLCONFIGDIR``, so
+    a command leaves nothing outside the artifacts directory whichever path imports them. A run's temporary
+    Prefect server makes it its home, and removes it if this process is killed (flows/server.py); a run stopped
+    by a signal removes it before it exits (:func:`_remove_command_folder`).
     """
+    global _COMMAND_FOLDER
     names = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "MPLCONFIGDIR": "matplotlib"}
     unset = {name: folder for name, folder in names.items() if not os.environ.get(name)}
-    if not unset:
-        yield
-        return
-    root = Path(tempfile.mkdtemp(prefix="ftflow-caches-"))
+    _COMMAND_FOLDER = Path(tempfile.mkdtemp(prefix="ftflow-"))
     try:
-        with _environment({name: str(root / folder) for name, folder in unset.items()}):
+        with _environment({name: str(_COMMAND_FOLDER / folder) for name, folder in unset.items()}):
             yield
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        _remove_command_folder()
+
+
+def _remove_command_folder() -> None:
+    global _COMMAND_FOLDER
+    folder, _COMMAND_FOLDER = _COMMAND_FOLDER, None
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
@@ -758,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     use_expandable_segments()  # before anything can start CUDA (the caching allocator reads it once)
     args = build_parser().parse_args(argv)
     try:
-        with _library_caches():
+        with _command_folder():
             return args.handler(args)
     except UserError as exc:
         if args.debug:
@@ -777,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         # Anything still running (a training run in a worker thread, which no exception reaches) stops here.
         sys.stdout.flush()
         _PrefectHome.forget()
+        _remove_command_folder()
         os._exit(128 + (_STOP.signum or signum))
 
 

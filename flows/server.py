@@ -88,7 +88,7 @@ class TemporaryServer:
 
 
 @contextmanager
-def temporary_server() -> Iterator[TemporaryServer]:
+def temporary_server(home: Optional[Path] = None) -> Iterator[TemporaryServer]:
     """Start a Prefect API server in a child process for the duration of the block, stopped when it ends.
 
     The server boots while the caller goes on (imports, config checks); call
@@ -97,8 +97,12 @@ def temporary_server() -> Iterator[TemporaryServer]:
     Yields:
         The server; its ``url`` is ``http://127.0.0.1:<port>/api``; its ``home`` (database, result storage)
         is removed when the block ends.
+
+    Args:
+        home: an existing empty folder to use as its home (the command's own temporary folder, so the server
+            removes it if this process dies); default: a new temporary one.
     """
-    home = Path(tempfile.mkdtemp(prefix="ftflow-prefect-"))
+    home = Path(home) if home is not None else Path(tempfile.mkdtemp(prefix="ftflow-prefect-"))
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))

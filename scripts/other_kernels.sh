@@ -5,7 +5,8 @@
 # machine.
 #   AVX-512 machine: torch's and oneDNN's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2);
 #   otherwise:       their scalar / SSE4.1 kernels (ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41);
-# both with one thread (OMP_NUM_THREADS=1), which changes how reductions are split.
+# both with one thread (OMP_NUM_THREADS=1), which changes how reductions are split; two test processes
+# (pytest-xdist) of one thread each.
 # Extra arguments go to pytest. Run it after the install (scripts/install.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ else
 fi
 echo "other kernels: ATEN_CPU_CAPABILITY=$capability ONEDNN_MAX_CPU_ISA=$onednn OMP_NUM_THREADS=1"
 ATEN_CPU_CAPABILITY=$capability ONEDNN_MAX_CPU_ISA=$onednn OMP_NUM_THREADS=1 \
-  "$PYTHON" -m pytest -q -m kernels tests/unit "$@"
+  "$PYTHON" -m pytest -q -n 2 --dist loadfile -m kernels tests/unit "$@"
 status=$?
 [ "$status" -eq 5 ] && { echo "other kernels: no test carries the kernels marker (tests/conftest.py's rule)"; exit 1; }
 exit "$status"

@@ -677,6 +677,9 @@ def predict_training(
       casts everything that is not 4-bit (embeddings, output layer, norms) to
       fp32, which also makes the residual stream and the logits fp32, and turns
       gradient checkpointing on (``gradient_checkpointing=None`` follows that).
+      The compute dtype is taken as half (bitsandbytes' bf16, ftflow's default):
+      its autocast saves a half copy of the fp32 output layer's weight for
+      backward (with compute_dtype fp32 there is none: the plan is that much over).
     * ``prefix``: frozen weights plus ``num_virtual_tokens`` key/value vectors per
       layer (fp32), keys and values ``num_virtual_tokens`` longer.
     * ``distill``: ``full`` training of the student plus the KD term's
@@ -811,8 +814,13 @@ def predict_training(
     key_length = max_length + (num_virtual_tokens if method == "prefix" else 0)
     activations = math.ceil(tokens * (per_token_layers + (2 * d + _EXTRA_HIDDEN_PER_TOKEN) * shape.hidden))
     activations += _attention_mask_bytes(batch_size, max_length, key_length)
+    head_copy = 0
     if method == "qlora":
         activations += counts.largest_linear * ELEMENT_BYTES["nf4"]  # one weight dequantized at a time
+        # The output layer's fp32 weight (prepare_model_for_kbit_training's upcast) runs under the compute dtype's
+        # autocast, which casts it anew at every forward (a frozen weight is not in autocast's cache) and the
+        # product saves that copy for backward: alive with the logits until the head's backward, on any device.
+        head_copy = (counts.output_untied or counts.embedding) * ELEMENT_BYTES["nf4"]
     logits = tokens * shape.vocab * TRAINING_LOGITS_BYTES_PER_ELEMENT
     if method == "distill":
         logits += tokens * shape.vocab * DISTILL_LOGITS_BYTES_PER_ELEMENT_EXTRA[group]
@@ -820,7 +828,7 @@ def predict_training(
     # With checkpointing the recomputed layer and the logits' loss buffers are never alive together: the
     # logits' gradient has reached the last hidden state before the last layer is rebuilt (measured: summing
     # them over-predicted LoRA + checkpointing by one layer, 6.6% fp32 and 11.1% bf16).
-    head = max(logits, recompute)
+    head = max(logits + head_copy, recompute)
 
     if method in ("full", "distill"):
         output_layer_grad = (counts.output_untied or counts.embedding) * d
@@ -843,7 +851,8 @@ def predict_training(
     if eval_batch_size is not None:
         layer, scoring_logits = _scoring_phases(counts, shape, d, eval_batch_size, eval_length or max_length,
                                                 logits_chunk_tokens, nf4=method == "qlora")
-        eval_peak = weights + optimizer_state + max(layer, scoring_logits) + overhead
+        # Scoring casts the head's weight too, for each chunk's product (freed after it).
+        eval_peak = weights + optimizer_state + max(layer, scoring_logits + head_copy) + overhead
         peak = max(step_peak, eval_peak)
     return MemoryPrediction(
         case=f"train-{method}",
@@ -853,7 +862,7 @@ def predict_training(
         parameters=counts.total,
         trainable_parameters=trainable,
         weights_bytes=weights,
-        logits_bytes=logits,
+        logits_bytes=logits + head_copy,
         activations_bytes=activations + recompute,
         overhead_bytes=overhead,
         gradients_bytes=gradients,

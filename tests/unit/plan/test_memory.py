@@ -7,6 +7,7 @@ seconds on a CPU.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -697,3 +698,70 @@ def test_the_seed_studys_8b_teacher_pass_fits_20_gb():
     # Full logits at the same batch would hold [B, L, V] in bf16 twice (logits_scaling): 5 times the chunk's phase.
     full = plan_predict.predict_teacher_pass(config, "bf16", batch, 72, logits_chunk_tokens=0, **options)
     assert full.logits_bytes == 2 * batch * 72 * 49159 * 2 > 5 * at.logits_bytes
+
+
+# A 4-bit model whose unquantized tensors (a large vocabulary at a small width, one layer) dominate, as at the
+# rehearsal's real widths cut to one layer: untied (TinyLlama, Qwen2.5-7B) and tied (Qwen2.5-0.5B, Granite).
+QLORA_PROBE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8,
+                   num_key_value_heads=2, vocab_size=32000, max_position_embeddings=64, pad_token_id=0,
+                   bos_token_id=1, eos_token_id=2)
+
+
+def _qlora_probe(meter, directory: str, batch: int, length: int) -> dict:
+    """QLoRA as ftflow.train.trainer.train_peft runs it (4-bit load on the CPU, prepare_model_for_kbit_training, LoRA on
+    every linear layer, AdamW with its state), then one step under the bf16 autocast the Trainer uses; the peak
+    from before the load (the checkpoint is read inside from_pretrained or, mapped, later: both count here), for
+    an untied and a tied output layer."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from ftflow.models.loading import load_model
+
+    def run(path: Path) -> None:
+        model = load_model(str(path), "nf4", "cpu", trainable=True)
+        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, PeftLoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05,
+                                                     target_modules="all-linear"))
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+        for param in params:  # the state exists before the measured step, as from the second step on
+            param.grad = torch.zeros_like(param)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        del loss
+        optimizer.step()
+
+    def save(path: Path, **numbers) -> Path:
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(LlamaConfig(**{**QLORA_PROBE, **numbers}),
+                                         dtype=torch.bfloat16).save_pretrained(path)
+        return path
+
+    run(save(Path(directory) / "micro", hidden_size=64, vocab_size=256))  # one-time costs before any baseline
+    peaks = {}
+    for tied in (False, True):
+        path = save(Path(directory) / f"tied-{tied}", tie_word_embeddings=tied)
+        meter.start()
+        run(path)
+        peaks[str(tied)] = meter.peak()
+    return peaks
+
+
+def test_qlora_peak_at_a_large_vocabulary_is_what_the_plan_says(tmp_path):
+    # The unquantized embedding and output layer are most of the peak: the 4-bit load must not keep the
+    # checkpoint's pages of them mapped while prepare_model_for_kbit_training upcasts them (CPU), and the plan
+    # must count the bf16 copy of the fp32 output layer that autocast saves for backward (any device).
+    # Tolerance: 10%, as bench/rehearsal.py asks of every stage, and 3 MB of page rounding and Python objects.
+    from tests.memory_probe import measure
+
+    batch, length = 2, 8
+    peaks = measure("tests.unit.test_memory:_qlora_probe", directory=str(tmp_path), batch=batch, length=length)
+    for tied in (False, True):
+        plan = predict_training(LlamaConfig(**QLORA_PROBE, tie_word_embeddings=tied), "nf4", "qlora", batch, length,
+                                lora_r=8, device="cpu").allocated_bytes
+        assert abs(peaks[str(tied)] - plan) <= 0.1 * plan + 3e6, (tied, peaks[str(tied)], plan)
