@@ -760,7 +760,7 @@ def test_qlora_peak_at_a_large_vocabulary_is_what_the_plan_says(tmp_path):
     from tests.memory_probe import measure
 
     batch, length = 2, 8
-    peaks = measure("tests.unit.test_memory:_qlora_probe", directory=str(tmp_path), batch=batch, length=length)
+    peaks = measure("tests.unit.plan.test_memory:_qlora_probe", directory=str(tmp_path), batch=batch, length=length)
     for tied in (False, True):
         plan = predict_training(LlamaConfig(**QLORA_PROBE, tie_word_embeddings=tied), "nf4", "qlora", batch, length,
                                 lora_r=8, device="cpu").allocated_bytes
