@@ -52,6 +52,8 @@ from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.processes import marked_processes  # noqa: E402
+
 MARKER_VARIABLE = "FTFLOW_BATTERY_MARKER"
 CLI = [sys.executable, "-m", "flows.cli"]  # the `ftflow` console script's main, in this checkout
 TASK_STATE = re.compile(r"Task run '([^']+)' - Finished in state (\w+)")
@@ -247,27 +249,10 @@ class Battery:
         """{pid: command line} of live processes started by the battery's commands, after up to ``settle_s``."""
         deadline = time.monotonic() + settle_s
         while True:
-            found = marked_processes(self.marker)
+            found = marked_processes(self.marker, MARKER_VARIABLE)
             if not found or time.monotonic() > deadline:
                 return found
             time.sleep(0.2)
-
-
-def marked_processes(marker: str) -> dict[int, str]:
-    """Live processes whose environment carries the battery's marker (as tests/flows/test_cli_kill.py finds them)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if f"{MARKER_VARIABLE}={marker}".encode() in environ and stat[stat.rindex(")") + 2] != "Z":
-            found[int(entry.name)] = command
-    return found
 
 
 def everything_under(directory: Path) -> list[str]:

@@ -120,9 +120,9 @@ def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
 
     ``then`` runs while the server boots (the heavy imports), before the wait for it. With the temporary
     server, nothing of the run stays outside its artifacts directory: the server's database, Prefect's local
-    result storage, matplotlib's and torch inductor's caches (unless ``MPLCONFIGDIR`` or
-    ``TORCHINDUCTOR_CACHE_DIR`` is set) live in the server's temporary home (the command's folder under
-    :func:`main`), removed when the run ends, or by the server if this process is killed.
+    result storage and (set by :func:`_command_folder`) matplotlib's and torch inductor's caches live in the
+    server's temporary home, the command's folder, removed when the run ends, or by the server if this process
+    is killed.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
@@ -134,13 +134,8 @@ def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
 
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180)
     with temporary_server(_COMMAND_FOLDER) as server:
-        variables = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(server.storage)}
-        # Caches libraries make on import (matplotlib's fonts; the folder torch's inductor makes when
-        # bitsandbytes is imported), unless the user placed them.
-        for name, folder in (("MPLCONFIGDIR", "matplotlib"), ("TORCHINDUCTOR_CACHE_DIR", "torchinductor")):
-            if not os.environ.get(name):
-                variables[name] = str(server.home / folder)
-        with _environment(variables):
+        # Library caches are already in the command's folder, which is the server's home (_command_folder).
+        with _environment({"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(server.storage)}):
             then()
             url = server.wait_ready(max(timeout, 60.0))
             print(f"ftflow: Prefect API of this run: {url} (a temporary server, stopped when the run ends)",

@@ -272,14 +272,21 @@ def read_json(path: Path) -> Any:
 
 
 def read_manifest(directory: Path) -> dict | None:
-    """The manifest of a finished output directory, or None if it is not finished."""
+    """The manifest of a finished output directory, or None if it is not finished.
+
+    A manifest a stage wrote (``<artifacts_dir>/<stage>/<key>``, its paths relative) comes with its paths
+    resolved under the artifacts directory it is in now (:func:`resolved_paths`).
+    """
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return read_json(path)
+        manifest = read_json(path)
     except (OSError, json.JSONDecodeError):
         return None
+    if isinstance(manifest, dict) and RELATIVE_PATHS in manifest:
+        return resolved_paths(manifest, Path(directory).absolute().parent.parent)
+    return manifest
 
 
 def record_outputs(directory: Path, *, hash_all: bool = False, hash_max_bytes: int = HASH_MAX_BYTES,

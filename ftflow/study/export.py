@@ -33,7 +33,7 @@ from typing import Mapping, Optional
 
 import yaml
 
-from ftflow.artifacts import MANIFEST, RELATIVE_PATHS, read_json, resolved_paths
+from ftflow.artifacts import read_json, read_manifest
 from ftflow.errors import UserError
 from ftflow.study.recommend import loading_lines
 
@@ -89,11 +89,10 @@ def find_model(evaluation: Mapping, name: Optional[str]) -> tuple[str, dict, dic
                           + (f"; did you mean {', '.join(close)}?" if close else "")
                           + f" ({len(known)} models have a test score: `ftflow run CONFIG` prints them)")
     row = next(r for r in evaluation["leaderboard"] if r["name"] == name)
-    stage_dir = Path(models[name]["stage_dir"])
-    # On disk its paths are relative to the artifacts directory (<artifacts_dir>/<stage>/<key>), wherever that is now.
-    manifest = read_json(stage_dir / MANIFEST)
-    if RELATIVE_PATHS in manifest:
-        manifest = resolved_paths(manifest, stage_dir.parent.parent)
+    manifest = read_manifest(Path(models[name]["stage_dir"]))
+    if manifest is None:
+        raise ExportError(f"{models[name]['stage_dir']} has no readable manifest: run the config again (`ftflow run "
+                          "CONFIG` recomputes what is missing) and export then")
     return name, row, manifest
 
 

@@ -16,27 +16,9 @@ import pytest
 import yaml
 
 from tests.flows.micro import micro_config
+from tests.processes import MARKER, marked_processes
 
 ROOT = Path(__file__).resolve().parents[2]
-MARKER = "FTFLOW_TEST_RUN_MARKER"
-
-
-def marked_processes(marker: str) -> dict[int, str]:
-    """{pid: command line} of every live process whose environment carries ``MARKER=marker`` (inherited by all
-    the processes a run starts, whatever they re-parent to)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if f"{MARKER}={marker}".encode() in environ and stat[stat.rindex(")") + 2] != "Z":
-            found[int(entry.name)] = command
-    return found
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="walks /proc")

@@ -1,6 +1,6 @@
 import pytest
 
-from ftflow.artifacts import atomic_directory, read_manifest, sha256_tree, write_json
+from ftflow.artifacts import atomic_directory, read_manifest, relative_paths, sha256_tree, write_json
 
 
 def test_failed_block_leaves_nothing_behind(tmp_path):
@@ -22,6 +22,16 @@ def test_finished_directory_replaces_an_unfinished_leftover(tmp_path):
         write_json(tmp / "manifest.json", {"ok": True})
     assert read_manifest(final) == {"ok": True}
     assert not (final / "stale.txt").exists()
+
+
+def test_a_stage_manifest_is_read_with_its_paths_under_the_directory_it_is_in_now(tmp_path):
+    root = tmp_path / "artifacts"
+    stage = root / "train" / "k1"
+    stage.mkdir(parents=True)
+    write_json(stage / "manifest.json", relative_paths({"dir": str(stage), "model": str(stage / "model")}, root))
+    root.rename(tmp_path / "moved")
+    moved = tmp_path / "moved" / "train" / "k1"
+    assert read_manifest(moved) == {"dir": str(moved), "model": str(moved / "model")}
 
 
 def test_tree_hash_sees_names_and_contents(tmp_path):
