@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -500,96 +500,3 @@ def check_training_fits(
             "in full)."
         )
     return prediction
-
-
-def check_training_run(
-    path_or_id: str,
-    precision: str,
-    method: Method,
-    *,
-    tokenizer,
-    train_sentences: Sequence[str],
-    validation_sentences: Sequence[str],
-    batch_size: int,
-    eval_batch_size: int,
-    max_length: int,
-    budget_bytes: int,
-    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
-    device: Device = "cuda",
-    lora_r: int = 8,
-    lora_dropout: float = 0.05,
-    num_virtual_tokens: int = 8,
-    trust_remote_code: bool = False,
-) -> MemoryPrediction:
-    """:func:`check_training_fits` at the lengths one run will see, measured on its own data.
-
-    The step is planned on the longest sentence of ``train_sentences``, the
-    set that trains (augmented: random insertion lengthens sentences, so the
-    split it was made from understates it), and the validation pass on the
-    longest of ``validation_sentences``, the split scored between epochs; both
-    under the run's ``tokenizer`` and at most ``max_length`` tokens.
-
-    Raises:
-        MemoryBudgetError: the larger of the two peaks exceeds the budget.
-    """
-    return check_training_fits(
-        path_or_id, precision, method, batch_size=batch_size,
-        max_length=longest_sequence(tokenizer, train_sentences, max_length), budget_bytes=budget_bytes,
-        eval_batch_size=eval_batch_size, eval_length=longest_sequence(tokenizer, validation_sentences, max_length),
-        logits_chunk_tokens=logits_chunk_tokens, device=device, lora_r=lora_r, lora_dropout=lora_dropout,
-        num_virtual_tokens=num_virtual_tokens, trust_remote_code=trust_remote_code,
-    )
-
-
-class TrainingJob(Protocol):
-    """What the memory check reads of a training job (:data:`ftflow.train.jobs.Job`, every method's class)."""
-
-    method: str
-    model: dict[str, Any]
-    precision: str
-    batch_size: int
-
-    def memory_options(self) -> dict[str, Any]: ...
-
-
-def check_training_job(
-    job: TrainingJob,
-    *,
-    tokenizer,
-    train_sentences: Sequence[str],
-    validation_sentences: Sequence[str],
-    eval_batch_size: int,
-    max_length: int,
-    budget_bytes: int,
-    logits_chunk_tokens: int = DEFAULT_LOGITS_CHUNK_TOKENS,
-    device: Device = "cuda",
-) -> tuple[MemoryPrediction, Optional[str]]:
-    """The memory plan of one training job, on its own data: ``(prediction, master_weights)``.
-
-    The job's method (QLoRA as itself), precision, batch size and the method's
-    own settings (LoRA rank and dropout, prefix length: ``job.memory_options()``)
-    are what is planned. ``master_weights`` is None except for full fine-tuning
-    and distillation of a bf16/fp16 model: ``fp32`` (master weights under
-    autocast) when an fp32 run of the same job fits, whose peak bounds theirs,
-    else the model's precision (bf16 weights with a compensated update, see
-    :func:`ftflow.train.trainer.plan_precision`).
-
-    Raises:
-        MemoryBudgetError: the run is predicted over the budget, or an fp16 run
-            whose fp32 master weights (which fp16 training needs) do not fit.
-    """
-    options = dict(tokenizer=tokenizer, train_sentences=train_sentences, validation_sentences=validation_sentences,
-                   batch_size=job.batch_size, eval_batch_size=eval_batch_size, max_length=max_length,
-                   budget_bytes=budget_bytes, logits_chunk_tokens=logits_chunk_tokens, device=device,
-                   trust_remote_code=job.model["trust_remote_code"], **job.memory_options())
-    path = job.model["path"]
-    master_weights = None
-    if job.method in ("full", "distill") and job.precision in ("bf16", "fp16"):
-        try:
-            check_training_run(path, "fp32", job.method, **options)
-            master_weights = "fp32"
-        except MemoryBudgetError as exc:
-            if job.precision == "fp16":
-                raise MemoryBudgetError(f"fp16 training needs fp32 master weights, which do not fit: {exc}")
-            master_weights = job.precision
-    return check_training_run(path, job.precision, job.method, **options), master_weights

@@ -48,14 +48,14 @@ optimises the same thing (:func:`ftflow.train.runner.run_job`).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Sequence, get_args
+from typing import Any, Callable, Optional, Protocol, Sequence, get_args
 
 from pydantic import BaseModel, ConfigDict
 
 from ftflow.config import DEFAULT_FIT_ORDER, FitTechnique
 from ftflow.errors import UserError
 from ftflow.plan.predict import GB, MemoryPrediction, predict_training
-from ftflow.plan.decide import TrainingJob, longest_sequence
+from ftflow.plan.decide import longest_sequence
 from ftflow.models.architecture import model_config_for
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS
 
@@ -410,6 +410,17 @@ def out_of_memory_refit(device: str, bf16_supported: bool) -> Callable[[dict], O
         return None if following is None else {**following.model_dump(mode="json"), "summary": following.summary}
 
     return refit
+
+
+class TrainingJob(Protocol):
+    """What :func:`plan_training_job` reads of a training job (:data:`ftflow.train.jobs.Job`, every method's class)."""
+
+    method: str
+    model: dict[str, Any]
+    precision: str
+    batch_size: int
+
+    def memory_options(self) -> dict[str, Any]: ...
 
 
 def plan_training_job(

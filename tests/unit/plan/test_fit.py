@@ -309,6 +309,92 @@ def test_a_lora_grid_that_cannot_fit_is_said_once_before_training():
     assert check_grid_fits([plans[0], fitting], ["lora[a]", "lora[b]"]) == [plans[0], fitting]
 
 
+def _small_model(tmp_path, precision):
+    """A two-layer Llama config saved as a model directory (hidden 64, intermediate 160, vocab 300), as a job names it."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+    config.save_pretrained(tmp_path)
+    return config, {"name": "m", "path": str(tmp_path), "family": "f", "precision": precision,
+                    "trust_remote_code": False}
+
+
+def test_a_job_is_planned_on_the_set_that_trains_and_its_validation_pass(tmp_path):
+    """plan_training_job measures the run's own data: the longest sentence of the set that trains, the longest
+    validation sentence for the pass between epochs, both under the run's tokenizer and at most max_length."""
+    from ftflow.config import FinetuneConfig
+    from ftflow.plan.fit import plan_training_job
+    from ftflow.train.jobs import full_job
+
+    config, model = _small_model(tmp_path, "fp32")
+    job = full_job(FinetuneConfig(batch_size=2), model)
+    original = ["the cat sat on the mat", "a dog ran fast"]  # at most 6 words: 7 tokens with <s>
+    # Random insertion (augmentation) lengthened the first sentence to 11 words.
+    augmented = original + ["the big cat sat on the red mat and ran fast"]
+    validation = ["the film was very good and fun"]  # 7 words: 8 tokens
+    common = dict(tokenizer=tiny_tokenizer(), validation_sentences=validation, eval_batch_size=4, max_length=2048,
+                  budget_bytes=BUDGET, device="cpu")
+    on_original = plan_training_job(job, train_sentences=original, **common)
+    on_augmented = plan_training_job(job, train_sentences=augmented, **common)
+    assert (on_original.max_length, on_augmented.max_length) == (7, 12)
+    assert (on_augmented.prediction["eval_length"], on_augmented.prediction["eval_batch_size"]) == (8, 4)
+    assert on_augmented.prediction["step_peak_bytes"] == predict_training(config, "fp32", "full", 2, 12,
+                                                                          device="cpu").peak_bytes
+    assert plan_training_job(job, train_sentences=augmented, **{**common, "max_length": 9}).max_length == 9
+    # A budget the step fits in but the validation pass (64 sentences a batch) does not: with nothing to try
+    # (fit_order empty: only check), the run does not fit, at the validation pass's peak.
+    wide = predict_training(config, "fp32", "full", 2, 12, device="cpu", eval_batch_size=64, eval_length=8)
+    assert wide.step_peak_bytes < wide.eval_peak_bytes
+    over = plan_training_job(job, train_sentences=augmented, fit_order=(),
+                             **{**common, "eval_batch_size": 64, "budget_bytes": wide.step_peak_bytes})
+    assert not over.fits and over.peak_bytes == wide.eval_peak_bytes
+
+
+def test_a_job_is_planned_with_its_own_settings(tmp_path):
+    """The job's method (QLoRA as itself), LoRA rank and dropout and prefix length are what is planned."""
+    from ftflow.config import FinetuneConfig, LoraConfig, PrefixConfig, QLoraConfig
+    from ftflow.plan.fit import plan_training_job
+    from ftflow.train.jobs import full_job, lora_grid, prefix_grid, qlora_like
+
+    config, model = _small_model(tmp_path, "bf16")
+    data = dict(tokenizer=tiny_tokenizer(), train_sentences=["the cat sat on the mat"],
+                validation_sentences=["a dog ran fast"], eval_batch_size=4, max_length=2048, device="cuda")
+    lengths = dict(eval_batch_size=4, eval_length=5, device="cuda")  # trains on 7 tokens (<s> + 6 words); 5 scored
+
+    def plan(job, budget=BUDGET, **options):
+        return plan_training_job(job, budget_bytes=budget, **data, **options)
+
+    p2, p64 = prefix_grid(PrefixConfig(num_virtual_tokens=[2, 64], batch_size=2), model)
+    assert plan(p2).prediction == predict_training(config, "bf16", "prefix", 2, 7, num_virtual_tokens=2,
+                                                   **lengths).to_dict()
+    assert plan(p64).prediction == predict_training(config, "bf16", "prefix", 2, 7, num_virtual_tokens=64,
+                                                    **lengths).to_dict()
+    # 62 more virtual tokens: 62 more key/value vectors per layer and longer attention.
+    assert plan(p2).peak_bytes < plan(p64).peak_bytes
+    assert plan(p2).prediction != predict_training(config, "bf16", "prefix", 2, 7, num_virtual_tokens=8,
+                                                   **lengths).to_dict()
+    d0, d1 = lora_grid(LoraConfig(r=16, dropout=[0.0, 0.1], batch_size=2), model)
+    assert plan(d0).prediction == predict_training(config, "bf16", "lora", 2, 7, lora_r=16, lora_dropout=0.0,
+                                                   **lengths).to_dict()
+    assert plan(d1).prediction == predict_training(config, "bf16", "lora", 2, 7, lora_r=16, lora_dropout=0.1,
+                                                   **lengths).to_dict()
+    assert plan(d0).peak_bytes < plan(d1).peak_bytes  # dropout keeps its mask and its input for backward
+    qlora = plan(qlora_like(d1, model, QLoraConfig()))
+    assert qlora.method == "qlora" and qlora.prediction == predict_training(
+        config, "nf4", "qlora", 2, 7, lora_r=16, lora_dropout=0.1, **lengths).to_dict()
+    # bf16 full fine-tuning: fp32 master weights when an fp32 run fits, else bf16 weights (compensated update);
+    # fp16 weights cannot be trained without fp32 master weights: nothing to fall back to.
+    full = full_job(FinetuneConfig(batch_size=2), model)
+    fp32_peak = predict_training(config, "fp32", "full", 2, 7, **lengths).peak_bytes
+    assert plan(full).master_weights == "fp32" and plan(full).peak_bytes == fp32_peak
+    halved = plan(full, fp32_peak - 1, fit_order=("half_weights",))
+    assert (halved.fits, halved.master_weights, halved.update) == (True, "bf16", "adamw-kahan")
+    fp16 = plan(full.model_copy(update={"model": dict(model, precision="fp16")}), fp32_peak - 1,
+                fit_order=("half_weights",))
+    assert not fp16.fits and fp16.master_weights == "fp32"
+
+
 def test_the_report_says_how_runs_were_made_to_fit():
     from ftflow.study.design import report_notes
 

@@ -297,35 +297,6 @@ def test_training_peak_includes_the_validation_pass_with_the_optimizer_resident(
     assert small.peak_bytes == small.step_peak_bytes == 470_868_480 > small.eval_peak_bytes
 
 
-def test_a_run_is_planned_on_the_set_that_trains_and_refused_when_validation_overflows(tmp_path):
-    from tests.tiny import tiny_tokenizer
-
-    from ftflow.plan.decide import MemoryBudgetError, check_training_run
-
-    small_config().save_pretrained(tmp_path)
-    tokenizer = tiny_tokenizer()
-    original = ["the cat sat on the mat", "a dog ran fast"]  # at most 6 words: 7 tokens with <s>
-    # Random insertion (augmentation) lengthened the first sentence to 11 words.
-    augmented = original + ["the big cat sat on the red mat and ran fast"]
-    validation = ["the film was very good and fun"]  # 7 words: 8 tokens
-    common = dict(tokenizer=tokenizer, validation_sentences=validation, batch_size=2, eval_batch_size=4,
-                  max_length=2048, budget_bytes=20 * GB, device="cpu")
-    on_original = check_training_run(str(tmp_path), "fp32", "full", train_sentences=original, **common)
-    on_augmented = check_training_run(str(tmp_path), "fp32", "full", train_sentences=augmented, **common)
-    assert (on_original.max_length, on_augmented.max_length) == (7, 12)
-    assert on_augmented.eval_length == 8 and on_augmented.eval_batch_size == 4
-    assert on_augmented.step_peak_bytes == predict_training(small_config(), "fp32", "full", 2, 12,
-                                                             device="cpu").peak_bytes
-    capped = check_training_run(str(tmp_path), "fp32", "full", train_sentences=augmented, **{**common, "max_length": 9})
-    assert capped.max_length == 9
-    # A budget the step fits in but the validation pass (64 sentences a batch) does not.
-    wide = predict_training(small_config(), "fp32", "full", 2, 12, device="cpu", eval_batch_size=64, eval_length=8)
-    assert wide.step_peak_bytes < wide.eval_peak_bytes
-    with pytest.raises(MemoryBudgetError, match="in the validation pass between epochs \\(batch size 64, 8 tokens"):
-        check_training_run(str(tmp_path), "fp32", "full", train_sentences=augmented,
-                           **{**common, "eval_batch_size": 64, "budget_bytes": wide.step_peak_bytes})
-
-
 def test_gradient_checkpointing_saves_activations_and_is_on_for_qlora():
     config = small_config(num_hidden_layers=6)
     plain = predict_training(config, "fp32", "full", 4, 64)
@@ -531,49 +502,6 @@ def test_training_that_would_not_fit_is_refused_before_loading():
     with pytest.raises(MemoryBudgetError, match="full training of ibm-granite/granite-3.3-8b-base .* over the 20.00 GB"):
         check_training_fits("ibm-granite/granite-3.3-8b-base", "bf16", "full", batch_size=1, max_length=128,
                             budget_bytes=budget)
-
-
-def test_the_training_memory_check_takes_the_job_with_its_own_settings(tmp_path):
-    """The job's method (QLoRA as itself), LoRA rank and dropout and prefix length are what is planned."""
-    from tests.tiny import tiny_tokenizer
-
-    from ftflow.config import FinetuneConfig, LoraConfig, PrefixConfig, QLoraConfig
-    from ftflow.train.jobs import full_job, lora_grid, prefix_grid, qlora_like
-    from ftflow.plan.decide import MemoryBudgetError, check_training_job
-
-    small_config().save_pretrained(tmp_path)
-    model = {"name": "m", "path": str(tmp_path), "family": "f", "precision": "bf16", "trust_remote_code": False}
-    data = dict(tokenizer=tiny_tokenizer(), train_sentences=["the cat sat on the mat"],
-                validation_sentences=["a dog ran fast"], eval_batch_size=4, max_length=2048, device="cuda")
-    lengths = dict(eval_batch_size=4, eval_length=5, device="cuda")  # trains on 7 tokens (<s> + 6 words); 5 scored
-
-    def check(job, budget=20 * GB):
-        return check_training_job(job, budget_bytes=budget, **data)
-
-    p2, p64 = prefix_grid(PrefixConfig(num_virtual_tokens=[2, 64], batch_size=2), model)
-    (planned, master), _ = check(p2), check(p64)
-    assert master is None and planned == predict_training(small_config(), "bf16", "prefix", 2, 7,
-                                                          num_virtual_tokens=2, **lengths)
-    assert check(p64)[0] == predict_training(small_config(), "bf16", "prefix", 2, 7, num_virtual_tokens=64, **lengths)
-    # 62 more virtual tokens: 62 more key/value vectors per layer and longer attention (the default, 8, was planned
-    # for every prefix run before the check took the job).
-    assert planned.peak_bytes < check(p64)[0].peak_bytes
-    assert planned != predict_training(small_config(), "bf16", "prefix", 2, 7, num_virtual_tokens=8, **lengths)
-    d0, d1 = lora_grid(LoraConfig(r=16, dropout=[0.0, 0.1], batch_size=2), model)
-    assert check(d0)[0] == predict_training(small_config(), "bf16", "lora", 2, 7, lora_r=16, lora_dropout=0.0,
-                                            **lengths)
-    assert check(d1)[0] == predict_training(small_config(), "bf16", "lora", 2, 7, lora_r=16, lora_dropout=0.1,
-                                            **lengths)
-    assert check(d0)[0].peak_bytes < check(d1)[0].peak_bytes  # dropout keeps its mask and its input for backward
-    qlora = qlora_like(d1, model, QLoraConfig())
-    assert check(qlora)[0] == predict_training(small_config(), "nf4", "qlora", 2, 7, lora_r=16, lora_dropout=0.1,
-                                               **lengths)
-    # bf16 full fine-tuning: fp32 master weights when an fp32 run fits, else bf16 weights (compensated update).
-    full = full_job(FinetuneConfig(batch_size=2), model)
-    fp32_peak = predict_training(small_config(), "fp32", "full", 2, 7, **lengths).peak_bytes
-    assert check(full)[1] == "fp32" and check(full, fp32_peak - 1)[1] == "bf16"
-    with pytest.raises(MemoryBudgetError, match="fp16 training needs fp32 master weights"):
-        check(full.model_copy(update={"model": dict(model, precision="fp16")}), fp32_peak - 1)
 
 
 # ----------------------------------------------------------------------------- the teacher pass
