@@ -25,8 +25,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal, Mapping, Optional, Sequence
 
+from ftflow.errors import UserError
 from ftflow.models.known import KNOWN_MODELS, known_architecture
 
 HUB_TIMEOUT_S = 10.0
@@ -373,3 +374,43 @@ def check_candidates(candidates: Sequence) -> tuple[HubReport, dict[str, str]]:
         go_offline(report.offline_reason)
     problems = report.problems
     return report, {c.name: problems[c.path] for c in candidates if c.path in problems}
+
+
+class NoUsableModelError(UserError):
+    """The hub check leaves out every candidate model of a config: nothing can run."""
+
+
+def require_a_usable_candidate(candidates: Sequence, problems: Mapping[str, str]) -> None:
+    """Refuse a run whose every candidate the hub check left out, naming each and why.
+
+    Args:
+        candidates: the config's models (a zoo config has none: nothing to refuse).
+        problems: ``{candidate name: why it cannot be used}``, as :func:`check_candidates` returns it.
+
+    Raises:
+        NoUsableModelError: ``problems`` names every candidate.
+    """
+    if candidates and len(problems) == len(candidates):
+        lines = [f"{name}: {problem}" for name, problem in problems.items()]
+        raise NoUsableModelError("no candidate model can be used, nothing was run: " + (
+            lines[0] if len(lines) == 1 else "\n" + "\n".join(f"  - {line}" for line in lines)))
+
+
+def check_notes(report: HubReport, problems: Mapping[str, str]) -> list[str]:
+    """What a command says of :func:`check_candidates`' result, one line each: where hub models are read from when
+    the hub was not asked, then each candidate left out and why."""
+    lines = []
+    if report.offline_reason and report.checks:
+        lines.append(f"{report.offline_reason}: hub models are read from the Hugging Face cache ({hub_cache_dir()})")
+    return lines + [f"{name} is left out: {problem}" for name, problem in problems.items()]
+
+
+def refused_by_the_hub(candidates: Sequence) -> dict[str, str]:
+    """``{candidate name: why}`` of the config's hub ids the hub itself refuses (wrong id, gated, bad token).
+
+    Online only: offline nothing is asked (a config's paths are checked for their form elsewhere) and nothing is
+    refused, so ``ftflow validate`` passes a config whose models are only missing from this machine's cache.
+    """
+    ids = [] if hub_offline() else [c.path for c in candidates if is_hub_id(c.path)]
+    checks = check_models(ids, others=ids).checks if ids else {}
+    return {c.name: checks[c.path].message for c in candidates if c.path in checks and checks[c.path].refused}

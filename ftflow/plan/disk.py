@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Mapping, Optional
 
+from ftflow.errors import UserError
 from ftflow.models.known import HUB_DTYPES, known_id
 from ftflow.plan.predict import GB
 
@@ -214,3 +215,66 @@ def plan_disk(cfg, study, checks: Mapping[str, object], *, hub_cache: Path, done
               for part, size in kept.items() if counts[part]]
     return DiskPlan(downloads, sum(kept.values()), detail, in_flight * max(1, workers), Path(hub_cache),
                     Path(cfg.artifacts_dir), notes)
+
+
+def study_disk(cfg, report, study, done: Collection[str] = ()) -> DiskPlan:
+    """:func:`plan_disk` for ``cfg``'s study as a run makes it: downloads sized by the hub check (``report``, a
+    :class:`ftflow.models.hub.HubReport`; the tokenizer files it listed), one set of checkpoints per Dask worker the
+    run starts (a given cluster's address: one run at a time is counted)."""
+    from ftflow.models import hub
+
+    tokenizer_bytes = {}
+    for spec in cfg.models:
+        check = report.checks.get(spec.path)
+        if check is not None and check.files:
+            tokenizer_bytes[spec.name] = sum(size for name, size in check.files if name in hub.TOKENIZER_FILES)
+    workers = cfg.runner.n_workers if cfg.runner.kind == "dask" and cfg.runner.address is None else 1
+    return plan_disk(cfg, study, report.checks, hub_cache=hub.hub_cache_dir(), done=done,
+                     tokenizer_bytes=tokenizer_bytes, workers=workers)
+
+
+def run_disk(cfg, report, left_out: Mapping[str, str], done: Collection[str] = ()) -> Optional[DiskPlan]:
+    """The disk a run of ``cfg`` needs before it starts, on the device it runs on; None for a config with a zoo.
+
+    Args:
+        cfg: the :class:`ftflow.config.PipelineConfig`.
+        report: its hub check (:func:`ftflow.models.hub.check_candidates`); the configs of hub ids ftflow does not
+            know are read from the hub, so that they are sized too.
+        left_out: ``{model name: why}`` of models the run will not use.
+        done: labels of the stage runs already cached (:attr:`ftflow.stages.status.PipelineStatus.cached_labels`).
+    """
+    from ftflow.models import hub
+    from ftflow.models.architecture import fetched_configs_dir
+    from ftflow.models.loading import resolve_device
+    from ftflow.plan.candidates import planned_bf16
+    from ftflow.plan.study import plan_study
+
+    if not cfg.models:  # a zoo's models are built by the run at its own small sizes (the demo's: < 1M parameters)
+        return None
+    device = resolve_device(cfg.device)
+    hub.fetch_configs(report, fetched_configs_dir(cfg.artifacts_dir))
+    study = plan_study(cfg, device=device, bf16_supported=planned_bf16(device), left_out=left_out,
+                       config_dir=fetched_configs_dir(cfg.artifacts_dir))
+    return study_disk(cfg, report, study, done)
+
+
+class NotEnoughDiskError(UserError):
+    """A file system lacks the disk a study needs: the run is refused before it starts."""
+
+
+def refuse_short_disk(plan: DiskPlan, source: str) -> None:
+    """Refuse to start a study when a file system lacks the disk ``plan`` says it needs, with the figures.
+
+    Args:
+        plan: the study's :class:`DiskPlan` (:func:`run_disk`).
+        source: the config file as the user named it (for the fixes the message gives).
+
+    Raises:
+        NotEnoughDiskError: :meth:`DiskPlan.shortfalls` names a file system.
+    """
+    if shortfalls := plan.shortfalls():
+        raise NotEnoughDiskError(
+            "not enough disk to start (nothing was run): " + "; ".join(shortfalls) + ". Needed:\n"
+            + "\n".join(f"  - {line}" for line in plan.lines())
+            + f"\n  Free space there, or move the downloads (HF_HUB_CACHE) or the outputs (artifacts_dir in {source}, "
+              f"or --set artifacts_dir=DIR) to a larger disk; `ftflow plan {source}` shows every run")

@@ -31,6 +31,7 @@ from ftflow.stages import calls as stages
 from ftflow.artifacts import MANIFEST, check_outputs, hash_all_from_env
 from ftflow.stages.caching import PREFECT_RECORD
 from ftflow.config import PipelineConfig
+from ftflow.errors import UserError
 
 PENDING = "pending"  # marks the placeholder of a stage that will run: {"stage", "fingerprint": None, PENDING: label}
 MAX_REASONS = 6  # per stage; the rest are counted
@@ -61,6 +62,11 @@ class PipelineStatus:
     def nothing_to_run(self) -> bool:
         """Whether every stage is cached, the report included: a run would compute nothing."""
         return self.evaluation is not None and all(s.state == "cached" for s in self.stages)
+
+    @property
+    def cached_labels(self) -> list[str]:
+        """Labels of the stage runs a run would find cached (no disk needed for them: ``ftflow.plan.disk.run_disk``)."""
+        return [s.label for s in self.stages if s.state == "cached"]
 
     def counts(self) -> dict[str, int]:
         return {state: sum(s.state == state for s in self.stages) for state in ("cached", "run", "after")}
@@ -375,3 +381,25 @@ def _rest(w: _Walk, after: list[str], *, benchmarks: bool = False, select: bool 
 def status_text(source: str, status: PipelineStatus) -> str:
     """The ``ftflow status`` report: a heading, then :meth:`PipelineStatus.to_text`."""
     return f"ftflow status: {source} (artifacts in {_shown(status.artifacts_dir)})\n{status.to_text()}\n"
+
+
+class NoFinishedRunError(UserError):
+    """A command that reads a finished run's results (``ftflow export``) on a config whose run has not finished."""
+
+
+def finished_evaluation(cfg: PipelineConfig, source: str) -> dict:
+    """The evaluation manifest of ``cfg``'s finished run (its report, leaderboard and recommendation).
+
+    Args:
+        cfg: the config.
+        source: the config file as the user named it (for the commands the error gives).
+
+    Raises:
+        NoFinishedRunError: the run has not finished (its report is not in the artifacts directory).
+    """
+    status = pipeline_status(cfg)
+    if status.evaluation is None:
+        raise NoFinishedRunError(
+            f"{source} has no finished run in {cfg.artifacts_dir} (its report is not there for this config): run it "
+            f"first, `ftflow run {source}`; `ftflow status {source}` says what is left")
+    return status.evaluation

@@ -446,3 +446,11 @@ def study_findings(baselines: Sequence[Mapping], runs: Sequence[Mapping], chosen
                      f"{_figure(evidence.compare(mix, original))}")
         lines.append(line)
     return lines
+
+
+def evaluation_answer(evaluation: Mapping, config: str = "CONFIG") -> str:
+    """The answer that opens a finished run's report (:func:`answer_text` of its recommendation and findings), with
+    the commands naming ``config``; empty for an evaluation written before ftflow made one."""
+    if evaluation.get("recommendation") is None:
+        return ""
+    return answer_text(evaluation["recommendation"], evaluation.get("findings") or [], config=config)

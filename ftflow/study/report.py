@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import pandas as pd
 
@@ -301,3 +301,9 @@ def render_report(
     if notes:
         lines += ["## Notes", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)
+
+
+def failure_summary(evaluation: Mapping) -> list[str]:
+    """One line per model or run of the leaderboard that has no result, with its cause (on that line)."""
+    return [f"{row['name']} ({row['kind']}): {' '.join(str(row['error']).split())}"
+            for row in evaluation.get("leaderboard", []) if row.get("error")]

@@ -14,6 +14,7 @@ import flows.cli
 from flows.cli import main
 from ftflow.config import load_config
 from ftflow.stages.status import pipeline_status
+from ftflow.study.recommend import evaluation_answer
 from tests.flows.micro import STAGES, micro_config, run_pipeline_runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +101,7 @@ def test_a_finished_run_opens_with_its_answer_in_the_report_the_terminal_and_sta
     monkeypatch.setattr(flows.cli, "_prefect_api", _refuse_prefect)
     assert main(["run", str(config), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    answer = flows.cli.answer_of(evaluation, str(config))
+    answer = evaluation_answer(evaluation, str(config))
     assert out.lstrip("\n").startswith(answer) and answer.startswith("## Answer")
     assert f"`ftflow export {config} --to DIR`" in answer
     assert main(["status", str(config)]) == 0

@@ -115,18 +115,6 @@ def test_prefect_console_logs_show_user_errors_without_traceback():
     assert text.endswith("RuntimeError: a bug")
 
 
-def test_the_final_summary_lists_every_model_without_a_result():
-    from flows.cli import failure_summary
-
-    evaluation = {"leaderboard": [
-        {"name": "small", "kind": "baseline", "error": None},
-        {"name": "ghost", "kind": "baseline", "error": "ModelLoadError: cannot load /x/ghost-model:\n(1) no\n(2) no"},
-        {"name": "full[big]", "kind": "full", "error": "not trained: predicted 30 GB > 20 GB"},
-    ]}
-    assert failure_summary(evaluation) == ["ghost (baseline): ModelLoadError: cannot load /x/ghost-model: (1) no (2) no",
-                                           "full[big] (full): not trained: predicted 30 GB > 20 GB"]
-
-
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch) -> Path:
     """An empty Hugging Face cache for this test (offline, as every test is), and no hub answers remembered."""

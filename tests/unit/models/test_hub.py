@@ -166,3 +166,52 @@ def test_an_unknown_models_config_is_read_from_the_hub_into_the_artifacts_and_pl
     config = model_config_for("someone/new-model", config_dir=destination)
     assert (config.model_type, config.hidden_size) == ("llama", 64)
     assert count_config_parameters(config) > 0
+
+
+def test_a_run_is_refused_only_when_the_hub_check_leaves_out_every_candidate():
+    from types import SimpleNamespace
+
+    from ftflow.errors import UserError
+
+    models = [SimpleNamespace(name="a", path="org/a"), SimpleNamespace(name="b", path="org/b")]
+    hub.require_a_usable_candidate(models, {"a": "org/a is gone"})  # b is left: the run goes on without a
+    hub.require_a_usable_candidate([], {})  # a zoo config: its models are built, nothing to check
+    with pytest.raises(hub.NoUsableModelError) as caught:
+        hub.require_a_usable_candidate(models[:1], {"a": "org/a is gone"})
+    assert str(caught.value) == "no candidate model can be used, nothing was run: a: org/a is gone"
+    assert isinstance(caught.value, UserError)  # ftflow run: one "ftflow:" line, exit 2
+    with pytest.raises(hub.NoUsableModelError) as caught:
+        hub.require_a_usable_candidate(models, {"a": "org/a is gone", "b": "org/b is gated"})
+    assert str(caught.value) == ("no candidate model can be used, nothing was run: \n  - a: org/a is gone\n"
+                                 "  - b: org/b is gated")
+
+
+def test_what_a_command_says_of_the_hub_check(cache):
+    missing = hub.HubCheck("org/a", "not-cached", "org/a is not in the Hugging Face cache")
+    offline = hub.HubReport({"org/a": missing}, offline_reason="HF_HUB_OFFLINE is set")
+    assert hub.check_notes(offline, {"a": missing.message}) == [
+        f"HF_HUB_OFFLINE is set: hub models are read from the Hugging Face cache ({cache})",
+        "a is left out: org/a is not in the Hugging Face cache"]
+    assert hub.check_notes(hub.HubReport({}, offline_reason="HF_HUB_OFFLINE is set"), {}) == []  # no hub id asked
+    assert hub.check_notes(hub.HubReport({"org/a": hub.HubCheck("org/a", "ok")}), {}) == []
+
+
+def test_validate_asks_the_hub_only_online_and_names_the_models_it_refuses(online, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+
+    models = [SimpleNamespace(name=name, path=path) for name, path in (
+        ("typo", "Qwen/Qwen2.5-0.5BB"), ("fine", "Qwen/Qwen2.5-0.5B"), ("gated", "meta-llama/Llama-3.2-1B"),
+        ("local", str(tmp_path)))]
+    with FakeHub({"Qwen/Qwen2.5-0.5B": FakeModel(FILES),
+                  "meta-llama/Llama-3.2-1B": FakeModel(FILES, gated="manual")}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        refused = hub.refused_by_the_hub(models)
+    assert list(refused) == ["typo", "gated"]
+    assert refused["typo"].startswith(f"Qwen/Qwen2.5-0.5BB does not exist on the hub ({server.url}/Qwen/Qwen2.5-0.5BB)")
+    assert refused["gated"].startswith("meta-llama/Llama-3.2-1B is gated and no Hugging Face token is set")
+    # Offline nothing is asked, so nothing is refused: the models may only be missing from this machine's cache.
+    monkeypatch.setattr(hub, "_MEMO", {})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub.refused_by_the_hub(models) == {}

@@ -122,3 +122,60 @@ def test_each_dask_worker_trains_a_run_with_its_own_checkpoints(tmp_path, worker
     study = plan_study(cfg, device="cpu", bf16_supported=True)
     one = disk.plan_disk(cfg, study, {}, hub_cache=tmp_path / "hf").in_flight_bytes
     assert disk.plan_disk(cfg, study, {}, hub_cache=tmp_path / "hf", workers=workers).in_flight_bytes == workers * one
+
+
+def test_a_runs_disk_is_its_studys_and_a_zoo_config_is_not_planned(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from ftflow.models.hub import HubReport
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    cfg = load_config(small_study(tmp_path))
+    study = plan_study(cfg, device="cpu", bf16_supported=True)
+    planned = disk.run_disk(cfg, HubReport(), {})
+    assert planned == disk.plan_disk(cfg, study, {}, hub_cache=tmp_path / "hf")
+    done = [r.title for r in study.runs] + ["teacher_logits[teacher|topk5]"]
+    assert disk.run_disk(cfg, HubReport(), {}, done).outputs_bytes == 0  # what is cached needs nothing more
+    assert disk.run_disk(load_config("configs/demo.yaml"), HubReport(), {}) is None
+
+
+def test_the_tokenizer_files_the_hub_listed_and_each_dask_worker_a_run_starts(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from ftflow.models.hub import HubCheck, HubReport
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    cfg = load_config(small_study(tmp_path))
+    study = plan_study(cfg, device="cpu", bf16_supported=True)
+    alone = disk.study_disk(cfg, HubReport(), study)
+    assert alone == disk.plan_disk(cfg, study, {}, hub_cache=tmp_path / "hf")
+    # The student's tokenizer files as the hub listed them (the weights are not tokenizer files).
+    student = str(tmp_path / "student")
+    listed = HubReport({student: HubCheck(student, "ok", files=(("tokenizer.json", 1_000), ("config.json", 500),
+                                                                ("model.safetensors", 10**9)))})
+    assert disk.study_disk(cfg, listed, study) == disk.plan_disk(cfg, study, listed.checks, hub_cache=tmp_path / "hf",
+                                                                 tokenizer_bytes={"student": 1_500})
+    # A LocalCluster of 3 workers trains 3 runs at once; a given cluster's size is not known: one is counted.
+    dask = cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"kind": "dask", "n_workers": 3})})
+    assert disk.study_disk(dask, HubReport(), study).in_flight_bytes == 3 * alone.in_flight_bytes
+    given = dask.model_copy(update={"runner": dask.runner.model_copy(update={"address": "tcp://host:8786"})})
+    assert disk.study_disk(given, HubReport(), study).in_flight_bytes == alone.in_flight_bytes
+
+
+def test_a_study_is_refused_before_it_starts_when_a_file_system_lacks_the_disk(tmp_path, monkeypatch):
+    from ftflow.errors import UserError
+
+    cfg = load_config(small_study(tmp_path))
+    plan = disk.plan_disk(cfg, plan_study(cfg, device="cpu", bf16_supported=True), {}, hub_cache=tmp_path / "hf")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**12, 0, plan.total_bytes))
+    disk.refuse_short_disk(plan, "small.yaml")  # just enough
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**12, 10**12, 3_000_000))
+    with pytest.raises(disk.NotEnoughDiskError) as caught:
+        disk.refuse_short_disk(plan, "small.yaml")
+    assert isinstance(caught.value, UserError)  # ftflow run: one "ftflow:" line, exit 2
+    assert str(caught.value) == (
+        f"not enough disk to start (nothing was run): {plan.shortfalls()[0]}. Needed:\n"
+        + "".join(f"  - {line}\n" for line in plan.lines())
+        + "  Free space there, or move the downloads (HF_HUB_CACHE) or the outputs (artifacts_dir in small.yaml, "
+          "or --set artifacts_dir=DIR) to a larger disk; `ftflow plan small.yaml` shows every run")
+    assert "which has 3 MB free" in plan.shortfalls()[0]

@@ -310,7 +310,7 @@ def test_a_lora_grid_that_cannot_fit_is_said_once_before_training():
 
 
 def _small_model(tmp_path, precision):
-    """A two-layer Llama config saved as a model directory (hidden 64, intermediate 160, vocab 300), as a job names it."""
+    """A two-layer Llama config (hidden 64, intermediate 160, vocab 300) saved as the model directory a job names."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,

@@ -177,6 +177,7 @@ def test_status_of_a_stage_missing_unrecorded_cached_and_damaged(tmp_path):
     (final / PREFECT_RECORD).write_text("{}", encoding="utf-8")
     first = pipeline_status(cfg).stages[0]
     assert (first.state, first.directory, first.reasons) == ("cached", final, [])
+    assert pipeline_status(cfg).cached_labels == ["prepare_data"]
 
     (final / "train.jsonl").write_text('{"text": "b"}\n', encoding="utf-8")  # same size, other content
     first, second = pipeline_status(cfg).stages[:2]
@@ -214,3 +215,16 @@ def test_the_zoos_key_follows_the_split_files_it_reads_by_content(tmp_path):
     no_task_text = load_config("configs/demo.yaml", {"zoo": {"task_text": False}})
     assert (key(tmp_path / "f", {}, no_task_text)
             == key(tmp_path / "g", {"train": '{"text": "other train"}\n'}, no_task_text))
+
+
+def test_a_command_on_a_finished_run_is_refused_before_the_run_finished(tmp_path):
+    from ftflow.errors import UserError
+    from ftflow.stages.status import NoFinishedRunError, finished_evaluation
+
+    cfg = load_config("configs/demo.yaml", {"artifacts_dir": str(tmp_path / "artifacts"), "device": "cpu"})
+    with pytest.raises(NoFinishedRunError) as caught:
+        finished_evaluation(cfg, "my.yaml")
+    assert isinstance(caught.value, UserError)  # ftflow export: one "ftflow:" line, exit 2
+    assert str(caught.value) == (f"my.yaml has no finished run in {cfg.artifacts_dir} (its report is not there for "
+                                 "this config): run it first, `ftflow run my.yaml`; `ftflow status my.yaml` says what "
+                                 "is left")

@@ -254,3 +254,15 @@ def test_one_finding_per_section_with_its_paired_interval():
                              "skipped: x"}, evidence, lora_grid=design.lora_grid_runs)
     assert skipped[-1] == "distillation: not run; distillation was skipped: x"
     assert math.isfinite(grid.percent)
+
+
+def test_a_finished_runs_answer_is_its_recommendation_and_findings_naming_the_config():
+    from ftflow.study.recommend import evaluation_answer
+
+    candidates, evidence = setup()
+    answer = recommend(candidates, evidence, budget_gb=20, decisions=DECISIONS)
+    evaluation = {"recommendation": answer, "findings": ["- best LoRA combination ...: finding"]}
+    assert evaluation_answer(evaluation, "my.yaml") == answer_text(answer, evaluation["findings"], config="my.yaml")
+    assert "`ftflow export my.yaml --to DIR`" in evaluation_answer(evaluation, "my.yaml")
+    assert evaluation_answer({"recommendation": answer}) == answer_text(answer, [])
+    assert evaluation_answer({"leaderboard": []}, "my.yaml") == ""  # written before ftflow made an answer

@@ -44,3 +44,15 @@ def test_the_leaderboard_plot_draws_an_interval_that_leaves_out_its_point(tmp_pa
     frame["test_bpb_high"] = frame["test_bits_per_byte"] + 0.1
     plot_leaderboard(frame, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_final_summary_lists_every_model_without_a_result():
+    from ftflow.study.report import failure_summary
+
+    evaluation = {"leaderboard": [
+        {"name": "small", "kind": "baseline", "error": None},
+        {"name": "ghost", "kind": "baseline", "error": "ModelLoadError: cannot load /x/ghost-model:\n(1) no\n(2) no"},
+        {"name": "full[big]", "kind": "full", "error": "not trained: predicted 30 GB > 20 GB"},
+    ]}
+    assert failure_summary(evaluation) == ["ghost (baseline): ModelLoadError: cannot load /x/ghost-model: (1) no (2) no",
+                                           "full[big] (full): not trained: predicted 30 GB > 20 GB"]
