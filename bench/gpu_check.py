@@ -6,7 +6,7 @@ On a machine with a GPU (nothing is downloaded, no hub is needed)::
     python bench/gpu_check.py OUTDIR --models qwen2 --budget-s 200
     python bench/gpu_check.py OUTDIR --memory-cap-gb 20 --models granite-8b --budget-s 540   # as a 20 GB card
 
-and on a CPU, the same code at tiny sizes (what ``tests/unit/test_gpu_check.py`` runs)::
+and on a CPU, the same code at tiny sizes (what ``tests/unit/bench/test_gpu_check.py`` runs)::
 
     python bench/gpu_check.py --smoke OUTDIR
 

@@ -16,7 +16,7 @@ import pytest
 
 from tasks._locks import LeasedFileLockManager
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 KEY = "benchmark/0123456789abcdef0123/prefect-result.json"
 
 
