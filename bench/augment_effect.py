@@ -98,10 +98,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
 
-from ftflow.models import zoo  # noqa: E402
-from ftflow.data.augment import WORDNET_METHODS, augment_sentences  # noqa: E402
 from ftflow.config import AUGMENT_METHODS, AugmentConfig, BackTranslationConfig, ZooSize  # noqa: E402
+from ftflow.data.augment import WORDNET_METHODS, augment_sentences  # noqa: E402
 from ftflow.data.splits import hold_out_validation, read_sentences, write_split  # noqa: E402
+from ftflow.models import zoo  # noqa: E402
 from ftflow.perplexity import score_sentences  # noqa: E402
 from ftflow.study.report import markdown_table  # noqa: E402
 from ftflow.train.trainer import TrainSettings, encode_dataset, train_full, train_lora  # noqa: E402

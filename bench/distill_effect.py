@@ -76,13 +76,13 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
 
-from ftflow.models import zoo  # noqa: E402
 from ftflow.config import ZooConfig, ZooFamily, ZooSize  # noqa: E402
 from ftflow.data.splits import hold_out_validation, read_sentences  # noqa: E402
-from ftflow.distill.losses import VARIANTS
-from ftflow.distill.trainer import DistillationCollator, DistillationTrainer
-from ftflow.distill.store import TeacherTopK
-from ftflow.distill.teacher import compute_teacher_topk
+from ftflow.distill.losses import VARIANTS  # noqa: E402
+from ftflow.distill.store import TeacherTopK  # noqa: E402
+from ftflow.distill.teacher import compute_teacher_topk  # noqa: E402
+from ftflow.distill.trainer import DistillationCollator, DistillationTrainer  # noqa: E402
+from ftflow.models import zoo  # noqa: E402
 from ftflow.perplexity import score_sentences  # noqa: E402
 from ftflow.tokens import pad_token_id  # noqa: E402
 from ftflow.train.trainer import TrainSettings, batching_for, encode_dataset, train_full  # noqa: E402

@@ -150,13 +150,12 @@ from bench.perplexity_speed import DEFAULT_DATA, naive_score, read_sentences  # 
 
 import torch  # noqa: E402
 
-from ftflow.data import synthetic
-from ftflow.models import zoo  # noqa: E402
-from ftflow.models import architecture  # noqa: E402
-from ftflow.plan import decide as plan_decide  # noqa: E402
-from ftflow.plan import predict as plan_predict  # noqa: E402
+from ftflow.data import synthetic  # noqa: E402
+from ftflow.models import architecture, zoo  # noqa: E402
 from ftflow.models.loading import load_model, load_tokenizer  # noqa: E402
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences  # noqa: E402
+from ftflow.plan import decide as plan_decide  # noqa: E402
+from ftflow.plan import predict as plan_predict  # noqa: E402
 from ftflow.tokens import pad_token_id, sentence_ids  # noqa: E402
 
 MB = 10**6

@@ -115,9 +115,9 @@ import torch  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
 
-from ftflow.plan import predict as plan_predict
 from ftflow.distill.losses import kd_loss  # noqa: E402
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, batch_nll  # noqa: E402
+from ftflow.plan import predict as plan_predict  # noqa: E402
 
 MB = 10**6
 WEIGHTS_TARGET = 0.10

@@ -154,12 +154,12 @@ from bench.memory_accuracy import _CpuMeter, in_child  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from ftflow.study import design  # noqa: E402
+from ftflow.config import PipelineConfig, load_config  # noqa: E402
 from ftflow.models import architecture  # noqa: E402
 from ftflow.plan import decide as plan_decide  # noqa: E402
 from ftflow.plan import predict as plan_predict  # noqa: E402
-from ftflow.config import PipelineConfig, load_config  # noqa: E402
 from ftflow.plan.fit import choose_fit  # noqa: E402
+from ftflow.study import design  # noqa: E402
 from ftflow.train.jobs import FullJob, Job, PrefixJob  # noqa: E402
 
 MB = 10**6

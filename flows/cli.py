@@ -20,9 +20,9 @@ from typing import Callable, Iterator, Optional
 
 import yaml
 
+from flows import DEFAULT_CONFIG
 from ftflow.artifacts import disk_full, disk_full_cause
 from ftflow.config import ConfigError, Overrides, PipelineConfig, load_checked_config, load_config
-from flows import DEFAULT_CONFIG
 from ftflow.errors import UserError
 
 

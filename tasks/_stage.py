@@ -49,7 +49,8 @@ from ftflow.artifacts import (MANIFEST, OUTPUTS, RELATIVE_PATHS, VERIFY_ENV, VER
                               atomic_directory, check_outputs, disk_full, disk_full_cause, hash_all_from_env,
                               looks_full, move_aside, record_outputs, relative_paths, resolved_paths, tree_bytes,
                               write_json)
-from ftflow.stages.caching import KEY_LENGTH, NOT_IN_KEY, PREFECT_RECORD, key_and_parts, key_inputs, stage_key  # noqa: F401
+from ftflow.stages.caching import (KEY_LENGTH, NOT_IN_KEY, PREFECT_RECORD, key_and_parts, key_inputs,  # noqa: F401
+                                   stage_key)
 from tasks._locks import LeasedFileLockManager, lease_seconds_from_env
 
 RECORD = PREFECT_RECORD

@@ -7,8 +7,8 @@ from typing import Optional
 
 from prefect import task
 
-from ftflow.data.augment import WORDNET_METHODS, augment_sentences
 from ftflow.config import AugmentConfig
+from ftflow.data.augment import WORDNET_METHODS, augment_sentences
 from ftflow.data.splits import read_split, write_split
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 

@@ -15,13 +15,13 @@ from typing import Optional
 from prefect import task
 
 from ftflow.study import design
-from ftflow.train.jobs import parse_job
 from ftflow.study.recommend import CONTROL, Evidence, answer_text, recommend, study_findings
 from ftflow.study.report import (leaderboard_markdown, leaderboard_rows, markdown_table, plot_leaderboard,
                                  plot_training, render_report)
 from ftflow.study.tables import (TABLE_COLUMNS, TABLE_TITLES, distillation_notes, no_gain_notes, plot_methods,
                                  study_tables)
 from ftflow.study.uncertainty import SentenceScores
+from ftflow.train.jobs import parse_job
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "evaluate"

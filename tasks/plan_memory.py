@@ -7,14 +7,14 @@ from pathlib import Path
 from prefect import task
 
 from ftflow.artifacts import write_json
-from ftflow.plan.budget import stage_budget
 from ftflow.config import MemoryConfig, ModelSpec
 from ftflow.data.splits import read_split
-from ftflow.plan.tables import PLAN_FILES, write_plan
 from ftflow.models.architecture import fetched_configs_dir
-from ftflow.plan.decide import longest_sequence, plan_candidate, plan_model
 from ftflow.models.loading import ModelLoadError, load_tokenizer
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS
+from ftflow.plan.budget import stage_budget
+from ftflow.plan.decide import longest_sequence, plan_candidate, plan_model
+from ftflow.plan.tables import PLAN_FILES, write_plan
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "plan_memory"

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from prefect import task
 
-from ftflow.plan.budget import DEFAULT_CUDA_MARGIN_GB, stage_budget
 from ftflow.data.splits import read_split
 from ftflow.distill.teacher import teacher_topk_for_student
-from ftflow.plan.decide import plan_teacher_pass
 from ftflow.models.loading import load_tokenizer
+from ftflow.plan.budget import DEFAULT_CUDA_MARGIN_GB, stage_budget
+from ftflow.plan.decide import plan_teacher_pass
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "teacher_logits"

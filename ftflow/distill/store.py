@@ -15,8 +15,6 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-
-
 logger = logging.getLogger(__name__)
 
 TOPK_FILE = "teacher_topk.safetensors"

@@ -4,18 +4,18 @@
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, _decoder_states, _output_head, _OutputHead
-from ftflow.tokens import pad_batch, pad_token_id, sentence_ids
 from ftflow.distill.store import VARIANTS, TeacherTopK
 from ftflow.distill.vocabulary import check_distillable, embedding_rows
+from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, _decoder_states, _output_head, _OutputHead
+from ftflow.tokens import pad_batch, pad_token_id, sentence_ids
 
 logger = logging.getLogger(__name__)
 

@@ -10,10 +10,9 @@ from typing import Any, Sequence
 import torch
 import transformers
 
-from ftflow.tokens import IGNORE_INDEX, pack_batch, pack_placements, packed_row_tokens, pad_batch
 from ftflow.distill.losses import distillation_loss
 from ftflow.distill.store import VARIANTS, TeacherTopK
-
+from ftflow.tokens import IGNORE_INDEX, pack_batch, pack_placements, packed_row_tokens, pad_batch
 
 # ---------------------------------------------------------------- Trainer glue
 

@@ -17,7 +17,6 @@ import torch
 from ftflow.models.known import known_architecture
 
 
-
 class UnknownModelError(ValueError):
     """A model whose config ftflow cannot get offline; the message says how to fix it."""
 

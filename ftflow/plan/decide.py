@@ -12,12 +12,10 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from ftflow.config import Method, Precision
-from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS
-from ftflow.tokens import sentence_ids
 from ftflow.models.architecture import UnknownModelError, count_config_parameters, model_config_for
+from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS
 from ftflow.plan.predict import GB, Device, MemoryPrediction, predict_scoring, predict_teacher_pass, predict_training
-
-
+from ftflow.tokens import sentence_ids
 
 # ----------------------------------------------------------------------------- decisions
 

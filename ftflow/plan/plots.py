@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-
 from ftflow.plan.decide import gb
 
 if TYPE_CHECKING:

@@ -35,11 +35,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal, Mapping, Optional, Sequence, get_args
 
-
 from ftflow.config import Method, Precision
-from ftflow.perplexity import CHUNK_BYTES_PER_LOGIT, DEFAULT_LOGITS_CHUNK_TOKENS
 from ftflow.models.architecture import ParameterCounts, _Shape, _shape, parameter_counts
-
+from ftflow.perplexity import CHUNK_BYTES_PER_LOGIT, DEFAULT_LOGITS_CHUNK_TOKENS
 
 Device = Literal["cuda", "cpu"]
 

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-
 from ftflow.plan.decide import ModelPlan, gb
 from ftflow.plan.plots import plot_plan
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ftflow.config import AugmentConfig, ModelSpec, PipelineConfig
 from ftflow.data.augment import wordnet_sha256
 from ftflow.stages.caching import key_and_parts, key_inputs
-from ftflow.config import AugmentConfig, ModelSpec, PipelineConfig
 from ftflow.train.jobs import Job
 
 

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from ftflow.study import design
-from ftflow.stages import calls as stages
 from ftflow.artifacts import MANIFEST, check_outputs, hash_all_from_env
-from ftflow.stages.caching import PREFECT_RECORD
 from ftflow.config import PipelineConfig
 from ftflow.errors import UserError
+from ftflow.stages import calls as stages
+from ftflow.stages.caching import PREFECT_RECORD
+from ftflow.study import design
 
 PENDING = "pending"  # marks the placeholder of a stage that will run: {"stage", "fingerprint": None, PENDING: label}
 MAX_REASONS = 6  # per stage; the rest are counted
@@ -273,7 +273,8 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
     if device is None and cfg.device == "cpu":
         device = "cpu"
     elif device is None:
-        from ftflow.models.loading import resolve_device  # torch (is a GPU visible?), not Prefect: the pipeline's device
+        # torch (is a GPU visible?), not Prefect: the pipeline's device
+        from ftflow.models.loading import resolve_device
 
         device = resolve_device(cfg.device)
     out = str(cfg.artifacts_dir)
@@ -335,7 +336,8 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
         w.later("teacher_logits", "teacher_logits (of the teacher's best run)", after)
         distilled = [w.later("train", "distillation runs and the student's full fine-tune at equal steps", after)]
     else:
-        from ftflow.distill.vocabulary import distillation_problem  # tokenizer files and configs, as the pipeline reads them
+        # tokenizer files and configs, as the pipeline reads them
+        from ftflow.distill.vocabulary import distillation_problem
 
         choice = design.distillation_teacher(cfg, selection, grid + per_model, benchmarks, distillation_problem(
             selection["teacher_model"], selection["student_model"]))

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from ftflow.config import DistillConfig, FinetuneConfig, LoraConfig, PrefixConfig, QLoraConfig
 
 
-
 class _Job(BaseModel):
     """What every job has: the model, the optimizer's settings and the training set.
 

@@ -25,12 +25,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ftflow.artifacts import read_json, write_json
-from ftflow.device import free_memory
 from ftflow.config import PEFT_METHODS
-from ftflow.train.jobs import (DistillJob, FullJob, Job, LoraJob, PrefixJob, QLoraJob, best_run, distill_grid,
-                               full_job, lora_grid, lora_like, prefix_grid, qlora_like)
+from ftflow.device import free_memory
 from ftflow.models.loading import load_tokenizer, load_trained
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
+from ftflow.train.jobs import (DistillJob, FullJob, Job, LoraJob, PrefixJob, QLoraJob, best_run, distill_grid, full_job,
+                               lora_grid, lora_like, prefix_grid, qlora_like)
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ def run_job(
     ``oom_retries`` (also in ``work_dir``, so a run killed after a retry resumes with the setting it had). With
     nothing left to try, :class:`TrainingOutOfMemoryError`. Without ``refit`` the error propagates.
     """
-    from ftflow.train.cards import oom_retry_line, write_model_card
     from ftflow.models.loading import DEFAULT_4BIT
+    from ftflow.train.cards import oom_retry_line, write_model_card
     from ftflow.train.trainer import (TENSORBOARD_DIR, TRAINER_LOGS_DIR, TrainSettings, batching_for,
                                       checkpoint_optimizer, encode_dataset, latest_checkpoint, plan_precision,
                                       train_full, train_lora, train_prefix)
@@ -141,8 +141,8 @@ def run_job(
     trainer_dir = Path(work_dir) / "trainer"
     distill_options = {}
     if isinstance(job, DistillJob):
-        from ftflow.distill.trainer import DistillationCollator, DistillationTrainer
         from ftflow.distill.store import TeacherTopK
+        from ftflow.distill.trainer import DistillationCollator, DistillationTrainer
         from ftflow.distill.vocabulary import check_store_for_student, embedding_rows
         from ftflow.tokens import pad_token_id
 

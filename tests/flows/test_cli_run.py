@@ -15,10 +15,9 @@ import yaml
 
 from flows.cli import main
 from ftflow.config import ZooConfig, load_config
-from ftflow.stages.status import pipeline_status
 from ftflow.models.zoo import build_zoo
+from ftflow.stages.status import pipeline_status
 from tests.flows.micro import BIGGER, SIZE, write_data
-
 
 
 @pytest.fixture(scope="module")

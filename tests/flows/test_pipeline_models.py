@@ -18,7 +18,6 @@ from tests.fake_hub import put_in_cache
 from tests.flows.micro import BIGGER, SIZE, run_pipeline, write_data
 
 
-
 @pytest.fixture(scope="module")
 def models_config(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("models")

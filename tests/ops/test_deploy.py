@@ -13,7 +13,6 @@ from ftflow.artifacts import read_json
 from tests.flows.micro import STAGES
 from tests.ops.conftest import POOL, tail, wait_for_task_runs
 
-
 DEPLOYMENTS = {"ftflow-pipeline/demo", "ftflow-pipeline/nightly", "ftflow-benchmark/benchmark-only",
                "ftflow-pipeline/grid-search"}
 

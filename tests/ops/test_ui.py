@@ -13,7 +13,6 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from tests.needs import needs
 
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

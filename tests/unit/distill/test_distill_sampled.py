@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftflow.distill.trainer import DistillationCollator, DistillationTrainer
+from ftflow.distill.losses import distillation_loss, sampled_kd_loss
 from ftflow.distill.store import TeacherTopK
 from ftflow.distill.teacher import compute_teacher_topk
-from ftflow.distill.losses import distillation_loss, sampled_kd_loss
+from ftflow.distill.trainer import DistillationCollator, DistillationTrainer
 from ftflow.tokens import IGNORE_INDEX, pad_token_id, sentence_ids
 from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
 

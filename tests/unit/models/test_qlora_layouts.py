@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ftflow.config import LoraConfig, QLoraConfig
-from ftflow.models.loading import load_trained
-from ftflow.train.runner import lora_grid, qlora_like, run_job
-from ftflow.models.loading import load_tokenizer
+from ftflow.models.loading import load_tokenizer, load_trained
 from ftflow.perplexity import score_sentences
+from ftflow.train.runner import lora_grid, qlora_like, run_job
 from tests.tiny import SENTENCES, saved_base
 
 TRAIN, VALIDATION, TEST = SENTENCES * 2, SENTENCES[:5], SENTENCES[5:]

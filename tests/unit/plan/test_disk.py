@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftflow.plan import disk
 from ftflow.config import load_config
-from ftflow.models.hub import HubCheck
 from ftflow.models.architecture import count_config_parameters, model_config_for, parameter_counts
+from ftflow.models.hub import HubCheck
+from ftflow.plan import disk
 from ftflow.plan.study import plan_study
 from tests.tiny import SENTENCES, saved_base
 

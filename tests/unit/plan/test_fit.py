@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftflow.models import architecture
-from ftflow.plan import decide as plan_decide
 from ftflow.config import DEFAULT_FIT_ORDER, ConfigError, parse_config
+from ftflow.models import architecture
+from ftflow.models.architecture import model_config_for
+from ftflow.plan import decide as plan_decide
 from ftflow.plan.fit import choose_fit
 from ftflow.plan.predict import GB, adamw_8bit_state_bytes, predict_training
-from ftflow.models.architecture import model_config_for
 from ftflow.train.trainer import TrainSettings, encode_dataset, fit
 from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
 
@@ -219,8 +219,8 @@ def test_distillation_micro_batches_give_the_full_batch_loss_per_token(tmp_path,
     """DistillationTrainer: 4 sentences of different lengths as 1 x 4 micro-batches give the 4-sentence step."""
     from transformers import TrainingArguments
 
-    from ftflow.distill.trainer import DistillationCollator, DistillationTrainer
     from ftflow.distill.teacher import compute_teacher_topk
+    from ftflow.distill.trainer import DistillationCollator, DistillationTrainer
     from ftflow.tokens import pad_token_id, sentence_ids
 
     tokenizer = tiny_tokenizer()
@@ -408,8 +408,8 @@ def test_the_report_says_how_runs_were_made_to_fit():
 
 
 def test_the_report_and_the_card_say_which_runs_ran_out_of_memory():
-    from ftflow.train.cards import oom_retry_line
     from ftflow.study.design import report_notes
+    from ftflow.train.cards import oom_retry_line
 
     retries = [{"failed": "t lora: batch 4, ...", "error": "CUDA out of memory.", "resume_from": "checkpoint-50",
                 "next": "t lora: micro-batch 2 x 2 ...", "optimizer_state": "resumed",

@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from ftflow.stages.caching import canonical, stage_key
 from ftflow.config import DistillConfig
+from ftflow.stages.caching import canonical, stage_key
 
 MODULES = ("ftflow.stages.caching",)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftflow.study import design
 from ftflow.config import ModelSpec, parse_config
+from ftflow.study import design
 from ftflow.train.jobs import DistillJob, FullJob, LoraJob, PrefixJob, QLoraJob
 
 MODELS = [{"name": n, "path": f"/m/{n}", "family": "f", "precision": "fp32", "trust_remote_code": False}

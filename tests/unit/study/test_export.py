@@ -13,10 +13,9 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, PrefixTuningCo
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftflow.artifacts import relative_paths, write_json
-from ftflow.study.export import ExportError, export_run
-from ftflow.models.loading import load_trained
-from ftflow.models.loading import load_model
+from ftflow.models.loading import load_model, load_trained
 from ftflow.perplexity import score_sentences
+from ftflow.study.export import ExportError, export_run
 from tests.tiny import SENTENCES, saved_base
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from ftflow.study import design
-from ftflow.train.jobs import parse_job
 from ftflow.study.recommend import CONTROL, Evidence, answer_text, loading_lines, memory_fit, recommend, study_findings
 from ftflow.study.report import leaderboard_markdown, leaderboard_rows
 from ftflow.study.uncertainty import SentenceScores, paired_difference
+from ftflow.train.jobs import parse_job
 
 N = 60
 TOKENS = np.random.default_rng(1).integers(4, 20, size=N)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from ftflow.train.jobs import parse_job
 from ftflow.study.report import markdown_table
 from ftflow.study.tables import TABLE_COLUMNS, ablation_table, method_table, plot_methods, study_tables
+from ftflow.train.jobs import parse_job
 
 
 def score(ppl: float) -> dict:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ftflow.perplexity import PerplexityResult
-from ftflow.study.uncertainty import (Interval, NotPairedError, SentenceScores, _resampled, comparable_metric,
-                                      interval, paired_difference, resample_indices)
+from ftflow.study.uncertainty import (Interval, NotPairedError, SentenceScores, _resampled, comparable_metric, interval,
+                                      paired_difference, resample_indices)
 
 # Five sentences: summed NLL (nats), scored tokens, bytes.
 NLL_A = [12.0, 3.5, 20.25, 7.0, 9.75]

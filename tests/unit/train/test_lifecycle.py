@@ -20,8 +20,8 @@ import ftflow.models.loading
 from ftflow.config import DistillConfig, FinetuneConfig, LoraConfig, QLoraConfig
 from ftflow.device import free_memory
 from ftflow.distill.teacher import compute_teacher_topk
-from ftflow.train.runner import distill_grid, full_job, lora_grid, qlora_like, run_job
 from ftflow.models.loading import load_model, load_tokenizer
+from ftflow.train.runner import distill_grid, full_job, lora_grid, qlora_like, run_job
 from ftflow.train.trainer import TrainSettings, encode_dataset, train_full, train_lora, train_prefix
 from tests.tiny import SENTENCES, saved_base, tiny_tokenizer
 

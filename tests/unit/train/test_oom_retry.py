@@ -18,9 +18,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import ftflow.models.loading
 from ftflow.config import LoraConfig
+from ftflow.models.architecture import model_config_for
 from ftflow.plan.fit import choose_fit, out_of_memory_refit
 from ftflow.plan.predict import GB
-from ftflow.models.architecture import model_config_for
 from ftflow.train.runner import OOM_RETRIES, TrainingOutOfMemoryError, lora_grid, run_job
 from tests.tiny import SENTENCES, saved_base
 

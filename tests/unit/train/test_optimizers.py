@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftflow.train import optimizers
 from ftflow.plan import predict as plan_predict
+from ftflow.train import optimizers
 from tests.memory_probe import measure
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftflow.train.runner import run_job
 from ftflow.tokens import sentence_ids
+from ftflow.train.runner import run_job
 from ftflow.train.trainer import PrecisionPlan, TrainSettings, encode_dataset, plan_precision, train_full
 from tests.tiny import SENTENCES, saved_base, tiny_model, tiny_tokenizer
 
