@@ -10,22 +10,22 @@ ftflow's own code on ``../shared/data/sst2`` (2000 train, 1752 test sentences):
 
 1. A small checkpoint is pretrained offline on the general review corpus
    (``../shared/data/reviews/corpus.txt``, another domain): a byte-level BPE
-   tokenizer from :func:`ftflow.zoo.train_tokenizer`, a model from
-   :func:`ftflow.zoo.model_config` pretrained with :func:`ftflow.zoo.pretrain`
-   (not :func:`ftflow.zoo.build_zoo`, which always pretrains a teacher as well).
-2. Validation is held out of train (:func:`ftflow.data.hold_out_validation`,
+   tokenizer from :func:`ftflow.models.zoo.train_tokenizer`, a model from
+   :func:`ftflow.models.zoo.model_config` pretrained with :func:`ftflow.models.zoo.pretrain`
+   (not :func:`ftflow.models.zoo.build_zoo`, which always pretrains a teacher as well).
+2. Validation is held out of train (:func:`ftflow.data.splits.hold_out_validation`,
    10%) before anything is augmented; validation and test are never augmented.
 3. For every condition the remaining train set is augmented by
-   :func:`ftflow.augment.augment_sentences` (factor 1.5 as in the study, seed
+   :func:`ftflow.data.augment.augment_sentences` (factor 1.5 as in the study, seed
    fixed): ``none`` (the original set), ``all`` (every available method mixed
    with equal weights, as the study and the demo do) and each method alone:
    synonym, random_insert, random_swap, random_delete, random_mask, and
    back_translation when a LibreTranslate-compatible ``--translator-url`` or
    two local model directories are given (else listed as skipped, with the
-   reason). WordNet comes from :mod:`ftflow.wordnet` (offline).
+   reason). WordNet comes from :mod:`ftflow.data.wordnet` (offline).
 4. The same checkpoint is fine-tuned on each set with the same settings
-   (:func:`ftflow.training.train_full`, or ``--train-method lora`` for
-   :func:`ftflow.training.train_lora`); the epoch with the best validation
+   (:func:`ftflow.train.trainer.train_full`, or ``--train-method lora`` for
+   :func:`ftflow.train.trainer.train_lora`); the epoch with the best validation
    perplexity is kept and scored on test with
    :func:`ftflow.perplexity.score_sentences` (corpus PPL).
 
@@ -98,13 +98,13 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
 
-from ftflow import zoo  # noqa: E402
-from ftflow.augment import WORDNET_METHODS, augment_sentences  # noqa: E402
 from ftflow.config import AUGMENT_METHODS, AugmentConfig, BackTranslationConfig, ZooSize  # noqa: E402
-from ftflow.data import hold_out_validation, read_sentences, write_split  # noqa: E402
+from ftflow.data.augment import WORDNET_METHODS, augment_sentences  # noqa: E402
+from ftflow.data.splits import hold_out_validation, read_sentences, write_split  # noqa: E402
+from ftflow.models import zoo  # noqa: E402
 from ftflow.perplexity import score_sentences  # noqa: E402
-from ftflow.report import markdown_table  # noqa: E402
-from ftflow.training import TrainSettings, encode_dataset, train_full, train_lora  # noqa: E402
+from ftflow.study.report import markdown_table  # noqa: E402
+from ftflow.train.trainer import TrainSettings, encode_dataset, train_full, train_lora  # noqa: E402
 
 SHARED_DATA = REPO_ROOT.parent / "shared/data"
 DEFAULT_TRAIN = SHARED_DATA / "sst2/train.txt"
@@ -283,7 +283,7 @@ def augment(train: tuple[str, ...], condition: Condition, args: argparse.Namespa
 def finetune_and_score(base: Path, train: list[str], validation: tuple[str, ...], test: tuple[str, ...],
                        args: argparse.Namespace, epochs: int, seed: int, work: Path) -> dict:
     """Fine-tune ``base`` on ``train``; the best-on-validation epoch's test PPL."""
-    from ftflow.models import load_model, load_tokenizer
+    from ftflow.models.loading import load_model, load_tokenizer
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(str(base))
@@ -312,7 +312,7 @@ def run_condition(condition: Condition, train: tuple[str, ...], validation: tupl
                   base: Path, args: argparse.Namespace, out: Path, work: Path, wordnet,
                   back_translation: BackTranslationConfig | None, back_translator) -> dict:
     """Augment (or not), fine-tune with every seed, score; the condition's record for the table."""
-    from ftflow.translate import TranslationServiceDown
+    from ftflow.data.translate import TranslationServiceDown
 
     record = {"condition": condition.name, "methods": "+".join(condition.methods) or "-",
               "epochs": None if condition.skipped else condition.epochs, "train_sentences": None,
@@ -504,11 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     used = {m for c in chosen if not c.skipped for m in c.methods}
     wordnet = back_translator = cache = None
     if used & WORDNET_METHODS:
-        from ftflow.wordnet import load_wordnet
+        from ftflow.data.wordnet import load_wordnet
 
         wordnet = load_wordnet()
     if "back_translation" in used:
-        from ftflow.translate import build_back_translator
+        from ftflow.data.translate import build_back_translator
 
         # Cached beside the results: a rerun never asks the translator twice for one sentence.
         back_translator, cache = build_back_translator(back_translation, out / "translation-cache")
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{info['parameters']:,} parameters, vocab {info['vocab']}; pretrained {args.pretrain_steps} steps on "
               f"{info['corpus_sentences']} corpus sentences (loss {info['loss_first']:.3f} -> "
               f"{info['loss_last10']:.3f}) in {info['seconds']:.0f}s")
-        from ftflow.models import load_model, load_tokenizer
+        from ftflow.models.loading import load_model, load_tokenizer
 
         base_test = score_sentences(load_model(str(base), "fp32", args.device), load_tokenizer(str(base)), test,
                                     batch_size=args.eval_batch_size, max_length=args.max_length, progress=False)

@@ -10,7 +10,7 @@ on ``../shared/data/sst2`` (2000 train, 1752 test sentences):
 
 1. One family is pretrained offline on the general review corpus
    (``../shared/data/reviews/corpus.txt``, another domain) by the zoo's own
-   build (:func:`ftflow.zoo.build_zoo`, the task's text left out): a
+   build (:func:`ftflow.models.zoo.build_zoo`, the task's text left out): a
    byte-level BPE tokenizer shared by a student and a larger teacher (the
    teacher gets more steps, as the zoo gives it). The zoo's check scores both
    on the validation split (10% of train, held out) and pretrains the teacher
@@ -20,9 +20,9 @@ on ``../shared/data/sst2`` (2000 train, 1752 test sentences):
    validation): the teacher the pipeline would pick (its best run, any method).
 3. Its targets are stored once per variant, with the same ``--k`` ids per
    position (equal storage): ``topk`` (top-k with the tail bucket,
-   :func:`ftflow.distill.kd_loss`) and ``sampled`` (random-sampling
+   :func:`ftflow.distill.losses.kd_loss`) and ``sampled`` (random-sampling
    distillation, Anshumann et al., ACL 2025: k draws from the teacher,
-   :func:`ftflow.distill.sampled_kd_loss`).
+   :func:`ftflow.distill.losses.sampled_kd_loss`).
 4. For each seed, the student is fine-tuned in full and distilled with each
    variant, all with the same epochs, batch size and learning rate, so the
    same optimizer steps on the same sentences; the best epoch on validation
@@ -76,14 +76,16 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
 
-from ftflow import zoo  # noqa: E402
 from ftflow.config import ZooConfig, ZooFamily, ZooSize  # noqa: E402
-from ftflow.data import hold_out_validation, read_sentences  # noqa: E402
-from ftflow.distill import (VARIANTS, DistillationCollator, DistillationTrainer, TeacherTopK,  # noqa: E402
-                            compute_teacher_topk)
+from ftflow.data.splits import hold_out_validation, read_sentences  # noqa: E402
+from ftflow.distill.losses import VARIANTS  # noqa: E402
+from ftflow.distill.store import TeacherTopK  # noqa: E402
+from ftflow.distill.teacher import compute_teacher_topk  # noqa: E402
+from ftflow.distill.trainer import DistillationCollator, DistillationTrainer  # noqa: E402
+from ftflow.models import zoo  # noqa: E402
 from ftflow.perplexity import score_sentences  # noqa: E402
 from ftflow.tokens import pad_token_id  # noqa: E402
-from ftflow.training import TrainSettings, batching_for, encode_dataset, train_full  # noqa: E402
+from ftflow.train.trainer import TrainSettings, batching_for, encode_dataset, train_full  # noqa: E402
 
 SHARED_DATA = REPO_ROOT.parent / "shared/data"
 if not SHARED_DATA.is_dir():  # a worktree under /work/wt: the data sit beside the main checkout
@@ -152,7 +154,7 @@ def _settings(args, seed: int) -> TrainSettings:
 
 
 def build_family(args, corpus: list[str], validation, directory: Path) -> tuple[dict, dict]:
-    """Student and teacher built as the zoo stage builds a family (:func:`ftflow.zoo.build_zoo`), with its check.
+    """Student and teacher built as the zoo stage builds a family (:func:`ftflow.models.zoo.build_zoo`), with its check.
 
     The zoo scores both on the validation split and pretrains the teacher more rounds while it does not beat
     its student (``--teacher-extra-rounds``). Returns the checkpoints' paths and, per role, its parameters,
@@ -181,7 +183,7 @@ def build_family(args, corpus: list[str], validation, directory: Path) -> tuple[
 def finetune(args, path: Path, train, validation, test, seed: int, work: Path, variant: str | None = None,
              store: TeacherTopK | None = None) -> dict:
     """Full fine-tune (``variant`` None) or distill ``path``; the best-on-validation epoch's scores."""
-    from ftflow.models import load_model, load_tokenizer
+    from ftflow.models.loading import load_model, load_tokenizer
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(str(path))
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher full FT: validation PPL {teacher['validation_ppl']:.3f}, test PPL {teacher['test_ppl']:.3f} "
               f"({teacher['seconds']:.0f}s)", flush=True)
 
-        from ftflow.models import load_model, load_tokenizer
+        from ftflow.models.loading import load_model, load_tokenizer
 
         teacher_model = load_model(str(work / "teacher-ft/best"), "fp32", args.device)
         tokenizer = load_tokenizer(str(paths["teacher"]))

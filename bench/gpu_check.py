@@ -6,7 +6,7 @@ On a machine with a GPU (nothing is downloaded, no hub is needed)::
     python bench/gpu_check.py OUTDIR --models qwen2 --budget-s 200
     python bench/gpu_check.py OUTDIR --memory-cap-gb 20 --models granite-8b --budget-s 540   # as a 20 GB card
 
-and on a CPU, the same code at tiny sizes (what ``tests/unit/test_gpu_check.py`` runs)::
+and on a CPU, the same code at tiny sizes (what ``tests/unit/bench/test_gpu_check.py`` runs)::
 
     python bench/gpu_check.py --smoke OUTDIR
 
@@ -14,14 +14,14 @@ What it builds: random-weight checkpoints of real architectures at realistic
 sizes, written as ordinary Hugging Face directories (bf16 safetensors and a
 byte-level BPE tokenizer trained on the sentences; its vocabulary is smaller
 than the embedding, which keeps the real row count) so that every load goes
-through :func:`ftflow.models.load_model`, ftflow's one loading path:
+through :func:`ftflow.models.loading.load_model`, ftflow's one loading path:
 
 * ``llama``: Llama-3.2-1B's shapes (hidden 2048, 16 layers, 32/8 heads, MLP 8192,
   vocabulary 128256, tied), 1.24B parameters;
 * ``granite``: Granite 3.0 2B's shapes cut to 14 of its 40 layers (vocabulary
   49155, tied), 0.95B parameters (Granite 3.x has no dense 1B model), with
   its real multipliers (embeddings x12, attention 1/64, residual 0.22, logits
-  / 8: ``ftflow/known_models.py``), which ftflow's chunked scoring must
+  / 8: ``ftflow/models/known.py``), which ftflow's chunked scoring must
   reproduce;
 * ``qwen2``: Qwen2.5-0.5B's shapes (hidden 896, 24 layers, 14/2 heads, MLP 4864,
   vocabulary 151936, tied), 0.49B parameters;
@@ -38,38 +38,38 @@ What it checks, per model, each check on its own (one failure is recorded with
 its error and the rest go on):
 
 * ``score[fp32|bf16|nf4]``: load at the precision (nf4 through bitsandbytes),
-  weights in memory against :func:`ftflow.memory.predict_scoring`'s; the
+  weights in memory against :func:`ftflow.plan.predict.predict_scoring`'s; the
   sentences scored by :func:`ftflow.perplexity.score_sentences` and by the
   one-sentence-at-a-time loop of ``bench/perplexity_speed.py`` (tokens/s of
   each, their ratio, corpus NLL agreement); the scoring peak against the
   prediction for the first (longest) batch.
 * ``train[lora|qlora|prefix|full|distill]``: a few optimizer steps through
-  ftflow's training functions (:func:`ftflow.training.train_lora`,
-  :func:`~ftflow.training.train_prefix`, :func:`~ftflow.training.train_full`;
-  distillation with :func:`ftflow.distill.compute_teacher_topk`, the stored
-  :class:`~ftflow.distill.TeacherTopK` and the
-  :class:`~ftflow.distill.DistillationTrainer`), each run first checked with
-  :func:`ftflow.memory.check_training_fits` against the device's memory (a run
+  ftflow's training functions (:func:`ftflow.train.trainer.train_lora`,
+  :func:`~ftflow.train.trainer.train_prefix`, :func:`~ftflow.train.trainer.train_full`;
+  distillation with :func:`ftflow.distill.teacher.compute_teacher_topk`, the stored
+  :class:`~ftflow.distill.store.TeacherTopK` and the
+  :class:`~ftflow.distill.trainer.DistillationTrainer`), each run first checked with
+  :func:`ftflow.plan.decide.check_training_fits` against the device's memory (a run
   predicted not to fit is skipped with the figure, as the pipeline does), then
   its measured peak compared with that prediction; seconds per step, tokens/s
   and achieved FLOP/s. The training set is ``steps x batch`` sequences of
   exactly ``--max-length`` tokens (sentences joined, then cut), so every batch
   has the shape the planner predicts for and one epoch is the number of steps.
-  Then, as :func:`ftflow.methods.run_job` does, the saved result is reloaded
+  Then, as :func:`ftflow.train.runner.run_job` does, the saved result is reloaded
   (base + adapter, or the checkpoint) and the test sentences scored: with
   ``gc`` off from the start of training, what of the run is still alive when
   its function returns (models, optimizers: a reference cycle that only a
   collection frees) is recorded, and the reload's peak, as growth over the
   memory before training (so a trained model still alive counts), is
-  compared with :func:`ftflow.memory.predict_scoring` for the reload alone.
+  compared with :func:`ftflow.plan.predict.predict_scoring` for the reload alone.
 * ``train[lora-fit]`` (granite-8b): LoRA in bf16 with the micro-batch,
-  checkpointing and optimizer state that :func:`ftflow.fit.choose_fit` picks
+  checkpointing and optimizer state that :func:`ftflow.plan.fit.choose_fit` picks
   for the memory cap, its peak against the plan's prediction.
 * ``teacher[topk]`` (granite-8b): the teacher pass
-  (:func:`ftflow.distill.compute_teacher_topk`, k = 100, the seed study's
-  largest) at the batch :func:`ftflow.memory.plan_candidate` gives the model
+  (:func:`ftflow.distill.teacher.compute_teacher_topk`, k = 100, the seed study's
+  largest) at the batch :func:`ftflow.plan.decide.plan_candidate` gives the model
   for scoring at the training length within the cap (the pipeline passes its
-  evaluation batch), against ``ftflow.memory.predict_teacher_pass`` when
+  evaluation batch), against ``ftflow.plan.predict.predict_teacher_pass`` when
   ftflow has it ("unplanned" otherwise).
 
 How it measures:
@@ -150,15 +150,18 @@ from bench.perplexity_speed import DEFAULT_DATA, naive_score, read_sentences  # 
 
 import torch  # noqa: E402
 
-from ftflow import memory, synthetic, zoo  # noqa: E402
-from ftflow.models import load_model, load_tokenizer  # noqa: E402
+from ftflow.data import synthetic  # noqa: E402
+from ftflow.models import architecture, zoo  # noqa: E402
+from ftflow.models.loading import load_model, load_tokenizer  # noqa: E402
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences  # noqa: E402
+from ftflow.plan import decide as plan_decide  # noqa: E402
+from ftflow.plan import predict as plan_predict  # noqa: E402
 from ftflow.tokens import pad_token_id, sentence_ids  # noqa: E402
 
 MB = 10**6
 SCORING_PRECISIONS = ("fp32", "bf16", "nf4")
 TRAINING_METHODS = ("lora", "qlora", "prefix", "full", "distill", "full-fit")
-"""``full-fit``: full fine-tuning as ftflow/fit.py makes a too-large run fit: bf16 weights, bitsandbytes 8-bit
+"""``full-fit``: full fine-tuning as ftflow/plan/fit.py makes a too-large run fit: bf16 weights, bitsandbytes 8-bit
 AdamW with stochastic rounding, micro-batches of half the batch with 2 accumulation steps, gradient checkpointing."""
 NLL_RTOL = {"fp32": 1e-4, "bf16": 1e-2, "nf4": 1e-2}
 """Largest relative difference of corpus NLL, evaluator vs loop, that passes. In
@@ -205,8 +208,8 @@ GRANITE_SCALING = ("embedding_multiplier", "attention_multiplier", "residual_mul
 
 
 def _known(hub_id: str, *fields: str) -> dict:
-    """Fields of a hub model's config as ``ftflow/known_models.py`` records them."""
-    from ftflow.known_models import KNOWN_MODELS
+    """Fields of a hub model's config as ``ftflow/models/known.py`` records them."""
+    from ftflow.models.known import KNOWN_MODELS
 
     return {name: KNOWN_MODELS[hub_id][name] for name in fields}
 
@@ -296,7 +299,7 @@ def build_checkpoint(config, tokenizer, directory: Path, device: str) -> float:
 
 def matmul_parameters(config) -> int:
     """Weights that take part in a matmul per token: every linear layer, the output layer included."""
-    counts = memory.parameter_counts(config)
+    counts = architecture.parameter_counts(config)
     return counts.linear_weights + (counts.output_untied or counts.embedding)
 
 
@@ -309,7 +312,7 @@ def training_flops_per_token(method: str, config) -> tuple[float, str]:
         return 8.0 * p, "8P"
     if method == "prefix":
         return 4.0 * p, "4P"
-    t = memory.parameter_counts(config).lora(LORA["r"])
+    t = architecture.parameter_counts(config).lora(LORA["r"])
     if method == "qlora":
         return 6.0 * p + 6.0 * t, "6P+6T"
     return 4.0 * p + 6.0 * t, "4P+6T"
@@ -470,10 +473,10 @@ def check_build(ctx: ModelContext) -> dict:
     ctx.tokenizer = load_tokenizer(str(ctx.path))
     ctx.documents = training_documents(ctx.tokenizer, ctx.sentences, s.steps * s.batch_size, s.max_length)
     return {
-        "parameters": memory.count_config_parameters(ctx.config),
+        "parameters": architecture.count_config_parameters(ctx.config),
         "matmul_parameters": matmul_parameters(ctx.config),
         "student_parameters": (None if ctx.student_config is None
-                               else memory.count_config_parameters(ctx.student_config)),
+                               else architecture.count_config_parameters(ctx.student_config)),
         "vocab_size": ctx.config.vocab_size,
         "tokenizer_vocab": len(ctx.tokenizer),
         "layers": ctx.config.num_hidden_layers,
@@ -497,7 +500,7 @@ def check_scoring(ctx: ModelContext, precision: str) -> dict:
     model = load_model(str(ctx.path), precision, s.device)
     _sync(s.device)
     out: dict = {"load_s": time.perf_counter() - started}
-    weights = memory.predict_scoring(ctx.config, precision, 1, 2, device=s.device).weights_bytes
+    weights = plan_predict.predict_scoring(ctx.config, precision, 1, 2, device=s.device).weights_bytes
     out.update(_compare("weights", weights, meter.now()))
 
     # Untimed warm-up of both (first-call costs: allocator, kernel selection), as perplexity_speed does.
@@ -525,7 +528,7 @@ def check_scoring(ctx: ModelContext, precision: str) -> dict:
     # The first batch holds the longest sentences, all padded to the longest: the planner's worst case.
     longest = max(len(sentence_ids(tokenizer, text, s.max_length_scoring)[0]) for text in ctx.sentences)
     first_batch = min(s.eval_batch_size, len(ctx.sentences))
-    predicted = memory.predict_scoring(ctx.config, precision, first_batch, longest, device=s.device)
+    predicted = plan_predict.predict_scoring(ctx.config, precision, first_batch, longest, device=s.device)
     evaluator_tps = result.scored_tokens / evaluator_s
     nll_rel = abs(result.total_nll - naive_nll) / abs(naive_nll)
     out.update({
@@ -558,7 +561,7 @@ def check_scoring(ctx: ModelContext, precision: str) -> dict:
 
 
 def _train_settings(s: Settings, method: str, precision: str):
-    from ftflow.training import TrainSettings
+    from ftflow.train.trainer import TrainSettings
 
     return TrainSettings(
         epochs=1, learning_rate=LEARNING_RATE[method], batch_size=s.batch_size, max_length=s.max_length, seed=0,
@@ -570,7 +573,7 @@ def _train_settings(s: Settings, method: str, precision: str):
 def _budget_bytes(settings: Settings) -> int:
     """What runs are planned against: the memory cap, else the device's memory."""
     if settings.memory_cap_gb is not None:
-        return int(settings.memory_cap_gb * memory.GB)
+        return int(settings.memory_cap_gb * plan_predict.GB)
     if settings.device == "cuda":
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -580,16 +583,16 @@ def check_training(ctx: ModelContext, method: str) -> dict:
     """A few optimizer steps of ``method`` through ftflow's training code; peak vs prediction, speed."""
     from transformers import Trainer
 
-    from ftflow.training import batching_for, encode_dataset, train_full, train_lora, train_prefix
+    from ftflow.train.trainer import batching_for, encode_dataset, train_full, train_lora, train_prefix
 
     s, tokenizer = ctx.settings, ctx.tokenizer
     precision = "nf4" if method == "qlora" else "bf16" if method == "lora-fit" else s.train_precision
     fit_options: dict = {}
     out: dict = {}
     if method == "lora-fit":
-        # LoRA as the pipeline plans it for the memory cap (ftflow/fit.py): the micro-batch, checkpointing and
+        # LoRA as the pipeline plans it for the memory cap (ftflow/plan/fit.py): the micro-batch, checkpointing and
         # optimizer state it chooses, bf16 weights as the study's 8B models.
-        from ftflow.fit import choose_fit
+        from ftflow.plan.fit import choose_fit
 
         longest = max(len(sentence_ids(tokenizer, text, s.max_length_scoring)[0])
                       for text in ctx.sentences[: s.n_validation])
@@ -617,21 +620,21 @@ def check_training(ctx: ModelContext, method: str) -> dict:
         else (ctx.path, ctx.config)
     # The planner's verdict first, as the pipeline does: a run predicted not to fit is not started.
     if method == "lora-fit":
-        predicted = memory.MemoryPrediction(**fit.prediction)
+        predicted = plan_predict.MemoryPrediction(**fit.prediction)
     elif method == "full-fit":
-        predicted = memory.predict_training(
-            memory.model_config_for(str(trained_path)), "bf16", "full", micro, s.max_length,
+        predicted = plan_predict.predict_training(
+            architecture.model_config_for(str(trained_path)), "bf16", "full", micro, s.max_length,
             gradient_checkpointing=True, optimizer="adamw-8bit", accumulation_steps=s.batch_size // micro,
             device=s.device)
         if predicted.peak_bytes > _budget_bytes(s):
             raise SkipCheck(f"full-fit predicted at {predicted.peak_bytes / 1e9:.1f} GB, over the device's memory")
     else:
         try:
-            predicted = memory.check_training_fits(
+            predicted = plan_decide.check_training_fits(
                 str(trained_path), precision, method, batch_size=s.batch_size, max_length=s.max_length,
                 budget_bytes=_budget_bytes(s), device=s.device, lora_r=LORA["r"],
                 lora_dropout=LORA["dropout"], num_virtual_tokens=PREFIX_TOKENS)
-        except memory.MemoryBudgetError as exc:
+        except plan_decide.MemoryBudgetError as exc:
             raise SkipCheck(str(exc)) from None
     out.update({"precision": precision, "batch_size": s.batch_size, "max_length": s.max_length, "steps": s.steps})
     run_dir = ctx.workdir / f"train-{method}"
@@ -642,7 +645,8 @@ def check_training(ctx: ModelContext, method: str) -> dict:
     try:
         if method == "distill":
             out.update(_teacher_topk(ctx, run_dir / "topk"))
-            from ftflow.distill import DistillationCollator, DistillationTrainer, TeacherTopK
+            from ftflow.distill.trainer import DistillationCollator, DistillationTrainer
+            from ftflow.distill.store import TeacherTopK
 
             store = TeacherTopK.load(run_dir / "topk")
             # The pipeline's batching for distillation (packed by default), its teacher rows following the tokens.
@@ -706,11 +710,11 @@ def check_training(ctx: ModelContext, method: str) -> dict:
 
 def _reload_and_score(ctx: ModelContext, method: str, best_dir: Path, trained_path: Path, trained_config,
                       meter, live: LiveObjects) -> dict:
-    """What the pipeline does after training (``ftflow.methods.run_job``): reload the saved result, score test.
+    """What the pipeline does after training (``ftflow.train.runner.run_job``): reload the saved result, score test.
 
     Called right after the training function returned, with ``gc`` off: first what of the run is still
     alive (models, optimizers; allocated memory on cuda), then the reload's peak, as growth over the memory
-    before training (a trained model still alive counts), against :func:`ftflow.memory.predict_scoring` for
+    before training (a trained model still alive counts), against :func:`ftflow.plan.predict.predict_scoring` for
     the reload alone.
     """
     s = ctx.settings
@@ -731,25 +735,25 @@ def _reload_and_score(ctx: ModelContext, method: str, best_dir: Path, trained_pa
     peak = meter.peak()
     del model
     longest = max(len(sentence_ids(ctx.tokenizer, text, s.max_length_scoring)[0]) for text in test)
-    predicted = memory.predict_scoring(trained_config, precision, len(test), longest, device=s.device)
+    predicted = plan_predict.predict_scoring(trained_config, precision, len(test), longest, device=s.device)
     return {**out, "reload_precision": precision, "reload_test_ppl": score.corpus_ppl,
             **_compare("reload_peak", predicted.allocated_bytes, peak),
             "reload_reserved_mb": _reserved_peak_mb(s.device)}
 
 
 def check_teacher_pass(ctx: ModelContext, variant: str) -> dict:
-    """The teacher pass (:func:`ftflow.distill.compute_teacher_topk`) at the batch the plan gives the model.
+    """The teacher pass (:func:`ftflow.distill.teacher.compute_teacher_topk`) at the batch the plan gives the model.
 
-    The batch is :func:`ftflow.memory.plan_candidate`'s for scoring at the training length within the memory
+    The batch is :func:`ftflow.plan.decide.plan_candidate`'s for scoring at the training length within the memory
     cap: the pipeline runs the teacher pass at its evaluation batch, the smallest such batch of the study's
-    models. Compared with ``ftflow.memory.predict_teacher_pass`` when ftflow has it (else "unplanned").
+    models. Compared with ``ftflow.plan.predict.predict_teacher_pass`` when ftflow has it (else "unplanned").
     """
     from bench.rehearsal import teacher_pass_prediction
-    from ftflow.distill import compute_teacher_topk
+    from ftflow.distill.teacher import compute_teacher_topk
 
     s = ctx.settings
     precision = "bf16"
-    plan = memory.plan_candidate(ctx.spec.name, str(ctx.path), _budget_bytes(s), precision=precision,
+    plan = plan_decide.plan_candidate(ctx.spec.name, str(ctx.path), _budget_bytes(s), precision=precision,
                                  batch_size="auto", max_length=s.max_length, device=s.device)
     batch = plan["batch_size"]
     if not batch:
@@ -784,7 +788,8 @@ def check_teacher_pass(ctx: ModelContext, variant: str) -> dict:
 
 def _teacher_topk(ctx: ModelContext, directory: Path) -> dict:
     """The teacher (the model) once over the training documents; top-k stored, teacher freed."""
-    from ftflow.distill import check_same_tokenizer, compute_teacher_topk
+    from ftflow.distill.vocabulary import check_same_tokenizer
+    from ftflow.distill.teacher import compute_teacher_topk
 
     s = ctx.settings
     check_same_tokenizer(ctx.tokenizer, load_tokenizer(str(ctx.student_path)), ctx.spec.name, f"{ctx.spec.name}-student")
@@ -1040,7 +1045,7 @@ def cap_memory(settings: Settings, report: dict) -> None:
     """
     env = report["environment"]
     env["memory_cap_gb"] = settings.memory_cap_gb
-    env["planned_overhead_mb"] = memory.RUNTIME_OVERHEAD_BYTES[settings.device] / MB
+    env["planned_overhead_mb"] = plan_predict.RUNTIME_OVERHEAD_BYTES[settings.device] / MB
     if settings.device != "cuda":
         return
     from bench.rehearsal import cuda_context_bytes
@@ -1049,7 +1054,7 @@ def cap_memory(settings: Settings, report: dict) -> None:
     env["cuda_context_mb"] = context / MB
     if settings.memory_cap_gb is not None:
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        fraction = (settings.memory_cap_gb * memory.GB - context) / total
+        fraction = (settings.memory_cap_gb * plan_predict.GB - context) / total
         if not 0 < fraction <= 1:
             print(f"gpu_check: --memory-cap-gb {settings.memory_cap_gb:g} leaves no room beside the CUDA context "
                   f"({context / 1e9:.2f} GB) on this {total / 1e9:.1f} GB card", file=sys.stderr)

@@ -11,18 +11,18 @@ pass, granite-3.3-8b's and Qwen2.5-1.5B's shapes cut to one layer (Granite with
 its real multipliers and ``logits_scaling``, Qwen with its 152k vocabulary).
 Each case is run the way ftflow runs it (scoring: :func:`ftflow.perplexity.batch_nll` under
 ``inference_mode``, chunked unless the case says ``logits_chunk_tokens=0``;
-distillation: the student's forward and :func:`ftflow.distill.kd_loss` on
+distillation: the student's forward and :func:`ftflow.distill.losses.kd_loss` on
 stored top-k (k = 16), then as full training; training: forward with labels, backward,
 gradient clipping and a fused AdamW step whose state already exists, so the
 measured step is a steady-state one; LoRA/QLoRA/prefix through PEFT, QLoRA
-through :func:`ftflow.models.load_model` and ``prepare_model_for_kbit_training``
-as :func:`ftflow.training.train_lora` does; the teacher pass:
-:func:`ftflow.distill.compute_teacher_topk` over one batch, k = 100, the teacher
+through :func:`ftflow.models.loading.load_model` and ``prepare_model_for_kbit_training``
+as :func:`ftflow.train.trainer.train_lora` does; the teacher pass:
+:func:`ftflow.distill.teacher.compute_teacher_topk` over one batch, k = 100, the teacher
 plain, with an unmerged LoRA adapter or a prefix, as ``load_trained`` loads a run;
 ``step-8bit``: ftflow's 8-bit AdamW step alone on one 32M-element tensor whose
 gradient and state exist) and compared with
-:func:`ftflow.memory.predict_scoring` / :func:`ftflow.memory.predict_training` /
-:func:`ftflow.memory.predict_teacher_pass` / :func:`ftflow.memory.adamw_8bit_step_bytes`.
+:func:`ftflow.plan.predict.predict_scoring` / :func:`ftflow.plan.predict.predict_training` /
+:func:`ftflow.plan.predict.predict_teacher_pass` / :func:`ftflow.plan.predict.adamw_8bit_step_bytes`.
 Sequences are full length; one pad in the last row makes the batch a padded
 one, as real batches are.
 
@@ -57,7 +57,7 @@ the same for the weights alone; then the logits' share of one 2 x 2048-token
 batch at a 100k vocabulary, full against chunked; the 8-bit step's temporaries
 per element; each teacher-pass case's peak above the weights, predicted against
 measured; then PASS when every weights-dominated case (weights >= 70% of the
-prediction) is within 10%, every case of a technique ftflow/fit.py chooses
+prediction) is within 10%, every case of a technique ftflow/plan/fit.py chooses
 (gradient checkpointing ``+gc``, micro-batches with accumulation ``+accN``,
 8-bit AdamW ``+8bit`` and ``step-8bit``) is within 10%, every chunked
 teacher-pass case is within 10%, and chunking lowers that share at least 4x,
@@ -81,7 +81,7 @@ tensor, 27.96 bytes per element of its 4,194,304-element slice (83.7 MB, 19.95
 for fp32), each within 0.3% of the plan; before the step was sliced it held 28.0
 (bf16) and 20.0 (fp32) bytes per element of the whole tensor. On a CPU
 bitsandbytes runs its reference 8-bit kernel, whose fp32 temporaries CUDA's fused
-kernel does not have (:data:`ftflow.memory.ADAMW_8BIT_STEP_BYTES_PER_ELEMENT`).
+kernel does not have (:data:`ftflow.plan.predict.ADAMW_8BIT_STEP_BYTES_PER_ELEMENT`).
 """
 
 from __future__ import annotations
@@ -115,9 +115,9 @@ import torch  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
 
-from ftflow import memory  # noqa: E402
-from ftflow.distill import kd_loss  # noqa: E402
+from ftflow.distill.losses import kd_loss  # noqa: E402
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, batch_nll  # noqa: E402
+from ftflow.plan import predict as plan_predict  # noqa: E402
 
 MB = 10**6
 WEIGHTS_TARGET = 0.10
@@ -162,7 +162,7 @@ class Case:
 
     @property
     def fit_case(self) -> bool:
-        """A technique of ftflow/fit.py is on: checkpointing, micro-batches with accumulation, 8-bit state."""
+        """A technique of ftflow/plan/fit.py is on: checkpointing, micro-batches with accumulation, 8-bit state."""
         return (bool(self.options.get("gradient_checkpointing")) or self.options.get("accumulation_steps", 1) > 1
                 or self.options.get("optimizer", "adamw") != "adamw" or self.kind == "step-8bit")
 
@@ -197,7 +197,7 @@ GRANITE_8B_1L = BenchModel("granite-8b-1-layer", "granite", dict(
 QWEN_15B_1L = BenchModel("qwen2.5-1.5b-1-layer", "qwen2", dict(
     hidden_size=1536, num_hidden_layers=1, num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960,
     vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096))
-# The 8-bit AdamW step alone: one tensor of 32M elements (8 slices of ftflow.optimizers.SLICE_ELEMENTS).
+# The 8-bit AdamW step alone: one tensor of 32M elements (8 slices of ftflow.train.optimizers.SLICE_ELEMENTS).
 TENSOR_32M = BenchModel("tensor-32M", "tensor", dict(elements=32_000_000, vocab_size=0))
 TEACHER_K = 100
 """Ids stored per position in the teacher-pass cases (the seed study's largest top_k)."""
@@ -227,7 +227,7 @@ def cases(quick: bool) -> list[Case]:
         Case(GRANITE_333M, "scoring", "fp32", 1, 64),
         Case(LLAMA_100K_VOCAB, "scoring", "fp32", 2, 2048, {"logits_chunk_tokens": 0}),
         Case(LLAMA_100K_VOCAB, "scoring", "fp32", 2, 2048),
-        # What ftflow/fit.py turns on: micro-batches with accumulation (the batch is the micro-batch here),
+        # What ftflow/plan/fit.py turns on: micro-batches with accumulation (the batch is the micro-batch here),
         # gradient checkpointing, 8-bit AdamW state (bf16 weights: stochastic rounding).
         Case(QWEN_40M, "full", "fp32", 2, 128, {"accumulation_steps": 2}),
         Case(QWEN_40M, "lora", "fp32", 1, 256, {"accumulation_steps": 4}),
@@ -239,7 +239,7 @@ def cases(quick: bool) -> list[Case]:
         # The 8-bit step's temporaries (bf16: stochastic rounding), the constant of ftflow.memory's plan.
         Case(TENSOR_32M, "step-8bit", "bf16", 1, 1, {"optimizer": "adamw-8bit"}),
         Case(TENSOR_32M, "step-8bit", "fp32", 1, 1, {"optimizer": "adamw-8bit"}),
-        # The teacher pass (ftflow.distill.compute_teacher_topk, one batch of 2 x 256 tokens): two chunks of logits
+        # The teacher pass (ftflow.distill.teacher.compute_teacher_topk, one batch of 2 x 256 tokens): two chunks of logits
         # (256 positions each), top-k and sampled; the forward outweighing 128-position chunks (fp32, an unmerged
         # LoRA teacher); a prefix teacher's key/value cache over 12 layers; the full-logits path for comparison.
         Case(GRANITE_8B_1L, "teacher", "bf16", 2, 256, {"variant": "topk", "logits_chunk_tokens": 256}),
@@ -272,27 +272,27 @@ def build_config(model: BenchModel):
     )
 
 
-def predict(case: Case, device: str) -> memory.MemoryPrediction:
+def predict(case: Case, device: str) -> plan_predict.MemoryPrediction:
     if case.kind == "step-8bit":
         return _predict_step(case, device)
     config = build_config(case.model)
     if case.kind == "scoring":
-        return memory.predict_scoring(config, case.precision, case.batch_size, case.max_length, device=device,
+        return plan_predict.predict_scoring(config, case.precision, case.batch_size, case.max_length, device=device,
                                       **case.options)
     if case.kind == "teacher":
-        return memory.predict_teacher_pass(config, case.precision, case.batch_size, case.max_length, k=TEACHER_K,
+        return plan_predict.predict_teacher_pass(config, case.precision, case.batch_size, case.max_length, k=TEACHER_K,
                                            device=device, **case.options)
-    return memory.predict_training(config, case.precision, case.kind, case.batch_size, case.max_length,
+    return plan_predict.predict_training(config, case.precision, case.kind, case.batch_size, case.max_length,
                                    device=device, **case.options)
 
 
-def _predict_step(case: Case, device: str) -> memory.MemoryPrediction:
+def _predict_step(case: Case, device: str) -> plan_predict.MemoryPrediction:
     """One tensor's weights, gradient and 8-bit state, and the step's temporaries (ftflow.memory's own terms)."""
-    n, d = case.model.numbers["elements"], memory.ELEMENT_BYTES[case.precision]
-    state = memory.adamw_8bit_state_bytes([n])
-    step = memory.adamw_8bit_step_bytes([n], case.precision == "bf16", device)
-    overhead = memory.RUNTIME_OVERHEAD_BYTES[device]
-    return memory.MemoryPrediction(case="step-8bit", precision=case.precision, batch_size=1, max_length=1,
+    n, d = case.model.numbers["elements"], plan_predict.ELEMENT_BYTES[case.precision]
+    state = plan_predict.adamw_8bit_state_bytes([n])
+    step = plan_predict.adamw_8bit_step_bytes([n], case.precision == "bf16", device)
+    overhead = plan_predict.RUNTIME_OVERHEAD_BYTES[device]
+    return plan_predict.MemoryPrediction(case="step-8bit", precision=case.precision, batch_size=1, max_length=1,
                                    parameters=n, trainable_parameters=n, weights_bytes=n * d, logits_bytes=0,
                                    activations_bytes=step, overhead_bytes=overhead, gradients_bytes=n * d,
                                    optimizer_bytes=state, peak_bytes=2 * n * d + state + step + overhead)
@@ -316,7 +316,7 @@ def _build_model(case: Case, device: str, checkpoint: Path | None):
     from transformers import AutoModelForCausalLM
 
     if case.precision == "nf4":
-        from ftflow.models import load_model
+        from ftflow.models.loading import load_model
 
         model = load_model(str(checkpoint), "nf4", device, trainable=case.kind != "scoring")
         if device == "cpu":
@@ -336,7 +336,7 @@ def memory_dtype(precision: str) -> torch.dtype:
 
 
 def _wrap(model, case: Case):
-    """PEFT wrapping as ftflow's training does (a teacher: as ftflow.methods.load_trained loads its run)."""
+    """PEFT wrapping as ftflow's training does (a teacher: as ftflow.models.loading.load_trained loads its run)."""
     if case.options.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable()
     if case.kind == "teacher":
@@ -367,7 +367,7 @@ class _IdTokenizer:
 
 def _teacher_pass(model, case: Case, vocab: int) -> None:
     """ftflow's teacher pass over one batch of full-length sentences (the last one token short: one pad)."""
-    from ftflow.distill import compute_teacher_topk
+    from ftflow.distill.teacher import compute_teacher_topk
 
     generator = torch.Generator().manual_seed(0)
     lengths = [case.max_length - 1] * (case.batch_size - 1) + [case.max_length - 2]
@@ -379,7 +379,7 @@ def _teacher_pass(model, case: Case, vocab: int) -> None:
 
 def _step_tensor(case: Case, device: str):
     """One trainable tensor, its gradient and its 8-bit state (made by a first step), and the optimizer."""
-    from ftflow.optimizers import adamw_8bit
+    from ftflow.train.optimizers import adamw_8bit
 
     generator = torch.Generator().manual_seed(0)
     n = case.model.numbers["elements"]
@@ -409,7 +409,7 @@ def _optimizer(model, kind: str = "adamw"):
     if kind == "adamw":
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
     else:
-        from ftflow.optimizers import adamw_8bit
+        from ftflow.train.optimizers import adamw_8bit
 
         cls, kwargs = adamw_8bit(1e-5)
         optimizer = cls(params, **kwargs)
@@ -561,7 +561,7 @@ def run_case(case: Case, device: str, checkpoint: Path | None) -> dict:
     elif case.kind == "scoring":
         _score(model, ids, mask, labels, case.options.get("logits_chunk_tokens", DEFAULT_LOGITS_CHUNK_TOKENS))
     else:
-        # QLoRA trains under its compute dtype's autocast (the Trainer's bf16), as ftflow.training.plan_precision says.
+        # QLoRA trains under its compute dtype's autocast (the Trainer's bf16), as ftflow.train.trainer.plan_precision says.
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=case.kind == "qlora")
         with autocast:
             _train_step(model, params, optimizer, ids, mask, labels, topk, case.options.get("accumulation_steps", 1))
@@ -627,7 +627,7 @@ def main() -> int:
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: F401
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: F401
 
-    import ftflow.models  # noqa: F401
+    import ftflow.models.loading  # noqa: F401
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -707,7 +707,7 @@ def main() -> int:
         if ratio < LOGITS_SHARE_TARGET:
             dominated.append({"relative_error": math.inf})  # counts as a failure below
     if fit_rows:
-        print(f"cases with checkpointing, micro-batches or 8-bit state (ftflow/fit.py): {len(fit_within)}/"
+        print(f"cases with checkpointing, micro-batches or 8-bit state (ftflow/plan/fit.py): {len(fit_within)}/"
               f"{len(fit_rows)} within {WEIGHTS_TARGET:.0%}")
     for r in rows:
         if r["case"] == "step-8bit" and not r["error"]:
@@ -721,7 +721,7 @@ def main() -> int:
     teacher_rows = [r for r in rows if not r["error"] and r["teacher_case"]]
     teacher_within = [r for r in teacher_rows if abs(r["relative_error"]) <= WEIGHTS_TARGET]
     if teacher_rows:
-        print(f"teacher-pass cases (ftflow.distill.compute_teacher_topk, chunked): {len(teacher_within)}/"
+        print(f"teacher-pass cases (ftflow.distill.teacher.compute_teacher_topk, chunked): {len(teacher_within)}/"
               f"{len(teacher_rows)} within {WEIGHTS_TARGET:.0%}; the pass above the weights, predicted vs measured:")
         for r in teacher_rows:
             above = r["measured_mb"] - r["weights_measured_mb"], r["predicted_mb"] - r["weights_predicted_mb"]
@@ -751,7 +751,7 @@ def main() -> int:
 
 
 def _slice_elements() -> int:
-    from ftflow.optimizers import SLICE_ELEMENTS
+    from ftflow.train.optimizers import SLICE_ELEMENTS
 
     return SLICE_ELEMENTS
 

@@ -8,7 +8,7 @@
 What it builds (nothing is downloaded): for every model of the config, a
 checkpoint with random bf16 weights and the model's real widths, heads,
 vocabulary (embedding rows) and, for Granite, multipliers, from
-:func:`ftflow.memory.model_config_for` (``ftflow/known_models.py`` for hub
+:func:`ftflow.models.architecture.model_config_for` (``ftflow/models/known.py`` for hub
 ids); on a CPU its decoder layers are cut to ``--layers`` (default 1), on a
 GPU it has them all. Each family gets one byte-level BPE tokenizer with as
 many ids as the family's smallest embedding (Qwen2.5: 151,936), in which every
@@ -20,25 +20,25 @@ with the start token (checked under every model's tokenizer as ftflow loads
 it), so every batch has the shape the planner predicts for (packing changes
 no row).
 
-What it runs: the stage sequence :mod:`ftflow.design` decides for the
+What it runs: the stage sequence :mod:`ftflow.study.design` decides for the
 config, each stage through ftflow's own functions, the way the pipeline
 calls them (``tasks/*.py``):
 
-* ``benchmark`` of every model: :func:`ftflow.models.load_model` at the
+* ``benchmark`` of every model: :func:`ftflow.models.loading.load_model` at the
   planned precision, :func:`ftflow.perplexity.score_sentences` on validation
-  and test at the planned batch (:func:`ftflow.memory.plan_candidate` at the
+  and test at the planned batch (:func:`ftflow.plan.decide.plan_candidate` at the
   memory cap);
 * the LoRA grid on the teacher, as one representative run (its largest
   rank, alpha and dropout: the grid's largest memory), then
-  :func:`ftflow.design.per_model_jobs` with it as the best combination: LoRA,
+  :func:`ftflow.study.design.per_model_jobs` with it as the best combination: LoRA,
   QLoRA and full fine-tuning per compared model, and the prefix grid's
-  largest prefix on the teacher. Each run is :func:`ftflow.methods.run_job`
+  largest prefix on the teacher. Each run is :func:`ftflow.train.runner.run_job`
   (train, save, reload with ``load_trained``, score test) with the fit plan
-  :func:`ftflow.fit.choose_fit` makes for the *full-depth* model at the memory
+  :func:`ftflow.plan.fit.choose_fit` makes for the *full-depth* model at the memory
   cap on CUDA (micro-batch, checkpointing, 8-bit state, bf16 weights), passed
   as ``fit_plan`` as ``tasks/train.py`` does;
 * the teacher pass per distillation variant (``topk`` and ``sampled``, at the
-  largest k): :func:`ftflow.distill.teacher_topk_for_student` on the LoRA run
+  largest k): :func:`ftflow.distill.teacher.teacher_topk_for_student` on the LoRA run
   above (the design's teacher is the teacher model's best run; random
   weights cannot say which, and its LoRA run is the one that loads the whole
   base), stored as ``tasks/teacher_logits.py`` does;
@@ -55,7 +55,7 @@ ablation (the same LoRA run on other sentences).
 
 Which family is selected: random weights cannot say, so the family whose
 teacher is largest (the heaviest stages; ``--family`` to choose another),
-whose teacher and student :func:`ftflow.selection.select_family`'s rule
+whose teacher and student :func:`ftflow.study.selection.select_family`'s rule
 picks among equal scores. ``--quick`` runs that family's teacher and student
 and the smallest model of each other family but Llama-3.2 (whose 1B full
 fine-tune needs 8-bit AdamW, whose CPU kernel alone holds 20 bytes per
@@ -154,11 +154,14 @@ from bench.memory_accuracy import _CpuMeter, in_child  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from ftflow import design, memory  # noqa: E402
 from ftflow.config import PipelineConfig, load_config  # noqa: E402
 from ftflow.device import freeze_long_lived_objects  # noqa: E402
-from ftflow.fit import choose_fit  # noqa: E402
-from ftflow.jobs import FullJob, Job, PrefixJob  # noqa: E402
+from ftflow.models import architecture  # noqa: E402
+from ftflow.plan import decide as plan_decide  # noqa: E402
+from ftflow.plan import predict as plan_predict  # noqa: E402
+from ftflow.plan.fit import choose_fit  # noqa: E402
+from ftflow.study import design  # noqa: E402
+from ftflow.train.jobs import FullJob, Job, PrefixJob  # noqa: E402
 
 MB = 10**6
 WITHIN = 0.10
@@ -278,7 +281,7 @@ def build_checkpoint(config, tokenizer, directory: Path, device: str = "cpu") ->
     """Random bf16 weights of ``config``, made on ``device``, and the tokenizer, saved as a Hugging Face directory."""
     from transformers import AutoModelForCausalLM
 
-    from ftflow import zoo
+    from ftflow.models import zoo
 
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -302,7 +305,7 @@ class Stage:
     kind: str  # benchmark | train | teacher | evaluate
     model: str
     run: Callable[[], dict]
-    predicted: Optional[memory.MemoryPrediction]  # at the shape run here, for CUDA; None: unplanned
+    predicted: Optional[plan_predict.MemoryPrediction]  # at the shape run here, for CUDA; None: unplanned
     full_peak_bytes: Optional[int]  # the full-depth plan on CUDA (context included); None: unplanned
     shape: str
     note: str = ""
@@ -338,13 +341,13 @@ class Rehearsal:
 
 
 def _scoring_prediction(config, precision: str, batch: int, length: int, device: str, chunk: int):
-    return memory.predict_scoring(config, precision, batch, length, device=device, logits_chunk_tokens=chunk)
+    return plan_predict.predict_scoring(config, precision, batch, length, device=device, logits_chunk_tokens=chunk)
 
 
 def teacher_pass_prediction(config, precision: str, batch: int, length: int, *, k: int, variant: str, chunk: int,
-                            device: str) -> Optional[memory.MemoryPrediction]:
-    """``ftflow.memory.predict_teacher_pass`` when ftflow has it (None: the teacher pass is unplanned)."""
-    predictor = getattr(memory, "predict_teacher_pass", None)
+                            device: str) -> Optional[plan_predict.MemoryPrediction]:
+    """``ftflow.plan.predict.predict_teacher_pass`` when ftflow has it (None: the teacher pass is unplanned)."""
+    predictor = getattr(plan_predict, "predict_teacher_pass", None)
     if predictor is None:
         return None
     return predictor(config, precision, batch, length, k=k, variant=variant, logits_chunk_tokens=chunk, device=device)
@@ -366,7 +369,7 @@ def benchmark_stage(r: Rehearsal, m: Model) -> Stage:
     predicted = _scoring_prediction(m.config, precision, n, length, PLANNED_DEVICE, r.chunk)
 
     def run() -> dict:  # tasks/benchmark.py
-        from ftflow.models import load_model, load_tokenizer
+        from ftflow.models.loading import load_model, load_tokenizer
         from ftflow.perplexity import score_sentences
 
         tokenizer = load_tokenizer(str(m.path))
@@ -383,7 +386,7 @@ def benchmark_stage(r: Rehearsal, m: Model) -> Stage:
 
 
 def run_dict(job: Job, out_dir: Path) -> dict:
-    """What :func:`ftflow.methods.load_trained` reads of a finished run (as the train stage's manifest has it)."""
+    """What :func:`ftflow.models.loading.load_trained` reads of a finished run (as the train stage's manifest has it)."""
     return {"name": job.name, "method": job.method, "precision": job.precision,
             "quantization": getattr(job, "quantization", None), "base_model": job.model, "dir": str(out_dir),
             "files": {"model": "model"}}
@@ -418,7 +421,7 @@ def train_stage(r: Rehearsal, job: Job, kind_label: str, teacher_dir: Optional[P
                      skipped=f"the plan skips it: {fit.reason}")
     n_val, n_test = min(r.eval_batch, len(r.validation)), min(r.eval_batch, len(r.test))
     train_precision = fit.prediction["precision"]
-    step = memory.predict_training(
+    step = plan_predict.predict_training(
         m.config, train_precision, "qlora" if method == "qlora" else method, fit.micro_batch_size, length,
         gradient_checkpointing=True if method == "qlora" else fit.gradient_checkpointing,
         eval_batch_size=n_val, eval_length=length, logits_chunk_tokens=r.chunk, device=PLANNED_DEVICE,
@@ -431,7 +434,7 @@ def train_stage(r: Rehearsal, job: Job, kind_label: str, teacher_dir: Optional[P
     cfg = r.cfg
 
     def run() -> dict:  # tasks/train.py
-        from ftflow.methods import run_job
+        from ftflow.train.runner import run_job
 
         shutil.rmtree(out_dir, ignore_errors=True)
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -452,7 +455,7 @@ def train_stage(r: Rehearsal, job: Job, kind_label: str, teacher_dir: Optional[P
 
 def teacher_stage(r: Rehearsal, teacher_job: Job, teacher_label: str, variant: str) -> Stage:
     """The teacher pass of one variant at the largest k, on the teacher's LoRA run (tasks/teacher_logits.py)."""
-    from ftflow.distill import teacher_topk_for_student
+    from ftflow.distill.teacher import teacher_topk_for_student
 
     m, student = r.models[r.teacher], r.models[r.student]
     k = max(r.cfg.distill.top_k)
@@ -460,7 +463,7 @@ def teacher_stage(r: Rehearsal, teacher_job: Job, teacher_label: str, variant: s
     label = f"teacher[{teacher_job.name}|{variant}{k}]"
     n = min(r.eval_batch, len(r.train))
     chunked = _accepts(teacher_topk_for_student, "logits_chunk_tokens")
-    chunk = r.chunk if chunked else memory.DEFAULT_LOGITS_CHUNK_TOKENS
+    chunk = r.chunk if chunked else plan_predict.DEFAULT_LOGITS_CHUNK_TOKENS
     predicted = teacher_pass_prediction(m.config, teacher_job.precision, n, length, k=k, variant=variant,
                                         chunk=chunk, device=PLANNED_DEVICE)
     full = teacher_pass_prediction(m.full_config, teacher_job.precision, r.eval_batch, length, k=k, variant=variant,
@@ -493,8 +496,8 @@ def evaluate_stage(r: Rehearsal, job: Job, trained_label: str) -> Stage:
     full = _scoring_prediction(m.full_config, job.precision, r.eval_batch, length, "cuda", r.chunk)
 
     def run() -> dict:
-        from ftflow.methods import load_trained
-        from ftflow.models import load_tokenizer
+        from ftflow.models.loading import load_trained
+        from ftflow.models.loading import load_tokenizer
         from ftflow.perplexity import score_sentences
 
         model = load_trained(run_info, r.device)
@@ -511,7 +514,7 @@ def _slug(label: str) -> str:
 
 
 def stage_sequence(r: Rehearsal) -> list[Stage]:
-    """The config's stages, as ftflow/design.py decides them (see the module docstring for what is left out)."""
+    """The config's stages, as ftflow/study/design.py decides them (see the module docstring for what is left out)."""
     cfg = r.cfg
     epochs = r.settings.epochs
     stages = [benchmark_stage(r, m) for m in r.models.values()]
@@ -998,19 +1001,19 @@ def settings_from(args: argparse.Namespace, cfg: PipelineConfig) -> Settings:
         raise RehearsalError("; ".join(problems))
     return Settings(device=args.device, layers=layers, micro=args.micro, max_length=length, n_train=n_train,
                     n_eval=max(2, n_train // 4), epochs=1 if args.quick or args.micro else None,
-                    cap_bytes=int(cap * memory.GB), quick=args.quick)
+                    cap_bytes=int(cap * plan_predict.GB), quick=args.quick)
 
 
 def choose_models(args: argparse.Namespace, cfg: PipelineConfig, full_configs: dict
                   ) -> tuple[list, str, str, str, dict[str, int]]:
     """(the config's models to rehearse, selected family, teacher, student, every model's parameters)."""
-    from ftflow.selection import select_family
+    from ftflow.study.selection import select_family
 
     specs = list(cfg.models or [])
     if not specs:
         raise RehearsalError(f"{args.config} has no models: list (a zoo config builds its own small models; "
                              "the rehearsal is for hub models, e.g. configs/seed-20gb.yaml)")
-    parameters = {s.name: memory.count_config_parameters(full_configs[s.name]) for s in specs}
+    parameters = {s.name: architecture.count_config_parameters(full_configs[s.name]) for s in specs}
     families = sorted({s.family for s in specs})
     family = args.family or max(families, key=lambda f: max(parameters[s.name] for s in specs if s.family == f))
     if family not in families:
@@ -1049,8 +1052,8 @@ def prepare(args: argparse.Namespace) -> tuple[Rehearsal, list[str]]:
     full_configs = {}
     for spec in cfg.models or []:
         try:
-            full_configs[spec.name] = memory.model_config_for(spec.path, spec.trust_remote_code)
-        except memory.UnknownModelError as exc:
+            full_configs[spec.name] = architecture.model_config_for(spec.path, spec.trust_remote_code)
+        except architecture.UnknownModelError as exc:
             raise RehearsalError(str(exc)) from None
     specs, family, teacher, student, parameters = choose_models(args, cfg, full_configs)
     workdir = args.workdir or args.out / "work"
@@ -1072,7 +1075,7 @@ def prepare(args: argparse.Namespace) -> tuple[Rehearsal, list[str]]:
                   validation=sentences(settings.n_eval, length, letters, 2),
                   test=sentences(settings.n_eval, length, letters, 3), teacher=teacher, student=student)
     for m in models.values():
-        r.decisions[m.name] = memory.plan_candidate(
+        r.decisions[m.name] = plan_decide.plan_candidate(
             m.name, m.hub, settings.cap_bytes, precision=m.precision, batch_size=cfg.benchmark.batch_size,
             max_length=length, batch_size_cap=cfg.memory.batch_size_cap, allow_nf4=cfg.memory.allow_nf4,
             device="cuda", logits_chunk_tokens=r.chunk)
@@ -1112,10 +1115,10 @@ def build(r: Rehearsal) -> None:
             result = {"ok": True, **build_checkpoint(m.config, tokenizers[key], m.path, "cuda")}
         if not result["ok"]:
             raise RuntimeError(f"could not build {m.name}'s checkpoint in {m.path}: {result['error']}")
-        print(f"built {m.name} ({memory.count_config_parameters(m.config):,} parameters) in "
+        print(f"built {m.name} ({architecture.count_config_parameters(m.config):,} parameters) in "
               f"{time.perf_counter() - started:.0f} s", flush=True)
     # Every sentence must be exactly the planned length under every model's tokenizer, as loaded by ftflow.
-    from ftflow.models import load_tokenizer
+    from ftflow.models.loading import load_tokenizer
     from ftflow.tokens import sentence_ids
 
     for m in r.models.values():
@@ -1151,10 +1154,11 @@ def import_everything() -> None:
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401
     from transformers import AutoModelForCausalLM, Trainer  # noqa: F401
 
-    import ftflow.distill  # noqa: F401
-    import ftflow.methods  # noqa: F401
-    import ftflow.optimizers  # noqa: F401
-    import ftflow.training  # noqa: F401
+    import ftflow.distill.teacher  # noqa: F401
+    import ftflow.distill.trainer  # noqa: F401
+    import ftflow.train.optimizers  # noqa: F401
+    import ftflow.train.runner  # noqa: F401
+    import ftflow.train.trainer  # noqa: F401
 
 
 def cuda_context_bytes() -> int:

@@ -60,7 +60,7 @@ TASK_STATE = re.compile(r"Task run '([^']+)' - Finished in state (\w+)")
 WORDNET_FILES = {"data.noun", "index.noun", "index.sense", "lexnames", "data.verb"}
 
 
-# -- the table and its verdicts (pure; tests/unit/test_reliability_battery.py) ---------------------------------
+# -- the table and its verdicts (pure; tests/unit/bench/test_reliability_battery.py) ------------------------------
 
 @dataclass
 class Case:

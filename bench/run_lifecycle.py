@@ -4,17 +4,17 @@
 
 A Granite model of granite-3.3-8b-base's shapes (hidden 4096, MLP 12800, 32
 heads with 8 key/value heads, a 49,159-token vocabulary tied to the LM head:
-:func:`ftflow.memory.model_config_for`, offline), cut to ``--layers`` decoder
+:func:`ftflow.models.architecture.model_config_for`, offline), cut to ``--layers`` decoder
 layers, random weights, saved in ``--precision`` to a temporary folder with
 a word-level tokenizer. One LoRA job (r 16 on every linear layer, batch 4,
-8 short sentences, one epoch) goes through :func:`ftflow.methods.run_job`,
+8 short sentences, one epoch) goes through :func:`ftflow.train.runner.run_job`,
 the path every pipeline run takes: load, train, save the best epoch, reload
 the trained model for the test split, score it.
 
 In a forked child with Python's default garbage-collector settings (nothing
 here collects), the resident set (``VmRSS``) is read before the run, when
 training has returned (at the entry of the test split's reload,
-:func:`ftflow.methods.load_trained`) and after ``run_job`` returns, and the
+:func:`ftflow.models.loading.load_trained`) and after ``run_job`` returns, and the
 peak (``VmHWM``, reset through ``/proc/self/clear_refs`` before the run) is
 read at the end. glibc serves every block over 64 KiB with ``mmap`` and
 MKL's buffer cache is off (as ``bench/memory_accuracy.py`` does), so freed
@@ -83,8 +83,8 @@ def build(directory: Path, layers: int, precision: str, **shape) -> tuple[dict, 
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from ftflow.memory import model_config_for
-    from ftflow.models import DTYPES
+    from ftflow.models.architecture import model_config_for
+    from ftflow.models.loading import DTYPES
 
     words = sorted({w for s in SENTENCES for w in s.split()})
     vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>", *words])}
@@ -111,9 +111,9 @@ def measure(directory: Path, layers: int, precision: str, out) -> None:
     """In the child: build, run one LoRA job, write the figures to ``out`` (a pipe)."""
     import json
 
-    import ftflow.methods
+    import ftflow.train.runner
     from ftflow.config import LoraConfig
-    from ftflow.methods import lora_grid, run_job
+    from ftflow.train.runner import lora_grid, run_job
 
     lora = LoraConfig(r=16, alpha=32, dropout=0.0, learning_rate=1e-4, epochs=1, batch_size=4)
     # The same run once on a micro model of the same architecture first: libraries imported, kernels and thread
@@ -127,13 +127,13 @@ def measure(directory: Path, layers: int, precision: str, out) -> None:
     model, weights = build(directory / "base", layers, precision)
     job = lora_grid(lora, model)[0]
     figures = {"weights": weights}
-    load_trained = ftflow.methods.load_trained
+    load_trained = ftflow.models.loading.load_trained
 
     def at_reload(*args, **kwargs):
         figures["rss_at_reload"] = _status("VmRSS")
         return load_trained(*args, **kwargs)
 
-    ftflow.methods.load_trained = at_reload
+    ftflow.models.loading.load_trained = at_reload
     (directory / "out").mkdir()
     figures["rss_before"] = _status("VmRSS")
     _reset_peak()

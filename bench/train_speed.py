@@ -12,9 +12,9 @@ the behaviour before packing) and packed (``training.packing: auto``: each
 batch's sentences in rows without pads between them, positions restarting
 at every sentence, no attention across sentences, rows of the budget
 :func:`ftflow.tokens.packed_row_tokens` chooses; see
-:func:`ftflow.training.batching_for`). ``--longest-rows`` adds a third run
+:func:`ftflow.train.trainer.batching_for`). ``--longest-rows`` adds a third run
 packed into rows of the batch's longest sentence (the layout before that
-budget). All go through :func:`ftflow.training.train_full`, the Trainer
+budget). All go through :func:`ftflow.train.trainer.train_full`, the Trainer
 ftflow runs.
 
 The runs go side by side in processes of their own and take turns step by
@@ -92,10 +92,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
 
 from bench.augment_effect import DEFAULT_CORPUS, DEFAULT_TRAIN, build_base  # noqa: E402
-from ftflow.data import hold_out_validation, read_sentences  # noqa: E402
-from ftflow.models import load_tokenizer  # noqa: E402
+from ftflow.data.splits import hold_out_validation, read_sentences  # noqa: E402
+from ftflow.models.loading import load_tokenizer  # noqa: E402
 from ftflow.tokens import pack_batch, pad_token_id  # noqa: E402
-from ftflow.training import PackCollator, PadCollator, TrainSettings, encode_dataset, train_full  # noqa: E402
+from ftflow.train.trainer import PackCollator, PadCollator, TrainSettings, encode_dataset, train_full  # noqa: E402
 
 SPEEDUP_TARGET = 1.6
 PPL_RTOL = 0.01

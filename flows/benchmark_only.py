@@ -16,9 +16,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import DEFAULT_CONFIG
 from flows.scale import mapped_runner
 from flows.steps import benchmark_candidates, data_candidates_and_plan
-from ftflow.budget import use_expandable_segments
 from ftflow.config import load_config
-from ftflow.models import resolve_device
+from ftflow.models.loading import resolve_device
+from ftflow.plan.budget import use_expandable_segments
 from tasks.publish_benchmark import publish_benchmark
 
 __all__ = ["benchmark_candidates", "benchmark_only"]  # benchmark_candidates: the pipeline's step (flows/steps.py)

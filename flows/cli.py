@@ -20,9 +20,9 @@ from typing import Callable, Iterator, Optional
 
 import yaml
 
+from flows import DEFAULT_CONFIG
 from ftflow.artifacts import disk_full, disk_full_cause
 from ftflow.config import ConfigError, Overrides, PipelineConfig, load_checked_config, load_config
-from flows import DEFAULT_CONFIG
 from ftflow.errors import UserError
 
 
@@ -296,15 +296,9 @@ def _drain_prefect_workers(timeout_s: float = 10.0) -> None:
             print(f"ftflow: could not send the last {worker.__name__} items to the server: {exc}", file=sys.stderr)
 
 
-def failure_summary(evaluation: dict) -> list[str]:
-    """One line per model or run of the leaderboard that has no result, with its cause (on that line)."""
-    return [f"{row['name']} ({row['kind']}): {' '.join(str(row['error']).split())}"
-            for row in evaluation.get("leaderboard", []) if row.get("error")]
-
-
 def _cached_status(cfg: PipelineConfig):
-    """What is cached for ``cfg`` (:func:`ftflow.status.pipeline_status`), or None when that cannot be told."""
-    from ftflow.status import pipeline_status
+    """What is cached for ``cfg`` (:func:`ftflow.stages.status.pipeline_status`), or None when that cannot be told."""
+    from ftflow.stages.status import pipeline_status
 
     try:
         return pipeline_status(cfg)
@@ -315,61 +309,29 @@ def _cached_status(cfg: PipelineConfig):
 
 
 def _hub_check(cfg: PipelineConfig, *, stop_when_none_left: bool) -> tuple[object, dict[str, str]]:
-    """The hub check of the config's hub ids (:func:`ftflow.hub.check_candidates`), one ``ftflow:`` line per model
-    it leaves out; with ``stop_when_none_left``, a UserError when no candidate is left."""
-    from ftflow import hub
+    """The hub check of the config's hub ids (:func:`ftflow.models.hub.check_candidates`), one ``ftflow:`` line per
+    model it leaves out; with ``stop_when_none_left``, refused when no candidate is left."""
+    from ftflow.models import hub
 
     report, problems = hub.check_candidates(cfg.models)
-    if stop_when_none_left and cfg.models and len(problems) == len(cfg.models):
-        lines = [f"{name}: {problem}" for name, problem in problems.items()]
-        raise UserError("no candidate model can be used, nothing was run: " + (
-            lines[0] if len(lines) == 1 else "\n" + "\n".join(f"  - {line}" for line in lines)))
-    if report.offline_reason and report.checks:
-        print(f"ftflow: {report.offline_reason}: hub models are read from the Hugging Face cache "
-              f"({hub.hub_cache_dir()})", file=sys.stderr)
-    for name, problem in problems.items():
-        print(f"ftflow: {name} is left out: {problem}", file=sys.stderr)
+    if stop_when_none_left:
+        hub.require_a_usable_candidate(cfg.models, problems)
+    for line in hub.check_notes(report, problems):
+        print(f"ftflow: {line}", file=sys.stderr)
     return report, problems
 
 
-def _disk_plan(cfg: PipelineConfig, report, study, done=()):
-    """The disk ``cfg``'s study needs (:func:`ftflow.disk.plan_disk`), downloads sized by the hub check."""
-    from ftflow import disk, hub
-
-    tokenizer_bytes = {}
-    for spec in cfg.models:
-        check = report.checks.get(spec.path)
-        if check is not None and check.files:
-            tokenizer_bytes[spec.name] = sum(size for name, size in check.files if name in hub.TOKENIZER_FILES)
-    workers = cfg.runner.n_workers if cfg.runner.kind == "dask" and cfg.runner.address is None else 1
-    return disk.plan_disk(cfg, study, report.checks, hub_cache=hub.hub_cache_dir(), done=done,
-                          tokenizer_bytes=tokenizer_bytes, workers=workers)
-
-
 def _check_disk(cfg: PipelineConfig, report, problems: dict[str, str], status, source: str) -> None:
-    """Refuse to start a study of hub models (or local ones) when a file system lacks the disk it needs
-    (:func:`ftflow.disk.plan_disk`); a config with a zoo is not planned."""
-    from ftflow import hub, memory, study_plan
-    from ftflow.memory import fetched_configs_dir
-    from ftflow.models import resolve_device
+    """Say the downloads a study needs and refuse to start it when a file system lacks the disk
+    (:func:`ftflow.plan.disk.run_disk`)."""
+    from ftflow.plan import disk
 
-    if not cfg.models:  # a zoo's models are built by the run at its own small sizes (the demo's: < 1M parameters)
+    plan = disk.run_disk(cfg, report, problems, status.cached_labels if status is not None else ())
+    if plan is None:
         return
-    device = resolve_device(cfg.device)
-    hub.fetch_configs(report, fetched_configs_dir(cfg.artifacts_dir))  # an id ftflow does not know: sized too
-    study = study_plan.plan_study(cfg, device=device, bf16_supported=memory.bf16_available(device)
-                                  if device == "cpu" else True, left_out=problems,
-                                  config_dir=fetched_configs_dir(cfg.artifacts_dir))
-    done = [s.label for s in status.stages if s.state == "cached"] if status is not None else []
-    plan = _disk_plan(cfg, report, study, done)
     if plan.download_bytes:
         print(f"ftflow: {plan.lines()[0]}", file=sys.stderr)
-    if shortfalls := plan.shortfalls():
-        raise UserError("not enough disk to start (nothing was run): " + "; ".join(shortfalls) + ". Needed:\n"
-                        + "\n".join(f"  - {line}" for line in plan.lines())
-                        + f"\n  Free space there, or move the downloads (HF_HUB_CACHE) or the outputs (artifacts_dir "
-                          f"in {source}, or --set artifacts_dir=DIR) to a larger disk; `ftflow plan {source}` "
-                          "shows every run")
+    disk.refuse_short_disk(plan, source)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -493,21 +455,14 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     return _print_results(evaluation, cfg, args.config)
 
 
-def answer_of(evaluation: dict, config: str) -> str:
-    """The answer that opens a finished run's report (recommended model, runner-up, the study's findings), with the
-    commands naming ``config``; empty for an evaluation written before ftflow made one."""
-    if evaluation.get("recommendation") is None:
-        return ""
-    from ftflow.recommend import answer_text
-
-    return answer_text(evaluation["recommendation"], evaluation.get("findings") or [], config=config)
-
-
 def _print_results(evaluation: dict, cfg: PipelineConfig, config: str = "CONFIG") -> int:
     """The answer, the leaderboard, where the report is, and the models or runs without a result (exit 1 if any)."""
+    from ftflow.study.recommend import evaluation_answer
+    from ftflow.study.report import failure_summary
+
     report = Path(evaluation["dir"]) / evaluation["files"]["report"]
     print()
-    if answer := answer_of(evaluation, config):
+    if answer := evaluation_answer(evaluation, config):
         print(answer)
     print((Path(evaluation["dir"]) / evaluation["files"]["leaderboard_md"]).read_text(encoding="utf-8"))
     print(f"report: {report}")
@@ -522,29 +477,27 @@ def _print_results(evaluation: dict, cfg: PipelineConfig, config: str = "CONFIG"
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ftflow.status import pipeline_status, status_text
+    from ftflow.stages.status import pipeline_status, status_text
+    from ftflow.study.recommend import evaluation_answer
 
     cfg = _load_checked(args.config, parse_overrides(args.set))
     _hub_check(cfg, stop_when_none_left=False)  # the models a run would leave out, one line each
     status = pipeline_status(cfg)
-    if status.evaluation is not None and (answer := answer_of(status.evaluation, args.config)):
+    if status.evaluation is not None and (answer := evaluation_answer(status.evaluation, args.config)):
         print(answer)  # a finished run: its answer first
     print(status_text(args.config, status), end="")
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ftflow import hub
+    from ftflow.models import hub
 
     bad = 0
     for path in args.configs:
         try:
             cfg = _load_checked(path)
             # Online, hub ids are asked of the hub too (exists, gated, token); offline only their form is checked.
-            ids = [] if hub.hub_offline() else [spec.path for spec in cfg.models if hub.is_hub_id(spec.path)]
-            checks = hub.check_models(ids, others=ids).checks if ids else {}
-            refused = {spec.name: checks[spec.path].message for spec in cfg.models
-                       if spec.path in checks and checks[spec.path].refused}
+            refused = hub.refused_by_the_hub(cfg.models)
             if refused:
                 raise ConfigError(f"{path} has {len(refused)} problem(s):\n" + "\n".join(
                     f"  - models ({name}): {problem}" for name, problem in refused.items()))
@@ -561,91 +514,44 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from ftflow import hub, memory
+    from ftflow.plan import tables as plan_tables
+    from ftflow.plan.candidates import plan_candidates
+    from ftflow.plan.predict import GB
 
     cfg = load_config(args.config)
     if not cfg.models:
         print("ftflow plan: this config builds its models (zoo:) when it runs; plan a config with a models: "
               "list (hub ids or directories), e.g. configs/seed-20gb.yaml", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if cfg.device in ("auto", "cuda") else "cpu")
-    budget = int((args.budget_gb or cfg.memory_budget_gb) * memory.GB)
-    max_length = args.max_length or cfg.max_length
-    # Online: what the hub refuses is left out as a run would leave it out, and the configs of ids ftflow does
-    # not know are read from it. Offline nothing is left out: planning needs no download.
-    report, problems = hub.check_candidates(cfg.models)
-    refused = {spec.name: problems[spec.name] for spec in cfg.models
-               if spec.name in problems and report.checks[spec.path].refused}
-    configs = memory.fetched_configs_dir(cfg.artifacts_dir)
-    fetch_problems = hub.fetch_configs(report, configs)
-    plans, problems = [], [f"{name}: {problem}" for name, problem in refused.items()]
-    for spec in cfg.models:
-        if spec.name in refused:
-            continue
-        try:
-            plans.append(memory.plan_model(
-                spec.name, spec.path, budget, max_length=max_length, batch_size=args.batch_size,
-                device=device, bf16_supported=memory.bf16_available(device) if device == "cpu" else True,
-                logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens, trust_remote_code=spec.trust_remote_code,
-                config_dir=configs,
-            ))
-        except memory.UnknownModelError as exc:
-            problems.append(f"{spec.name}: {exc}" + (f" ({fetch_problems[spec.path]})"
-                                                     if spec.path in fetch_problems else ""))
+    candidates = plan_candidates(cfg, device=args.device, budget_gb=args.budget_gb, max_length=args.max_length,
+                                 batch_size=args.batch_size)
     out = Path(args.out) if args.out else cfg.artifacts_dir / "plan"
     out.mkdir(parents=True, exist_ok=True)
-    frame = memory.write_plan(plans, budget, out)
-    print(f"memory plan for {args.config}: budget {budget / memory.GB:g} GB, {device}, sequences of "
-          f"{max_length} tokens (worst case unless --max-length)\n")
-    print(memory.plan_markdown(frame))
-    for plan in plans:
+    frame = plan_tables.write_plan(candidates.plans, candidates.budget_bytes, out)
+    print(f"memory plan for {args.config}: budget {candidates.budget_bytes / GB:g} GB, {candidates.device}, "
+          f"sequences of {candidates.max_length} tokens (worst case unless --max-length)\n")
+    print(plan_tables.plan_markdown(frame))
+    for plan in candidates.plans:
         print(f"- {plan.name}: {plan.reason}")
-    for problem in problems:
+    for problem in candidates.problems:
         print(f"- {problem}", file=sys.stderr)
     print(f"\nwritten: {out}/plan.csv, plan.md, plan.png")
-    problems += _plan_training(cfg, args, device, out, report, refused)
+    problems = candidates.problems + _plan_training(cfg, args, candidates, out)
     return 1 if problems else 0
 
 
-def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, out: Path, report,
-                   refused: dict[str, str]) -> list[str]:
-    """Every training run the config implies: its fit to the training budget, predicted peak, compute and hours;
-    then the disk the study needs."""
-    from ftflow import memory, study_plan
-    from ftflow.disk import size_text
+def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, candidates, out: Path) -> list[str]:
+    """Every training run the config implies (:func:`ftflow.plan.study.write_training_plan`); then the disk the
+    study needs."""
+    from ftflow.plan.candidates import plan_training
+    from ftflow.plan.disk import size_text, study_disk
+    from ftflow.plan.study import write_training_plan
 
-    study = study_plan.plan_study(cfg, device=device, family=args.family, left_out=refused,
-                                  bf16_supported=memory.bf16_available(device) if device == "cpu" else True,
-                                  config_dir=memory.fetched_configs_dir(cfg.artifacts_dir))
-    runs = study.runs
-    if not runs:
+    study = plan_training(cfg, candidates, args.family)
+    if not study.runs:
         return study.problems
-    frame = study_plan.study_plan_table(runs, args.gpu, args.utilization)
-    frame.to_csv(out / "training_plan.csv", index=False)
-    table = memory.plan_markdown(frame)
-    (out / "training_plan.md").write_text(table + "\n", encoding="utf-8")
-    fitting = [r for r in runs if r.fit.fits]
-    hours = sum(r.hours(args.gpu, args.utilization) for r in fitting)
-    print(f"\ntraining runs: budget {cfg.training_budget_gb:g} GB (scoring: {cfg.memory_budget_gb:g} GB), "
-          f"fit_order {list(cfg.training.fit_order)}\n")
-    print(table)
-    for line in study.notes:
-        print(f"- {line}")
-    needed: dict[str, list[str]] = {}
-    for run in runs:
-        if run.fit.techniques or not run.fit.fits:
-            needed.setdefault(run.fit.summary, []).append(run.title)
-    for summary, titles in needed.items():
-        print(f"- {summary}" + (f" ({len(titles)} runs)" if len(titles) > 1 else ""))
-    print(f"\n{len(fitting)} of {len(runs)} training runs fit {cfg.training_budget_gb:g} GB; "
-          f"{sum(r.flops for r in fitting) / 1e18:.2f} EFLOP in all: about {hours:.1f} hours on one {args.gpu} "
-          f"(bf16 {study_plan.GPU_PEAK_TFLOPS[args.gpu][0]:.0f} / fp32 {study_plan.GPU_PEAK_TFLOPS[args.gpu][1]:.1f} TFLOP/s peak) "
-          f"at {args.utilization:.0%} utilisation. FLOPs per training token: (4 N + 2 N_trainable), "
-          "+ 2 N with checkpointing; scoring 2 N per token")
-    if len(fitting) < len(runs):
-        print(f"{len(runs) - len(fitting)} run(s) would be skipped (listed above with the figure)")
-    print(f"written: {out}/training_plan.csv, training_plan.md")
-    disk = _disk_plan(cfg, report, study)
+    print(write_training_plan(cfg, study, out, args.gpu, args.utilization))
+    disk = study_disk(cfg, candidates.report, study)
     print(f"\ndisk: {size_text(disk.total_bytes)} for the whole study")
     for line in disk.lines():
         print(f"- {line}")
@@ -654,20 +560,9 @@ def _plan_training(cfg: PipelineConfig, args: argparse.Namespace, device: str, o
     return study.problems
 
 
-def _finished_evaluation(config: str, overrides: dict) -> tuple[PipelineConfig, dict]:
-    """The config and its finished run's evaluation manifest; a UserError when the run has not finished."""
-    from ftflow.status import pipeline_status
-
-    cfg = _load_checked(config, overrides)
-    status = pipeline_status(cfg)
-    if status.evaluation is None:
-        raise UserError(f"{config} has no finished run in {cfg.artifacts_dir} (its report is not there for this "
-                        f"config): run it first, `ftflow run {config}`; `ftflow status {config}` says what is left")
-    return cfg, status.evaluation
-
-
 def _export(args: argparse.Namespace) -> int:
-    from ftflow.export import export_run
+    from ftflow.stages.status import finished_evaluation
+    from ftflow.study.export import export_run
 
     positional = list(args.what)
     if len(positional) > 2:
@@ -676,7 +571,8 @@ def _export(args: argparse.Namespace) -> int:
     if positional and (positional[0].endswith((".yaml", ".yml")) or Path(positional[0]).is_file()):
         config = positional.pop(0)
     name = positional[0] if positional else None
-    cfg, evaluation = _finished_evaluation(config, parse_overrides(args.set))
+    cfg = _load_checked(config, parse_overrides(args.set))
+    evaluation = finished_evaluation(cfg, config)
     exported = export_run(evaluation, Path(args.to), name, device=args.device,
                           cuda_margin_gb=cfg.memory.cuda_margin_gb)
     print(f"exported {exported.name} ({exported.kind}) to {exported.directory}: {exported.how}")
@@ -687,7 +583,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from ftflow.init_config import next_commands, write_config
+    from ftflow.study.init_config import next_commands, write_config
 
     models, directory = list(args.models), args.directory
     if directory is None and len(models) > 1:  # `--models ID... DIR`: --models took DIR too
@@ -728,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch-size", type=int, help="fixed evaluation batch size (default: the largest that fits)")
     plan.add_argument("--device", choices=["cuda", "cpu"], help="where the models will run (default: from config)")
     plan.add_argument("--out", help="folder for plan.csv/md/png (default: <artifacts_dir>/plan)")
-    from ftflow.study_plan import DEFAULT_GPU, DEFAULT_UTILIZATION, GPU_PEAK_TFLOPS
+    from ftflow.plan.study import DEFAULT_GPU, DEFAULT_UTILIZATION, GPU_PEAK_TFLOPS
 
     plan.add_argument("--gpu", choices=sorted(GPU_PEAK_TFLOPS), default=DEFAULT_GPU,
                       help=f"GPU whose peak the training time is estimated on (default: {DEFAULT_GPU})")
@@ -777,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user error (config, data, paths) is one ``ftflow:`` line and exit 2 (``--debug``: traceback)."""
-    from ftflow.budget import use_expandable_segments
+    from ftflow.plan.budget import use_expandable_segments
 
     use_expandable_segments()  # before anything can start CUDA (the caching allocator reads it once)
     args = build_parser().parse_args(argv)

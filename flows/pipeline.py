@@ -2,7 +2,7 @@
 
 Distillation comes last: its teacher is the teacher model's best run of any method.
 Every decision (which runs, on which models and training sets) is made in
-``ftflow/design.py``; this flow only passes each stage's results to the next.
+``ftflow/study/design.py``; this flow only passes each stage's results to the next.
 Run it with ``ftflow run [CONFIG]`` or ``python -m flows.pipeline [CONFIG]``.
 """
 
@@ -16,12 +16,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import DEFAULT_CONFIG
 from flows.scale import mapped_runner
-from flows.steps import (benchmark_candidates, candidates_and_plan, check_grid_fits, distil, log_family_checks,
-                         trainer)
-from ftflow import design, stages
-from ftflow.budget import use_expandable_segments
+from flows.steps import (benchmark_candidates, candidates_and_plan, distil, log_family_checks,
+                         plan_grid_and_check_it_fits, trainer)
+from ftflow.study import design
+from ftflow.stages import calls as stages
+from ftflow.plan.budget import use_expandable_segments
 from ftflow.config import load_config
-from ftflow.models import resolve_device
+from ftflow.models.loading import resolve_device
 from tasks._stage import with_storage
 from tasks.augment import augment
 from tasks.evaluate import evaluate
@@ -45,7 +46,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     stage = lambda task: with_storage(task, out)  # noqa: E731  results live beside the outputs
 
     # Data, candidate models, and the memory plan: nothing is loaded that it predicts will not fit.
-    # Each stage's parameters come from ftflow/stages.py, where `ftflow status` reads them too.
+    # Each stage's parameters come from ftflow/stages/calls.py, where `ftflow status` reads them too.
     data = stage(prepare_data)(**stages.prepare_data_call(cfg, out))
     augmented = stage(augment)(**stages.augment_call(cfg.augment, data, out))
     candidates, plan, zoo_checks = candidates_and_plan(cfg, data, device, out, progress)
@@ -60,7 +61,7 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
 
         # 1. The LoRA grid on the teacher; its best combination (on the selection split) is carried on.
         grid_jobs = design.lora_grid_jobs(cfg, selection)
-        check_grid_fits(cfg, grid_jobs, augmented, data, device, eval_batch)  # said once, before any training
+        plan_grid_and_check_it_fits(cfg, grid_jobs, augmented, data, device, eval_batch)  # said once, before any training
         grid = train_all(grid_jobs)
         best, best_job = design.best_lora(grid)
         logger.info("best LoRA combination: %s (selection PPL %.4f)", best["title"], best["best_validation_ppl"])

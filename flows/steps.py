@@ -1,7 +1,7 @@
 """The steps both flows share: data -> candidates -> memory plan, the benchmark of every candidate, training runs.
 
 Each step submits tasks and waits for them; what to run is decided in
-:mod:`ftflow.design`, never here.
+:mod:`ftflow.study.design`, never here.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from typing import Callable, Optional, Sequence
 from prefect import get_run_logger
 
 from flows.scale import Submit
-from ftflow import design, stages
+from ftflow.study import design
+from ftflow.stages import calls as stages
 from ftflow.artifacts import DiskFull
 from ftflow.config import ModelSpec, PipelineConfig
-from ftflow.jobs import Job
-from ftflow.stages import zoo_candidates
+from ftflow.train.jobs import Job
+from ftflow.stages.calls import zoo_candidates
 from tasks._stage import with_storage
 from tasks.benchmark import benchmark
 from tasks.plan_memory import plan_memory
@@ -30,12 +31,12 @@ def candidates_and_plan(cfg: PipelineConfig, data: dict, device: str, artifacts_
     """The candidate models (the zoo's, built offline, or the config's ``models``), their memory plan, and the
     zoo's teacher checks (one line per family; none for hub models).
 
-    Hub ids are checked first (:func:`ftflow.hub.check_candidates`): one the hub refuses, or that is not in the
+    Hub ids are checked first (:func:`ftflow.models.hub.check_candidates`): one the hub refuses, or that is not in the
     cache offline, is not planned; the plan's decision for it says why, so it is a failure, never a candidate any
     minimum counts. Online, the config of an id ftflow does not know is read from the hub for the plan.
     """
-    from ftflow import hub
-    from ftflow.memory import fetched_configs_dir
+    from ftflow.models import hub
+    from ftflow.models.architecture import fetched_configs_dir
 
     stage = lambda task: with_storage(task, artifacts_dir)  # noqa: E731
     zoo_checks: list[str] = []
@@ -66,7 +67,7 @@ def data_candidates_and_plan(cfg: PipelineConfig, device: str, artifacts_dir: st
 
 def benchmark_candidates(submit: Submit, candidates: list[ModelSpec], plan: dict, data: dict, cfg: PipelineConfig,
                          device: str, artifacts_dir: str, progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """Benchmark every candidate the plan lets through (:func:`ftflow.design.benchmark_plan`); (manifests, failures).
+    """Benchmark every candidate the plan lets through (:func:`ftflow.study.design.benchmark_plan`); (manifests, failures).
 
     A candidate the plan skips, or whose run fails, becomes a failure with its
     reason; the others go on.
@@ -97,7 +98,7 @@ def trainer(submit: Submit, main_set: dict, common: dict) -> Callable[..., list[
 
     ``train_sets`` (one manifest per job) defaults to ``main_set``, the
     pipeline's training set; ``common`` holds the parameters every run shares
-    (:func:`ftflow.stages.train_common`).
+    (:func:`ftflow.stages.calls.train_common`).
     """
     task = with_storage(train, common["artifacts_dir"])
 
@@ -110,15 +111,15 @@ def trainer(submit: Submit, main_set: dict, common: dict) -> Callable[..., list[
     return train_all
 
 
-def check_grid_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_set: dict, data: dict, device: str,
-                    eval_batch_size: int) -> None:
+def plan_grid_and_check_it_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_set: dict, data: dict,
+                                device: str, eval_batch_size: int) -> None:
     """Before any training: fail once, with the figure, if no LoRA grid combination fits the training budget."""
-    from ftflow.data import read_split
-    from ftflow.fit import check_grid_fits as check
-    from ftflow.fit import plan_training_job
-    from ftflow.budget import stage_budget
-    from ftflow.memory import bf16_available
-    from ftflow.models import load_tokenizer
+    from ftflow.data.splits import read_split
+    from ftflow.plan.fit import check_grid_fits
+    from ftflow.plan.fit import plan_training_job
+    from ftflow.plan.budget import stage_budget
+    from ftflow.plan.decide import bf16_available
+    from ftflow.models.loading import load_tokenizer
     from tasks._stage import stage_path
 
     if not jobs:
@@ -132,7 +133,7 @@ def check_grid_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_set: dict, d
                    budget_bytes=budget.budget_bytes, fit_order=cfg.training.fit_order,
                    logits_chunk_tokens=cfg.benchmark.logits_chunk_tokens, device=device,
                    bf16_supported=bf16_available(device))
-    check([plan_training_job(job, **options) for job in jobs], [job.title for job in jobs])
+    check_grid_fits([plan_training_job(job, **options) for job in jobs], [job.title for job in jobs])
 
 
 def distil(cfg: PipelineConfig, train_all: Callable[..., list[dict]], selection: dict, runs: list[dict],
@@ -140,11 +141,11 @@ def distil(cfg: PipelineConfig, train_all: Callable[..., list[dict]], selection:
            progress: bool) -> tuple[design.TeacherChoice, list[dict]]:
     """Distillation from the teacher's best run of any method, whenever the two tokenizers allow it.
 
-    Returns the teacher choice (:func:`ftflow.design.distillation_teacher`) and the runs: the student's full
+    Returns the teacher choice (:func:`ftflow.study.design.distillation_teacher`) and the runs: the student's full
     fine-tune at the distillation's steps (the equal-budget reference), then every variant, each loss's teacher
     targets stored once (``teacher_logits``, at its own planned batch size) at the largest k.
     """
-    from ftflow.distillable import distillation_problem
+    from ftflow.distill.vocabulary import distillation_problem
 
     choice = design.distillation_teacher(cfg, selection, runs, benchmarks,
                                          distillation_problem(selection["teacher_model"], selection["student_model"]))

@@ -19,7 +19,9 @@ from ftflow.errors import UserError
 Precision = Literal["fp32", "bf16", "fp16", "nf4"]
 """Weights precision of a model: what it is loaded (and trained) in."""
 Method = Literal["full", "lora", "qlora", "prefix", "distill"]
-"""A fine-tuning method of the study (one job class each in ftflow/jobs.py)."""
+PEFT_METHODS = frozenset({"lora", "qlora", "prefix"})
+"""Methods whose run saves an adapter on a frozen base, not a whole model."""
+"""A fine-tuning method of the study (one job class each in ftflow/train/jobs.py)."""
 Architecture = Literal["granite", "llama", "qwen2"]
 
 
@@ -35,7 +37,7 @@ class SyntheticDataConfig(_Strict):
     seed: int = Field(0, description="Seed of the generator.")
 
 
-# The data file formats ftflow reads, by extension (ftflow.data reads them).
+# The data file formats ftflow reads, by extension (ftflow.data.splits reads them).
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
@@ -322,7 +324,7 @@ class MemoryConfig(_Strict):
     cuda_margin_gb: float = Field(
         1.0, ge=0, description="On CUDA, every stage that plans memory measures what is free at its start and plans "
         "against min(budget, free - this margin): kernels loaded on first use, cuBLAS workspaces and the allocator's "
-        "fragmentation, which no prediction counts (ftflow/budget.py).")
+        "fragmentation, which no prediction counts (ftflow/plan/budget.py).")
 
 
 class SelectConfig(_Strict):
@@ -433,7 +435,7 @@ class DistillConfig(_Strict):
     batch_size: int = Field(8, ge=1, description="Training batch size.")
     teacher_batch_size: int | Literal["auto"] = Field(
         "auto", description="Sentences per forward pass of the teacher pass; auto = the largest that its memory "
-        "plan (ftflow.memory.predict_teacher_pass: the teacher run as loaded, its longest training sentence, "
+        "plan (ftflow.plan.predict.predict_teacher_pass: the teacher run as loaded, its longest training sentence, "
         "benchmark.logits_chunk_tokens) says fits memory_budget_gb, up to memory.batch_size_cap; a fixed size "
         "predicted over the budget is lowered to that. The stored targets do not depend on it.")
 
@@ -493,7 +495,7 @@ class AblationConfig(_Strict):
 
 
 FitTechnique = Literal["micro_batch", "checkpointing", "optimizer_8bit", "half_weights", "paged_optimizer"]
-"""A way to make a training run fit its memory budget (ftflow/fit.py says what each does)."""
+"""A way to make a training run fit its memory budget (ftflow/plan/fit.py says what each does)."""
 DEFAULT_FIT_ORDER: tuple[str, ...] = ("micro_batch", "checkpointing", "optimizer_8bit", "half_weights",
                                       "paged_optimizer")
 
@@ -521,7 +523,7 @@ class TrainingConfig(_Strict):
         "files a run writes, never its numbers, so a run cached without curves keeps none until it reruns.")
     memory_budget_gb: Optional[float] = Field(
         None, gt=0, description="Memory budget of every training run in GB (10^9 bytes); unset = memory_budget_gb "
-        "(the scoring budget). Each run is planned against it before anything is loaded (ftflow/fit.py).")
+        "(the scoring budget). Each run is planned against it before anything is loaded (ftflow/plan/fit.py).")
     tf32: Literal["auto", "on", "off"] = Field(
         "auto", description="fp32 matrix products of the training steps in TF32 on the GPU's tensor cores (a 10-bit "
         "mantissa on their inputs, fp32 sums: several times faster for the fp32 models): auto = on where the GPU "

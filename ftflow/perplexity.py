@@ -1,4 +1,4 @@
-"""Perplexity, defined once (see ARCHITECTURE.md, "Perplexity, defined once").
+"""Perplexity, defined once (see docs/ARCHITECTURE.md, "Perplexity, defined once").
 
 Every sentence is scored on its own with the encoding convention of
 :mod:`ftflow.tokens`: one start token (BOS, else EOS) is prepended, every real
@@ -74,7 +74,7 @@ class PerplexityResult:
         sentence_bytes: per-sentence UTF-8 bytes of the scored text, in input order
             (idem; empty also from a dict written before they were kept). With the
             per-sentence NLL they give bits per byte on any resample of the sentences
-            (:mod:`ftflow.uncertainty`).
+            (:mod:`ftflow.study.uncertainty`).
         stored_mean_sentence_ppl: the mean sentence perplexity read back by
             :meth:`from_dict` when the per-sentence values were not written;
             ``None`` otherwise. Not part of equality.
@@ -160,7 +160,7 @@ class PerplexityResult:
         Args:
             sentences: the scored texts, in order; their fingerprint is kept too
                 (``sentences_sha256``), so that two models' values are only ever
-                paired over the same sentences (:mod:`ftflow.uncertainty`).
+                paired over the same sentences (:mod:`ftflow.study.uncertainty`).
 
         Returns:
             ``{"nll": [n] nats, "tokens": [n], "bytes": [n], "sentences_sha256": hex}``.

@@ -49,8 +49,9 @@ from ftflow.artifacts import (MANIFEST, OUTPUTS, RELATIVE_PATHS, VERIFY_ENV, VER
                               atomic_directory, check_outputs, disk_full, disk_full_cause, hash_all_from_env,
                               looks_full, move_aside, record_outputs, relative_paths, resolved_paths, tree_bytes,
                               write_json)
-from ftflow.caching import KEY_LENGTH, NOT_IN_KEY, PREFECT_RECORD, key_and_parts, key_inputs, stage_key  # noqa: F401
 from ftflow.device import freeze_long_lived_objects
+from ftflow.stages.caching import (KEY_LENGTH, NOT_IN_KEY, PREFECT_RECORD, key_and_parts, key_inputs,  # noqa: F401
+                                   stage_key)
 from tasks._locks import LeasedFileLockManager, lease_seconds_from_env
 
 RECORD = PREFECT_RECORD
@@ -128,7 +129,7 @@ class ContentCache(CachePolicy):
     """Cache key = ftflow's content key of the stage; the record lives in the stage's directory.
 
     ``modules`` names where the stage's code starts (the task module, ``(__name__,)``): the key
-    covers every project module reached from it (:func:`ftflow.caching.reached_modules`).
+    covers every project module reached from it (:func:`ftflow.stages.caching.reached_modules`).
     Before the key is looked up, the stage's outputs for it are verified (see the module docstring).
     """
 

@@ -7,13 +7,13 @@ from typing import Optional
 
 from prefect import task
 
-from ftflow.augment import WORDNET_METHODS, augment_sentences
 from ftflow.config import AugmentConfig
-from ftflow.data import read_split, write_split
+from ftflow.data.augment import WORDNET_METHODS, augment_sentences
+from ftflow.data.splits import read_split, write_split
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "augment"
-MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/stages/caching.py)
 
 
 @task(name="augment", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)
@@ -32,7 +32,7 @@ def augment(augment: AugmentConfig, data: dict, wordnet: Optional[str], artifact
             used = {m for m, w in augment.methods.items() if w > 0}
             reader = back_translator = cache = None
             if used & WORDNET_METHODS:
-                from ftflow.wordnet import database_sha256, load_wordnet, locate_wordnet
+                from ftflow.data.wordnet import database_sha256, load_wordnet, locate_wordnet
 
                 # Read where it is installed (never copied); the key has it by content.
                 database = locate_wordnet(augment.nltk_data_dir)
@@ -42,7 +42,7 @@ def augment(augment: AugmentConfig, data: dict, wordnet: Optional[str], artifact
                 reader = load_wordnet(augment.nltk_data_dir)
                 used_wordnet = {"database": str(database), "sha256": wordnet}
             if "back_translation" in used:
-                from ftflow.translate import build_back_translator
+                from ftflow.data.translate import build_back_translator
 
                 # Shared by every run: a rerun (any config) never asks the service twice for one sentence.
                 back_translator, cache = build_back_translator(

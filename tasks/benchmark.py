@@ -9,14 +9,14 @@ from prefect import task
 
 from ftflow.artifacts import write_json
 from ftflow.config import ModelSpec
-from ftflow.data import read_split
+from ftflow.data.splits import read_split
 from ftflow.device import free_memory
-from ftflow.models import count_parameters, load_model, load_tokenizer
+from ftflow.models.loading import count_parameters, load_model, load_tokenizer
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "benchmark"
-MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/stages/caching.py)
 
 
 @task(
@@ -42,7 +42,7 @@ def benchmark(spec: ModelSpec, data: dict, batch_size: int, max_length: int, dev
                                      max_length=max_length, progress=progress, desc=f"{spec.name} {split}",
                                      logits_chunk_tokens=logits_chunk_tokens)
             scores[split] = result.to_dict()
-            per_sentence[split] = result.per_sentence(sentences)  # for the report's intervals (ftflow/uncertainty.py)
+            per_sentence[split] = result.per_sentence(sentences)  # for the report's intervals (ftflow/study/uncertainty.py)
             logger.info("%s %s: PPL %.4f, bits/byte %.4f, %d tokens, %d truncated", spec.name, split,
                         result.corpus_ppl, result.bits_per_byte, result.scored_tokens, result.n_truncated)
         write_json(out / "per_sentence.json", per_sentence)

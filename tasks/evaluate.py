@@ -3,7 +3,7 @@
 Nothing is loaded or scored here: each benchmark and each training run scored
 its own model on test when it finished and kept every test sentence's NLL,
 tokens and bytes (``per_sentence.json``), from which the intervals and the
-paired comparisons are computed (:mod:`ftflow.uncertainty`).
+paired comparisons are computed (:mod:`ftflow.study.uncertainty`).
 """
 
 from __future__ import annotations
@@ -14,17 +14,18 @@ from typing import Optional
 
 from prefect import task
 
-from ftflow import design
-from ftflow.jobs import parse_job
-from ftflow.recommend import CONTROL, Evidence, answer_text, recommend, study_findings
-from ftflow.report import (leaderboard_markdown, leaderboard_rows, markdown_table, plot_leaderboard, plot_training,
-                           render_report)
-from ftflow.study import TABLE_COLUMNS, TABLE_TITLES, distillation_notes, no_gain_notes, plot_methods, study_tables
-from ftflow.uncertainty import SentenceScores
+from ftflow.study import design
+from ftflow.study.recommend import CONTROL, Evidence, answer_text, recommend, study_findings
+from ftflow.study.report import (leaderboard_markdown, leaderboard_rows, markdown_table, plot_leaderboard,
+                                 plot_training, render_report)
+from ftflow.study.tables import (TABLE_COLUMNS, TABLE_TITLES, distillation_notes, no_gain_notes, plot_methods,
+                                 study_tables)
+from ftflow.study.uncertainty import SentenceScores
+from ftflow.train.jobs import parse_job
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "evaluate"
-MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/stages/caching.py)
 
 
 def _candidates(benchmarks: list[dict], failures: list[dict], runs: list[dict], ablation: dict[str, str]) -> list[dict]:

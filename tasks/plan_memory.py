@@ -7,16 +7,18 @@ from pathlib import Path
 from prefect import task
 
 from ftflow.artifacts import write_json
-from ftflow.budget import stage_budget
 from ftflow.config import MemoryConfig, ModelSpec
-from ftflow.data import read_split
-from ftflow.memory import PLAN_FILES, fetched_configs_dir, longest_sequence, plan_candidate, plan_model, write_plan
-from ftflow.models import ModelLoadError, load_tokenizer
+from ftflow.data.splits import read_split
+from ftflow.models.architecture import fetched_configs_dir
+from ftflow.models.loading import ModelLoadError, load_tokenizer
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS
+from ftflow.plan.budget import stage_budget
+from ftflow.plan.decide import longest_sequence, plan_candidate, plan_model
+from ftflow.plan.tables import PLAN_FILES, write_plan
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "plan_memory"
-MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/stages/caching.py)
 
 
 def _not_planned(reason: str) -> dict:
@@ -31,7 +33,7 @@ def plan_memory(candidates: list[ModelSpec], data: dict, memory: MemoryConfig, b
 
     Each is planned on the longest sentence of the splits under its own tokenizer; a candidate whose tokenizer
     cannot be read is not planned (its benchmark could not run either), so no minimum over candidates counts it.
-    The budget is :func:`ftflow.budget.stage_budget`'s: on CUDA, at most what is free less ``memory.cuda_margin_gb``.
+    The budget is :func:`ftflow.plan.budget.stage_budget`'s: on CUDA, at most what is free less ``memory.cuda_margin_gb``.
     """
 
     def build(out: Path) -> dict:

@@ -7,17 +7,17 @@ from pathlib import Path
 from prefect import task
 
 from ftflow.config import DataConfig
-from ftflow.data import SentenceFile, make_splits, read_sentences, write_split
+from ftflow.data.splits import SentenceFile, make_splits, read_sentences, write_split
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage
 
 STAGE = "prepare_data"
-MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/stages/caching.py)
 
 
 def _sources(data: DataConfig, out: Path) -> tuple[SentenceFile, SentenceFile]:
     if data.synthetic is None:
         return read_sentences(data.train_file, data.text_column), read_sentences(data.test_file, data.text_column)
-    from ftflow.synthetic import generate_sentences
+    from ftflow.data.synthetic import generate_sentences
 
     # Train and test come from one draw, so they are samples of one distribution.
     synthetic = data.synthetic

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from ftflow.study import TABLE_TITLES
+from ftflow.study.tables import TABLE_TITLES
 from tasks._stage import stage_path
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 from prefect import task
 
 from ftflow.config import SelectConfig
-from ftflow.selection import select_family as choose
+from ftflow.study.selection import select_family as choose
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage
 
 STAGE = "select_family"
-MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/stages/caching.py)
 
 
 @task(name="select_family", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)

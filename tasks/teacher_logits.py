@@ -1,17 +1,17 @@
 """Stage: the teacher's targets over the training set, once per variant (top-k or sampled) at the largest k.
 
-The teacher is whichever run :func:`ftflow.design.distillation_teacher` chose
+The teacher is whichever run :func:`ftflow.study.design.distillation_teacher` chose
 (a PEFT adapter, a prefix adapter or a full checkpoint, loaded by
-:func:`ftflow.methods.load_trained`). Distillation variants with a smaller k
+:func:`ftflow.models.loading.load_trained`). Distillation variants with a smaller k
 slice these (the top entries of a top-k list are the top entries of any
 larger one; the first draws of a sample are a smaller sample), so the teacher
 runs once per variant.
 Before the teacher is loaded, its tokenizer and embedding size are checked
-against the student's (:func:`ftflow.distill.check_distillable`): a student
+against the student's (:func:`ftflow.distill.vocabulary.check_distillable`): a student
 with another tokenizer is refused, and embeddings of different sizes over
 one tokenizer are compared on their shared ids, which the manifest's
 ``vocabulary_note`` then says. The pass's batch size is its own
-(:func:`ftflow.memory.plan_teacher_pass`): the largest its memory plan says
+(:func:`ftflow.plan.decide.plan_teacher_pass`): the largest its memory plan says
 fits ``memory_budget_gb``, recorded in the manifest with the prediction.
 """
 
@@ -21,15 +21,15 @@ from pathlib import Path
 
 from prefect import task
 
-from ftflow.budget import DEFAULT_CUDA_MARGIN_GB, stage_budget
-from ftflow.data import read_split
-from ftflow.distill import teacher_topk_for_student
-from ftflow.memory import plan_teacher_pass
-from ftflow.models import load_tokenizer
+from ftflow.data.splits import read_split
+from ftflow.distill.teacher import teacher_topk_for_student
+from ftflow.models.loading import load_tokenizer
+from ftflow.plan.budget import DEFAULT_CUDA_MARGIN_GB, stage_budget
+from ftflow.plan.decide import plan_teacher_pass
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "teacher_logits"
-MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/stages/caching.py)
 
 
 @task(name="teacher_logits", task_run_name="teacher_logits[{teacher[name]}|{variant}{top_k}]",
@@ -40,7 +40,7 @@ def teacher_logits(teacher: dict, student: dict, augmented: dict, top_k: int, ma
                    memory_margin_gb: float = DEFAULT_CUDA_MARGIN_GB) -> dict:
     """Store the teacher's top-k (or k sampled) ids (int32) and log-probs (fp16) at every training position.
 
-    The pass's batch is planned against :func:`ftflow.budget.stage_budget` (on CUDA: at most what is free at
+    The pass's batch is planned against :func:`ftflow.plan.budget.stage_budget` (on CUDA: at most what is free at
     the stage's start, less ``memory_margin_gb``), like every other stage that holds a model.
     """
 

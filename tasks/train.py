@@ -17,17 +17,17 @@ from typing import Optional
 from prefect import task
 
 from ftflow.artifacts import write_json
-from ftflow.budget import DEFAULT_CUDA_MARGIN_GB, stage_budget
-from ftflow.data import read_split
+from ftflow.plan.budget import DEFAULT_CUDA_MARGIN_GB, stage_budget
+from ftflow.data.splits import read_split
 from ftflow.config import DEFAULT_FIT_ORDER
-from ftflow.fit import out_of_memory_refit, plan_training_job
-from ftflow.memory import bf16_available
-from ftflow.methods import PER_SENTENCE, Job, run_job
-from ftflow.models import load_tokenizer
+from ftflow.plan.fit import out_of_memory_refit, plan_training_job
+from ftflow.plan.decide import bf16_available
+from ftflow.train.runner import PER_SENTENCE, Job, run_job
+from ftflow.models.loading import load_tokenizer
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage, stage_path
 
 STAGE = "train"
-MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/stages/caching.py)
 FAULT_VARIABLE = "FTFLOW_FAIL_STAGE"  # for tests: a method name here (e.g. distill) makes those runs fail
 
 
@@ -73,16 +73,16 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
           tf32: str = "auto") -> dict:
     """Train one job on ``train_set``; keep its best epoch on the selection split; score it on test.
 
-    Before anything is loaded, :func:`ftflow.fit.plan_training_job` chooses how the run fits
+    Before anything is loaded, :func:`ftflow.plan.fit.plan_training_job` chooses how the run fits
     ``memory_budget_gb`` (the training budget): micro-batch and accumulation, gradient checkpointing, 8-bit
     optimizer state, bf16 trained weights, tried in ``fit_order`` (on CUDA against at most what is free at the
-    run's start less ``memory_margin_gb``: :func:`ftflow.budget.stage_budget`). A run that fits with none of them is not
+    run's start less ``memory_margin_gb``: :func:`ftflow.plan.budget.stage_budget`). A run that fits with none of them is not
     started: its manifest says ``skipped`` with the reason (and is cached like any result, since the
     prediction depends only on the inputs). The plan is made on this run's own training set (an augmented
     one is longer than the split it came from) and includes the validation pass between epochs; the
     manifest records it (``fit_plan``, and its prediction as ``memory_plan``), and so does the model card.
     A run that still runs out of device memory is retried from its last checkpoint with the next setting of
-    ``fit_order`` (:func:`ftflow.fit.next_fit`); ``oom_retries`` lists every retry and ``fit_plan`` is then the
+    ``fit_order`` (:func:`ftflow.plan.fit.next_fit`); ``oom_retries`` lists every retry and ``fit_plan`` is then the
     setting the run finished with.
     """
 

@@ -8,12 +8,12 @@ from typing import Optional
 from prefect import task
 
 from ftflow.config import ZooConfig
-from ftflow.data import read_split
-from ftflow.zoo import TeacherCheck, build_zoo, load_corpus
+from ftflow.data.splits import read_split
+from ftflow.models.zoo import TeacherCheck, build_zoo, load_corpus
 from tasks._stage import STAGE_TASK_OPTIONS, ContentCache, run_logger, run_stage
 
 STAGE = "zoo"
-MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/caching.py)
+MODULES = (__name__,)  # the code key: every project module this one reaches (ftflow/stages/caching.py)
 
 
 @task(name="zoo", cache_policy=ContentCache(stage=STAGE, modules=MODULES), **STAGE_TASK_OPTIONS)

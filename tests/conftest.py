@@ -59,10 +59,17 @@ def kernel_sensitive(item) -> bool:
     return any(_KERNEL_WORDS.search(source) for source in [item.name, *sources])
 
 
+# The flow and operations tests run the Prefect engine, a server, workers or subprocesses: slow by where they live,
+# so a new one is deselected by -m "not slow" too.
+SLOW_FOLDERS = ("tests/flows/", "tests/ops/")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if kernel_sensitive(item):
             item.add_marker(pytest.mark.kernels)
+        if any(folder in str(item.path).replace(os.sep, "/") for folder in SLOW_FOLDERS):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_runtest_setup(item):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ftflow.config import FinetuneConfig
-from ftflow.methods import full_job, run_job
+from ftflow.train.runner import full_job, run_job
 from tests.tiny import SENTENCES, tiny_model, tiny_tokenizer
 
 

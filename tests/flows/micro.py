@@ -10,7 +10,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.pipeline import pipeline
-from ftflow.synthetic import generate_sentences
+from ftflow.data.synthetic import generate_sentences
 
 # Widths as real models have them (multiples of 64): 4-bit kernels on some CPUs need it.
 SIZE = {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}

@@ -16,7 +16,6 @@ from flows.pipeline import pipeline
 from ftflow.artifacts import check_outputs, read_json, resolved_paths
 from tests.flows.micro import STAGES, micro_config, run_pipeline_runs
 
-pytestmark = pytest.mark.slow
 # The micro pipeline with one run per method kept (LoRA, full fine-tuning, distillation): a short cold run.
 FEWER_RUNS = {"lora": {"r": [2]}, "qlora": {"enabled": False}, "prefix": {"enabled": False}, "distill": {"top_k": [2]}}
 

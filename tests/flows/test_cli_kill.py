@@ -18,7 +18,6 @@ import yaml
 from tests.flows.micro import micro_config
 from tests.processes import MARKER, marked_processes
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -15,11 +15,9 @@ import yaml
 
 from flows.cli import main
 from ftflow.config import ZooConfig, load_config
-from ftflow.status import pipeline_status
-from ftflow.zoo import build_zoo
+from ftflow.models.zoo import build_zoo
+from ftflow.stages.status import pipeline_status
 from tests.flows.micro import BIGGER, SIZE, write_data
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +139,7 @@ def test_the_final_summary_lists_every_model_that_failed_and_why(study, prefect_
                                                                  monkeypatch):
     from huggingface_hub import constants
 
-    from ftflow import hub
+    from ftflow.models import hub
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(hub, "_MEMO", {})

@@ -5,15 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
 from flows.cli import main
 from ftflow.config import load_config
-from ftflow.status import pipeline_status
+from ftflow.stages.status import pipeline_status
 from tests.flows.micro import STAGES, micro_config, run_pipeline_runs
 
-pytestmark = pytest.mark.slow
 # One run per method: a short cold run that still has every stage.
 FEWER_RUNS = {"lora": {"r": [2]}, "qlora": {"enabled": False}, "prefix": {"enabled": False}, "distill": {"top_k": [2]}}
 

@@ -18,7 +18,6 @@ from prefect.settings import PREFECT_API_URL
 from flows.pipeline import pipeline
 from tests.flows.micro import STAGES, micro_config, run_pipeline, run_pipeline_runs
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ftflow.config import parse_config
-from ftflow.design import per_model_jobs
-from ftflow.methods import lora_grid
+from ftflow.study.design import per_model_jobs
+from ftflow.train.runner import lora_grid
 
 MODELS = [{"name": n, "path": f"/m/{n}", "family": "f", "precision": "fp32", "trust_remote_code": False}
           for n in ("big", "small", "other")]

@@ -9,13 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from prefect.settings import PREFECT_API_URL
 
-from ftflow.training import latest_checkpoint
+from ftflow.train.trainer import latest_checkpoint
 from tests.flows.micro import STAGES, micro_config, run_pipeline_runs
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 # Long enough LoRA runs (3 steps per epoch, a checkpoint every step) that a kill lands mid-run.
 SLOW_GRID = {"lora": {"epochs": 15}, "training": {"checkpoint_steps": 1}}

@@ -13,11 +13,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from ftflow.config import ZooConfig
-from ftflow.zoo import build_zoo
+from ftflow.models.zoo import build_zoo
 from tests.fake_hub import put_in_cache
 from tests.flows.micro import BIGGER, SIZE, run_pipeline, write_data
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +71,7 @@ def models_config(tmp_path_factory) -> Path:
 def test_failed_model_is_recorded_and_the_others_go_on(models_config, prefect_server, monkeypatch):
     from huggingface_hub import constants
 
-    from ftflow import hub
+    from ftflow.models import hub
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(models_config.parent / "hf-cache"))
     monkeypatch.setattr(hub, "_MEMO", {})

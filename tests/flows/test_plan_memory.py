@@ -12,12 +12,11 @@ import yaml
 from prefect import flow
 
 from flows.steps import data_candidates_and_plan
-from ftflow import design
 from ftflow.config import load_config
-from ftflow.memory import GB, RUNTIME_OVERHEAD_BYTES, model_config_for, predict_scoring
+from ftflow.models.architecture import model_config_for
+from ftflow.plan.predict import GB, RUNTIME_OVERHEAD_BYTES, predict_scoring
+from ftflow.study import design
 from tests.tiny import SENTENCES, saved_base
-
-pytestmark = pytest.mark.slow
 
 
 @flow(name="plan-only")

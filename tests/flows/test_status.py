@@ -13,10 +13,10 @@ import pytest
 import flows.cli
 from flows.cli import main
 from ftflow.config import load_config
-from ftflow.status import pipeline_status
+from ftflow.stages.status import pipeline_status
+from ftflow.study.recommend import evaluation_answer
 from tests.flows.micro import STAGES, micro_config, run_pipeline_runs
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 ALPHA = {"distill": {"alpha": 0.25}}
 
@@ -101,7 +101,7 @@ def test_a_finished_run_opens_with_its_answer_in_the_report_the_terminal_and_sta
     monkeypatch.setattr(flows.cli, "_prefect_api", _refuse_prefect)
     assert main(["run", str(config), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    answer = flows.cli.answer_of(evaluation, str(config))
+    answer = evaluation_answer(evaluation, str(config))
     assert out.lstrip("\n").startswith(answer) and answer.startswith("## Answer")
     assert f"`ftflow export {config} --to DIR`" in answer
     assert main(["status", str(config)]) == 0
@@ -112,7 +112,7 @@ def test_export_writes_the_recommended_model_that_reloads_to_its_test_ppl(micro,
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftflow.data import read_split
+    from ftflow.data.splits import read_split
     from ftflow.perplexity import score_sentences
 
     config, _ = micro
@@ -186,12 +186,12 @@ def test_train_file_content_status_names_the_file_and_puts_the_rest_after_it(mic
 
 
 def test_a_module_source_change_status_names_the_module(micro, tmp_path):
-    """In a copy of the code with one line added to ftflow/distill.py, through the CLI, without Prefect."""
+    """In a copy of the code with one line of code added to ftflow/distill/losses.py, through the CLI, without Prefect."""
     config, _ = micro
     for package in ("ftflow", "tasks", "flows"):
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
-    with open(tmp_path / "ftflow" / "distill.py", "a", encoding="utf-8") as handle:
-        handle.write("\n# a changed line\n")
+    with open(tmp_path / "ftflow" / "distill" / "losses.py", "a", encoding="utf-8") as handle:
+        handle.write("\nCHANGED = True  # a changed line of code (a comment would change no key)\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     env.pop("PREFECT_API_URL", None)
     done = subprocess.run([sys.executable, "-c", "import sys, flows.cli; code = flows.cli.main(sys.argv[1:]); "
@@ -204,7 +204,7 @@ def test_a_module_source_change_status_names_the_module(micro, tmp_path):
     grid = [i for i, line in enumerate(lines) if line.startswith("will run  lora[qwen2-teacher|")]
     assert len(grid) == 2
     for i in grid:
-        assert lines[i + 1] == "              - code of ftflow.distill changed"
+        assert lines[i + 1] == "              - code of ftflow.distill.losses changed"
         assert lines[i + 2].startswith("              - (against the closest earlier run: lora[qwen2-teacher|")
     # Everything before training is cached; teacher_logits and every later run wait for the grid.
     cached = [line.split()[:2] for line in lines[1:grid[0]]]

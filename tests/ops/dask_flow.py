@@ -12,9 +12,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.benchmark_only import benchmark_candidates
 from flows.scale import mapped_runner
-from ftflow import stages
 from ftflow.config import RunnerConfig, load_config
-from ftflow.stages import zoo_candidates
+from ftflow.stages import calls as stages
+from ftflow.stages.calls import zoo_candidates
 from tasks._stage import with_storage
 from tasks.plan_memory import plan_memory
 from tasks.prepare_data import prepare_data

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from ftflow.artifacts import read_manifest
 from tests.flows.micro import STAGES
 from tests.ops.conftest import wait_for_task_runs
-
-pytestmark = pytest.mark.slow
 
 
 def outputs(artifacts: Path, stage: str) -> list[Path]:

@@ -13,8 +13,6 @@ import pytest
 from tests.flows.micro import micro_config
 from tests.ops.conftest import REPO, tail, wait_for_task_runs
 
-pytestmark = pytest.mark.slow
-
 
 def same_numbers(a, b, rel=1e-5) -> bool:
     """Equal structures; floats equal to ``rel`` (Dask workers run torch on one thread, the flow on two)."""

@@ -7,14 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from ftflow.artifacts import read_json
 from tests.flows.micro import STAGES
 from tests.ops.conftest import POOL, tail, wait_for_task_runs
-
-pytestmark = pytest.mark.slow
 
 DEPLOYMENTS = {"ftflow-pipeline/demo", "ftflow-pipeline/nightly", "ftflow-benchmark/benchmark-only",
                "ftflow-pipeline/grid-search"}

@@ -9,12 +9,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from tests.needs import needs
-
-pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

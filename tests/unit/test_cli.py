@@ -51,12 +51,12 @@ def test_tracebacks_of_user_errors_only_with_debug():
 
 
 def test_internal_errors_keep_their_traceback(monkeypatch):
-    from ftflow import memory
+    from ftflow.plan import decide as plan_decide
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(memory, "plan_model", broken)
+    monkeypatch.setattr(plan_decide, "plan_model", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["plan", str(ROOT / "configs" / "seed-20gb.yaml")])
 
@@ -97,7 +97,7 @@ def test_prefect_console_logs_show_user_errors_without_traceback():
     import sys
 
     from flows.cli import _WithoutUserTracebacks
-    from ftflow.data import DataError
+    from ftflow.data.splits import DataError
 
     formatter = _WithoutUserTracebacks(logging.Formatter("%(levelname)s %(message)s"))
     records = []
@@ -115,24 +115,12 @@ def test_prefect_console_logs_show_user_errors_without_traceback():
     assert text.endswith("RuntimeError: a bug")
 
 
-def test_the_final_summary_lists_every_model_without_a_result():
-    from flows.cli import failure_summary
-
-    evaluation = {"leaderboard": [
-        {"name": "small", "kind": "baseline", "error": None},
-        {"name": "ghost", "kind": "baseline", "error": "ModelLoadError: cannot load /x/ghost-model:\n(1) no\n(2) no"},
-        {"name": "full[big]", "kind": "full", "error": "not trained: predicted 30 GB > 20 GB"},
-    ]}
-    assert failure_summary(evaluation) == ["ghost (baseline): ModelLoadError: cannot load /x/ghost-model: (1) no (2) no",
-                                           "full[big] (full): not trained: predicted 30 GB > 20 GB"]
-
-
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch) -> Path:
     """An empty Hugging Face cache for this test (offline, as every test is), and no hub answers remembered."""
     from huggingface_hub import constants
 
-    from ftflow import hub
+    from ftflow.models import hub
 
     folder = tmp_path / "hf-cache"
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(folder))
@@ -220,7 +208,7 @@ def test_plan_shows_every_training_run_of_the_study_fitting_20_gb_with_its_hours
     assert "granite-3.3-8b-base lora: micro-batch 1 x 4 accumulation, checkpointing off, fp32 AdamW" in out
     assert "token counts estimated at 1.5 per word" in out
     # The disk: every model's download (offline: its parameters in bf16, as stored on the hub) into the cache.
-    from ftflow.memory import count_config_parameters, model_config_for
+    from ftflow.models.architecture import count_config_parameters, model_config_for
 
     ids = [m["path"] for m in yaml.safe_load(config.read_text())["models"]]
     downloads = sum(2 * count_config_parameters(model_config_for(i)) for i in ids)
@@ -235,6 +223,20 @@ def test_plan_without_the_data_says_so_and_plans_the_worst_case(tmp_path, capsys
     assert f"data file(s) absent: {tmp_path / 'train.txt'}, {tmp_path / 'test.txt'}; every run is planned at " \
            "max_length (2048 tokens, the worst case)" in out
     assert "training runs fit 20 GB" in out
+
+
+def test_the_training_plan_is_computed_and_written_by_ftflow_not_the_cli(tmp_path, hf_cache):
+    """What `ftflow plan` prints of the training runs comes from ftflow.plan.study, testable without stdout."""
+    from ftflow.config import load_config
+    from ftflow.plan.study import TRAINING_PLAN_FILES, plan_study, write_training_plan
+
+    cfg = load_config(_study_config(tmp_path))
+    study = plan_study(cfg, device="cuda", bf16_supported=True)
+    text = write_training_plan(cfg, study, tmp_path, "a100", 0.3)
+    with open(tmp_path / TRAINING_PLAN_FILES["csv"]) as handle:
+        assert len(list(csv.DictReader(handle))) == len(study.runs) == 75
+    assert (tmp_path / TRAINING_PLAN_FILES["markdown"]).read_text().rstrip("\n") in text
+    assert "75 of 75 training runs fit 20 GB;" in text and "hours on one a100 (bf16 312 / fp32 19.5 TFLOP/s" in text
 
 
 def test_a_prefect_home_the_run_created_is_removed_with_what_its_client_wrote_there(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def test_demo_is_offline_and_seed_config_is_the_study():
 
 
 def test_the_baselines_config_is_the_studys_section_2_and_every_model_plans_offline():
-    from ftflow.known_models import known_architecture
+    from ftflow.models.known import known_architecture
 
     cfg = load_config(ROOT / "configs" / "seed-baselines.yaml")
     rows = [(m.path.split("/")[1], m.precision) for m in cfg.models]

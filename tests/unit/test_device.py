@@ -8,7 +8,7 @@ import torch
 import ftflow.device
 from ftflow.config import LoraConfig
 from ftflow.device import resolve_tf32, tf32, tf32_enabled
-from ftflow.methods import lora_grid, run_job
+from ftflow.train.runner import lora_grid, run_job
 from tests.tiny import SENTENCES, saved_base
 
 

@@ -366,7 +366,7 @@ def test_chunked_head_in_bf16_equals_the_full_logits_path(architecture):
 
 def test_chunked_head_on_a_4bit_model(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from ftflow.models import load_model
+    from ftflow.models.loading import load_model
 
     tiny_model("llama", hidden_size=64).save_pretrained(tmp_path)
     nf4 = load_model(str(tmp_path), "nf4", "cpu")

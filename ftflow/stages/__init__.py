@@ -1,0 +1,1 @@
+"""Stages without Prefect: content cache keys, each stage's call, and what a run would do (status)."""

@@ -1,0 +1,1 @@
+"""Training: the typed jobs, one job run end to end, the Trainer glue and precision, optimizers, model cards."""
