@@ -133,7 +133,7 @@ def _prefect_api(then: Callable[[], object] = lambda: None) -> Iterator[None]:
     from flows.server import temporary_server
 
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180)
-    with temporary_server(_COMMAND_FOLDER) as server:
+    with temporary_server(_COMMAND_FOLDER, client_home=_PrefectHome.created) as server:
         # Library caches are already in the command's folder, which is the server's home (_command_folder).
         with _environment({"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(server.storage)}):
             then()
@@ -355,21 +355,19 @@ class _PrefectHome:
         home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
         cls.created = None if "prefect" in sys.modules or home.exists() else home
 
-    # What a user's own Prefect setup keeps there (a profile, `prefect server start`'s database): never removed.
-    USER_FILES = ("profiles.toml", "prefect.db")
-
     @classmethod
     def forget(cls) -> None:
         """Remove the home Prefect created during this run (the run used its own server).
 
         Whatever is in it was written by this run's Prefect client, after the temporary server's settings were
         restored (a worker thread still finishing an interrupted stage writes its result under the default
-        storage): it is removed with the folder, unless a user file appeared there meanwhile.
+        storage): it is removed with the folder, unless a user file appeared there meanwhile. A run that is
+        killed cannot: its temporary server does (flows/server.py).
         """
+        from flows.server import remove_created_prefect_home
+
         home, cls.created = cls.created, None
-        if home is None or not home.is_dir() or any((home / name).exists() for name in cls.USER_FILES):
-            return
-        shutil.rmtree(home, ignore_errors=True)
+        remove_created_prefect_home(home)
 
 
 _COMMAND_FOLDER: Optional[Path] = None  # the command's temporary folder while it runs (see _command_folder)

@@ -21,7 +21,9 @@ orphan. ``ftflow run`` therefore starts the same server itself, here:
 - Nothing of it stays outside the run: its SQLite database, and the result
   storage of the run that uses it, are in a temporary directory
   (:attr:`TemporaryServer.home`) that is removed when the server stops (by the
-  child itself when its parent was killed).
+  child itself when its parent was killed). So is the Prefect home the run's
+  client created by importing Prefect (``~/.prefect``, when there was none), which
+  a killed run cannot remove itself (:func:`remove_created_prefect_home`).
 
 Runs against a configured server (``prefect server start``, workers, Prefect
 Cloud) are unaffected: the CLI only starts this one when no API URL is set.
@@ -87,8 +89,21 @@ class TemporaryServer:
                                "machine start one yourself (`prefect server start`) and set PREFECT_API_URL")
 
 
+# What a user's own Prefect setup keeps in a Prefect home (a profile, `prefect server start`'s database): a home
+# holding one is never removed.
+USER_FILES = ("profiles.toml", "prefect.db")
+
+
+def remove_created_prefect_home(home: Optional[Path]) -> None:
+    """Remove a Prefect home the run's client created (importing Prefect makes ``~/.prefect``), with what that
+    client wrote there, unless a user file (:data:`USER_FILES`) appeared there meanwhile."""
+    if home is None or not home.is_dir() or any((home / name).exists() for name in USER_FILES):
+        return
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @contextmanager
-def temporary_server(home: Optional[Path] = None) -> Iterator[TemporaryServer]:
+def temporary_server(home: Optional[Path] = None, client_home: Optional[Path] = None) -> Iterator[TemporaryServer]:
     """Start a Prefect API server in a child process for the duration of the block, stopped when it ends.
 
     The server boots while the caller goes on (imports, config checks); call
@@ -101,6 +116,8 @@ def temporary_server(home: Optional[Path] = None) -> Iterator[TemporaryServer]:
     Args:
         home: an existing empty folder to use as its home (the command's own temporary folder, so the server
             removes it if this process dies); default: a new temporary one.
+        client_home: the Prefect home this process's import of Prefect created, if it did: the server removes it
+            if this process dies (:func:`remove_created_prefect_home`); this process removes it otherwise.
     """
     home = Path(home) if home is not None else Path(tempfile.mkdtemp(prefix="ftflow-prefect-"))
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -112,7 +129,8 @@ def temporary_server(home: Optional[Path] = None) -> Iterator[TemporaryServer]:
     try:
         child = subprocess.Popen(
             [sys.executable, "-m", "flows.server", "--fd", str(listener.fileno()), "--parent", str(os.getpid()),
-             "--lifeline", str(lifeline), "--home", str(home)],
+             "--lifeline", str(lifeline), "--home", str(home)]
+            + (["--client-home", str(client_home)] if client_home is not None else []),
             env=server_environment(home), pass_fds=(listener.fileno(), lifeline), stdin=subprocess.DEVNULL,
         )
     except BaseException:
@@ -174,9 +192,18 @@ class _Stop:
         return self.requested.is_set() or self.parent_gone()
 
 
-def _end_with_parent(stop: _Stop, lifeline: Optional[int], home: Optional[Path]) -> None:
+def _remove_after_parent(home: Optional[Path], client_home: Optional[Path]) -> None:
+    """What a dead parent would have removed: the server's temporary home, and the Prefect home its client made."""
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
+    remove_created_prefect_home(client_home)
+
+
+def _end_with_parent(stop: _Stop, lifeline: Optional[int], home: Optional[Path],
+                     client_home: Optional[Path] = None) -> None:
     """Make this process end when its parent closes ``lifeline`` or dies, even if the parent is SIGKILLed; then
-    remove ``home`` if the parent is gone (it cannot any more)."""
+    remove ``home``, and the Prefect home the parent's client created (``client_home``), if the parent is gone
+    (it cannot any more)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
@@ -198,8 +225,8 @@ def _end_with_parent(stop: _Stop, lifeline: Optional[int], home: Optional[Path])
         os.dup2(devnull, 2)
         os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown (a second one when PDEATHSIG came first)
         time.sleep(GRACE_S)
-        if home is not None and stop.parent_gone():
-            shutil.rmtree(home, ignore_errors=True)
+        if stop.parent_gone():
+            _remove_after_parent(home, client_home)
         os._exit(1)
 
     # Started before the server, and checked once after prctl: a parent that died before prctl took
@@ -214,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent", type=int, required=True, help="pid of the process this server lives for")
     parser.add_argument("--lifeline", type=int, help="read end of a pipe whose end of file means: stop")
     parser.add_argument("--home", type=Path, help="temporary Prefect home, removed here if the parent died")
+    parser.add_argument("--client-home", type=Path,
+                        help="the Prefect home the parent's client created, removed here if the parent died")
     args = parser.parse_args(argv)
     stop = _Stop(args.parent)
 
@@ -225,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGINT, starting)
     signal.signal(signal.SIGTERM, starting)
-    _end_with_parent(stop, args.lifeline, args.home)
+    _end_with_parent(stop, args.lifeline, args.home, args.client_home)
     try:
         import uvicorn
 
@@ -242,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
                                 log_level="error")
         Server(config).run(sockets=[sock])
     finally:
-        if args.home is not None and stop.parent_gone():  # nobody else is left to remove it
-            shutil.rmtree(args.home, ignore_errors=True)
+        if stop.parent_gone():  # nobody else is left to remove them
+            _remove_after_parent(args.home, args.client_home)
     # Stopped: end now, as uvicorn does by raising the signal again, rather than wait for threads its services
     # leave behind (seconds).
     sys.stderr.flush()

@@ -25,10 +25,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_killed_run_leaves_no_prefect_server_behind(tmp_path):
     config = micro_config(tmp_path)
     marker = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the run starts its own server
-    (tmp_path / "tmp").mkdir()
-    env.update({MARKER: marker, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"),
-                "TMPDIR": str(tmp_path / "tmp")})
+    # The run starts its own server, and its Prefect client creates ~/.prefect in an empty HOME.
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MPLCONFIGDIR")}
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env.update({MARKER: marker, "PYTHONPATH": str(ROOT), "HOME": str(home), "TMPDIR": str(tmp)})
     log = tmp_path / "run.log"
     with open(log, "w") as out:
         run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(config), "--no-progress"], cwd=ROOT,
@@ -50,8 +52,10 @@ def test_killed_run_leaves_no_prefect_server_behind(tmp_path):
             time.sleep(0.1)
             left = marked_processes(marker)
         assert left == {}, f"still running 10 s after the run was killed: {left}"
-        # The server's temporary home (its database) went with it.
-        assert list((tmp_path / "tmp").iterdir()) == []
+        # The server's temporary home (its database) went with it, and so did the ~/.prefect the killed run's
+        # client had created (the run cannot remove it: its server does).
+        assert _everything_under(tmp) == []
+        assert _everything_under(home) == []
     finally:
         if run.poll() is None:
             run.kill()
