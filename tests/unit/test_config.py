@@ -213,7 +213,8 @@ def test_problems_name_their_origin_as_the_user_wrote_it(tmp_path):
         "  - prefix.learning_rate.1 (from --set prefix.learning_rate=[0.1, -1]): Input should be greater than 0",
         "  - nosuch (from --set nosuch.key=1): 'nosuch' is not a field of the config (its fields: name, "
         "artifacts_dir, seed, device, max_length, memory_budget_gb, selection_split, data, augment, zoo, models, "
-        "memory, benchmark, select, lora, qlora, prefix, finetune, distill, compare, ablation, training, runner)",
+        "memory, benchmark, select, lora, qlora, prefix, finetune, distill, compare, ablation, training, search, "
+            "runner)",
     ]
 
 
