@@ -782,7 +782,7 @@ def check_teacher_pass(ctx: ModelContext, variant: str) -> dict:
     if predicted is not None:
         out.update(_compare("peak", predicted.allocated_bytes, peak))
     else:
-        out["peak_note"] = "unplanned: ftflow.memory has no predict_teacher_pass"
+        out["peak_note"] = "unplanned: ftflow.plan.predict has no predict_teacher_pass"
     return out
 
 

@@ -236,7 +236,7 @@ def cases(quick: bool) -> list[Case]:
         Case(LLAMA_125M, "full", "fp32", 1, 64, {"accumulation_steps": 2, "gradient_checkpointing": True}),
         Case(LLAMA_125M, "full", "fp32", 2, 64, {"optimizer": "adamw-8bit"}),
         Case(LLAMA_125M, "full", "bf16", 2, 64, {"optimizer": "adamw-8bit"}),
-        # The 8-bit step's temporaries (bf16: stochastic rounding), the constant of ftflow.memory's plan.
+        # The 8-bit step's temporaries (bf16: stochastic rounding), the constant of ftflow.plan.predict's plan.
         Case(TENSOR_32M, "step-8bit", "bf16", 1, 1, {"optimizer": "adamw-8bit"}),
         Case(TENSOR_32M, "step-8bit", "fp32", 1, 1, {"optimizer": "adamw-8bit"}),
         # The teacher pass (ftflow.distill.teacher.compute_teacher_topk, one batch of 2 x 256 tokens): two chunks of logits
@@ -287,7 +287,7 @@ def predict(case: Case, device: str) -> plan_predict.MemoryPrediction:
 
 
 def _predict_step(case: Case, device: str) -> plan_predict.MemoryPrediction:
-    """One tensor's weights, gradient and 8-bit state, and the step's temporaries (ftflow.memory's own terms)."""
+    """One tensor's weights, gradient and 8-bit state, and the step's temporaries (ftflow.plan.predict's own terms)."""
     n, d = case.model.numbers["elements"], plan_predict.ELEMENT_BYTES[case.precision]
     state = plan_predict.adamw_8bit_state_bytes([n])
     step = plan_predict.adamw_8bit_step_bytes([n], case.precision == "bf16", device)

@@ -112,7 +112,7 @@ predicted - 1, within 10%, the full-depth plan, over budget, leaked) and writes
 the table as Markdown and CSV under ``--out`` (default ``bench/out/rehearsal``);
 its last line is ``rehearsal: N of N stages within 10% of plan, 0 over budget,
 0 leaked`` (or the counts that fail); exit status 1 when anything fails. A
-stage with no prediction (today the teacher pass: ``ftflow.memory`` has no
+stage with no prediction (today the teacher pass: ``ftflow.plan.predict`` had no
 ``predict_teacher_pass`` yet) is "unplanned", which is not within 10%.
 
 Last measured here (``--quick`` on configs/seed-20gb.yaml, before the fixes of issue 24's items 1-3; a
@@ -483,7 +483,7 @@ def teacher_stage(r: Rehearsal, teacher_job: Job, teacher_label: str, variant: s
 
     return Stage(label, "teacher", m.name, run, predicted, None if full is None else full.peak_bytes,
                  f"{n}x{length}", needs=(teacher_label,),
-                 note="unplanned: ftflow.memory has no predict_teacher_pass" if predicted is None else f"k={k}")
+                 note="unplanned: ftflow.plan.predict has no predict_teacher_pass" if predicted is None else f"k={k}")
 
 
 def evaluate_stage(r: Rehearsal, job: Job, trained_label: str) -> Stage:
@@ -633,7 +633,7 @@ class LeftOutSteps:
 
     The host does them on a GPU: loading a checkpoint, writing one. CUDA's fused kernel has no transients
     where bitsandbytes' CPU reference kernel of the 8-bit AdamW step holds 20 bytes per element of the tensor
-    it updates (:data:`ftflow.memory.BNB_CPU_STEP_BYTES_PER_ELEMENT`). What they leave resident counts.
+    it updates (:data:`ftflow.plan.predict.ADAMW_8BIT_STEP_BYTES_PER_ELEMENT`). What they leave resident counts.
 
     ``/proc/self/clear_refs`` (5) resets ``VmHWM`` to the current resident set. Before such a step the peak so
     far is kept; after it, what it left resident is kept and the peak restarts there. The stage's peak is the

@@ -348,7 +348,9 @@ def run_battery(battery: Battery) -> list[Case]:
 
     # 7 + clean: SIGTERM, SIGINT, SIGKILL mid-training, then a rerun to the end, against an uninterrupted run
     print("7 signals", flush=True)
-    longer = ["--set", f"distill.epochs={30 if b.quick else 6}"]
+    # Long enough that a signal sent 2 s after the first checkpoint still finds that run training (a micro epoch
+    # is a few steps: 30 epochs once lasted long enough, then ended within those 2 s once stages got faster).
+    longer = ["--set", f"distill.epochs={200 if b.quick else 6}"]
     reference = b.work / "elsewhere" / "artifacts-reference"
     shutil.copytree(copy, reference)
     uninterrupted = b.command(["run", config, "--no-progress", *longer, "--set", f"artifacts_dir={reference}"],

@@ -1,6 +1,6 @@
 """The memory budget a stage plans against: the configured one, or on CUDA what is really free, less a margin.
 
-The planner's peaks (:mod:`ftflow.memory`) count weights, activations, logits, optimizer state and a fixed
+The planner's peaks (:mod:`ftflow.plan.predict`) count weights, activations, logits, optimizer state and a fixed
 CUDA context (:data:`ftflow.plan.predict.RUNTIME_OVERHEAD_BYTES`). A real card also holds what other processes use, a
 context of its own size, the kernels CUDA loads on first use, cuBLAS workspaces, and the caching allocator's
 reserved-but-unused blocks, which packed batches (a new shape every step) fragment. So on CUDA each planning stage

@@ -23,7 +23,7 @@ and gradient, the rounding's temporaries and, on a CPU, the fp32 temporaries
 of bitsandbytes' reference kernel: the step's extra memory is bounded by the
 slice, not by the largest tensor (a 100.7M-element embedding otherwise costs
 fp32 copies of weights and gradient plus the rounding's integer temporaries,
-about 2 GB at once). See :data:`ftflow.memory.ADAMW_8BIT_SLICE_BYTES_PER_ELEMENT`.
+about 2 GB at once). See :data:`ftflow.plan.predict.ADAMW_8BIT_STEP_BYTES_PER_ELEMENT`.
 
 bitsandbytes is imported here, when an 8-bit optimizer is built (CPU runs
 of its 8-bit optimizers work from bitsandbytes 0.45 on; paging needs CUDA and

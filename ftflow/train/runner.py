@@ -38,7 +38,7 @@ PER_SENTENCE = "per_sentence.json"
 """The file :func:`run_job` writes beside ``model/``: ``{"test": per-sentence values}``
 (:meth:`ftflow.perplexity.PerplexityResult.per_sentence`)."""
 
-# The job classes and their constructors live in ftflow.jobs; they are importable from here too.
+# The job classes and their constructors live in ftflow.train.jobs; they are importable from here too.
 __all__ = ["Job", "TrainingOutOfMemoryError", "best_run", "distill_grid", "full_job", "lora_grid",
            "lora_like", "prefix_grid", "qlora_like", "run_job"]
 

@@ -138,7 +138,7 @@ def test_truncation_is_counted_and_only_the_kept_part_is_scored():
     assert result.scored_tokens == 4
     # Kept part of the long sentence decodes to "the story" (9 bytes), plus "a dog" (5).
     assert result.total_bytes == 9 + 5
-    assert result.sentence_bytes == (9, 5)  # per sentence too: bits per byte of any resample (ftflow.uncertainty)
+    assert result.sentence_bytes == (9, 5)  # per sentence too: bits per byte of any resample (ftflow.study.uncertainty)
 
 
 def test_sentences_at_exactly_max_length_are_not_truncated():

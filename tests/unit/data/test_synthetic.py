@@ -1,4 +1,4 @@
-"""Tests of ftflow.synthetic: the seeded sentence grammar of the offline demo."""
+"""Tests of ftflow.data.synthetic: the seeded sentence grammar of the offline demo."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_different_seeds_and_domains_differ():
 
 
 def test_identical_in_a_fresh_process_with_another_hash_seed():
-    code = "import json; from ftflow import synthetic; print(json.dumps(synthetic.generate_sentences(30, 7, 'reviews')))"
+    code = "import json; from ftflow.data import synthetic; print(json.dumps(synthetic.generate_sentences(30, 7, 'reviews')))"
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert json.loads(result.stdout) == synthetic.generate_sentences(30, 7, "reviews")

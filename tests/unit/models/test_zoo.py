@@ -1,4 +1,4 @@
-"""Tests of ftflow.zoo: tokenizers, configs, pretraining and checkpoints of the offline zoo.
+"""Tests of ftflow.models.zoo: tokenizers, configs, pretraining and checkpoints of the offline zoo.
 
 Everything runs on micro sizes (hidden 16, one or two layers, vocabulary 300,
 200 sentences, 5 steps) so the whole file takes seconds on two CPU cores.

@@ -1,4 +1,4 @@
-"""ftflow.memory: exact counts, the study's memory findings, and the planner's decisions.
+"""ftflow.plan (predict, decide): exact counts, the study's memory findings, and the planner's decisions.
 
 Everything runs on configs (``meta`` device) or tiny models, so the file takes
 seconds on a CPU.

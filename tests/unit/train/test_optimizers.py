@@ -1,4 +1,4 @@
-"""ftflow.optimizers: the 8-bit AdamW updates in slices, exactly as bitsandbytes would whole, within its planned memory."""
+"""ftflow.train.optimizers: the 8-bit AdamW updates in slices, exactly as bitsandbytes would whole, within its planned memory."""
 
 from __future__ import annotations
 
