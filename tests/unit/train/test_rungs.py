@@ -95,3 +95,38 @@ def test_a_run_in_rungs_ends_where_the_run_in_one_go_ends(base, tmp_path, method
     # The next rung never wrote into an earlier rung's kept state (its checkpoints are hard links).
     for fraction, files in kept.items():
         assert _files(tmp_path / f"rung-{fraction}" / STATE_DIR) == files
+
+
+@pytest.mark.slow  # trains
+@pytest.mark.parametrize("fraction, step", [(0.3, 3), (0.5, 4)])
+def test_a_rung_scores_the_selection_split_and_writes_its_checkpoint_once(base, tmp_path, monkeypatch, fraction,
+                                                                          step):
+    """Rung 0.3 stops inside the first epoch (its own score, its own checkpoint); rung 0.5 on the epoch's last step,
+    where the epoch's validation and checkpoint are the rung's: none of them twice (for a full-weight run on the
+    seed config, a second checkpoint is every weight and its optimizer state written again)."""
+    from transformers import Trainer
+
+    from ftflow.train import trainer as trainer_module
+
+    scored, saved = [], []
+    score, save = trainer_module._score, Trainer._save_checkpoint
+
+    def counting_score(model, *args, **kwargs):
+        scored.append(model.training)
+        return score(model, *args, **kwargs)
+
+    def counting_save(self, *args, **kwargs):
+        saved.append(self.state.global_step)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "_score", counting_score)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", counting_save)
+    (tmp_path / "out").mkdir()
+    result = run_job(_job("full", base), train_sentences=TRAIN, validation_sentences=VALIDATION, test_sentences=TEST,
+                     seed=0, max_length=32, device="cpu", eval_batch_size=4, progress=False, checkpoint_steps=None,
+                     work_dir=tmp_path / "work", out_dir=tmp_path / "out", stop_fraction=fraction)
+    assert result["rung"]["step"] == step
+    assert len(scored) == 2  # the base model (epoch 0), then the rung's step (the epoch's validation at step 4)
+    assert saved == [step]
+    if step == 4:
+        assert result["rung"]["selection"] == result["history"][0]["validation"]
