@@ -118,10 +118,14 @@ def searcher(submit: Submit, main_set: dict, common: dict, search: SearchConfig
     Returns the runs that trained to the end (grid: every combination; halving: the last rung's survivors) and,
     under halving, the grid's summary for the report (:func:`ftflow.study.halving.grid_summary`). Under halving
     every rung is a cached ``train`` run resuming from the previous rung's (docs/halving.md); who goes on is
-    :func:`ftflow.study.halving.survivors` of the rung's results, whatever order they finished in.
+    :func:`ftflow.study.halving.survivors` of the rung's results, whatever order they finished in. Once the last
+    rung has finished, the intermediate rungs' kept states are freed (a rung that later needs one trains from
+    step 0).
     ``topks`` (one per job): distillation's stored teacher targets.
     """
+    from ftflow.plan.disk import size_text
     from ftflow.study import halving
+    from ftflow.train.rungs import free_state
 
     task = with_storage(train, common["artifacts_dir"])
 
@@ -152,6 +156,9 @@ def searcher(submit: Submit, main_set: dict, common: dict, search: SearchConfig
                 logger.info("%s, rung %g: %d of %d go on: %s", name, fraction, len(kept), len(alive),
                             ", ".join(kept))
                 alive = [i for i in alive if jobs[i].name in set(kept)]
+        # Every survivor has trained to the end: no rung of this grid resumes from an intermediate state any more.
+        freed = sum(free_state(result) for results in rungs[:-1] for result in results)
+        logger.info("%s: the intermediate rungs' states are freed (%s)", name, size_text(freed))
         summary = halving.grid_summary(name, rungs, search.eta)
         logger.info("%s: winner %s; training tokens %.2f of the full grid's", name, summary["winner"],
                     summary["ratio"]["tokens"] or 0.0)

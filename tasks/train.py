@@ -16,13 +16,14 @@ from typing import Optional
 
 from prefect import task
 
-from ftflow.artifacts import write_json
+from ftflow.artifacts import TRANSIENT, read_json, write_json
 from ftflow.plan.budget import DEFAULT_CUDA_MARGIN_GB, stage_budget
 from ftflow.data.splits import read_split
 from ftflow.config import DEFAULT_FIT_ORDER
 from ftflow.plan.fit import out_of_memory_refit, plan_training_job, run_compute
 from ftflow.plan.decide import bf16_available
-from ftflow.train.rungs import STATE_DIR, carry_state, keep_state, resume_state, rung_step, total_steps
+from ftflow.train.rungs import (FROM_STEP, STATE_DIR, carry_state, keep_state, resume_state, rung_step, state_dir,
+                               total_steps)
 from ftflow.train.runner import PER_SENTENCE, Job, run_job
 from ftflow.models.loading import load_tokenizer
 from ftflow.tokens import sentence_ids
@@ -135,19 +136,32 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
             facts["teacher top-k fingerprint"] = teacher_topk["fingerprint"]
             if teacher_topk.get("vocabulary_note"):
                 facts["vocabulary note"] = teacher_topk["vocabulary_note"]
-        if previous is not None and fraction < 1 and previous["rung"]["step"] >= rung_step(fraction, max_steps):
+        kept_state = state_dir(previous)
+        if previous is not None and kept_state is None and not work.exists():
+            # Freed once its grid had finished (docs/halving.md): the run trains from its start to this rung's step,
+            # which the rungs reproduce exactly (the schedule is the whole run's), and counts those steps.
+            logger.info("%s: the state of rung %g was freed when its grid finished; training from step 0",
+                        job.title, previous["rung"]["fraction"])
+        if (kept_state is not None and fraction < 1 and not work.exists()
+                and previous["rung"]["step"] >= rung_step(fraction, max_steps)):
             # Two rungs on the same step (a short run): this one trains nothing; it is the previous rung again.
             logger.info("%s: rung %g falls on the step of rung %g (%d): nothing to train", job.title, fraction,
                         previous["rung"]["fraction"], previous["rung"]["step"])
-            carry_state(stage_path(previous, "state"), out / STATE_DIR)
-            kept = {k: v for k, v in previous.items() if k not in NOT_CARRIED}
-            return {**kept, "rung": {**previous["rung"], "fraction": fraction, "from_step": previous["rung"]["step"]},
-                    "train_seconds": 0.0}
-        if resume_state(stage_path(previous, "state") if previous is not None else None, work):
+            carry_state(kept_state, out / STATE_DIR)
+            carried = {k: v for k, v in previous.items() if k not in NOT_CARRIED}
+            return {**carried, "train_seconds": 0.0,
+                    "rung": {**previous["rung"], "fraction": fraction, "from_step": previous["rung"]["step"]}}
+        if resume_state(kept_state, work):
             logger.info("%s: resuming from rung %g (step %d)", job.title, previous["rung"]["fraction"],
                         previous["rung"]["step"])
+            write_json(work / FROM_STEP, {"from_step": previous["rung"]["step"]})
         elif (work / "trainer").exists():
             logger.info("%s: found the work directory of an interrupted run, resuming from it", job.title)
+        elif rung is not None:
+            write_json(work / FROM_STEP, {"from_step": 0})
+        # What this rung trained from: the previous rung's step, or 0 when its state had been freed.
+        from_step = read_json(work / FROM_STEP)["from_step"] if (work / FROM_STEP).is_file() else (
+            previous["rung"]["step"] if previous is not None else 0)
         summary = run_job(
             job,
             train_sentences=train_sentences,
@@ -160,12 +174,12 @@ def train(job: Job, train_set: dict, data: dict, seed: int, max_length: int, dev
             packing=packing, report_to=report_to or (), fit_plan={**fit.model_dump(mode="json"), "summary": fit.summary},
             tf32=tf32, refit=out_of_memory_refit(device, bf16_available(device)), stop_fraction=fraction,
         )
-        from_step = previous["rung"]["step"] if previous is not None else 0
         if "rung" in summary:  # an intermediate rung: its work directory is what the next rung resumes from
             summary["rung"]["from_step"] = from_step
             keep_state(work, out)
-            return {"files": {"state": STATE_DIR}, "selection_split": selection_split, "memory_plan": fit.prediction,
-                    "memory_budget": budget.to_dict(), "compute": compute, **summary}
+            # The state is transient: freed once the grid has finished (flows/steps.py), the manifest stays valid.
+            return {"files": {}, "state": STATE_DIR, TRANSIENT: [STATE_DIR], "selection_split": selection_split,
+                    "memory_plan": fit.prediction, "memory_budget": budget.to_dict(), "compute": compute, **summary}
         if rung is not None:
             summary["rung"] = {"fraction": 1.0, "step": max_steps, "max_steps": max_steps, "from_step": from_step}
         if summary["resumed_from"]:

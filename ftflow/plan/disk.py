@@ -15,9 +15,10 @@ needs; ``ftflow run`` refuses to start when a file system lacks it, with the fig
   :func:`checkpoint_bytes`) and writes the next one before deleting it (``save_total_limit=1``), so two at once,
   for the largest run; one run trains at a time per worker;
 * under ``search.strategy: halving`` (docs/halving.md), each grid's intermediate rungs keep their run's state (its
-  checkpoint and the best epoch's weights so far, :func:`rung_state_bytes`) until the study ends, and only the
-  last rung's survivors keep a final output: per grid, the largest ``m_k`` states of each rung ``k`` (``m_k``
-  combinations reach it) and the largest survivors' outputs, since who survives is not known before the run.
+  checkpoint and the best epoch's weights so far, :func:`rung_state_bytes`) until the grid's last rung has
+  finished, and only the last rung's survivors keep a final output: per grid, the largest ``m_k`` states of each
+  rung ``k`` (``m_k`` combinations reach it) and the largest survivors' outputs, since who survives is not known
+  before the run. The grids run one after another, so the worst point holds the states of one grid: the largest.
 
 Runs and teacher passes already cached need nothing (``done``). Figures are decimal GB (10**9 bytes).
 """
@@ -241,16 +242,20 @@ def plan_disk(cfg, study, checks: Mapping[str, object], *, hub_cache: Path, done
         in_flight = max(in_flight, CHECKPOINTS_AT_ONCE * checkpoint_bytes(run.fit))
         if id(run) not in in_grids:
             count("full checkpoints" if run.fit.method in ("full", "distill") else "adapters", [output_bytes(run)])
+    states: list[list[int]] = [[]]
     for members in halved:
-        reaching = len(members)
+        reaching, grid_states = len(members), []
         for k, fraction in enumerate(rung_fractions(cfg.search.rungs)):
             reaching = keep_count(reaching, cfg.search.eta) if k else reaching
             label = lambda r, f=fraction: f"{r.title} @ rung {f:g}"  # noqa: E731  (ftflow.stages.calls.rung_title)
             if fraction < 1:
-                count("rung states", largest(members, reaching, label, lambda r: rung_state_bytes(r.fit)))
+                grid_states += largest(members, reaching, label, lambda r: rung_state_bytes(r.fit))
             else:
                 count("full checkpoints" if members[0].fit.method in ("full", "distill") else "adapters",
                       largest(members, reaching, label, output_bytes))
+        states.append(grid_states)
+    # The grids are searched one after another and each frees its rung states once its last rung has finished.
+    count("rung states", max(states, key=sum))
     notes = []
     if any(r.fit.method == "distill" for r in runs) and study.teacher is not None:
         train = study.stats[study.teacher["name"]]["train"]

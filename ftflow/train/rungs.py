@@ -8,13 +8,18 @@ ends where the same run in grid mode ends.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
+import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
+
+log = logging.getLogger(__name__)
 
 STATE_DIR = "state"  # in an intermediate rung's output directory: the run's work directory at the rung
+FROM_STEP = "rung_from.json"  # in a rung's work directory: the step it started from (0: from the start)
 RUNG_SCORE = "rung.json"  # in the Trainer's work directory: the selection score at the rung's step
 
 
@@ -81,13 +86,49 @@ def keep_state(work_dir: Path, out_dir: Path) -> Path:
     return target
 
 
+def state_dir(manifest: Optional[Mapping]) -> Optional[Path]:
+    """An intermediate rung's kept state (``state/`` in its output directory), or None: no rung, or its state was
+    freed (:func:`free_state`) once its grid had finished."""
+    if manifest is None or "state" not in manifest:
+        return None
+    path = Path(manifest["dir"]) / manifest["state"]
+    return path if path.is_dir() else None
+
+
+def free_state(manifest: Mapping) -> int:
+    """Remove an intermediate rung's kept state; the bytes freed (0 when there was none).
+
+    The state is a transient output (:data:`ftflow.artifacts.TRANSIENT`): the rung's cached manifest stays
+    valid without it, and a later rung that needs it trains from the start instead (``tasks/train.py``). The
+    folder is renamed first, so that a reader finds it whole or not at all.
+    """
+    path = state_dir(manifest)
+    if path is None:
+        return 0
+    doomed = path.with_name(f".{STATE_DIR}.freeing-{uuid.uuid4().hex}")
+    try:
+        path.rename(doomed)
+    except FileNotFoundError:  # freed at the same moment by another run
+        return 0
+    freed = sum(p.stat().st_size for p in doomed.rglob("*") if p.is_file() and p.stat().st_nlink == 1)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return freed
+
+
 def resume_state(previous: Optional[Path], work_dir: Path) -> bool:
     """Start a rung's work directory from the previous rung's ``state`` (True), unless the directory already
-    holds this rung's own interrupted run (False: it resumes from that) or there is no previous rung."""
+    holds this rung's own interrupted run (False: it resumes from that) or there is no previous state (False:
+    the first rung, or a state freed, even while it was being copied: the run starts from step 0)."""
     if previous is None or Path(work_dir).exists():
         return False
     partial = Path(work_dir).with_name(Path(work_dir).name + ".carrying")
     shutil.rmtree(partial, ignore_errors=True)  # a copy a killed run left half made
-    carry_state(previous, partial)
+    try:
+        carry_state(previous, partial)
+    except (FileNotFoundError, shutil.Error) as exc:  # freed by a concurrent run's grid end while copied
+        log.warning("the previous rung's state %s went away while it was copied (%s): starting from step 0",
+                    previous, exc)
+        shutil.rmtree(partial, ignore_errors=True)
+        return False
     partial.rename(work_dir)  # whole or not at all: a kill mid-copy leaves no work directory to resume from
     return True

@@ -100,11 +100,42 @@ def test_status_lists_the_rungs_cached_and_a_new_combination_trains_only_its_own
     assert any(s.state == "after" for s in added.stages)
 
 
-def test_an_intermediate_rung_keeps_its_state_and_no_model(halved):
+def test_an_intermediate_rung_keeps_no_model_and_its_state_until_its_grid_has_finished(halved):
     config, runs = halved
     status = pipeline_status(load_config(config))
     entry = next(s for s in status.stages if s.label.endswith("@ rung 0.25"))
     manifest = json.loads((entry.directory / MANIFEST).read_text(encoding="utf-8"))
-    assert manifest["files"] == {"state": "state"} and (entry.directory / "state").is_dir()
+    # The state is a transient output: freed once the grid's last rung had finished, the rung still verifies.
+    assert manifest["files"] == {} and manifest["state"] == "state" and manifest["transient"] == ["state"]
+    assert not (entry.directory / "state").exists() and entry.state == "cached"
+    assert not any(path.startswith("state/") for path in manifest["outputs"])
     assert manifest["rung"]["fraction"] == 0.25 and 1 <= manifest["rung"]["step"] < manifest["rung"]["max_steps"]
     assert "test" not in manifest and manifest["compute"]["epoch_tokens"] > 0
+
+
+def test_a_rung_whose_previous_state_was_freed_trains_from_step_0(halved):
+    """eta 2 lets two of the LoRA grid's three combinations through the first rung: the second one's state was
+    freed when the grid finished under eta 3, so its rung 1/2 trains from the start to its step."""
+    config, _ = halved
+    before = {m["name"]: m for m in _manifests(config, "@ rung 0.5", "lora[")}
+    assert len(before) == 1 and before[next(iter(before))]["rung"]["from_step"] >= 1  # resumed from rung 1/4
+    _, again = run_pipeline_runs(config, {"search": {"eta": 2}})
+    trained = sorted(name for name, (stage, state) in again.items()
+                     if stage == "train" and state != "Cached" and " @ rung " in name)
+    # The new rung 1/2 (and its rung 1 when it leads there); every rung 1/4 is cached. (A new LoRA grid winner
+    # also retrains the per-model runs, which take its settings.)
+    assert trained and trained[0].startswith("lora[") and trained[0].endswith(" @ rung 0.5"), trained
+    assert all(name.startswith("lora[") and name.endswith((" @ rung 0.5", " @ rung 1")) for name in trained), trained
+    status = pipeline_status(load_config(config, {"search": {"eta": 2}}))
+    assert status.nothing_to_run, status.to_text()
+    second = {m["name"]: m for m in (json.loads((s.directory / MANIFEST).read_text(encoding="utf-8"))
+                                     for s in status.stages if s.stage == "train" and s.label.startswith("lora[")
+                                     and s.label.endswith("@ rung 0.5"))}
+    assert len(second) == 2 and before.keys() < second.keys()
+    (new,) = [m for name, m in second.items() if name not in before]
+    old = before[next(iter(before))]
+    assert new["rung"]["from_step"] == 0 and new["rung"]["step"] == old["rung"]["step"]
+    summary = next(s for s in status.evaluation["halving"] if s["grid"] == "LoRA grid")
+    assert set(summary["survivors"][0]) == set(second)
+    # The grid has finished again: every intermediate state is freed.
+    assert not any((s.directory / "state").exists() for s in status.stages if "@ rung 0." in s.label)

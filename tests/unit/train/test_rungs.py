@@ -130,3 +130,25 @@ def test_a_rung_scores_the_selection_split_and_writes_its_checkpoint_once(base, 
     assert saved == [step]
     if step == 4:
         assert result["rung"]["selection"] == result["history"][0]["validation"]
+
+
+@pytest.mark.slow  # trains
+def test_a_rung_trained_from_step_0_ends_where_the_rungs_before_it_end(base, tmp_path):
+    """A rung whose previous rung's state was freed (its grid had finished) trains from step 0 to its own step
+    (tasks/train.py): the same weights, optimizer state and selection score as resuming from the freed state."""
+    job = _job("lora", base)
+    first = _run(job, tmp_path / "work-0.3", tmp_path / "rung-0.3", 0.3)
+    state = keep_state(tmp_path / "work-0.3", tmp_path / "rung-0.3")
+    assert resume_state(state, tmp_path / "work-chained")
+    chained = _run(job, tmp_path / "work-chained", tmp_path / "chained", 0.5)
+    assert not resume_state(None, tmp_path / "work-fresh")  # the freed state: nothing to resume from
+    fresh = _run(job, tmp_path / "work-fresh", tmp_path / "fresh", 0.5)
+    assert first["rung"]["step"] == 3 and chained["rung"]["step"] == fresh["rung"]["step"] == 4
+    # In one process, on one CPU and thread count, resuming is exact (the test above): so is not resuming.
+    assert fresh["rung"]["selection"] == chained["rung"]["selection"]
+    got = _weights(tmp_path / "work-fresh" / "trainer" / "checkpoint-4")
+    want = _weights(tmp_path / "work-chained" / "trainer" / "checkpoint-4")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    optimizer = [torch.load(tmp_path / w / "trainer" / "checkpoint-4" / "optimizer.pt", weights_only=False)["state"]
+                 for w in ("work-fresh", "work-chained")]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(*[[s[i] for i in sorted(s)] for s in optimizer]) for k in a)
