@@ -31,6 +31,7 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Literal
 
@@ -67,8 +68,12 @@ def freeze_long_lived_objects() -> None:
     global _FROZEN
     if _FROZEN:
         return
-    for name in TRAINING_LIBRARIES:
-        importlib.import_module(name)
+    with warnings.catch_warnings():
+        # Their import-time deprecation notices (transformers.trainer: torch.jit.script_method, 14 times), which
+        # Python's default filters hide outside tests, are not this process's to show before any stage asked.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in TRAINING_LIBRARIES:
+            importlib.import_module(name)
     gc.collect()
     gc.freeze()
     _FROZEN = True
