@@ -17,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import DEFAULT_CONFIG
 from flows.scale import mapped_runner
 from flows.steps import (benchmark_candidates, candidates_and_plan, distil, log_family_checks,
-                         plan_grid_and_check_it_fits, trainer)
+                         plan_grid_and_check_it_fits, searcher, trainer)
 from ftflow.study import design
 from ftflow.stages import calls as stages
 from ftflow.plan.budget import use_expandable_segments
@@ -57,24 +57,27 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
         eval_batch = design.evaluation_batch_size(cfg, plan["decisions"], [b["name"] for b in benchmarks])
         family_checks = log_family_checks(benchmarks, zoo_checks)  # each teacher against its student
         selection = stage(select_family)(**stages.select_family_call(cfg, benchmarks, out))
-        train_all = trainer(submit, augmented, stages.train_common(cfg, data, device, eval_batch, out, progress))
+        common = stages.train_common(cfg, data, device, eval_batch, out, progress)
+        train_all, search_grid = trainer(submit, augmented, common), searcher(submit, augmented, common, cfg.search)
 
         # 1. The LoRA grid on the teacher; its best combination (on the selection split) is carried on.
         grid_jobs = design.lora_grid_jobs(cfg, selection)
         plan_grid_and_check_it_fits(cfg, grid_jobs, augmented, data, device, eval_batch)  # said once, before any training
-        grid = train_all(grid_jobs)
+        grid, lora_halving = search_grid("LoRA grid", grid_jobs)  # every combination, or halving's survivors
         best, best_job = design.best_lora(grid)
         logger.info("best LoRA combination: %s (selection PPL %.4f)", best["title"], best["best_validation_ppl"])
 
         # 2. Per compared model: LoRA with that combination, QLoRA, full fine-tuning; the prefix grid.
         for line in design.left_out_of_full_fine_tuning(cfg, benchmarks, selection):
             logger.info(line)
-        per_model = train_all(design.per_model_jobs(cfg, benchmarks, selection, best_job))
+        per_model = train_all(design.per_model_jobs(cfg, benchmarks, selection, best_job, include_prefix=False))
+        prefix, prefix_halving = search_grid("prefix grid", design.prefix_grid_jobs(cfg, selection))
+        per_model += prefix
 
         # 3. Distillation from the teacher's best run (any method), whenever the tokenizers allow it; its targets
         #    stored once per variant at the largest k; the full fine-tune at equal steps beside it measures it.
-        choice, distilled = distil(cfg, train_all, selection, grid + per_model, benchmarks, augmented, device, out,
-                                   progress)
+        choice, distilled, distil_halving = distil(cfg, train_all, search_grid, selection, grid + per_model,
+                                                   benchmarks, augmented, device, out, progress)
 
         # 4. The measured effect of augmentation: one run repeated on each training set.
         ablation, made = design.ablation_runs(cfg, selection, best_job), {"main": augmented, "original": data}
@@ -86,7 +89,8 @@ def pipeline(config_path: str = str(DEFAULT_CONFIG), overrides: dict | None = No
     runs = design.unique_runs(grid + per_model + distilled + ablation_results)
     evaluation = stage(evaluate)(**stages.evaluate_call(
         cfg, data, augmented, benchmarks, failures, selection, runs, best["name"], design.ablation_labels(ablation),
-        out, teacher=choice.model_dump(mode="json"), checks=family_checks, decisions=plan["decisions"]))
+        out, teacher=choice.model_dump(mode="json"), checks=family_checks, decisions=plan["decisions"],
+        halving=[h for h in (lora_halving, prefix_halving, distil_halving) if h is not None]))
     publish(evaluation, plan, benchmarks)
     logger.info("report: %s", Path(evaluation["dir"]) / evaluation["files"]["report"])
     # Runs and models without a result do not stop the run; its log's last lines say which and why.

@@ -14,7 +14,7 @@ from flows.scale import Submit
 from ftflow.study import design
 from ftflow.stages import calls as stages
 from ftflow.artifacts import DiskFull
-from ftflow.config import ModelSpec, PipelineConfig
+from ftflow.config import ModelSpec, PipelineConfig, SearchConfig
 from ftflow.train.jobs import Job
 from ftflow.stages.calls import zoo_candidates
 from tasks._stage import with_storage
@@ -111,6 +111,62 @@ def trainer(submit: Submit, main_set: dict, common: dict) -> Callable[..., list[
     return train_all
 
 
+def searcher(submit: Submit, main_set: dict, common: dict, search: SearchConfig
+             ) -> Callable[..., tuple[list[dict], Optional[dict]]]:
+    """``search_grid(name, jobs, train_sets=None, topks=None)``: one grid trained as ``search.strategy`` says.
+
+    Returns the runs that trained to the end (grid: every combination; halving: the last rung's survivors) and,
+    under halving, the grid's summary for the report (:func:`ftflow.study.halving.grid_summary`). Under halving
+    every rung is a cached ``train`` run resuming from the previous rung's (docs/halving.md); who goes on is
+    :func:`ftflow.study.halving.survivors` of the rung's results, whatever order they finished in. Once the last
+    rung has finished, the intermediate rungs' kept states are freed (a rung that later needs one trains from
+    step 0).
+    ``topks`` (one per job): distillation's stored teacher targets.
+    """
+    from ftflow.plan.disk import size_text
+    from ftflow.study import halving
+    from ftflow.train.rungs import free_state
+
+    task = with_storage(train, common["artifacts_dir"])
+
+    def search_grid(name: str, jobs: Sequence[Job], train_sets: Optional[Sequence[dict]] = None,
+                    topks: Optional[Sequence[Optional[dict]]] = None) -> tuple[list[dict], Optional[dict]]:
+        logger = get_run_logger()
+        train_sets = list(train_sets or [main_set] * len(jobs))
+        topks = list(topks or [None] * len(jobs))
+        if search.strategy == "grid" or len(jobs) < 2:
+            if search.strategy == "halving" and len(jobs) == 1:
+                logger.info("%s has one combination: successive halving is a no-op there, it trains as in grid "
+                            "mode", name)
+            futures = [submit(task, **stages.train_call(common, job, s, t)) for job, s, t in zip(jobs, train_sets,
+                                                                                                  topks)]
+            return settle(jobs, futures), None
+        alive, previous, rungs = list(range(len(jobs))), [None] * len(jobs), []
+        for fraction in halving.rung_fractions(search.rungs):
+            futures = [submit(task.with_options(task_run_name=stages.rung_title(jobs[i], fraction)),
+                              **stages.train_call(common, jobs[i], train_sets[i], topks[i],
+                                                  rung=stages.rung_of(fraction, previous[i])))
+                       for i in alive]
+            results = settle([jobs[i] for i in alive], futures)
+            for i, result in zip(alive, results):
+                previous[i] = result
+            rungs.append(results)
+            if fraction < 1:
+                kept = halving.survivors({r["name"]: halving.rung_score(r) for r in results}, search.eta)
+                logger.info("%s, rung %g: %d of %d go on: %s", name, fraction, len(kept), len(alive),
+                            ", ".join(kept))
+                alive = [i for i in alive if jobs[i].name in set(kept)]
+        # Every survivor has trained to the end: no rung of this grid resumes from an intermediate state any more.
+        freed = sum(free_state(result) for results in rungs[:-1] for result in results)
+        logger.info("%s: the intermediate rungs' states are freed (%s)", name, size_text(freed))
+        summary = halving.grid_summary(name, rungs, search.eta)
+        logger.info("%s: winner %s; training tokens %.2f of the full grid's", name, summary["winner"],
+                    summary["ratio"]["tokens"] or 0.0)
+        return rungs[-1], summary
+
+    return search_grid
+
+
 def plan_grid_and_check_it_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_set: dict, data: dict,
                                 device: str, eval_batch_size: int) -> None:
     """Before any training: fail once, with the figure, if no LoRA grid combination fits the training budget."""
@@ -136,14 +192,15 @@ def plan_grid_and_check_it_fits(cfg: PipelineConfig, jobs: Sequence[Job], train_
     check_grid_fits([plan_training_job(job, **options) for job in jobs], [job.title for job in jobs])
 
 
-def distil(cfg: PipelineConfig, train_all: Callable[..., list[dict]], selection: dict, runs: list[dict],
-           benchmarks: list[dict], augmented: dict, device: str, artifacts_dir: str,
-           progress: bool) -> tuple[design.TeacherChoice, list[dict]]:
+def distil(cfg: PipelineConfig, train_all: Callable[..., list[dict]], search_grid: Callable[..., tuple],
+           selection: dict, runs: list[dict], benchmarks: list[dict], augmented: dict, device: str,
+           artifacts_dir: str, progress: bool) -> tuple[design.TeacherChoice, list[dict], Optional[dict]]:
     """Distillation from the teacher's best run of any method, whenever the two tokenizers allow it.
 
-    Returns the teacher choice (:func:`ftflow.study.design.distillation_teacher`) and the runs: the student's full
-    fine-tune at the distillation's steps (the equal-budget reference), then every variant, each loss's teacher
-    targets stored once (``teacher_logits``, at its own planned batch size) at the largest k.
+    Returns the teacher choice (:func:`ftflow.study.design.distillation_teacher`), the runs (the student's full
+    fine-tune at the distillation's steps, the equal-budget reference, then every variant trained to the end;
+    each loss's teacher targets stored once, ``teacher_logits`` at its own planned batch size, at the largest k)
+    and the variants' halving summary (None in grid mode): the variants of every loss are one grid.
     """
     from ftflow.distill.vocabulary import distillation_problem
 
@@ -151,14 +208,18 @@ def distil(cfg: PipelineConfig, train_all: Callable[..., list[dict]], selection:
                                          distillation_problem(selection["teacher_model"], selection["student_model"]))
     (get_run_logger().info if choice.distil else get_run_logger().warning)(choice.reason)
     if not choice.distil:
-        return choice, []
+        return choice, [], None
     distilled = train_all([design.distillation_reference(cfg, selection)])
     task = with_storage(teacher_logits, artifacts_dir)
+    jobs, topks = [], []
     for variant in design.distillation_variants(cfg):
         targets = task(**stages.teacher_logits_call(cfg, choice.teacher, design.distillation_student(selection),
                                                     augmented, device, artifacts_dir, progress, variant))
-        distilled += train_all(design.distillation_jobs(cfg, selection, variant), topk=targets)
-    return choice, distilled
+        variant_jobs = design.distillation_jobs(cfg, selection, variant)
+        jobs += variant_jobs
+        topks += [targets] * len(variant_jobs)
+    variants, summary = search_grid("distillation variants", jobs, topks=topks)
+    return choice, distilled + variants, summary
 
 
 def log_family_checks(benchmarks: list[dict], zoo_checks: Sequence[str] = ()) -> list[str]:

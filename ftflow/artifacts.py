@@ -25,7 +25,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Optional
+from typing import Any, Collection, Iterator, Optional
 
 from ftflow.errors import UserError
 
@@ -289,8 +289,14 @@ def read_manifest(directory: Path) -> dict | None:
     return manifest
 
 
+TRANSIENT = "transient"
+"""A manifest's list of top-level folders of its directory that the outputs record leaves out: a later step may
+free them (successive halving's rung states, :func:`ftflow.train.rungs.free_state`), and their readers cope with
+their absence, so the outputs stay verified without them."""
+
+
 def record_outputs(directory: Path, *, hash_all: bool = False, hash_max_bytes: int = HASH_MAX_BYTES,
-                   exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict]:
+                   exclude: tuple[str, ...] = (MANIFEST,), transient: Collection[str] = ()) -> dict[str, dict]:
     """What a finished directory holds, for :func:`check_outputs` to compare against later.
 
     Args:
@@ -298,6 +304,7 @@ def record_outputs(directory: Path, *, hash_all: bool = False, hash_max_bytes: i
         hash_all: Hash every file, whatever its size.
         hash_max_bytes: Files up to this size are hashed; larger ones are recorded by size only.
         exclude: Relative paths left out (the manifest, which holds the record).
+        transient: Top-level folders left out (:data:`TRANSIENT`).
 
     Returns:
         ``{relative posix path: {"bytes": size, "sha256": hex (when hashed)}}``, sorted by path.
@@ -306,7 +313,7 @@ def record_outputs(directory: Path, *, hash_all: bool = False, hash_max_bytes: i
     outputs = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         relative = path.relative_to(directory).as_posix()
-        if relative in exclude:
+        if relative in exclude or relative.split("/", 1)[0] in transient:
             continue
         size = path.stat().st_size
         entry: dict[str, Any] = {"bytes": size}

@@ -549,6 +549,40 @@ class TrainingConfig(_Strict):
         return value
 
 
+class SearchConfig(_Strict):
+    """How each grid (the LoRA grid, the prefix grid, the distillation variants) is searched (docs/halving.md)."""
+
+    strategy: Literal["grid", "halving"] = Field(
+        "grid", description="grid = every combination trained to the end; halving = successive halving: every "
+        "combination trains to the first rung, the best 1/eta on the selection split go on to the next rung from "
+        "their checkpoint, and so on to the end (the survivors' final figures equal grid mode's).")
+    eta: int = Field(3, description="halving: 1/eta of a rung's combinations (at least one) go on to the next "
+                     "rung; >= 2.")
+    rungs: tuple[float, ...] = Field(
+        (0.25, 0.5), min_length=1, description="halving: where each rung stops, as fractions of each run's own "
+        "steps (strictly increasing, each in (0, 1)); the last rung trains to the end.")
+
+    @field_validator("rungs", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return _as_tuple(value)
+
+    @model_validator(mode="after")
+    def _valid_halving(self) -> "SearchConfig":
+        problems = []
+        if self.eta < 2:
+            problems.append(f"eta must be >= 2 (1/eta of the combinations go on at each rung), got {self.eta}")
+        outside = [f for f in self.rungs if not 0 < f < 1]
+        if outside:
+            problems.append(f"rungs are fractions of a run's steps, each in (0, 1) (the end, 1.0, is always the "
+                            f"last rung); got {list(outside)}")
+        if any(b <= a for a, b in zip(self.rungs, self.rungs[1:])):
+            problems.append(f"rungs must be strictly increasing, got {list(self.rungs)}")
+        if problems:
+            raise ValueError("search: " + "; ".join(problems))
+        return self
+
+
 class RunnerConfig(_Strict):
     """Where mapped work (benchmark candidates, grid combinations) runs; the rest runs in the flow's process."""
 
@@ -603,6 +637,7 @@ class PipelineConfig(_Strict):
     compare: CompareConfig = CompareConfig()
     ablation: AblationConfig = AblationConfig()
     training: TrainingConfig = TrainingConfig()
+    search: SearchConfig = SearchConfig()
     runner: RunnerConfig = RunnerConfig()
 
     @property

@@ -45,8 +45,8 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.serializers import Serializer
 
-from ftflow.artifacts import (MANIFEST, OUTPUTS, RELATIVE_PATHS, VERIFY_ENV, VERIFY_MODES, DiskFull,  # noqa: F401
-                              atomic_directory, check_outputs, disk_full, disk_full_cause, hash_all_from_env,
+from ftflow.artifacts import (MANIFEST, OUTPUTS, RELATIVE_PATHS, TRANSIENT, VERIFY_ENV, VERIFY_MODES,  # noqa: F401
+                              DiskFull, atomic_directory, check_outputs, disk_full, disk_full_cause, hash_all_from_env,
                               looks_full, move_aside, record_outputs, relative_paths, resolved_paths, tree_bytes,
                               write_json)
 from ftflow.device import freeze_long_lived_objects
@@ -295,7 +295,8 @@ def _run_stage(context: TaskRunContext, stage: str, modules: tuple[str, ...], bu
                     key_parts=parts,
                 )
                 # Written last, after every other file: what a cache hit checks the directory against.
-                manifest[OUTPUTS] = record_outputs(tmp, hash_all=hash_all_from_env())
+                manifest[OUTPUTS] = record_outputs(tmp, hash_all=hash_all_from_env(),
+                                                   transient=manifest.get(TRANSIENT, ()))
                 write_json(tmp / MANIFEST, relative_paths(manifest, root))
             except Exception as exc:
                 cause = disk_full_cause(exc) or (exc if looks_full(root) else None)

@@ -15,6 +15,7 @@ from typing import Optional
 from prefect import task
 
 from ftflow.study import design
+from ftflow.study.halving import halving_markdown
 from ftflow.study.recommend import CONTROL, Evidence, answer_text, recommend, study_findings
 from ftflow.study.report import (leaderboard_markdown, leaderboard_rows, markdown_table, plot_leaderboard,
                                  plot_training, render_report)
@@ -75,7 +76,7 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
              runs: list[dict], chosen_lora: str, ablation: dict[str, str], title: str, max_length: int,
              selection_split: str, memory_budget_gb: float, artifacts_dir: str, teacher: dict | None = None,
              checks: list[str] | None = None, decisions: Optional[dict] = None,
-             recommend_controls: bool = False) -> dict:
+             recommend_controls: bool = False, halving: Optional[list[dict]] = None) -> dict:
     """Write the answer (recommended model, runner-up, the study's findings with intervals), the leaderboard, one
     table per study section (CSV + Markdown), plots and the report."""
     benchmarks = [dict(b, selection=b[selection_split]) for b in benchmarks]
@@ -130,6 +131,8 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
             plot_training(others, out / "training.png", title="Other runs: selection-split PPL by epoch")
             files["training_plot"] = "training.png"
             images.append("training.png")
+        for summary in halving or []:  # per grid searched by successive halving (docs/halving.md)
+            sections.append((f"Successive halving: {summary['grid']}", halving_markdown(summary)))
         data_stats = dict(data["stats"], augmented=augmented.get("stats", {}).get("made", 0))
         notes = design.report_notes(failures, runs, benchmarks, memory_budget_gb,
                                     augmentation_table="augmentation" in tables,
@@ -152,6 +155,7 @@ def evaluate(data: dict, augmented: dict, benchmarks: list[dict], failures: list
             "tables": {name: t.astype(object).where(t.notna(), None).to_dict("records") for name, t in tables.items()},
             "recommendation": answer,
             "findings": findings,
+            "halving": list(halving or []),
             # Where each scored model's stage directory is (its manifest): what `ftflow export` reads.
             "models": {c["name"]: {"kind": c["kind"], "role": c["role"], "stage_dir": c["stage_dir"]}
                        for c in candidates if c.get("test")},

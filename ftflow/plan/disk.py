@@ -13,7 +13,12 @@ needs; ``ftflow run`` refuses to start when a file system lacks it, with the fig
   id an int32 id and an fp16 log-probability, plus an fp32 tail for top-k);
 * checkpoints in flight: the run training keeps its last Trainer checkpoint (trained weights and optimizer state,
   :func:`checkpoint_bytes`) and writes the next one before deleting it (``save_total_limit=1``), so two at once,
-  for the largest run; one run trains at a time per worker.
+  for the largest run; one run trains at a time per worker;
+* under ``search.strategy: halving`` (docs/halving.md), each grid's intermediate rungs keep their run's state (its
+  checkpoint and the best epoch's weights so far, :func:`rung_state_bytes`) until the grid's last rung has
+  finished, and only the last rung's survivors keep a final output: per grid, the largest ``m_k`` states of each
+  rung ``k`` (``m_k`` combinations reach it) and the largest survivors' outputs, since who survives is not known
+  before the run. The grids run one after another, so the worst point holds the states of one grid: the largest.
 
 Runs and teacher passes already cached need nothing (``done``). Figures are decimal GB (10**9 bytes).
 """
@@ -29,6 +34,7 @@ from typing import Collection, Mapping, Optional
 from ftflow.errors import UserError
 from ftflow.models.known import HUB_DTYPES, known_id
 from ftflow.plan.predict import GB
+from ftflow.study.halving import keep_count, rung_fractions
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TOKENIZER_BYTES = 12_000_000
@@ -165,6 +171,26 @@ def checkpoint_bytes(fit) -> int:
     return saved_weight_bytes(fit) + fit.prediction["optimizer_bytes"]
 
 
+def rung_state_bytes(fit) -> int:
+    """What an intermediate rung of successive halving keeps (``state/``): the run's last checkpoint and its best
+    epoch's weights so far (kept beside it, ``best/``)."""
+    return checkpoint_bytes(fit) + saved_weight_bytes(fit)
+
+
+def halving_grids(cfg, runs) -> list[list]:
+    """The grids successive halving searches among ``runs`` (each a list of two runs or more); none under grid
+    search. The grouping of :func:`ftflow.plan.study.search_compute`: by section, for the searched sections."""
+    from ftflow.plan.study import SEARCHED_SECTIONS
+
+    if cfg.search.strategy != "halving":
+        return []
+    groups: dict[str, list] = {}
+    for run in runs:
+        if run.section in SEARCHED_SECTIONS:
+            groups.setdefault(run.section, []).append(run)
+    return [members for members in groups.values() if len(members) >= 2]
+
+
 def teacher_store_bytes(positions: int, k: int, variant: str) -> int:
     """The teacher's stored targets over ``positions`` training tokens: ``k`` int32 ids and fp16 log-probs each,
     and (top-k) an fp32 tail log-mass."""
@@ -190,15 +216,46 @@ def plan_disk(cfg, study, checks: Mapping[str, object], *, hub_cache: Path, done
         first.setdefault(m["path"], m)
     downloads = [model_download(path, path, study.parameters.get(m["name"]), checks.get(path))
                  for path, m in first.items()]
-    kept = {"adapters": 0, "full checkpoints": 0, "teacher stores": 0}
-    counts = {"adapters": 0, "full checkpoints": 0, "teacher stores": 0}
+    kept = {"adapters": 0, "full checkpoints": 0, "teacher stores": 0, "rung states": 0}
+    counts = {"adapters": 0, "full checkpoints": 0, "teacher stores": 0, "rung states": 0}
     in_flight = 0
-    runs = [r for r in study.runs if r.fit.fits and r.title not in done]
+    fitting = [r for r in study.runs if r.fit.fits]
+
+    def output_bytes(run) -> int:
+        return saved_weight_bytes(run.fit) + tokenizer_bytes.get(run.fit.model, TOKENIZER_BYTES)
+
+    def count(part: str, bytes_each: list[int]) -> None:
+        kept[part] += sum(bytes_each)
+        counts[part] += len(bytes_each)
+
+    def largest(members, reaching: int, label, size) -> list[int]:
+        """The sizes of the ``reaching`` largest of ``members`` (those reaching a rung), less those cached there."""
+        cached = sum(label(r) in done for r in members)
+        fresh = sorted((size(r) for r in members if label(r) not in done), reverse=True)
+        return fresh[:max(0, reaching - cached)]
+
+    halved = halving_grids(cfg, fitting)
+    in_grids = {id(r) for members in halved for r in members}
+    # A searched run is done once its last rung is cached (ftflow.stages.calls.rung_title).
+    runs = [r for r in fitting if (f"{r.title} @ rung 1" if id(r) in in_grids else r.title) not in done]
     for run in runs:
-        part = "full checkpoints" if run.fit.method in ("full", "distill") else "adapters"
-        kept[part] += saved_weight_bytes(run.fit) + tokenizer_bytes.get(run.fit.model, TOKENIZER_BYTES)
-        counts[part] += 1
         in_flight = max(in_flight, CHECKPOINTS_AT_ONCE * checkpoint_bytes(run.fit))
+        if id(run) not in in_grids:
+            count("full checkpoints" if run.fit.method in ("full", "distill") else "adapters", [output_bytes(run)])
+    states: list[list[int]] = [[]]
+    for members in halved:
+        reaching, grid_states = len(members), []
+        for k, fraction in enumerate(rung_fractions(cfg.search.rungs)):
+            reaching = keep_count(reaching, cfg.search.eta) if k else reaching
+            label = lambda r, f=fraction: f"{r.title} @ rung {f:g}"  # noqa: E731  (ftflow.stages.calls.rung_title)
+            if fraction < 1:
+                grid_states += largest(members, reaching, label, lambda r: rung_state_bytes(r.fit))
+            else:
+                count("full checkpoints" if members[0].fit.method in ("full", "distill") else "adapters",
+                      largest(members, reaching, label, output_bytes))
+        states.append(grid_states)
+    # The grids are searched one after another and each frees its rung states once its last rung has finished.
+    count("rung states", max(states, key=sum))
     notes = []
     if any(r.fit.method == "distill" for r in runs) and study.teacher is not None:
         train = study.stats[study.teacher["name"]]["train"]

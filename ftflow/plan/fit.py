@@ -464,3 +464,21 @@ def check_grid_fits(plans: Sequence[FitPlan], titles: Sequence[str]) -> list[Fit
     raise GridDoesNotFitError(
         f"no combination of the teacher's LoRA grid ({len(plans)} runs) fits the training budget: the smallest, "
         f"{smallest[1]}, {smallest[0].reason}. Nothing was trained.")
+
+
+def training_flops_per_token(parameters: int, trainable: int, gradient_checkpointing: bool) -> int:
+    """FLOPs of one training token: forward ``2 N``, backward ``2 N`` (activation gradients, through every
+    weight) + ``2 N_trainable`` (weight gradients, trained weights only), plus ``2 N`` when checkpointing
+    recomputes the forward. Full fine-tuning: ``6 N``; LoRA: about ``4 N``. Attention's own FLOPs
+    (``O(L^2)``, small at sentence lengths) are left out."""
+    return 2 * parameters + 2 * parameters + 2 * trainable + (2 * parameters if gradient_checkpointing else 0)
+
+
+def run_compute(fit: FitPlan, epoch_tokens: int) -> dict[str, int]:
+    """What a run's training costs, for the report's compute figures (successive halving against the grid):
+    ``epoch_tokens`` (its training set's tokens, once) and ``flops_per_token`` (:func:`training_flops_per_token`
+    with the fit's checkpointing)."""
+    return {"epoch_tokens": int(epoch_tokens),
+            "flops_per_token": training_flops_per_token(fit.prediction["parameters"],
+                                                        fit.prediction["trainable_parameters"],
+                                                        fit.gradient_checkpointing)}

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from ftflow.plan.fit import FitPlan, choose_fit
+from ftflow.plan.fit import FitPlan, choose_fit, training_flops_per_token  # noqa: F401  (ftflow.plan.study's name too)
 from ftflow.plan.predict import GB
 from ftflow.models.architecture import model_config_for
 
@@ -52,14 +52,6 @@ def token_stats(tokenizer, sentences: Sequence[str], max_length: int) -> TokenSt
         lengths = [min(max_length, 1 + math.ceil(ESTIMATED_TOKENS_PER_WORD * len(s.split()))) for s in sentences]
         exact = False
     return TokenStats(len(lengths), sum(lengths), max(lengths), exact)
-
-
-def training_flops_per_token(parameters: int, trainable: int, gradient_checkpointing: bool) -> int:
-    """FLOPs of one training token: forward ``2 N``, backward ``2 N`` (activation gradients, through every
-    weight) + ``2 N_trainable`` (weight gradients, trained weights only), plus ``2 N`` when checkpointing
-    recomputes the forward. Full fine-tuning: ``6 N``; LoRA: about ``4 N``. Attention's own FLOPs
-    (``O(L^2)``, small at sentence lengths) are left out."""
-    return 2 * parameters + 2 * parameters + 2 * trainable + (2 * parameters if gradient_checkpointing else 0)
 
 
 GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
@@ -410,6 +402,45 @@ def plan_study(cfg, *, device: str, bf16_supported: bool, family: Optional[str] 
 
 
 TRAINING_PLAN_FILES = {"csv": "training_plan.csv", "markdown": "training_plan.md"}
+SEARCHED_SECTIONS = ("3.1 LoRA grid", "3.2 prefix", "3.3 distillation")
+"""The grids successive halving searches (docs/halving.md); every other run trains once either way."""
+
+
+def search_compute(cfg, runs: Sequence[PlannedRun], gpu: str = DEFAULT_GPU,
+                   utilization: float = DEFAULT_UTILIZATION) -> dict[str, dict[str, float]]:
+    """The study's compute (``flops``, ``hours``) under grid search and under successive halving.
+
+    Under halving a grid of ``n`` runs costs :func:`ftflow.study.halving.halving_work` whole runs of its own
+    (its runs share epochs, batch size and training set, so each costs about its mean), with ``search.eta``
+    and ``search.rungs`` as configured (the defaults when the config searches by grid).
+    """
+    from ftflow.study.halving import halving_work
+
+    totals = {"grid": {"flops": 0.0, "hours": 0.0}, "halving": {"flops": 0.0, "hours": 0.0}}
+    groups: dict[str, list[PlannedRun]] = {}
+    for run in runs:
+        groups.setdefault(run.section if run.section in SEARCHED_SECTIONS else run.title, []).append(run)
+    for section, members in groups.items():
+        flops, hours = sum(r.flops for r in members), sum(r.hours(gpu, utilization) for r in members)
+        share = (halving_work(len(members), cfg.search.eta, cfg.search.rungs) / len(members)
+                 if section in SEARCHED_SECTIONS else 1.0)
+        totals["grid"]["flops"] += flops
+        totals["grid"]["hours"] += hours
+        totals["halving"]["flops"] += flops * share
+        totals["halving"]["hours"] += hours * share
+    return totals
+
+
+def search_compute_line(cfg, runs: Sequence[PlannedRun], gpu: str, utilization: float) -> str:
+    """``ftflow plan``'s line on the study's compute under grid and under successive halving."""
+    totals = search_compute(cfg, runs, gpu, utilization)
+    grid, halving = totals["grid"], totals["halving"]
+    ratio = halving["flops"] / grid["flops"] if grid["flops"] else 1.0
+    chosen = "this config's strategy" if cfg.search.strategy == "halving" else "search.strategy: halving"
+    return (f"search: grid {grid['flops'] / 1e18:.3f} EFLOP, {grid['hours']:.1f} hours; successive halving ({chosen}, "
+            f"eta {cfg.search.eta}, rungs {', '.join(f'{f:g}' for f in cfg.search.rungs)}) "
+            f"{halving['flops'] / 1e18:.3f} EFLOP, {halving['hours']:.1f} hours: {ratio:.2f} of grid (the LoRA and "
+            "prefix grids and the distillation variants halved, every other run once)")
 
 
 def write_training_plan(cfg, study: StudyPlan, out: Path, gpu: str = DEFAULT_GPU,
@@ -443,5 +474,6 @@ def write_training_plan(cfg, study: StudyPlan, out: Path, gpu: str = DEFAULT_GPU
                  "+ 2 N with checkpointing; scoring 2 N per token")
     if len(fitting) < len(runs):
         lines.append(f"{len(runs) - len(fitting)} run(s) would be skipped (listed above with the figure)")
+    lines.append(search_compute_line(cfg, fitting, gpu, utilization))
     lines.append(f"written: {out}/{TRAINING_PLAN_FILES['csv']}, {TRAINING_PLAN_FILES['markdown']}")
     return "\n".join(lines)

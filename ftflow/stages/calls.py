@@ -95,9 +95,22 @@ def train_common(cfg: PipelineConfig, data: dict, device: str, eval_batch_size: 
             "tf32": cfg.training.tf32}
 
 
-def train_call(common: dict, job: Job, train_set: dict, teacher_topk: Optional[dict] = None) -> dict:
-    """One training run: ``job`` on ``train_set`` (``teacher_topk``: distillation's stored teacher)."""
-    return {**common, "job": job, "train_set": train_set, "teacher_topk": teacher_topk}
+def train_call(common: dict, job: Job, train_set: dict, teacher_topk: Optional[dict] = None,
+               rung: Optional[dict] = None) -> dict:
+    """One training run: ``job`` on ``train_set`` (``teacher_topk``: distillation's stored teacher; ``rung``: a
+    rung of successive halving, :func:`rung_of`)."""
+    return {**common, "job": job, "train_set": train_set, "teacher_topk": teacher_topk, "rung": rung}
+
+
+def rung_of(fraction: float, previous: Optional[dict]) -> dict:
+    """A rung's parameter: where it stops (a fraction of the run's steps; 1.0: the end) and the previous rung's
+    manifest it resumes from (None for the first), which counts in its key by fingerprint."""
+    return {"fraction": float(fraction), "previous": previous}
+
+
+def rung_title(job: Job, fraction: float) -> str:
+    """A rung's run name: ``lora[granite-teacher|r16,a32,d0.05,lr0.0002] @ rung 0.25``."""
+    return f"{job.title} @ rung {fraction:g}"
 
 
 def teacher_logits_call(cfg: PipelineConfig, teacher: dict, student: dict, augmented: dict, device: str,
@@ -116,14 +129,15 @@ def teacher_logits_call(cfg: PipelineConfig, teacher: dict, student: dict, augme
 def evaluate_call(cfg: PipelineConfig, data: dict, augmented: dict, benchmarks: list[dict], failures: list[dict],
                   selection: dict, runs: list[dict], chosen_lora: str, ablation: dict[str, str],
                   artifacts_dir: str, teacher: Optional[dict] = None, checks: Sequence[str] = (),
-                  decisions: Optional[dict] = None) -> dict:
+                  decisions: Optional[dict] = None, halving: Sequence[dict] = ()) -> dict:
     """evaluate: every baseline, failure and (unique) training run, for the report; ``teacher``: the
     distillation's teacher choice (:class:`ftflow.study.design.TeacherChoice` as a dict), ``checks``: the families'
     teacher-against-student lines, ``decisions``: the memory plan's (each model's predicted scoring peak, which
-    the recommendation checks against the budget)."""
+    the recommendation checks against the budget), ``halving``: each grid's successive-halving summary
+    (:func:`ftflow.study.halving.grid_summary`; none in grid mode)."""
     return {"data": data, "augmented": augmented, "benchmarks": benchmarks, "failures": failures,
             "selection": selection, "runs": runs, "chosen_lora": chosen_lora, "ablation": ablation,
             "title": cfg.name, "max_length": cfg.max_length, "selection_split": cfg.selection_split,
             "memory_budget_gb": cfg.memory_budget_gb, "artifacts_dir": artifacts_dir, "teacher": teacher,
             "checks": list(checks), "decisions": dict(decisions or {}),
-            "recommend_controls": cfg.ablation.recommend_controls}
+            "recommend_controls": cfg.ablation.recommend_controls, "halving": list(halving)}

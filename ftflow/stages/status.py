@@ -319,7 +319,30 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
     def train(job, train_set=augmented, topk=None) -> dict:
         return w.stage("train", job.title, stages.train_call(common, job, train_set, topk))
 
-    grid = [train(job) for job in design.lora_grid_jobs(cfg, selection)]
+    def search(name: str, jobs: list, topks: Optional[list] = None) -> tuple[list[dict], Optional[dict]]:
+        """A grid as the pipeline searches it (flows/steps.py::searcher): every run, or rung after rung."""
+        topks = topks or [None] * len(jobs)
+        if cfg.search.strategy == "grid" or len(jobs) < 2:
+            return [train(job, augmented, topk) for job, topk in zip(jobs, topks)], None
+        from ftflow.study import halving
+
+        alive, previous, rungs = list(range(len(jobs))), [None] * len(jobs), []
+        for fraction in halving.rung_fractions(cfg.search.rungs):
+            results = [w.stage("train", stages.rung_title(jobs[i], fraction), stages.train_call(
+                common, jobs[i], augmented, topks[i], rung=stages.rung_of(fraction, previous[i]))) for i in alive]
+            for i, result in zip(alive, results):
+                previous[i] = result
+            rungs.append(results)
+            if after := pending_labels(results):
+                if fraction < 1:  # who goes on is known once the rung has run
+                    return [w.later("train", f"{name}: the rungs after {fraction:g} (its survivors)", after)], None
+                return results, None
+            if fraction < 1:
+                kept = set(halving.survivors({r["name"]: halving.rung_score(r) for r in results}, cfg.search.eta))
+                alive = [i for i in alive if jobs[i].name in kept]
+        return rungs[-1], halving.grid_summary(name, rungs, cfg.search.eta)
+
+    grid, lora_halving = search("LoRA grid", design.lora_grid_jobs(cfg, selection))
     if after := pending_labels(grid):  # the best combination decides the next runs and the teacher
         w.later("train", "per-model runs (LoRA with the best combination, QLoRA, full, prefix grid)", after)
         w.later("teacher_logits", "teacher_logits (of the teacher's best run)", after)
@@ -329,9 +352,12 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
         w.later("evaluate", "evaluate", pending_labels(grid, distilled))
         return PipelineStatus(w.root, w.entries)
     best, best_job = design.best_lora(grid)
-    per_model = [train(job) for job in design.per_model_jobs(cfg, benchmarks, selection, best_job)]
+    per_model = [train(job) for job in design.per_model_jobs(cfg, benchmarks, selection, best_job,
+                                                             include_prefix=False)]
+    prefix, prefix_halving = search("prefix grid", design.prefix_grid_jobs(cfg, selection))
+    per_model += prefix
     family_checks = design.family_teacher_check(benchmarks, "validation")
-    choice, distilled = None, []
+    choice, distilled, distil_halving = None, [], None
     if after := pending_labels(per_model):  # the teacher is the best of the teacher's runs, against the student's
         w.later("teacher_logits", "teacher_logits (of the teacher's best run)", after)
         distilled = [w.later("train", "distillation runs and the student's full fine-tune at equal steps", after)]
@@ -343,13 +369,17 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
             selection["teacher_model"], selection["student_model"]))
         if choice.distil:
             distilled = [train(design.distillation_reference(cfg, selection))]
+            jobs, topks = [], []
             for variant in design.distillation_variants(cfg):
                 targets = w.stage("teacher_logits",
                                   f"teacher_logits[{choice.teacher['name']}|{variant}{max(cfg.distill.top_k)}]",
                                   stages.teacher_logits_call(cfg, choice.teacher, design.distillation_student(selection),
                                                              augmented, device, out, progress, variant))
-                distilled += [train(job, augmented, targets)
-                              for job in design.distillation_jobs(cfg, selection, variant)]
+                variant_jobs = design.distillation_jobs(cfg, selection, variant)
+                jobs += variant_jobs
+                topks += [targets] * len(variant_jobs)
+            variants, distil_halving = search("distillation variants", jobs, topks)
+            distilled += variants
     ablation, made = design.ablation_runs(cfg, selection, best_job), {"main": augmented, "original": data}
     train_sets = [made.get(r.train_set.source) or w.stage("augment", r.train_set.run_name,
                                                           stages.augment_call(r.train_set.augment, data, out))
@@ -362,7 +392,8 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
     evaluation = w.stage("evaluate", "evaluate", stages.evaluate_call(
         cfg, data, augmented, benchmarks, failures, selection, design.unique_runs(everything), best["name"],
         design.ablation_labels(ablation), out, teacher=choice.model_dump(mode="json"),
-        checks=design.teacher_check_notes(zoo_checks, family_checks), decisions=plan["decisions"]))
+        checks=design.teacher_check_notes(zoo_checks, family_checks), decisions=plan["decisions"],
+        halving=[h for h in (lora_halving, prefix_halving, distil_halving) if h is not None]))
     return PipelineStatus(w.root, w.entries, None if is_pending(evaluation) else evaluation)
 
 

@@ -157,14 +157,15 @@ def _parameters(benchmarks: Sequence[BenchmarkResult | Mapping]) -> dict[str, in
 
 
 def per_model_jobs(cfg: PipelineConfig, benchmarks: Sequence[BenchmarkResult | Mapping],
-                   selection: Selection | Mapping, best: LoraJob) -> list[Job]:
+                   selection: Selection | Mapping, best: LoraJob, include_prefix: bool = True) -> list[Job]:
     """Per compared model: LoRA with the best combination, QLoRA, full fine-tuning; then the prefix grid.
 
     * LoRA: every compared model but the teacher, whose LoRA run is the grid's best.
     * QLoRA (``qlora.enabled``): every compared model, the best combination on the 4-bit base.
     * Full fine-tuning: every compared model of at most ``finetune.max_params`` parameters
       (:func:`left_out_of_full_fine_tuning` says which are not).
-    * The prefix-tuning grid (``prefix.enabled``): on the teacher.
+    * The prefix-tuning grid (``prefix.enabled``): on the teacher (``include_prefix``; the pipeline trains it as
+      a grid of its own, :func:`prefix_grid_jobs`).
     """
     parameters = _parameters(benchmarks)
     teacher = _typed(Selection, selection).teacher_model
@@ -176,9 +177,14 @@ def per_model_jobs(cfg: PipelineConfig, benchmarks: Sequence[BenchmarkResult | M
             jobs.append(qlora_like(best, model, cfg.qlora))
         if parameters[model["name"]] <= cfg.finetune.max_params:
             jobs.append(full_job(cfg.finetune, model))
-    if cfg.prefix.enabled:
-        jobs += prefix_grid(cfg.prefix, teacher)
+    if include_prefix:
+        jobs += prefix_grid_jobs(cfg, selection)
     return jobs
+
+
+def prefix_grid_jobs(cfg: PipelineConfig, selection: Selection | Mapping) -> list[Job]:
+    """The prefix-tuning grid on the teacher (``prefix.enabled``; none otherwise)."""
+    return prefix_grid(cfg.prefix, _typed(Selection, selection).teacher_model) if cfg.prefix.enabled else []
 
 
 def left_out_of_full_fine_tuning(cfg: PipelineConfig, benchmarks: Sequence[BenchmarkResult | Mapping],

@@ -73,6 +73,7 @@ def run_job(
     fit_plan: Optional[dict] = None,
     tf32: str = "auto",
     refit: Optional[Callable[[dict], Optional[dict]]] = None,
+    stop_fraction: Optional[float] = None,
 ) -> dict:
     """Train one job; returns its result (history, best epoch, selection and test scores).
 
@@ -99,6 +100,9 @@ def run_job(
     optimizer cannot load restarts, said so), and every retry is logged and recorded in the result as
     ``oom_retries`` (also in ``work_dir``, so a run killed after a retry resumes with the setting it had). With
     nothing left to try, :class:`TrainingOutOfMemoryError`. Without ``refit`` the error propagates.
+    ``stop_fraction`` (below 1): a rung of successive halving (:mod:`ftflow.train.rungs`): training stops after
+    that fraction of the run's steps (the schedule stays the whole run's) with a checkpoint in ``work_dir``,
+    and the result is the rung's (:func:`rung_summary`): no model, no test score. 1.0 or None: the whole run.
     """
     from ftflow.models.loading import DEFAULT_4BIT
     from ftflow.train.cards import oom_retry_line, write_model_card
@@ -128,7 +132,7 @@ def run_job(
             weight_decay=job.weight_decay, eval_batch_size=eval_batch_size, progress=progress,
             checkpoint_steps=checkpoint_steps, logits_chunk_tokens=logits_chunk_tokens,
             master_weights=weights if full_weights else None, packing=packing, report_to=tuple(report_to),
-            tf32=tf32, **fitted)
+            tf32=tf32, stop_step=stop_step, **fitted)
 
     def optimizer_of(settings: TrainSettings) -> str:
         """The optimizer whose state the run's checkpoints hold (as :func:`ftflow.train.trainer.checkpoint_optimizer`)."""
@@ -137,6 +141,10 @@ def run_job(
                               master_weights=settings.master_weights, compute_dtype=compute,
                               optimizer=settings.optimizer).optimizer
 
+    from ftflow.train.rungs import rung_step, total_steps
+
+    max_steps = total_steps(job.epochs, len(train_sentences), job.batch_size)
+    stop_step = rung_step(stop_fraction, max_steps) if stop_fraction is not None and stop_fraction < 1 else None
     best_dir = Path(work_dir) / "best"
     trainer_dir = Path(work_dir) / "trainer"
     distill_options = {}
@@ -221,6 +229,8 @@ def run_job(
                     error, fit_plan["summary"], checkpoint.name if checkpoint is not None else "the start",
                     following["summary"], optimizer_state or "new")
         fit_plan = following
+    if stop_step is not None:
+        return rung_summary(job, result, len(train_sentences), fit_plan, retries, stop_fraction)
     if job.method in PEFT_METHODS:
         tokenizer.save_pretrained(best_dir)  # the adapter directory is then all a user needs besides the base
 
@@ -262,4 +272,22 @@ def run_job(
     write_model_card(model_dir, summary, card_facts or {})
     # Every test sentence's NLL, tokens and bytes: the report's intervals and paired comparisons (ftflow/study/uncertainty.py).
     write_json(Path(out_dir) / PER_SENTENCE, {"test": test.per_sentence(test_sentences)})
+    return summary
+
+
+def rung_summary(job: Job, result: dict, train_sentences: int, fit_plan: Optional[dict], retries: list[dict],
+                 fraction: float) -> dict:
+    """An intermediate rung's result: the job, the epochs validated so far, and ``rung`` (``fraction``,
+    ``step``, ``max_steps`` and ``selection``, the selection split's score at that step)."""
+    from ftflow.train.cards import oom_retry_line
+
+    summary = {"method": job.method, "precision": job.precision, "job": job.model_dump(mode="json"),
+               "name": job.name, "title": job.title, "settings_label": job.settings_label,
+               "train_set": job.train_set, "train_sentences": train_sentences, "base_model": job.model,
+               **result, "rung": {"fraction": fraction, **result["rung"]}}
+    if fit_plan is not None:
+        summary.update(fit_plan={k: v for k, v in fit_plan.items() if k != "summary"},
+                       fit_summary=fit_plan["summary"])
+    summary["oom_retries"] = [{**{k: v for k, v in r.items() if k != "next_plan"}, "line": oom_retry_line(r)}
+                              for r in retries]
     return summary

@@ -32,6 +32,7 @@ from ftflow.artifacts import read_json, write_json
 from ftflow.device import free_memory, resolve_tf32, tf32
 from ftflow.perplexity import DEFAULT_LOGITS_CHUNK_TOKENS, score_sentences
 from ftflow.tokens import pack_batch, packed_row_tokens, pad_batch, pad_token_id, sentence_ids
+from ftflow.train.rungs import RUNG_SCORE
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class TrainSettings:
     tf32: Literal["auto", "on", "off"] = "auto"
     """fp32 matrix products of the training steps in TF32 (:func:`ftflow.device.resolve_tf32`: auto = where the
     GPU has it); scoring never uses TF32."""
+    stop_step: Optional[int] = None
+    """A rung of successive halving (:mod:`ftflow.train.rungs`): stop after this optimizer step, with a
+    checkpoint and the selection split scored there; the schedule stays the whole run's. None: train to the end."""
 
     @property
     def accumulation_steps(self) -> int:
@@ -389,6 +393,8 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
                 self._validate(model, state)
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            if abs((state.epoch or 0) - round(state.epoch or 0)) > 1e-6:
+                return  # a rung stopped the run inside an epoch: the Trainer still calls this, not an epoch end
             self._validate(model, state)
             control.should_save = True  # a checkpoint at every epoch end, after its validation is on disk
 
@@ -401,6 +407,62 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
                                  loss=logs["loss"], validation_ppl=self.best if self.best < math.inf else None))
 
     return ValidationPerplexity()
+
+
+def _rung_callback(tokenizer, sentences, settings: TrainSettings, plan: PrecisionPlan, score_path: Path,
+                   history: list):
+    """Stops the run after ``settings.stop_step`` with a checkpoint, the selection split scored there first.
+
+    A rung that falls on an epoch's last step takes the epoch's own validation (``history``, written by the
+    validation callback, which runs first) as its score and the epoch end's checkpoint as its own: scoring the
+    selection split and writing the checkpoint (for a full-weight run every weight and its optimizer state) a
+    second time at the same step would change nothing.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    def keep(state, selection: dict) -> None:
+        write_json(score_path, {"step": state.global_step, "max_steps": state.max_steps, "selection": selection})
+        log.info("rung: stopped after step %d of %d, selection PPL %.4f", state.global_step, state.max_steps,
+                 selection["corpus_ppl"])
+
+    class RungStop(TrainerCallback):
+        """Scores the selection split at the rung's step, then asks the Trainer for a checkpoint and the stop."""
+
+        scoring_seconds = 0.0  # spent scoring inside an epoch: not training
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step < settings.stop_step:
+                return
+            control.should_training_stop = True
+            if abs((state.epoch or 0) - round(state.epoch or 0)) < 1e-6:
+                return  # an epoch's last step: its validation and checkpoint come next (on_epoch_end)
+            started = time.perf_counter()
+            was_training = model.training
+            # The checkpoint saved next holds the RNG states the next rung resumes with: scoring must not move them.
+            devices = [torch.cuda.current_device()] if settings.device == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                result = _score(model, tokenizer, sentences, settings, plan)
+            model.train(was_training)
+            keep(state, result.to_dict())
+            control.should_save = True
+            self.scoring_seconds += time.perf_counter() - started
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if state.global_step < settings.stop_step:
+                return
+            if abs((state.epoch or 0) - round(state.epoch or 0)) > 1e-6:
+                # Stopped inside an epoch, the Trainer still ends it, and with save_strategy "epoch" (full-weight
+                # runs) would write the checkpoint just written again: every weight and its optimizer state, twice.
+                control.should_save = False
+                return
+            validated = history[-1] if history else None
+            if validated is None or validated["step"] != state.global_step:
+                raise RuntimeError(f"rung at step {state.global_step}: the epoch's validation is not in the history "
+                                   f"(last: {validated and validated['step']}); the validation callback must run first")
+            keep(state, validated["validation"])
+
+    return RungStop()
 
 
 SETTING_CALLBACK = "TrainingSetting"
@@ -579,6 +641,18 @@ def fit(
     history: list[dict] = []
     before = baseline if baseline is not None else baseline_validation(
         model, tokenizer, validation_sentences, settings, plan, work_dir)
+    rung_path = work_dir / RUNG_SCORE
+    if settings.stop_step is not None and checkpoint is not None and rung_path.is_file():
+        rung = read_json(rung_path)
+        if rung["step"] == settings.stop_step and int(checkpoint.name.split("-")[-1]) >= rung["step"]:
+            # Killed after the rung's checkpoint, before its stage finished: the rung is done.
+            log.info("the rung's checkpoint (step %d) and score are on disk: nothing to train", rung["step"])
+            history = read_json(history_path) if history_path.is_file() else []
+            history = [e for e in history if e["step"] <= rung["step"]]
+            return {"history": history, **(best_epoch(history, before["corpus_ppl"]) if history else {}),
+                    "baseline_validation": before, "resumed_from": checkpoint.name, "optimizer_state": "resumed",
+                    "precision_plan": plan.to_dict(), "batching": batching, "train_seconds": 0.0, "rung": rung}
+    rung_path.unlink(missing_ok=True)
     optimizer_state, restore_schedule = None, None
     if checkpoint is not None:
         step = int(checkpoint.name.split("-")[-1])
@@ -654,6 +728,8 @@ def fit(
     trainer_cls = trainer_cls or Trainer
     validation = _validation_callback(tokenizer, validation_sentences, settings, plan, save_best, history,
                                       history_path, on_progress)
+    rung_stop = (_rung_callback(tokenizer, validation_sentences, settings, plan, rung_path, history)
+                 if settings.stop_step is not None else None)
     use_tf32, tf32_reason = resolve_tf32(settings.tf32, settings.device)
     log.info("TF32: %s", tf32_reason)
     trainer = trainer_cls(
@@ -661,7 +737,8 @@ def fit(
         args=args,
         train_dataset=train_dataset,
         data_collator=collator,
-        callbacks=[validation, _setting_callback(plan, settings, restore_schedule)],
+        callbacks=[validation, _setting_callback(plan, settings, restore_schedule),
+                   *([rung_stop] if rung_stop is not None else [])],
         **kwargs,
     )
     try:
@@ -671,6 +748,15 @@ def fit(
             output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     finally:
         del trainer
+    # Scoring the selection split (each epoch's validation, a rung's score inside an epoch) is not training.
+    not_training = validation.validation_seconds + (rung_stop.scoring_seconds if rung_stop is not None else 0.0)
+    rung = read_json(rung_path) if settings.stop_step is not None else None
+    if rung is not None and not history:  # a rung before the first epoch's end: no epoch to choose from yet
+        return {"history": history, "baseline_validation": before,
+                "resumed_from": checkpoint.name if checkpoint is not None else None,
+                "optimizer_state": optimizer_state, "precision_plan": plan.to_dict(), "batching": batching,
+                "train_seconds": round(output.metrics["train_runtime"] - not_training, 3),
+                "rung": rung}
     best = best_epoch(history, before["corpus_ppl"])
     if not best["improved"]:
         log.info("no epoch beat the base model (validation PPL %.4f; best epoch %d reached %.4f): the base model "
@@ -685,7 +771,8 @@ def fit(
         "batching": batching,
         "tf32": {"setting": settings.tf32, "training": use_tf32, "scoring": False, "reason": tf32_reason},
         # The Trainer's run time (this session's, when resumed) less the validations between epochs.
-        "train_seconds": round(output.metrics["train_runtime"] - validation.validation_seconds, 3),
+        "train_seconds": round(output.metrics["train_runtime"] - not_training, 3),
+        **({"rung": rung} if rung is not None else {}),
     }
 
 

@@ -239,6 +239,31 @@ def test_the_training_plan_is_computed_and_written_by_ftflow_not_the_cli(tmp_pat
     assert "75 of 75 training runs fit 20 GB;" in text and "hours on one a100 (bf16 312 / fp32 19.5 TFLOP/s" in text
 
 
+def test_plan_gives_the_studys_compute_under_grid_and_under_halving(tmp_path, hf_cache):
+    """The seed study halves its LoRA grid (24 runs), prefix grid (8) and distillation variants (6): 9.5, 3.25
+    and 2.5 whole runs of their own (rungs 1/4 and 1/2, eta 3); every other run trains once either way."""
+    from ftflow.config import load_config
+    from ftflow.plan.study import plan_study, search_compute, write_training_plan
+
+    cfg = load_config(_study_config(tmp_path))
+    study = plan_study(cfg, device="cuda", bf16_supported=True)
+    sections = {}
+    for run in study.runs:
+        sections.setdefault(run.section, []).append(run.flops)
+    assert {k: len(v) for k, v in sections.items() if k in ("3.1 LoRA grid", "3.2 prefix", "3.3 distillation")} == \
+        {"3.1 LoRA grid": 24, "3.2 prefix": 8, "3.3 distillation": 6}
+    share = {"3.1 LoRA grid": 9.5 / 24, "3.2 prefix": 3.25 / 8, "3.3 distillation": 2.5 / 6}
+    totals = search_compute(cfg, study.runs, "a100", 0.3)
+    assert totals["grid"]["flops"] == pytest.approx(sum(r.flops for r in study.runs))
+    assert totals["halving"]["flops"] == pytest.approx(sum(sum(f) * share.get(k, 1.0) for k, f in sections.items()))
+    assert 0.3 < totals["halving"]["flops"] / totals["grid"]["flops"] < 1.0
+    text = write_training_plan(cfg, study, tmp_path, "a100", 0.3)
+    ratio = totals["halving"]["flops"] / totals["grid"]["flops"]
+    assert (f"search: grid {totals['grid']['flops'] / 1e18:.3f} EFLOP, {totals['grid']['hours']:.1f} hours; "
+            f"successive halving (this config's strategy, eta 3, rungs 0.25, 0.5) "
+            f"{totals['halving']['flops'] / 1e18:.3f} EFLOP") in text and f": {ratio:.2f} of grid" in text
+
+
 def test_a_prefect_home_the_run_created_is_removed_with_what_its_client_wrote_there(tmp_path, monkeypatch):
     """A worker thread finishing an interrupted stage writes its result under Prefect's default storage after the
     temporary server's settings are restored: the home Prefect made during the run goes, contents and all."""

@@ -213,7 +213,8 @@ def test_problems_name_their_origin_as_the_user_wrote_it(tmp_path):
         "  - prefix.learning_rate.1 (from --set prefix.learning_rate=[0.1, -1]): Input should be greater than 0",
         "  - nosuch (from --set nosuch.key=1): 'nosuch' is not a field of the config (its fields: name, "
         "artifacts_dir, seed, device, max_length, memory_budget_gb, selection_split, data, augment, zoo, models, "
-        "memory, benchmark, select, lora, qlora, prefix, finetune, distill, compare, ablation, training, runner)",
+        "memory, benchmark, select, lora, qlora, prefix, finetune, distill, compare, ablation, training, search, "
+            "runner)",
     ]
 
 
@@ -222,3 +223,26 @@ def test_a_directory_given_as_the_config_is_named_as_one(tmp_path):
     with pytest.raises(ConfigError, match=rf"^config {tmp_path} is a directory \(it holds mine.yaml\); pass the "
                                           "path of a YAML file in it$"):
         load_config(tmp_path)
+
+
+def test_search_defaults_to_grid_and_the_seed_config_halves():
+    assert parse_config(minimal(), Path(".")).search.model_dump() == {"strategy": "grid", "eta": 3,
+                                                                       "rungs": (0.25, 0.5)}
+    assert load_config(ROOT / "configs" / "demo.yaml").search.strategy == "grid"
+    seed = load_config(ROOT / "configs" / "seed-20gb.yaml").search
+    assert (seed.strategy, seed.eta, seed.rungs) == ("halving", 3, (0.25, 0.5))
+    assert parse_config(minimal(search={"strategy": "halving", "rungs": 0.5}), Path(".")).search.rungs == (0.5,)
+
+
+@pytest.mark.parametrize("search, fragment", [
+    ({"eta": 1}, r"search: eta must be >= 2 \(1/eta of the combinations go on at each rung\), got 1"),
+    ({"rungs": [0.5, 0.25]}, r"rungs must be strictly increasing, got \[0.5, 0.25\]"),
+    ({"rungs": [0.5, 0.5]}, r"rungs must be strictly increasing"),
+    ({"rungs": [0.25, 1.0]}, r"each in \(0, 1\) \(the end, 1.0, is always the last rung\); got \[1.0\]"),
+    ({"rungs": [0.0]}, r"each in \(0, 1\)"),
+    ({"rungs": []}, r"search.rungs"),
+    ({"strategy": "random"}, r"search.strategy"),
+])
+def test_bad_search_settings_are_clear_config_errors(search, fragment, tmp_path):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_config(minimal(search={"strategy": "halving", **search}), tmp_path)

@@ -138,7 +138,7 @@ def test_train_reaches_known_models_through_the_memory_check():
         "ftflow.models.architecture", "ftflow.models.known", "ftflow.models.loading", "ftflow.perplexity",
         "ftflow.plan", "ftflow.plan.budget", "ftflow.plan.decide", "ftflow.plan.fit", "ftflow.plan.predict",
         "ftflow.tokens", "ftflow.train", "ftflow.train.cards", "ftflow.train.jobs", "ftflow.train.optimizers",
-        "ftflow.train.runner", "ftflow.train.trainer", "tasks.train")))
+        "ftflow.train.runner", "ftflow.train.rungs", "ftflow.train.trainer", "tasks.train")))
 
 
 def test_every_stage_keys_its_code_from_its_own_module():
