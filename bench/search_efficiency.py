@@ -1,12 +1,12 @@
 """Successive halving against grid search: the same winners, at what share of the grid's compute (issue 28).
 
-    python bench/search_efficiency.py [--quick] [--artifacts DIR]
+    python bench/search_efficiency.py [--quick] [--study demo-full|sst2] [--artifacts DIR]
 
 Runs a study twice on the same artifacts directory with the ``ftflow`` CLI (each run with its own temporary
 Prefect server), ``search.strategy: grid`` then ``halving`` (eta 3, rungs 1/4 and 1/2): the data, zoo,
 benchmarks and single runs are shared (cached), the grids' runs are not (a rung's key is its own). Studies:
 ``configs/demo-full.yaml``, and SST-2 with the demo's zoo and demo-full's grids when ``../shared/data`` is
-there; ``--quick``: the flow tests' micro config (``tests/flows/micro.py``) with grids of 6 (LoRA), 4 (prefix)
+there (``--study`` runs one of them alone); ``--quick``: the flow tests' micro config (``tests/flows/micro.py``) with grids of 6 (LoRA), 4 (prefix)
 and 4 (distillation) combinations, 2 epochs.
 
 Prints, per grid: the grid-mode winner (lowest selection PPL of every combination trained to the end) and
@@ -125,12 +125,22 @@ def compare(name: str, config: Path) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the flow tests' micro config with larger grids")
+    parser.add_argument("--study", choices=("demo-full", "sst2"),
+                        help="run this study alone (default: demo-full, and sst2 when ../shared/data is there)")
     parser.add_argument("--artifacts", type=Path, help="artifacts directory (default: a temporary one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="search-efficiency-") as tmp:
         workdir = Path(tmp)
         artifacts = (args.artifacts or workdir / "artifacts").resolve()
         configs = studies(args.quick, workdir, artifacts)
+        if args.study and not args.quick:
+            chosen = [(name, config) for name, config in configs if name == args.study]
+            for name, config in configs:
+                if name != args.study:
+                    config.unlink(missing_ok=True)
+            if not chosen:
+                sys.exit(f"--study {args.study}: not available here (SST-2 needs {SST2})")
+            configs = chosen
         rows = []
         try:
             for name, config in configs:
