@@ -58,3 +58,46 @@ def test_benchmarks_on_a_dask_local_cluster_equal_the_local_runners(ops_server, 
     benchmark_runs = [r for r in task_runs if r.name.startswith("benchmark[")]
     assert len(benchmark_runs) == 8 and all(r.state.name == "Completed" for r in benchmark_runs), \
         sorted((r.name, r.state.name) for r in benchmark_runs)
+
+
+def _halving_summaries(directory: Path, env: dict[str, str], runner: dict) -> list[dict]:
+    """The micro study under successive halving (a LoRA grid of 3, 2 distillation variants) run by ``runner``;
+    the report's halving summaries, one per grid."""
+    import yaml
+
+    from ftflow.config import load_config
+    from ftflow.stages.status import pipeline_status
+
+    directory.mkdir()
+    config = micro_config(directory)
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    raw["lora"]["r"] = [2, 4, 8]
+    raw.update(qlora={"enabled": False}, prefix={"enabled": False}, runner=runner,
+               search={"strategy": "halving", "eta": 3, "rungs": [0.25, 0.5]})
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    # Through -c rather than -m: Dask's spawned workers would import a __main__ module again.
+    done = subprocess.run([sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))",
+                           "run", str(config), "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"mapped work on {runner['kind']}" in done.stdout + done.stderr, done.stderr[-4000:]
+    return pipeline_status(load_config(config)).evaluation["halving"]
+
+
+def test_halving_on_a_dask_local_cluster_keeps_the_local_runners_survivors(ops_server, tmp_path):
+    """Issue 28: the same survivors whatever the runner. The rungs of a grid run side by side on two worker
+    processes (finishing in any order); the survivors, the winner and each combination's last rung are those of
+    the local runner."""
+    local = _halving_summaries(tmp_path / "local", ops_server.env, {"kind": "local"})
+    dask = _halving_summaries(tmp_path / "dask", ops_server.env,
+                              {"kind": "dask", "n_workers": 2, "threads_per_worker": 1})
+    assert [s["grid"] for s in local] == [s["grid"] for s in dask] == ["LoRA grid", "distillation variants"]
+    for mine, theirs in zip(local, dask):
+        assert mine["survivors"] == theirs["survivors"], mine["grid"]
+        assert mine["winner"] == theirs["winner"] is not None, mine["grid"]
+        assert [(r["name"], r["last_rung"]) for r in mine["rows"]] == [(r["name"], r["last_rung"])
+                                                                       for r in theirs["rows"]], mine["grid"]
+        # The same training on another process: equal up to float summation order (Dask workers and the flow
+        # may run torch on a different number of threads), far below the gaps between the combinations.
+        assert same_numbers([r["selection_ppl"] for r in mine["rows"]],
+                            [r["selection_ppl"] for r in theirs["rows"]], rel=1e-4), mine["grid"]
