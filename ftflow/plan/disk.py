@@ -34,7 +34,7 @@ from typing import Collection, Mapping, Optional
 from ftflow.errors import UserError
 from ftflow.models.known import HUB_DTYPES, known_id
 from ftflow.plan.predict import GB
-from ftflow.study.halving import keep_count, rung_fractions
+from ftflow.study.halving import keep_count, rung_fractions, rung_label
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TOKENIZER_BYTES = 12_000_000
@@ -236,8 +236,8 @@ def plan_disk(cfg, study, checks: Mapping[str, object], *, hub_cache: Path, done
 
     halved = halving_grids(cfg, fitting)
     in_grids = {id(r) for members in halved for r in members}
-    # A searched run is done once its last rung is cached (ftflow.stages.calls.rung_title).
-    runs = [r for r in fitting if (f"{r.title} @ rung 1" if id(r) in in_grids else r.title) not in done]
+    # A searched run is done once its last rung is cached.
+    runs = [r for r in fitting if (rung_label(r.title, 1.0) if id(r) in in_grids else r.title) not in done]
     for run in runs:
         in_flight = max(in_flight, CHECKPOINTS_AT_ONCE * checkpoint_bytes(run.fit))
         if id(run) not in in_grids:
@@ -247,7 +247,7 @@ def plan_disk(cfg, study, checks: Mapping[str, object], *, hub_cache: Path, done
         reaching, grid_states = len(members), []
         for k, fraction in enumerate(rung_fractions(cfg.search.rungs)):
             reaching = keep_count(reaching, cfg.search.eta) if k else reaching
-            label = lambda r, f=fraction: f"{r.title} @ rung {f:g}"  # noqa: E731  (ftflow.stages.calls.rung_title)
+            label = lambda r, f=fraction: rung_label(r.title, f)  # noqa: E731
             if fraction < 1:
                 grid_states += largest(members, reaching, label, lambda r: rung_state_bytes(r.fit))
             else:

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 from ftflow.config import AugmentConfig, ModelSpec, PipelineConfig
 from ftflow.data.augment import wordnet_sha256
 from ftflow.stages.caching import key_and_parts, key_inputs
+from ftflow.study.halving import rung_label
 from ftflow.train.jobs import Job
 
 
@@ -110,7 +111,7 @@ def rung_of(fraction: float, previous: Optional[dict]) -> dict:
 
 def rung_title(job: Job, fraction: float) -> str:
     """A rung's run name: ``lora[granite-teacher|r16,a32,d0.05,lr0.0002] @ rung 0.25``."""
-    return f"{job.title} @ rung {fraction:g}"
+    return rung_label(job.title, fraction)
 
 
 def teacher_logits_call(cfg: PipelineConfig, teacher: dict, student: dict, augmented: dict, device: str,

@@ -15,6 +15,12 @@ def rung_fractions(rungs: Sequence[float]) -> tuple[float, ...]:
     return (*rungs, 1.0)
 
 
+def rung_label(title: str, fraction: float) -> str:
+    """A rung's run name from its run's title: ``lora[granite-teacher|r16,a32,d0.05,lr0.0002] @ rung 0.25`` (what
+    ``ftflow status`` lists and the disk planner looks up among the cached runs)."""
+    return f"{title} @ rung {fraction:g}"
+
+
 def keep_count(n: int, eta: int) -> int:
     """How many of ``n`` combinations go on to the next rung: ``ceil(n / eta)``, at least 1."""
     if n < 1 or eta < 2:
