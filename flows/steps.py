@@ -118,9 +118,9 @@ def searcher(submit: Submit, main_set: dict, common: dict, search: SearchConfig
     Returns the runs that trained to the end (grid: every combination; halving: the last rung's survivors) and,
     under halving, the grid's summary for the report (:func:`ftflow.study.halving.grid_summary`). Under halving
     every rung is a cached ``train`` run resuming from the previous rung's (docs/halving.md); who goes on is
-    :func:`ftflow.study.halving.survivors` of the rung's results, whatever order they finished in. Once the last
-    rung has finished, the intermediate rungs' kept states are freed (a rung that later needs one trains from
-    step 0).
+    :func:`ftflow.study.halving.survivors` of the rung's results (within each stratum of ``search.stratify``),
+    whatever order they finished in. Once the last rung has finished, the intermediate rungs' kept states are
+    freed (a rung that later needs one trains from step 0).
     ``topks`` (one per job): distillation's stored teacher targets.
     """
     from ftflow.plan.disk import size_text
@@ -142,6 +142,10 @@ def searcher(submit: Submit, main_set: dict, common: dict, search: SearchConfig
                                                                                                   topks)]
             return settle(jobs, futures), None
         alive, previous, rungs = list(range(len(jobs))), [None] * len(jobs), []
+        axes = search.axes(jobs[0].method)
+        if axes:
+            logger.info("%s: %d strata by %s; each keeps its own best 1/%d at every rung but the last", name,
+                        len(halving.stratum_sizes(jobs, axes)), ", ".join(axes), search.eta)
         for fraction in halving.rung_fractions(search.rungs):
             futures = [submit(task.with_options(task_run_name=stages.rung_title(jobs[i], fraction)),
                               **stages.train_call(common, jobs[i], train_sets[i], topks[i],
@@ -152,14 +156,14 @@ def searcher(submit: Submit, main_set: dict, common: dict, search: SearchConfig
                 previous[i] = result
             rungs.append(results)
             if fraction < 1:
-                kept = halving.survivors({r["name"]: halving.rung_score(r) for r in results}, search.eta)
+                kept = halving.rung_survivors(results, search.eta, axes)
                 logger.info("%s, rung %g: %d of %d go on: %s", name, fraction, len(kept), len(alive),
                             ", ".join(kept))
                 alive = [i for i in alive if jobs[i].name in set(kept)]
         # Every survivor has trained to the end: no rung of this grid resumes from an intermediate state any more.
         freed = sum(free_state(result) for results in rungs[:-1] for result in results)
         logger.info("%s: the intermediate rungs' states are freed (%s)", name, size_text(freed))
-        summary = halving.grid_summary(name, rungs, search.eta)
+        summary = halving.grid_summary(name, rungs, search.eta, axes)
         logger.info("%s: winner %s; training tokens %.2f of the full grid's", name, summary["winner"],
                     summary["ratio"]["tokens"] or 0.0)
         return rungs[-1], summary

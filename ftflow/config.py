@@ -549,6 +549,11 @@ class TrainingConfig(_Strict):
         return value
 
 
+GRID_AXES = {"lora": ("r", "alpha", "dropout", "learning_rate"), "prefix": ("num_virtual_tokens", "learning_rate"),
+             "distill": ("loss", "top_k", "temperature", "alpha")}
+"""The axes of each searched grid (its config section's lists), which ``search.stratify`` may name."""
+
+
 class SearchConfig(_Strict):
     """How each grid (the LoRA grid, the prefix grid, the distillation variants) is searched (docs/halving.md)."""
 
@@ -562,10 +567,26 @@ class SearchConfig(_Strict):
         (0.25, 0.5), min_length=1, description="halving: where each rung stops, as fractions of each run's own "
         "steps (strictly increasing, each in (0, 1)); the last rung trains to the end.")
 
+    stratify: dict[Literal["lora", "prefix", "distill"], tuple[str, ...]] = Field(
+        default_factory=lambda: {"distill": ("temperature", "alpha")},
+        description="halving: per grid (lora, prefix, distill), the axes whose combinations are only compared "
+        "with the same values at an intermediate rung: each stratum keeps its own best 1/eta, and the strata meet "
+        "at the end. Default: the distillation variants by temperature and alpha (the loss's mix: its runs follow "
+        "different learning curves, docs/halving.md); {} compares every combination of a grid at every rung.")
+
     @field_validator("rungs", mode="before")
     @classmethod
     def _one_or_many(cls, value):
         return _as_tuple(value)
+
+    @field_validator("stratify", mode="before")
+    @classmethod
+    def _axes_one_or_many(cls, value):
+        return {k: _as_tuple(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    def axes(self, method: str) -> tuple[str, ...]:
+        """The ``stratify`` axes of a grid of ``method``'s runs (none: the grid competes as one)."""
+        return self.stratify.get(method, ())
 
     @model_validator(mode="after")
     def _valid_halving(self) -> "SearchConfig":
@@ -578,8 +599,15 @@ class SearchConfig(_Strict):
                             f"last rung); got {list(outside)}")
         if any(b <= a for a, b in zip(self.rungs, self.rungs[1:])):
             problems.append(f"rungs must be strictly increasing, got {list(self.rungs)}")
+        for method, axes in self.stratify.items():
+            for axis in axes:
+                if axis not in GRID_AXES[method]:
+                    close = difflib.get_close_matches(axis, GRID_AXES[method], n=1, cutoff=0.6)
+                    problems.append(f"stratify.{method}: {axis!r} is not an axis of the {method} grid"
+                                    + (f"; did you mean {close[0]!r}?" if close else "")
+                                    + f" (its axes: {', '.join(GRID_AXES[method])})")
         if problems:
-            raise ValueError("search: " + "; ".join(problems))
+            raise ValueError("; ".join(problems))
         return self
 
 

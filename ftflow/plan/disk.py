@@ -17,7 +17,7 @@ needs; ``ftflow run`` refuses to start when a file system lacks it, with the fig
 * under ``search.strategy: halving`` (docs/halving.md), each grid's intermediate rungs keep their run's state (its
   checkpoint and the best epoch's weights so far, :func:`rung_state_bytes`) until the grid's last rung has
   finished, and only the last rung's survivors keep a final output: per grid, the largest ``m_k`` states of each
-  rung ``k`` (``m_k`` combinations reach it) and the largest survivors' outputs, since who survives is not known
+  rung ``k`` (``m_k`` combinations reach it, summed over the strata of ``search.stratify``) and the largest survivors' outputs, since who survives is not known
   before the run. The grids run one after another, so the worst point holds the states of one grid: the largest.
 
 Runs and teacher passes already cached need nothing (``done``). Figures are decimal GB (10**9 bytes).
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Mapping, Optional
@@ -34,7 +35,7 @@ from typing import Collection, Mapping, Optional
 from ftflow.errors import UserError
 from ftflow.models.known import HUB_DTYPES, known_id
 from ftflow.plan.predict import GB
-from ftflow.study.halving import keep_count, rung_fractions, rung_label
+from ftflow.study.halving import reaching, rung_fractions, rung_label
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TOKENIZER_BYTES = 12_000_000
@@ -244,15 +245,16 @@ def plan_disk(cfg, study, checks: Mapping[str, object], *, hub_cache: Path, done
             count("full checkpoints" if run.fit.method in ("full", "distill") else "adapters", [output_bytes(run)])
     states: list[list[int]] = [[]]
     for members in halved:
-        reaching, grid_states = len(members), []
-        for k, fraction in enumerate(rung_fractions(cfg.search.rungs)):
-            reaching = keep_count(reaching, cfg.search.eta) if k else reaching
+        grid_states = []
+        counts_by_rung = reaching(list(Counter(r.stratum for r in members).values()), cfg.search.eta,
+                                  cfg.search.rungs)
+        for fraction, reaching_it in zip(rung_fractions(cfg.search.rungs), counts_by_rung):
             label = lambda r, f=fraction: rung_label(r.title, f)  # noqa: E731
             if fraction < 1:
-                grid_states += largest(members, reaching, label, lambda r: rung_state_bytes(r.fit))
+                grid_states += largest(members, reaching_it, label, lambda r: rung_state_bytes(r.fit))
             else:
                 count("full checkpoints" if members[0].fit.method in ("full", "distill") else "adapters",
-                      largest(members, reaching, label, output_bytes))
+                      largest(members, reaching_it, label, output_bytes))
         states.append(grid_states)
     # The grids are searched one after another and each frees its rung states once its last rung has finished.
     count("rung states", max(states, key=sum))

@@ -9,6 +9,7 @@ the study's enumeration.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -87,6 +88,8 @@ class PlannedRun(BaseModel):
     compute_dtype: str
     train_flops: float
     eval_flops: float
+    stratum: tuple = ()
+    """A searched grid's run: its values on the grid's ``search.stratify`` axes (its stratum under halving)."""
 
     @property
     def flops(self) -> float:
@@ -158,6 +161,7 @@ def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], sta
         ``(runs, notes)``: the runs in the order the pipeline trains them (each once), and what was assumed.
     """
     from ftflow.study import design
+    from ftflow.study.halving import stratum
     from ftflow.train.jobs import LoraJob
 
     family, teacher, student = planned_family(cfg, models, parameters, family)
@@ -200,8 +204,10 @@ def plan_study_runs(cfg, models: Sequence[dict], parameters: dict[str, int], sta
         trainable = fit.prediction["trainable_parameters"]
         per_token = training_flops_per_token(n, trainable, fit.gradient_checkpointing)
         scored = stats[name]["validation"].total * (job.epochs + 1) + stats[name]["test"].total
+        section = _section(job.method, job.train_set, in_grid and isinstance(job, LoraJob))
         runs.append(PlannedRun(
-            section=_section(job.method, job.train_set, in_grid and isinstance(job, LoraJob)), title=job.title,
+            section=section, title=job.title,
+            stratum=stratum(job, cfg.search.axes(job.method)) if section in SEARCHED_SECTIONS else (),
             fit=fit, epochs=job.epochs, train_tokens=train.total, tokens_exact=train.exact,
             compute_dtype=_compute_dtype(fit), train_flops=float(per_token) * train.total * job.epochs,
             # Scoring: the base model and every epoch on validation, the best epoch on test (forward only).
@@ -411,8 +417,9 @@ def search_compute(cfg, runs: Sequence[PlannedRun], gpu: str = DEFAULT_GPU,
     """The study's compute (``flops``, ``hours``) under grid search and under successive halving.
 
     Under halving a grid of ``n`` runs costs :func:`ftflow.study.halving.halving_work` whole runs of its own
-    (its runs share epochs, batch size and training set, so each costs about its mean), with ``search.eta``
-    and ``search.rungs`` as configured (the defaults when the config searches by grid).
+    (its runs share epochs, batch size and training set, so each costs about its mean; each stratum of
+    ``search.stratify`` halved on its own), with ``search.eta``, ``search.rungs`` and ``search.stratify`` as
+    configured (the defaults when the config searches by grid).
     """
     from ftflow.study.halving import halving_work
 
@@ -422,7 +429,8 @@ def search_compute(cfg, runs: Sequence[PlannedRun], gpu: str = DEFAULT_GPU,
         groups.setdefault(run.section if run.section in SEARCHED_SECTIONS else run.title, []).append(run)
     for section, members in groups.items():
         flops, hours = sum(r.flops for r in members), sum(r.hours(gpu, utilization) for r in members)
-        share = (halving_work(len(members), cfg.search.eta, cfg.search.rungs) / len(members)
+        sizes = list(Counter(r.stratum for r in members).values())
+        share = (halving_work(sizes, cfg.search.eta, cfg.search.rungs) / len(members)
                  if section in SEARCHED_SECTIONS else 1.0)
         totals["grid"]["flops"] += flops
         totals["grid"]["hours"] += hours

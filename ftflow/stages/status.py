@@ -338,9 +338,9 @@ def pipeline_status(cfg: PipelineConfig, device: Optional[str] = None) -> Pipeli
                     return [w.later("train", f"{name}: the rungs after {fraction:g} (its survivors)", after)], None
                 return results, None
             if fraction < 1:
-                kept = set(halving.survivors({r["name"]: halving.rung_score(r) for r in results}, cfg.search.eta))
+                kept = set(halving.rung_survivors(results, cfg.search.eta, cfg.search.axes(jobs[0].method)))
                 alive = [i for i in alive if jobs[i].name in kept]
-        return rungs[-1], halving.grid_summary(name, rungs, cfg.search.eta)
+        return rungs[-1], halving.grid_summary(name, rungs, cfg.search.eta, cfg.search.axes(jobs[0].method))
 
     grid, lora_halving = search("LoRA grid", design.lora_grid_jobs(cfg, selection))
     if after := pending_labels(grid):  # the best combination decides the next runs and the teacher

@@ -7,7 +7,8 @@ are ``train`` stage runs (tasks/train.py, :mod:`ftflow.train.rungs`).
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from collections import Counter
+from typing import Any, Hashable, Mapping, Optional, Sequence, Union
 
 
 def rung_fractions(rungs: Sequence[float]) -> tuple[float, ...]:
@@ -28,22 +29,45 @@ def keep_count(n: int, eta: int) -> int:
     return max(1, math.ceil(n / eta))
 
 
-def survivors(scores: Mapping[str, Optional[float]], eta: int) -> list[str]:
+def stratum(job: Union[Mapping[str, Any], Any], axes: Sequence[str]) -> tuple:
+    """The stratum a combination competes in at an intermediate rung: its values on ``axes`` (``search.stratify``
+    for its grid), from a job or a manifest's ``job``; ``()`` (one stratum, the whole grid) without axes."""
+    return tuple(job[axis] if isinstance(job, Mapping) else getattr(job, axis) for axis in axes)
+
+
+def survivors(scores: Mapping[str, Optional[float]], eta: int,
+              strata: Optional[Mapping[str, Hashable]] = None) -> list[str]:
     """The combinations that go on to the next rung, best first.
 
     Sorted by selection PPL at the rung (None or NaN, a run that was not trained, last), ties by name, so the
-    choice does not depend on the order the runs finished in or on the runner; the first
-    :func:`keep_count` are kept.
+    choice does not depend on the order the runs finished in or on the runner. Without ``strata`` the first
+    :func:`keep_count` of the grid are kept; with them, the first :func:`keep_count` of each stratum (combinations
+    of different strata follow different learning curves and only meet at the end, docs/halving.md).
 
     Args:
         scores: selection PPL at the rung, by combination name (a run's ``name``, unique within a grid).
-        eta: 1/eta of the combinations go on.
+        eta: 1/eta of the combinations (of each stratum) go on.
+        strata: each combination's stratum (:func:`stratum`); None: the whole grid is one.
     """
     def order(name: str) -> tuple[float, str]:
         value = scores[name]
         return (math.inf if value is None or math.isnan(value) else float(value), name)
 
-    return sorted(scores, key=order)[:keep_count(len(scores), eta)]
+    ranked = sorted(scores, key=order)
+    if strata is None:
+        return ranked[:keep_count(len(ranked), eta)]
+    groups: dict[Hashable, list[str]] = {}
+    for name in ranked:
+        groups.setdefault(strata[name], []).append(name)
+    kept = {name for members in groups.values() for name in members[:keep_count(len(members), eta)]}
+    return [name for name in ranked if name in kept]
+
+
+def rung_survivors(results: Sequence[Mapping], eta: int, axes: Sequence[str] = ()) -> list[str]:
+    """:func:`survivors` of one rung's runs (their manifests: ``name``, ``job``, the rung's score), each
+    competing within its stratum on ``axes``."""
+    return survivors({r["name"]: rung_score(r) for r in results}, eta,
+                     {r["name"]: stratum(r["job"], axes) for r in results} if axes else None)
 
 
 def rung_score(manifest: Mapping) -> Optional[float]:
@@ -57,17 +81,32 @@ def rung_score(manifest: Mapping) -> Optional[float]:
     return manifest["best_validation_ppl"]
 
 
-def halving_work(n: int, eta: int, rungs: Sequence[float]) -> float:
+def halving_work(n: Union[int, Sequence[int]], eta: int, rungs: Sequence[float]) -> float:
     """Whole runs' worth of training a grid of ``n`` costs under halving: ``sum over rungs k of m_k x (f_k -
     f_{k-1})``, with ``m_1 = n`` combinations at the first rung and ``m_{k+1} = keep_count(m_k, eta)``
-    (``n`` under grid search). 24 combinations, eta 3, rungs 1/4 and 1/2: 24/4 + 8/4 + 3/2 = 9.5 runs."""
-    work, alive, done = 0.0, n, 0.0
-    for k, fraction in enumerate(rung_fractions(rungs)):
-        if k:
-            alive = keep_count(alive, eta)
-        work += alive * (fraction - done)
-        done = fraction
-    return work
+    (``n`` under grid search). 24 combinations, eta 3, rungs 1/4 and 1/2: 24/4 + 8/4 + 3/2 = 9.5 runs.
+    ``n`` a list of stratum sizes (``search.stratify``): each stratum is halved on its own, so the sum of theirs."""
+    if not isinstance(n, int):
+        return sum(halving_work(size, eta, rungs) for size in n)
+    return sum(count * (fraction - done) for count, fraction, done in
+               zip(reaching(n, eta, rungs), rung_fractions(rungs), (0.0, *rungs)))
+
+
+def reaching(n: Union[int, Sequence[int]], eta: int, rungs: Sequence[float]) -> list[int]:
+    """How many of a grid's combinations train at each rung, the last included: ``m_1 = n``, ``m_{k+1} =
+    keep_count(m_k, eta)``; with stratum sizes, the sum over the strata."""
+    if not isinstance(n, int):
+        return [sum(column) for column in zip(*(reaching(size, eta, rungs) for size in n))]
+    counts = [n]
+    for _ in rungs:
+        counts.append(keep_count(counts[-1], eta))
+    return counts
+
+
+def stratum_sizes(jobs: Sequence[Any], axes: Sequence[str]) -> list[int]:
+    """The sizes of the strata ``jobs`` (jobs or manifests' ``job``) fall into on ``axes``, in order of first
+    appearance: what :func:`halving_work` and :func:`reaching` take for a stratified grid."""
+    return list(Counter(stratum(job, axes) for job in jobs).values())
 
 
 def _trained(manifest: Mapping) -> tuple[float, float, float]:
@@ -82,7 +121,7 @@ def _trained(manifest: Mapping) -> tuple[float, float, float]:
     return tokens, tokens * manifest["compute"]["flops_per_token"], float(manifest.get("train_seconds") or 0.0)
 
 
-def grid_summary(grid: str, rungs: Sequence[Sequence[Mapping]], eta: int) -> dict:
+def grid_summary(grid: str, rungs: Sequence[Sequence[Mapping]], eta: int, axes: Sequence[str] = ()) -> dict:
     """One grid's halving, for the report: each combination's last rung and its selection PPL there, the
     survivors of each rung, the winner, and the compute spent against the full grid.
 
@@ -91,9 +130,11 @@ def grid_summary(grid: str, rungs: Sequence[Sequence[Mapping]], eta: int) -> dic
         rungs: the manifests of each rung, in rung order (each a rung's runs, any order); every manifest has
             ``rung`` (``fraction``, ``step``, ``max_steps``; ``from_step``: the previous rung's step).
         eta: the search's eta.
+        axes: the grid's ``search.stratify`` axes: at an intermediate rung a combination competes within its
+            stratum only.
 
     Returns:
-        ``{"grid", "eta", "fractions", "rows": [{"name", "last_rung", "selection_ppl", "survived"}...],
+        ``{"grid", "eta", "fractions", "stratify", "rows": [{"name", "last_rung", "selection_ppl", "survived"}...],
         "survivors": [[names]...], "winner", "spent": {tokens, flops, seconds}, "full": {...}, "ratio": {...}}``.
         ``full`` is the grid trained to the end: each combination's tokens and FLOPs for all its steps, and
         seconds at the seconds per step measured here (an extrapolation: said so in the report).
@@ -113,7 +154,7 @@ def grid_summary(grid: str, rungs: Sequence[Sequence[Mapping]], eta: int) -> dic
             if seconds:
                 steps_timed += m["rung"]["step"] - m["rung"].get("from_step", 0)
         scores = {m["name"]: rung_score(m) for m in manifests}
-        kept.append(survivors(scores, eta) if manifests[0]["rung"]["fraction"] < 1 else
+        kept.append(rung_survivors(manifests, eta, axes) if manifests[0]["rung"]["fraction"] < 1 else
                     [n for n in sorted(scores, key=lambda n: (math.inf if scores[n] is None else scores[n], n))])
     seconds_per_step = spent[2] / steps_timed if steps_timed else None
     for m in last.values():
@@ -127,7 +168,7 @@ def grid_summary(grid: str, rungs: Sequence[Sequence[Mapping]], eta: int) -> dic
     rows = [{"name": name, "last_rung": reached[name], "selection_ppl": rung_score(m),
              "survived": reached[name] == fractions[-1]}
             for name, m in sorted(last.items(), key=lambda kv: (-reached[kv[0]], _order(rung_score(kv[1])), kv[0]))]
-    return {"grid": grid, "eta": eta, "fractions": fractions, "rows": rows, "survivors": kept,
+    return {"grid": grid, "eta": eta, "fractions": fractions, "stratify": list(axes), "rows": rows, "survivors": kept,
             "winner": final[0] if final and rung_score(last[final[0]]) is not None else None,
             "spent": dict(zip(("tokens", "flops", "seconds"), spent)),
             "full": dict(zip(("tokens", "flops", "seconds"), full)),
@@ -141,8 +182,11 @@ def _order(value: Optional[float]) -> float:
 def halving_markdown(summary: Mapping) -> str:
     """One grid's halving table and its compute line (the report's section)."""
     fractions = ", ".join(f"{f:g}" for f in summary["fractions"])
+    axes = summary.get("stratify") or []
+    strata = (f" (at each rung but the last, survivors chosen within each {', '.join(axes)}; they meet at the end)"
+              if axes else "")
     lines = [f"**{summary['grid']}**: successive halving, eta {summary['eta']}, rungs at {fractions} of each run's "
-             f"steps; winner: {summary['winner'] or 'none (no run trained)'}", "",
+             f"steps{strata}; winner: {summary['winner'] or 'none (no run trained)'}", "",
              "| combination | last rung | selection PPL there | went to the end |", "|---|---|---|---|"]
     for row in summary["rows"]:
         ppl = "not trained" if row["selection_ppl"] is None else f"{row['selection_ppl']:.4f}"

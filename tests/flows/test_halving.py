@@ -139,3 +139,22 @@ def test_a_rung_whose_previous_state_was_freed_trains_from_step_0(halved):
     assert set(summary["survivors"][0]) == set(second)
     # The grid has finished again: every intermediate state is freed.
     assert not any((s.directory / "state").exists() for s in status.stages if "@ rung 0." in s.label)
+
+
+def test_a_stratified_grid_keeps_each_strata_best_to_the_end(halved):
+    """search.stratify: the LoRA grid stratified by rank makes each of its three combinations a stratum of one,
+    so every one goes on to the end (eta 3 keeps ceil(1/3) = 1 of each); status knows it before the run."""
+    config, _ = halved
+    strata = {"search": {"stratify": {"lora": ["r"]}}}
+    before = pipeline_status(load_config(config, strata))
+    assert any(s.state == "run" and s.label.startswith("lora[") and " @ rung 0.5" in s.label for s in before.stages)
+    _, again = run_pipeline_runs(config, strata)
+    status = pipeline_status(load_config(config, strata))
+    assert status.nothing_to_run, status.to_text()
+    lora = _rungs({s.label: None for s in status.stages if s.stage == "train"}, "lora[")
+    assert [len(lora[r]) for r in RUNGS] == [3, 3, 3]
+    summary = next(s for s in status.evaluation["halving"] if s["grid"] == "LoRA grid")
+    assert summary["stratify"] == ["r"] and [len(kept) for kept in summary["survivors"]] == [3, 3, 3]
+    assert all(row["survived"] for row in summary["rows"])
+    report = (Path(status.evaluation["dir"]) / "report.md").read_text(encoding="utf-8")
+    assert "survivors chosen within each r; they meet at the end" in report

@@ -262,6 +262,13 @@ def test_plan_gives_the_studys_compute_under_grid_and_under_halving(tmp_path, hf
     assert (f"search: grid {totals['grid']['flops'] / 1e18:.3f} EFLOP, {totals['grid']['hours']:.1f} hours; "
             f"successive halving (this config's strategy, eta 3, rungs 0.25, 0.5) "
             f"{totals['halving']['flops'] / 1e18:.3f} EFLOP") in text and f": {ratio:.2f} of grid" in text
+    # Strata (search.stratify): the 6 variants by loss halve as two grids of 3, 2 x (3/4 + 1/4 + 1/2) = 3 runs.
+    by_loss = load_config(_study_config(tmp_path), {"search": {"stratify": {"distill": ["loss"]}}})
+    runs = plan_study(by_loss, device="cuda", bf16_supported=True).runs
+    assert sorted({r.stratum for r in runs if r.section == "3.3 distillation"}) == [("sampled",), ("topk",)]
+    assert {r.stratum for r in runs if r.section != "3.3 distillation"} == {()}
+    assert search_compute(by_loss, runs, "a100", 0.3)["halving"]["flops"] == pytest.approx(
+        totals["halving"]["flops"] + sum(sections["3.3 distillation"]) * (3.0 - 2.5) / 6)
 
 
 def test_a_prefect_home_the_run_created_is_removed_with_what_its_client_wrote_there(tmp_path, monkeypatch):

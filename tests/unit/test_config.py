@@ -226,12 +226,15 @@ def test_a_directory_given_as_the_config_is_named_as_one(tmp_path):
 
 
 def test_search_defaults_to_grid_and_the_seed_config_halves():
-    assert parse_config(minimal(), Path(".")).search.model_dump() == {"strategy": "grid", "eta": 3,
-                                                                       "rungs": (0.25, 0.5)}
+    assert parse_config(minimal(), Path(".")).search.model_dump() == {
+        "strategy": "grid", "eta": 3, "rungs": (0.25, 0.5), "stratify": {"distill": ("temperature", "alpha")}}
     assert load_config(ROOT / "configs" / "demo.yaml").search.strategy == "grid"
     seed = load_config(ROOT / "configs" / "seed-20gb.yaml").search
     assert (seed.strategy, seed.eta, seed.rungs) == ("halving", 3, (0.25, 0.5))
     assert parse_config(minimal(search={"strategy": "halving", "rungs": 0.5}), Path(".")).search.rungs == (0.5,)
+    search = parse_config(minimal(search={"stratify": {"lora": "learning_rate"}}), Path(".")).search
+    assert search.stratify == {"lora": ("learning_rate",)}  # replaces the default: no distillation strata
+    assert (search.axes("lora"), search.axes("distill"), search.axes("prefix")) == (("learning_rate",), (), ())
 
 
 @pytest.mark.parametrize("search, fragment", [
@@ -242,6 +245,11 @@ def test_search_defaults_to_grid_and_the_seed_config_halves():
     ({"rungs": [0.0]}, r"each in \(0, 1\)"),
     ({"rungs": []}, r"search.rungs"),
     ({"strategy": "random"}, r"search.strategy"),
+    ({"stratify": {"distill": ["temprature"]}}, r"stratify.distill: 'temprature' is not an axis of the distill grid; "
+                                                r"did you mean 'temperature'\? \(its axes: loss, top_k, temperature, "
+                                                r"alpha\)"),
+    ({"stratify": {"lora": ["top_k"]}}, r"stratify.lora: 'top_k' is not an axis of the lora grid \(its axes: r, "),
+    ({"stratify": {"qlora": ["r"]}}, r"search.stratify.qlora"),
 ])
 def test_bad_search_settings_are_clear_config_errors(search, fragment, tmp_path):
     with pytest.raises(ConfigError, match=fragment):

@@ -220,3 +220,10 @@ def test_halving_keeps_each_intermediate_rungs_state_at_the_seed_configs_shapes(
     done = [f"{r.title} @ rung 0.25" for r in distill]
     again = disk.plan_disk(halving, study, {}, hub_cache=tmp_path / "hf", done=done)
     assert again.outputs_bytes == plans["halving"].outputs_bytes - sum(disk.rung_state_bytes(r.fit) for r in distill)
+    # Stratified by loss (search.stratify), each loss's 3 variants keep one survivor: two variants' outputs at the
+    # end instead of one, the same rung states (6, then 1 + 1).
+    by_loss = load_config(path, {"search": {"stratify": {"distill": ["loss"]}}})
+    stratified = disk.plan_disk(by_loss, plan_study(by_loss, device="cuda", bf16_supported=True), {},
+                                hub_cache=tmp_path / "hf")
+    output = sorted((disk.saved_weight_bytes(r.fit) + disk.TOKENIZER_BYTES for r in distill), reverse=True)
+    assert stratified.outputs_bytes == plans["halving"].outputs_bytes + output[1]

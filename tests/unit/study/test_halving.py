@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from ftflow.study.halving import (grid_summary, halving_markdown, halving_work, keep_count, rung_fractions,
-                                  rung_score, survivors)
+from ftflow.study.halving import (grid_summary, halving_markdown, halving_work, keep_count, reaching,
+                                  rung_fractions, rung_score, rung_survivors, stratum, stratum_sizes, survivors)
 
 
 def test_keep_count_is_ceil_n_over_eta_and_at_least_one():
@@ -43,6 +43,42 @@ def test_halving_work_counts_whole_runs():
     assert halving_work(24, 3, (0.25, 0.5)) == pytest.approx(24 / 4 + 8 / 4 + 3 / 2)  # 9.5 of 24 runs
     assert halving_work(3, 3, (0.25, 0.5)) == pytest.approx(0.75 + 0.25 + 0.5)
     assert halving_work(1, 3, (0.25, 0.5)) == pytest.approx(1.0)  # a grid of one: the run, once
+
+
+def test_strata_keep_their_own_best_whatever_the_order():
+    """demo-full's distillation variants at rung 1/4 (bench/README.md): the temperature-2, alpha-0.75 variants
+    ranked 25th of 36 yet won at the end. Within strata each (temperature, alpha) keeps its own best."""
+    scores = {"top20,T2,a0.75": 4.48, "top10,T2,a0.75": 4.50, "sample20,T2,a0.75": 5.02,
+              "top20,T1,a0.75": 4.31, "top100,T1,a0.75": 4.31, "top10,T1,a0.75": 4.34,
+              "top20,T1,a0.5": 4.37, "top10,T1,a0.5": 4.39, "sample20,T1,a0.5": 4.39}
+    strata = {name: tuple(name.split(",")[1:]) for name in scores}
+    assert survivors(scores, 3) == ["top100,T1,a0.75", "top20,T1,a0.75", "top10,T1,a0.75"]  # one stratum
+    expected = ["top100,T1,a0.75", "top20,T1,a0.5", "top20,T2,a0.75"]  # each stratum's best, best first
+    for order in itertools.islice(itertools.permutations(scores), 0, 362880, 4001):
+        assert survivors({k: scores[k] for k in order}, 3, {k: strata[k] for k in order}) == expected
+    # eta 3 in a stratum of 3 keeps 1, in a stratum of 4 keeps 2; strata of one always go on.
+    four = {**scores, "sample10,T2,a0.75": 5.1}
+    assert survivors(four, 3, {k: tuple(k.split(",")[1:]) for k in four})[:4] == [
+        "top100,T1,a0.75", "top20,T1,a0.5", "top20,T2,a0.75", "top10,T2,a0.75"]
+    assert survivors({"a": 9.0, "b": 1.0}, 3, {"a": 1, "b": 2}) == ["b", "a"]
+
+
+def test_rung_survivors_read_the_strata_from_the_manifests_jobs():
+    runs = [{"name": n, "job": {"temperature": t, "alpha": 0.5}, "rung": {"fraction": 0.25, "selection":
+            {"corpus_ppl": ppl}}} for n, t, ppl in (("a", 1.0, 3.0), ("b", 1.0, 2.0), ("c", 2.0, 4.0), ("d", 2.0, 5.0))]
+    assert rung_survivors(runs, 3) == ["b", "a"]
+    assert rung_survivors(runs, 3, ("temperature", "alpha")) == ["b", "c"]
+    assert stratum(runs[2]["job"], ("temperature", "alpha")) == (2.0, 0.5) and stratum(runs[2]["job"], ()) == ()
+
+
+def test_a_stratified_grid_costs_the_sum_of_its_strata():
+    # demo-full's 36 distillation variants, 6 (temperature, alpha) strata of 6: 6 x (6/4 + 2/4 + 1/2) = 15 runs.
+    assert halving_work([6] * 6, 3, (0.25, 0.5)) == pytest.approx(15.0)
+    assert reaching([6] * 6, 3, (0.25, 0.5)) == [36, 12, 6]
+    assert reaching(36, 3, (0.25, 0.5)) == [36, 12, 4] and halving_work([36], 3, (0.25, 0.5)) == halving_work(
+        36, 3, (0.25, 0.5))
+    jobs = [{"temperature": t, "alpha": a, "top_k": k} for k in (10, 20) for t in (1.0, 2.0) for a in (0.5, 0.75)]
+    assert stratum_sizes(jobs, ("temperature", "alpha")) == [2, 2, 2, 2] and stratum_sizes(jobs, ()) == [8]
 
 
 def _manifest(name: str, fraction: float, step: int, ppl, from_step: int, seconds: float = 1.0,

@@ -51,6 +51,8 @@ def flat(raw: dict, prefix: str = "") -> dict[str, object]:
 def normalised(value):
     if isinstance(value, (tuple, list)):
         return [normalised(v) for v in value]
+    if isinstance(value, dict):
+        return {k: normalised(v) for k, v in value.items()}
     if isinstance(value, Path):
         return str(value)
     return value
