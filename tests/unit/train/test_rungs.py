@@ -152,3 +152,34 @@ def test_a_rung_trained_from_step_0_ends_where_the_rungs_before_it_end(base, tmp
     optimizer = [torch.load(tmp_path / w / "trainer" / "checkpoint-4" / "optimizer.pt", weights_only=False)["state"]
                  for w in ("work-fresh", "work-chained")]
     assert all(torch.equal(a[k], b[k]) for a, b in zip(*[[s[i] for i in sorted(s)] for s in optimizer]) for k in a)
+
+
+def test_a_state_freed_while_it_is_copied_leaves_no_work_directory_and_the_rung_starts_from_step_0(
+        tmp_path, monkeypatch, caplog):
+    """Another run's grid ends and frees the previous rung's state (:func:`free_state`) while this rung copies it:
+    the copy fails, nothing half-made is left, and the rung starts from step 0 (``resume_state`` says False)."""
+    from ftflow.train import rungs
+
+    out = tmp_path / "rung-0.25"
+    (out / STATE_DIR / "trainer" / "checkpoint-2").mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.pt", "trainer_state.json"):
+        (out / STATE_DIR / "trainer" / "checkpoint-2" / name).write_bytes(b"x" * 64)
+    (out / STATE_DIR / "history.json").write_text("[]")
+    manifest = {"dir": str(out), "state": STATE_DIR}
+    copied, link = [], rungs._link_or_copy
+
+    def freed_midway(source: str, target: str) -> str:
+        if not copied:  # the other run frees the state after this rung's first file
+            copied.append(link(source, target))
+            assert rungs.free_state(manifest) > 0
+            return copied[0]
+        return link(source, target)
+
+    monkeypatch.setattr(rungs, "_link_or_copy", freed_midway)
+    work = tmp_path / "work-0.5"
+    with caplog.at_level("WARNING", logger=rungs.log.name):
+        assert rungs.resume_state(out / STATE_DIR, work) is False
+    assert copied and not (out / STATE_DIR).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rung-0.25"]  # no work directory, no half copy
+    assert list(out.iterdir()) == []  # the state's temporary name is gone too
+    assert "went away while it was copied" in caplog.text and "starting from step 0" in caplog.text
