@@ -6,6 +6,7 @@ Each step submits tasks and waits for them; what to run is decided in
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Optional, Sequence
 
 from prefect import get_run_logger
@@ -146,12 +147,29 @@ def searcher(submit: Submit, main_set: dict, common: dict, search: SearchConfig
         if axes:
             logger.info("%s: %d strata by %s; each keeps its own best 1/%d at every rung but the last", name,
                         len(halving.stratum_sizes(jobs, axes)), ", ".join(axes), search.eta)
+        freed = 0
         for fraction in halving.rung_fractions(search.rungs):
             futures = [submit(task.with_options(task_run_name=stages.rung_title(jobs[i], fraction)),
                               **stages.train_call(common, jobs[i], train_sets[i], topks[i],
                                                   rung=stages.rung_of(fraction, previous[i])))
                        for i in alive]
-            results = settle([jobs[i] for i in alive], futures)
+            strata = {jobs[i].name: halving.stratum(jobs[i], axes) for i in alive}
+            sizes = Counter(strata.values())
+            finished: dict[str, dict] = {}
+
+            def on_result(k: int, result: dict, alive=tuple(alive), fraction=fraction) -> None:
+                """As each run of the rung finishes: its previous rung's state has served (this rung resumed from
+                it, or it was freed), and a run that can no longer go on (:func:`halving.out_of_the_running`)
+                needs its own state no more; both are freed at once."""
+                nonlocal freed
+                freed += free_state(previous[alive[k]]) if previous[alive[k]] is not None else 0
+                finished[result["name"]] = result
+                if fraction < 1:
+                    scores = {n: halving.rung_score(r) for n, r in finished.items()}
+                    for out in halving.out_of_the_running(scores, search.eta, sizes, strata):
+                        freed += free_state(finished[out])
+
+            results = settle([jobs[i] for i in alive], futures, on_result)
             for i, result in zip(alive, results):
                 previous[i] = result
             rungs.append(results)
@@ -161,8 +179,9 @@ def searcher(submit: Submit, main_set: dict, common: dict, search: SearchConfig
                             ", ".join(kept))
                 alive = [i for i in alive if jobs[i].name in set(kept)]
         # Every survivor has trained to the end: no rung of this grid resumes from an intermediate state any more.
-        freed = sum(free_state(result) for results in rungs[:-1] for result in results)
-        logger.info("%s: the intermediate rungs' states are freed (%s)", name, size_text(freed))
+        freed += sum(free_state(result) for results in rungs[:-1] for result in results)
+        logger.info("%s: the intermediate rungs' states are freed (%s; each once its run could no longer go on "
+                    "or its next rung had finished)", name, size_text(freed))
         summary = halving.grid_summary(name, rungs, search.eta, axes)
         logger.info("%s: winner %s; training tokens %.2f of the full grid's", name, summary["winner"],
                     summary["ratio"]["tokens"] or 0.0)
@@ -235,13 +254,17 @@ def log_family_checks(benchmarks: list[dict], zoo_checks: Sequence[str] = ()) ->
     return design.teacher_check_notes(zoo_checks, checks)
 
 
-def settle(jobs: Sequence[Job], futures: list) -> list[dict]:
-    """Wait for every run; if any failed, fail here naming each one and its cause (the others stay cached)."""
+def settle(jobs: Sequence[Job], futures: list,
+           on_result: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
+    """Wait for every run, in order; if any failed, fail here naming each one and its cause (the others stay
+    cached). ``on_result(k, result)``: called as the ``k``-th run's result arrives."""
     results, errors = [], []
-    for job, future in zip(jobs, futures):
+    for k, (job, future) in enumerate(zip(jobs, futures)):
         future.wait()
         if future.state.is_completed():
             results.append(future.result())
+            if on_result is not None:
+                on_result(k, results[-1])
         else:
             raise_if_disk_full(future)
             errors.append(f"{job.title}: {error_text(future)}")

@@ -14,11 +14,14 @@ needs; ``ftflow run`` refuses to start when a file system lacks it, with the fig
 * checkpoints in flight: the run training keeps its last Trainer checkpoint (trained weights and optimizer state,
   :func:`checkpoint_bytes`) and writes the next one before deleting it (``save_total_limit=1``), so two at once,
   for the largest run; one run trains at a time per worker;
-* under ``search.strategy: halving`` (docs/halving.md), each grid's intermediate rungs keep their run's state (its
-  checkpoint and the best epoch's weights so far, :func:`rung_state_bytes`) until the grid's last rung has
-  finished, and only the last rung's survivors keep a final output: per grid, the largest ``m_k`` states of each
-  rung ``k`` (``m_k`` combinations reach it, summed over the strata of ``search.stratify``) and the largest survivors' outputs, since who survives is not known
-  before the run. The grids run one after another, so the worst point holds the states of one grid: the largest.
+* under ``search.strategy: halving`` (docs/halving.md), an intermediate rung keeps its run's state (its
+  checkpoint and the best epoch's weights so far, :func:`rung_state_bytes`) until the run can no longer go on or
+  its next rung has finished (``flows/steps.py::searcher``), and only the last rung's survivors keep a final
+  output. With ``m_k`` combinations reaching rung ``k`` (summed over the strata of ``search.stratify``), one run
+  at a time keeps at most ``min(m_1, m_2 + 1)`` states (each combination alive holds one, and the run just
+  finished its own and its previous rung's until the flow sees it); on Dask the flow sees the runs in order, not
+  as they finish, so the plan counts every rung's ``m_k`` states, as if none were freed before the grid ends. Per grid the largest such states and the largest survivors' outputs, since who survives is not
+  known before the run; the grids run one after another, so the worst point holds the states of one grid.
 
 Runs and teacher passes already cached need nothing (``done``). Figures are decimal GB (10**9 bytes).
 """
@@ -248,11 +251,14 @@ def plan_disk(cfg, study, checks: Mapping[str, object], *, hub_cache: Path, done
         grid_states = []
         counts_by_rung = reaching(list(Counter(r.stratum for r in members).values()), cfg.search.eta,
                                   cfg.search.rungs)
-        for fraction, reaching_it in zip(rung_fractions(cfg.search.rungs), counts_by_rung):
+        for k, (fraction, reaching_it) in enumerate(zip(rung_fractions(cfg.search.rungs), counts_by_rung)):
             label = lambda r, f=fraction: rung_label(r.title, f)  # noqa: E731
-            if fraction < 1:
+            if fraction < 1 and cfg.runner.kind != "local":  # every state of every rung until the grid ends
                 grid_states += largest(members, reaching_it, label, lambda r: rung_state_bytes(r.fit))
-            else:
+            elif fraction < 1 and k == 0:  # one at a time: the survivors' states and the one just finished
+                grid_states += largest(members, min(reaching_it, counts_by_rung[1] + 1), label,
+                                       lambda r: rung_state_bytes(r.fit))
+            elif fraction == 1:
                 count("full checkpoints" if members[0].fit.method in ("full", "distill") else "adapters",
                       largest(members, reaching_it, label, output_bytes))
         states.append(grid_states)

@@ -49,18 +49,43 @@ def survivors(scores: Mapping[str, Optional[float]], eta: int,
         eta: 1/eta of the combinations (of each stratum) go on.
         strata: each combination's stratum (:func:`stratum`); None: the whole grid is one.
     """
+    ranked = _ranked(scores)
+    groups = _grouped(ranked, strata)
+    kept = {name for members in groups.values() for name in members[:keep_count(len(members), eta)]}
+    return [name for name in ranked if name in kept]
+
+
+def out_of_the_running(scores: Mapping[str, Optional[float]], eta: int, sizes: Mapping[Hashable, int],
+                       strata: Optional[Mapping[str, Hashable]] = None) -> list[str]:
+    """Of a rung's runs finished so far, those that cannot be among its :func:`survivors` whatever the others
+    score: in their stratum, as many finished runs as go on already rank ahead of them (in the survivors' order).
+    The flow frees their state at once (``flows/steps.py::searcher``), so that a rung keeps at most its survivors'
+    states and the one just finished, not every combination's.
+
+    Args:
+        scores: selection PPL of the runs finished so far, by name.
+        eta: the search's eta.
+        sizes: how many combinations each stratum has at this rung, finished or not (key ``()`` without strata).
+        strata: each finished run's stratum (:func:`stratum`); None: the grid is one stratum, ``()``.
+    """
+    return [name for key, members in _grouped(_ranked(scores), strata).items()
+            for name in members[keep_count(sizes[key], eta):]]
+
+
+def _ranked(scores: Mapping[str, Optional[float]]) -> list[str]:
+    """Names by selection PPL (None or NaN last), then by name: the order survivors are chosen in."""
     def order(name: str) -> tuple[float, str]:
         value = scores[name]
         return (math.inf if value is None or math.isnan(value) else float(value), name)
 
-    ranked = sorted(scores, key=order)
-    if strata is None:
-        return ranked[:keep_count(len(ranked), eta)]
+    return sorted(scores, key=order)
+
+
+def _grouped(ranked: Sequence[str], strata: Optional[Mapping[str, Hashable]]) -> dict[Hashable, list[str]]:
     groups: dict[Hashable, list[str]] = {}
     for name in ranked:
-        groups.setdefault(strata[name], []).append(name)
-    kept = {name for members in groups.values() for name in members[:keep_count(len(members), eta)]}
-    return [name for name in ranked if name in kept]
+        groups.setdefault(() if strata is None else strata[name], []).append(name)
+    return groups
 
 
 def rung_survivors(results: Sequence[Mapping], eta: int, axes: Sequence[str] = ()) -> list[str]:

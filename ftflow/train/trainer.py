@@ -392,6 +392,12 @@ def _validation_callback(tokenizer, sentences, settings: TrainSettings, plan: Pr
             if state.global_step > 0 and abs(epoch - round(epoch)) < 1e-6 and round(epoch) not in done:
                 self._validate(model, state)
 
+        def on_step_end(self, args, state, control, **kwargs):
+            if abs((state.epoch or 0) - round(state.epoch or 0)) < 1e-6:
+                # An epoch's last step: its checkpoint is written at the epoch end, after the validation, not
+                # also here when checkpoint_steps divides the step (the same checkpoint twice).
+                control.should_save = False
+
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
             if abs((state.epoch or 0) - round(state.epoch or 0)) > 1e-6:
                 return  # a rung stopped the run inside an epoch: the Trainer still calls this, not an epoch end

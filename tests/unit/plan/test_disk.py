@@ -182,27 +182,32 @@ def test_a_study_is_refused_before_it_starts_when_a_file_system_lacks_the_disk(t
 
 
 def test_halving_keeps_each_intermediate_rungs_state_at_the_seed_configs_shapes(tmp_path):
-    """configs/seed-20gb.yaml (successive halving, eta 3, rungs 1/4 and 1/2) planned for its 20 GB GPU: every
+    """configs/seed-20gb.yaml (successive halving, eta 3, rungs 1/4 and 1/2) planned for its 20 GB GPU: an
     intermediate rung keeps its run's checkpoint and best weights (for a distillation variant the student's full
-    weights and optimizer state), and only the last rung's survivors keep a final output."""
+    weights and optimizer state) while the run may still go on, and only the last rung's survivors keep a final
+    output. One run at a time (the local runner), a grid holds at most its second rung's combinations' states and
+    the one just finished; on Dask, every state of every rung until the grid ends."""
     from tests.unit.test_cli import _study_config
 
     path = _study_config(tmp_path)
     halving = load_config(path)
     grid = load_config(path, {"search": {"strategy": "grid"}})
+    dask = load_config(path, {"runner": {"kind": "dask"}})
     assert (halving.search.strategy, halving.search.eta, halving.search.rungs) == ("halving", 3, (0.25, 0.5))
     study = plan_study(halving, device="cuda", bf16_supported=True)
-    plans = {cfg.search.strategy: disk.plan_disk(cfg, study, {}, hub_cache=tmp_path / "hf") for cfg in (halving, grid)}
+    plans = {name: disk.plan_disk(cfg, study, {}, hub_cache=tmp_path / "hf")
+             for name, cfg in (("halving", halving), ("grid", grid), ("dask", dask))}
     grids = disk.halving_grids(halving, [r for r in study.runs if r.fit.fits])
     assert sorted(len(g) for g in grids) == [6, 8, 24]  # distillation variants, prefix grid, LoRA grid
     assert disk.halving_grids(grid, study.runs) == []
-    states, dropped = [], 0
+    states, on_dask, dropped = [], [], 0
     for members in grids:
         # Rung 1/4: every combination; 1/2: ceil(n / 3); the end: ceil(ceil(n / 3) / 3).
         first, second, final = len(members), -(-len(members) // 3), -(-(-(-len(members) // 3)) // 3)
         state = sorted((disk.rung_state_bytes(r.fit) for r in members), reverse=True)
         output = sorted((disk.saved_weight_bytes(r.fit) + disk.TOKENIZER_BYTES for r in members), reverse=True)
-        states.append(sum(state[:first]) + sum(state[:second]))
+        states.append(sum(state[:min(first, second + 1)]))
+        on_dask.append(sum(state[:first]) + sum(state[:second]))
         dropped += sum(output[final:])
     distill = next(g for g in grids if g[0].fit.method == "distill")
     # A distillation variant's state: the 2.5B student's weights (twice: the checkpoint's and the best epoch's) and
@@ -210,18 +215,21 @@ def test_halving_keeps_each_intermediate_rungs_state_at_the_seed_configs_shapes(
     for r in distill:
         weights = r.fit.prediction["parameters"] * 2
         assert disk.rung_state_bytes(r.fit) == 2 * weights + r.fit.prediction["optimizer_bytes"] > 10e9
-    # Each grid frees its rung states once its last rung has finished: the worst point holds the largest grid's,
-    # the distillation variants' (6 at rung 1/4, 2 at 1/2).
-    assert max(states) == states[[g[0].fit.method for g in grids].index("distill")]
+    # Each grid frees its rung states by the time its last rung has finished: the worst point holds the largest
+    # grid's, the distillation variants' (3 of 6: the 2 that go on and the one just finished; on Dask 6 + 2).
+    at = [g[0].fit.method for g in grids].index("distill")
+    assert max(states) == states[at] and max(on_dask) == on_dask[at]
     assert plans["halving"].outputs_bytes == plans["grid"].outputs_bytes + max(states) - dropped
-    assert plans["halving"].outputs_bytes > plans["grid"].outputs_bytes + 8 * 10e9 - dropped
-    assert any(d.startswith("8 rung states ") for d in plans["halving"].outputs_detail)
-    # What is cached needs nothing: a rung cached is not counted again.
+    assert plans["dask"].outputs_bytes == plans["grid"].outputs_bytes + max(on_dask) - dropped
+    assert plans["halving"].outputs_bytes > plans["grid"].outputs_bytes + 3 * 10e9 - dropped
+    assert any(d.startswith("3 rung states ") for d in plans["halving"].outputs_detail)
+    assert any(d.startswith("8 rung states ") for d in plans["dask"].outputs_detail)
+    # What is cached needs nothing: with the variants' first rungs cached, the next grid's states are the worst.
     done = [f"{r.title} @ rung 0.25" for r in distill]
     again = disk.plan_disk(halving, study, {}, hub_cache=tmp_path / "hf", done=done)
-    assert again.outputs_bytes == plans["halving"].outputs_bytes - sum(disk.rung_state_bytes(r.fit) for r in distill)
+    assert again.outputs_bytes == plans["halving"].outputs_bytes - max(states) + max(states[:at] + states[at + 1:])
     # Stratified by loss (search.stratify), each loss's 3 variants keep one survivor: two variants' outputs at the
-    # end instead of one, the same rung states (6, then 1 + 1).
+    # end instead of one, the same rung states (6, then 1 + 1: 3 at once).
     by_loss = load_config(path, {"search": {"stratify": {"distill": ["loss"]}}})
     stratified = disk.plan_disk(by_loss, plan_study(by_loss, device="cuda", bf16_supported=True), {},
                                 hub_cache=tmp_path / "hf")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections import Counter
 
 import pytest
 
-from ftflow.study.halving import (grid_summary, halving_markdown, halving_work, keep_count, reaching,
-                                  rung_fractions, rung_score, rung_survivors, stratum, stratum_sizes, survivors)
+from ftflow.study.halving import (grid_summary, halving_markdown, halving_work, keep_count, out_of_the_running,
+                                  reaching, rung_fractions, rung_score, rung_survivors, stratum, stratum_sizes,
+                                  survivors)
 
 
 def test_keep_count_is_ceil_n_over_eta_and_at_least_one():
@@ -61,6 +63,28 @@ def test_strata_keep_their_own_best_whatever_the_order():
     assert survivors(four, 3, {k: tuple(k.split(",")[1:]) for k in four})[:4] == [
         "top100,T1,a0.75", "top20,T1,a0.5", "top20,T2,a0.75", "top10,T2,a0.75"]
     assert survivors({"a": 9.0, "b": 1.0}, 3, {"a": 1, "b": 2}) == ["b", "a"]
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_a_run_out_of_the_running_never_survives_and_the_rest_never_exceed_the_survivors(stratified):
+    """Whatever order a rung's runs finish in, a run declared out of the running (its state freed at once) is
+    not a survivor at the end, and the finished runs still in the running are never more than go on."""
+    rng = random.Random(1)
+    for trial in range(200):
+        n, eta = rng.randint(1, 12), rng.choice((2, 3, 4))
+        scores = {f"c{i:02d}": rng.choice((rng.uniform(1, 2), rng.choice((1.5, None)))) for i in range(n)}
+        strata = {name: rng.randint(0, 2) for name in scores} if stratified else None
+        sizes = Counter(strata.values()) if stratified else {(): n}
+        final = set(survivors(scores, eta, strata))
+        order, finished, out = list(scores), {}, set()
+        rng.shuffle(order)
+        for name in order:
+            finished[name] = scores[name]
+            now = set(out_of_the_running(finished, eta, sizes, strata))
+            assert out <= now and not now & final, (trial, name)  # once out, out for good; never a survivor
+            out = now
+            assert len(set(finished) - out) <= len(final)
+        assert set(finished) - out == final
 
 
 def test_rung_survivors_read_the_strata_from_the_manifests_jobs():

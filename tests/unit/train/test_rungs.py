@@ -183,3 +183,21 @@ def test_a_state_freed_while_it_is_copied_leaves_no_work_directory_and_the_rung_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rung-0.25"]  # no work directory, no half copy
     assert list(out.iterdir()) == []  # the state's temporary name is gone too
     assert "went away while it was copied" in caplog.text and "starting from step 0" in caplog.text
+
+
+@pytest.mark.slow  # trains
+def test_a_peft_run_writes_each_epoch_ends_checkpoint_once(base, tmp_path, monkeypatch):
+    """checkpoint_steps 2 divides the 4-step epochs: steps 4 and 8 are saved once each, at the epoch end, after
+    its validation (they were saved twice: by the step schedule, then again at the epoch end)."""
+    from transformers import Trainer
+
+    saved, save = [], Trainer._save_checkpoint
+
+    def counting_save(self, *args, **kwargs):
+        saved.append(self.state.global_step)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", counting_save)
+    result = _run(_job("lora", base), tmp_path / "work", tmp_path / "out")
+    assert [e["step"] for e in result["history"]] == [4, 8]
+    assert saved == [2, 4, 6, 8]
