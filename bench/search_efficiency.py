@@ -6,8 +6,8 @@ Runs a study twice on the same artifacts directory with the ``ftflow`` CLI (each
 Prefect server), ``search.strategy: grid`` then ``halving`` (eta 3, rungs 1/4 and 1/2): the data, zoo,
 benchmarks and single runs are shared (cached), the grids' runs are not (a rung's key is its own). Studies:
 ``configs/demo-full.yaml``, and SST-2 with the demo's zoo and demo-full's grids when ``../shared/data`` is
-there (``--study`` runs one of them alone); ``--quick``: the flow tests' micro config (``tests/flows/micro.py``) with grids of 6 (LoRA), 4 (prefix)
-and 4 (distillation) combinations, 2 epochs.
+there (``--study`` runs one of them alone); ``--quick``: the flow tests' micro config (``tests/flows/micro.py``)
+with grids of 6 (LoRA), 4 (prefix) and 4 (distillation) combinations, 2 epochs.
 
 Prints, per grid: the grid-mode winner (lowest selection PPL of every combination trained to the end) and
 halving's, whether they are the same or, when not, whether the halving winner's test PPL is within the paired

@@ -20,8 +20,9 @@ needs; ``ftflow run`` refuses to start when a file system lacks it, with the fig
   output. With ``m_k`` combinations reaching rung ``k`` (summed over the strata of ``search.stratify``), one run
   at a time keeps at most ``min(m_1, m_2 + 1)`` states (each combination alive holds one, and the run just
   finished its own and its previous rung's until the flow sees it); on Dask the flow sees the runs in order, not
-  as they finish, so the plan counts every rung's ``m_k`` states, as if none were freed before the grid ends. Per grid the largest such states and the largest survivors' outputs, since who survives is not
-  known before the run; the grids run one after another, so the worst point holds the states of one grid.
+  as they finish, so the plan counts every rung's ``m_k`` states, as if none were freed before the grid ends.
+  Per grid the largest such states and the largest survivors' outputs, since who survives is not known before
+  the run; the grids run one after another, so the worst point holds the states of one grid.
 
 Runs and teacher passes already cached need nothing (``done``). Figures are decimal GB (10**9 bytes).
 """
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Mapping, Optional
@@ -238,6 +238,8 @@ def plan_disk(cfg, study, checks: Mapping[str, object], *, hub_cache: Path, done
         fresh = sorted((size(r) for r in members if label(r) not in done), reverse=True)
         return fresh[:max(0, reaching - cached)]
 
+    from ftflow.plan.study import stratum_sizes
+
     halved = halving_grids(cfg, fitting)
     in_grids = {id(r) for members in halved for r in members}
     # A searched run is done once its last rung is cached.
@@ -249,8 +251,7 @@ def plan_disk(cfg, study, checks: Mapping[str, object], *, hub_cache: Path, done
     states: list[list[int]] = [[]]
     for members in halved:
         grid_states = []
-        counts_by_rung = reaching(list(Counter(r.stratum for r in members).values()), cfg.search.eta,
-                                  cfg.search.rungs)
+        counts_by_rung = reaching(stratum_sizes(members), cfg.search.eta, cfg.search.rungs)
         for k, (fraction, reaching_it) in enumerate(zip(rung_fractions(cfg.search.rungs), counts_by_rung)):
             label = lambda r, f=fraction: rung_label(r.title, f)  # noqa: E731
             if fraction < 1 and cfg.runner.kind != "local":  # every state of every rung until the grid ends

@@ -412,6 +412,12 @@ SEARCHED_SECTIONS = ("3.1 LoRA grid", "3.2 prefix", "3.3 distillation")
 """The grids successive halving searches (docs/halving.md); every other run trains once either way."""
 
 
+def stratum_sizes(members: Sequence[PlannedRun]) -> list[int]:
+    """A searched grid's stratum sizes (:attr:`PlannedRun.stratum`), as
+    :func:`ftflow.study.halving.halving_work` and :func:`ftflow.study.halving.reaching` take them."""
+    return list(Counter(r.stratum for r in members).values())
+
+
 def search_compute(cfg, runs: Sequence[PlannedRun], gpu: str = DEFAULT_GPU,
                    utilization: float = DEFAULT_UTILIZATION) -> dict[str, dict[str, float]]:
     """The study's compute (``flops``, ``hours``) under grid search and under successive halving.
@@ -429,8 +435,7 @@ def search_compute(cfg, runs: Sequence[PlannedRun], gpu: str = DEFAULT_GPU,
         groups.setdefault(run.section if run.section in SEARCHED_SECTIONS else run.title, []).append(run)
     for section, members in groups.items():
         flops, hours = sum(r.flops for r in members), sum(r.hours(gpu, utilization) for r in members)
-        sizes = list(Counter(r.stratum for r in members).values())
-        share = (halving_work(sizes, cfg.search.eta, cfg.search.rungs) / len(members)
+        share = (halving_work(stratum_sizes(members), cfg.search.eta, cfg.search.rungs) / len(members)
                  if section in SEARCHED_SECTIONS else 1.0)
         totals["grid"]["flops"] += flops
         totals["grid"]["hours"] += hours
